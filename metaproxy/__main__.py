@@ -1,0 +1,3 @@
+from metaproxy.cli import main
+
+raise SystemExit(main())

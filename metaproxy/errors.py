@@ -1,0 +1,97 @@
+"""One error tree. Each error carries its HTTP status, a stable code and a public message.
+
+Clients only ever see `public_message` and a request id; the detail (which may name files,
+upstream errors or internal state, never secrets) goes to the log and the audit record.
+"""
+
+from __future__ import annotations
+
+
+class MetaproxyError(Exception):
+    status = 500
+    code = "InternalError"
+    public_message = "internal error"
+    retry_after: float | None = None
+
+    def __init__(self, detail: str = "", *, public_message: str | None = None) -> None:
+        super().__init__(detail or self.public_message)
+        self.detail = detail or self.public_message
+        if public_message is not None:
+            self.public_message = public_message
+
+
+class BadRequest(MetaproxyError):
+    status = 400
+    code = "BadRequest"
+    public_message = "bad request"
+
+
+class Unauthenticated(MetaproxyError):
+    status = 401
+    code = "Unauthenticated"
+    public_message = "identity token rejected"
+
+
+class Denied(MetaproxyError):
+    status = 403
+    code = "AccessDenied"
+    public_message = "denied by policy"
+
+
+class NotFound(MetaproxyError):
+    status = 404
+    code = "NotFound"
+    public_message = "not found"
+
+
+class TooManyRequests(MetaproxyError):
+    status = 429
+    code = "TooManyRequests"
+    public_message = "rate limit exceeded"
+
+    def __init__(self, detail: str = "", *, retry_after: float = 1.0) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class Unavailable(MetaproxyError):
+    status = 503
+    code = "ServiceUnavailable"
+    public_message = "service unavailable, retry later"
+
+    def __init__(
+        self, detail: str = "", *, retry_after: float = 1.0, public_message: str | None = None
+    ) -> None:
+        super().__init__(detail, public_message=public_message)
+        self.retry_after = retry_after
+
+
+class Overloaded(Unavailable):
+    code = "Overloaded"
+    public_message = "broker overloaded, retry later"
+
+
+class StsUnavailable(Unavailable):
+    code = "StsUnavailable"
+    public_message = "credential service temporarily unavailable"
+
+
+class AuditUnavailable(Unavailable):
+    code = "AuditUnavailable"
+    public_message = "audit log unavailable; refusing to issue credentials"
+
+
+class UpstreamError(MetaproxyError):
+    """STS refused in a way retrying will not fix (e.g. the role does not trust the broker)."""
+
+    status = 502
+    code = "UpstreamError"
+    public_message = "credential service refused the request"
+
+
+class ConfigError(MetaproxyError):
+    """Bad configuration or policy: refused at start-up or on reload, never at request time."""
+
+    status = 500
+    code = "ConfigError"
+    public_message = "configuration error"

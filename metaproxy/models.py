@@ -1,0 +1,114 @@
+"""Values that cross module boundaries: who is asking, what policy decided, what STS gave.
+
+Everything here is frozen: a decision or a credential set is a fact, passed around, never edited.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+IdentityKind = Literal["platform", "kubernetes"]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """A verified identity token's claims. Nothing else the sidecar says is trusted."""
+
+    kind: IdentityKind
+    issuer: str
+    subject: str
+    task: str
+    tenant: str = ""  # claimed by platform tokens; Kubernetes tokens map by namespace instead
+    app: str = ""
+    namespace: str = ""
+    service_account: str = ""
+    token_id: str = ""  # jti: identifies the token in the audit log without revealing it
+    expires_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarLimits:
+    """Per-task limits the tenant's policy sets; delivered to the sidecar with its credentials."""
+
+    token_rps: float = 20.0
+    credentials_rps: float = 50.0
+    metadata_rps: float = 100.0
+    burst: int = 50
+    max_connections: int = 256
+    max_connections_per_client: int = 64
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerLimits:
+    """What one tenant may ask of the broker, so a flooding tenant cannot starve the others."""
+
+    requests_per_second: float = 50.0
+    burst: int = 100
+    max_in_flight: int = 64
+    per_identity_rps: float = 5.0
+    per_identity_burst: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class AssumeRoleSpec:
+    """Everything STS AssumeRole is called with. Its `cache_key` is (role, session, scope)."""
+
+    role_arn: str
+    role_session_name: str
+    source_identity: str
+    duration_seconds: int
+    tags: tuple[tuple[str, str], ...] = ()
+    transitive_tag_keys: tuple[str, ...] = ()
+    session_policy: str | None = None
+    external_id: str | None = None
+
+    @property
+    def cache_key(self) -> tuple[object, ...]:
+        return (
+            self.role_arn,
+            self.role_session_name,
+            self.source_identity,
+            self.duration_seconds,
+            self.tags,
+            self.transitive_tag_keys,
+            self.session_policy,
+            self.external_id,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Policy's verdict for one identity and (optional) requested role, with its reasons.
+
+    The explanation (`rule`, `reason`) goes to logs and the audit log, never to the client.
+    """
+
+    allowed: bool
+    tenant: str
+    team: str
+    rule: str
+    reason: str
+    policy_digest: str
+    role_name: str = ""
+    role_arn: str = ""
+    spec: AssumeRoleSpec | None = None
+    sidecar_limits: SidecarLimits = field(default_factory=SidecarLimits)
+    broker_limits: BrokerLimits = field(default_factory=BrokerLimits)
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """Temporary credentials. `repr` never shows the secret or the token."""
+
+    access_key_id: str
+    secret_access_key: str = field(repr=False)
+    session_token: str = field(repr=False)
+    expiration: datetime  # timezone-aware UTC
+
+    def seconds_left(self, now: datetime) -> float:
+        return (self.expiration - now).total_seconds()
