@@ -1,0 +1,1 @@
+"""Local STS/S3 emulator (moto) and a fault-injection proxy for tests, demo and benchmarks."""

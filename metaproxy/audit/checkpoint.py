@@ -1,0 +1,169 @@
+"""Signed checkpoints: a statement "log L had head H at seq N" signed with Ed25519.
+
+Like a Certificate Transparency signed tree head, a checkpoint kept outside the log's own
+directory (shipped to S3, pasted in a ticket) pins everything up to its seq: a later edit
+changes the head, a truncation loses the seq. The signed statement is exactly
+`{"log_id", "seq", "head", "time", "segment"}`, domain separated; the file also carries the
+signing key's id and the signature, both checked for their one canonical spelling so that no
+byte of a checkpoint file can change without verification noticing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from metaproxy.audit.chain import canonical_json, is_hex_hash, segment_first_seq
+from metaproxy.errors import ConfigError
+
+CHECKPOINT_DOMAIN: Final = b"metaproxy-audit-checkpoint-v1\x00"
+CHECKPOINT_RE: Final = re.compile(r"^checkpoint-(\d{12})\.json$")
+LATEST_NAME: Final = "latest-checkpoint.json"
+PRIVATE_KEY_NAME: Final = "audit-signing.key"
+PUBLIC_KEY_NAME: Final = "audit-signing.pub"
+_SIGNATURE_RE: Final = re.compile(r"^[0-9a-f]{128}$")
+_KEY_ID_RE: Final = re.compile(r"^[0-9a-f]{16}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    log_id: str
+    seq: int
+    head: str
+    time: str
+    segment: str
+    key_id: str
+    signature: str
+
+    def statement(self) -> dict[str, object]:
+        return {
+            "log_id": self.log_id,
+            "seq": self.seq,
+            "head": self.head,
+            "time": self.time,
+            "segment": self.segment,
+        }
+
+    def to_bytes(self) -> bytes:
+        return canonical_json({**self.statement(), "key_id": self.key_id, "sig": self.signature})
+
+
+def checkpoint_name(seq: int) -> str:
+    return f"checkpoint-{seq:012d}.json"
+
+
+def signed_bytes(statement: dict[str, object]) -> bytes:
+    return CHECKPOINT_DOMAIN + canonical_json(statement)
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def sign_checkpoint(
+    key: Ed25519PrivateKey, *, log_id: str, seq: int, head: str, time: str, segment: str
+) -> Checkpoint:
+    statement: dict[str, object] = {
+        "log_id": log_id,
+        "seq": seq,
+        "head": head,
+        "time": time,
+        "segment": segment,
+    }
+    signature = key.sign(signed_bytes(statement)).hex()
+    return Checkpoint(log_id, seq, head, time, segment, key_id(key.public_key()), signature)
+
+
+def parse_checkpoint(data: bytes) -> Checkpoint:
+    """Parse a checkpoint file; raises ValueError unless it is well formed and canonical."""
+    import json
+
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    expected_keys = {"log_id", "seq", "head", "time", "segment", "key_id", "sig"}
+    if not isinstance(raw, dict) or set(raw) != expected_keys:
+        raise ValueError("not a checkpoint object")
+    seq, log_id, time, segment = raw["seq"], raw["log_id"], raw["time"], raw["segment"]
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+        raise ValueError("bad seq")
+    if not isinstance(log_id, str) or not isinstance(time, str) or not isinstance(segment, str):
+        raise ValueError("bad log_id, time or segment")
+    if segment_first_seq(segment) is None:
+        raise ValueError("bad segment name")
+    if not is_hex_hash(raw["head"]):
+        raise ValueError("bad head")
+    if not isinstance(raw["key_id"], str) or not _KEY_ID_RE.match(raw["key_id"]):
+        raise ValueError("bad key_id")
+    if not isinstance(raw["sig"], str) or not _SIGNATURE_RE.match(raw["sig"]):
+        raise ValueError("bad signature encoding")
+    checkpoint = Checkpoint(log_id, seq, raw["head"], time, segment, raw["key_id"], raw["sig"])
+    if checkpoint.to_bytes() + b"\n" != data:
+        raise ValueError("not in canonical form")
+    return checkpoint
+
+
+def signature_problem(checkpoint: Checkpoint, public_key: Ed25519PublicKey) -> str | None:
+    """None if `checkpoint` was signed by `public_key`, else what is wrong."""
+    if checkpoint.key_id != key_id(public_key):
+        return f"signed by key {checkpoint.key_id}, expected {key_id(public_key)}"
+    try:
+        public_key.verify(bytes.fromhex(checkpoint.signature), signed_bytes(checkpoint.statement()))
+    except InvalidSignature:
+        return "bad signature"
+    return None
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot load audit signing key {path}: {type(exc).__name__}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"audit signing key {path} is not an Ed25519 key")
+    return key
+
+
+def load_public_key(path: Path) -> Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load audit public key {path}: {type(exc).__name__}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"audit public key {path} is not an Ed25519 key")
+    return key
+
+
+def write_keypair(out_dir: Path) -> tuple[Path, Path]:
+    """Create `audit-signing.key` (PKCS8 PEM, 0600) and `audit-signing.pub`; never overwrite."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    private_path, public_path = out_dir / PRIVATE_KEY_NAME, out_dir / PUBLIC_KEY_NAME
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    # O_EXCL: refusing to replace an existing key keeps old checkpoints verifiable.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    try:
+        fd = os.open(private_path, flags, 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{private_path} already exists; not overwriting a signing key") from None
+    with os.fdopen(fd, "wb") as private_file:
+        private_file.write(private_pem)
+    public_path.write_bytes(public_pem)
+    return private_path, public_path

@@ -1,0 +1,96 @@
+"""Audit records: one per broker decision, with who, what, why and where, and never a secret.
+
+`make_record` takes only named, non-secret fields (there is no parameter for a secret key,
+session token or identity token), and still scrubs anything that *looks* like a credential,
+because a `reason` built from an upstream error message could quote one.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+EVENTS: Final = ("issued", "refreshed", "denied", "throttled", "failed", "revoked")
+
+MAX_FIELD_CHARS: Final = 2048
+REDACTED: Final = "[redacted]"
+
+# A JWT (header.payload.signature, base64url, header starting with '{"'), anywhere in a value.
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")
+# STS session tokens and other long opaque blobs: ARNs, ids and digests are far shorter or
+# contain separators, so a 100-character unbroken base64 run is never a legitimate field.
+_LONG_BLOB = re.compile(r"[A-Za-z0-9+/=_-]{100,}")
+_PEM = re.compile(
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S
+)
+
+
+def scrub(value: str, *, blobs: bool = True) -> str:
+    """Replace anything credential-shaped in `value` and cap its length."""
+    value = _PEM.sub(REDACTED, value)
+    value = _JWT.sub(REDACTED, value)
+    if blobs:
+        value = _LONG_BLOB.sub(REDACTED, value)
+    if len(value) > MAX_FIELD_CHARS:
+        value = value[:MAX_FIELD_CHARS] + "...[truncated]"
+    return value
+
+
+def make_record(
+    event: str,
+    *,
+    request_id: str,
+    task: str = "",
+    tenant: str = "",
+    team: str = "",
+    subject: str = "",
+    issuer: str = "",
+    token_id: str = "",
+    role_arn: str = "",
+    session_name: str = "",
+    source_identity: str = "",
+    access_key_id: str = "",
+    expiration: str = "",
+    policy_digest: str = "",
+    rule: str = "",
+    reason: str = "",
+    peer: str = "",
+    instance: str = "",
+    status: int = 0,
+) -> dict[str, object]:
+    """Build a validated record for `AuditLog.append`; raises ValueError on a bad event/field."""
+    if event not in EVENTS:
+        raise ValueError(f"unknown audit event {event!r}; expected one of {', '.join(EVENTS)}")
+    if not request_id:
+        raise ValueError("audit record needs a request_id")
+    if isinstance(status, bool) or not isinstance(status, int) or not 0 <= status <= 999:
+        raise ValueError(f"audit status must be an HTTP status code or 0, got {status!r}")
+    text_fields = {
+        "request_id": request_id,
+        "task": task,
+        "tenant": tenant,
+        "team": team,
+        "subject": subject,
+        "issuer": issuer,
+        "token_id": token_id,
+        "role_arn": role_arn,
+        "session_name": session_name,
+        "source_identity": source_identity,
+        "access_key_id": access_key_id,
+        "expiration": expiration,
+        "policy_digest": policy_digest,
+        "rule": rule,
+        "reason": reason,
+        "peer": peer,
+        "instance": instance,
+    }
+    record: dict[str, object] = {"event": event}
+    for name, value in text_fields.items():
+        if not isinstance(value, str):
+            raise ValueError(f"audit field {name} must be a string, got {type(value).__name__}")
+        # IAM role paths may legitimately form long slash-separated runs.
+        if value:  # empty fields are left out: smaller lines, and absent reads as ""
+            record[name] = scrub(value, blobs=name != "role_arn")
+    if status:
+        record["status"] = status
+    return record

@@ -1,0 +1,293 @@
+"""Verification: every record's bytes, hash, link and seq; every checkpoint's signature and head.
+
+Checks are done in chain order by `ChainVerifier`, whose state is a few fields, so a check can
+resume from any line (the tamper tests use that to try every byte of a log in seconds). A
+problem is reported once where it happens and the check resynchronises after it, so one edited
+record gives one problem, not a cascade.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from metaproxy.audit import chain
+from metaproxy.audit.checkpoint import (
+    CHECKPOINT_RE,
+    LATEST_NAME,
+    Checkpoint,
+    checkpoint_name,
+    load_public_key,
+    parse_checkpoint,
+    signature_problem,
+)
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass
+class VerifyReport:
+    ok: bool
+    records: int
+    checkpoints: int
+    problems: list[str]
+    first_bad: str
+    signed: bool = False
+    last_seq: int = 0
+    head: str = chain.ZERO_HASH
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ChainVerifier:
+    """Consumes segments in order; `heads` keeps the hashes at the seqs checkpoints cover."""
+
+    wanted_heads: frozenset[int] = frozenset()
+    max_problems: int = 100
+    next_seq: int = chain.FIRST_SEQ
+    prev_hash: str | None = chain.ZERO_HASH  # None: unknown after an unreadable line
+    records: int = 0
+    heads: dict[int, tuple[str, str]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    first_bad: str = ""
+
+    def resumable_copy(self) -> ChainVerifier:
+        clone = copy.copy(self)
+        clone.heads, clone.problems, clone.first_bad = dict(self.heads), [], ""
+        return clone
+
+    @property
+    def stopped(self) -> bool:
+        return len(self.problems) >= self.max_problems
+
+    def problem(self, where: str, what: str) -> None:
+        if not self.first_bad:
+            self.first_bad = where
+        if not self.stopped:
+            self.problems.append(f"{where}: {what}")
+
+    def feed_segment(self, name: str, data: bytes, *, line: int = 1, offset: int = 0) -> None:
+        """Check `data` (a whole segment file) from byte `offset`, which starts line `line`."""
+        promised = chain.segment_first_seq(name)
+        if offset == 0 and not data:
+            self.problem(f"{name} line 1 (seq {self.next_seq})", "empty segment")
+        position = offset
+        while position < len(data) and not self.stopped:
+            newline = data.find(b"\n", position)
+            end = len(data) if newline < 0 else newline
+            self._check_line(name, line, data[position:end], newline >= 0, promised)
+            position, line = end + 1, line + 1
+
+    def _check_line(
+        self, name: str, line: int, raw: bytes, terminated: bool, promised: int | None
+    ) -> None:
+        record = chain.parse_line(raw)
+        seq = record.get("seq") if record is not None else None
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            seq = None
+        where = f"{name} line {line} (seq {self.next_seq if seq is None else seq})"
+        self.records += 1
+        if record is None:
+            self.problem(where, "not a record in canonical JSON (edited or corrupt)")
+        elif not chain.self_consistent(record, raw):
+            self.problem(where, "hash does not match the record's content (edited)")
+        elif seq != self.next_seq:
+            kind = (
+                "gap: records missing"
+                if seq is not None and seq > self.next_seq
+                else ("duplicated or reordered record")
+            )
+            self.problem(where, f"seq {seq} where {self.next_seq} was expected ({kind})")
+        elif self.prev_hash is not None and record["prev"] != self.prev_hash:
+            self.problem(where, "prev does not link to the previous record (chain broken)")
+        elif not terminated:
+            self.problem(where, "last line has no newline (torn or appended to)")
+        elif line == 1 and promised != seq:
+            self.problem(where, f"segment name promises seq {promised} (segment renamed)")
+        # Resynchronise on what the line claims, so one bad record is one problem.
+        if record is not None and isinstance(record.get("hash"), str) and seq is not None:
+            self.next_seq, self.prev_hash = seq + 1, str(record["hash"])
+            if seq in self.wanted_heads:
+                self.heads[seq] = (self.prev_hash, name)
+        else:
+            self.next_seq, self.prev_hash = self.next_seq + 1, None
+
+
+SegmentSource = tuple[str, Callable[[], bytes]]
+
+
+def verify_log(
+    segments: Iterable[SegmentSource],
+    checkpoints: Iterable[tuple[str, bytes]],
+    public_key: Ed25519PublicKey | None,
+    *,
+    anchor: bytes | None = None,
+    unshipped_tail_ok: bool = False,
+    max_problems: int = 100,
+) -> VerifyReport:
+    """Verify segments (in chain order) and checkpoint files, optionally against an anchor.
+
+    `unshipped_tail_ok`: a copy shipped elsewhere holds closed segments only, so a checkpoint
+    may name a segment that is still open; the copy must then end exactly before that segment.
+    """
+    problems: list[str] = []
+    notes: list[str] = []
+    valid: list[tuple[str, Checkpoint]] = []
+    named = [(name, data) for name, data in checkpoints]
+    if anchor is not None:
+        named.append(("anchor", anchor))
+    for name, data in named:
+        try:
+            checkpoint = parse_checkpoint(data)
+        except ValueError as exc:
+            problems.append(f"{name}: not a valid checkpoint ({exc})")
+            continue
+        if name not in ("anchor", LATEST_NAME) and name != checkpoint_name(checkpoint.seq):
+            problems.append(f"{name}: names seq {checkpoint.seq} (renamed)")
+            continue
+        if public_key is not None:
+            bad_signature = signature_problem(checkpoint, public_key)
+            if bad_signature:
+                problems.append(f"{name}: {bad_signature}")
+                continue
+        valid.append((name, checkpoint))
+    log_ids = {checkpoint.log_id for _, checkpoint in valid}
+    if len(log_ids) > 1:
+        problems.append(f"checkpoints belong to different logs: {sorted(log_ids)}")
+    verifier = ChainVerifier(frozenset(cp.seq for _, cp in valid), max_problems)
+    for name, load in segments:
+        verifier.feed_segment(name, load())
+    last_seq = verifier.next_seq - 1
+    for name, checkpoint in valid:
+        problems.extend(
+            _checkpoint_problems(name, checkpoint, verifier, last_seq, unshipped_tail_ok)
+        )
+    if public_key is None:
+        notes.append(
+            "unsigned: checkpoint signatures not checked (no public key given)"
+            if valid
+            else "unsigned: no checkpoints, chain only"
+        )
+    elif not valid:
+        notes.append("unsigned: no checkpoints found")
+    all_problems = verifier.problems + problems
+    return VerifyReport(
+        ok=not all_problems,
+        records=verifier.records,
+        checkpoints=len(valid),
+        problems=all_problems,
+        first_bad=verifier.first_bad or (problems[0].split(":", 1)[0] if problems else ""),
+        signed=public_key is not None and bool(valid),
+        last_seq=last_seq,
+        head=verifier.prev_hash or "",
+        notes=notes,
+    )
+
+
+def _checkpoint_problems(
+    name: str, checkpoint: Checkpoint, verifier: ChainVerifier, last_seq: int, tail_ok: bool
+) -> list[str]:
+    recorded = verifier.heads.get(checkpoint.seq)
+    if recorded is not None:
+        head, segment = recorded
+        if head != checkpoint.head:
+            return [f"{name}: head at seq {checkpoint.seq} differs from the log (log rewritten)"]
+        if segment != checkpoint.segment:
+            return [f"{name}: seq {checkpoint.seq} is in {segment}, not {checkpoint.segment}"]
+        return []
+    if checkpoint.seq <= last_seq:
+        return []  # that record is unreadable and already reported
+    open_first = chain.segment_first_seq(checkpoint.segment)
+    if tail_ok and open_first is not None and last_seq == open_first - 1:
+        return []  # covers the segment the writer still had open: not shipped yet
+    return [
+        f"{name}: log ends at seq {last_seq} but this checkpoint covers seq {checkpoint.seq} "
+        "(records deleted from the tail)"
+    ]
+
+
+def verify_dir(
+    path: Path,
+    public_key: Path | None,
+    *,
+    anchor: Path | None = None,
+    unshipped_tail_ok: bool = False,
+) -> VerifyReport:
+    """Verify a log directory as the writer (or `verify_s3`'s download) lays it out."""
+    key = load_public_key(public_key) if public_key is not None else None
+    segments: list[SegmentSource] = [
+        (entry.name, entry.read_bytes) for _, entry in chain.sorted_segments(path)
+    ]
+    checkpoint_dir = path / CHECKPOINT_DIR
+    checkpoint_files = (
+        sorted(p for p in checkpoint_dir.iterdir() if CHECKPOINT_RE.match(p.name))
+        if checkpoint_dir.is_dir()
+        else []
+    )
+    checkpoints = [(p.name, p.read_bytes()) for p in checkpoint_files]
+    latest = path / LATEST_NAME
+    if latest.is_file():
+        checkpoints.append((LATEST_NAME, latest.read_bytes()))
+    return verify_log(
+        segments,
+        checkpoints,
+        key,
+        anchor=anchor.read_bytes() if anchor is not None else None,
+        unshipped_tail_ok=unshipped_tail_ok,
+    )
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/prefix` as (bucket, prefix without trailing slash)."""
+    if not url.startswith("s3://"):
+        raise ValueError(f"not an s3:// URL: {url!r}")
+    bucket, _, prefix = url[5:].partition("/")
+    if not bucket:
+        raise ValueError(f"no bucket in {url!r}")
+    return bucket, prefix.strip("/")
+
+
+def download_s3(url: str, client_factory: Callable[[], Any], into: Path) -> int:
+    """Copy segments and checkpoints under an s3:// prefix into `into`; returns objects copied."""
+    bucket, prefix = parse_s3_url(url)
+    client = client_factory()
+    base = f"{prefix}/" if prefix else ""
+    (into / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+    copied = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
+        for item in page.get("Contents", []):
+            relative = item["Key"][len(base) :]
+            parts = relative.split("/")
+            is_segment = len(parts) == 1 and chain.segment_first_seq(parts[0]) is not None
+            is_checkpoint = (
+                len(parts) == 2 and parts[0] == CHECKPOINT_DIR and CHECKPOINT_RE.match(parts[1])
+            )
+            # Only names we produce are fetched: a key like "../x" can never leave `into`.
+            if is_segment or is_checkpoint or relative == LATEST_NAME:
+                body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+                (into / relative).write_bytes(body)
+                copied += 1
+    return copied
+
+
+def verify_s3(
+    url: str,
+    public_key: Path | None,
+    client_factory: Callable[[], Any],
+    *,
+    anchor: Path | None = None,
+) -> VerifyReport:
+    """Download an s3:// copy and verify it; its latest-checkpoint.json is the anchor too."""
+    with tempfile.TemporaryDirectory(prefix="metaproxy-audit-") as tmp:
+        copied = download_s3(url, client_factory, Path(tmp))
+        report = verify_dir(Path(tmp), public_key, anchor=anchor, unshipped_tail_ok=True)
+    if copied == 0:
+        report.ok = False
+        report.problems.append(f"{url}: no audit objects found")
+    return report

@@ -1,0 +1,418 @@
+"""The audit writer: appends hash-chained records to segment files, fsynced, fail closed.
+
+Every disk operation runs on a dedicated single-thread executor, so the event loop never
+blocks on a slow disk and the file order equals the chain order. A write that fails or outlasts
+`write_timeout` raises `AuditUnavailable` (the broker then refuses to issue); the record it
+was writing may or may not be on disk, so before the next append the writer re-reads the
+segment's tail and takes the chain head from what is really there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from metaproxy.audit import chain
+from metaproxy.audit.chain import iso_millis, read_tail, sorted_segments
+from metaproxy.audit.checkpoint import checkpoint_name, load_private_key, sign_checkpoint
+from metaproxy.clock import Clock, SystemClock
+from metaproxy.errors import AuditUnavailable
+
+log = logging.getLogger("metaproxy.audit")
+
+T = TypeVar("T")
+CHECKPOINT_DIR: Final = "checkpoints"
+_OPEN_FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+
+
+@dataclass(slots=True)
+class _Segment:
+    path: Path
+    first_seq: int
+    fd: int | None
+    size: int
+    opened_at: float  # monotonic
+
+
+class AuditLog:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        log_id: str,
+        signing_key: Path | None = None,
+        segment_max_bytes: int = 8 << 20,
+        segment_max_seconds: float = 3600,
+        checkpoint_every_records: int = 1000,
+        checkpoint_every_seconds: float = 60,
+        write_timeout: float = 0.5,
+        clock: Clock | None = None,
+        on_segment_closed: Callable[[Path], None] | None = None,
+    ) -> None:
+        if not log_id:
+            raise ValueError("audit log needs a log_id")
+        self.directory = Path(directory)
+        self.log_id = log_id
+        self._key_path = signing_key
+        self._segment_max_bytes = segment_max_bytes
+        self._segment_max_seconds = segment_max_seconds
+        self._checkpoint_every_records = max(1, checkpoint_every_records)
+        self._checkpoint_every_seconds = checkpoint_every_seconds
+        self._write_timeout = write_timeout
+        self._clock: Clock = clock or SystemClock()
+        # Called with every file that became immutable: closed segments and new checkpoints.
+        self._on_closed = on_segment_closed
+        self._key: Any = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = asyncio.Lock()
+        self._segment: _Segment | None = None
+        self._next_seq = chain.FIRST_SEQ
+        self._head = chain.ZERO_HASH
+        self._pending: concurrent.futures.Future[Any] | None = None
+        self._needs_recovery = False
+        self._uncertain_hash = ""  # the record a failed write may or may not have stored
+        self._checkpoint_seq = 0
+        self._checkpoint_at = 0.0
+        self._maintenance: asyncio.Task[None] | None = None
+        self._records = 0
+        self._failures = 0
+        self._checkpoints = 0
+        self._last_write_seconds = 0.0
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the directory or resume the chain after the newest record on disk."""
+        if self._key_path is not None:
+            self._key = load_private_key(self._key_path)
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="audit")
+        loop = asyncio.get_running_loop()
+        try:
+            resumed = await loop.run_in_executor(self._executor, self._resume_sync)
+        except OSError as exc:
+            raise AuditUnavailable(f"cannot open audit directory: {exc.strerror}") from None
+        last_record, newest_segment, newest_checkpoint = resumed
+        if last_record is not None:
+            self._next_seq = int(last_record["seq"]) + 1  # type: ignore[call-overload]
+            self._head = str(last_record["hash"])
+        if newest_checkpoint >= self._next_seq:
+            # Checkpoints are written only after their records are fsynced, so a checkpoint
+            # past the head means records were lost or removed; extending would fork the chain.
+            raise AuditUnavailable(
+                f"audit log ends at seq {self._next_seq - 1} but a checkpoint covers seq "
+                f"{newest_checkpoint}; investigate, or start a new log in a new directory"
+            )
+        self._checkpoint_seq = newest_checkpoint
+        self._checkpoint_at = self._clock.monotonic()
+        if newest_segment is not None:
+            # A restart never appends to a file a crashed process may have been writing:
+            # pin the old head in a checkpoint, hand the segment to the shipper, open anew.
+            async with self._lock:
+                await self._checkpoint(newest_segment.name)
+            self._notify(newest_segment)
+        self._maintenance = asyncio.create_task(self._maintain(), name="audit-maintenance")
+
+    async def close(self) -> None:
+        """Write a final checkpoint, close the segment and stop the executor."""
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+            self._maintenance = None
+        async with self._lock:
+            if self._executor is None:
+                return
+            if self._healthy():
+                with contextlib.suppress(AuditUnavailable):
+                    await self._close_segment()
+            stalled = self._pending is not None and not self._pending.done()
+            # A stalled disk must not hang shutdown; the OS closes our fds at exit.
+            self._executor.shutdown(wait=not stalled, cancel_futures=True)
+            self._executor = None
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "records": float(self._records),
+            "failures": float(self._failures),
+            "checkpoints": float(self._checkpoints),
+            "last_write_seconds": self._last_write_seconds,
+            "seq": float(self._next_seq - 1),
+        }
+
+    # ---- appending -------------------------------------------------------------------------
+
+    async def append(self, record: Mapping[str, object]) -> dict[str, object]:
+        """Chain, write and fsync one record; raise AuditUnavailable if that cannot be done."""
+        body = _checked_body(record)
+        async with self._lock:
+            if self._executor is None:
+                raise AuditUnavailable("audit log is not running")
+            started = self._clock.monotonic()
+            deadline = started + self._write_timeout
+            segment = await self._ready_segment(deadline)
+            if segment.fd is None:
+                raise AuditUnavailable("audit segment is not open")
+            full: dict[str, object] = {"time": iso_millis(self._clock.now()), **body}
+            full["seq"], full["prev"] = self._next_seq, self._head
+            full["hash"] = chain.record_hash(self._head, full)
+            line = chain.record_line(full)
+            # Until the write is confirmed its fate is unknown: recovery reads the tail.
+            self._needs_recovery, self._uncertain_hash = True, str(full["hash"])
+            await self._run(_write_all, segment.fd, line, deadline=deadline)
+            self._needs_recovery = False
+            self._last_write_seconds = self._clock.monotonic() - started
+            self._head, self._next_seq = str(full["hash"]), self._next_seq + 1
+            segment.size += len(line)
+            self._records += 1
+            if self._next_seq - 1 - self._checkpoint_seq >= self._checkpoint_every_records:
+                await self._checkpoint(segment.path.name)
+            return full
+
+    async def _ready_segment(self, deadline: float) -> _Segment:
+        if self._needs_recovery:
+            await self._recover(deadline)
+        segment = self._segment
+        if segment is not None and (
+            segment.size >= self._segment_max_bytes
+            or self._clock.monotonic() - segment.opened_at >= self._segment_max_seconds
+        ):
+            await self._close_segment(deadline)
+            segment = None
+        if segment is None:
+            path = self.directory / chain.segment_name(self._next_seq)
+            fd, size = await self._run(_open_segment, path, deadline=deadline)
+            segment = _Segment(path, self._next_seq, fd, size, self._clock.monotonic())
+            self._segment = segment
+        return segment
+
+    async def _recover(self, deadline: float) -> None:
+        segment = self._segment
+        if segment is None:
+            self._needs_recovery = False
+            return
+        old_fd, segment.fd = segment.fd, None
+        last, fd, size = await self._run(
+            _reopen_at_tail, segment.path, old_fd, segment.first_seq, deadline=deadline
+        )
+        segment.fd, segment.size = fd, size
+        if last is None:
+            if self._next_seq != segment.first_seq:
+                raise AuditUnavailable(f"audit segment {segment.path.name} lost its records")
+        elif last["hash"] == self._uncertain_hash and last["prev"] == self._head:
+            # The write we reported as failed did land: the record stands (it over-reports a
+            # refused issue, which is the safe direction), and the chain continues after it.
+            self._head, self._next_seq = str(last["hash"]), self._next_seq + 1
+            self._records += 1
+        elif not (last["seq"] == self._next_seq - 1 and last["hash"] == self._head):
+            raise AuditUnavailable(f"audit segment {segment.path.name} tail does not match")
+        self._needs_recovery = False
+        log.warning("audit log recovered at seq %d", self._next_seq - 1)
+
+    async def _run(self, func: Callable[..., T], *args: Any, deadline: float | None = None) -> T:
+        """Run `func` on the disk thread within the deadline, or raise AuditUnavailable."""
+        if self._executor is None:
+            raise AuditUnavailable("audit log is not running")
+        if self._pending is not None and not self._pending.done():
+            self._failures += 1
+            raise AuditUnavailable("an earlier audit write is still stalled")
+        future = self._executor.submit(func, *args)
+        self._pending = future
+        waiter = asyncio.wrap_future(future)
+        waiter.add_done_callback(_consume_outcome)
+        timeout = None if deadline is None else max(0.0, deadline - self._clock.monotonic())
+        try:
+            # Shielded: a timed-out job is left to finish (it cannot be stopped once running
+            # anyway), so queued and running stalls behave alike and recovery sorts out both.
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+        except TimeoutError:
+            self._failures += 1
+            raise AuditUnavailable(f"audit write took longer than {self._write_timeout}s") from None
+        except OSError as exc:
+            self._failures += 1
+            raise AuditUnavailable(f"audit write failed: {exc.strerror or exc}") from None
+
+    # ---- checkpoints and rotation ----------------------------------------------------------
+
+    def _healthy(self) -> bool:
+        return not self._needs_recovery and (self._pending is None or self._pending.done())
+
+    async def _checkpoint(self, segment_name: str, deadline: float | None = None) -> None:
+        """Sign and store a checkpoint of the current head; failures only count and log."""
+        seq = self._next_seq - 1
+        if self._key is None or seq < 1 or seq <= self._checkpoint_seq:
+            return
+        checkpoint = sign_checkpoint(
+            self._key,
+            log_id=self.log_id,
+            seq=seq,
+            head=self._head,
+            time=iso_millis(self._clock.now()),
+            segment=segment_name,
+        )
+        path = self.directory / CHECKPOINT_DIR / checkpoint_name(seq)
+        if deadline is None:
+            deadline = self._clock.monotonic() + self._write_timeout
+        try:
+            await self._run(
+                _write_file_atomically, path, checkpoint.to_bytes() + b"\n", deadline=deadline
+            )
+        except AuditUnavailable as exc:
+            log.warning("audit checkpoint at seq %d not written: %s", seq, exc.detail)
+            return
+        self._checkpoint_seq, self._checkpoint_at = seq, self._clock.monotonic()
+        self._checkpoints += 1
+        self._notify(path)
+
+    async def _close_segment(self, deadline: float | None = None) -> None:
+        segment = self._segment
+        if segment is None:
+            return
+        await self._checkpoint(segment.path.name, deadline)
+        self._segment = None
+        if segment.fd is not None:
+            with contextlib.suppress(AuditUnavailable):
+                await self._run(os.close, segment.fd, deadline=deadline)
+        if segment.size > 0:
+            self._notify(segment.path)
+
+    async def _maintain(self) -> None:
+        """Time-based checkpoints and age-based rotation, so an idle log still ships."""
+        tick = max(0.05, min(1.0, self._checkpoint_every_seconds, self._segment_max_seconds))
+        while True:
+            await asyncio.sleep(tick)
+            async with self._lock:
+                if self._executor is None or not self._healthy():
+                    continue
+                now = self._clock.monotonic()
+                segment = self._segment
+                try:
+                    if (
+                        segment is not None
+                        and segment.size > 0
+                        and now - segment.opened_at >= self._segment_max_seconds
+                    ):
+                        await self._close_segment()
+                    elif segment is not None and (
+                        now - self._checkpoint_at >= self._checkpoint_every_seconds
+                    ):
+                        await self._checkpoint(segment.path.name)
+                except AuditUnavailable as exc:
+                    log.warning("audit maintenance failed: %s", exc.detail)
+
+    def _notify(self, path: Path) -> None:
+        if self._on_closed is None:
+            return
+        try:
+            self._on_closed(path)
+        except Exception:
+            log.exception("audit on_segment_closed callback failed for %s", path.name)
+
+    # ---- start-up (runs on the disk thread) ------------------------------------------------
+
+    def _resume_sync(self) -> tuple[dict[str, object] | None, Path | None, int]:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (self.directory / CHECKPOINT_DIR).mkdir(mode=0o700, exist_ok=True)
+        newest_checkpoint = 0
+        for entry in (self.directory / CHECKPOINT_DIR).iterdir():
+            if entry.name.startswith("checkpoint-") and entry.name.endswith(".json"):
+                with contextlib.suppress(ValueError):
+                    newest_checkpoint = max(newest_checkpoint, int(entry.name[11:23]))
+        for first_seq, path in reversed(sorted_segments(self.directory)):
+            last, end, size = read_tail(path)
+            if end != size:
+                # A torn final line was never acknowledged to anyone: drop it.
+                log.warning("audit segment %s: dropping %d torn bytes", path.name, size - end)
+                os.truncate(path, end)
+            if last is None:
+                if end == 0:
+                    path.unlink()  # created, never written: a crash right after rotation
+                    continue
+                raise AuditUnavailable(f"audit segment {path.name} has a corrupt last record")
+            if int(last["seq"]) < first_seq:  # type: ignore[call-overload]
+                raise AuditUnavailable(f"audit segment {path.name} does not match its name")
+            return last, path, newest_checkpoint
+        return None, None, newest_checkpoint
+
+
+def _consume_outcome(waiter: asyncio.Future[Any]) -> None:
+    """Retrieve a late job's outcome so asyncio does not report it as never retrieved."""
+    if not waiter.cancelled():
+        waiter.exception()
+
+
+def _checked_body(record: Mapping[str, object]) -> dict[str, object]:
+    clash = chain.WRITER_FIELDS & set(record)
+    if clash:
+        raise ValueError(f"audit record must not set {sorted(clash)}; the writer does")
+    if not all(isinstance(key, str) for key in record):
+        raise ValueError("audit record keys must be strings")
+    body = dict(record)
+    chain.canonical_json(body)  # raises TypeError/ValueError now rather than mid-chain
+    return body
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+    os.fsync(fd)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _open_segment(path: Path) -> tuple[int, int]:
+    fd = os.open(path, _OPEN_FLAGS, 0o600)
+    try:
+        size = os.fstat(fd).st_size
+        _fsync_dir(path.parent)  # the new name must survive a crash too
+    except OSError:
+        os.close(fd)
+        raise
+    return fd, size
+
+
+def _reopen_at_tail(
+    path: Path, old_fd: int | None, first_seq: int
+) -> tuple[dict[str, object] | None, int, int]:
+    if old_fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(old_fd)
+    last, end, size = read_tail(path)
+    if end != size:
+        os.truncate(path, end)  # a partial line: the write that failed, never acknowledged
+    if last is None and end != 0:
+        raise AuditUnavailable(f"audit segment {path.name} has a corrupt last record")
+    if last is not None and int(last["seq"]) < first_seq:  # type: ignore[call-overload]
+        raise AuditUnavailable(f"audit segment {path.name} does not match its name")
+    fd, size = _open_segment(path)
+    try:
+        os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    return last, fd, size
+
+
+def _write_file_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        _write_all(fd, data)
+    finally:
+        os.close(fd)
+    tmp.replace(path)
+    _fsync_dir(path.parent)

@@ -1,0 +1,111 @@
+"""Credentials cached per (role, session, scope), with concurrent identical requests coalesced.
+
+Coalescing goes through one shared task per key, registered before any `await` so a second
+caller arriving in the same loop iteration finds it; callers await it through `shield` so one
+caller's cancellation (its sidecar hung up) does not cancel the STS call the others wait for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from metaproxy.broker.sts import AssumedRole
+from metaproxy.clock import Clock
+
+log = logging.getLogger("metaproxy.broker.cache")
+
+Key = tuple[object, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheEntry:
+    role: AssumedRole
+    fetched_at: datetime
+    refresh_at: datetime
+
+    def valid(self, now: datetime, floor_seconds: float) -> bool:
+        return self.role.credentials.seconds_left(now) > floor_seconds
+
+
+@dataclass(frozen=True, slots=True)
+class CacheResult:
+    role: AssumedRole
+    source: str  # "cache" | "sts" | "coalesced" | "stale" (STS failing, still valid)
+
+
+class CredentialCache:
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        refresh_fraction: float = 0.5,
+        stale_floor_seconds: float = 300.0,
+        max_entries: int = 100_000,
+    ) -> None:
+        self._clock = clock
+        self._refresh_fraction = refresh_fraction
+        # While STS fails, a cached set is still handed out if it has this much life left.
+        self._stale_floor = stale_floor_seconds
+        self._max_entries = max_entries
+        self._entries: dict[Key, CacheEntry] = {}
+        self._in_flight: dict[Key, asyncio.Future[AssumedRole]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def peek(self, key: Key) -> CacheEntry | None:
+        return self._entries.get(key)
+
+    def has_valid(self, key: Key) -> bool:
+        entry = self._entries.get(key)
+        return entry is not None and entry.valid(self._clock.now(), self._stale_floor)
+
+    async def get(self, key: Key, fetch: Callable[[], Awaitable[AssumedRole]]) -> CacheResult:
+        now = self._clock.now()
+        entry = self._entries.get(key)
+        if entry is not None and now < entry.refresh_at:
+            return CacheResult(entry.role, "cache")
+        task = self._in_flight.get(key)
+        source = "coalesced"
+        if task is None:
+            task = asyncio.ensure_future(self._fetch(key, fetch))
+            self._in_flight[key] = task
+            task.add_done_callback(lambda _t, k=key: self._in_flight.pop(k, None))
+            source = "sts"
+        try:
+            role = await asyncio.shield(task)
+        except Exception:
+            entry = self._entries.get(key)
+            if entry is not None and entry.valid(self._clock.now(), self._stale_floor):
+                log.warning("STS failed; serving cached credentials until they near expiry")
+                return CacheResult(entry.role, "stale")
+            raise
+        return CacheResult(role, source)
+
+    async def _fetch(self, key: Key, fetch: Callable[[], Awaitable[AssumedRole]]) -> AssumedRole:
+        role = await fetch()
+        now = self._clock.now()
+        lifetime = role.credentials.seconds_left(now)
+
+        refresh_at = now + timedelta(seconds=lifetime * self._refresh_fraction)
+        self._entries[key] = CacheEntry(role, now, refresh_at)
+        if len(self._entries) > self._max_entries:
+            self._evict(now)
+        return role
+
+    def _evict(self, now: datetime) -> None:
+        for key in [k for k, e in self._entries.items() if not e.valid(now, 0)]:
+            del self._entries[key]
+        while len(self._entries) > self._max_entries:
+            del self._entries[next(iter(self._entries))]
+
+    def drop(self, predicate: Callable[[Key], bool]) -> int:
+        """Forget entries (revocation). Returns how many went."""
+        doomed = [k for k in self._entries if predicate(k)]
+        for key in doomed:
+            del self._entries[key]
+        return len(doomed)

@@ -1,0 +1,256 @@
+"""The broker's decision path for one credential request:
+
+authenticate → tenant limits → policy → cache / coalesce → STS (via the scheduler) → audit → reply.
+
+Every outcome — issued, refreshed, denied, throttled, failed — is written to the audit log
+*before* the reply leaves; if the audit log cannot be written, nothing is issued (fail closed).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metaproxy.audit.record import make_record
+from metaproxy.audit.writer import AuditLog
+from metaproxy.broker.cache import CredentialCache
+from metaproxy.broker.limits import TenantLimiter
+from metaproxy.broker.metadata import build_metadata
+from metaproxy.broker.revocation import RevocationList
+from metaproxy.broker.scheduler import StsScheduler
+from metaproxy.clock import Clock, iso_z
+from metaproxy.errors import BadRequest, Denied, MetaproxyError, TooManyRequests, Unauthenticated
+from metaproxy.identity.verify import IdentityVerifier
+from metaproxy.logs import task_var, tenant_var
+from metaproxy.models import BrokerLimits, Decision, Identity
+from metaproxy.policy.evaluate import evaluate, tenant_for
+from metaproxy.policy.store import PolicyStore
+
+log = logging.getLogger("metaproxy.broker")
+
+_ROLE_REQUEST = re.compile(r"^(arn:aws[a-z-]*:iam::\d{12}:role/)?[\w+=,.@/-]{1,128}$")
+_ACCOUNT = re.compile(r":iam::(\d{12}):")
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialRequest:
+    role: str | None = None
+    refresh: bool = False
+
+    @classmethod
+    def from_json(cls, body: object) -> CredentialRequest:
+        """Strict: an object with only known keys of the right types (see the PATH=null lesson)."""
+        if not isinstance(body, dict):
+            raise BadRequest("body is not a JSON object", public_message="body must be an object")
+        unknown = set(body) - {"role", "refresh"}
+        if unknown:
+            raise BadRequest(public_message=f"unknown field: {sorted(unknown)[0][:40]}")
+        role = body.get("role")
+        if role is not None and (not isinstance(role, str) or not _ROLE_REQUEST.match(role)):
+            raise BadRequest(public_message="role must be a role name or role ARN")
+        refresh = body.get("refresh", False)
+        if not isinstance(refresh, bool):
+            raise BadRequest(public_message="refresh must be a boolean")
+        return cls(role or None, refresh)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    request_id: str
+    peer: str
+
+
+class Issuer:
+    def __init__(
+        self,
+        *,
+        verifier: IdentityVerifier,
+        policies: PolicyStore,
+        cache: CredentialCache,
+        scheduler: StsScheduler,
+        audit: AuditLog,
+        limiter: TenantLimiter,
+        revocations: RevocationList,
+        clock: Clock,
+        instance: str,
+        region: str,
+        availability_zone: str,
+        document_key: Path | None,
+    ) -> None:
+        self.verifier = verifier
+        self.policies = policies
+        self.cache = cache
+        self.scheduler = scheduler
+        self.audit = audit
+        self.limiter = limiter
+        self.revocations = revocations
+        self.clock = clock
+        self.instance = instance
+        self.region = region
+        self.availability_zone = availability_zone
+        self.document_key = document_key
+        self._started = clock.now()
+        self._metadata: OrderedDict[tuple[str, ...], dict[str, Any]] = OrderedDict()
+
+    async def issue(
+        self, token: str | None, request: CredentialRequest, ctx: RequestContext
+    ) -> dict[str, Any]:
+        identity = await self._authenticate(token, ctx)
+        task_var.set(identity.task)
+        policies = self.policies.current
+        tenant_policy = tenant_for(policies, identity)
+        tenant = tenant_policy.tenant if tenant_policy else ""
+        tenant_var.set(tenant)
+        limits = tenant_policy.broker_limits if tenant_policy else BrokerLimits()
+        try:
+            with self.limiter.admit(tenant or "-", identity.subject, limits):
+                decision = evaluate(policies, identity, request.role)
+                return await self._issue_allowed(identity, decision, request, ctx)
+        except TooManyRequests as exc:
+            await self._audit(
+                "throttled", ctx, identity, None, reason=exc.detail, status=429, tenant=tenant
+            )
+            raise
+
+    async def _authenticate(self, token: str | None, ctx: RequestContext) -> Identity:
+        try:
+            if not token:
+                raise Unauthenticated("no bearer token")
+            return self.verifier.verify(token)
+        except Unauthenticated as exc:
+            await self.audit.append(
+                make_record(
+                    "denied",
+                    request_id=ctx.request_id,
+                    peer=ctx.peer,
+                    instance=self.instance,
+                    rule="authentication",
+                    reason=exc.detail,
+                    status=401,
+                )
+            )
+            raise
+
+    async def _issue_allowed(
+        self,
+        identity: Identity,
+        decision: Decision,
+        request: CredentialRequest,
+        ctx: RequestContext,
+    ) -> dict[str, Any]:
+        revoked = self.revocations.revoked(identity.task, decision.tenant)
+        if revoked:
+            await self._audit("denied", ctx, identity, decision, reason=revoked, status=403)
+            raise Denied(revoked)
+        if not decision.allowed or decision.spec is None:
+            await self._audit("denied", ctx, identity, decision, reason=decision.reason, status=403)
+            raise Denied(decision.reason)
+        spec = decision.spec
+        key = spec.cache_key
+        priority = "refresh" if request.refresh or self.cache.has_valid(key) else "cold"
+        try:
+            result = await self.cache.get(
+                key,
+                lambda: self.scheduler.submit(spec, tenant=decision.tenant, priority=priority),
+            )
+        except MetaproxyError as exc:
+            await self._audit("failed", ctx, identity, decision, reason=exc.detail, status=exc.status)
+            raise
+        credentials = result.role.credentials
+        event = "refreshed" if request.refresh else "issued"
+        await self._audit(
+            event,
+            ctx,
+            identity,
+            decision,
+            reason=f"{decision.reason} (from {result.source})",
+            status=200,
+            access_key_id=credentials.access_key_id,
+            expiration=iso_z(credentials.expiration),
+        )
+        account = _ACCOUNT.search(spec.role_arn)
+        account_id = account.group(1) if account else ""
+        entry = self.cache.peek(key)
+        issued_at = entry.fetched_at if entry is not None else self.clock.now()
+        return {
+            "request_id": ctx.request_id,
+            "tenant": decision.tenant,
+            "task": identity.task,
+            "role_name": decision.role_name,
+            "role_arn": decision.role_arn,
+            "assumed_role_arn": result.role.assumed_role_arn,
+            "account_id": account_id,
+            "credentials": {
+                "access_key_id": credentials.access_key_id,
+                "secret_access_key": credentials.secret_access_key,
+                "session_token": credentials.session_token,
+                "expiration": iso_z(credentials.expiration),
+                "issued_at": iso_z(issued_at),
+            },
+            "metadata": self._metadata_view(identity, decision, account_id, ctx.peer),
+            "limits": decision.sidecar_limits.to_json(),
+        }
+
+    def _metadata_view(
+        self, identity: Identity, decision: Decision, account_id: str, peer: str
+    ) -> dict[str, Any]:
+        # Signing is cheap but not free; the view only changes with these inputs.
+        key = (decision.tenant, identity.task, decision.role_name, account_id, peer)
+        view = self._metadata.get(key)
+        if view is None:
+            view = build_metadata(
+                identity=identity,
+                decision=decision,
+                account_id=account_id,
+                region=self.region,
+                availability_zone=self.availability_zone,
+                peer=peer,
+                started=self._started,
+                document_key=self.document_key,
+            )
+            self._metadata[key] = view
+            if len(self._metadata) > 10_000:
+                self._metadata.popitem(last=False)
+        return view
+
+    async def _audit(
+        self,
+        event: str,
+        ctx: RequestContext,
+        identity: Identity,
+        decision: Decision | None,
+        *,
+        reason: str,
+        status: int,
+        tenant: str = "",
+        access_key_id: str = "",
+        expiration: str = "",
+    ) -> None:
+        spec = decision.spec if decision else None
+        await self.audit.append(
+            make_record(
+                event,
+                request_id=ctx.request_id,
+                task=identity.task,
+                tenant=decision.tenant if decision else tenant,
+                team=decision.team if decision else "",
+                subject=identity.subject,
+                issuer=identity.issuer,
+                token_id=identity.token_id,
+                role_arn=decision.role_arn if decision else "",
+                session_name=spec.role_session_name if spec else "",
+                source_identity=spec.source_identity if spec else "",
+                access_key_id=access_key_id,
+                expiration=expiration,
+                policy_digest=decision.policy_digest if decision else "",
+                rule=decision.rule if decision else "limits",
+                reason=reason,
+                peer=ctx.peer,
+                instance=self.instance,
+                status=status,
+            )
+        )

@@ -1,0 +1,126 @@
+"""Prometheus metrics of the broker: definitions only, in the default registry.
+
+`status` labels are HTTP status codes as text ("200", "503"); `tenant` is the tenant's policy name
+(bounded by the number of policy files, never a caller-supplied string).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+# Cached answers take about a millisecond; uncached ones wait for STS (hundreds of ms, seconds when
+# throttled and retried).
+REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+STS_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Audit writes are synced; the broker refuses to issue when one exceeds audit_write_timeout
+# (0.5 s by default).
+AUDIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+REQUESTS = Counter(
+    "metaproxy_broker_requests_total",
+    "Credential requests answered, by tenant and HTTP status.",
+    ["tenant", "status"],
+)
+REQUEST_SECONDS = Histogram(
+    "metaproxy_broker_request_seconds",
+    "Time to answer a credential request, by outcome (cached, uncached, error).",
+    ["outcome"],
+    buckets=REQUEST_BUCKETS,
+)
+QUEUE_DEPTH = Gauge(
+    "metaproxy_broker_queue_depth",
+    "Requests waiting for an STS worker, by priority (cold, refresh).",
+    ["priority"],
+)
+WORKERS = Gauge(
+    "metaproxy_broker_workers",
+    "STS workers currently running (the autoscaler moves this between its floor and ceiling).",
+)
+STS_CALLS = Counter(
+    "metaproxy_broker_sts_calls_total",
+    "STS AssumeRole attempts, by result (ok, throttled, error).",
+    ["result"],
+)
+STS_SECONDS = Histogram(
+    "metaproxy_broker_sts_seconds",
+    "Time of one STS AssumeRole attempt.",
+    buckets=STS_BUCKETS,
+)
+CACHE_HITS = Counter(
+    "metaproxy_broker_cache_hits_total",
+    "Credential requests answered from the broker's cache.",
+)
+COALESCED = Counter(
+    "metaproxy_broker_coalesced_total",
+    "Credential requests that joined an STS call already in flight instead of making their own.",
+)
+REJECTIONS = Counter(
+    "metaproxy_broker_rejections_total",
+    "Requests refused before reaching STS, by tenant and reason.",
+    ["tenant", "reason"],
+)
+ISSUED = Counter(
+    "metaproxy_broker_credentials_issued_total",
+    "Credentials handed to a sidecar, by tenant.",
+    ["tenant"],
+)
+AUDIT_WRITE_SECONDS = Histogram(
+    "metaproxy_broker_audit_write_seconds",
+    "Time to append (and sync) one audit record.",
+    buckets=AUDIT_BUCKETS,
+)
+AUDIT_FAILURES = Counter(
+    "metaproxy_broker_audit_failures_total",
+    "Audit writes that failed or timed out; each one refused an issuance (fail closed).",
+)
+OPEN_CONNECTIONS = Gauge(
+    "metaproxy_broker_open_connections",
+    "Client connections currently open to the broker.",
+)
+CIRCUIT_OPEN = Gauge(
+    "metaproxy_broker_circuit_open",
+    "1 while the STS circuit breaker is open (STS failing; only cached credentials served).",
+)
+POLICY_RELOADS = Counter(
+    "metaproxy_broker_policy_reloads_total",
+    "Policy reloads, by result (ok, error); on error the last good policy set stays in force.",
+    ["result"],
+)
+
+_ALL: tuple[MetricWrapperBase, ...] = (
+    REQUESTS,
+    REQUEST_SECONDS,
+    QUEUE_DEPTH,
+    WORKERS,
+    STS_CALLS,
+    STS_SECONDS,
+    CACHE_HITS,
+    COALESCED,
+    REJECTIONS,
+    ISSUED,
+    AUDIT_WRITE_SECONDS,
+    AUDIT_FAILURES,
+    OPEN_CONNECTIONS,
+    CIRCUIT_OPEN,
+    POLICY_RELOADS,
+)
+
+
+# Deliberately not shared with the sidecar's module: importing that one here would register the
+# sidecar's gauges in the broker's registry, so the broker would export `metaproxy_sidecar_ready`
+# as 0 and trip the sidecar alerts.
+_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "gauge": ("",),
+}
+
+
+def exported_names() -> set[str]:
+    """Every sample name this module's metrics can produce; alerts and dashboards must use these."""
+    names: set[str] = set()
+    for metric in _ALL:
+        for family in metric.describe():
+            names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
+    return names

@@ -1,0 +1,61 @@
+"""One place that turns errors into HTTP answers: JSON `{"code", "message", "request_id"}`.
+
+Clients get the public message only; the detail goes to the log. Unexpected exceptions are
+logged with their stack and answered 500 without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from metaproxy.errors import MetaproxyError
+from metaproxy.logs import request_id_var
+
+log = logging.getLogger("metaproxy.http")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID = "X-Request-Id"
+
+
+def new_request_id() -> str:
+    return secrets.token_hex(8)
+
+
+def error_response(
+    status: int, code: str, message: str, request_id: str, retry_after: float | None = None
+) -> web.Response:
+    body = json.dumps({"code": code, "message": message, "request_id": request_id})
+    headers = {REQUEST_ID: request_id}
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, round(retry_after)))
+    return web.Response(
+        status=status, text=body, content_type="application/json", headers=headers
+    )
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    request_id = new_request_id()
+    request_id_var.set(request_id)
+    try:
+        response = await handler(request)
+    except MetaproxyError as exc:
+        level = logging.WARNING if exc.status < 500 else logging.ERROR
+        log.log(level, "%s %s -> %d %s: %s", request.method, request.path, exc.status,
+                exc.code, exc.detail)
+        return error_response(exc.status, exc.code, exc.public_message, request_id,
+                              exc.retry_after)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(exc.status, exc.reason.replace(" ", ""), exc.reason, request_id)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "InternalError", "internal error", request_id)
+    response.headers.setdefault(REQUEST_ID, request_id)
+    return response

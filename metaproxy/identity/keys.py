@@ -1,0 +1,244 @@
+"""Signing keys for identity tokens and documents, and the JWKS files that publish them.
+
+Private keys are PKCS8 PEM files readable only by their owner. Public keys travel as a JWKS whose
+`kid` is the RFC 7638 thumbprint, so a key's id is derived from the key and cannot be reused for a
+different key by mistake. RSA keys are accepted in JWKS files only because Kubernetes signs
+service-account tokens with RS256; we never generate or sign with them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from metaproxy.errors import ConfigError
+
+SigningAlgorithm = Literal["EdDSA", "ES256"]
+VerifyingAlgorithm = Literal["EdDSA", "ES256", "RS256"]
+PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
+PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+# A JWKS is tiny; anything bigger is a misconfiguration (or someone pointing us at the wrong file).
+MAX_JWKS_BYTES = 256 * 1024
+MAX_JWKS_KEYS = 64
+MIN_RSA_BITS = 2048
+# Members that only a private JWK carries; a published JWKS holding them leaks the signing key.
+PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64url_decode(text: str) -> bytes:
+    """Strict base64url without padding: any character outside the alphabet is an error."""
+    if not isinstance(text, str) or "=" in text:
+        raise ValueError("not unpadded base64url")
+    alphabet = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+    if not set(text) <= alphabet or len(text) % 4 == 1:
+        raise ValueError("not unpadded base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _int_bytes(value: int, length: int | None = None) -> bytes:
+    return value.to_bytes(length or max(1, (value.bit_length() + 7) // 8), "big")
+
+
+def public_jwk(key: PublicKey) -> dict[str, str]:
+    """The RFC 7638 required members of a public key (no kid, alg or use)."""
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return {"crv": "Ed25519", "kty": "OKP", "x": b64url(raw)}
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise ConfigError(f"unsupported EC curve {key.curve.name}; only P-256 is accepted")
+        numbers = key.public_numbers()
+        return {
+            "crv": "P-256",
+            "kty": "EC",
+            "x": b64url(_int_bytes(numbers.x, 32)),
+            "y": b64url(_int_bytes(numbers.y, 32)),
+        }
+    numbers_rsa = key.public_numbers()
+    return {
+        "e": b64url(_int_bytes(numbers_rsa.e)),
+        "kty": "RSA",
+        "n": b64url(_int_bytes(numbers_rsa.n)),
+    }
+
+
+def jwk_thumbprint(jwk: Mapping[str, str]) -> str:
+    """RFC 7638: SHA-256 over the required members, sorted, without whitespace."""
+    required = {
+        "OKP": ("crv", "kty", "x"),
+        "EC": ("crv", "kty", "x", "y"),
+        "RSA": ("e", "kty", "n"),
+    }
+    members = {name: jwk[name] for name in required[jwk["kty"]]}
+    canonical = json.dumps(members, sort_keys=True, separators=(",", ":")).encode()
+    return b64url(hashlib.sha256(canonical).digest())
+
+
+def algorithm_for(key: PublicKey) -> VerifyingAlgorithm:
+    """The one algorithm each key type may be used with (pinning defeats algorithm confusion)."""
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "EdDSA"
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return "ES256"
+    return "RS256"
+
+
+def write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Write via a temporary file and rename, so readers never see a half-written key or token."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def generate_keypair(
+    out_dir: Path, name: str = "identity", algorithm: SigningAlgorithm = "EdDSA"
+) -> tuple[Path, Path]:
+    """Write `{name}.key` (PKCS8 PEM, 0600) and `{name}.jwks.json`; replaces existing files."""
+    if not name or "/" in name or name.startswith(".") or not name.isprintable():
+        raise ConfigError(f"key name {name!r} must be a plain file name")
+    private: PrivateKey
+    if algorithm == "EdDSA":
+        private = ed25519.Ed25519PrivateKey.generate()
+    elif algorithm == "ES256":
+        private = ec.generate_private_key(ec.SECP256R1())
+    else:
+        raise ConfigError(f"algorithm {algorithm!r} must be EdDSA or ES256")
+    pem = private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    jwk: dict[str, str] = public_jwk(private.public_key())
+    jwk.update(kid=jwk_thumbprint(jwk), alg=algorithm, use="sig")
+    key_path = Path(out_dir) / f"{name}.key"
+    jwks_path = Path(out_dir) / f"{name}.jwks.json"
+    write_atomically(key_path, pem, 0o600)
+    write_atomically(jwks_path, (json.dumps({"keys": [jwk]}, indent=2) + "\n").encode(), 0o644)
+    return key_path, jwks_path
+
+
+def load_private_key(path: Path) -> tuple[PrivateKey, str, SigningAlgorithm]:
+    """A PKCS8 PEM signing key, its kid (thumbprint) and the algorithm it signs with."""
+    try:
+        data = Path(path).read_bytes()
+        key = serialization.load_pem_private_key(data, password=None)
+    except (OSError, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        # The exception text may quote file content; name the file and the kind of failure only.
+        raise ConfigError(f"cannot load private key {path}: {type(exc).__name__}") from None
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        alg: SigningAlgorithm = "EdDSA"
+    elif isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
+        alg = "ES256"
+    else:
+        raise ConfigError(f"private key {path}: only Ed25519 and P-256 keys can sign")
+    return key, jwk_thumbprint(public_jwk(key.public_key())), alg
+
+
+def _member(jwk: Mapping[str, Any], name: str, where: str) -> str:
+    value = jwk.get(name)
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: member {name!r} must be a non-empty string")
+    return value
+
+
+def _decode_member(jwk: Mapping[str, Any], name: str, where: str) -> bytes:
+    try:
+        return b64url_decode(_member(jwk, name, where))
+    except ValueError:
+        raise ConfigError(f"{where}: member {name!r} is not base64url") from None
+
+
+def jwk_to_public_key(jwk: Mapping[str, Any], where: str = "jwk") -> PublicKey:
+    """Build a public key from a JWK, accepting only Ed25519, P-256 and RSA (>= 2048 bits)."""
+    kty = _member(jwk, "kty", where)
+    key: PublicKey
+    try:
+        if kty == "OKP":
+            if _member(jwk, "crv", where) != "Ed25519":
+                raise ConfigError(f"{where}: OKP keys must use crv Ed25519")
+            key = ed25519.Ed25519PublicKey.from_public_bytes(_decode_member(jwk, "x", where))
+        elif kty == "EC":
+            if _member(jwk, "crv", where) != "P-256":
+                raise ConfigError(f"{where}: EC keys must use crv P-256")
+            x, y = _decode_member(jwk, "x", where), _decode_member(jwk, "y", where)
+            if len(x) != 32 or len(y) != 32:
+                raise ConfigError(f"{where}: P-256 coordinates must be 32 bytes")
+            point = b"\x04" + x + y  # uncompressed point; cryptography checks it is on the curve
+            key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+        elif kty == "RSA":
+            n = int.from_bytes(_decode_member(jwk, "n", where), "big")
+            e = int.from_bytes(_decode_member(jwk, "e", where), "big")
+            if n.bit_length() < MIN_RSA_BITS:
+                raise ConfigError(f"{where}: RSA keys must have at least {MIN_RSA_BITS} bits")
+            key = rsa.RSAPublicNumbers(e, n).public_key()
+        else:
+            raise ConfigError(f"{where}: kty {kty!r} is not supported")
+    except ValueError:
+        raise ConfigError(f"{where}: not a valid {kty} public key") from None
+    return key
+
+
+def load_jwks(path: Path) -> dict[str, tuple[PublicKey, VerifyingAlgorithm]]:
+    """Public keys by kid, each with the one algorithm it may verify. Refuses malformed files."""
+    where = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read JWKS {where}: {exc.strerror}") from None
+    if len(raw) > MAX_JWKS_BYTES:
+        raise ConfigError(f"JWKS {where} is larger than {MAX_JWKS_BYTES} bytes")
+    try:
+        document = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError(f"JWKS {where} is not valid JSON") from None
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ConfigError(f"JWKS {where} must be an object with a 'keys' list")
+    entries: list[Any] = document["keys"]
+    if not 1 <= len(entries) <= MAX_JWKS_KEYS:
+        raise ConfigError(f"JWKS {where} must hold between 1 and {MAX_JWKS_KEYS} keys")
+    keys: dict[str, tuple[PublicKey, VerifyingAlgorithm]] = {}
+    for index, jwk in enumerate(entries):
+        at = f"JWKS {where} key {index}"
+        if not isinstance(jwk, dict):
+            raise ConfigError(f"{at}: must be an object")
+        if PRIVATE_JWK_MEMBERS & jwk.keys():
+            raise ConfigError(f"{at}: holds private or symmetric key material; publish public keys")
+        key = jwk_to_public_key(jwk, at)
+        alg = algorithm_for(key)
+        if "alg" in jwk and jwk["alg"] != alg:
+            raise ConfigError(
+                f"{at}: alg {jwk['alg']!r} does not fit the key type (expected {alg})"
+            )
+        if "use" in jwk and jwk["use"] != "sig":
+            raise ConfigError(f"{at}: use must be 'sig'")
+        kid = jwk.get("kid", jwk_thumbprint(public_jwk(key)))
+        if not isinstance(kid, str) or not kid or len(kid) > 256 or not kid.isprintable():
+            raise ConfigError(f"{at}: kid must be a printable string of at most 256 characters")
+        if kid in keys:
+            raise ConfigError(f"{at}: duplicate kid {kid!r}")
+        keys[kid] = (key, alg)
+    return keys

@@ -1,0 +1,337 @@
+"""Verifying identity tokens: the broker's only source of truth about who is asking.
+
+Every check that can be made on the header is made before any signature verification, and the
+algorithm is never taken from the token: it is pinned by the type of the key the `kid` names,
+which defeats `alg: none`, HS256-with-the-public-key and similar algorithm-confusion attacks.
+Rejections raise `Unauthenticated` whose detail names the failed check and never the token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from metaproxy.clock import Clock, SystemClock
+from metaproxy.config import TrustedIssuer
+from metaproxy.errors import ConfigError, Unauthenticated
+from metaproxy.identity.keys import PublicKey, VerifyingAlgorithm, b64url_decode, load_jwks
+from metaproxy.models import Identity
+
+log = logging.getLogger("metaproxy.identity")
+
+MAX_TOKEN_BYTES = 8 * 1024
+MAX_CLAIM_CHARS = 256
+MAX_CLAIM_DEPTH = 4
+MAX_LIST_ITEMS = 16
+# Platform tokens live at most a day (issue.py enforces it); a longer one was not minted by us.
+MAX_PLATFORM_LIFETIME = 86_400
+# Headers that make the token name its own key, change how the payload is read, or mark JWE.
+FORBIDDEN_HEADERS = ("crit", "jwk", "jku", "x5u", "x5c", "b64", "enc", "zip")
+
+
+@dataclass(slots=True)
+class _IssuerKeys:
+    """One trusted issuer's JWKS, re-read whenever the file is replaced or edited."""
+
+    trust: TrustedIssuer
+    keys: dict[str, tuple[PublicKey, VerifyingAlgorithm]]
+    file_state: tuple[int, int, int]
+    failed_state: tuple[int, int, int] | None = None
+
+
+def _file_state(trust: TrustedIssuer) -> tuple[int, int, int]:
+    # The inode catches an atomic rename even when the mtime has not ticked.
+    st = os.stat(trust.jwks_file)
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in result:
+            raise ValueError("duplicate member")
+        result[name] = value
+    return result
+
+
+def _decode_json_part(part: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(b64url_decode(part), object_pairs_hook=_reject_duplicates)
+    except ValueError:  # covers base64, UTF-8 and JSON errors, and duplicate members
+        raise Unauthenticated(f"malformed token: {what} is not base64url JSON") from None
+    if not isinstance(value, dict):
+        raise Unauthenticated(f"malformed token: {what} is not a JSON object")
+    return value
+
+
+def _check_value(name: str, value: object, depth: int = 0) -> None:
+    """Claims are strings of at most 256 characters, finite numbers, or small nests of those."""
+    if depth > MAX_CLAIM_DEPTH:
+        raise Unauthenticated(f"claim {name} is nested too deeply")
+    if isinstance(value, str):
+        if len(value) > MAX_CLAIM_CHARS:
+            raise Unauthenticated(f"claim {name} is longer than {MAX_CLAIM_CHARS} characters")
+    elif isinstance(value, bool) or value is None:
+        return
+    elif isinstance(value, int | float):
+        # Python's json accepts NaN and Infinity, which would poison every time comparison.
+        if not math.isfinite(value) or abs(value) > 2**53:
+            raise Unauthenticated(f"claim {name} is not a finite number")
+    elif isinstance(value, list):
+        if len(value) > MAX_LIST_ITEMS:
+            raise Unauthenticated(f"claim {name} has too many items")
+        for item in value:
+            _check_value(name, item, depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_value(f"{name}.{key}", item, depth + 1)
+
+
+def _text(claims: Mapping[str, Any], name: str, *, required: bool = True) -> str:
+    value = claims.get(name, "")
+    if not isinstance(value, str) or (required and not value):
+        raise Unauthenticated(f"claim {name} must be a non-empty string")
+    return value
+
+
+def _number(claims: Mapping[str, Any], name: str) -> float:
+    value = claims.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise Unauthenticated(f"claim {name} must be a number")
+    return float(value)
+
+
+class IdentityVerifier:
+    """Verifies platform and Kubernetes identity tokens against the trusted issuers' JWKS files."""
+
+    def __init__(
+        self,
+        issuers: Sequence[TrustedIssuer],
+        *,
+        leeway: int = 30,
+        clock: Clock | None = None,
+    ) -> None:
+        if not 0 <= leeway <= 300:
+            raise ConfigError("token leeway must be between 0 and 300 seconds")
+        self._leeway = leeway
+        self._clock: Clock = clock or SystemClock()
+        self._issuers: dict[str, _IssuerKeys] = {}
+        for trust in issuers:
+            if trust.issuer in self._issuers:
+                raise ConfigError(f"issuer {trust.issuer!r} is trusted twice")
+            try:
+                state = _file_state(trust)
+            except OSError as exc:
+                raise ConfigError(f"cannot read JWKS {trust.jwks_file}: {exc.strerror}") from None
+            # A bad JWKS at start-up is refused outright: better not to start than trust nothing.
+            self._issuers[trust.issuer] = _IssuerKeys(trust, load_jwks(trust.jwks_file), state)
+
+    def verify(self, token: str) -> Identity:
+        """The identity a token proves, or `Unauthenticated` naming the failed check."""
+        header, claims_unverified = self._parse(token)
+        self._check_header(header)
+        issuer = claims_unverified.get("iss")
+        if not isinstance(issuer, str) or issuer not in self._issuers:
+            raise Unauthenticated("untrusted issuer (iss)")
+        entry = self._refresh(self._issuers[issuer])
+        key, alg = self._select_key(entry, header)
+        if header["alg"] != alg:
+            raise Unauthenticated(f"alg {header['alg']!r} does not match the key's pinned {alg}")
+        if alg == "RS256" and entry.trust.kind != "kubernetes":
+            raise Unauthenticated("RS256 is accepted only from kubernetes issuers")
+        if not token.rsplit(".", 1)[1]:
+            raise Unauthenticated("malformed token: empty signature")
+        claims = self._decode(token, key, alg, entry.trust)
+        if entry.trust.kind == "kubernetes":
+            return self._kubernetes_identity(claims)
+        return self._platform_identity(claims)
+
+    # -- structure and header -------------------------------------------------------------
+
+    @staticmethod
+    def _parse(token: object) -> tuple[dict[str, Any], dict[str, Any]]:
+        if not isinstance(token, str) or not token:
+            raise Unauthenticated("malformed token: empty")
+        if len(token) > MAX_TOKEN_BYTES:
+            raise Unauthenticated(f"malformed token: longer than {MAX_TOKEN_BYTES} bytes")
+        if not token.isascii():
+            raise Unauthenticated("malformed token: not ASCII")
+        if token.lstrip().startswith("{"):
+            raise Unauthenticated("malformed token: JWS JSON serialisation is not accepted")
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise Unauthenticated("malformed token: compact serialisation needs exactly two dots")
+        header = _decode_json_part(parts[0], "header")
+        try:
+            b64url_decode(parts[2])
+        except ValueError:
+            raise Unauthenticated("malformed token: signature is not base64url") from None
+        payload = _decode_json_part(parts[1], "payload")
+        return header, payload
+
+    @staticmethod
+    def _check_header(header: Mapping[str, Any]) -> None:
+        for name in FORBIDDEN_HEADERS:
+            if name in header:
+                raise Unauthenticated(f"header {name!r} is not accepted")
+        alg = header.get("alg")
+        if not isinstance(alg, str):
+            raise Unauthenticated("header alg is missing")
+        if alg.lower() == "none":
+            raise Unauthenticated("alg none is not accepted")
+        if alg.upper().startswith("HS"):
+            raise Unauthenticated(f"symmetric alg {alg} is not accepted")
+        if alg not in ("EdDSA", "ES256", "RS256"):
+            raise Unauthenticated(f"alg {alg[:16]!r} is not supported")
+        if "typ" in header and header["typ"] not in ("JWT", "jwt"):
+            raise Unauthenticated("header typ must be JWT")
+        kid = header.get("kid")
+        if kid is not None and (not isinstance(kid, str) or not kid or len(kid) > 256):
+            raise Unauthenticated("header kid must be a non-empty string")
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    def _refresh(self, entry: _IssuerKeys) -> _IssuerKeys:
+        """Re-read a JWKS whose file changed; a broken replacement keeps the last good keys."""
+        try:
+            state = _file_state(entry.trust)
+        except OSError:
+            return entry  # removed or unreadable for a moment: keep verifying with what we have
+        if state in (entry.file_state, entry.failed_state):
+            return entry
+        try:
+            entry.keys = load_jwks(entry.trust.jwks_file)
+        except ConfigError as exc:
+            entry.failed_state = state
+            log.warning("keeping previous JWKS for %s: %s", entry.trust.issuer, exc.detail)
+            return entry
+        entry.file_state, entry.failed_state = state, None
+        log.info("reloaded JWKS for %s (%d keys)", entry.trust.issuer, len(entry.keys))
+        return entry
+
+    @staticmethod
+    def _select_key(
+        entry: _IssuerKeys, header: Mapping[str, Any]
+    ) -> tuple[PublicKey, VerifyingAlgorithm]:
+        kid = header.get("kid")
+        if kid is None:
+            if len(entry.keys) == 1:
+                return next(iter(entry.keys.values()))
+            raise Unauthenticated("token has no kid and the issuer has several keys")
+        found = entry.keys.get(kid)
+        if found is None:
+            raise Unauthenticated("unknown kid for this issuer")
+        return found
+
+    # -- claims -------------------------------------------------------------------------------
+
+    def _decode(self, token: str, key: PublicKey, alg: str, trust: TrustedIssuer) -> dict[str, Any]:
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=trust.audience,
+                issuer=trust.issuer,
+                options={
+                    "require": ["exp", "iat", "iss", "aud"],
+                    # Time is checked below against the injectable clock, not pyjwt's own.
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
+            )
+        except jwt.InvalidSignatureError:
+            raise Unauthenticated("signature verification failed") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthenticated(f"missing required claim {exc.claim}") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthenticated("audience (aud) does not match") from None
+        except jwt.InvalidIssuerError:
+            raise Unauthenticated("issuer (iss) does not match") from None
+        except jwt.PyJWTError as exc:
+            raise Unauthenticated(f"token rejected ({type(exc).__name__})") from None
+        for name, value in claims.items():
+            _check_value(name, value)
+        audience = claims["aud"]
+        # pyjwt accepts any list containing our audience; a token meant for several services
+        # could be replayed by any of them, so only a single audience is accepted.
+        if isinstance(audience, list):
+            if len(audience) != 1:
+                raise Unauthenticated("several audiences (aud) are not accepted")
+            audience = audience[0]
+        if audience != trust.audience:
+            raise Unauthenticated("audience (aud) does not match")
+        self._check_times(claims, trust)
+        return claims
+
+    def _check_times(self, claims: Mapping[str, Any], trust: TrustedIssuer) -> None:
+        now = self._clock.now().timestamp()
+        expires, issued = _number(claims, "exp"), _number(claims, "iat")
+        if now > expires + self._leeway:
+            raise Unauthenticated("token expired (exp)")
+        if issued > now + self._leeway:
+            raise Unauthenticated("token issued in the future (iat)")
+        if "nbf" in claims and _number(claims, "nbf") > now + self._leeway:
+            raise Unauthenticated("token not yet valid (nbf)")
+        if expires <= issued:
+            raise Unauthenticated("token expires before it was issued (exp <= iat)")
+        if trust.kind == "platform" and expires - issued > MAX_PLATFORM_LIFETIME:
+            raise Unauthenticated("token lifetime (exp - iat) exceeds one day")
+
+    @staticmethod
+    def _platform_identity(claims: Mapping[str, Any]) -> Identity:
+        task, tenant = _text(claims, "task"), _text(claims, "tenant")
+        subject = _text(claims, "sub")
+        if subject != f"task:{tenant}/{task}":
+            raise Unauthenticated("claim sub does not match task and tenant")
+        return Identity(
+            kind="platform",
+            issuer=_text(claims, "iss"),
+            subject=subject,
+            task=task,
+            tenant=tenant,
+            app=_text(claims, "app", required=False),
+            token_id=_text(claims, "jti"),
+            expires_at=_number(claims, "exp"),
+        )
+
+    @staticmethod
+    def _kubernetes_identity(claims: Mapping[str, Any]) -> Identity:
+        k8s = claims.get("kubernetes.io")
+        if not isinstance(k8s, dict):
+            raise Unauthenticated("claim kubernetes.io is missing")
+        namespace = _text(k8s, "namespace")
+        account = k8s.get("serviceaccount")
+        if not isinstance(account, dict):
+            raise Unauthenticated("claim kubernetes.io.serviceaccount is missing")
+        account_name = _text(account, "name")
+        _text(account, "uid")
+        subject = _text(claims, "sub")
+        if subject != f"system:serviceaccount:{namespace}:{account_name}":
+            raise Unauthenticated("claim sub does not match namespace and service account")
+        task = account_name
+        pod = k8s.get("pod")
+        if pod is not None:
+            if not isinstance(pod, dict):
+                raise Unauthenticated("claim kubernetes.io.pod must be an object")
+            task = _text(pod, "name", required=False) or _text(pod, "uid", required=False) or task
+        return Identity(
+            kind="kubernetes",
+            issuer=_text(claims, "iss"),
+            subject=subject,
+            task=task,
+            tenant="",
+            app=account_name,
+            namespace=namespace,
+            service_account=account_name,
+            token_id=_text(claims, "jti", required=False),
+            expires_at=_number(claims, "exp"),
+        )

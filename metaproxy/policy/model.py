@@ -1,0 +1,124 @@
+"""A loaded, validated policy set: plain frozen values the evaluator reads and never edits.
+
+Everything here has already passed `load.py`; code that holds a `PolicySet` may trust that role
+ARNs are well formed, every tenant has exactly one default role and templates name only known
+variables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from types import MappingProxyType
+
+from metaproxy.models import BrokerLimits, Identity, IdentityKind, SidecarLimits
+
+DEFAULT_SESSION_NAME = "${tenant}.${task}"
+DEFAULT_SOURCE_IDENTITY = "${tenant}.${task}"
+DEFAULT_DURATION_SECONDS = 3600
+
+
+def matches_any(value: str, globs: tuple[str, ...]) -> bool:
+    # fnmatchcase, not fnmatch: fnmatch folds case on some platforms, and `Web` is not `web`.
+    return any(fnmatchcase(value, glob) for glob in globs)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityRule:
+    """One `[[identities]]` entry: which verified tokens belong to the tenant."""
+
+    index: int
+    kind: IdentityKind
+    issuer: str = ""  # empty: any trusted issuer of this kind
+    tenant_claim: str = ""  # platform tokens: the verified `tenant` claim
+    apps: tuple[str, ...] = ("*",)  # platform tokens: globs on the `app` claim
+    namespace: str = ""  # kubernetes tokens: exact namespace
+    service_accounts: tuple[str, ...] = ("*",)  # kubernetes tokens: globs on the SA name
+
+    @property
+    def label(self) -> str:
+        return f"identities[{self.index}]"
+
+    def matches(self, identity: Identity) -> bool:
+        if identity.kind != self.kind or (self.issuer and identity.issuer != self.issuer):
+            return False
+        if self.kind == "platform":
+            return identity.tenant == self.tenant_claim and matches_any(identity.app, self.apps)
+        return identity.namespace == self.namespace and matches_any(
+            identity.service_account, self.service_accounts
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RoleRule:
+    """One `[[roles]]` entry: a role the tenant's tasks may get, and how it is scoped."""
+
+    index: int
+    arn: str
+    default: bool = False
+    apps: tuple[str, ...] = ("*",)
+    duration_seconds: int = DEFAULT_DURATION_SECONDS
+    session_policy: str | None = None  # a JSON template; values are JSON-escaped into it
+
+    @property
+    def name(self) -> str:
+        return self.arn.rsplit("/", 1)[-1]
+
+    @property
+    def label(self) -> str:
+        return f"roles[{self.index}]"
+
+    def allows_app(self, app: str) -> bool:
+        return matches_any(app, self.apps)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionTemplates:
+    """The `[session]` table: how a task is made attributable in CloudTrail."""
+
+    name: str = DEFAULT_SESSION_NAME
+    source_identity: str = DEFAULT_SOURCE_IDENTITY
+    tags: tuple[tuple[str, str], ...] = ()  # (key, value template), keys validated at load
+    transitive_tag_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TenantPolicy:
+    """One tenant's file, validated."""
+
+    tenant: str
+    team: str
+    file: str  # the file name, e.g. `acme.toml`; rules are reported as `acme.toml roles[1]`
+    digest: str  # sha256 of the file bytes, hex
+    identities: tuple[IdentityRule, ...]
+    roles: tuple[RoleRule, ...]
+    session: SessionTemplates = field(default_factory=SessionTemplates)
+    sidecar_limits: SidecarLimits = field(default_factory=SidecarLimits)
+    broker_limits: BrokerLimits = field(default_factory=BrokerLimits)
+    description: str = ""
+
+    @property
+    def default_role(self) -> RoleRule:
+        # load.py guarantees exactly one default role per tenant.
+        return next(role for role in self.roles if role.default)
+
+    def find_role(self, requested: str) -> RoleRule | None:
+        """A role by full ARN or by name (the ARN's last path segment)."""
+        key = "arn" if requested.startswith("arn:") else "name"
+        return next((role for role in self.roles if getattr(role, key) == requested), None)
+
+    def claims(self, identity: Identity) -> bool:
+        return any(rule.matches(identity) for rule in self.identities)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySet:
+    """All tenants, keyed by tenant name; `digest` identifies the exact files in force."""
+
+    tenants: Mapping[str, TenantPolicy]
+    digest: str
+
+    def __post_init__(self) -> None:
+        # A read-only view, so a shared set cannot be edited by whoever holds it.
+        object.__setattr__(self, "tenants", MappingProxyType(dict(self.tenants)))

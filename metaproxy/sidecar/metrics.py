@@ -1,0 +1,112 @@
+"""Prometheus metrics of the sidecar: definitions only, in the default registry.
+
+The sidecar runs once per task, so this module imports nothing but prometheus-client (never the
+broker's metrics). The `status` label is the HTTP status code as text ("200", "503"), so alerts
+can select `status=~"5.."`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+# Answers from the credentials cache take well under a millisecond; anything near a second means
+# the sidecar is starved, so the buckets are dense at the bottom and stop at one second.
+FAST_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+)
+# A broker call may include a cold STS AssumeRole, which takes hundreds of milliseconds.
+BROKER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# The start-up SLO is "ready within 5 s"; the 5 s bucket is what it is measured against.
+STARTUP_BUCKETS = (0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
+
+REQUESTS = Counter(
+    "metaproxy_sidecar_requests_total",
+    "Requests answered by the sidecar, by path class "
+    "(token, credentials, metadata, container, admin, other) and HTTP status.",
+    ["path_class", "status"],
+)
+REQUEST_SECONDS = Histogram(
+    "metaproxy_sidecar_request_seconds",
+    "Time to answer a request, by path class.",
+    ["path_class"],
+    buckets=FAST_BUCKETS,
+)
+CREDENTIALS_REMAINING = Gauge(
+    "metaproxy_sidecar_credentials_remaining_seconds",
+    "Seconds until the cached credentials expire (0 when none are cached).",
+)
+REFRESHES = Counter(
+    "metaproxy_sidecar_refreshes_total",
+    "Credential fetches from the broker, by result (ok, error).",
+    ["result"],
+)
+BROKER_SECONDS = Histogram(
+    "metaproxy_sidecar_broker_request_seconds",
+    "Time of one credentials request to the broker, including retries.",
+    buckets=BROKER_BUCKETS,
+)
+REJECTED = Counter(
+    "metaproxy_sidecar_rejected_total",
+    "Requests or connections refused before being served, by reason "
+    "(rate_limited, connection_cap, header_timeout, bad_request).",
+    ["reason"],
+)
+OPEN_CONNECTIONS = Gauge(
+    "metaproxy_sidecar_open_connections",
+    "Client connections currently open to the sidecar's listeners.",
+)
+OPEN_FDS = Gauge(
+    "metaproxy_sidecar_open_fds",
+    "File descriptors the sidecar process holds open.",
+)
+READY = Gauge(
+    "metaproxy_sidecar_ready",
+    "1 while the sidecar holds valid credentials and answers /readyz with 200, else 0.",
+)
+STARTUP_SECONDS = Histogram(
+    "metaproxy_sidecar_startup_seconds",
+    "Seconds from process start until /readyz first turned ready (observed once per process).",
+    buckets=STARTUP_BUCKETS,
+)
+
+_ALL: tuple[MetricWrapperBase, ...] = (
+    REQUESTS,
+    REQUEST_SECONDS,
+    CREDENTIALS_REMAINING,
+    REFRESHES,
+    BROKER_SECONDS,
+    REJECTED,
+    OPEN_CONNECTIONS,
+    OPEN_FDS,
+    READY,
+    STARTUP_SECONDS,
+)
+
+# The sample names each metric type produces in the text exposition format.
+_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "gauge": ("",),
+}
+
+
+def exported_names() -> set[str]:
+    """Every sample name this module's metrics can produce; alerts and dashboards must use these."""
+    names: set[str] = set()
+    for metric in _ALL:
+        for family in metric.describe():
+            names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
+    return names

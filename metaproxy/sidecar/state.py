@@ -1,0 +1,33 @@
+"""What the sidecar's handlers share: config, the token authority, the credential keeper."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from metaproxy.config import SidecarConfig
+from metaproxy.ratelimit import KeyedLimiter
+from metaproxy.sidecar.broker_client import BrokerClient
+from metaproxy.sidecar.credentials_cache import CredentialKeeper
+from metaproxy.sidecar.tokens import TokenAuthority
+
+
+@dataclass
+class SidecarState:
+    config: SidecarConfig
+    tokens: TokenAuthority
+    keeper: CredentialKeeper
+    authorization_token: str
+    client: BrokerClient
+    limiters: dict[str, KeyedLimiter] = field(default_factory=dict)
+    host_metadata: Callable[[str], Awaitable[str | None]] = field(default=lambda _p: _none())
+    draining: bool = False
+
+
+async def _none() -> str | None:
+    return None
+
+
+STATE = web.AppKey("state", SidecarState)

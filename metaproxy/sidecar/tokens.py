@@ -1,0 +1,57 @@
+"""IMDSv2 session tokens: stateless, HMAC-signed with a key that lives only in this process.
+
+Stateless means any number of concurrent tokens cost nothing to keep; a restart changes the key,
+so old tokens get 401 and SDKs recover by asking for a new one (botocore and the JS SDK both do).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import struct
+import time
+from collections.abc import Callable
+
+_VERSION = 1
+_PAYLOAD = struct.Struct(">BQ8s")  # version, expiry (monotonic ms), nonce
+_MAC_BYTES = 16
+TOKEN_LENGTH = len(base64.urlsafe_b64encode(b"\0" * (_PAYLOAD.size + _MAC_BYTES)))
+MIN_TTL = 1
+MAX_TTL = 21_600
+
+
+class TokenAuthority:
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._key = secrets.token_bytes(32)
+        self._monotonic = monotonic
+
+    def mint(self, ttl_seconds: int) -> str:
+        expiry_ms = int((self._monotonic() + ttl_seconds) * 1000)
+        payload = _PAYLOAD.pack(_VERSION, expiry_ms, secrets.token_bytes(8))
+        mac = hmac.new(self._key, payload, hashlib.sha256).digest()[:_MAC_BYTES]
+        return base64.urlsafe_b64encode(payload + mac).decode("ascii")
+
+    def valid(self, token: str) -> bool:
+        if len(token) != TOKEN_LENGTH:
+            return False
+        try:
+            raw = base64.urlsafe_b64decode(token.encode("ascii"))
+        except (binascii.Error, UnicodeEncodeError, ValueError):
+            return False
+        payload, mac = raw[: _PAYLOAD.size], raw[_PAYLOAD.size :]
+        expected = hmac.new(self._key, payload, hashlib.sha256).digest()[:_MAC_BYTES]
+        if not hmac.compare_digest(mac, expected):
+            return False
+        version, expiry_ms, _nonce = _PAYLOAD.unpack(payload)
+        return version == _VERSION and self._monotonic() * 1000 < expiry_ms
+
+
+def parse_ttl(raw: str | None) -> int | None:
+    """The TTL header as AWS accepts it: an integer 1..21600, else None (→ 400)."""
+    if raw is None or not raw.strip().isdigit() or len(raw.strip()) > 6:
+        return None
+    ttl = int(raw.strip())
+    return ttl if MIN_TTL <= ttl <= MAX_TTL else None

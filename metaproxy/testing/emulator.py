@@ -1,0 +1,172 @@
+"""moto's server as a local STS and S3, run as a child process on a loopback port.
+
+moto answers `sts:AssumeRole` for any role ARN without IAM setup, and `GetCallerIdentity` with
+the assumed-role ARN, which is all the demo, the tests and the benchmarks need from STS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+FAKE_CREDENTIALS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+# A port freed by `free_port()` can be taken by someone else before moto binds it; a child that
+# exits during start-up is most likely that race, so it is retried on a fresh port.
+START_ATTEMPTS = 3
+STOP_GRACE_SECONDS = 5.0
+POLL_INTERVAL_SECONDS = 0.05
+
+
+class EmulatorError(RuntimeError):
+    """The emulator could not be started."""
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _answers_http(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0):  # noqa: S310 - fixed http://127.0.0.1 URL
+            return True
+    except urllib.error.HTTPError:
+        return True  # any HTTP status means the server is up
+    except OSError:
+        return False
+
+
+class StsEmulator:
+    """Runs `python -m moto.server` on 127.0.0.1; `start()` returns its base URL."""
+
+    def __init__(self, *, port: int | None = None, log_path: str | Path | None = None) -> None:
+        self._fixed_port = port
+        self._log_path = Path(log_path) if log_path is not None else None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self._port: int | None = None
+
+    @property
+    def url(self) -> str:
+        if self._port is None or self._process is None:
+            raise EmulatorError("emulator is not running")
+        return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise EmulatorError("emulator is not running")
+        return self._process.pid
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, timeout: float = 30) -> str:
+        """Start moto and return `http://127.0.0.1:PORT` once it answers an HTTP GET."""
+        if self._process is not None:
+            return self.url
+        deadline = time.monotonic() + timeout
+        attempts = 1 if self._fixed_port is not None else START_ATTEMPTS
+        for _ in range(attempts):
+            port = self._fixed_port if self._fixed_port is not None else free_port()
+            if self._launch_and_wait(port, deadline):
+                return self.url
+            if time.monotonic() >= deadline:
+                break
+        raise EmulatorError(
+            f"moto server did not answer on 127.0.0.1 within {timeout:g}s"
+            + (f" (log: {self._log_path})" if self._log_path else "")
+        )
+
+    def _launch_and_wait(self, port: int, deadline: float) -> bool:
+        """Launch moto on `port`; True once it answers, False (and cleaned up) if it exits."""
+        env = {**os.environ, **FAKE_CREDENTIALS_ENV}
+        if self._log_path is not None:
+            self._log = self._log_path.open("ab")
+        output: IO[bytes] | int = self._log if self._log is not None else subprocess.DEVNULL
+        cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        self._process = subprocess.Popen(  # noqa: S603 - our own interpreter, fixed arguments
+            cmd, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=output
+        )
+        self._port = port
+        url = f"http://127.0.0.1:{port}/"
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                self.stop()
+                return False
+            if _answers_http(url):
+                return True
+            time.sleep(POLL_INTERVAL_SECONDS)
+        self.stop()
+        return False
+
+    def stop(self) -> None:
+        """Terminate moto, wait for it, and kill it if it does not exit in time."""
+        process, self._process = self._process, None
+        self._port = None
+        if process is not None:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=STOP_GRACE_SECONDS)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            else:
+                process.wait()
+        if self._log is not None:
+            with contextlib.suppress(OSError):
+                self._log.close()
+            self._log = None
+
+    # The timeout is passed down rather than applied with `asyncio.timeout`: cancelling the
+    # awaiting task would not stop the thread, which would leave a half-started child behind.
+    async def astart(self, timeout: float = 30) -> str:  # noqa: ASYNC109
+        """`start()` on a worker thread, so the event loop keeps running while moto boots."""
+        return await asyncio.to_thread(self.start, timeout)
+
+    async def astop(self) -> None:
+        """`stop()` on a worker thread."""
+        await asyncio.to_thread(self.stop)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.astart()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.astop()

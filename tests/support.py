@@ -1,0 +1,170 @@
+"""Helpers shared by the tests: key material, configs, starting real servers, running clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from metaproxy.config import BrokerConfig, SidecarConfig, TrustedIssuer
+
+REPO = Path(__file__).resolve().parents[1]
+ISSUER = "metaproxy-platform"
+AUDIENCE = "metaproxy-broker"
+
+
+@dataclass(frozen=True)
+class Pki:
+    identity_key: Path
+    jwks: Path
+    ca: Path
+    broker_cert: Path
+    broker_key: Path
+    document_key: Path
+    document_jwks: Path
+    audit_key: Path
+    audit_pub: Path
+
+
+def make_pki(directory: Path) -> Pki:
+    from metaproxy.audit.checkpoint import write_keypair
+    from metaproxy.certs import init_certs
+    from metaproxy.identity.keys import generate_keypair
+
+    identity_key, jwks = generate_keypair(directory, "identity")
+    document_key, document_jwks = generate_keypair(directory, "document")
+    certs = init_certs(directory / "tls")
+    audit_key, audit_pub = write_keypair(directory / "audit-keys")
+    return Pki(
+        identity_key=identity_key,
+        jwks=jwks,
+        ca=certs["ca.pem"],
+        broker_cert=certs["broker.pem"],
+        broker_key=certs["broker.key"],
+        document_key=document_key,
+        document_jwks=document_jwks,
+        audit_key=audit_key,
+        audit_pub=audit_pub,
+    )
+
+
+def broker_config(
+    tmp: Path, pki: Pki, sts_url: str, policies_dir: Path, **overrides: Any
+) -> BrokerConfig:
+    config = BrokerConfig(
+        listen="127.0.0.1:0",
+        admin_listen="127.0.0.1:0",
+        tls_cert=pki.broker_cert,
+        tls_key=pki.broker_key,
+        policies_dir=policies_dir,
+        policy_reload_seconds=0.2,
+        trusted_issuers=(TrustedIssuer(ISSUER, AUDIENCE, pki.jwks),),
+        document_key=pki.document_key,
+        audit_dir=tmp / "audit",
+        audit_key=pki.audit_key,
+        sts_endpoint=sts_url,
+        instance="test-broker",
+        drain_seconds=2.0,
+    )
+    return replace(config, **overrides)
+
+
+def issue(pki: Pki, task: str, tenant: str, app: str = "web", **kwargs: Any) -> str:
+    from metaproxy.identity.issue import issue_token
+
+    return issue_token(
+        pki.identity_key, issuer=ISSUER, audience=AUDIENCE, task=task, tenant=tenant, app=app,
+        **kwargs,
+    )
+
+
+def sidecar_config(
+    tmp: Path, pki: Pki, broker_url: str, token_file: Path, **overrides: Any
+) -> SidecarConfig:
+    config = SidecarConfig(
+        broker_url=broker_url,
+        broker_ca_file=pki.ca,
+        identity_token_file=token_file,
+        imds_listen=("127.0.0.1:0",),
+        container_listen=("127.0.0.1:0",),
+        admin_listen="127.0.0.1:0",
+        authorization_token_file=token_file.with_name(token_file.stem + ".auth"),
+        drain_seconds=2.0,
+    )
+    return replace(config, **overrides)
+
+
+async def wait_ready(admin_url: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while True:
+            try:
+                async with session.get(admin_url + "/readyz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{admin_url} not ready after {timeout}s")
+            await asyncio.sleep(0.05)
+
+
+def clean_aws_env(**extra: str) -> dict[str, str]:
+    """The environment of an unconfigured client: no AWS credentials or config anywhere."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(
+        AWS_CONFIG_FILE="/nonexistent/config",
+        AWS_SHARED_CREDENTIALS_FILE="/nonexistent/credentials",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    env.update(extra)
+    return env
+
+
+async def run_command(
+    *argv: str, env: dict[str, str], timeout: float = 60.0, cwd: Path | None = None
+) -> tuple[int, str, str]:
+    """A real client in its own process, so the event loop keeps serving while it runs."""
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        env=env,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def run_python(code: str, env: dict[str, str], timeout: float = 60.0) -> tuple[int, str, str]:
+    return await run_command(sys.executable, "-c", code, env=env, timeout=timeout)
+
+
+CALLER_IDENTITY = """
+import json, sys, boto3
+sts = boto3.client("sts", endpoint_url=sys.argv[1] if len(sys.argv) > 1 else None)
+print(json.dumps(sts.get_caller_identity()))
+"""
+
+
+async def caller_identity(sts_url: str, env: dict[str, str]) -> dict[str, Any]:
+    import json
+
+    rc, out, err = await run_command(
+        sys.executable, "-c", CALLER_IDENTITY, sts_url, env=env, timeout=60
+    )
+    assert rc == 0, err
+    result: dict[str, Any] = json.loads(out)
+    return result

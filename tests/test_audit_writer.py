@@ -1,0 +1,241 @@
+"""The audit writer and records: chaining, fsync'd appends, rotation, restart and fail-closed."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from metaproxy.audit import chain
+from metaproxy.audit.checkpoint import write_keypair
+from metaproxy.audit.record import EVENTS, make_record
+from metaproxy.audit.verify import verify_dir
+from metaproxy.audit.writer import AuditLog
+from metaproxy.errors import AuditUnavailable
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    return write_keypair(tmp_path / "keys")
+
+
+def issued(n: int, **extra: str) -> dict[str, object]:
+    fields = {"task": f"task-{n}", "tenant": "acme", "role_arn": "arn:aws:iam::1:role/app"}
+    fields.update(extra)
+    return make_record("issued", request_id=f"req-{n}", **fields)  # type: ignore[arg-type]
+
+
+def test_make_record_rejects_unknown_event() -> None:
+    """Only the documented events can be recorded."""
+    assert EVENTS == ("issued", "refreshed", "denied", "throttled", "failed", "revoked")
+    with pytest.raises(ValueError, match="unknown audit event"):
+        make_record("granted", request_id="r1")
+
+
+def test_make_record_redacts_credential_shaped_values() -> None:
+    """A JWT, a long opaque token or a private key never reaches a record, wherever it hides."""
+    jwt = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ0YXNrIn0.c2lnbmF0dXJl"
+    session_token = "IQoJb3JpZ2luX2VjE" + "A" * 300
+    record = make_record(
+        "failed",
+        request_id="r1",
+        reason=f"sts said token {jwt} and {session_token} were bad",
+        subject=jwt,
+        status=502,
+    )
+    text = json.dumps(record)
+    assert jwt not in text
+    assert "IQoJb3JpZ2luX2VjE" not in text
+    assert record["subject"] == "[redacted]"
+    assert record["status"] == 502
+    assert record["event"] == "failed"
+
+
+def test_make_record_validates_field_types() -> None:
+    """Non-string fields and impossible statuses are refused, not stored."""
+    with pytest.raises(ValueError, match="status"):
+        make_record("denied", request_id="r1", status=10_000)
+    with pytest.raises(ValueError, match="request_id"):
+        make_record("denied", request_id="")
+
+
+async def test_appends_form_a_chain_that_verifies(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    """Records get seq 1.., prev links and hashes, and the directory verifies with the key."""
+    log = AuditLog(tmp_path / "audit", log_id="broker-a", signing_key=keys[0], write_timeout=5)
+    await log.start()
+    first = await log.append(issued(1))
+    second = await log.append(issued(2))
+    await log.close()
+    assert (first["seq"], first["prev"]) == (1, chain.ZERO_HASH)
+    assert (second["seq"], second["prev"]) == (2, first["hash"])
+    assert isinstance(first["time"], str) and first["time"].endswith("Z")
+    report = verify_dir(tmp_path / "audit", keys[1])
+    assert (report.ok, report.records, report.checkpoints, report.signed) == (True, 2, 1, True)
+    assert log.stats()["records"] == 2
+
+
+async def test_append_refuses_writer_owned_fields(tmp_path: Path) -> None:
+    """A caller cannot choose seq, prev or hash."""
+    log = AuditLog(tmp_path, log_id="b", write_timeout=5)
+    await log.start()
+    with pytest.raises(ValueError, match="must not set"):
+        await log.append({**issued(1), "seq": 7})
+    await log.close()
+
+
+async def test_rotation_by_size_and_checkpoints_every_n(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    """Segments rotate by size, the chain continues across them, checkpoints come every N."""
+    closed: list[str] = []
+    log = AuditLog(
+        tmp_path,
+        log_id="b",
+        signing_key=keys[0],
+        segment_max_bytes=2000,
+        checkpoint_every_records=10,
+        write_timeout=5,
+        on_segment_closed=lambda path: closed.append(path.name),
+    )
+    await log.start()
+    for n in range(50):
+        await log.append(issued(n))
+    await log.close()
+    segments = sorted(p.name for p in tmp_path.glob("segment-*.jsonl"))
+    assert len(segments) > 3
+    assert segments[0] == "segment-000000000001.jsonl"
+    checkpoint_seqs = [int(name[11:23]) for name in closed if name.startswith("checkpoint-")]
+    assert checkpoint_seqs[-1] == 50
+    assert all(0 < b - a <= 10 for a, b in itertools.pairwise(checkpoint_seqs))
+    assert set(segments) <= set(closed)
+    report = verify_dir(tmp_path, keys[1])
+    assert report.ok, report.problems
+    assert report.records == 50
+
+
+async def test_restart_continues_the_same_chain(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    """A new writer on the same directory links its first record to the last one on disk."""
+    for round_ in range(3):
+        log = AuditLog(tmp_path, log_id="b", signing_key=keys[0], write_timeout=5)
+        await log.start()
+        for n in range(5):
+            await log.append(issued(round_ * 10 + n))
+        await log.close()
+    records = [
+        json.loads(line)
+        for path in sorted(tmp_path.glob("segment-*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+    assert [r["seq"] for r in records] == list(range(1, 16))
+    assert verify_dir(tmp_path, keys[1]).ok
+
+
+async def test_restart_drops_a_torn_last_line(tmp_path: Path) -> None:
+    """A crash mid-write leaves a partial line; start-up drops it and the chain goes on."""
+    log = AuditLog(tmp_path, log_id="b", write_timeout=5)
+    await log.start()
+    await log.append(issued(1))
+    await log.close()
+    segment = next(tmp_path.glob("segment-*.jsonl"))
+    with segment.open("ab") as file:
+        file.write(b'{"event":"issued","req')
+    log = AuditLog(tmp_path, log_id="b", write_timeout=5)
+    await log.start()
+    record = await log.append(issued(2))
+    await log.close()
+    assert record["seq"] == 2
+    assert verify_dir(tmp_path, None).ok
+
+
+async def test_refuses_to_start_behind_its_checkpoint(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    """If records past the newest checkpoint vanished, the writer will not fork the chain."""
+    log = AuditLog(tmp_path, log_id="b", signing_key=keys[0], write_timeout=5)
+    await log.start()
+    for n in range(3):
+        await log.append(issued(n))
+    await log.close()
+    segment = next(tmp_path.glob("segment-*.jsonl"))
+    segment.write_bytes(segment.read_bytes().split(b"\n", 1)[0] + b"\n")
+    log = AuditLog(tmp_path, log_id="b", signing_key=keys[0], write_timeout=5)
+    with pytest.raises(AuditUnavailable, match="checkpoint covers seq 3"):
+        await log.start()
+    await log.close()
+
+
+async def test_unwritable_segment_fails_closed_then_recovers(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    """When the next segment cannot be created, append raises fast; once fixed, it resumes."""
+    log = AuditLog(tmp_path, log_id="b", signing_key=keys[0], segment_max_bytes=1, write_timeout=1)
+    await log.start()
+    await log.append(issued(1))
+    blocker = tmp_path / chain.segment_name(2)
+    blocker.mkdir()  # root ignores chmod, but nobody can open a directory for writing
+    started = time.monotonic()
+    with pytest.raises(AuditUnavailable, match="audit write failed"):
+        await log.append(issued(2))
+    assert time.monotonic() - started < 1.0
+    blocker.rmdir()
+    record = await log.append(issued(3))
+    await log.close()
+    assert record["seq"] == 2
+    assert log.stats()["failures"] == 1
+    report = verify_dir(tmp_path, keys[1])
+    assert (report.ok, report.records) == (True, 2), report.problems
+
+
+async def test_stalled_disk_times_out_then_recovers(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    """A write stuck past write_timeout raises; later appends fail fast until the disk returns."""
+    log = AuditLog(tmp_path, log_id="b", signing_key=keys[0], write_timeout=0.3)
+    await log.start()
+    await log.append(issued(1))
+    stall = threading.Event()
+    assert log._executor is not None
+    log._executor.submit(stall.wait, 30)  # the disk thread is busy with a write that hangs
+    try:
+        started = time.monotonic()
+        with pytest.raises(AuditUnavailable, match="longer than"):
+            await log.append(issued(2))
+        with pytest.raises(AuditUnavailable, match="still stalled"):
+            await log.append(issued(3))
+        assert time.monotonic() - started < 1.0
+    finally:
+        stall.set()
+    await asyncio.sleep(0.05)
+    record = await log.append(issued(4))
+    await log.close()
+    assert record["seq"] == 3  # the timed-out write of record 2 landed once the disk returned
+    report = verify_dir(tmp_path, keys[1])
+    assert (report.ok, report.records) == (True, 3), report.problems
+
+
+async def test_write_that_landed_after_timeout_is_kept_in_the_chain(tmp_path: Path) -> None:
+    """A record reported as failed but found on disk is kept, and the chain continues after it."""
+    log = AuditLog(tmp_path, log_id="b", write_timeout=0.3)
+    await log.start()
+    await log.append(issued(1))
+    stall = threading.Event()
+    assert log._executor is not None
+    log._executor.submit(stall.wait, 30)
+    with pytest.raises(AuditUnavailable):
+        await log.append(issued(2))
+    stall.set()  # the disk comes back and the queued write lands after all
+    await asyncio.sleep(0.05)
+    after = await log.append(issued(3))
+    await log.close()
+    records = [
+        json.loads(line) for line in (tmp_path / chain.segment_name(1)).read_text().splitlines()
+    ]
+    assert [r["request_id"] for r in records] == ["req-1", "req-2", "req-3"]
+    assert (after["seq"], after["prev"]) == (3, records[1]["hash"])
+    report = verify_dir(tmp_path, None)
+    assert (report.ok, report.records) == (True, 3), report.problems

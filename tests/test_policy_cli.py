@@ -1,0 +1,160 @@
+"""`metaproxy policy check` and `metaproxy policy explain` as an operator runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metaproxy.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "policies"
+BROKEN = ROOT / "tests" / "data" / "policies" / "broken"
+
+
+def mistake_line(name: str) -> int:
+    """The line of a broken fixture marked `# MISTAKE`."""
+    lines = (BROKEN / f"{name}.toml").read_text().splitlines()
+    return next(n for n, line in enumerate(lines, 1) if "# MISTAKE" in line)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    status = main(list(argv))
+    return status, capsys.readouterr().out
+
+
+def test_check_accepts_the_shipped_policies(capsys: pytest.CaptureFixture[str]) -> None:
+    """The sample policies check clean."""
+    assert run(capsys, "policy", "check", str(SHIPPED)) == (0, "ok: 2 tenants\n")
+
+
+def test_check_reports_each_mistake_with_file_line_and_field(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """null, an unknown key, a bad role ARN and an unbuildable session name: all four reported."""
+    status, out = run(capsys, "policy", "check", str(BROKEN))
+    assert status == 1
+    reported = {tuple(line.split(": ", 2)[:2]) for line in out.splitlines()}
+    assert reported == {
+        (f"{BROKEN}/nulls.toml:{mistake_line('nulls')}", "session.name"),
+        (f"{BROKEN}/unknown.toml:{mistake_line('unknown')}", "owner"),
+        (f"{BROKEN}/badarn.toml:{mistake_line('badarn')}", "roles[0].arn"),
+        (f"{BROKEN}/badname.toml:{mistake_line('badname')}", "session.name"),
+    }
+
+
+def test_check_as_a_real_process_fails_on_problems() -> None:
+    """`python -m metaproxy policy check` exits non-zero and prints problems on stdout."""
+    result = subprocess.run(
+        [sys.executable, "-m", "metaproxy", "policy", "check", str(BROKEN)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert f"unknown.toml:{mistake_line('unknown')}: owner: unknown key" in result.stdout
+
+
+def test_explain_shows_the_assume_role_call(capsys: pytest.CaptureFixture[str]) -> None:
+    """An allowed platform identity: exit 0 and the exact AssumeRole parameters."""
+    status, out = run(
+        capsys,
+        "policy",
+        "explain",
+        str(SHIPPED),
+        "--tenant",
+        "acme",
+        "--task",
+        "t-42",
+        "--app",
+        "web",
+    )
+    report = json.loads(out)
+    assert status == 0
+    assert (report["allowed"], report["tenant"], report["rule"]) == (
+        True,
+        "acme",
+        "acme.toml roles[0]",
+    )
+    call = report["assume_role"]
+    assert call["RoleArn"] == report["role_arn"] == "arn:aws:iam::111111111111:role/acme-app"
+    assert (call["RoleSessionName"], call["SourceIdentity"], call["DurationSeconds"]) == (
+        "acme.t-42",
+        "acme.web",
+        3600,
+    )
+    assert {"Key": "task", "Value": "t-42"} in call["Tags"]
+    assert "acme-data/t-42/*" in call["Policy"]
+
+
+def test_explain_denied_exits_3_with_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    """A role the app may not have: exit 3, allowed false, the rule and reason shown."""
+    status, out = run(
+        capsys,
+        "policy",
+        "explain",
+        str(SHIPPED),
+        "--tenant",
+        "acme",
+        "--task",
+        "t-1",
+        "--app",
+        "web",
+        "--role",
+        "acme-reports",
+    )
+    report = json.loads(out)
+    assert status == 3
+    assert (report["allowed"], report["rule"], report["assume_role"]) == (
+        False,
+        "app-not-allowed",
+        None,
+    )
+    assert "reports" in report["reason"]
+
+
+def test_explain_kubernetes_identity(capsys: pytest.CaptureFixture[str]) -> None:
+    """A pod in namespace globex gets globex's role; its service account is the app."""
+    status, out = run(
+        capsys,
+        "policy",
+        "explain",
+        str(SHIPPED),
+        "--kind",
+        "kubernetes",
+        "--namespace",
+        "globex",
+        "--service-account",
+        "billing",
+        "--task",
+        "pod-1",
+    )
+    report = json.loads(out)
+    assert (status, report["tenant"]) == (0, "globex")
+    assert {"Key": "app", "Value": "billing"} in report["assume_role"]["Tags"]
+
+
+def test_explain_on_an_invalid_directory_is_a_config_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Explaining against broken policies refuses (exit 2) and names the problems."""
+    status = main(["policy", "explain", str(BROKEN), "--tenant", "x", "--task", "t"])
+    assert status == 2
+    assert "roles[0].arn" in capsys.readouterr().err
+
+
+def test_explain_requires_the_identity_fields_of_its_kind(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A platform identity needs --tenant; a kubernetes one needs namespace and account."""
+    assert main(["policy", "explain", str(SHIPPED), "--task", "t"]) == 2
+    assert "--tenant is required" in capsys.readouterr().err
+    kube = ["policy", "explain", str(SHIPPED), "--kind", "kubernetes", "--task", "t"]
+    assert main([*kube, "--namespace", "acme"]) == 2
+    assert "--service-account" in capsys.readouterr().err

@@ -1,0 +1,459 @@
+"""The sidecar-injection webhook, served on loopback and fed real AdmissionReview JSON."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from metaproxy.webhook.app import build_app
+from metaproxy.webhook.patch import (
+    AUTH_DIR,
+    INJECTED_ANNOTATION,
+    SIDECAR_NAME,
+    InjectionSettings,
+    build_patch,
+)
+
+SETTINGS = InjectionSettings(
+    image="registry.example.com/metaproxy:0.1.0",
+    broker_url="https://metaproxy-broker.metaproxy.svc:8443",
+)
+APP_ENV = {
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI": "http://127.0.0.1:8181/v1/credentials",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": "/var/run/metaproxy/auth/token",
+    "AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:8182/",
+}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_pod(
+    labels: dict[str, str] | None = None,
+    annotations: dict[str, str] | None = None,
+    **spec: Any,
+) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"generateName": "orders-", "namespace": "shop"}
+    if labels is not None:
+        metadata["labels"] = labels
+    if annotations is not None:
+        metadata["annotations"] = annotations
+    spec.setdefault("containers", [{"name": "app", "image": "python:3.11-slim"}])
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+
+
+def labelled_pod(**spec: Any) -> dict[str, Any]:
+    return make_pod(labels={"metaproxy.io/inject": "true", "app": "orders"}, **spec)
+
+
+def review(pod: Any, uid: str = "705ab4f5-6393-11e8-b7cc-42010a800002") -> dict[str, Any]:
+    """An AdmissionReview as the API server sends it for a pod CREATE."""
+    return {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "shop",
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": pod,
+            "oldObject": None,
+            "dryRun": False,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+        },
+    }
+
+
+def _pointer(path: str) -> list[str]:
+    assert path.startswith("/"), path
+    return [t.replace("~1", "/").replace("~0", "~") for t in path[1:].split("/")]
+
+
+def apply_patch(document: dict[str, Any], patch: list[dict[str, Any]]) -> dict[str, Any]:
+    """A strict RFC 6902 applier for the `add` operation: the parent must exist, indices in range."""
+    result = copy.deepcopy(document)
+    for op in patch:
+        assert op["op"] == "add", op
+        *parents, last = _pointer(op["path"])
+        target: Any = result
+        for token in parents:
+            target = target[int(token)] if isinstance(target, list) else target[token]
+        if isinstance(target, list):
+            index = len(target) if last == "-" else int(last)
+            assert 0 <= index <= len(target), op["path"]
+            target.insert(index, copy.deepcopy(op["value"]))
+        else:
+            assert isinstance(target, dict), op["path"]
+            target[last] = copy.deepcopy(op["value"])
+    return result
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container.get("env", [])}
+
+
+async def post_review(client: Any, body: Any) -> tuple[int, dict[str, Any]]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = await client.post(
+        "/mutate", data=data, headers={"Content-Type": "application/json"}
+    )
+    return response.status, await response.json()
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any) -> Any:
+    return await aiohttp_client(build_app(SETTINGS))
+
+
+def decoded_patch(response: dict[str, Any]) -> list[dict[str, Any]]:
+    assert response["patchType"] == "JSONPatch"
+    patch: list[dict[str, Any]] = json.loads(base64.b64decode(response["patch"]))
+    return patch
+
+
+async def test_labelled_pod_gets_native_sidecar_volumes_and_env(client: Any) -> None:
+    """A labelled pod is allowed with a JSON Patch that yields a valid Pod with the sidecar."""
+    pod = labelled_pod()
+    status, body = await post_review(client, review(pod))
+    assert status == 200
+    assert body["apiVersion"] == "admission.k8s.io/v1"
+    assert body["kind"] == "AdmissionReview"
+    response = body["response"]
+    assert response["uid"] == "705ab4f5-6393-11e8-b7cc-42010a800002"
+    assert response["allowed"] is True
+    patched = apply_patch(pod, decoded_patch(response))
+
+    sidecar = patched["spec"]["initContainers"][0]
+    assert sidecar["name"] == SIDECAR_NAME
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["image"] == SETTINGS.image
+    assert sidecar["args"] == ["sidecar"]
+    assert env_of(sidecar) == {
+        "METAPROXY_BROKER_URL": SETTINGS.broker_url,
+        "METAPROXY_BROKER_CA_FILE": "/etc/metaproxy/ca/ca.pem",
+        "METAPROXY_IDENTITY_TOKEN_FILE": "/var/run/secrets/metaproxy/token",
+        "METAPROXY_CONTAINER_LISTEN": "127.0.0.1:8181",
+        "METAPROXY_IMDS_LISTEN": "127.0.0.1:8182",
+        "METAPROXY_ADMIN_LISTEN": "0.0.0.0:9901",
+        "METAPROXY_AUTHORIZATION_TOKEN_FILE": "/var/run/metaproxy/auth/token",
+        "METAPROXY_LOG_FORMAT": "json",
+    }
+    assert sidecar["startupProbe"]["httpGet"] == {"path": "/readyz", "port": 9901}
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 9901}
+    assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": 9901}
+    security = sidecar["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert set(sidecar["resources"]) == {"requests", "limits"}
+
+    volumes = {v["name"]: v for v in patched["spec"]["volumes"]}
+    token = volumes["metaproxy-identity"]["projected"]["sources"][0]["serviceAccountToken"]
+    assert token == {"audience": "metaproxy-broker", "expirationSeconds": 3600, "path": "token"}
+    assert volumes["metaproxy-auth"]["emptyDir"]["medium"] == "Memory"
+    assert volumes["metaproxy-broker-ca"]["configMap"]["name"] == "metaproxy-broker-ca"
+    mounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
+    assert set(mounts) == {"/var/run/secrets/metaproxy", AUTH_DIR, "/etc/metaproxy/ca"}
+    assert not mounts[AUTH_DIR].get("readOnly", False)
+
+    app = patched["spec"]["containers"][0]
+    assert env_of(app) == APP_ENV
+    assert app["volumeMounts"] == [
+        {"name": "metaproxy-auth", "mountPath": AUTH_DIR, "readOnly": True}
+    ]
+    assert patched["metadata"]["annotations"] == {INJECTED_ANNOTATION: "true"}
+    assert kubernetes_validate.validate(patched, "1.30", strict=True) == "1.30"
+
+
+async def test_existing_arrays_are_appended_to_and_sidecar_goes_first(client: Any) -> None:
+    """Existing init containers, volumes, env and mounts are kept; the sidecar is first."""
+    pod = labelled_pod(
+        initContainers=[{"name": "migrate", "image": "migrate:1"}],
+        containers=[
+            {
+                "name": "web",
+                "image": "web:1",
+                "env": [{"name": "AWS_EC2_METADATA_SERVICE_ENDPOINT", "value": "http://x/"}],
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+            },
+            {"name": "worker", "image": "worker:1", "env": [{"name": "MODE", "value": "batch"}]},
+        ],
+        volumes=[{"name": "data", "emptyDir": {}}],
+    )
+    pod["metadata"]["annotations"] = {"team": "payments", "metaproxy.io/role": "orders-reader"}
+    status, body = await post_review(client, review(pod))
+    assert status == 200
+    patched = apply_patch(pod, decoded_patch(body["response"]))
+    spec = patched["spec"]
+
+    assert [c["name"] for c in spec["initContainers"]] == [SIDECAR_NAME, "migrate"]
+    assert env_of(spec["initContainers"][0])["METAPROXY_ROLE"] == "orders-reader"
+    assert env_of(spec["initContainers"][1]) == APP_ENV
+    web, worker = spec["containers"]
+    assert env_of(web)["AWS_EC2_METADATA_SERVICE_ENDPOINT"] == "http://x/"  # kept, not doubled
+    assert [e["name"] for e in web["env"]].count("AWS_EC2_METADATA_SERVICE_ENDPOINT") == 1
+    assert env_of(web)["AWS_CONTAINER_CREDENTIALS_FULL_URI"] == APP_ENV[
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI"
+    ]
+    assert env_of(worker) == {"MODE": "batch", **APP_ENV}
+    assert [m["name"] for m in web["volumeMounts"]] == ["data", "metaproxy-auth"]
+    assert [v["name"] for v in spec["volumes"]] == [
+        "data",
+        "metaproxy-identity",
+        "metaproxy-auth",
+        "metaproxy-broker-ca",
+    ]
+    assert patched["metadata"]["annotations"] == {
+        "team": "payments",
+        "metaproxy.io/role": "orders-reader",
+        INJECTED_ANNOTATION: "true",
+    }
+    assert kubernetes_validate.validate(patched, "1.30", strict=True) == "1.30"
+
+
+def test_patch_paths_escape_json_pointer_tokens() -> None:
+    """The annotation key's `/` is written `~1` in the patch path."""
+    pod = labelled_pod()
+    pod["metadata"]["annotations"] = {"a~b/c": "kept"}
+    patch = build_patch(pod, SETTINGS)
+    assert patch[0]["path"] == "/metadata/annotations/metaproxy.io~1injected"
+    assert apply_patch(pod, patch)["metadata"]["annotations"] == {
+        "a~b/c": "kept",
+        INJECTED_ANNOTATION: "true",
+    }
+
+
+async def test_annotated_pod_is_injected(client: Any) -> None:
+    """The inject marker also works as an annotation."""
+    pod = make_pod(annotations={"metaproxy.io/inject": "true"})
+    _, body = await post_review(client, review(pod))
+    patched = apply_patch(pod, decoded_patch(body["response"]))
+    assert patched["spec"]["initContainers"][0]["name"] == SIDECAR_NAME
+
+
+@pytest.mark.parametrize(
+    "pod",
+    [
+        make_pod(),
+        make_pod(labels={"app": "orders"}),
+        make_pod(labels={"metaproxy.io/inject": "false"}),
+    ],
+    ids=["no-labels", "other-labels", "inject-false"],
+)
+async def test_pod_not_asking_for_injection_is_allowed_unchanged(
+    client: Any, pod: dict[str, Any]
+) -> None:
+    """A pod without the inject marker is allowed with no patch."""
+    status, body = await post_review(client, review(pod))
+    assert status == 200
+    assert body["response"] == {"uid": "705ab4f5-6393-11e8-b7cc-42010a800002", "allowed": True}
+
+
+async def test_already_injected_pod_gets_no_patch(client: Any) -> None:
+    """Injecting twice is a no-op: a pod that has the sidecar is allowed unchanged."""
+    pod = labelled_pod()
+    _, first = await post_review(client, review(pod))
+    injected = apply_patch(pod, decoded_patch(first["response"]))
+    status, second = await post_review(client, review(injected))
+    assert status == 200
+    assert second["response"] == {"uid": "705ab4f5-6393-11e8-b7cc-42010a800002", "allowed": True}
+
+
+async def test_conflicting_pod_is_denied_with_reason(client: Any) -> None:
+    """A pod whose volume names collide with the sidecar's is denied, saying why."""
+    pod = labelled_pod(volumes=[{"name": "metaproxy-auth", "emptyDir": {}}])
+    status, body = await post_review(client, review(pod))
+    assert status == 200
+    response = body["response"]
+    assert response["allowed"] is False
+    assert "patch" not in response
+    assert response["status"]["code"] == 422
+    assert "metaproxy-auth" in response["status"]["message"]
+
+
+async def test_bad_role_annotation_is_denied(client: Any) -> None:
+    """A role annotation that is not an IAM role name or ARN is refused, not passed on."""
+    pod = labelled_pod()
+    pod["metadata"]["annotations"] = {"metaproxy.io/role": "orders reader\n"}
+    _, body = await post_review(client, review(pod))
+    assert body["response"]["allowed"] is False
+    assert "metaproxy.io/role" in body["response"]["status"]["message"]
+
+
+def _wrong_api_version() -> dict[str, Any]:
+    body = review(labelled_pod())
+    body["apiVersion"] = "admission.k8s.io/v1beta1"
+    return body
+
+
+def _without_uid() -> dict[str, Any]:
+    body = review(labelled_pod())
+    del body["request"]["uid"]
+    return body
+
+
+def _deployment() -> dict[str, Any]:
+    body = review(labelled_pod())
+    body["request"]["kind"] = {"group": "apps", "version": "v1", "kind": "Deployment"}
+    return body
+
+
+def _object_not_pod() -> dict[str, Any]:
+    return review(["not", "a", "pod"])
+
+
+def _containers_not_list() -> dict[str, Any]:
+    return review(labelled_pod(containers={"name": "app"}))
+
+
+MALFORMED: dict[str, Any] = {
+    "not-json": b"{not json",
+    "json-array": [1, 2, 3],
+    "wrong-kind": {"apiVersion": "admission.k8s.io/v1", "kind": "Pod", "request": {"uid": "x"}},
+    "wrong-api-version": _wrong_api_version(),
+    "missing-uid": _without_uid(),
+    "request-not-object": {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": "x",
+    },
+    "kind-deployment": _deployment(),
+    "object-not-pod": _object_not_pod(),
+    "containers-not-list": _containers_not_list(),
+    "deeply-nested": b"[" * 100_000 + b"]" * 100_000,
+    "huge-body": json.dumps(
+        {**review(labelled_pod()), "padding": "x" * (1024 * 1024 + 1)}
+    ).encode(),
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_malformed_review_is_400_json_and_webhook_keeps_serving(
+    client: Any, body: Any
+) -> None:
+    """A malformed review is answered 400 with a JSON error; the next valid one still works."""
+    status, error = await post_review(client, body)
+    assert status == 400
+    assert error["code"] == "BadRequest"
+    assert error["message"] and error["message"] != "bad request"  # says what was wrong
+    assert error["request_id"]
+    status, ok = await post_review(client, review(labelled_pod()))
+    assert status == 200
+    assert ok["response"]["allowed"] is True
+
+
+async def test_non_create_operations_are_allowed_unchanged(client: Any) -> None:
+    """Only pod creation is mutated; an UPDATE passes through."""
+    body = review(labelled_pod())
+    body["request"]["operation"] = "UPDATE"
+    status, answer = await post_review(client, body)
+    assert status == 200
+    assert answer["response"] == {"uid": body["request"]["uid"], "allowed": True}
+
+
+async def test_healthz(client: Any) -> None:
+    """The health endpoint answers 200."""
+    response = await client.get("/healthz")
+    assert response.status == 200
+    assert await response.json() == {"status": "ok"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+CLI = (
+    "import argparse, sys\n"
+    "from metaproxy.webhook import cli\n"
+    "parser = argparse.ArgumentParser()\n"
+    "cli.register(parser.add_subparsers())\n"
+    "args = parser.parse_args(sys.argv[1:])\n"
+    "sys.exit(args.func(args))\n"
+)
+
+
+def test_cli_serves_until_sigterm() -> None:
+    """`metaproxy webhook` as a real process answers reviews and exits 0 on SIGTERM."""
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-c",
+        CLI,
+        "webhook",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--image",
+        SETTINGS.image,
+        "--broker-url",
+        SETTINGS.broker_url,
+        "--log-format",
+        "json",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                        break
+                except (urllib.error.URLError, ConnectionError):
+                    assert process.poll() is None, "webhook exited early"
+                    assert time.monotonic() < deadline, "webhook did not start"
+                    time.sleep(0.1)
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/mutate",
+                data=json.dumps(review(labelled_pod())).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=5) as answer:
+                response = json.loads(answer.read())["response"]
+            assert response["allowed"] is True
+            assert response["patchType"] == "JSONPatch"
+        finally:
+            process.terminate()
+            _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 0
+    assert "webhook serving on http://127.0.0.1" in stderr
+
+
+def test_cli_refuses_plain_http_broker_url() -> None:
+    """The sidecar must verify the broker, so a non-https broker URL is a config error."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "metaproxy",
+            "webhook",
+            "--image",
+            "x",
+            "--broker-url",
+            "http://broker:8443",
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "https://" in result.stderr
