@@ -108,7 +108,7 @@ def _field_type(cls: type[Any], name: str) -> Any:
     return typing.get_type_hints(cls)[name]
 
 
-def _convert(raw: str, annotation: Any, name: str) -> Any:
+def _convert(raw: str, annotation: Any, name: str) -> Any:  # noqa: PLR0911 - one return per type
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -149,7 +149,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[C]) -> None:
             )
             continue
         flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, dest=f.name, default=None, help=f"env {ENV_PREFIX}{f.name.upper()}")
+        parser.add_argument(
+            flag, dest=f.name, default=None, help=f"env {ENV_PREFIX}{f.name.upper()}"
+        )
 
 
 def parse_trust(spec: str) -> TrustedIssuer:

@@ -33,9 +33,7 @@ def error_response(
     headers = {REQUEST_ID: request_id}
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, round(retry_after)))
-    return web.Response(
-        status=status, text=body, content_type="application/json", headers=headers
-    )
+    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
 
 
 @web.middleware
@@ -46,10 +44,16 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         response = await handler(request)
     except MetaproxyError as exc:
         level = logging.WARNING if exc.status < 500 else logging.ERROR
-        log.log(level, "%s %s -> %d %s: %s", request.method, request.path, exc.status,
-                exc.code, exc.detail)
-        return error_response(exc.status, exc.code, exc.public_message, request_id,
-                              exc.retry_after)
+        log.log(
+            level,
+            "%s %s -> %d %s: %s",
+            request.method,
+            request.path,
+            exc.status,
+            exc.code,
+            exc.detail,
+        )
+        return error_response(exc.status, exc.code, exc.public_message, request_id, exc.retry_after)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -25,7 +25,8 @@ def run(main: Coroutine[Any, Any, int]) -> int:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         return asyncio.run(main)
-    return uvloop.run(main)  # type: ignore[no-any-return]
+    result: int = uvloop.run(main)
+    return result
 
 
 def bound_url(site: web.BaseSite, scheme: str) -> str:
@@ -80,7 +81,7 @@ class Lifecycle:
     def __init__(self) -> None:
         self.stopping = asyncio.Event()
 
-    def install(self, on_reload: Callable[[], None] | None = None) -> None:
+    def install(self, on_reload: Callable[[], object] | None = None) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)

@@ -19,7 +19,7 @@ from tests.support import REPO, Pki, broker_config, issue, make_pki, sidecar_con
 # never see these.
 os.environ.update(
     AWS_ACCESS_KEY_ID="testing",
-    AWS_SECRET_ACCESS_KEY="testing",  # noqa: S105 - moto's documented fake credentials
+    AWS_SECRET_ACCESS_KEY="testing",  # moto's documented fake credentials
     AWS_DEFAULT_REGION="us-east-1",
     AWS_CONFIG_FILE="/nonexistent/config",
     AWS_SHARED_CREDENTIALS_FILE="/nonexistent/credentials",

@@ -79,7 +79,12 @@ def issue(pki: Pki, task: str, tenant: str, app: str = "web", **kwargs: Any) -> 
     from metaproxy.identity.issue import issue_token
 
     return issue_token(
-        pki.identity_key, issuer=ISSUER, audience=AUDIENCE, task=task, tenant=tenant, app=app,
+        pki.identity_key,
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        task=task,
+        tenant=tenant,
+        app=app,
         **kwargs,
     )
 

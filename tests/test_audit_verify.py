@@ -87,7 +87,7 @@ def test_every_single_byte_change_is_detected_at_its_record(audit_dir: tuple[Pat
     state = ChainVerifier(max_problems=1)
     checked = 0
     for name, data in segments:
-        starts = [0] + [i + 1 for i, byte in enumerate(data) if byte == 0x0A][:-1]
+        starts = [0, *[i + 1 for i, byte in enumerate(data) if byte == 0x0A][:-1]]
         # The verifier's state before each line: a check can resume there, so each flip costs
         # one or two lines instead of the whole log, through the very same code.
         before: list[ChainVerifier] = []
@@ -100,10 +100,10 @@ def test_every_single_byte_change_is_detected_at_its_record(audit_dir: tuple[Pat
             number = bisect.bisect_right(starts, offset)
             start = starts[number - 1]
             window_end = data.find(b"\n", data.index(b"\n", offset) + 1) + 1 or len(data)
-            window = bytearray(data[:window_end])
-            window[offset] ^= 1 << (offset % 8)
+            window = bytearray(data[start:window_end])  # this line and the next
+            window[offset - start] ^= 1 << (offset % 8)
             verifier = before[number - 1].resumable_copy()
-            verifier.feed_segment(name, bytes(window), line=number, offset=start)
+            verifier.feed_segment(name, bytes(window), line=number)
             assert verifier.first_bad.startswith(f"{name} line {number} ("), (offset, verifier)
             checked += 1
     assert checked == sum(len(data) for _, data in segments) > 400_000
@@ -181,7 +181,7 @@ def test_segment_level_tampering_is_detected(audit_dir: tuple[Path, Path], opera
     elif operation == "duplicate":
         segments.append(_rename(segments[1], 999))
     elif operation == "rename":
-        segments[1] = _rename(segments[1], chain.segment_first_seq(segments[1][0]) or 0 + 1)
+        segments[1] = _rename(segments[1], (chain.segment_first_seq(segments[1][0]) or 0) + 1)
     else:
         del segments[-1]  # and its seq is covered by checkpoints that are still there
     report = _verify(segments, checkpoints, public)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
+import os
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -239,3 +243,44 @@ async def test_write_that_landed_after_timeout_is_kept_in_the_chain(tmp_path: Pa
     assert (after["seq"], after["prev"]) == (3, records[1]["hash"])
     report = verify_dir(tmp_path, None)
     assert (report.ok, report.records) == (True, 3), report.problems
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs (needs root, as in CI), unmounted afterwards."""
+    mountpoint = tmp_path / "tiny"
+    mountpoint.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+async def test_full_disk_fails_closed_and_recovers_when_space_returns(tiny_tmpfs: Path) -> None:
+    """On a really full filesystem append raises; after space is freed the chain goes on intact."""
+    log = AuditLog(tiny_tmpfs / "log", log_id="b", write_timeout=2)
+    await log.start()
+    await log.append(issued(0))
+    filler = tiny_tmpfs / "filler"
+    with filler.open("wb") as file, contextlib.suppress(OSError):
+        file.write(b"\0" * (1 << 20))  # takes every free block
+    written = 1
+    with pytest.raises(AuditUnavailable, match="audit write failed"):
+        for n in range(1, 200):  # the segment's last page still has room for a few records
+            await log.append(issued(n))
+            written += 1
+    filler.unlink()
+    record = await log.append(issued(999))
+    await log.close()
+    assert record["seq"] == written + 1
+    report = verify_dir(tiny_tmpfs / "log", None)
+    assert (report.ok, report.records) == (True, written + 1), report.problems

@@ -38,9 +38,7 @@ async def test_boto3_through_container_credentials_gets_the_tenants_role(
     assert "task-7" in identity["Arn"]
 
 
-async def test_two_tenants_get_different_roles(
-    start_sidecar: SidecarFactory, sts_url: str
-) -> None:
+async def test_two_tenants_get_different_roles(start_sidecar: SidecarFactory, sts_url: str) -> None:
     """Tasks of two tenants, side by side, each see only their own role."""
     acme = await start_sidecar("acme", "a-1")
     globex = await start_sidecar("globex", "g-1")
@@ -56,9 +54,7 @@ async def test_role_outside_policy_is_refused_and_audited(
     start_sidecar: SidecarFactory, tmp_path: Path
 ) -> None:
     """A role the policy does not allow: 403 at the broker, 404 at the sidecar path, audited."""
-    sidecar = await start_sidecar(
-        "acme", "greedy-1", ready=False, role="globex-app"
-    )
+    sidecar = await start_sidecar("acme", "greedy-1", ready=False, role="globex-app")
     async with aiohttp.ClientSession() as session:
         async with session.put(
             sidecar.imds_url + "/latest/api/token",

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import datetime
+import json
+import math
 import shutil
+import tempfile
+import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from metaproxy.errors import ConfigError
 from metaproxy.models import BrokerLimits, SidecarLimits
@@ -269,3 +277,71 @@ def test_locator_follows_headers_arrays_and_multiline_values() -> None:
     assert locator.line_of(("not",)) == 0
     assert locator.field_at(6) == ("roles", 1, "policy")
     assert format_path(("session", "tags", "a b")) == 'session.tags."a b"'
+
+
+def toml_value(value: Any) -> str:
+    """Any TOML value written inline, so a fuzzed document is always valid TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, datetime.datetime):
+        return value.isoformat()
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+
+
+def leaf_paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    children: list[tuple[Any, Any]] = []
+    if isinstance(value, dict):
+        children = list(value.items())
+    elif isinstance(value, list):
+        children = list(enumerate(value))
+    paths = [path] if path else []
+    for key, child in children:
+        paths.extend(leaf_paths(child, (*path, key)))
+    return paths
+
+
+scalars = st.one_of(
+    st.text(max_size=20),
+    st.integers(),
+    st.floats(),
+    st.booleans(),
+    st.datetimes(timezones=st.just(datetime.UTC)),
+)
+toml_values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_any_value_anywhere_is_a_reported_problem_not_a_crash(data: st.DataObject) -> None:
+    """Replacing any field of acme.toml by any TOML value yields problems or a valid load."""
+    document = tomllib.loads((SHIPPED / "acme.toml").read_text())
+    path = data.draw(st.sampled_from(leaf_paths(document)))
+    target: Any = document
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = data.draw(toml_values)
+    body = "\n".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in document.items())
+    with tempfile.TemporaryDirectory() as name:
+        directory = Path(name)
+        (directory / "acme.toml").write_text(body)
+        problems = check_policy_dir(directory)
+        if problems:
+            assert all(p.field and p.message for p in problems), problems
+            with pytest.raises(PolicyError):
+                load_policy_dir(directory)
+        else:
+            assert load_policy_dir(directory).tenants["acme"].tenant == "acme"

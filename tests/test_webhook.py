@@ -3,20 +3,30 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
+import datetime
+import ipaddress
 import json
 import os
+import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from metaproxy.webhook.app import build_app
 from metaproxy.webhook.patch import (
@@ -85,7 +95,7 @@ def _pointer(path: str) -> list[str]:
 
 
 def apply_patch(document: dict[str, Any], patch: list[dict[str, Any]]) -> dict[str, Any]:
-    """A strict RFC 6902 applier for the `add` operation: the parent must exist, indices in range."""
+    """A strict RFC 6902 `add` applier: the parent must exist and indices must be in range."""
     result = copy.deepcopy(document)
     for op in patch:
         assert op["op"] == "add", op
@@ -109,9 +119,7 @@ def env_of(container: dict[str, Any]) -> dict[str, str]:
 
 async def post_review(client: Any, body: Any) -> tuple[int, dict[str, Any]]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = await client.post(
-        "/mutate", data=data, headers={"Content-Type": "application/json"}
-    )
+    response = await client.post("/mutate", data=data, headers={"Content-Type": "application/json"})
     return response.status, await response.json()
 
 
@@ -208,9 +216,10 @@ async def test_existing_arrays_are_appended_to_and_sidecar_goes_first(client: An
     web, worker = spec["containers"]
     assert env_of(web)["AWS_EC2_METADATA_SERVICE_ENDPOINT"] == "http://x/"  # kept, not doubled
     assert [e["name"] for e in web["env"]].count("AWS_EC2_METADATA_SERVICE_ENDPOINT") == 1
-    assert env_of(web)["AWS_CONTAINER_CREDENTIALS_FULL_URI"] == APP_ENV[
-        "AWS_CONTAINER_CREDENTIALS_FULL_URI"
-    ]
+    assert (
+        env_of(web)["AWS_CONTAINER_CREDENTIALS_FULL_URI"]
+        == APP_ENV["AWS_CONTAINER_CREDENTIALS_FULL_URI"]
+    )
     assert env_of(worker) == {"MODE": "batch", **APP_ENV}
     assert [m["name"] for m in web["volumeMounts"]] == ["data", "metaproxy-auth"]
     assert [v["name"] for v in spec["volumes"]] == [
@@ -391,8 +400,13 @@ CLI = (
 )
 
 
-def test_cli_serves_until_sigterm() -> None:
-    """`metaproxy webhook` as a real process answers reviews and exits 0 on SIGTERM."""
+@contextlib.contextmanager
+def running_webhook(*extra: str) -> Iterator[tuple[subprocess.Popen[str], int, list[str]]]:
+    """`metaproxy webhook` as a real process on a free loopback port; SIGTERM at the end.
+
+    The process's stderr is appended to the yielded list once it has exited.
+    """
+    stderr: list[str] = []
     port = _free_port()
     command = [
         sys.executable,
@@ -407,6 +421,7 @@ def test_cli_serves_until_sigterm() -> None:
         SETTINGS.broker_url,
         "--log-format",
         "json",
+        *extra,
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as process:
@@ -414,26 +429,97 @@ def test_cli_serves_until_sigterm() -> None:
             deadline = time.monotonic() + 20
             while True:
                 try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                        break
-                except (urllib.error.URLError, ConnectionError):
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
                     assert process.poll() is None, "webhook exited early"
                     assert time.monotonic() < deadline, "webhook did not start"
                     time.sleep(0.1)
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{port}/mutate",
-                data=json.dumps(review(labelled_pod())).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(request, timeout=5) as answer:
-                response = json.loads(answer.read())["response"]
-            assert response["allowed"] is True
-            assert response["patchType"] == "JSONPatch"
+            yield process, port, stderr
         finally:
             process.terminate()
-            _, stderr = process.communicate(timeout=10)
+            stderr.append(process.communicate(timeout=10)[1])
+
+
+def post_review_sync(url: str, context: ssl.SSLContext | None = None) -> dict[str, Any]:
+    request = urllib.request.Request(
+        f"{url}/mutate",
+        data=json.dumps(review(labelled_pod())).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=5, context=context) as answer:
+        result: dict[str, Any] = json.loads(answer.read())["response"]
+        return result
+
+
+def test_cli_serves_until_sigterm() -> None:
+    """`metaproxy webhook` as a real process answers reviews and exits 0 on SIGTERM."""
+    with running_webhook() as (process, port, stderr):
+        response = post_review_sync(f"http://127.0.0.1:{port}")
+        assert response["allowed"] is True
+        assert response["patchType"] == "JSONPatch"
     assert process.returncode == 0
-    assert "webhook serving on http://127.0.0.1" in stderr
+    assert "webhook serving on http://127.0.0.1" in stderr[0]
+
+
+def write_certificate(directory: Path, common_name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, as the API server would be given in caBundle."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "tls.crt", directory / "tls.key"
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+def test_cli_serves_tls_and_reloads_certificate_on_sighup(tmp_path: Path) -> None:
+    """With --tls-cert/--tls-key it serves HTTPS, and SIGHUP picks up a rotated certificate."""
+    cert_file, key_file = write_certificate(tmp_path, "first")
+    first = ssl.create_default_context(cafile=str(cert_file))
+    with running_webhook("--tls-cert", str(cert_file), "--tls-key", str(key_file)) as (
+        process,
+        port,
+        _,
+    ):
+        url = f"https://127.0.0.1:{port}"
+        assert post_review_sync(url, first)["allowed"] is True
+
+        write_certificate(tmp_path, "second")
+        second = ssl.create_default_context(cafile=str(cert_file))
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert post_review_sync(url, second)["allowed"] is True
+                break
+            except urllib.error.URLError:
+                assert time.monotonic() < deadline, "rotated certificate not served"
+                time.sleep(0.1)
+        with pytest.raises(urllib.error.URLError):
+            post_review_sync(url, first)  # the old certificate is gone
+    assert process.returncode == 0
 
 
 def test_cli_refuses_plain_http_broker_url() -> None:

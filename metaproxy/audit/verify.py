@@ -8,7 +8,6 @@ record gives one problem, not a cascade.
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -58,9 +57,15 @@ class ChainVerifier:
     first_bad: str = ""
 
     def resumable_copy(self) -> ChainVerifier:
-        clone = copy.copy(self)
-        clone.heads, clone.problems, clone.first_bad = dict(self.heads), [], ""
-        return clone
+        """The same position in the chain, with no problems recorded yet."""
+        return ChainVerifier(
+            self.wanted_heads,
+            self.max_problems,
+            self.next_seq,
+            self.prev_hash,
+            self.records,
+            dict(self.heads),
+        )
 
     @property
     def stopped(self) -> bool:
@@ -193,19 +198,22 @@ def verify_log(
 def _checkpoint_problems(
     name: str, checkpoint: Checkpoint, verifier: ChainVerifier, last_seq: int, tail_ok: bool
 ) -> list[str]:
+    """A checkpoint's `segment` is where the log continues after its seq: the segment holding
+    that seq while it is open, or the next one when written at rotation, close or restart."""
+    continues_at = chain.segment_first_seq(checkpoint.segment) or 0
     recorded = verifier.heads.get(checkpoint.seq)
     if recorded is not None:
         head, segment = recorded
         if head != checkpoint.head:
             return [f"{name}: head at seq {checkpoint.seq} differs from the log (log rewritten)"]
-        if segment != checkpoint.segment:
+        if segment != checkpoint.segment and continues_at != checkpoint.seq + 1:
             return [f"{name}: seq {checkpoint.seq} is in {segment}, not {checkpoint.segment}"]
         return []
     if checkpoint.seq <= last_seq:
         return []  # that record is unreadable and already reported
-    open_first = chain.segment_first_seq(checkpoint.segment)
-    if tail_ok and open_first is not None and last_seq == open_first - 1:
-        return []  # covers the segment the writer still had open: not shipped yet
+    if tail_ok and last_seq == continues_at - 1:
+        # The writer still had that segment open: a shipped copy must end right before it.
+        return []
     return [
         f"{name}: log ends at seq {last_seq} but this checkpoint covers seq {checkpoint.seq} "
         "(records deleted from the tail)"

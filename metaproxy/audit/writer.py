@@ -115,7 +115,7 @@ class AuditLog:
             # A restart never appends to a file a crashed process may have been writing:
             # pin the old head in a checkpoint, hand the segment to the shipper, open anew.
             async with self._lock:
-                await self._checkpoint(newest_segment.name)
+                await self._checkpoint(chain.segment_name(self._next_seq))
             self._notify(newest_segment)
         self._maintenance = asyncio.create_task(self._maintain(), name="audit-maintenance")
 
@@ -244,7 +244,11 @@ class AuditLog:
         return not self._needs_recovery and (self._pending is None or self._pending.done())
 
     async def _checkpoint(self, segment_name: str, deadline: float | None = None) -> None:
-        """Sign and store a checkpoint of the current head; failures only count and log."""
+        """Sign and store a checkpoint of the current head; failures only count and log.
+
+        `segment_name` is where the log continues after the head: the open segment, or the
+        next one when the current segment is being closed.
+        """
         seq = self._next_seq - 1
         if self._key is None or seq < 1 or seq <= self._checkpoint_seq:
             return
@@ -274,7 +278,9 @@ class AuditLog:
         segment = self._segment
         if segment is None:
             return
-        await self._checkpoint(segment.path.name, deadline)
+        # Named after the next segment: a copy holding only closed segments must then contain
+        # this one entirely, so deleting the newest closed segment cannot pass for "not shipped".
+        await self._checkpoint(chain.segment_name(self._next_seq), deadline)
         self._segment = None
         if segment.fd is not None:
             with contextlib.suppress(AuditUnavailable):

@@ -67,8 +67,9 @@ def create_services(
         from metaproxy.errors import ConfigError
 
         raise ConfigError("trusted_issuers: at least one --trust ISSUER,AUDIENCE,JWKS is needed")
-    verifier = IdentityVerifier(config.trusted_issuers, leeway=config.token_leeway_seconds,
-                                clock=clock)
+    verifier = IdentityVerifier(
+        config.trusted_issuers, leeway=config.token_leeway_seconds, clock=clock
+    )
     config.audit_dir.mkdir(parents=True, exist_ok=True)
     audit = AuditLog(
         config.audit_dir,
@@ -147,9 +148,7 @@ async def _lifetimes(app: web.Application) -> AsyncIterator[None]:
 
 
 def build_app(services: BrokerServices) -> web.Application:
-    app = web.Application(
-        middlewares=[json_errors], client_max_size=services.config.max_body_bytes
-    )
+    app = web.Application(middlewares=[json_errors], client_max_size=services.config.max_body_bytes)
     app[SERVICES] = services
     app.router.add_post("/v1/credentials", post_credentials)
     app.cleanup_ctx.append(_lifetimes)

@@ -74,7 +74,7 @@ class CredentialCache:
         if task is None:
             task = asyncio.ensure_future(self._fetch(key, fetch))
             self._in_flight[key] = task
-            task.add_done_callback(lambda _t, k=key: self._in_flight.pop(k, None))
+            task.add_done_callback(self._forget(key))
             source = "sts"
         try:
             role = await asyncio.shield(task)
@@ -85,6 +85,12 @@ class CredentialCache:
                 return CacheResult(entry.role, "stale")
             raise
         return CacheResult(role, source)
+
+    def _forget(self, key: Key) -> Callable[[asyncio.Future[AssumedRole]], None]:
+        def done(_task: asyncio.Future[AssumedRole]) -> None:
+            self._in_flight.pop(key, None)
+
+        return done
 
     async def _fetch(self, key: Key, fetch: Callable[[], Awaitable[AssumedRole]]) -> AssumedRole:
         role = await fetch()

@@ -21,7 +21,7 @@ from metaproxy.broker.cache import CredentialCache
 from metaproxy.broker.limits import TenantLimiter
 from metaproxy.broker.metadata import build_metadata
 from metaproxy.broker.revocation import RevocationList
-from metaproxy.broker.scheduler import StsScheduler
+from metaproxy.broker.scheduler import Priority, StsScheduler
 from metaproxy.clock import Clock, iso_z
 from metaproxy.errors import BadRequest, Denied, MetaproxyError, TooManyRequests, Unauthenticated
 from metaproxy.identity.verify import IdentityVerifier
@@ -151,14 +151,16 @@ class Issuer:
             raise Denied(decision.reason)
         spec = decision.spec
         key = spec.cache_key
-        priority = "refresh" if request.refresh or self.cache.has_valid(key) else "cold"
+        priority: Priority = "refresh" if request.refresh or self.cache.has_valid(key) else "cold"
         try:
             result = await self.cache.get(
                 key,
                 lambda: self.scheduler.submit(spec, tenant=decision.tenant, priority=priority),
             )
         except MetaproxyError as exc:
-            await self._audit("failed", ctx, identity, decision, reason=exc.detail, status=exc.status)
+            await self._audit(
+                "failed", ctx, identity, decision, reason=exc.detail, status=exc.status
+            )
             raise
         credentials = result.role.credentials
         event = "refreshed" if request.refresh else "issued"

@@ -19,7 +19,7 @@ def _digest(*parts: str) -> str:
 
 def availability_zone_id(region: str, zone: str) -> str:
     """`us-east-1a` → `use1-az1`, in the shape AWS uses (the mapping itself is per account)."""
-    area, direction, number = (region.split("-") + ["", "", ""])[:3]
+    area, direction, number = [*region.split("-"), "", "", ""][:3]
     letter = zone[-1:] if zone.startswith(region) else "a"
     return f"{area}{direction[:1]}{number}-az{ord(letter) - ord('a') + 1}"
 

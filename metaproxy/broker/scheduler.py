@@ -24,8 +24,9 @@ Priority = Literal["cold", "refresh"]
 
 
 class StsScheduler(Protocol):
-    async def submit(self, spec: AssumeRoleSpec, *, tenant: str, priority: Priority) -> AssumedRole:
-        ...
+    async def submit(
+        self, spec: AssumeRoleSpec, *, tenant: str, priority: Priority
+    ) -> AssumedRole: ...
 
     def stats(self) -> dict[str, float]: ...
 

@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import SidecarConfig
@@ -21,6 +22,7 @@ from metaproxy.ratelimit import KeyedLimiter
 from metaproxy.sidecar import container_creds, imds
 from metaproxy.sidecar.broker_client import BrokerClient
 from metaproxy.sidecar.credentials_cache import CredentialKeeper
+from metaproxy.sidecar.host_metadata import HostMetadata
 from metaproxy.sidecar.state import STATE, SidecarState
 from metaproxy.sidecar.tokens import TokenAuthority
 
@@ -47,7 +49,7 @@ def _rate(limits: SidecarLimits, cls: str) -> float:
     return limits.metadata_rps
 
 
-def rate_limit(container: bool) -> Handler:
+def rate_limit(container: bool) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         state = request.app[STATE]
@@ -65,7 +67,7 @@ def rate_limit(container: bool) -> Handler:
             return imds.aws_error(429, {"Retry-After": retry})
         return await handler(request)
 
-    return middleware  # type: ignore[return-value]
+    return middleware
 
 
 async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
@@ -76,13 +78,16 @@ def build_state(config: SidecarConfig, clock: Clock | None = None) -> SidecarSta
     clock = clock or SystemClock()
     client = BrokerClient(config)
     keeper = CredentialKeeper(client, config, clock)
-    return SidecarState(
+    state = SidecarState(
         config=config,
         tokens=TokenAuthority(),
         keeper=keeper,
         authorization_token=container_creds.load_or_create_token(config.authorization_token_file),
         client=client,
     )
+    if config.host_metadata_allow:  # no allow-list: the host's IMDS is never even contacted
+        state.host_metadata = HostMetadata(config.host_metadata_url, config.host_metadata_allow)
+    return state
 
 
 def build_imds_app(state: SidecarState) -> web.Application:
@@ -128,6 +133,8 @@ async def _keeper_lifetime(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await state.client.close()
+    if isinstance(state.host_metadata, HostMetadata):
+        await state.host_metadata.close()
 
 
 def build_admin_app(state: SidecarState) -> web.Application:

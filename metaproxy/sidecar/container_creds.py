@@ -31,13 +31,18 @@ def json_error(status: int, code: str, message: str, **headers: str) -> web.Resp
 
 
 def load_or_create_token(path: Path | None) -> str:
-    """The task's authorization token: kept if the platform wrote one, else made and written
-    (atomically, readable by the app's user, no trailing newline)."""
+    """The task's authorization token: kept if the platform wrote one, else made; either way the
+    file ends up holding exactly the token, no trailing newline (atomically, readable by the
+    app's user), because SDKs send the file's bytes verbatim as the header."""
+    token = ""
     if path is not None and path.exists():
-        token = path.read_text().strip()
-        if token and "\n" not in token and "\r" not in token:
+        written = path.read_text()
+        token = written.strip()
+        if not token.isprintable():  # several lines or control characters: not a header value
+            token = ""
+        elif token and token == written:
             return token
-    token = secrets.token_urlsafe(32)
+    token = token or secrets.token_urlsafe(32)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -53,8 +58,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return json_error(404, "NotFound", "no such path")
     if request.method not in ("GET", "HEAD"):
         return json_error(405, "MethodNotAllowed", "use GET", Allow="GET, HEAD")
-    supplied = request.headers.get("Authorization", "")
-    if not hmac.compare_digest(supplied.encode(), state.authorization_token.encode()):
+    supplied = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(supplied, state.authorization_token.encode()):
         return json_error(401, "AccessDenied", "Authorization header missing or wrong")
     grant = await state.keeper.fresh(wait=0.5)
     if grant is None:

@@ -18,12 +18,13 @@ from typing import Any
 from aiohttp import web
 
 from metaproxy.clock import iso_z
+from metaproxy.sidecar import host_metadata
 from metaproxy.sidecar.broker_client import Grant
 from metaproxy.sidecar.state import STATE, SidecarState
 from metaproxy.sidecar.tokens import parse_ttl
 
-TOKEN_PATH = "/latest/api/token"
-TOKEN_HEADER = "X-aws-ec2-metadata-token"
+TOKEN_PATH = "/latest/api/token"  # noqa: S105 - a path, not a secret
+TOKEN_HEADER = "X-aws-ec2-metadata-token"  # noqa: S105 - a header name
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 _VERSIONED_TOKEN = re.compile(r"^/[^/]+/api/token/?$")
 VERSIONS = (
@@ -33,10 +34,6 @@ VERSIONS = (
     "2018-08-17", "2018-09-24", "2019-10-01", "2020-10-27", "2021-01-03", "2021-03-23",
     "2021-07-15", "2022-09-24", "2024-04-11", "latest",
 )  # fmt: skip
-# Never served, whatever the allow-list says: they would reveal the host's role or secrets.
-HOST_DENY = re.compile(
-    r"^(meta-data/(iam|identity-credentials|public-keys)(/|$)|user-data|dynamic/fws)"
-)
 
 _ERROR_TITLES = {
     400: "400 - Bad Request",
@@ -63,12 +60,18 @@ def aws_error(status: int, headers: dict[str, str] | None = None) -> web.Respons
 
 
 def text(body: str, **headers: str) -> web.Response:
-    return web.Response(text=body, content_type="text/plain", headers=headers or None)
+    # Bytes, so the header is plain `text/plain` as EC2 sends it (no `; charset=utf-8`).
+    return web.Response(body=body.encode(), content_type="text/plain", headers=headers or None)
+
+
+def _aws_json(document: dict[str, str]) -> str:
+    """JSON the way EC2 prints it: two-space indent, `"Key" : "value"`."""
+    return json.dumps(document, indent=2, separators=(",", " : "))
 
 
 def credentials_document(grant: Grant) -> str:
     creds = grant.credentials
-    return json.dumps(
+    return _aws_json(
         {
             "Code": "Success",
             "LastUpdated": iso_z(grant.issued_at),
@@ -77,8 +80,7 @@ def credentials_document(grant: Grant) -> str:
             "SecretAccessKey": creds.secret_access_key,
             "Token": creds.session_token,
             "Expiration": iso_z(creds.expiration),
-        },
-        indent=2,
+        }
     )
 
 
@@ -89,14 +91,13 @@ def metadata_tree(grant: Grant) -> dict[str, Any]:
         "ami-id": m.get("ami_id", ""),
         "hostname": m.get("hostname", ""),
         "iam": {
-            "info": json.dumps(
+            "info": _aws_json(
                 {
                     "Code": "Success",
                     "LastUpdated": iso_z(grant.issued_at),
                     "InstanceProfileArn": m.get("instance_profile_arn", ""),
                     "InstanceProfileId": m.get("instance_profile_id", ""),
-                },
-                indent=2,
+                }
             ),
             "security-credentials": {grant.role_name: None},  # filled per request
         },
@@ -118,7 +119,7 @@ def metadata_tree(grant: Grant) -> dict[str, Any]:
             "document": m["identity_document"],
             "signature": m.get("identity_signature", ""),
         }
-    return {"meta-data": meta_data, "dynamic": dynamic}
+    return {"dynamic": dynamic, "meta-data": meta_data}
 
 
 def listing(directory: dict[str, Any]) -> str:
@@ -162,6 +163,8 @@ async def _metadata(request: web.Request, state: SidecarState, path: str) -> web
     if parts[0] not in VERSIONS:
         return aws_error(404)
     rest = parts[1:]
+    if not rest:
+        return text("dynamic\nmeta-data")  # EC2 lists these two without a trailing slash
     if _wants_credentials(rest):
         grant = await state.keeper.fresh(wait=0.5)
     else:
@@ -169,29 +172,29 @@ async def _metadata(request: web.Request, state: SidecarState, path: str) -> web
     if grant is None:
         # No valid credentials (still starting, broker down past expiry, or revoked): say so
         # rather than serve anything stale.
-        return text("dynamic\nmeta-data") if not rest else aws_error(503)
+        return aws_error(503)
+    return await _lookup(state, grant, rest)
+
+
+async def _lookup(state: SidecarState, grant: Grant, rest: list[str]) -> web.StreamResponse:
     node: Any = metadata_tree(grant)
-    if not rest:
-        return text(listing(node))
-    for depth, name in enumerate(rest):
-        if isinstance(node, dict) and name in node:
-            node = node[name]
-            continue
-        return await _host_passthrough(state, "/".join(rest), depth)
+    for name in rest:
+        if not (isinstance(node, dict) and name in node):
+            return await _host_passthrough(state, "/".join(rest))
+        node = node[name]
     if node is None:  # the one role's credential document
         return text(credentials_document(grant))
-    if isinstance(node, dict):
-        return text(listing(node))
-    return text(node)
+    return text(listing(node) if isinstance(node, dict) else node)
 
 
 def _wants_credentials(rest: list[str]) -> bool:
     return rest[:3] == ["meta-data", "iam", "security-credentials"] and len(rest) == 4
 
 
-async def _host_passthrough(state: SidecarState, subpath: str, _depth: int) -> web.StreamResponse:
-    allowed = state.config.host_metadata_allow
-    if HOST_DENY.match(subpath) or not any(subpath.startswith(p) for p in allowed):
+async def _host_passthrough(state: SidecarState, subpath: str) -> web.StreamResponse:
+    """Anything outside the task's view: the host's answer if allow-listed (and never a denied
+    path, checked here and again inside the fetcher), else 404 as EC2 answers unknown paths."""
+    if not host_metadata.permitted(subpath, state.config.host_metadata_allow):
         return aws_error(404)
     body = await state.host_metadata(subpath)
     return text(body) if body is not None else aws_error(404)

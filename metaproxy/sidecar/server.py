@@ -60,8 +60,9 @@ class SidecarServer:
             ", ".join(imds_urls),
             ", ".join(container_urls),
         )
-        return cls(state, imds_urls, container_urls, admin_url,
-                   [admin, imds_runner, container_runner])
+        return cls(
+            state, imds_urls, container_urls, admin_url, [admin, imds_runner, container_runner]
+        )
 
     async def stop(self) -> None:
         """Drain: /readyz turns false, in-flight requests finish (capped), then close."""

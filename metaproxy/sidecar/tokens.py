@@ -10,6 +10,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 import secrets
 import struct
 import time
@@ -21,6 +22,8 @@ _MAC_BYTES = 16
 TOKEN_LENGTH = len(base64.urlsafe_b64encode(b"\0" * (_PAYLOAD.size + _MAC_BYTES)))
 MIN_TTL = 1
 MAX_TTL = 21_600
+# ASCII digits only: str.isdigit() also accepts "²", which int() then refuses.
+_TTL = re.compile(r"[0-9]{1,5}")
 
 
 class TokenAuthority:
@@ -46,12 +49,12 @@ class TokenAuthority:
         if not hmac.compare_digest(mac, expected):
             return False
         version, expiry_ms, _nonce = _PAYLOAD.unpack(payload)
-        return version == _VERSION and self._monotonic() * 1000 < expiry_ms
+        return bool(version == _VERSION and self._monotonic() * 1000 < expiry_ms)
 
 
 def parse_ttl(raw: str | None) -> int | None:
     """The TTL header as AWS accepts it: an integer 1..21600, else None (→ 400)."""
-    if raw is None or not raw.strip().isdigit() or len(raw.strip()) > 6:
+    if raw is None or not _TTL.fullmatch(raw.strip()):
         return None
     ttl = int(raw.strip())
     return ttl if MIN_TTL <= ttl <= MAX_TTL else None

@@ -7,9 +7,11 @@ webhook keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
+import signal
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +29,7 @@ SETTINGS = web.AppKey("settings", InjectionSettings)
 MAX_BODY_BYTES = 1024 * 1024  # a Pod is a few KiB; the API server caps objects at about 1.5 MiB
 REVIEW_API_VERSION = "admission.k8s.io/v1"
 MAX_UID_LENGTH = 128
+DRAIN_SECONDS = 5.0
 
 
 def _bad(message: str) -> BadRequest:
@@ -126,8 +129,9 @@ async def serve(
     settings: InjectionSettings, listen: str, tls_cert: Path | None, tls_key: Path | None
 ) -> int:
     """Serve until SIGTERM/SIGINT. SIGHUP reloads the certificate (cert-manager rotates it)."""
-    from metaproxy.runtime import Lifecycle, drain, start_site
+    from metaproxy.config import split_host_port
 
+    host, port = split_host_port(listen)
     context = tls_context(tls_cert, tls_key) if tls_cert and tls_key else None
 
     def reload_certificate() -> None:
@@ -141,11 +145,18 @@ async def serve(
 
     runner = web.AppRunner(build_app(settings), access_log=None)
     await runner.setup()
-    site, url = await start_site(runner, listen, ssl_context=context)
-    lifecycle = Lifecycle()
-    lifecycle.install(on_reload=reload_certificate)
-    log.info("webhook serving on %s (image %s)", url, settings.image)
-    await lifecycle.wait()
+    site = web.TCPSite(runner, host, port, ssl_context=context)
+    await site.start()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_certificate)
+    scheme = "https" if context else "http"
+    log.info("webhook serving on %s://%s:%d (image %s)", scheme, host, port, settings.image)
+    await stopping.wait()
     log.info("webhook stopping")
-    await drain(runner, [site], cap=5.0)
+    # The API server retries on another replica; in-flight reviews get a few seconds to finish.
+    await site.stop()
+    await asyncio.wait_for(runner.cleanup(), timeout=DRAIN_SECONDS)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 from pathlib import Path
 
 from metaproxy.webhook.patch import DEFAULT_CA_CONFIGMAP, InjectionSettings
@@ -56,10 +57,9 @@ def settings_from_args(args: argparse.Namespace) -> InjectionSettings:
 def run_webhook(args: argparse.Namespace) -> int:
     from metaproxy.config import split_host_port
     from metaproxy.logs import setup_logging
-    from metaproxy.runtime import run
     from metaproxy.webhook.app import serve
 
     settings = settings_from_args(args)
     split_host_port(args.listen)  # refuse a bad address before starting anything
     setup_logging(args.log_format)
-    return run(serve(settings, args.listen, args.tls_cert, args.tls_key))
+    return asyncio.run(serve(settings, args.listen, args.tls_cert, args.tls_key))

@@ -1,0 +1,288 @@
+"""Shipping to S3 (moto's server on loopback): the copy verifies, answers queries, shows edits."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from metaproxy.audit import cli as audit_cli
+from metaproxy.audit.checkpoint import write_keypair
+from metaproxy.audit.query import QueryFilter, query_s3
+from metaproxy.audit.record import make_record
+from metaproxy.audit.ship import S3Shipper
+from metaproxy.audit.verify import verify_dir, verify_s3
+from metaproxy.audit.writer import AuditLog
+
+FAKE_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on a free loopback port, for this module only."""
+    port = _free_port()
+    env = {**os.environ, **FAKE_AWS_ENV}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("moto server did not start") from None
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture
+def client_factory(s3_endpoint: str) -> Callable[[], Any]:
+    def make() -> Any:
+        return boto3.client(
+            "s3",
+            endpoint_url=s3_endpoint,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+
+    return make
+
+
+@pytest.fixture
+def bucket(client_factory: Callable[[], Any], request: pytest.FixtureRequest) -> str:
+    """A fresh bucket named after the test."""
+    name = "audit-" + str(request.node.name).replace("_", "-")[:40].lower().strip("-")
+    client_factory().create_bucket(Bucket=name)
+    return name
+
+
+def record(n: int) -> dict[str, object]:
+    return make_record(
+        "issued",
+        request_id=f"req-{n}",
+        task=f"task-{n}",
+        tenant="acme",
+        role_arn="arn:aws:iam::123456789012:role/app",
+        access_key_id=f"ASIAEXAMPLE{n:08d}",
+        expiration="2030-01-01T00:00:00Z",
+        status=200,
+    )
+
+
+async def _shipped_log(
+    directory: Path, key: Path, bucket: str, client_factory: Callable[[], Any], count: int
+) -> tuple[AuditLog, S3Shipper]:
+    shipper = S3Shipper(bucket=bucket, prefix="prod/broker-a", client_factory=client_factory)
+    await shipper.start()
+    log = AuditLog(
+        directory,
+        log_id="broker-a",
+        signing_key=key,
+        segment_max_bytes=3000,
+        checkpoint_every_records=7,
+        write_timeout=10,
+        on_segment_closed=shipper.enqueue,
+    )
+    await log.start()
+    for n in range(count):
+        await log.append(record(n))
+    return log, shipper
+
+
+async def test_shipped_copy_verifies_and_answers_queries(
+    tmp_path: Path, bucket: str, client_factory: Callable[[], Any]
+) -> None:
+    """After close, S3 holds every record; verify_s3 passes and query finds an access key."""
+    private, public = write_keypair(tmp_path / "keys")
+    log, shipper = await _shipped_log(tmp_path / "log", private, bucket, client_factory, 60)
+    await log.close()
+    await shipper.close()
+    url = f"s3://{bucket}/prod/broker-a"
+    report = await asyncio.to_thread(verify_s3, url, public, client_factory)
+    assert report.problems == []
+    assert (report.ok, report.records, report.signed) == (True, 60, True)
+    assert report.checkpoints == verify_dir(tmp_path / "log", public).checkpoints + 1  # + latest
+    found = await asyncio.to_thread(
+        query_s3, url, QueryFilter(access_key_id="ASIAEXAMPLE00000042"), client_factory
+    )
+    assert [(r["task"], r["seq"]) for r in found] == [("task-42", 43)]
+    assert shipper.stats()["failures"] == 0
+
+
+async def test_copy_with_an_open_segment_verifies(
+    tmp_path: Path, bucket: str, client_factory: Callable[[], Any]
+) -> None:
+    """While the writer runs, checkpoints may name the unshipped open segment: still OK."""
+    private, public = write_keypair(tmp_path / "keys")
+    log, shipper = await _shipped_log(tmp_path / "log", private, bucket, client_factory, 40)
+    await shipper.close()  # drains what was closed so far
+    report = await asyncio.to_thread(
+        verify_s3, f"s3://{bucket}/prod/broker-a", public, client_factory
+    )
+    await log.close()
+    assert report.problems == []
+    assert report.ok
+    assert 0 < report.records < 40
+
+
+async def test_tampering_with_the_s3_copy_is_detected(
+    tmp_path: Path, bucket: str, client_factory: Callable[[], Any]
+) -> None:
+    """An edited record, a deleted middle segment or a deleted last segment in S3 all fail."""
+    private, public = write_keypair(tmp_path / "keys")
+    log, shipper = await _shipped_log(tmp_path / "log", private, bucket, client_factory, 60)
+    await log.close()
+    await shipper.close()
+    s3 = client_factory()
+    url = f"s3://{bucket}/prod/broker-a"
+    keys = sorted(
+        item["Key"]
+        for item in s3.list_objects_v2(Bucket=bucket, Prefix="prod/broker-a/segment-")["Contents"]
+    )
+    assert len(keys) >= 4
+    original = s3.get_object(Bucket=bucket, Key=keys[1])["Body"].read()
+    edited = original.replace(b"task-", b"tusk-", 1)
+    s3.put_object(Bucket=bucket, Key=keys[1], Body=edited)
+    report = await asyncio.to_thread(verify_s3, url, public, client_factory)
+    assert not report.ok
+    assert report.first_bad.startswith(keys[1].rsplit("/", 1)[1] + " line 1 ")
+    s3.put_object(Bucket=bucket, Key=keys[1], Body=original)
+    assert (await asyncio.to_thread(verify_s3, url, public, client_factory)).ok
+
+    s3.delete_object(Bucket=bucket, Key=keys[2])
+    report = await asyncio.to_thread(verify_s3, url, public, client_factory)
+    assert not report.ok
+    assert "gap" in report.problems[0]
+    s3.put_object(
+        Bucket=bucket, Key=keys[2], Body=(tmp_path / "log" / keys[2].rsplit("/", 1)[1]).read_bytes()
+    )
+
+    s3.delete_object(Bucket=bucket, Key=keys[-1])  # truncation: latest-checkpoint.json catches it
+    report = await asyncio.to_thread(verify_s3, url, public, client_factory)
+    assert not report.ok
+    assert any("records deleted from the tail" in problem for problem in report.problems)
+
+
+async def test_s3_outage_never_blocks_append(tmp_path: Path, bucket: str) -> None:
+    """With S3 unreachable, appends still succeed promptly and the shipper only counts failures."""
+
+    def unreachable() -> Any:
+        return boto3.client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{_free_port()}",
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
+
+    shipper = S3Shipper(
+        bucket=bucket, prefix="x", client_factory=unreachable, retry_base_seconds=0.05
+    )
+    await shipper.start()
+    log = AuditLog(
+        tmp_path,
+        log_id="b",
+        segment_max_bytes=500,
+        write_timeout=2,
+        on_segment_closed=shipper.enqueue,
+    )
+    await log.start()
+    started = time.monotonic()
+    for n in range(20):
+        await log.append(record(n))
+    elapsed = time.monotonic() - started
+    await log.close()
+    await asyncio.sleep(0.5)
+    stats = shipper.stats()
+    await shipper.close(drain_seconds=0.1)
+    assert elapsed < 2.0
+    assert stats["failures"] >= 1
+    assert stats["pending"] >= 10
+    assert stats["uploaded"] == 0
+
+
+async def test_backfill_uploads_what_a_crash_left_behind(
+    tmp_path: Path, bucket: str, client_factory: Callable[[], Any]
+) -> None:
+    """Closed segments and checkpoints never shipped are found and uploaded by backfill."""
+    private, public = write_keypair(tmp_path / "keys")
+    log = AuditLog(
+        tmp_path / "log", log_id="b", signing_key=private, segment_max_bytes=1500, write_timeout=5
+    )
+    await log.start()
+    for n in range(30):
+        await log.append(record(n))
+    await log.close()
+    shipper = S3Shipper(bucket=bucket, prefix="p", client_factory=client_factory)
+    await shipper.start()
+    queued = await shipper.backfill(tmp_path / "log")
+    await shipper.close()
+    assert queued > 3
+    assert shipper.stats()["uploaded"] == queued
+    report = await asyncio.to_thread(verify_s3, f"s3://{bucket}/p", public, client_factory)
+    assert report.problems == []
+    assert report.records == 30
+
+
+async def test_cli_verify_and_query_read_s3_with_env_credentials(
+    tmp_path: Path,
+    bucket: str,
+    s3_endpoint: str,
+    client_factory: Callable[[], Any],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`audit verify s3://…` and `audit query s3://…` work against the endpoint given."""
+    for name, value in FAKE_AWS_ENV.items():
+        monkeypatch.setenv(name, value)
+    private, public = write_keypair(tmp_path / "keys")
+    log, shipper = await _shipped_log(tmp_path / "log", private, bucket, client_factory, 20)
+    await log.close()
+    await shipper.close()
+    parser = argparse.ArgumentParser(prog="metaproxy")
+    audit_cli.register(parser.add_subparsers(dest="command", required=True))
+    url = f"s3://{bucket}/prod/broker-a"
+    verify = parser.parse_args(
+        ["audit", "verify", url, "--public-key", str(public), "--s3-endpoint", s3_endpoint]
+    )
+    assert await asyncio.to_thread(verify.func, verify) == 0
+    assert capsys.readouterr().out.startswith("OK: 20 records")
+    query = parser.parse_args(
+        ["audit", "query", url, "--s3-endpoint", s3_endpoint, "--task", "task-7", "--json"]
+    )
+    assert await asyncio.to_thread(query.func, query) == 0
+    assert json.loads(capsys.readouterr().out)["access_key_id"] == "ASIAEXAMPLE00000007"

@@ -1,0 +1,246 @@
+"""Kubernetes manifests validate against the API schemas; the Dockerfile has the agreed shape."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import all_versions
+
+ROOT = Path(__file__).resolve().parent.parent
+KUBERNETES = ROOT / "deploy" / "kubernetes"
+KUBERNETES_VERSION = "1.30"
+
+
+def load_documents() -> list[tuple[str, dict[str, Any]]]:
+    documents = []
+    for path in sorted(KUBERNETES.rglob("*.yaml")):
+        for index, document in enumerate(yaml.safe_load_all(path.read_text())):
+            if document is not None:
+                documents.append((f"{path.relative_to(KUBERNETES)}#{index}", document))
+    return documents
+
+
+DOCUMENTS = load_documents()
+BY_KIND: dict[str, list[dict[str, Any]]] = {}
+for _, _document in DOCUMENTS:
+    BY_KIND.setdefault(_document["kind"], []).append(_document)
+
+
+def one(kind: str, name: str) -> dict[str, Any]:
+    matches = [d for d in BY_KIND.get(kind, []) if d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"expected one {kind} {name}, found {len(matches)}"
+    return matches[0]
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    result: dict[str, Any] = containers[0]
+    return result
+
+
+def test_schemas_for_the_target_version_are_installed() -> None:
+    """kubernetes-validate ships the 1.30 schemas these manifests are checked against."""
+    assert f"{KUBERNETES_VERSION}.0" in all_versions()
+
+
+@pytest.mark.parametrize(("where", "document"), DOCUMENTS, ids=[w for w, _ in DOCUMENTS])
+def test_manifest_validates_strictly(where: str, document: dict[str, Any]) -> None:
+    """Every document is a valid Kubernetes 1.30 object with no unknown fields."""
+    assert kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+    if document["kind"] not in ("Namespace", "MutatingWebhookConfiguration"):
+        assert document["metadata"].get("namespace"), f"{where} names no namespace"
+
+
+def test_all_agreed_resources_are_present() -> None:
+    """The deployment has every piece the design names."""
+    expected = {
+        ("Namespace", "metaproxy"),
+        ("ServiceAccount", "metaproxy-broker"),
+        ("ServiceAccount", "metaproxy-webhook"),
+        ("ConfigMap", "metaproxy-policies"),
+        ("ConfigMap", "metaproxy-cluster-jwks"),
+        ("Deployment", "metaproxy-broker"),
+        ("Service", "metaproxy-broker"),
+        ("HorizontalPodAutoscaler", "metaproxy-broker"),
+        ("PodDisruptionBudget", "metaproxy-broker"),
+        ("NetworkPolicy", "metaproxy-broker"),
+        ("Deployment", "metaproxy-webhook"),
+        ("Service", "metaproxy-webhook"),
+        ("MutatingWebhookConfiguration", "metaproxy-injector"),
+        ("Pod", "orders"),
+    }
+    present = {(d["kind"], d["metadata"]["name"]) for _, d in DOCUMENTS}
+    assert expected <= present
+    assert not BY_KIND.get("Role") and not BY_KIND.get("ClusterRole")  # no API rights needed
+
+
+def test_broker_deployment_is_hardened_and_configured() -> None:
+    """Three non-root replicas, read-only root, probes on the admin port, METAPROXY_* config."""
+    deployment = one("Deployment", "metaproxy-broker")
+    assert deployment["spec"]["replicas"] == 3
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
+    broker = container(deployment)
+    assert broker["args"] == ["broker"]
+    assert broker["securityContext"]["readOnlyRootFilesystem"] is True
+    assert broker["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert set(broker["resources"]) == {"requests", "limits"}
+    ports = {p["name"]: p["containerPort"] for p in broker["ports"]}
+    assert ports == {"https": 8443, "metrics": 9902}
+    assert broker["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert broker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    env = {e["name"]: e.get("value") for e in broker["env"]}
+    assert env["METAPROXY_LISTEN"] == "0.0.0.0:8443"
+    assert env["METAPROXY_ADMIN_LISTEN"] == "0.0.0.0:9902"
+    assert env["METAPROXY_TRUST"] == (
+        "https://kubernetes.default.svc,metaproxy-broker,/etc/metaproxy/jwks/cluster.json,"
+        "kubernetes"
+    )
+    for name in ("METAPROXY_TLS_CERT", "METAPROXY_TLS_KEY", "METAPROXY_POLICIES_DIR"):
+        assert env[name]
+    assert env["METAPROXY_AUDIT_S3_URL"].startswith("s3://")
+    mounts = {m["mountPath"] for m in broker["volumeMounts"]}
+    for name in ("METAPROXY_TLS_CERT", "METAPROXY_TLS_KEY"):
+        assert str(Path(env[name]).parent) in mounts
+    for name in ("METAPROXY_POLICIES_DIR", "METAPROXY_AUDIT_DIR"):
+        assert env[name] in mounts
+    assert str(Path(env["METAPROXY_TRUST"].split(",")[2]).parent) in mounts
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == "9902"
+
+
+def test_broker_env_names_are_config_fields() -> None:
+    """Every METAPROXY_* variable the broker gets is a BrokerConfig field (or TRUST)."""
+    import dataclasses
+
+    from metaproxy.config import BrokerConfig
+
+    fields = {f"METAPROXY_{f.name.upper()}" for f in dataclasses.fields(BrokerConfig)}
+    fields.add("METAPROXY_TRUST")
+    env = {e["name"] for e in container(one("Deployment", "metaproxy-broker"))["env"]}
+    assert env <= fields
+
+
+def test_autoscaler_uses_cpu_and_queue_depth() -> None:
+    """The HPA scales the broker on CPU and on the queue-depth Pods metric."""
+    hpa = one("HorizontalPodAutoscaler", "metaproxy-broker")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    kinds = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert kinds["Resource"]["resource"]["name"] == "cpu"
+    assert kinds["Pods"]["pods"]["metric"]["name"] == "metaproxy_broker_queue_depth"
+    assert hpa["spec"]["minReplicas"] >= 3
+
+
+def test_broker_network_policy_limits_ingress_ports() -> None:
+    """Only 8443 (sidecars) and 9902 (monitoring) are reachable; egress is DNS and 443."""
+    policy = one("NetworkPolicy", "metaproxy-broker")["spec"]
+    ingress_ports = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
+    assert ingress_ports == {8443, 9902}
+    egress_ports = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
+    assert egress_ports == {53, 443}
+    api_rule = next(r for r in policy["ingress"] if r["ports"][0]["port"] == 8443)
+    assert api_rule["from"], "8443 must not be open to every pod"
+
+
+def test_webhook_configuration_is_safe() -> None:
+    """The webhook fires on labelled pods only, fails closed, and has no side effects."""
+    (webhook,) = one("MutatingWebhookConfiguration", "metaproxy-injector")["webhooks"]
+    assert webhook["objectSelector"] == {"matchLabels": {"metaproxy.io/inject": "true"}}
+    assert webhook["failurePolicy"] == "Fail"
+    assert webhook["sideEffects"] == "None"
+    assert webhook["admissionReviewVersions"] == ["v1"]
+    assert webhook["clientConfig"]["service"]["path"] == "/mutate"
+    assert webhook["rules"] == [
+        {
+            "operations": ["CREATE"],
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "resources": ["pods"],
+            "scope": "Namespaced",
+        }
+    ]
+    service = one("Service", "metaproxy-webhook")
+    assert webhook["clientConfig"]["service"]["port"] in {
+        p["port"] for p in service["spec"]["ports"]
+    }
+    args = container(one("Deployment", "metaproxy-webhook"))["args"]
+    assert args[0] == "webhook"
+    assert any(a.startswith("--tls-cert=") for a in args)
+
+
+def test_example_pod_asks_for_injection() -> None:
+    """The example pod carries the label the webhook selects on, in an enabled namespace."""
+    pod = one("Pod", "orders")
+    assert pod["metadata"]["labels"]["metaproxy.io/inject"] == "true"
+    namespace = one("Namespace", pod["metadata"]["namespace"])
+    assert namespace["metadata"]["labels"]["metaproxy.io/enabled"] == "true"
+
+
+# ---- Dockerfile --------------------------------------------------------------------------------
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """(instruction, arguments) per stage, with line continuations joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    stages: list[list[tuple[str, str]]] = []
+    for raw_line in text.splitlines():
+        line = raw_line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instruction, _, arguments = line.partition(" ")
+        if instruction.upper() == "FROM":
+            stages.append([])
+        assert stages, "instructions before the first FROM"
+        stages[-1].append((instruction.upper(), arguments.strip()))
+    return stages
+
+
+def test_dockerfile_structure() -> None:
+    """Static checks only (no Docker engine here): multi-stage, slim non-root final stage.
+
+    This reads the Dockerfile's text; it does not build the image, so it cannot catch a failing
+    RUN step. What it does guarantee: the final stage starts FROM python:3.11-slim, copies only
+    /opt/venv from the builder, installs no compiler, runs as a numeric non-root user and has
+    `metaproxy` as its entrypoint with the sidecar as the default command.
+    """
+    stages = dockerfile_stages()
+    assert len(stages) >= 2, "expected a builder stage and a final stage"
+    builder, final = stages[0], stages[-1]
+    assert builder[0] == ("FROM", "python:3.11-slim AS builder")
+    assert final[0][1].split()[0] == "python:3.11-slim"
+    builder_run = " ".join(a for i, a in builder if i == "RUN")
+    assert "pip wheel" in builder_run
+    assert "/opt/venv" in builder_run
+    assert "metaproxy[broker]" in builder_run
+
+    copies = [a for i, a in final if i == "COPY"]
+    assert copies == ["--from=builder /opt/venv /opt/venv"]
+    final_run = " ".join(a for i, a in final if i == "RUN")
+    for forbidden in ("build-essential", "gcc", "g++", "clang", "make ", "pip install"):
+        assert forbidden not in final_run, forbidden
+
+    (user,) = [a for i, a in final if i == "USER"]
+    uid = user.split(":")[0]
+    assert uid.isdigit(), "USER must be numeric for runAsNonRoot"
+    assert int(uid) == 10001
+    assert ("ENTRYPOINT", '["metaproxy"]') in final
+    assert ("CMD", '["sidecar"]') in final
+
+
+def test_dockerignore_keeps_local_state_out() -> None:
+    """The build context excludes the venv, git metadata, tests and key material."""
+    ignored = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".git", ".venv", "tests", "*.pem", "*.key"} <= ignored
+    assert "metaproxy" not in ignored and "pyproject.toml" not in ignored
