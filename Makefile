@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 JS_STAMP := tests/js/node_modules/.installed
 
-.PHONY: demo test check lint typecheck bench clean
+.PHONY: demo test check lint typecheck bench clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,16 @@ $(JS_STAMP): tests/js/package.json tests/js/package-lock.json
 demo: $(STAMP)
 	$(BIN)/metaproxy demo
 
-test: $(STAMP) $(JS_STAMP)
+# System tools some tests use: iproute2 (network namespaces) and promtool (alert rule tests).
+# Installed when we are root on Debian (CI is); otherwise those tests skip and say why.
+system-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { ! command -v ip >/dev/null || ! command -v promtool >/dev/null; }; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		  --no-install-recommends iproute2 prometheus >/dev/null; \
+	fi
+
+test: $(STAMP) $(JS_STAMP) system-deps
 	$(BIN)/pytest -p no:cacheprovider
 
 lint: $(STAMP)
@@ -32,7 +41,11 @@ typecheck: $(STAMP)
 
 check: lint typecheck test
 
+# Load generators and the reference server come from Debian (loopback only).
 bench: $(STAMP)
+	@command -v wrk >/dev/null && command -v h2load >/dev/null && command -v nginx >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		 --no-install-recommends wrk nghttp2-client nginx-light)
 	$(BIN)/python bench/run_all.py
 
 clean:
