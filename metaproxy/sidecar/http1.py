@@ -1,0 +1,393 @@
+"""A small HTTP/1.1 server for the sidecar's data plane (IMDS and container credentials).
+
+Why not aiohttp here: every task runs a sidecar, and its hot path is one tiny GET. A general
+framework spends most of its time on machinery this path does not need (routing, middleware
+chains, a Request object per call), and it has no deadline for reading headers — a slow client
+holds its socket forever, which is how a shared metadata service once ran out of descriptors.
+This server parses with httptools (llhttp, the parser Node.js uses), answers from prepared bytes,
+and enforces every limit at the connection: caps on connections in total and per client,
+a deadline for the request head, a keep-alive idle timeout, and limits on URL, header and body
+sizes. Rejecting excess costs one write and a close, or only a close.
+
+The admin address (health, readiness, metrics) stays on aiohttp: it is not a hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import resource
+import typing
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import httptools
+
+log = logging.getLogger("metaproxy.sidecar.http")
+
+REASONS = {
+    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
+    413: "Payload Too Large", 414: "URI Too Long", 429: "Too Many Requests",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    503: "Service Unavailable",
+}  # fmt: skip
+MAX_PIPELINED = 16  # requests queued on one connection before we stop reading from it
+FD_RESERVE = 64  # descriptors kept free for the broker client, logs, the admin server
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]  # lower-case names
+    remote: str
+    duplicate_headers: frozenset[str] = frozenset()
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+Handler = Callable[[Request], "Response | Awaitable[Response]"]
+ErrorPage = Callable[[int], Response]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    header_timeout: float = 5.0
+    keepalive_timeout: float = 15.0
+    max_url_bytes: int = 4096
+    max_header_bytes: int = 8190
+    max_headers: int = 64
+    max_body_bytes: int = 1024
+    max_connections: int = 256
+    max_connections_per_client: int = 64
+    server_header: str = "EC2ws"
+
+
+def descriptor_budget(requested: int) -> int:
+    """Connections this process may hold: what was asked for, within RLIMIT_NOFILE."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return requested
+    return max(1, min(requested, soft - FD_RESERVE))
+
+
+@dataclass
+class ConnectionTracker:
+    """Shared by every listener of one sidecar: the caps are per process, not per port."""
+
+    limits: ServerLimits
+    on_reject: Callable[[str], None] = lambda _reason: None
+    connections: set[HttpProtocol] = field(default_factory=set)
+    per_client: dict[str, int] = field(default_factory=dict)
+    date_header: bytes = b""
+    cap: int = 0
+    _sweeper: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self.cap = descriptor_budget(self.limits.max_connections)
+        self._refresh_date()
+
+    def _refresh_date(self) -> None:
+        self.date_header = email.utils.formatdate(usegmt=True).encode("ascii")
+
+    def admit(self, client: str) -> bool:
+        if len(self.connections) >= self.cap:
+            self.on_reject("connection_cap")
+            return False
+        if self.per_client.get(client, 0) >= self.limits.max_connections_per_client:
+            self.on_reject("connection_cap")
+            return False
+        self.per_client[client] = self.per_client.get(client, 0) + 1
+        return True
+
+    def release(self, client: str) -> None:
+        left = self.per_client.get(client, 1) - 1
+        if left > 0:
+            self.per_client[client] = left
+        else:
+            self.per_client.pop(client, None)
+
+    def start(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+    def close_idle(self) -> None:
+        """At shutdown: close connections that have no request in progress."""
+        for conn in list(self.connections):
+            if conn.idle:
+                conn.close()
+
+    async def _sweep(self) -> None:
+        # One timer for all connections instead of one per request: a deadline is a float
+        # set on the hot path, and this loop enforces it to within a quarter second.
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0.25)
+            self._refresh_date()
+            now = loop.time()
+            for conn in [c for c in self.connections if c.deadline < now]:
+                self.on_reject("header_timeout" if conn.reading_head else "idle_timeout")
+                conn.close()
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One connection. Requests are answered in order; a pipelined burst is bounded."""
+
+    def __init__(
+        self, handler: Handler, tracker: ConnectionTracker, error_page: ErrorPage
+    ) -> None:
+        self._handler = handler
+        self._tracker = tracker
+        self._limits = tracker.limits
+        self._error_page = error_page
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._client = ""
+        self._queue: deque[tuple[Request, bool]] = deque()
+        self._busy: asyncio.Task[None] | None = None
+        self._paused_writing = False
+        self.deadline = float("inf")
+        self.reading_head = False
+        self._reset_message()
+
+    # -- connection ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = typing.cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self._client = peer[0] if isinstance(peer, tuple) else "unix"
+        if not self._tracker.admit(self._client):
+            transport.abort()
+            return
+        self._transport = transport
+        self._tracker.connections.add(self)
+        transport.set_write_buffer_limits(high=64 * 1024)
+        # A new connection must send its request head within the header deadline.
+        self.reading_head = True
+        self.deadline = self._loop.time() + self._limits.header_timeout
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is None:
+            return
+        self._transport = None
+        self._tracker.connections.discard(self)
+        self._tracker.release(self._client)
+        if self._busy is not None:
+            self._busy.cancel()
+        self._queue.clear()
+
+    def pause_writing(self) -> None:
+        # The client does not read its answers: stop reading its requests.
+        self._paused_writing = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self._transport is not None and len(self._queue) < MAX_PIPELINED:
+            self._transport.resume_reading()
+
+    @property
+    def idle(self) -> bool:
+        return self._busy is None and not self._queue and not self.reading_head
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if not self.reading_head and not self._queue and self._busy is None:
+            self.reading_head = True
+            self.deadline = self._loop.time() + self._limits.header_timeout
+        try:
+            self._parser.feed_data(data)
+        except (_Reject, httptools.HttpParserError) as exc:
+            # httptools re-raises a callback's exception wrapped; find our own status in it.
+            reject = exc if isinstance(exc, _Reject) else exc.__context__
+            self._tracker.on_reject("bad_request")
+            self._fail(reject.status if isinstance(reject, _Reject) else 400)
+
+    # -- parser callbacks ---------------------------------------------------------------
+
+    def _reset_message(self) -> None:
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._duplicates: set[str] = set()
+        self._header_bytes = 0
+        self._body_bytes = 0
+
+    def on_message_begin(self) -> None:
+        self._reset_message()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self._limits.max_url_bytes:
+            raise _Reject(414, "url")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > self._limits.max_header_bytes:
+            raise _Reject(431, "header bytes")
+        if len(self._headers) >= self._limits.max_headers:
+            raise _Reject(431, "header count")
+        try:
+            key = name.decode("ascii").lower()
+            text = value.decode("latin-1")
+        except UnicodeDecodeError:
+            raise _Reject(400, "header name") from None
+        if key in self._headers:
+            self._duplicates.add(key)
+        self._headers[key] = text
+
+    def on_headers_complete(self) -> None:
+        self.reading_head = False
+        self.deadline = float("inf")
+        length = self._headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > self._limits.max_body_bytes:
+            raise _Reject(413, "body")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_bytes += len(body)
+        if self._body_bytes > self._limits.max_body_bytes:
+            raise _Reject(413, "body")
+
+    def on_message_complete(self) -> None:
+        request = Request(
+            method=self._parser.get_method().decode("ascii", "replace"),
+            path=_path(self._url),
+            headers=self._headers,
+            remote=self._client,
+            duplicate_headers=frozenset(self._duplicates),
+        )
+        self._queue.append((request, self._parser.should_keep_alive()))
+        if len(self._queue) >= MAX_PIPELINED and self._transport is not None:
+            self._transport.pause_reading()
+        if self._busy is None:
+            self._drain_queue()
+
+    # -- answering ----------------------------------------------------------------------
+
+    def _drain_queue(self) -> None:
+        while self._queue and self._transport is not None:
+            request, keep_alive = self._queue.popleft()
+            try:
+                result = self._handler(request)
+            except Exception:
+                log.exception("handler failed on %s %s", request.method, request.path[:200])
+                result = self._error_page(500)
+            if isinstance(result, Response):
+                self._write(request, result, keep_alive)
+                continue
+            self._busy = self._loop.create_task(self._finish(request, result, keep_alive))
+            return
+        if self._transport is not None and not self._paused_writing:
+            self._transport.resume_reading()
+        if self._transport is not None and not self.reading_head:
+            self.deadline = self._loop.time() + self._limits.keepalive_timeout
+
+    async def _finish(
+        self, request: Request, pending: Awaitable[Response], keep_alive: bool
+    ) -> None:
+        try:
+            response = await pending
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("handler failed on %s %s", request.method, request.path[:200])
+            response = self._error_page(500)
+        self._busy = None
+        self._write(request, response, keep_alive)
+        self._drain_queue()
+
+    def _write(self, request: Request, response: Response, keep_alive: bool) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        head = [
+            b"HTTP/1.1 %d %s\r\n" % (response.status, REASONS.get(response.status, "").encode()),
+            b"Server: ", self._limits.server_header.encode(), b"\r\n",
+            b"Date: ", self._tracker.date_header, b"\r\n",
+            b"Content-Type: ", response.content_type.encode(), b"\r\n",
+            b"Content-Length: %d\r\n" % len(response.body),
+        ]  # fmt: skip
+        for name, value in response.headers:
+            head.append(f"{name}: {value}\r\n".encode("latin-1"))
+        if not keep_alive:
+            head.append(b"Connection: close\r\n")
+        head.append(b"\r\n")
+        if request.method != "HEAD":
+            head.append(response.body)
+        transport.write(b"".join(head))
+        if not keep_alive:
+            transport.close()
+
+    def _fail(self, status: int) -> None:
+        """Answer a request we could not parse or will not take, then close."""
+        transport = self._transport
+        if transport is None:
+            return
+        self._queue.clear()
+        page = self._error_page(status)
+        bogus = Request("GET", "", {}, self._client)
+        self._write(bogus, page, keep_alive=False)
+        transport.close()
+
+
+def _path(url: bytes) -> str:
+    try:
+        parsed = httptools.parse_url(url)
+    except httptools.HttpParserInvalidURLError:
+        return "\x00invalid"
+    raw: bytes = parsed.path or b"/"
+    if b"%" in raw:
+        raw = unquote_to_bytes(raw)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\x00invalid"
+
+
+async def serve(
+    host: str,
+    port: int,
+    handler: Handler,
+    tracker: ConnectionTracker,
+    error_page: ErrorPage,
+    *,
+    backlog: int = 1024,
+) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    tracker.start()
+
+    def factory() -> HttpProtocol:
+        return HttpProtocol(handler, tracker, error_page)
+
+    kwargs: dict[str, Any] = {"backlog": backlog, "reuse_address": True}
+    return await loop.create_server(factory, host, port, **kwargs)

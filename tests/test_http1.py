@@ -1,0 +1,179 @@
+"""The sidecar's data-plane HTTP/1.1 server: limits enforced at the connection, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+from metaproxy.sidecar.http1 import ConnectionTracker, Request, Response, ServerLimits, serve
+
+
+@dataclass
+class Running:
+    port: int
+    tracker: ConnectionTracker
+    rejects: list[str]
+    seen: list[Request]
+
+
+async def slow_answer(request: Request) -> Response:
+    await asyncio.sleep(0.05)
+    return Response(200, b"slow:" + request.path.encode())
+
+
+def handler(seen: list[Request]):  # type: ignore[no-untyped-def]
+    def handle(request: Request) -> Response | asyncio.Future[Response]:
+        seen.append(request)
+        if request.path == "/slow":
+            return asyncio.ensure_future(slow_answer(request))
+        if request.path == "/boom":
+            raise RuntimeError("handler bug")
+        return Response(200, b"ok:" + request.path.encode(), headers=(("X-Test", "1"),))
+
+    return handle
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Running]:
+    rejects: list[str] = []
+    seen: list[Request] = []
+    limits = ServerLimits(header_timeout=0.6, keepalive_timeout=0.8, max_connections=20,
+                          max_connections_per_client=10, max_headers=10, max_header_bytes=2048,
+                          max_url_bytes=512, max_body_bytes=16)
+    tracker = ConnectionTracker(limits, on_reject=rejects.append)
+    srv = await serve("127.0.0.1", 0, handler(seen), tracker,
+                      lambda status: Response(status, f"error {status}".encode()))
+    port = srv.sockets[0].getsockname()[1]
+    yield Running(port, tracker, rejects, seen)
+    srv.close()
+    await tracker.stop()
+
+
+async def exchange(port: int, data: bytes, *, read_timeout: float = 3.0) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    try:
+        return await asyncio.wait_for(reader.read(65536), read_timeout)
+    finally:
+        writer.close()
+
+
+def status_of(answer: bytes) -> int:
+    return int(answer.split(b" ", 2)[1])
+
+
+async def test_answers_with_server_date_and_length_headers(server: Running) -> None:
+    """A plain GET gets 200, the handler's body and headers, Server and Content-Length."""
+    answer = await exchange(server.port, b"GET /a%20b HTTP/1.1\r\nHost: x\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert status_of(answer) == 200
+    assert body == b"ok:/a b"
+    assert b"\r\nServer: EC2ws\r\n" in head
+    assert b"\r\nContent-Length: 7\r\n" in head
+    assert head.endswith(b"\r\nX-Test: 1")
+
+
+async def test_pipelined_requests_are_answered_in_order(server: Running) -> None:
+    """A slow request ahead of a fast one on the same connection still answers first."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while data.count(b"HTTP/1.1 200") < 2:
+        data += await asyncio.wait_for(reader.read(4096), 3)
+    writer.close()
+    assert data.index(b"slow:/slow") < data.index(b"ok:/fast")
+
+
+async def test_head_has_no_body(server: Running) -> None:
+    """HEAD answers the headers of GET and no body."""
+    answer = await exchange(server.port, b"HEAD /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.endswith(b"\r\n\r\n")
+    assert b"Content-Length: 5" in answer  # len(b"ok:/x")
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"GET /" + b"a" * 600 + b" HTTP/1.1\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(12)) + b"\r\n", 431),
+        (b"GET / HTTP/1.1\r\nX-Big: " + b"v" * 3000 + b"\r\n\r\n", 431),
+        (b"PUT / HTTP/1.1\r\nContent-Length: 99999\r\n\r\n", 413),
+        (b"PUT / HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\x00b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n", 400),
+    ],
+    ids=["garbage", "long-url", "many-headers", "big-header", "big-body", "negative-length",
+         "nul-in-header", "bad-chunk"],
+)
+async def test_malformed_requests_get_4xx_and_close(
+    server: Running, raw: bytes, status: int
+) -> None:
+    """Each malformed request is answered with its 4xx and the connection is closed."""
+    answer = await exchange(server.port, raw)
+    assert status_of(answer) == status
+    assert b"Connection: close" in answer
+
+
+async def test_handler_error_is_500_without_detail(server: Running) -> None:
+    """A bug in a handler answers 500 with the generic page; the server keeps serving."""
+    answer = await exchange(server.port, b"GET /boom HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status_of(answer) == 500
+    assert b"handler bug" not in answer
+    assert status_of(await exchange(server.port, b"GET /ok HTTP/1.1\r\n\r\n")) == 200
+
+
+async def test_slow_header_senders_are_closed_at_the_deadline(server: Running) -> None:
+    """A client trickling its request head is disconnected once the header deadline passes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET / HTTP/1.1\r\n")
+    closed = False
+    for _ in range(20):
+        await asyncio.sleep(0.2)
+        try:
+            writer.write(b"X")
+            await writer.drain()
+        except ConnectionError:
+            closed = True
+            break
+        if reader.at_eof() or (await _eof_soon(reader)):
+            closed = True
+            break
+    writer.close()
+    assert closed
+    assert "header_timeout" in server.rejects
+
+
+async def _eof_soon(reader: asyncio.StreamReader) -> bool:
+    try:
+        data = await asyncio.wait_for(reader.read(1), 0.01)
+    except TimeoutError:
+        return False
+    return data == b""
+
+
+async def test_idle_keepalive_connections_are_reaped(server: Running) -> None:
+    """After a response, an idle kept-alive connection is closed after the idle timeout."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET / HTTP/1.1\r\n\r\n")
+    await reader.readuntil(b"ok:/")
+    assert await asyncio.wait_for(reader.read(), 3) == b""
+    writer.close()
+    assert not server.tracker.connections
+
+
+async def test_connection_caps_per_client_and_total(server: Running) -> None:
+    """Past the per-client cap new connections are closed at once; others still work."""
+    held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(10)]
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    assert await asyncio.wait_for(reader.read(), 2) == b""  # over the cap: closed unanswered
+    writer.close()
+    assert "connection_cap" in server.rejects
+    for _, held_writer in held:
+        held_writer.close()
+    await asyncio.sleep(0.1)
+    assert status_of(await exchange(server.port, b"GET / HTTP/1.1\r\n\r\n")) == 200
