@@ -34,8 +34,11 @@ from metaproxy.demo.processes import Child, start_metaproxy  # noqa: E402
 SERVER_CORE = 0
 CLIENT_CORES = "1" if (os.cpu_count() or 1) > 1 else "0"
 ISSUER, AUDIENCE = "metaproxy-platform", "metaproxy-broker"
-EMULATOR_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1"}
+EMULATOR_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -73,9 +76,21 @@ def fixed_rate_latencies(url: str, headers: dict[str, str], rate: int, seconds: 
     """h2load: 10 clients at rate/10 req/s each over HTTP/1.1; per-request durations in ms."""
     with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
         clients = 10
-        args = ["taskset", "-c", CLIENT_CORES, "h2load", "--h1", "-c", str(clients),
-                "--rps", str(rate // clients), "-n", str(rate * seconds),
-                "--log-file", log.name]
+        args = [
+            "taskset",
+            "-c",
+            CLIENT_CORES,
+            "h2load",
+            "--h1",
+            "-c",
+            str(clients),
+            "--rps",
+            str(rate // clients),
+            "-n",
+            str(rate * seconds),
+            "--log-file",
+            log.name,
+        ]
         for name, value in headers.items():
             args += ["-H", f"{name}: {value}"]
         out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
@@ -153,8 +168,9 @@ http {{
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
-    for pid_text in subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True,
-                                   text=True).stdout.split():
+    for pid_text in subprocess.run(
+        ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
+    ).stdout.split():
         pin(int(pid_text), SERVER_CORE)
     pin(process.pid, SERVER_CORE)
     return process, url
@@ -192,8 +208,10 @@ def main() -> int:
     from metaproxy.testing.emulator import StsEmulator
 
     children: list[Child] = []
-    with tempfile.TemporaryDirectory(prefix="bench-sidecar-") as tmp_name, \
-            StsEmulator() as emulator:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-sidecar-") as tmp_name,
+        StsEmulator() as emulator,
+    ):
         tmp = Path(tmp_name)
         key, jwks = generate_keypair(tmp, "identity")
         document_key, _ = generate_keypair(tmp, "document")
@@ -203,30 +221,68 @@ def main() -> int:
         try:
             broker = start_metaproxy(
                 "broker",
-                ["broker", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
-                 "--tls-cert", str(certs["broker.pem"]), "--tls-key", str(certs["broker.key"]),
-                 "--policies-dir", str(bench_policies(tmp / "policies")),
-                 "--trust", f"{ISSUER},{AUDIENCE},{jwks}", "--document-key", str(document_key),
-                 "--audit-dir", str(tmp / "audit"), "--audit-key", str(audit_key),
-                 "--sts-endpoint", sts_url, "--log-format", "json"],
-                ready_file=tmp / "broker.ready", log_file=tmp / "broker.log", env=EMULATOR_ENV,
+                [
+                    "broker",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--admin-listen",
+                    "127.0.0.1:0",
+                    "--tls-cert",
+                    str(certs["broker.pem"]),
+                    "--tls-key",
+                    str(certs["broker.key"]),
+                    "--policies-dir",
+                    str(bench_policies(tmp / "policies")),
+                    "--trust",
+                    f"{ISSUER},{AUDIENCE},{jwks}",
+                    "--document-key",
+                    str(document_key),
+                    "--audit-dir",
+                    str(tmp / "audit"),
+                    "--audit-key",
+                    str(audit_key),
+                    "--sts-endpoint",
+                    sts_url,
+                    "--log-format",
+                    "json",
+                ],
+                ready_file=tmp / "broker.ready",
+                log_file=tmp / "broker.log",
+                env=EMULATOR_ENV,
             )
             children.append(broker)
             token_file = tmp / "identity.jwt"
-            token_file.write_text(issue_token(key, issuer=ISSUER, audience=AUDIENCE,
-                                              task="bench-1", tenant="acme", ttl=7200))
+            token_file.write_text(
+                issue_token(
+                    key, issuer=ISSUER, audience=AUDIENCE, task="bench-1", tenant="acme", ttl=7200
+                )
+            )
 
             def sidecar(name: str) -> tuple[Child, float]:
                 started = time.monotonic()
                 child = start_metaproxy(
                     name,
-                    ["sidecar", "--broker-url", broker.ready["url"],
-                     "--broker-ca-file", str(certs["ca.pem"]),
-                     "--identity-token-file", str(token_file),
-                     "--imds-listen", "127.0.0.1:0", "--container-listen", "127.0.0.1:0",
-                     "--admin-listen", "127.0.0.1:0", "--log-format", "json",
-                     "--authorization-token-file", str(tmp / "auth-token")],
-                    ready_file=tmp / f"{name}.ready", log_file=tmp / f"{name}.log",
+                    [
+                        "sidecar",
+                        "--broker-url",
+                        broker.ready["url"],
+                        "--broker-ca-file",
+                        str(certs["ca.pem"]),
+                        "--identity-token-file",
+                        str(token_file),
+                        "--imds-listen",
+                        "127.0.0.1:0",
+                        "--container-listen",
+                        "127.0.0.1:0",
+                        "--admin-listen",
+                        "127.0.0.1:0",
+                        "--log-format",
+                        "json",
+                        "--authorization-token-file",
+                        str(tmp / "auth-token"),
+                    ],
+                    ready_file=tmp / f"{name}.ready",
+                    log_file=tmp / f"{name}.log",
                 )
                 children.append(child)
                 ready_at = wait_ready(child.ready["admin_url"])
@@ -247,20 +303,36 @@ def main() -> int:
             rss_idle = rss_mb(child.process.pid)
             imds = child.ready["imds_urls"][0]
             request = urllib.request.Request(
-                imds + "/latest/api/token", method="PUT",
-                headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"})
-            token = urllib.request.urlopen(request, timeout=5).read().decode()  # noqa: S310
+                imds + "/latest/api/token",
+                method="PUT",
+                headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"},
+            )
+            token = urllib.request.urlopen(request, timeout=5).read().decode()
             headers = {"X-aws-ec2-metadata-token": token}
-            role = urllib.request.urlopen(urllib.request.Request(  # noqa: S310
-                imds + "/latest/meta-data/iam/security-credentials/", headers=headers),
-                timeout=5).read().decode()
+            role = (
+                urllib.request.urlopen(
+                    urllib.request.Request(
+                        imds + "/latest/meta-data/iam/security-credentials/", headers=headers
+                    ),
+                    timeout=5,
+                )
+                .read()
+                .decode()
+            )
             url = f"{imds}/latest/meta-data/iam/security-credentials/{role}"
-            body = urllib.request.urlopen(urllib.request.Request(url, headers=headers),  # noqa: S310
-                                          timeout=5).read().decode()
+            body = (
+                urllib.request.urlopen(
+                    urllib.request.Request(url, headers=headers),
+                    timeout=5,
+                )
+                .read()
+                .decode()
+            )
 
             stop, peak = threading.Event(), [rss_idle]
-            sampler = threading.Thread(target=sample_peak_rss,
-                                       args=(child.process.pid, stop, peak), daemon=True)
+            sampler = threading.Thread(
+                target=sample_peak_rss, args=(child.process.pid, stop, peak), daemon=True
+            )
             sampler.start()
             wrk(url, headers, 2)  # warm-up
             sidecar_rps = wrk(url, headers, args.seconds)
@@ -295,8 +367,12 @@ def main() -> int:
         "ready_samples_ms": [round(s, 1) for s in ready_samples],
         "import_floor_ms": round(floor, 1),
         "ready_budget_ms": round(1.5 * floor + 50, 1),
-        "targets": {"ratio": ">= 0.5", "p99_ms": "<= 5", "rss_load_mb": "<= 40",
-                    "ready_ms": "<= 1.5 * import_floor_ms + 50"},
+        "targets": {
+            "ratio": ">= 0.5",
+            "p99_ms": "<= 5",
+            "rss_load_mb": "<= 40",
+            "ready_ms": "<= 1.5 * import_floor_ms + 50",
+        },
         "cpu_count": os.cpu_count(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "metaproxy.testing.cli",
     "metaproxy.netns",
     "metaproxy.webhook.cli",
+    "metaproxy.revoke_cli",
 )
 
 

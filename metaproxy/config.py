@@ -54,6 +54,8 @@ class SidecarConfig:
     host_metadata_url: str = "http://169.254.169.254"
     refresh_fraction: float = 0.5  # refresh at about half of the credentials' lifetime
     min_serve_seconds: float = 900.0  # never hand out credentials with less than 15 min left
+    # Ask the broker at least this often, so a revoked task stops being served within it.
+    revocation_check_seconds: float = 60.0
     broker_timeout: float = 5.0
     header_timeout: float = 5.0
     keepalive_timeout: float = 15.0

@@ -17,6 +17,13 @@ from typing import Any
 from aiohttp import web
 
 from metaproxy.config import split_host_port
+from metaproxy.connguard import (
+    ConnectionGuard,
+    GuardedTCPSite,
+    GuardedUnixSite,
+    RejectResponse,
+    canned_response,
+)
 
 
 def run(main: Coroutine[Any, Any, int]) -> int:
@@ -51,21 +58,51 @@ async def start_site(
     ssl_context: ssl.SSLContext | None = None,
     backlog: int = 1024,
     reuse_port: bool | None = None,
+    guard: ConnectionGuard | None = None,
+    reject: RejectResponse | None = None,
 ) -> tuple[web.BaseSite, str]:
+    """Listen on `address`; with a `guard`, every connection is counted and capped first and
+    refused ones get `reject()` (a complete HTTP answer) before being closed."""
     scheme = "https" if ssl_context else "http"
     site: web.BaseSite
     if address.startswith("unix:"):
         path = address.removeprefix("unix:")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        site = web.UnixSite(runner, path, ssl_context=ssl_context, backlog=backlog)
+        if guard is not None:
+            site = GuardedUnixSite(
+                runner,
+                path,
+                guard=guard,
+                reject=reject or _default_reject,
+                ssl_context=ssl_context,
+                backlog=backlog,
+            )
+        else:
+            site = web.UnixSite(runner, path, ssl_context=ssl_context, backlog=backlog)
     else:
         host, port = split_host_port(address)
-        site = web.TCPSite(
-            runner, host, port, ssl_context=ssl_context, backlog=backlog, reuse_port=reuse_port
-        )
+        if guard is not None:
+            site = GuardedTCPSite(
+                runner,
+                host,
+                port,
+                guard=guard,
+                reject=reject or _default_reject,
+                ssl_context=ssl_context,
+                backlog=backlog,
+                reuse_port=reuse_port,
+            )
+        else:
+            site = web.TCPSite(
+                runner, host, port, ssl_context=ssl_context, backlog=backlog, reuse_port=reuse_port
+            )
     await site.start()
     return site, bound_url(site, scheme)
+
+
+def _default_reject() -> bytes:
+    return canned_response(429, "Too Many Requests", b"too many connections\n", "text/plain")
 
 
 def write_ready_file(path: Path, data: dict[str, Any]) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -10,9 +12,10 @@ from typing import Any
 
 import pytest
 
+import tests.support
 from metaproxy.broker.server import BrokerServer
 from metaproxy.sidecar.server import SidecarServer
-from tests.support import REPO, Pki, broker_config, issue, make_pki, sidecar_config, wait_ready
+from tests.support import REPO, Pki, broker_config, make_pki, sidecar_config, wait_ready
 
 # The broker (in this process) signs its STS calls to the local emulator with moto's fake
 # credentials. Clients under test run in their own processes with `clean_aws_env()`, so they
@@ -24,6 +27,61 @@ os.environ.update(
     AWS_CONFIG_FILE="/nonexistent/config",
     AWS_SHARED_CREDENTIALS_FILE="/nonexistent/credentials",
 )
+
+
+# -- what the secret scan (tests/test_zz_secret_scan.py) looks for ---------------------------
+# Every identity token `issue()` makes and every secret key and session token a broker fixture
+# cached, recorded as they are made so the scan can look for the exact values.
+ISSUED_SECRETS: set[str] = set()
+SECRETS_FILE = "issued-secrets.json"  # under the base temp dir; the scan skips it
+SESSION_LOG = "session.log"
+_issue_token = tests.support.issue
+
+
+def issue(pki: Pki, task: str, tenant: str, app: str = "web", **kwargs: Any) -> str:
+    token = _issue_token(pki, task, tenant, app, **kwargs)
+    ISSUED_SECRETS.add(token)
+    return token
+
+
+# Test modules import `issue` from tests.support after this conftest is loaded: they get this one.
+tests.support.issue = issue
+
+
+def record_broker_secrets(server: BrokerServer) -> None:
+    for entry in server.services.issuer.cache.entries():
+        ISSUED_SECRETS.add(entry.role.credentials.secret_access_key)
+        ISSUED_SECRETS.add(entry.role.credentials.session_token)
+
+
+@pytest.fixture(scope="session")
+def issued_secrets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
+    """The live set of secrets issued during the run; also written to issued-secrets.json."""
+    yield ISSUED_SECRETS
+    path = tmp_path_factory.getbasetemp() / SECRETS_FILE
+    path.write_text(json.dumps(sorted(ISSUED_SECRETS)))
+
+
+@pytest.fixture
+def record_secrets() -> Callable[[BrokerServer], None]:
+    """For tests that start their own brokers: call it with each before stopping it."""
+    return record_broker_secrets
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every log record the run emits, unscrubbed, in <basetemp>/session.log for the scan."""
+    path = tmp_path_factory.getbasetemp() / SESSION_LOG
+    handler = logging.FileHandler(path, encoding="utf-8")
+    # Plain format, no scrubbing filter: a secret passed to a logger must show up here. The
+    # root level stays as it is (tests assert on what caplog sees), so this holds warnings and
+    # errors, which are where error details, and so accidental secrets, end up.
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    yield path
+    root.removeHandler(handler)
+    handler.close()
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +115,7 @@ async def broker(
 ) -> AsyncIterator[BrokerServer]:
     server = await BrokerServer.start(broker_config(tmp_path, pki, sts_url, policies_dir))
     yield server
+    record_broker_secrets(server)
     await server.stop()
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import stat
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -150,3 +152,48 @@ async def test_cli_keygen_verify_and_tail(
     out = capsys.readouterr().out
     assert "first bad: segment-000000000001.jsonl line 3 (seq 3)" in out
     assert "hash does not match" in out
+
+
+FOLLOW_SCRIPT = """
+import argparse, sys
+from metaproxy.audit import cli
+parser = argparse.ArgumentParser()
+cli.register(parser.add_subparsers(dest="command", required=True))
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.func(args))
+"""
+
+
+async def test_cli_tail_follow_prints_new_records_across_rotation(tmp_path: Path) -> None:
+    """`audit tail --follow` prints records appended later, including in new segments."""
+    log = AuditLog(tmp_path, log_id="b", segment_max_bytes=600, write_timeout=5)
+    await log.start()
+    await log.append(grant(0, "before", APP, "ASIA0"))
+    follower = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        FOLLOW_SCRIPT,
+        "audit",
+        "tail",
+        str(tmp_path),
+        "-n",
+        "0",
+        "--follow",
+        stdout=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        await asyncio.sleep(1.0)  # let it start and take its position at the end
+        for minute in range(1, 6):
+            await log.append(grant(minute, f"t{minute}", APP, f"ASIA{minute}"))
+        assert len(list(tmp_path.glob("segment-*.jsonl"))) > 2
+        assert follower.stdout is not None
+        seen: list[str] = []
+        async with asyncio.timeout(10):
+            while len(seen) < 5:
+                seen.append(json.loads(await follower.stdout.readline())["task"])
+        assert seen == ["t1", "t2", "t3", "t4", "t5"]
+    finally:
+        follower.kill()
+        await follower.wait()
+        await log.close()

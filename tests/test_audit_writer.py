@@ -117,6 +117,10 @@ async def test_rotation_by_size_and_checkpoints_every_n(
     assert checkpoint_seqs[-1] == 50
     assert all(0 < b - a <= 10 for a, b in itertools.pairwise(checkpoint_seqs))
     assert set(segments) <= set(closed)
+    # Each closed segment is handed over before the checkpoint that says the log moved on.
+    ends = [int(name[8:20]) - 1 for name in segments[1:]] + [50]
+    for segment, last_seq in zip(segments, ends, strict=True):
+        assert closed.index(segment) < closed.index(f"checkpoint-{last_seq:012d}.json")
     report = verify_dir(tmp_path, keys[1])
     assert report.ok, report.problems
     assert report.records == 50
@@ -284,3 +288,152 @@ async def test_full_disk_fails_closed_and_recovers_when_space_returns(tiny_tmpfs
     assert record["seq"] == written + 1
     report = verify_dir(tiny_tmpfs / "log", None)
     assert (report.ok, report.records) == (True, written + 1), report.problems
+
+
+# ---- group commit ------------------------------------------------------------------------
+
+
+def read_records(directory: Path) -> list[dict[str, object]]:
+    """Every record on disk, in file order (segments in chain order)."""
+    return [
+        json.loads(line)
+        for _, path in chain.sorted_segments(directory)
+        for line in path.read_bytes().splitlines()
+    ]
+
+
+async def test_concurrent_appends_share_fsyncs_and_chain_in_arrival_order(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    """2,000 concurrent appends verify, in consecutive seqs by arrival, with few fsyncs."""
+    closed: list[str] = []
+    log = AuditLog(
+        tmp_path,
+        log_id="b",
+        signing_key=keys[0],
+        segment_max_bytes=100_000,
+        checkpoint_every_records=100,
+        write_timeout=10,
+        on_segment_closed=lambda path: closed.append(path.name),
+    )
+    await log.start()
+    results = await asyncio.gather(*(log.append(issued(n)) for n in range(2000)))
+    stats = log.stats()
+    await log.close()
+
+    assert [r["seq"] for r in results] == list(range(1, 2001))  # arrival order is chain order
+    on_disk = read_records(tmp_path)
+    assert [r["seq"] for r in on_disk] == list(range(1, 2001))
+    assert on_disk == results  # each caller got exactly the record stored for it
+    assert (stats["records"], stats["failures"]) == (2000, 0)
+    assert 0 < stats["batches"] <= 100  # one fsync per batch, not per record
+    assert stats["largest_batch"] > 1
+    report = verify_dir(tmp_path, keys[1])
+    assert (report.ok, report.records, report.signed) == (True, 2000, True), report.problems
+    # Rotation and checkpoints fall between batches exactly where single writes put them.
+    segments = [path for _, path in chain.sorted_segments(tmp_path)]
+    assert len(segments) > 3
+    assert all(path.stat().st_size < 100_000 + 1000 for path in segments)
+    assert all(path.stat().st_size >= 100_000 for path in segments[:-1])
+    checkpoint_seqs = [int(name[11:23]) for name in closed if name.startswith("checkpoint-")]
+    assert checkpoint_seqs[-1] == 2000
+    assert all(0 < b - a <= 100 for a, b in itertools.pairwise(checkpoint_seqs))
+
+
+async def test_stalled_batch_fails_every_caller_then_its_records_are_kept(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    """Every caller of a batch stuck past write_timeout gets AuditUnavailable within a second;
+    when the disk returns, the batch that landed late stays in the chain and the log verifies."""
+    log = AuditLog(tmp_path, log_id="b", signing_key=keys[0], write_timeout=0.3)
+    await log.start()
+    await log.append(issued(0))
+    stall = threading.Event()
+    assert log._executor is not None
+    log._executor.submit(stall.wait, 30)  # the disk thread hangs under the next batch
+
+    async def timed_append(n: int) -> tuple[float, BaseException | None]:
+        started = time.monotonic()
+        try:
+            await log.append(issued(n))
+        except AuditUnavailable as exc:
+            return time.monotonic() - started, exc
+        return time.monotonic() - started, None
+
+    try:
+        outcomes = await asyncio.gather(*(timed_append(n) for n in range(1, 301)))
+        later = await asyncio.gather(*(timed_append(n) for n in range(301, 351)))
+    finally:
+        stall.set()
+    assert all(isinstance(exc, AuditUnavailable) for _, exc in outcomes + later)
+    assert max(elapsed for elapsed, _ in outcomes + later) < 1.0
+    assert {str(exc) for _, exc in outcomes} == {"audit write took longer than 0.3s"}
+    assert {str(exc) for _, exc in later} == {"an earlier audit write is still stalled"}
+
+    await asyncio.sleep(0.1)
+    after = await log.append(issued(999))
+    await log.close()
+    on_disk = read_records(tmp_path)
+    assert after["seq"] == 302  # the 300 refused records landed late and were kept
+    assert [r["seq"] for r in on_disk] == list(range(1, 303))
+    assert [r["request_id"] for r in on_disk[1:301]] == [f"req-{n}" for n in range(1, 301)]
+    report = verify_dir(tmp_path, keys[1])
+    assert (report.ok, report.records) == (True, 302), report.problems
+
+
+async def test_cancelled_caller_still_queued_is_not_written(tmp_path: Path) -> None:
+    """An append cancelled before its batch is formed leaves no record and no gap in seqs."""
+    log = AuditLog(tmp_path, log_id="b", write_timeout=5)
+    await log.start()
+    tasks = [asyncio.create_task(log.append(issued(n))) for n in range(10)]
+    await asyncio.sleep(0)  # every task has queued its record; the committer has not run yet
+    tasks[4].cancel()
+    done = await asyncio.gather(*tasks, return_exceptions=True)
+    await log.close()
+    assert isinstance(done[4], asyncio.CancelledError)
+    on_disk = read_records(tmp_path)
+    assert [r["request_id"] for r in on_disk] == [f"req-{n}" for n in range(10) if n != 4]
+    assert [r["seq"] for r in on_disk] == list(range(1, 10))
+    assert verify_dir(tmp_path, None).ok
+
+
+async def test_close_commits_queued_appends_and_refuses_new_ones(tmp_path: Path) -> None:
+    """Appends queued when close starts are written; appends after it are refused."""
+    log = AuditLog(tmp_path, log_id="b", write_timeout=5)
+    await log.start()
+    tasks = [asyncio.create_task(log.append(issued(n))) for n in range(50)]
+    await asyncio.sleep(0)
+    await log.close()
+    assert [task.result()["seq"] for task in tasks] == list(range(1, 51))
+    with pytest.raises(AuditUnavailable, match="not running"):
+        await log.append(issued(99))
+    report = verify_dir(tmp_path, None)
+    assert (report.ok, report.records) == (True, 50), report.problems
+
+
+async def test_partially_written_batch_is_cut_at_its_last_whole_record(tiny_tmpfs: Path) -> None:
+    """A full disk tears a batch mid-way: all its callers fail, and recovery keeps the whole
+    records that reached the disk, drops the torn one and continues the chain after them."""
+    log = AuditLog(tiny_tmpfs / "log", log_id="b", write_timeout=2)
+    await log.start()
+    await log.append(issued(0))
+    filler = tiny_tmpfs / "filler"
+    with filler.open("wb") as file, contextlib.suppress(OSError):
+        file.write(b"\0" * (1 << 20))  # takes every free block; the segment's page has room left
+    outcomes = await asyncio.gather(
+        *(log.append(issued(n)) for n in range(1, 201)), return_exceptions=True
+    )
+    assert all(isinstance(outcome, AuditUnavailable) for outcome in outcomes)
+    segment = tiny_tmpfs / "log" / chain.segment_name(1)
+    assert not segment.read_bytes().endswith(b"\n")  # the batch really was torn mid-record
+    filler.unlink()
+    after = await log.append(issued(999))
+    await log.close()
+    on_disk = read_records(tiny_tmpfs / "log")
+    landed = len(on_disk) - 2
+    assert 0 < landed < 200
+    assert after["seq"] == landed + 2
+    assert [r["seq"] for r in on_disk] == list(range(1, landed + 3))
+    assert [r["request_id"] for r in on_disk[1:-1]] == [f"req-{n}" for n in range(1, landed + 1)]
+    report = verify_dir(tiny_tmpfs / "log", None)
+    assert (report.ok, report.records) == (True, landed + 2), report.problems

@@ -1,4 +1,4 @@
-"""The sidecar's data-plane HTTP/1.1 server: limits enforced at the connection, over real sockets."""
+"""The sidecar data-plane HTTP/1.1 server: limits enforced per connection, over real sockets."""
 
 from __future__ import annotations
 
@@ -40,12 +40,24 @@ def handler(seen: list[Request]):  # type: ignore[no-untyped-def]
 async def server() -> AsyncIterator[Running]:
     rejects: list[str] = []
     seen: list[Request] = []
-    limits = ServerLimits(header_timeout=0.6, keepalive_timeout=0.8, max_connections=20,
-                          max_connections_per_client=10, max_headers=10, max_header_bytes=2048,
-                          max_url_bytes=512, max_body_bytes=16)
+    limits = ServerLimits(
+        header_timeout=0.6,
+        keepalive_timeout=0.8,
+        max_connections=20,
+        max_connections_per_client=10,
+        max_headers=10,
+        max_header_bytes=2048,
+        max_url_bytes=512,
+        max_body_bytes=16,
+    )
     tracker = ConnectionTracker(limits, on_reject=rejects.append)
-    srv = await serve("127.0.0.1", 0, handler(seen), tracker,
-                      lambda status: Response(status, f"error {status}".encode()))
+    srv = await serve(
+        "127.0.0.1",
+        0,
+        handler(seen),
+        tracker,
+        lambda status: Response(status, f"error {status}".encode()),
+    )
     port = srv.sockets[0].getsockname()[1]
     yield Running(port, tracker, rejects, seen)
     srv.close()
@@ -107,8 +119,16 @@ async def test_head_has_no_body(server: Running) -> None:
         (b"GET / HTTP/1.1\r\nHost: a\x00b\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n", 400),
     ],
-    ids=["garbage", "long-url", "many-headers", "big-header", "big-body", "negative-length",
-         "nul-in-header", "bad-chunk"],
+    ids=[
+        "garbage",
+        "long-url",
+        "many-headers",
+        "big-header",
+        "big-body",
+        "negative-length",
+        "nul-in-header",
+        "bad-chunk",
+    ],
 )
 async def test_malformed_requests_get_4xx_and_close(
     server: Running, raw: bytes, status: int

@@ -14,17 +14,20 @@ import logging
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from metaproxy.audit.record import make_record
+from metaproxy.audit.ship import S3Shipper
 from metaproxy.audit.writer import AuditLog
+from metaproxy.broker import instrument
 from metaproxy.broker.cache import CredentialCache
 from metaproxy.broker.issuer import CredentialRequest, Issuer, RequestContext
 from metaproxy.broker.limits import TenantLimiter
 from metaproxy.broker.revocation import RevocationList
-from metaproxy.broker.scheduler import SimpleScheduler, StsScheduler
+from metaproxy.broker.scheduler import FairScheduler, StsScheduler
 from metaproxy.broker.sts import Boto3Sts, StsClient
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import BrokerConfig
@@ -35,6 +38,8 @@ from metaproxy.logs import request_id_var
 from metaproxy.policy.store import PolicyStore
 
 log = logging.getLogger("metaproxy.broker")
+
+BACKFILL_SECONDS = 5.0  # listing the S3 copy at start-up must not hold the broker back for long
 
 
 @dataclass
@@ -47,6 +52,8 @@ class BrokerServices:
     sts: StsClient
     scheduler: StsScheduler
     revocations: RevocationList
+    scrape: instrument.ScrapeState
+    shipper: S3Shipper | None = None
     draining: bool = False
 
 
@@ -62,7 +69,7 @@ def create_services(
 ) -> BrokerServices:
     """Build everything; raises ConfigError (e.g. a bad policy set) before anything listens."""
     clock = clock or SystemClock()
-    policies = PolicyStore(config.policies_dir)
+    policies = instrument.CountedPolicyStore(config.policies_dir)
     if not config.trusted_issuers:
         from metaproxy.errors import ConfigError
 
@@ -71,27 +78,26 @@ def create_services(
         config.trusted_issuers, leeway=config.token_leeway_seconds, clock=clock
     )
     config.audit_dir.mkdir(parents=True, exist_ok=True)
-    audit = AuditLog(
+    shipper = audit_shipper(config)
+    audit = instrument.TimedAuditLog(
         config.audit_dir,
         log_id=f"broker-{config.instance}",
         signing_key=config.audit_key,
         write_timeout=config.audit_write_timeout,
         clock=clock,
+        # enqueue only appends to a list: an S3 outage never slows or fails an append.
+        on_segment_closed=shipper.enqueue if shipper is not None else None,
     )
-    sts = sts or Boto3Sts(
-        endpoint=config.sts_endpoint,
-        region=config.sts_region,
-        timeout=config.sts_timeout,
-        max_workers=config.workers_max,
+    sts = instrument.TimedSts(
+        sts
+        or Boto3Sts(
+            endpoint=config.sts_endpoint,
+            region=config.sts_region,
+            timeout=config.sts_timeout,
+            max_workers=config.workers_max,
+        )
     )
-    scheduler = scheduler or SimpleScheduler(
-        sts,
-        workers=config.workers_max,
-        budget_per_second=config.sts_budget_per_second,
-        queue_max=config.queue_max,
-        max_attempts=config.sts_max_attempts,
-        call_timeout=config.sts_timeout * 2,
-    )
+    scheduler = scheduler or FairScheduler.from_config(config, sts, clock)
     revocations = RevocationList(config.audit_dir.parent / "revocations.json", clock)
     issuer = Issuer(
         verifier=verifier,
@@ -107,7 +113,45 @@ def create_services(
         availability_zone=config.availability_zone,
         document_key=config.document_key,
     )
-    return BrokerServices(config, clock, issuer, policies, audit, sts, scheduler, revocations)
+    return BrokerServices(
+        config,
+        clock,
+        issuer,
+        policies,
+        audit,
+        sts,
+        scheduler,
+        revocations,
+        scrape=instrument.ScrapeState(scheduler.stats),
+        shipper=shipper,
+    )
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/prefix` -> (bucket, prefix); raises ConfigError for anything else."""
+    from metaproxy.errors import ConfigError
+
+    if not url.startswith("s3://"):
+        raise ConfigError(f"audit_s3_url: {url!r} must look like s3://bucket/prefix")
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise ConfigError(f"audit_s3_url: {url!r} names no bucket")
+    return bucket, prefix.strip("/")
+
+
+def audit_shipper(config: BrokerConfig) -> S3Shipper | None:
+    """Ships closed segments and checkpoints under `prefix/<instance>/`: each broker replica
+    writes its own chain, and two chains under one prefix would not verify."""
+    if not config.audit_s3_url:
+        return None
+    from metaproxy.audit.cli import s3_client_factory
+
+    bucket, prefix = parse_s3_url(config.audit_s3_url)
+    return S3Shipper(
+        bucket=bucket,
+        prefix=f"{prefix}/{config.instance}" if prefix else config.instance,
+        client_factory=s3_client_factory(config.s3_endpoint, config.sts_region),
+    )
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -126,7 +170,7 @@ async def post_credentials(request: web.Request) -> web.Response:
     raw = await request.read()
     try:
         body: object = json.loads(raw) if raw.strip() else {}
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[…
         raise BadRequest(public_message="body is not valid JSON") from None
     credential_request = CredentialRequest.from_json(body)
     ctx = RequestContext(request_id_var.get(), request.remote or "unix")
@@ -135,20 +179,45 @@ async def post_credentials(request: web.Request) -> web.Response:
     return web.json_response(answer, headers={"Cache-Control": "no-store"})
 
 
+async def _backfill(shipper: S3Shipper, directory: Path) -> None:
+    try:
+        async with asyncio.timeout(BACKFILL_SECONDS):
+            queued = await shipper.backfill(directory)
+    except Exception as exc:
+        # S3 may be down at start-up: the broker still starts and newly closed segments still
+        # queue; what an earlier run left unshipped goes at the next start.
+        log.warning("audit backfill to S3 failed (%s); continuing", type(exc).__name__)
+        return
+    if queued:
+        log.info("audit backfill: %d files queued for S3", queued)
+
+
 async def _lifetimes(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
+    shipper = services.shipper
+    if shipper is not None:
+        await shipper.start()
+        # Before the writer starts, so files left by an earlier run go first and the S3 copy
+        # stays a prefix of the local log.
+        await _backfill(shipper, services.config.audit_dir)
     await services.audit.start()
     watcher = asyncio.create_task(services.policies.watch(services.config.policy_reload_seconds))
     yield
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
-    await services.audit.close()
+    await services.scheduler.aclose()  # workers stop before the audit log and STS close
+    await services.audit.close()  # closes the segment and hands it to the shipper
+    if shipper is not None:
+        await shipper.close(drain_seconds=services.config.drain_seconds)
     services.sts.close()
 
 
 def build_app(services: BrokerServices) -> web.Application:
-    app = web.Application(middlewares=[json_errors], client_max_size=services.config.max_body_bytes)
+    app = web.Application(
+        middlewares=[json_errors, instrument.request_metrics],
+        client_max_size=services.config.max_body_bytes,
+    )
     app[SERVICES] = services
     app.router.add_post("/v1/credentials", post_credentials)
     app.cleanup_ctx.append(_lifetimes)
@@ -167,9 +236,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    request.app[SERVICES].scrape.refresh()
+    body, content_type = instrument.exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def post_revoke(request: web.Request) -> web.Response:
@@ -177,7 +246,7 @@ async def post_revoke(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     try:
         body: Any = await request.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[…
         raise BadRequest(public_message="body is not valid JSON") from None
     if not isinstance(body, dict) or len(body) != 1 or next(iter(body)) not in ("task", "tenant"):
         raise BadRequest(public_message='body must be {"task": ID} or {"tenant": NAME}')
@@ -185,7 +254,11 @@ async def post_revoke(request: web.Request) -> web.Response:
     if not isinstance(name, str) or not 0 < len(name) <= 256:
         raise BadRequest(public_message=f"{kind} must be a non-empty string")
     entry = services.revocations.revoke(kind, name)
-    dropped = services.issuer.cache.drop(lambda _key: True) if kind == "tenant" else 0
+    dropped, roles = services.issuer.forget(kind, name)
+    if kind == "tenant":
+        tenant_policy = services.policies.current.tenants.get(name)
+        if tenant_policy is not None:
+            roles = sorted({*roles, *(role.arn for role in tenant_policy.roles)})
     await services.audit.append(
         make_record(
             "revoked",
@@ -198,7 +271,13 @@ async def post_revoke(request: web.Request) -> web.Response:
             status=200,
         )
     )
-    return web.json_response({"revoked": {"kind": kind, "name": name, "at": entry.at}})
+    return web.json_response(
+        {
+            "revoked": {"kind": kind, "name": name, "at": entry.at},
+            "dropped": dropped,
+            "roles": roles,
+        }
+    )
 
 
 def build_admin_app(services: BrokerServices) -> web.Application:

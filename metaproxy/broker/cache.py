@@ -3,11 +3,17 @@
 Coalescing goes through one shared task per key, registered before any `await` so a second
 caller arriving in the same loop iteration finds it; callers await it through `shield` so one
 caller's cancellation (its sidecar hung up) does not cancel the STS call the others wait for.
+
+Refresh ahead: an entry is refreshed in the background from `revalidate_at` (90% of the way to
+`refresh_at`) while callers keep getting the cached set, so with STS healthy a cached answer
+always has at least (1 - refresh_fraction) of its lifetime left (30 minutes of a 1-hour set)
+and no caller waits for STS on a warm key. Past `refresh_at` callers wait for the fetch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +32,7 @@ class CacheEntry:
     role: AssumedRole
     fetched_at: datetime
     refresh_at: datetime
+    revalidate_at: datetime | None = None  # from here on, refresh in the background
 
     def valid(self, now: datetime, floor_seconds: float) -> bool:
         return self.role.credentials.seconds_left(now) > floor_seconds
@@ -35,6 +42,9 @@ class CacheEntry:
 class CacheResult:
     role: AssumedRole
     source: str  # "cache" | "sts" | "coalesced" | "stale" (STS failing, still valid)
+
+
+REVALIDATE_SHARE = 0.9  # of the way from fetch to refresh_at, background refresh starts
 
 
 class CredentialCache:
@@ -57,6 +67,10 @@ class CredentialCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def entries(self) -> list[CacheEntry]:
+        """A snapshot of the cached sets (diagnostics, and the test suite's secret scan)."""
+        return list(self._entries.values())
+
     def peek(self, key: Key) -> CacheEntry | None:
         return self._entries.get(key)
 
@@ -68,14 +82,11 @@ class CredentialCache:
         now = self._clock.now()
         entry = self._entries.get(key)
         if entry is not None and now < entry.refresh_at:
+            if entry.revalidate_at is not None and now >= entry.revalidate_at:
+                self._start_fetch(key, fetch)  # in the background; joins one in flight
             return CacheResult(entry.role, "cache")
-        task = self._in_flight.get(key)
-        source = "coalesced"
-        if task is None:
-            task = asyncio.ensure_future(self._fetch(key, fetch))
-            self._in_flight[key] = task
-            task.add_done_callback(self._forget(key))
-            source = "sts"
+        source = "coalesced" if key in self._in_flight else "sts"
+        task = self._start_fetch(key, fetch)
         try:
             role = await asyncio.shield(task)
         except Exception:
@@ -86,19 +97,32 @@ class CredentialCache:
             raise
         return CacheResult(role, source)
 
-    def _forget(self, key: Key) -> Callable[[asyncio.Future[AssumedRole]], None]:
-        def done(_task: asyncio.Future[AssumedRole]) -> None:
-            self._in_flight.pop(key, None)
+    def _start_fetch(
+        self, key: Key, fetch: Callable[[], Awaitable[AssumedRole]]
+    ) -> asyncio.Future[AssumedRole]:
+        task = self._in_flight.get(key)
+        if task is None:
+            task = asyncio.ensure_future(self._fetch(key, fetch))
+            self._in_flight[key] = task
+            task.add_done_callback(functools.partial(self._fetch_done, key))
+        return task
 
-        return done
+    def _fetch_done(self, key: Key, task: asyncio.Future[AssumedRole]) -> None:
+        self._in_flight.pop(key, None)
+        # A background refresh may have no caller awaiting it; its failure is already handled
+        # (the entry stays until it nears expiry), so mark the exception retrieved.
+        if not task.cancelled():
+            task.exception()
 
     async def _fetch(self, key: Key, fetch: Callable[[], Awaitable[AssumedRole]]) -> AssumedRole:
         role = await fetch()
         now = self._clock.now()
         lifetime = role.credentials.seconds_left(now)
 
-        refresh_at = now + timedelta(seconds=lifetime * self._refresh_fraction)
-        self._entries[key] = CacheEntry(role, now, refresh_at)
+        refresh_in = lifetime * self._refresh_fraction
+        refresh_at = now + timedelta(seconds=refresh_in)
+        revalidate_at = now + timedelta(seconds=refresh_in * REVALIDATE_SHARE)
+        self._entries[key] = CacheEntry(role, now, refresh_at, revalidate_at)
         if len(self._entries) > self._max_entries:
             self._evict(now)
         return role

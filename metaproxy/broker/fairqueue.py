@@ -26,7 +26,7 @@ PRIORITIES: tuple[Priority, ...] = ("cold", "refresh")
 T = TypeVar("T")
 
 MIN_RETRY_AFTER = 1.0
-MAX_RETRY_AFTER = 60.0
+MAX_RETRY_AFTER = 10.0  # a guess further ahead than this is not worth trusting
 
 
 @dataclass(slots=True)

@@ -17,7 +17,8 @@ from typing import Any
 
 from metaproxy.audit.record import make_record
 from metaproxy.audit.writer import AuditLog
-from metaproxy.broker.cache import CredentialCache
+from metaproxy.broker.cache import CredentialCache, Key
+from metaproxy.broker.instrument import note_source
 from metaproxy.broker.limits import TenantLimiter
 from metaproxy.broker.metadata import build_metadata
 from metaproxy.broker.revocation import RevocationList
@@ -34,6 +35,7 @@ log = logging.getLogger("metaproxy.broker")
 
 _ROLE_REQUEST = re.compile(r"^(arn:aws[a-z-]*:iam::\d{12}:role/)?[\w+=,.@/-]{1,128}$")
 _ACCOUNT = re.compile(r":iam::(\d{12}):")
+MAX_TRACKED_KEYS = 200_000  # twice the cache's own bound; the oldest owners are forgotten first
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,9 @@ class Issuer:
         self.document_key = document_key
         self._started = clock.now()
         self._metadata: OrderedDict[tuple[str, ...], dict[str, Any]] = OrderedDict()
+        # Which (tenant, task) each cache key was issued to, so a revocation drops exactly
+        # their cached sets and no one else's.
+        self._owners: OrderedDict[Key, tuple[str, str]] = OrderedDict()
 
     async def issue(
         self, token: str | None, request: CredentialRequest, ctx: RequestContext
@@ -162,6 +167,8 @@ class Issuer:
                 "failed", ctx, identity, decision, reason=exc.detail, status=exc.status
             )
             raise
+        note_source(result.source)
+        self._remember_owner(key, decision.tenant, identity.task)
         credentials = result.role.credentials
         event = "refreshed" if request.refresh else "issued"
         await self._audit(
@@ -196,6 +203,25 @@ class Issuer:
             "metadata": self._metadata_view(identity, decision, account_id, ctx.peer),
             "limits": decision.sidecar_limits.to_json(),
         }
+
+    def _remember_owner(self, key: Key, tenant: str, task: str) -> None:
+        self._owners[key] = (tenant, task)
+        self._owners.move_to_end(key)
+        if len(self._owners) > MAX_TRACKED_KEYS:
+            self._owners.popitem(last=False)
+
+    def forget(self, kind: str, name: str) -> tuple[int, list[str]]:
+        """Drop the cached credentials of a revoked task or tenant.
+
+        Returns how many cached sets went and the role ARNs they were for (the roles the IAM
+        deny statement must be attached to).
+        """
+        position = 1 if kind == "task" else 0
+        doomed = {key for key, owner in self._owners.items() if owner[position] == name}
+        dropped = self.cache.drop(lambda key: key in doomed)
+        for key in doomed:
+            del self._owners[key]
+        return dropped, sorted({str(key[0]) for key in doomed})
 
     def _metadata_view(
         self, identity: Identity, decision: Decision, account_id: str, peer: str

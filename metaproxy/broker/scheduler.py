@@ -1,26 +1,48 @@
-"""Gets STS calls done: bounded queue, worker limit, the global STS call budget, retries.
+"""Gets STS calls done: fair bounded queue, autoscaled workers, the global STS call budget,
+retries with backoff, and a circuit breaker.
 
 `StsScheduler` is the seam between the issuer and STS. Everything that decides *when* an
 AssumeRole call happens (fairness across tenants, cold starts before refreshes, how many calls
 run at once, how fast) lives behind it.
+
+- `FairScheduler` is the broker's: `FairQueue` (per-tenant deficit round robin, cold before
+  refresh, bounded), a `WorkerPool` sized by `autoscale.decide`, and `StsCaller`.
+- `FixedPoolScheduler` is the design we replace (20 workers, one FIFO queue, no bound), kept
+  as the benchmark's baseline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from typing import Literal, Protocol
+import time
+from dataclasses import dataclass
+from typing import Protocol
 
 from aiolimiter import AsyncLimiter
 
+from metaproxy.broker.autoscale import (
+    Ewma,
+    Load,
+    RateMeter,
+    ScaleLimits,
+    WorkerPool,
+    decide,
+    wanted_workers,
+)
+from metaproxy.broker.circuit import STATE_CODES, CircuitBreaker
+from metaproxy.broker.fairqueue import FairQueue, Priority
 from metaproxy.broker.sts import AssumedRole, StsClient, StsThrottled
-from metaproxy.errors import Overloaded, StsUnavailable
+from metaproxy.clock import Clock, SystemClock
+from metaproxy.config import BrokerConfig
+from metaproxy.errors import MetaproxyError, Overloaded, StsUnavailable, UpstreamError
 from metaproxy.models import AssumeRoleSpec
 
 log = logging.getLogger("metaproxy.broker.scheduler")
 
-Priority = Literal["cold", "refresh"]
+__all__ = ["FairScheduler", "FixedPoolScheduler", "Priority", "StsCaller", "StsScheduler"]
 
 
 class StsScheduler(Protocol):
@@ -30,60 +52,406 @@ class StsScheduler(Protocol):
 
     def stats(self) -> dict[str, float]: ...
 
+    async def aclose(self) -> None: ...
+
 
 def full_jitter_backoff(attempt: int, *, base: float = 0.1, cap: float = 5.0) -> float:
     """AWS's "full jitter": uniform over [0, min(cap, base * 2**attempt)]."""
     return random.uniform(0, min(cap, base * (2**attempt)))  # noqa: S311 - jitter, not crypto
 
 
-class SimpleScheduler:
-    """A bounded number of concurrent calls within the budget; retries throttling with jitter."""
+def budget_limiter(calls_per_second: float) -> AsyncLimiter:
+    """A leaky bucket that never lets more than `calls_per_second` calls into any 1 s window.
+
+    AsyncLimiter(rate, 1.0) would allow a full bucket *plus* a second's leak in one window
+    (up to twice the budget, e.g. when STS comes back after an outage). So the bucket is small
+    (2% of a second's budget) and the leak is what is left of the budget, with 3% margin for
+    the time between taking a token and the request reaching STS.
+    """
+    if calls_per_second <= 0:
+        raise ValueError("the STS call budget must be positive")
+    burst = max(1.0, calls_per_second * 0.02)
+    leak = max(calls_per_second - burst, calls_per_second * 0.5) * 0.97
+    return AsyncLimiter(burst, burst / leak)
+
+
+class StsCaller:
+    """One AssumeRole, with retries: each attempt inside the budget, timed out, and counted."""
 
     def __init__(
         self,
         sts: StsClient,
         *,
-        workers: int,
         budget_per_second: float,
-        queue_max: int,
+        breaker: CircuitBreaker,
+        clock: Clock,
+        max_attempts: int = 4,
+        call_timeout: float = 10.0,
+        backoff_base: float = 0.1,
+        backoff_cap: float = 5.0,
+    ) -> None:
+        self._sts = sts
+        self.budget_per_second = budget_per_second
+        self._budget = budget_limiter(budget_per_second)
+        self.breaker = breaker
+        self._clock = clock
+        self._max_attempts = max(1, max_attempts)
+        self._call_timeout = call_timeout
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self.latency = Ewma(initial=0.2, time_constant=5.0)
+        self.calls = 0
+        self.ok = 0
+        self.throttles = 0
+        self.errors = 0
+        self.timeouts = 0
+        self.refused = 0  # 4xx from STS: UpstreamError, not retried
+        self.fast_failures = 0  # failed by the open circuit without calling STS
+
+    def circuit_retry_after(self) -> float:
+        return max(1.0, self.breaker.retry_after())
+
+    async def assume_role(self, spec: AssumeRoleSpec) -> AssumedRole:
+        error: MetaproxyError = StsUnavailable("AssumeRole not attempted")
+        for attempt in range(self._max_attempts):
+            if not self.breaker.allow():
+                self.fast_failures += 1
+                raise StsUnavailable(
+                    "STS circuit open; not calling", retry_after=self.circuit_retry_after()
+                )
+            await self._budget.acquire()
+            outcome = await self._attempt(spec)
+            if isinstance(outcome, AssumedRole):
+                return outcome
+            error = outcome
+            if isinstance(error, UpstreamError) or attempt + 1 == self._max_attempts:
+                break
+            await asyncio.sleep(
+                full_jitter_backoff(attempt, base=self._backoff_base, cap=self._backoff_cap)
+            )
+        raise error
+
+    async def _attempt(self, spec: AssumeRoleSpec) -> AssumedRole | MetaproxyError:
+        """Make one call and return its outcome as a value (errors included)."""
+        self.calls += 1
+        started = self._clock.monotonic()
+        outcome: AssumedRole | MetaproxyError
+        try:
+            outcome = await asyncio.wait_for(self._sts.assume_role(spec), self._call_timeout)
+        except TimeoutError:
+            self.timeouts += 1
+            outcome = StsUnavailable(
+                f"AssumeRole {spec.role_arn}: no answer in {self._call_timeout}s"
+            )
+        except MetaproxyError as exc:
+            outcome = exc
+        except asyncio.CancelledError:
+            self.breaker.record_neutral()  # free a half-open probe slot
+            raise
+        except Exception:
+            # Never pass unknown error text on: log it here, give the caller our own error.
+            log.exception("unexpected error from the STS client")
+            outcome = StsUnavailable(f"AssumeRole {spec.role_arn}: unexpected client error")
+        self._record(outcome, self._clock.monotonic() - started)
+        return outcome
+
+    def _record(self, outcome: AssumedRole | MetaproxyError, seconds: float) -> None:
+        if isinstance(outcome, AssumedRole):
+            self.ok += 1
+            self.breaker.record_success()
+            self.latency.update(seconds, self._clock.monotonic())
+        elif isinstance(outcome, StsThrottled):
+            self.throttles += 1
+            self.breaker.record_neutral()  # STS answered; it is busy, not down
+        elif isinstance(outcome, StsUnavailable):
+            self.errors += 1
+            self.breaker.record_failure()
+        elif isinstance(outcome, UpstreamError):
+            self.refused += 1
+            self.breaker.record_success()  # STS answered: it is up
+        else:
+            self.errors += 1
+            self.breaker.record_neutral()
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "sts_calls": float(self.calls),
+            "sts_ok": float(self.ok),
+            "throttles": float(self.throttles),
+            "errors": float(self.errors),
+            "timeouts": float(self.timeouts),
+            "sts_refused": float(self.refused),
+            "fast_failures": float(self.fast_failures),
+            "sts_latency_seconds": self.latency.value,
+            "circuit_state": STATE_CODES[self.breaker.state],
+            "circuit_open": 1.0 if self.breaker.state == "open" else 0.0,
+            "circuit_opened": float(self.breaker.opened),
+            "budget_per_second": self.budget_per_second,
+        }
+
+
+@dataclass(eq=False, slots=True)
+class _Job:
+    spec: AssumeRoleSpec
+    future: asyncio.Future[AssumedRole]
+
+
+async def _settle(job: _Job, caller: StsCaller) -> None:
+    """Run one job; its outcome (never an unknown exception's text) goes to its future."""
+    if job.future.done():
+        return  # the caller gave up while it waited
+    try:
+        role = await caller.assume_role(job.spec)
+    except MetaproxyError as exc:
+        if not job.future.done():
+            job.future.set_exception(exc)
+    else:
+        if not job.future.done():
+            job.future.set_result(role)
+
+
+async def _await_job(job: _Job) -> AssumedRole:
+    try:
+        return await job.future
+    except asyncio.CancelledError:
+        job.future.cancel()  # workers skip it
+        raise
+
+
+class FairScheduler:
+    """The broker's scheduler: fair bounded queue, autoscaled workers, budget, circuit."""
+
+    def __init__(
+        self,
+        sts: StsClient,
+        *,
+        clock: Clock | None = None,
+        workers_min: int = 2,
+        workers_max: int = 64,
+        budget_per_second: float = 50.0,
+        queue_max: int = 10_000,
+        queue_per_tenant_max: int = 2_000,
+        max_attempts: int = 4,
+        call_timeout: float = 10.0,
+        failure_threshold: int = 5,
+        cool_down: float = 5.0,
+        scale_down_after: float = 30.0,
+        tick_seconds: float = 0.25,
+    ) -> None:
+        self._clock: Clock = clock or SystemClock()
+        breaker = CircuitBreaker(
+            self._clock, failure_threshold=failure_threshold, cool_down=cool_down
+        )
+        self.caller = StsCaller(
+            sts,
+            budget_per_second=budget_per_second,
+            breaker=breaker,
+            clock=self._clock,
+            max_attempts=max_attempts,
+            call_timeout=call_timeout,
+        )
+        self.queue: FairQueue[_Job] = FairQueue(
+            max_depth=queue_max, per_tenant_max=queue_per_tenant_max
+        )
+        self.limits = ScaleLimits(
+            workers_min=workers_min,
+            workers_max=workers_max,
+            budget_per_second=budget_per_second,
+            scale_down_after=scale_down_after,
+        )
+        self._tick = tick_seconds
+        self.pool: WorkerPool[_Job] = WorkerPool(self._next_job, self._handle)
+        self._available = asyncio.Event()
+        self._arrivals = RateMeter()
+        self._completions = RateMeter()
+        self._item_seconds = Ewma(initial=0.2, time_constant=5.0)
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closed = False
+        self.submitted = 0
+
+    @classmethod
+    def from_config(
+        cls, config: BrokerConfig, sts: StsClient, clock: Clock | None = None
+    ) -> FairScheduler:
+        return cls(
+            sts,
+            clock=clock,
+            workers_min=config.workers_min,
+            workers_max=config.workers_max,
+            budget_per_second=config.sts_budget_per_second,
+            queue_max=config.queue_max,
+            queue_per_tenant_max=config.queue_per_tenant_max,
+            max_attempts=config.sts_max_attempts,
+            call_timeout=config.sts_timeout * 2,
+        )
+
+    async def submit(self, spec: AssumeRoleSpec, *, tenant: str, priority: Priority) -> AssumedRole:
+        if self._closed:
+            raise StsUnavailable("broker is shutting down")
+        self._ensure_running()
+        if self.caller.breaker.rejects_now():
+            # Fail fast: queueing would only make the caller wait for a call we will not make.
+            self.caller.fast_failures += 1
+            raise StsUnavailable("STS circuit open", retry_after=self.caller.circuit_retry_after())
+        job = _Job(spec, asyncio.get_running_loop().create_future())
+        shed = self.queue.push(job, tenant=tenant, priority=priority)  # may raise Overloaded
+        self.submitted += 1
+        self._arrivals.count()
+        self._scale_up_now()
+        if shed is not None and not shed.item.future.done():
+            shed.item.future.set_exception(
+                Overloaded("refresh pushed out of a full queue by a cold start")
+            )
+        self._available.set()
+        return await _await_job(job)
+
+    def _ensure_running(self) -> None:
+        if self._supervisor is None or self._supervisor.done():
+            self.pool.resize(self.limits.workers_min)
+            self._supervisor = asyncio.create_task(self._autoscale(), name="sts-autoscaler")
+
+    def _scale_up_now(self) -> None:
+        """Grow the pool on arrival when the backlog needs it: during a burst the event loop is
+        busy admitting requests and the next autoscaler tick can come seconds late."""
+        if self.pool.busy < self.pool.size:
+            return  # an idle worker will take it
+        load = Load(
+            depth=len(self.queue),
+            arrival_rate=self._arrivals.value,
+            item_seconds=self._item_seconds.value,
+            busy=self.pool.busy,
+        )
+        wanted = wanted_workers(load, self.limits)
+        if wanted > self.pool.target:
+            self.pool.resize(wanted)
+
+    async def _next_job(self) -> _Job:
+        while True:
+            entry = self.queue.pop()
+            if entry is None:
+                self._available.clear()
+                await self._available.wait()
+                continue
+            if not entry.item.future.done():
+                return entry.item
+
+    async def _handle(self, job: _Job) -> None:
+        started = time.monotonic()
+        await _settle(job, self.caller)
+        now = time.monotonic()
+        self._item_seconds.update(now - started, now)
+        self._completions.count()
+
+    async def _autoscale(self) -> None:
+        low_since: float | None = None
+        while True:
+            await asyncio.sleep(self._tick)
+            now = time.monotonic()
+            load = Load(
+                depth=len(self.queue),
+                arrival_rate=self._arrivals.rate(now),
+                item_seconds=self._item_seconds.value,
+                busy=self.pool.busy,
+            )
+            decision = decide(self.pool.target, load, self.limits, now=now, low_since=low_since)
+            low_since = decision.low_since
+            if decision.workers != self.pool.target:
+                log.info(
+                    "STS workers %d -> %d (queue %d, %.0f/s arriving, %.0f ms per item)",
+                    self.pool.target,
+                    decision.workers,
+                    load.depth,
+                    load.arrival_rate,
+                    load.item_seconds * 1000,
+                )
+                self.pool.resize(decision.workers)
+            # What the queue will drain at: the pool just sized, within the budget (the
+            # observed rate lags a burst by seconds and would hand out far too long Retry-Afters).
+            capacity = self.pool.target / max(self._item_seconds.value, 1e-3)
+            self.queue.drain_rate = max(
+                self._completions.rate(now), min(capacity, self.limits.budget_per_second)
+            )
+
+    def stats(self) -> dict[str, float]:
+        """For /metrics: queue_depth, queue_cold, queue_refresh (waiting, by priority),
+        queue_rejected (overflow 503s), queue_shed, workers, workers_target, workers_busy,
+        sts_calls (attempts), sts_ok, throttles, errors, timeouts, sts_refused (4xx),
+        fast_failures (failed by the open circuit), circuit_state (0 closed, 1 half-open,
+        2 open), circuit_open, circuit_opened (times), sts_latency_seconds, arrival_rate."""
+        return {
+            "queue_depth": float(len(self.queue)),
+            "queue_cold": float(self.queue.depth("cold")),
+            "queue_refresh": float(self.queue.depth("refresh")),
+            "queue_tenants": float(self.queue.tenants()),
+            "queue_max": float(self.queue.max_depth),
+            "queue_rejected": float(self.queue.rejected),
+            "queue_shed": float(self.queue.shed),
+            "submitted": float(self.submitted),
+            "workers": float(self.pool.size),
+            "workers_target": float(self.pool.target),
+            "workers_busy": float(self.pool.busy),
+            "arrival_rate": self._arrivals.value,
+            "item_seconds": self._item_seconds.value,
+            **self.caller.stats(),
+        }
+
+    async def aclose(self) -> None:
+        """Stop the autoscaler and the workers; waiting callers get StsUnavailable."""
+        self._closed = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        await self.pool.close()
+        while (entry := self.queue.pop()) is not None:
+            if not entry.item.future.done():
+                entry.item.future.set_exception(StsUnavailable("broker is shutting down"))
+
+
+class FixedPoolScheduler:
+    """The baseline: a fixed number of workers on one unbounded FIFO queue (the old design)."""
+
+    def __init__(
+        self,
+        sts: StsClient,
+        *,
+        workers: int = 20,
+        budget_per_second: float = 50.0,
+        clock: Clock | None = None,
         max_attempts: int = 4,
         call_timeout: float = 10.0,
     ) -> None:
-        self._sts = sts
-        self._slots = asyncio.Semaphore(workers)
-        self._budget = AsyncLimiter(budget_per_second, 1.0)
-        self._queue_max = queue_max
-        self._max_attempts = max_attempts
-        self._call_timeout = call_timeout
-        self._waiting = 0
-        self._calls = 0
-        self._throttles = 0
+        clock = clock or SystemClock()
+        self.caller = StsCaller(
+            sts,
+            budget_per_second=budget_per_second,
+            breaker=CircuitBreaker(clock),
+            clock=clock,
+            max_attempts=max_attempts,
+            call_timeout=call_timeout,
+        )
+        self._workers = workers
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self.pool: WorkerPool[_Job] = WorkerPool(self._queue.get, self._handle)
 
     async def submit(self, spec: AssumeRoleSpec, *, tenant: str, priority: Priority) -> AssumedRole:
-        if self._waiting >= self._queue_max:
-            raise Overloaded(f"queue full ({self._waiting})", retry_after=1.0)
-        self._waiting += 1
-        try:
-            async with self._slots:
-                return await self._call_with_retries(spec)
-        finally:
-            self._waiting -= 1
+        if self.pool.size < self._workers:
+            self.pool.resize(self._workers)
+        job = _Job(spec, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(job)
+        return await _await_job(job)
 
-    async def _call_with_retries(self, spec: AssumeRoleSpec) -> AssumedRole:
-        for attempt in range(self._max_attempts):
-            await self._budget.acquire()
-            self._calls += 1
-            try:
-                return await asyncio.wait_for(self._sts.assume_role(spec), self._call_timeout)
-            except StsThrottled:
-                self._throttles += 1
-                if attempt + 1 == self._max_attempts:
-                    raise
-            except TimeoutError:
-                if attempt + 1 == self._max_attempts:
-                    raise StsUnavailable("AssumeRole timed out") from None
-            await asyncio.sleep(full_jitter_backoff(attempt))
-        raise StsUnavailable("AssumeRole retries exhausted")
+    async def _handle(self, job: _Job) -> None:
+        await _settle(job, self.caller)
 
     def stats(self) -> dict[str, float]:
-        return {"queued": self._waiting, "sts_calls": self._calls, "throttles": self._throttles}
+        return {
+            "queue_depth": float(self._queue.qsize()),
+            "queue_cold": float(self._queue.qsize()),
+            "queue_refresh": 0.0,
+            "workers": float(self.pool.size),
+            **self.caller.stats(),
+        }
+
+    async def aclose(self) -> None:
+        await self.pool.close()

@@ -16,9 +16,53 @@ from metaproxy.broker.app import (
     server_tls_context,
 )
 from metaproxy.config import BrokerConfig
+from metaproxy.connguard import (
+    ConnectionGuard,
+    ConnectionLimits,
+    body_deadline,
+    canned_response,
+    protocol_logger,
+)
 from metaproxy.runtime import start_site
 
 log = logging.getLogger("metaproxy.broker")
+
+# Sidecars hold one pooled keep-alive connection or a few; one address holding a quarter of the
+# broker's connections is a leak or an attack. (Behind a Unix socket every peer is one address.)
+CLIENT_SHARE = 4
+# Sidecars keep their connection to the broker between refreshes; reap it if it idles longer.
+KEEPALIVE_SECONDS = 60.0
+# Kubernetes service-account tokens in `Authorization` run to a few KB; 8 KB per line is plenty.
+MAX_HEADER_BYTES = 8190
+MAX_HEADERS = 64
+ADMIN_LIMITS = ConnectionLimits(max_connections=64, max_per_client=32)
+_REJECT = canned_response(
+    429,
+    "Too Many Requests",
+    b'{"code": "TooManyConnections", "message": "too many connections", "request_id": ""}',
+    "application/json",
+)
+
+
+def _reject() -> bytes:
+    return _REJECT
+
+
+def build_guards(config: BrokerConfig) -> tuple[ConnectionGuard, ConnectionGuard]:
+    per_client = config.max_connections
+    if config.socket is None:
+        per_client = max(1, config.max_connections // CLIENT_SHARE)
+    public = ConnectionLimits(config.max_connections, per_client)
+    admin = ConnectionGuard(
+        "broker-admin", lambda: ADMIN_LIMITS, header_timeout=config.header_timeout
+    )
+    guard = ConnectionGuard(
+        "broker",
+        lambda: public,
+        header_timeout=config.header_timeout,
+        fd_reserve=admin.fd_reserve + ADMIN_LIMITS.max_connections,
+    )
+    return guard, admin
 
 
 @dataclass
@@ -28,21 +72,47 @@ class BrokerServer:
     admin_url: str
     _runner: web.AppRunner
     _admin: web.AppRunner
+    guard: ConnectionGuard
+    admin_guard: ConnectionGuard
 
     @classmethod
     async def start(cls, config: BrokerConfig, **deps: Any) -> BrokerServer:
         services = create_services(config, **deps)
+        guard, admin_guard = build_guards(config)
+        services.scrape.open_connections = lambda: guard.open + admin_guard.open
+        services.scrape.open_connections = lambda: guard.open
+        handler_args: dict[str, Any] = {
+            "keepalive_timeout": KEEPALIVE_SECONDS,
+            "max_line_size": MAX_HEADER_BYTES,
+            "max_field_size": MAX_HEADER_BYTES,
+            "max_headers": MAX_HEADERS,
+            "lingering_time": config.header_timeout,
+            "logger": protocol_logger(),
+        }
+        app = build_app(services)
+        app.middlewares.append(body_deadline(config.header_timeout))
         runner = web.AppRunner(
-            build_app(services), shutdown_timeout=config.drain_seconds, access_log=None
+            app,
+            shutdown_timeout=config.drain_seconds,
+            access_log=None,
+            **handler_args,
         )
-        admin = web.AppRunner(build_admin_app(services), access_log=None)
+        admin = web.AppRunner(build_admin_app(services), access_log=None, **handler_args)
         await runner.setup()
         await admin.setup()
         address = f"unix:{config.socket}" if config.socket else config.listen
-        _, url = await start_site(runner, address, ssl_context=server_tls_context(config))
-        _, admin_url = await start_site(admin, config.admin_listen)
+        _, url = await start_site(
+            runner,
+            address,
+            ssl_context=server_tls_context(config),
+            guard=guard,
+            reject=_reject,
+        )
+        _, admin_url = await start_site(
+            admin, config.admin_listen, guard=admin_guard, reject=_reject
+        )
         log.info("broker listening on %s (admin %s)", url, admin_url)
-        return cls(services, url, admin_url, runner, admin)
+        return cls(services, url, admin_url, runner, admin, guard, admin_guard)
 
     async def stop(self) -> None:
         """Drain: /readyz turns false, in-flight requests finish (capped), then close."""

@@ -19,8 +19,7 @@ from metaproxy.config import SidecarConfig
 from metaproxy.httperrors import Handler
 from metaproxy.models import SidecarLimits
 from metaproxy.ratelimit import KeyedLimiter
-from metaproxy.sidecar import container_creds, imds
-from metaproxy.sidecar.broker_client import BrokerClient
+from metaproxy.sidecar import container_creds, imds, instrument
 from metaproxy.sidecar.credentials_cache import CredentialKeeper
 from metaproxy.sidecar.host_metadata import HostMetadata
 from metaproxy.sidecar.state import STATE, SidecarState
@@ -76,8 +75,8 @@ async def _server_header(_request: web.Request, response: web.StreamResponse) ->
 
 def build_state(config: SidecarConfig, clock: Clock | None = None) -> SidecarState:
     clock = clock or SystemClock()
-    client = BrokerClient(config)
-    keeper = CredentialKeeper(client, config, clock)
+    client = instrument.TimedBrokerClient(config)
+    keeper = CredentialKeeper(client, config, clock, on_grant=instrument.GrantObserver(clock))
     state = SidecarState(
         config=config,
         tokens=TokenAuthority(),
@@ -91,7 +90,14 @@ def build_state(config: SidecarConfig, clock: Clock | None = None) -> SidecarSta
 
 
 def build_imds_app(state: SidecarState) -> web.Application:
-    app = web.Application(middlewares=[rate_limit(container=False)], client_max_size=1024)
+    app = web.Application(
+        # Metrics outermost, so what the rate limiter refuses is counted too.
+        middlewares=[
+            instrument.request_metrics(lambda request: path_class(request, container=False)),
+            rate_limit(container=False),
+        ],
+        client_max_size=state.config.max_body_bytes,
+    )
     app[STATE] = state
     app.router.add_route("*", "/{tail:.*}", imds.handle)
     app.on_response_prepare.append(_server_header)
@@ -99,7 +105,13 @@ def build_imds_app(state: SidecarState) -> web.Application:
 
 
 def build_container_app(state: SidecarState) -> web.Application:
-    app = web.Application(middlewares=[rate_limit(container=True)], client_max_size=1024)
+    app = web.Application(
+        middlewares=[
+            instrument.request_metrics(lambda _request: "container"),
+            rate_limit(container=True),
+        ],
+        client_max_size=state.config.max_body_bytes,
+    )
     app[STATE] = state
     app.router.add_route("*", "/{tail:.*}", container_creds.handle)
     return app
@@ -120,9 +132,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    state = request.app[STATE]
+    instrument.refresh_gauges(state.keeper, draining=state.draining)
+    body, content_type = instrument.exposition()
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def _keeper_lifetime(app: web.Application) -> AsyncIterator[None]:
@@ -138,7 +151,9 @@ async def _keeper_lifetime(app: web.Application) -> AsyncIterator[None]:
 
 
 def build_admin_app(state: SidecarState) -> web.Application:
-    app = web.Application(client_max_size=1024)
+    app = web.Application(
+        middlewares=[instrument.request_metrics(lambda _request: "admin")], client_max_size=1024
+    )
     app[STATE] = state
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -6,6 +6,9 @@
 - While the broker or STS is down it keeps serving what it has, retrying with backoff.
 - It never serves expired credentials: past expiry it has nothing to serve.
 - A 403 from the broker (denied or revoked) drops the cached credentials at once.
+- It asks the broker at least every `revocation_check_seconds` (the broker answers a warm
+  refresh from its cache, without STS), so a revoked task stops being served within that
+  interval plus one broker round trip (see docs/revocation.md).
 """
 
 from __future__ import annotations
@@ -85,6 +88,12 @@ class CredentialKeeper:
         # ±10% jitter: tasks started by one deployment spread their refreshes.
         return delay * random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not crypto
 
+    def next_check_delay(self, grant: Grant) -> float:
+        """The next refresh, or sooner the next revocation check."""
+        check = self._config.revocation_check_seconds
+        refresh = self.next_refresh_delay(grant)
+        return min(refresh, check) if check > 0 else refresh
+
     async def run(self) -> None:
         backoff = 1.0
         while True:
@@ -108,14 +117,18 @@ class CredentialKeeper:
             backoff = 1.0
             self.refreshes += 1
             self.last_error = ""
+            previous = self._grant
             await self._set(grant)
-            log.info(
+            # A revocation check usually gets the broker's cached set back: not news.
+            unchanged = previous is not None and previous.credentials == grant.credentials
+            log.log(
+                logging.DEBUG if unchanged else logging.INFO,
                 "credentials for %s refreshed (key %s, %.0fs left)",
                 grant.role_name,
                 grant.credentials.access_key_id,
                 grant.credentials.seconds_left(self._clock.now()),
             )
-            await self._sleep(self.next_refresh_delay(grant))
+            await self._sleep(self.next_check_delay(grant))
 
     def _until_expiry_or(self, default: float) -> float:
         left = self.seconds_left()

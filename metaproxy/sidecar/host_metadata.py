@@ -160,8 +160,8 @@ class HostMetadata:
                 if response.status != 200:
                     log.warning("host metadata %s answered %d", path, response.status)
                     return None, False
-                raw = await response.content.read(MAX_BODY_BYTES + 1)
-                if len(raw) > MAX_BODY_BYTES:
+                raw = await _read_capped(response)
+                if raw is None:
                     log.warning("host metadata %s larger than %d bytes", path, MAX_BODY_BYTES)
                     return None, False
                 return raw.decode("utf-8", errors="replace"), True
@@ -181,5 +181,19 @@ class HostMetadata:
             if response.status != 200:
                 return None
             token = (await response.content.read(1024)).decode("ascii", errors="replace").strip()
+        if not token or not token.isprintable():
+            return None
         self._token = (token, now + TOKEN_TTL_SECONDS - 60)
         return token
+
+
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes | None:
+    """The body, or None as soon as it passes MAX_BODY_BYTES (never buffered beyond that)."""
+    if (response.content_length or 0) > MAX_BODY_BYTES:
+        return None
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(16_384):
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            return None
+    return bytes(body)

@@ -158,9 +158,7 @@ class _Reject(Exception):
 class HttpProtocol(asyncio.Protocol):
     """One connection. Requests are answered in order; a pipelined burst is bounded."""
 
-    def __init__(
-        self, handler: Handler, tracker: ConnectionTracker, error_page: ErrorPage
-    ) -> None:
+    def __init__(self, handler: Handler, tracker: ConnectionTracker, error_page: ErrorPage) -> None:
         self._handler = handler
         self._tracker = tracker
         self._limits = tracker.limits

@@ -7,6 +7,8 @@ Details SDKs depend on (botocore `utils.IMDSFetcher`, `credentials.InstanceMetad
 - directory listings end entries with `/`, leaf paths also answer with a trailing slash
   (botocore reads `placement/availability-zone/`);
 - everything is `text/plain`, errors are AWS's XHTML pages, and `Server: EC2ws`.
+
+Paths outside the task's view go to `host_metadata` (allow-list, deny-list, caps) or get 404.
 """
 
 from __future__ import annotations

@@ -1,0 +1,196 @@
+"""Records the broker's Prometheus metrics (defined in `metrics.py`) as requests pass through.
+
+Three kinds of hooks, so the code that decides never has to know about Prometheus:
+- `request_metrics`, an aiohttp middleware inside `json_errors`: it sees the raw error class of
+  every refused request (the reason label) and the outcome the issuer noted (`note_source`).
+- `TimedAuditLog`, `TimedSts` and `CountedPolicyStore`: thin subclasses/wrappers of the audit
+  writer, the STS client and the policy store that time or count each call.
+- `ScrapeState.refresh`, called by `/metrics` before it renders: it reads the scheduler's
+  `stats()` (queue depth per priority, workers, STS results, circuit) at scrape time, so the
+  scheduler's internals can change without this module noticing.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from metaproxy.audit.writer import AuditLog
+from metaproxy.broker import metrics
+from metaproxy.broker.sts import AssumedRole, StsClient
+from metaproxy.errors import AuditUnavailable, MetaproxyError
+from metaproxy.httperrors import Handler
+from metaproxy.logs import tenant_var
+from metaproxy.models import AssumeRoleSpec
+from metaproxy.policy.load import PolicyProblem
+from metaproxy.policy.store import PolicyStore
+
+log = logging.getLogger("metaproxy.broker.metrics")
+
+UNKNOWN_TENANT = "unknown"  # the caller was refused before a tenant was known (e.g. 401)
+
+# Error codes that mean "refused before reaching STS", and the reason label each gets.
+# STS failures (StsUnavailable, UpstreamError) are not rejections: the STS counters show them.
+REJECTION_REASONS: Mapping[str, str] = {
+    "BadRequest": "bad_request",
+    "Unauthenticated": "unauthenticated",
+    "AccessDenied": "denied",
+    "TooManyRequests": "rate_limited",
+    "Overloaded": "overloaded",
+    "AuditUnavailable": "audit_unavailable",
+}
+
+# Where the issuer found the credentials of this request: "cache" | "stale" | "sts" | "coalesced".
+_source_var: contextvars.ContextVar[str] = contextvars.ContextVar("answer_source", default="")
+
+
+def note_source(source: str) -> None:
+    """Called by the issuer with `CacheResult.source` once it has credentials in hand."""
+    _source_var.set(source)
+    if source in ("cache", "stale"):
+        metrics.CACHE_HITS.inc()
+    elif source == "coalesced":
+        metrics.COALESCED.inc()
+
+
+def _outcome(status: int, source: str) -> str:
+    if status != 200:
+        return "error"
+    return "cached" if source in ("cache", "stale") else "uncached"
+
+
+@web.middleware
+async def request_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count and time credential requests by tenant, status and outcome (cached or not)."""
+    # aiohttp serves a keep-alive connection's requests in one task: reset what the previous
+    # request left in the context, or its tenant would be charged with this one.
+    tenant_var.set("")
+    _source_var.set("")
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except MetaproxyError as exc:
+        status = exc.status
+        reason = REJECTION_REASONS.get(exc.code)
+        if reason is not None:
+            metrics.REJECTIONS.labels(tenant=_tenant(), reason=reason).inc()
+        raise
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        tenant = _tenant()
+        metrics.REQUESTS.labels(tenant=tenant, status=str(status)).inc()
+        metrics.REQUEST_SECONDS.labels(outcome=_outcome(status, _source_var.get())).observe(
+            time.perf_counter() - started
+        )
+        if status == 200:
+            metrics.ISSUED.labels(tenant=tenant).inc()
+
+
+def _tenant() -> str:
+    # The tenant comes from the policy that matched the verified identity, never from the
+    # request, so the label's values are bounded by the number of policy files.
+    return tenant_var.get() or UNKNOWN_TENANT
+
+
+class TimedAuditLog(AuditLog):
+    """The audit writer, with each append timed and each refused append counted."""
+
+    async def append(self, record: Mapping[str, object]) -> dict[str, object]:
+        started = time.perf_counter()
+        try:
+            return await super().append(record)
+        except AuditUnavailable:
+            metrics.AUDIT_FAILURES.inc()
+            raise
+        finally:
+            metrics.AUDIT_WRITE_SECONDS.observe(time.perf_counter() - started)
+
+
+class TimedSts:
+    """An `StsClient` that times every AssumeRole attempt (the scheduler counts them)."""
+
+    def __init__(self, inner: StsClient) -> None:
+        self._inner = inner
+
+    async def assume_role(self, spec: AssumeRoleSpec) -> AssumedRole:
+        started = time.perf_counter()
+        try:
+            return await self._inner.assume_role(spec)
+        finally:
+            metrics.STS_SECONDS.observe(time.perf_counter() - started)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class CountedPolicyStore(PolicyStore):
+    """The policy store, with reloads (watcher or SIGHUP) counted by result."""
+
+    def reload(self) -> list[PolicyProblem]:
+        problems = super().reload()
+        metrics.POLICY_RELOADS.labels(result="error" if problems else "ok").inc()
+        return problems
+
+
+# Scheduler stats keys that feed the STS call counter, by result label. Timeouts are already
+# counted in "errors"; "sts_refused" is STS answering no (e.g. the role does not trust us).
+_STS_RESULTS: Mapping[str, tuple[str, ...]] = {
+    "ok": ("sts_ok",),
+    "throttled": ("throttles",),
+    "error": ("errors", "sts_refused"),
+}
+
+
+class ScrapeState:
+    """What one broker feeds into the metrics at scrape time.
+
+    Counters can only go up, so the STS totals the scheduler keeps are added as the difference
+    from the previous scrape of this broker (several brokers in one process add up correctly).
+    """
+
+    def __init__(
+        self,
+        stats: Callable[[], Mapping[str, float]],
+        open_connections: Callable[[], int] | None = None,
+    ) -> None:
+        self._stats = stats
+        self.open_connections = open_connections
+        self._seen: dict[str, float] = dict.fromkeys(_STS_RESULTS, 0.0)
+
+    def refresh(self) -> None:
+        try:
+            stats: Mapping[str, Any] = self._stats()
+        except Exception:
+            # A metrics scrape must never fail the admin endpoint; the gauges just go stale.
+            log.exception("scheduler stats unavailable")
+            return
+        for priority in ("cold", "refresh"):
+            metrics.QUEUE_DEPTH.labels(priority=priority).set(
+                float(stats.get(f"queue_{priority}", 0.0))
+            )
+        metrics.WORKERS.set(float(stats.get("workers", 0.0)))
+        metrics.CIRCUIT_OPEN.set(float(stats.get("circuit_open", 0.0)))
+        for result, keys in _STS_RESULTS.items():
+            total = sum(float(stats.get(key, 0.0)) for key in keys)
+            if total > self._seen[result]:
+                metrics.STS_CALLS.labels(result=result).inc(total - self._seen[result])
+            self._seen[result] = total
+        if self.open_connections is not None:
+            metrics.OPEN_CONNECTIONS.set(self.open_connections())
+
+
+def exposition() -> tuple[bytes, str]:
+    """The default registry in Prometheus text format, and its content type."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,358 @@
+"""Connection-level defences shared by the sidecar and the broker, applied before aiohttp sees a
+byte: a cap on open connections (in total and per client address), a deadline for the request
+line and headers, and a file-descriptor budget derived from RLIMIT_NOFILE.
+
+A shared metadata service was taken down by workloads that leaked connections in a tight loop
+until the host ran out of file descriptors. Here every accepted socket is counted; past the cap
+it gets a canned 429 and is closed at once, without a parser, a task or a request object. A
+client that opens a socket and trickles headers (slowloris) is cut at the header deadline —
+aiohttp has none of its own; its keep-alive timer only reaps connections that are idle.
+
+Also here: `body_deadline`, a middleware bounding how long a request body may take, and
+`ProtocolLog`, which keeps aiohttp from logging every malformed request as an ERROR traceback.
+
+Usage: `guard.protocol_factory(server, reject)` wraps aiohttp's `web.Server` (the protocol
+factory a site hands to `loop.create_server`); `GuardedTCPSite`/`GuardedUnixSite` do that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Middleware
+
+# The event loop accepts up to `backlog` sockets per wake-up before any refused one is closed, so
+# a listen backlog of 1024 lets a connection storm hold 1024 descriptors for a moment whatever
+# the cap. Guarded listeners use this much smaller backlog; the kernel queues the rest.
+ACCEPT_BACKLOG = 64
+# File descriptors kept back for everything that is not an admitted connection: listening
+# sockets, the event loop, log and audit files, the upstream connection pool, and sockets
+# accepted only to be refused (two accept batches). The connection cap never eats into these.
+FD_RESERVE = 64 + 2 * ACCEPT_BACKLOG
+_HEADER_END = (b"\r\n\r\n", b"\n\n")
+_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+)
+
+RejectResponse = Callable[[], bytes]
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    max_connections: int
+    max_per_client: int
+
+
+def soft_fd_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def fd_budget(cap: int, reserve: int = FD_RESERVE, soft_limit: int | None = None) -> int:
+    """Descriptors a process holding `cap` connections stays under, `reserve` included."""
+    soft = soft_fd_limit() if soft_limit is None else soft_limit
+    return min(soft, cap + reserve)
+
+
+def canned_response(
+    status: int, reason: str, body: bytes, content_type: str, retry_after: int = 1
+) -> bytes:
+    """A complete HTTP/1.1 answer written straight to the socket, then the socket is closed."""
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\n"
+        f"Content-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Retry-After: {retry_after}\r\n"
+        "Connection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class ConnectionGuard:
+    """Counts the connections of one or more listeners and admits or refuses each new one.
+
+    `limits` is called per connection, so limits delivered later (the sidecar learns its tenant's
+    limits with its first credentials) apply to the next connection. The effective cap is never
+    above `soft RLIMIT_NOFILE - fd_reserve`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        limits: Callable[[], ConnectionLimits],
+        *,
+        header_timeout: float,
+        fd_reserve: int = FD_RESERVE,
+        fd_soft_limit: int | None = None,
+        on_refused: Callable[[str], None] = lambda _reason: None,
+    ) -> None:
+        self.name = name
+        self._limits = limits
+        # Told every refusal: "total", "per_client", "evicted" or "header_timeout" (metrics).
+        self.on_refused = on_refused
+        self.header_timeout = header_timeout
+        self.fd_reserve = fd_reserve
+        soft = soft_fd_limit() if fd_soft_limit is None else fd_soft_limit
+        self.fd_soft_limit = soft
+        self.fd_connection_limit = max(1, soft - fd_reserve)
+        self._by_client: dict[str, dict[GuardedProtocol, None]] = {}
+        self.open = 0
+        self.peak = 0
+        self.rejected: dict[str, int] = {"total": 0, "per_client": 0}
+        self.evicted = 0
+        self.header_timeouts = 0
+
+    @property
+    def cap(self) -> int:
+        return min(self._limits().max_connections, self.fd_connection_limit)
+
+    @property
+    def fd_budget(self) -> int:
+        """What this listener may hold, reserve included: the process stays under this."""
+        return fd_budget(self.cap, self.fd_reserve, self.fd_soft_limit)
+
+    def by_client(self) -> dict[str, int]:
+        return {client: len(conns) for client, conns in self._by_client.items()}
+
+    def protocol_factory(
+        self, server: Callable[[], asyncio.Protocol], reject: RejectResponse
+    ) -> Callable[[], asyncio.Protocol]:
+        def factory() -> asyncio.Protocol:
+            return GuardedProtocol(self, server, reject)
+
+        return factory
+
+    def _admit(self, conn: GuardedProtocol) -> str | None:
+        """None if admitted, else why not ("total" or "per_client")."""
+        limits = self._limits()
+        mine = self._by_client.get(conn.client)
+        count = len(mine) if mine else 0
+        if count >= max(1, limits.max_per_client):
+            return "per_client"
+        if self.open >= self.cap and not self._evict_for(count):
+            return "total"
+        self._by_client.setdefault(conn.client, {})[conn] = None
+        self.open += 1
+        self.peak = max(self.peak, self.open)
+        return None
+
+    def _evict_for(self, count: int) -> bool:
+        """At the cap, a light client takes the oldest connection of the heaviest one, so many
+        leaked connections from one address cannot lock out a well-behaved neighbour."""
+        heaviest = max(self._by_client.values(), key=len, default=None)
+        if heaviest is None or len(heaviest) <= count + 1:
+            return False
+        victim = next(iter(heaviest))
+        self._release(victim)
+        victim.evict()
+        self.evicted += 1
+        self.on_refused("evicted")
+        return True
+
+    def _release(self, conn: GuardedProtocol) -> None:
+        conns = self._by_client.get(conn.client)
+        if conns is None or conn not in conns:
+            return
+        del conns[conn]
+        if not conns:
+            del self._by_client[conn.client]
+        self.open -= 1
+
+
+class GuardedProtocol(asyncio.Protocol):
+    """Stands between the transport and aiohttp's RequestHandler, which is only built once the
+    connection is admitted."""
+
+    def __init__(
+        self,
+        guard: ConnectionGuard,
+        server: Callable[[], asyncio.Protocol],
+        reject: RejectResponse,
+    ) -> None:
+        self._guard = guard
+        self._server = server
+        self._reject = reject
+        self._inner: asyncio.Protocol | None = None
+        self._transport: asyncio.Transport | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._tail = b""
+        self.client = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        peer: Any = self._transport.get_extra_info("peername")
+        self.client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        refused = self._guard._admit(self)
+        if refused is not None:
+            self._guard.rejected[refused] += 1
+            self._guard.on_refused(refused)
+            self._transport.write(self._reject())
+            self._transport.close()
+            return
+        if self._guard.header_timeout > 0:
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.call_later(self._guard.header_timeout, self._headers_too_slow)
+        self._inner = self._server()
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is None:
+            return  # refused: whatever the client sends is dropped
+        if self._deadline is not None:
+            window = self._tail + data
+            if any(end in window for end in _HEADER_END):
+                self._deadline.cancel()
+                self._deadline = None
+            else:
+                self._tail = window[-3:]
+        self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self._inner.eof_received() if self._inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        self._guard._release(self)
+        if self._inner is not None:
+            self._inner.connection_lost(exc)
+            self._inner = None
+
+    def evict(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _headers_too_slow(self) -> None:
+        self._deadline = None
+        self._guard.header_timeouts += 1
+        self._guard.on_refused("header_timeout")
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(_TIMEOUT_RESPONSE)
+            self._transport.close()
+
+
+class ProtocolLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server logger with the client's mistakes demoted.
+
+    aiohttp logs every request its parser refuses (bad request line, header too long, NUL
+    bytes, …) with a full traceback at ERROR: any client could fill the log with them and bury
+    real failures. A parser refusal is a 4xx the client caused, logged at DEBUG without the
+    stack; a handler that really failed (500) still logs at ERROR.
+    """
+
+    # aiohttp passes the exception itself as exc_info.
+    def exception(self, msg: object, *args: object, exc_info: object = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError) and 400 <= exc_info.code < 500:
+            self.debug(f"{msg}: %d %s", *args, exc_info.code, str(exc_info.message)[:200])
+            return
+        self.error(msg, *args, exc_info=exc_info, **kwargs)  # type: ignore[arg-type]
+
+
+def protocol_logger() -> ProtocolLog:
+    """For aiohttp's `logger` handler argument."""
+    return ProtocolLog(logging.getLogger("aiohttp.server"), {})
+
+
+def body_deadline(seconds: float) -> Middleware:
+    """A middleware that reads the whole request body within `seconds` before the handler runs
+    (aiohttp's body reads wait forever): a client trickling its body gets 408, not a worker."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if request.body_exists:
+            try:
+                async with asyncio.timeout(seconds):
+                    await request.read()  # cached: the handler's own read returns these bytes
+            except TimeoutError:
+                raise web.HTTPRequestTimeout() from None
+            except ConnectionError:
+                # The client went away (or its framing broke) mid-body: nobody to answer, and
+                # nothing for the error log either.
+                raise web.HTTPBadRequest(reason="Incomplete Body") from None
+        return await handler(request)
+
+    return middleware
+
+
+class GuardedTCPSite(web.TCPSite):
+    """A TCPSite whose connections pass through a ConnectionGuard."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        guard: ConnectionGuard,
+        reject: RejectResponse,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(runner, host, port, **kwargs)
+        self._guard = guard
+        self._reject = reject
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site; the listening part is ours
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self._guard.protocol_factory(server, self._reject),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=min(self._backlog, ACCEPT_BACKLOG),
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+            # A TLS handshake happens before the guard sees the connection; bound it the same.
+            ssl_handshake_timeout=_handshake_timeout(self._guard, self._ssl_context),
+        )
+
+
+class GuardedUnixSite(web.UnixSite):
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        path: str,
+        *,
+        guard: ConnectionGuard,
+        reject: RejectResponse,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(runner, path, **kwargs)
+        self._guard = guard
+        self._reject = reject
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            self._guard.protocol_factory(server, self._reject),
+            self._path,
+            ssl=self._ssl_context,
+            backlog=min(self._backlog, ACCEPT_BACKLOG),
+            ssl_handshake_timeout=_handshake_timeout(self._guard, self._ssl_context),
+        )
+
+
+def _handshake_timeout(guard: ConnectionGuard, ssl_context: object) -> float | None:
+    if ssl_context is None or guard.header_timeout <= 0:
+        return None
+    return guard.header_timeout

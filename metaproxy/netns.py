@@ -1,0 +1,391 @@
+"""`metaproxy netns attach|detach`: a task's sidecar inside the task's own network namespace.
+
+The platform creates the namespace (`ip netns add NAME`); `attach` puts the IMDS and
+container-credentials addresses on the namespace's loopback and starts the sidecar in it, so an
+unconfigured SDK in the task finds 169.254.169.254 with no environment at all. The sidecar's admin
+endpoint is a Unix socket on the host's file system: sockets are named by path, not by network
+namespace, so the platform polls `/readyz` from the host. `detach` stops the sidecar (if it still
+runs) and removes what `attach` added. The ordering is in docs/netns.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from metaproxy.config import CONTAINER_CREDENTIALS_ADDRESS, IMDS_ADDRESS
+from metaproxy.errors import ConfigError
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+NETNS_DIR = Path("/run/netns")  # where `ip netns add` bind-mounts named namespaces
+DEFAULT_RUNTIME_DIR = Path("/run/metaproxy")
+# On `lo` rather than a dummy interface: `lo` exists and is routable in every namespace without
+# the `dummy` kernel module (absent on many hosts and sandboxes), and a /32 on `lo` is local to
+# the namespace only, so nothing outside it can reach these addresses.
+TASK_INTERFACE = "lo"
+TASK_ADDRESSES = (
+    IMDS_ADDRESS.rpartition(":")[0] + "/32",
+    CONTAINER_CREDENTIALS_ADDRESS.rpartition(":")[0] + "/32",
+)
+# Listen addresses and the ready file are what make a sidecar "attached"; letting the caller
+# change them would silently break the SDK's defaults or the host's readiness probe.
+OWNED_SIDECAR_FLAGS = ("--imds-listen", "--container-listen", "--admin-listen", "--ready-file")
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
+POLL_SECONDS = 0.1
+
+
+class NetnsError(Exception):
+    """Attaching or detaching failed; the message is for the operator and holds no secrets."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPaths:
+    """Per-namespace files on the host: admin socket, sidecar state, ready file, log."""
+
+    directory: Path
+
+    @classmethod
+    def for_namespace(cls, runtime_dir: Path, name: str) -> TaskPaths:
+        return cls(runtime_dir / name)
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.directory / "admin.sock"
+
+    @property
+    def state_file(self) -> Path:
+        return self.directory / "sidecar.json"
+
+    @property
+    def pid_file(self) -> Path:
+        """Plain pid, for supervisors (systemd `PIDFile=`); `state_file` is what detach trusts."""
+        return self.directory / "sidecar.pid"
+
+    @property
+    def ready_file(self) -> Path:
+        return self.directory / "ready.json"
+
+    @property
+    def log_file(self) -> Path:
+        return self.directory / "sidecar.log"
+
+
+def validate_name(name: str) -> str:
+    """A namespace name becomes a path under /run/netns: no separators, no `.` or `..`."""
+    if not NAME_PATTERN.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"--netns {name!r} must match {NAME_PATTERN.pattern} and not be . or ..")
+    return name
+
+
+def validate_sidecar_args(sidecar_args: list[str]) -> list[str]:
+    """Refuse what attach sets. (attach's own values also come last, and argparse keeps the last,
+    so an abbreviated flag cannot override them either.)"""
+    for arg in sidecar_args:
+        flag = arg.split("=", 1)[0]
+        if flag in OWNED_SIDECAR_FLAGS:
+            raise ConfigError(f"{flag} is set by netns attach; do not pass it after --")
+        if arg == "--":
+            raise ConfigError("only one -- is allowed: the sidecar takes no positional arguments")
+    return sidecar_args
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 3600 seconds")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("netns", help="run a task's sidecar in its network namespace")
+    commands = parser.add_subparsers(dest="netns_command", required=True, metavar="ACTION")
+    attach = commands.add_parser(
+        "attach",
+        help="add the metadata addresses to a namespace and start its sidecar there",
+        description="Arguments after -- are passed to `metaproxy sidecar`.",
+    )
+    _common_arguments(attach)
+    attach.add_argument(
+        "--wait-ready",
+        action="store_true",
+        help="start the sidecar in the background and return once its /readyz is true",
+    )
+    attach.add_argument("--ready-timeout", type=_seconds, default=30.0, metavar="SECONDS")
+    attach.add_argument("sidecar_args", nargs="*", metavar="-- SIDECAR_ARGS")
+    attach.set_defaults(func=_attach)
+    detach = commands.add_parser(
+        "detach", help="stop the namespace's sidecar if running and remove its addresses"
+    )
+    _common_arguments(detach)
+    detach.add_argument(
+        "--stop-timeout", type=_seconds, default=20.0, metavar="SECONDS", help="then SIGKILL"
+    )
+    detach.set_defaults(func=_detach)
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--netns", required=True, metavar="NAME", help="as in `ip netns add`")
+    parser.add_argument(
+        "--runtime-dir",
+        type=Path,
+        default=DEFAULT_RUNTIME_DIR,
+        help="host directory for NAME/admin.sock and the sidecar's state (default %(default)s)",
+    )
+
+
+def _attach(args: argparse.Namespace) -> int:
+    return _reporting_errors("attach", _run_attach, args)
+
+
+def _detach(args: argparse.Namespace) -> int:
+    return _reporting_errors("detach", _run_detach, args)
+
+
+def _reporting_errors(
+    action: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace
+) -> int:
+    try:
+        return run(args)
+    except NetnsError as exc:
+        print(f"metaproxy netns {action}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _preflight(args: argparse.Namespace) -> tuple[str, TaskPaths]:
+    name = validate_name(args.netns)
+    paths = TaskPaths.for_namespace(args.runtime_dir.absolute(), name)
+    if len(str(paths.admin_socket)) > UNIX_PATH_MAX:
+        raise ConfigError(f"--runtime-dir is too long for a Unix socket path: {paths.admin_socket}")
+    if os.geteuid() != 0:
+        raise NetnsError("needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN on the host): run as root")
+    for tool in ("ip", "nsenter"):
+        _tool(tool)
+    return name, paths
+
+
+def _tool(name: str) -> str:
+    """Absolute path of a system tool, resolved before anything changes, with a clear error."""
+    path = shutil.which(name, path=os.environ.get("PATH", os.defpath))
+    if path is None:
+        raise NetnsError(f"{name} not found on PATH (install iproute2 / util-linux)")
+    return path
+
+
+def _run_attach(args: argparse.Namespace) -> int:
+    sidecar_args = validate_sidecar_args(list(args.sidecar_args))
+    name, paths = _preflight(args)
+    if not (NETNS_DIR / name).exists():
+        raise NetnsError(f"no network namespace {name!r} (create it with `ip netns add {name}`)")
+    if running_sidecar(paths) is not None:
+        raise NetnsError(f"a sidecar is already attached to {name!r}; detach it first")
+    paths.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    paths.ready_file.unlink(missing_ok=True)
+    add_task_addresses(name)
+    command = sidecar_command(name, paths, sidecar_args)
+    if not args.wait_ready:
+        # Foreground: this process becomes the sidecar (nsenter execs without forking), so a
+        # supervisor's SIGTERM reaches the sidecar itself and starts its drain.
+        _write_state(paths, os.getpid(), name)
+        sys.stdout.flush()
+        os.execv(command[0], command)  # noqa: S606 - fixed program, validated arguments
+    with paths.log_file.open("ab") as log:
+        process = subprocess.Popen(  # noqa: S603 - nsenter and our own interpreter
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # outlives this command, which returns once ready
+        )
+    _write_state(paths, process.pid, name)
+    ready, detail = wait_ready(paths.admin_socket, process, args.ready_timeout)
+    if not ready:
+        # A half-started sidecar must not linger: the platform will not start the task anyway.
+        release(name, paths, stop_timeout=5.0)
+        raise NetnsError(f"sidecar in {name!r} not ready: {detail} (log: {paths.log_file})")
+    print(json.dumps({"netns": name, "pid": process.pid, "admin": f"unix:{paths.admin_socket}"}))
+    process.returncode = 0  # detached on purpose: no "still running" warning on exit
+    return 0
+
+
+def _run_detach(args: argparse.Namespace) -> int:
+    name, paths = _preflight(args)
+    stopped = release(name, paths, stop_timeout=args.stop_timeout)
+    print(json.dumps({"netns": name, "stopped_pid": stopped}))
+    return 0
+
+
+def release(name: str, paths: TaskPaths, stop_timeout: float) -> int | None:
+    """Undo attach: stop the sidecar if it still runs, remove the addresses and our files.
+
+    Idempotent, and fine after the namespace is gone (then its addresses went with it). The log
+    stays, for whoever investigates why the task stopped.
+    """
+    stopped = stop_sidecar(paths, timeout=stop_timeout)
+    if (NETNS_DIR / name).exists():
+        remove_task_addresses(name)
+    for path in (paths.state_file, paths.pid_file, paths.ready_file, paths.admin_socket):
+        path.unlink(missing_ok=True)
+    return stopped
+
+
+def sidecar_command(name: str, paths: TaskPaths, sidecar_args: list[str]) -> list[str]:
+    """`nsenter --net=… python -m metaproxy sidecar …` bound to the SDKs' default addresses."""
+    return [
+        _tool("nsenter"),
+        f"--net={NETNS_DIR / name}",
+        "--",
+        sys.executable,
+        "-m",
+        "metaproxy",
+        "sidecar",
+        *sidecar_args,
+        f"--imds-listen={IMDS_ADDRESS}",
+        f"--container-listen={CONTAINER_CREDENTIALS_ADDRESS}",
+        f"--admin-listen=unix:{paths.admin_socket}",
+        f"--ready-file={paths.ready_file}",
+    ]
+
+
+def _ip(*args: str, allow_missing: bool = False) -> None:
+    result = subprocess.run(  # noqa: S603 - iproute2 by absolute path, validated arguments
+        [_tool("ip"), *args], capture_output=True, text=True, check=False
+    )
+    if result.returncode == 0:
+        return
+    # `addr del` of an address that is not there: detach is idempotent.
+    if allow_missing and "Cannot assign requested address" in result.stderr:
+        return
+    raise NetnsError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+
+
+def add_task_addresses(name: str) -> None:
+    _ip("-n", name, "link", "set", TASK_INTERFACE, "up")
+    for address in TASK_ADDRESSES:
+        # `replace`, not `add`: attaching again after a crash must not fail on a leftover.
+        _ip("-n", name, "addr", "replace", address, "dev", TASK_INTERFACE)
+
+
+def remove_task_addresses(name: str) -> None:
+    # `lo` stays up: it may have been up before attach, and a down `lo` breaks the task.
+    for address in TASK_ADDRESSES:
+        _ip("-n", name, "addr", "del", address, "dev", TASK_INTERFACE, allow_missing=True)
+
+
+def _start_time(pid: int) -> int | None:
+    """Clock ticks since boot when `pid` started: with the pid, it names one process for good."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may hold spaces, so split after its closing paren.
+    return int(stat.rpartition(")")[2].split()[19])
+
+
+def _write_state(paths: TaskPaths, pid: int, name: str) -> None:
+    state = {"pid": pid, "start_time": _start_time(pid), "netns": name}
+    tmp = paths.state_file.with_name(paths.state_file.name + ".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.chmod(0o600)
+    os.replace(tmp, paths.state_file)
+    paths.pid_file.write_text(f"{pid}\n")
+
+
+def running_sidecar(paths: TaskPaths) -> int | None:
+    """The attached sidecar's pid if it is still the same process; a recycled pid is not it."""
+    try:
+        state: dict[str, Any] = json.loads(paths.state_file.read_text())
+        pid = int(state["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if pid <= 1 or state.get("start_time") is None or _start_time(pid) != state["start_time"]:
+        return None
+    return pid
+
+
+def stop_sidecar(paths: TaskPaths, timeout: float) -> int | None:
+    """SIGTERM (the sidecar drains), SIGKILL after `timeout`. Returns the pid it stopped."""
+    pid = running_sidecar(paths)
+    if pid is None:
+        return None
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return None
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            break
+        time.sleep(POLL_SECONDS)
+    return pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        # Reap it if it is our child (attach's rollback); otherwise it is reparented elsewhere.
+        reaped, _ = os.waitpid(pid, os.WNOHANG)
+        if reaped == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has exited; its parent just has not reaped it
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(str(self._path))
+        self.sock = sock
+
+
+def probe_ready(admin_socket: Path, timeout: float = 1.0) -> tuple[bool, str]:
+    """GET /readyz over the admin socket: (ready, the sidecar's one-line reason)."""
+    connection = _UnixHTTPConnection(admin_socket, timeout)
+    try:
+        connection.request("GET", "/readyz")
+        response = connection.getresponse()
+        body = response.read(512).decode(errors="replace").strip()
+        return response.status == 200, f"{response.status} {body}"
+    except OSError as exc:
+        return False, f"admin socket: {exc.strerror or type(exc).__name__}"
+    finally:
+        connection.close()
+
+
+def wait_ready(
+    admin_socket: Path, process: subprocess.Popen[bytes], timeout: float
+) -> tuple[bool, str]:
+    deadline = time.monotonic() + timeout
+    detail = "not started"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False, f"sidecar exited with status {process.returncode}"
+        ready, detail = probe_ready(admin_socket)
+        if ready:
+            return True, detail
+        time.sleep(POLL_SECONDS)
+    return False, f"timed out after {timeout:g}s, last /readyz: {detail}"

@@ -1,0 +1,152 @@
+"""Records the sidecar's Prometheus metrics (defined in `metrics.py`).
+
+- `request_metrics(classify)`: an aiohttp middleware, outermost on each listener, so requests
+  the rate limiter refuses are counted (and timed) like any other.
+- `TimedBrokerClient`: the broker client with each fetch timed and counted ok/error.
+- `GrantObserver`: the credential keeper's `on_grant` hook; it keeps the ready and remaining
+  gauges current and observes the start-up time once, when the first credentials arrive.
+- `refresh_gauges`: called by `/metrics` before it renders, for values that are cheapest to
+  read at scrape time (seconds left, open file descriptors, open connections).
+
+This module imports the sidecar's metrics only: never the broker's (its gauges would be
+exported by every sidecar) and never boto3.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from metaproxy.clock import Clock
+from metaproxy.httperrors import Handler
+from metaproxy.sidecar import metrics
+from metaproxy.sidecar.broker_client import BrokerClient, BrokerError, Grant
+from metaproxy.sidecar.credentials_cache import CredentialKeeper
+
+log = logging.getLogger("metaproxy.sidecar.metrics")
+
+PROC_FD = Path("/proc/self/fd")
+
+
+def request_metrics(classify: Callable[[web.Request], str]) -> Middleware:
+    """Count requests by path class and status, time them, and count rate-limit refusals."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path_class = classify(request)
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            metrics.REQUESTS.labels(path_class=path_class, status=str(status)).inc()
+            metrics.REQUEST_SECONDS.labels(path_class=path_class).observe(
+                time.perf_counter() - started
+            )
+            if status == 429:  # only the per-client limiter answers 429 on these listeners
+                metrics.REJECTED.labels(reason="rate_limited").inc()
+
+    return middleware
+
+
+class TimedBrokerClient(BrokerClient):
+    """The broker client, with every credentials request timed and counted by result."""
+
+    async def fetch(self, *, refresh: bool) -> Grant:
+        started = time.perf_counter()
+        try:
+            grant = await super().fetch(refresh=refresh)
+        except BrokerError:
+            metrics.REFRESHES.labels(result="error").inc()
+            raise
+        finally:
+            metrics.BROKER_SECONDS.observe(time.perf_counter() - started)
+        metrics.REFRESHES.labels(result="ok").inc()
+        return grant
+
+
+def process_age_seconds() -> float | None:
+    """Seconds since this process started, from the kernel's own start time (Linux)."""
+    try:
+        # Field 22 of /proc/self/stat, counted after the parenthesised command name (which
+        # may itself contain spaces), is the start time in clock ticks since boot.
+        stat = Path("/proc/self/stat").read_text()
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+class GrantObserver:
+    """`CredentialKeeper(on_grant=...)`: gauges follow the keeper's grant as it changes."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._started_monotonic = time.monotonic()
+        self._startup_observed = False
+
+    def __call__(self, grant: Grant | None) -> None:
+        if grant is None:
+            metrics.READY.set(0)
+            metrics.CREDENTIALS_REMAINING.set(0)
+            return
+        metrics.CREDENTIALS_REMAINING.set(
+            max(0.0, grant.credentials.seconds_left(self._clock.now()))
+        )
+        metrics.READY.set(1)
+        if not self._startup_observed:
+            self._startup_observed = True
+            age = process_age_seconds()
+            if age is None:  # no /proc: count from when the sidecar was built
+                age = time.monotonic() - self._started_monotonic
+            metrics.STARTUP_SECONDS.observe(age)
+
+
+# Connection counters registered by whoever owns the listeners (the sidecar server), per keeper.
+_connection_counters: weakref.WeakKeyDictionary[CredentialKeeper, Callable[[], int]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def count_connections_with(keeper: CredentialKeeper, counter: Callable[[], int]) -> None:
+    """Register how to count this sidecar's open client connections (read at scrape time)."""
+    _connection_counters[keeper] = counter
+
+
+def open_fds() -> int | None:
+    try:
+        return len(os.listdir(PROC_FD))
+    except OSError:
+        return None
+
+
+def refresh_gauges(keeper: CredentialKeeper, *, draining: bool) -> None:
+    grant = keeper.current()
+    metrics.CREDENTIALS_REMAINING.set(keeper.seconds_left())
+    metrics.READY.set(1 if grant is not None and not draining else 0)
+    fds = open_fds()
+    if fds is not None:
+        metrics.OPEN_FDS.set(fds)
+    counter = _connection_counters.get(keeper)
+    if counter is not None:
+        metrics.OPEN_CONNECTIONS.set(counter())
+
+
+def exposition() -> tuple[bytes, str]:
+    """The default registry in Prometheus text format, and its content type."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,127 @@
+"""The sidecar's connection-level limits: one guard for the task-facing ports, one for admin.
+
+IMDS and the container endpoint share one guard, so a task cannot double its connection budget
+by spreading over both. The admin port has its own small allowance: a task flooding IMDS must
+not make the kubelet's readiness probe fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from metaproxy.config import SidecarConfig
+from metaproxy.connguard import (
+    FD_RESERVE,
+    ConnectionGuard,
+    ConnectionLimits,
+    canned_response,
+    protocol_logger,
+)
+from metaproxy.httperrors import Handler
+from metaproxy.models import SidecarLimits
+from metaproxy.sidecar.state import SidecarState
+
+ADMIN_LIMITS = ConnectionLimits(max_connections=32, max_per_client=16)
+# The task-facing cap leaves room for the admin port's connections too.
+SIDECAR_FD_RESERVE = FD_RESERVE + ADMIN_LIMITS.max_connections
+# aiohttp keeps reading an unread request body for this long after answering; the sidecar never
+# needs a body, so a client trickling one is not worth a connection for long.
+LINGER_SECONDS = 1.0
+
+# A client over its rate gets its 429 this much later. A looping client waits for each answer
+# before it sends again, so this caps what one connection costs the sidecar at a few refusals a
+# second instead of thousands (each a parsed request), and the task's other clients keep a
+# responsive event loop. SDKs give IMDS and the container endpoint 1 s, so they see the same 429.
+TARPIT_SECONDS = 0.25
+
+_IMDS_429 = canned_response(
+    429,
+    "Too Many Requests",
+    b'<?xml version="1.0" encoding="iso-8859-1"?>\n'
+    b"<html><head><title>429 - Too Many Requests</title></head>"
+    b"<body><h1>429 - Too Many Requests</h1></body></html>\n",
+    "text/html",
+)
+_CONTAINER_429 = canned_response(
+    429,
+    "Too Many Requests",
+    json.dumps({"Code": "TooManyRequests", "Message": "too many connections"}).encode(),
+    "application/json",
+)
+_ADMIN_429 = canned_response(429, "Too Many Requests", b"too many connections\n", "text/plain")
+
+
+def imds_reject() -> bytes:
+    return _IMDS_429
+
+
+def container_reject() -> bytes:
+    return _CONTAINER_429
+
+
+def admin_reject() -> bytes:
+    return _ADMIN_429
+
+
+@web.middleware
+async def tarpit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost on the task-facing apps: delays the rate limiter's 429s (see TARPIT_SECONDS)."""
+    response = await handler(request)
+    if response.status == 429:
+        await asyncio.sleep(TARPIT_SECONDS)
+    return response
+
+
+def task_limits(state: SidecarState) -> Callable[[], ConnectionLimits]:
+    """The tenant policy's caps, as delivered with the current credentials (defaults before)."""
+
+    def current() -> ConnectionLimits:
+        grant = state.keeper.current()
+        limits = grant.limits if grant is not None else SidecarLimits()
+        return ConnectionLimits(limits.max_connections, limits.max_connections_per_client)
+
+    return current
+
+
+def count_refusal(reason: str) -> None:
+    """metaproxy_sidecar_rejected_total, in that metric's reasons."""
+    from metaproxy.sidecar import metrics
+
+    label = "header_timeout" if reason == "header_timeout" else "connection_cap"
+    metrics.REJECTED.labels(reason=label).inc()
+
+
+def build_guards(state: SidecarState) -> tuple[ConnectionGuard, ConnectionGuard]:
+    """(task-facing guard, admin guard); the admin allowance comes out of the task's fd room."""
+    config = state.config
+    admin = ConnectionGuard(
+        "sidecar-admin",
+        lambda: ADMIN_LIMITS,
+        header_timeout=config.header_timeout,
+        on_refused=count_refusal,
+    )
+    task = ConnectionGuard(
+        "sidecar",
+        task_limits(state),
+        header_timeout=config.header_timeout,
+        fd_reserve=SIDECAR_FD_RESERVE,
+        on_refused=count_refusal,
+    )
+    return task, admin
+
+
+def handler_args(config: SidecarConfig) -> dict[str, Any]:
+    """aiohttp RequestHandler arguments: header size/count limits and the keep-alive reaper."""
+    return {
+        "keepalive_timeout": config.keepalive_timeout,
+        "max_line_size": config.max_header_bytes,
+        "max_field_size": config.max_header_bytes,
+        "max_headers": config.max_headers,
+        "lingering_time": LINGER_SECONDS,
+        "logger": protocol_logger(),
+    }

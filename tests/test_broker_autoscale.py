@@ -1,0 +1,185 @@
+"""Worker autoscaling (the pure sizing policy, and the pool against the real fault proxy),
+the STS call budget, and the circuit breaker's states."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import pytest
+
+from metaproxy.broker.autoscale import Load, ScaleLimits, decide, wanted_workers
+from metaproxy.broker.circuit import CircuitBreaker
+from metaproxy.broker.scheduler import FairScheduler, budget_limiter
+from metaproxy.broker.sts import Boto3Sts
+from metaproxy.models import AssumeRoleSpec
+from metaproxy.testing.faultproxy import FaultProxy, max_calls_in_window
+
+LIMITS = ScaleLimits(workers_min=2, workers_max=64, budget_per_second=500.0)
+
+
+class ManualClock:
+    """Monotonic time that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now_seconds = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now_seconds
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.now_seconds, UTC)
+
+
+def state_of(breaker: CircuitBreaker) -> str:
+    """The state as a plain string (mypy would narrow the property across calls)."""
+    return breaker.state
+
+
+def test_workers_follow_littles_law() -> None:
+    """100 arrivals/s at 100 ms per item need about 10 busy workers (with some headroom)."""
+    assert wanted_workers(Load(0, 100.0, 0.1), LIMITS) == 13
+
+
+def test_workers_never_exceed_what_the_budget_can_use() -> None:
+    """A huge backlog wants no more workers than budget x latency (plus headroom)."""
+    small_budget = ScaleLimits(workers_min=2, workers_max=640, budget_per_second=50.0)
+    assert wanted_workers(Load(100_000, 5_000.0, 0.2), small_budget) == 13
+
+
+def test_workers_stay_within_floor_and_ceiling() -> None:
+    """Idle: the floor; overwhelming load: the ceiling."""
+    assert wanted_workers(Load(0, 0.0, 0.1), LIMITS) == 2
+    assert wanted_workers(Load(50_000, 10_000.0, 2.0), LIMITS) == 64
+
+
+def test_scale_up_is_immediate() -> None:
+    """A burst lifts the pool on the very next decision."""
+    decision = decide(2, Load(1000, 400.0, 0.1), LIMITS, now=0.0, low_since=None)
+    assert decision.workers > 40
+
+
+def test_scale_down_waits_then_goes_in_steps() -> None:
+    """Low load must last `scale_down_after` seconds; then the pool shrinks a step at a time."""
+    idle = Load(0, 0.0, 0.1)
+    first = decide(40, idle, LIMITS, now=0.0, low_since=None)
+    assert (first.workers, first.low_since) == (40, 0.0)
+    assert decide(40, idle, LIMITS, now=29.0, low_since=0.0).workers == 40
+    step = decide(40, idle, LIMITS, now=31.0, low_since=0.0)
+    assert step.workers == 30
+    assert decide(3, idle, LIMITS, now=62.0, low_since=0.0).workers == 2
+
+
+def test_a_load_spike_resets_the_scale_down_timer() -> None:
+    """If the wanted size climbs back to the current one, the low-load clock starts over."""
+    assert decide(20, Load(500, 200.0, 0.1), LIMITS, now=10.0, low_since=0.0).low_since is None
+
+
+def test_circuit_opens_after_consecutive_failures_and_probes_after_cool_down() -> None:
+    """closed → open after N failures (calls refused) → one half-open probe → closed on success."""
+    clock = ManualClock()
+    breaker = CircuitBreaker(clock, failure_threshold=3, cool_down=5.0)
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.record_failure()
+    breaker.record_success()  # a success in between resets the count
+    for _ in range(3):
+        assert breaker.allow()
+        breaker.record_failure()
+    assert breaker.state == "open" and not breaker.allow() and breaker.rejects_now()
+    assert breaker.retry_after() == pytest.approx(5.0)
+    clock.now_seconds += 5.0
+    assert state_of(breaker) == "half_open" and not breaker.rejects_now()
+    assert breaker.allow()  # the probe
+    assert not breaker.allow()  # only one at a time
+    breaker.record_success()
+    assert state_of(breaker) == "closed" and breaker.allow()
+
+
+def test_a_failed_probe_opens_the_circuit_again() -> None:
+    """The half-open probe failing starts a new cool-down."""
+    clock = ManualClock()
+    breaker = CircuitBreaker(clock, failure_threshold=1, cool_down=2.0)
+    breaker.record_failure()
+    clock.now_seconds += 2.0
+    assert breaker.allow()
+    breaker.record_failure()
+    assert breaker.state == "open" and breaker.opened == 2
+
+
+def test_throttling_does_not_open_the_circuit() -> None:
+    """A throttled answer means STS is up: it neither counts as a failure nor holds a probe."""
+    breaker = CircuitBreaker(ManualClock(), failure_threshold=1)
+    for _ in range(10):
+        assert breaker.allow()
+        breaker.record_neutral()
+    assert breaker.state == "closed"
+
+
+async def test_budget_limiter_never_lets_a_full_window_exceed_the_budget() -> None:
+    """Even from a full bucket (STS back after an outage), no 1 s window exceeds the budget."""
+    limiter = budget_limiter(40.0)
+    loop = asyncio.get_running_loop()
+    times: list[float] = []
+    deadline = loop.time() + 2.5
+    while loop.time() < deadline:
+        await limiter.acquire()
+        times.append(loop.time())
+    assert max_calls_in_window(times, 1.0) <= 40
+    assert len(times) >= 80  # and it does not starve either
+
+
+@pytest.fixture
+async def slow_sts(sts_url: str) -> AsyncIterator[FaultProxy]:
+    async with FaultProxy(sts_url) as proxy:
+        proxy.set(latency=0.2)
+        yield proxy
+
+
+async def test_pool_grows_under_a_burst_within_the_budget_then_shrinks(
+    slow_sts: FaultProxy,
+) -> None:
+    """A burst of 120 cold starts at 200 ms STS latency: the pool grows from its floor to what
+    the budget can use, every call stays within budget, and the pool later shrinks again."""
+    budget = 40.0
+    scheduler = FairScheduler(
+        Boto3Sts(endpoint=slow_sts.url, max_workers=32),
+        workers_min=1,
+        workers_max=32,
+        budget_per_second=budget,
+        queue_max=1000,
+        queue_per_tenant_max=1000,
+        scale_down_after=0.5,
+    )
+    peak = 0.0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, scheduler.stats()["workers"])
+            await asyncio.sleep(0.05)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        specs = [
+            AssumeRoleSpec("arn:aws:iam::111111111111:role/app", f"burst.{i}", "", 900)
+            for i in range(120)
+        ]
+        roles = await asyncio.wait_for(
+            asyncio.gather(*(scheduler.submit(s, tenant="t", priority="cold") for s in specs)),
+            timeout=20,
+        )
+        assert len({role.credentials.access_key_id for role in roles}) == 120
+        assert peak >= 8  # 40/s x ~0.2 s: the floor of 1 could never have kept up
+        assert peak <= 32
+        for _ in range(100):
+            if scheduler.stats()["workers"] <= 2:
+                break
+            await asyncio.sleep(0.1)
+        assert scheduler.stats()["workers"] <= 2
+    finally:
+        watcher.cancel()
+        await scheduler.aclose()
+    assert slow_sts.stats()["assume_role_calls"] == 120
+    assert slow_sts.max_rate(1.0) <= budget

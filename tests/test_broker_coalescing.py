@@ -1,0 +1,125 @@
+"""Concurrent identical requests share one STS call; cached credentials are refreshed ahead."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from bench.common import write_tenant_policies
+from metaproxy.broker.cache import CredentialCache
+from metaproxy.broker.scheduler import FairScheduler
+from metaproxy.broker.server import BrokerServer
+from metaproxy.broker.sts import AssumedRole, Boto3Sts
+from metaproxy.models import Credentials
+from metaproxy.testing.faultproxy import FaultProxy
+from tests.support import Pki, broker_config, issue
+
+
+@pytest.fixture
+async def slow_proxy(sts_url: str) -> AsyncIterator[FaultProxy]:
+    async with FaultProxy(sts_url) as proxy:
+        # Slow enough that all 200 requests arrive while the one AssumeRole is in flight.
+        proxy.set(latency=1.5)
+        yield proxy
+
+
+async def test_200_concurrent_identical_cold_requests_make_one_assume_role(
+    tmp_path: Path, pki: Pki, slow_proxy: FaultProxy
+) -> None:
+    """200 POSTs with the same identity token, at once: 200 answers, 1 AssumeRole at STS."""
+    policies = write_tenant_policies(tmp_path / "policies", ["t1"])
+    config = broker_config(tmp_path, pki, slow_proxy.url, policies)
+    scheduler = FairScheduler.from_config(config, Boto3Sts(endpoint=slow_proxy.url))
+    server = await BrokerServer.start(config, scheduler=scheduler)
+    token = issue(pki, "task-1", "t1")
+    tls = ssl.create_default_context(cafile=str(pki.ca))
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls, limit=0)) as s:
+
+            async def ask() -> tuple[int, str]:
+                async with s.post(
+                    server.url + "/v1/credentials",
+                    json={},
+                    headers={"Authorization": f"Bearer {token}"},
+                ) as response:
+                    body = await response.json()
+                    return response.status, body["credentials"]["access_key_id"]
+
+            answers = await asyncio.wait_for(asyncio.gather(*(ask() for _ in range(200))), 25)
+    finally:
+        await server.stop()
+        await scheduler.aclose()
+    assert {status for status, _ in answers} == {200}
+    assert len({key for _, key in answers}) == 1
+    assert slow_proxy.stats()["assume_role_calls"] == 1
+    assert scheduler.stats()["sts_calls"] == 1
+
+
+class SteppedClock:
+    """Wall-clock time that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.moment = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def now(self) -> datetime:
+        return self.moment
+
+    def monotonic(self) -> float:
+        return self.moment.timestamp()
+
+
+async def test_cached_answers_keep_at_least_half_their_life_while_sts_is_healthy() -> None:
+    """1-hour credentials, asked for every minute for 3 hours: every answer has >= 30 minutes
+    left, nobody waits for STS on a warm key, and STS is called about once per half-life."""
+    clock = SteppedClock()
+    cache = CredentialCache(clock, refresh_fraction=0.5)
+    fetches = 0
+
+    async def fetch() -> AssumedRole:
+        # The STS seam: credentials for one hour from the (test's) now.
+        nonlocal fetches
+        fetches += 1
+        await asyncio.sleep(0)
+        expiry = clock.now() + timedelta(hours=1)
+        creds = Credentials(f"ASIA{fetches:012d}", "secret", "token", expiry)
+        return AssumedRole(creds, "arn:aws:sts::111111111111:assumed-role/app/task")
+
+    sources = []
+    for _ in range(180):
+        result = await cache.get(("key",), fetch)
+        sources.append(result.source)
+        assert result.role.credentials.seconds_left(clock.now()) >= 30 * 60
+        await asyncio.sleep(0)  # let a background refresh finish, as STS would within seconds
+        clock.moment += timedelta(minutes=1)
+    assert sources[0] == "sts" and set(sources[1:]) == {"cache"}
+    assert 6 <= fetches <= 8  # ~ every 27 minutes over 3 hours
+
+
+async def test_a_failing_background_refresh_keeps_serving_the_cached_set() -> None:
+    """STS failing at refresh time: callers keep getting the still-valid cached credentials."""
+    clock = SteppedClock()
+    cache = CredentialCache(clock, refresh_fraction=0.5)
+    healthy = True
+
+    async def fetch() -> AssumedRole:
+        if not healthy:
+            from metaproxy.errors import StsUnavailable
+
+            raise StsUnavailable("down")
+        expiry = clock.now() + timedelta(hours=1)
+        return AssumedRole(Credentials("ASIAONE", "s", "t", expiry), "arn")
+
+    await cache.get(("k",), fetch)
+    healthy = False
+    for minutes in (28, 31, 40, 50):
+        clock.moment = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=minutes)
+        result = await cache.get(("k",), fetch)
+        await asyncio.sleep(0)
+        assert result.role.credentials.access_key_id == "ASIAONE"
+        assert result.source in ("cache", "stale")

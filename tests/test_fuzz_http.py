@@ -1,0 +1,296 @@
+"""Malformed HTTP — a corpus of known-bad requests and hypothesis-generated ones, sent as raw
+bytes — never gets a 5xx, crashes nothing and logs no unhandled error, on every port the sidecar
+and the broker serve; both keep serving afterwards (the `{"env": {"PATH": null}}` lesson)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from metaproxy.broker.server import BrokerServer
+from metaproxy.sidecar.server import SidecarServer
+from tests.support import Pki, broker_config, issue, sidecar_config, wait_ready
+
+CORPUS = sorted((Path(__file__).parent / "fuzz_corpus").glob("*.http"))
+STATUS = re.compile(rb"HTTP/1\.[01] (\d{3}) ")
+# Loggers an unhandled exception would show up in: ours, aiohttp's server side, the event loop.
+WATCHED = ("metaproxy", "aiohttp.server", "aiohttp.web", "aiohttp.access", "asyncio")
+HEADER_DEADLINE = 1.0
+# 15,000 nested arrays: json.loads raises RecursionError, which must be a 400 too.
+DEEP_JSON = "49-body-json-deeply-nested.http"
+
+
+@dataclass
+class Target:
+    name: str
+    host: str
+    port: int
+    tls: ssl.SSLContext | None
+    auth: bytes  # replaces @AUTH@ in a request: what a legitimate caller would send
+
+
+@dataclass
+class Servers:
+    broker: BrokerServer
+    sidecar: SidecarServer
+    pki: Pki
+
+    def target(self, name: str) -> Target:
+        urls = {
+            "imds": self.sidecar.imds_url,
+            "container": self.sidecar.container_url,
+            "admin": self.sidecar.admin_url,
+            "broker": self.broker.url,
+        }
+        scheme, _, rest = urls[name].partition("://")
+        host, _, port = rest.rpartition(":")
+        tls = ssl.create_default_context(cafile=str(self.pki.ca)) if scheme == "https" else None
+        if name == "broker":
+            auth = f"Bearer {issue(self.pki, 't-fuzz', 'acme')}".encode()
+        else:
+            auth = self.sidecar.state.authorization_token.encode()
+        return Target(name, host, int(port), tls, auth)
+
+
+@pytest.fixture
+async def servers(
+    tmp_path: Path, pki: Pki, sts_url: str, policies_dir: Path
+) -> AsyncIterator[Servers]:
+    """A broker and a sidecar with a 1 s header deadline, so unfinished requests end quickly."""
+    broker = await BrokerServer.start(
+        broker_config(tmp_path, pki, sts_url, policies_dir, header_timeout=HEADER_DEADLINE)
+    )
+    token_file = tmp_path / "fuzz.jwt"
+    token_file.write_text(issue(pki, "t-fuzz", "acme"))
+    sidecar = await SidecarServer.start(
+        sidecar_config(
+            tmp_path,
+            pki,
+            broker.url,
+            token_file,
+            header_timeout=HEADER_DEADLINE,
+            keepalive_timeout=2.0,
+        )
+    )
+    try:
+        await wait_ready(sidecar.admin_url)
+        yield Servers(broker, sidecar, pki)
+    finally:
+        await sidecar.stop()
+        await broker.stop()
+
+
+def unhandled_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        f"{r.name}: {r.getMessage()}"
+        for r in caplog.records
+        if r.levelno >= logging.ERROR and r.name.startswith(WATCHED)
+    ]
+
+
+async def still_serving(servers: Servers) -> None:
+    """A real client still gets credentials from the sidecar and from the broker."""
+    context = ssl.create_default_context(cafile=str(servers.pki.ca))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+        async with session.get(
+            servers.sidecar.container_url + "/v1/credentials",
+            headers={"Authorization": servers.sidecar.state.authorization_token},
+        ) as response:
+            assert response.status == 200
+            assert "AccessKeyId" in await response.json()
+        async with session.post(
+            servers.broker.url + "/v1/credentials",
+            json={},
+            headers={"Authorization": f"Bearer {issue(servers.pki, 't-after', 'acme')}"},
+        ) as response:
+            assert response.status == 200
+
+
+async def exchange(target: Target, data: bytes, source: str) -> bytes:
+    """Send raw bytes, collect what comes back until the server closes, goes quiet after
+    answering, or a window slightly longer than the header deadline passes."""
+    reader, writer = await asyncio.open_connection(
+        target.host, target.port, ssl=target.tls, local_addr=(source, 0)
+    )
+    received = b""
+    deadline = time.monotonic() + HEADER_DEADLINE + 1.5
+    try:
+        writer.write(data.replace(b"@AUTH@", target.auth))
+        while (left := deadline - time.monotonic()) > 0:
+            quiet = 0.3 if STATUS.search(received) else left
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), min(left, quiet))
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            received += chunk
+    except (ConnectionError, ssl.SSLError):
+        pass  # the server may reset a connection it refused mid-write: that is an answer too
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            await writer.wait_closed()
+    return received
+
+
+@pytest.mark.parametrize("name", ["imds", "container", "admin", "broker"])
+async def test_corpus_of_malformed_requests_never_gets_a_5xx(
+    name: str, servers: Servers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every corpus request gets a 4xx/2xx answer or a closed connection, nothing logged."""
+    assert len(CORPUS) >= 30
+    target = servers.target(name)
+    gate = asyncio.Semaphore(12)  # the admin port allows 32 connections; stay well under
+
+    async def one(index: int, case: Path) -> tuple[str, list[int]]:
+        async with gate:
+            answer = await exchange(target, case.read_bytes(), f"127.0.1.{index % 250 + 1}")
+        return case.name, [int(s) for s in STATUS.findall(answer)]
+
+    results = await asyncio.gather(*(one(i, case) for i, case in enumerate(CORPUS)))
+    server_errors = {case: s for case, s in results if any(status >= 500 for status in s)}
+    assert server_errors == {}
+    assert sum(bool(s) for _, s in results) >= len(CORPUS) // 2  # most got a real answer
+    assert unhandled_errors(caplog) == []
+    await still_serving(servers)
+
+
+async def test_deeply_nested_json_body_is_400_at_the_broker(servers: Servers) -> None:
+    """15,000 nested arrays in the body are a 400 like any other bad JSON."""
+    target = servers.target("broker")
+    answer = await exchange(target, (CORPUS[0].parent / DEEP_JSON).read_bytes(), "127.0.0.1")
+    assert [int(s) for s in STATUS.findall(answer)] == [400]
+
+
+def _no_newlines(value: bytes) -> bytes:
+    return value.replace(b"\r", b"").replace(b"\n", b"")
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=10,
+)
+METHODS = st.sampled_from([b"GET", b"PUT", b"POST", b"HEAD", b"DELETE", b"OPTIONS"]) | st.binary(
+    min_size=1, max_size=10
+).map(_no_newlines)
+PATHS = (
+    st.sampled_from(
+        [
+            b"/",
+            b"/latest/api/token",
+            b"/latest/meta-data/",
+            b"/latest/meta-data/iam/security-credentials/acme-app",
+            b"/v1/credentials",
+            b"/healthz",
+            b"/metrics",
+        ]
+    )
+    | st.lists(
+        st.sampled_from([b"latest", b"meta-data", b"iam", b"..", b"%2e%2e", b"", b"\xff", b"%00"]),
+        max_size=6,
+    ).map(lambda parts: b"/" + b"/".join(parts))
+    | st.binary(max_size=40).map(lambda raw: b"/" + _no_newlines(raw).replace(b" ", b""))
+)
+VERSIONS = st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/0.9", b"HTTP/1.1x"])
+HEADER_NAMES = st.sampled_from(
+    [
+        b"Authorization",
+        b"X-aws-ec2-metadata-token",
+        b"X-aws-ec2-metadata-token-ttl-seconds",
+        b"Content-Type",
+        b"Transfer-Encoding",
+        b"Connection",
+        b"X-Forwarded-For",
+        b"Expect",
+        b"Host",
+    ]
+) | st.binary(min_size=1, max_size=16).map(_no_newlines)
+HEADER_VALUES = st.sampled_from(
+    [b"@AUTH@", b"application/json", b"chunked", b"21600", b"-1", b"close", b"100-continue", b""]
+) | st.binary(max_size=48).map(_no_newlines)
+BODIES = (
+    st.just(b"")
+    | st.just(b'{"env": {"PATH": null}}')
+    | st.binary(max_size=200)
+    | JSON_VALUES.map(lambda v: json.dumps(v).encode())
+)
+
+
+@st.composite
+def raw_requests(draw: st.DrawFn) -> bytes:
+    line = b" ".join([draw(METHODS), draw(PATHS), draw(VERSIONS)])
+    headers = draw(st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=8))
+    body = draw(BODIES)
+    framing = draw(st.sampled_from(["length", "chunked", "short-length", "none"]))
+    if framing == "length":
+        headers.append((b"Content-Length", str(len(body)).encode()))
+    elif framing == "short-length":  # the rest of the body reads as a pipelined request
+        headers.append((b"Content-Length", str(len(body) // 2).encode()))
+    elif framing == "chunked":
+        headers.append((b"Transfer-Encoding", b"chunked"))
+        body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+    head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    return line + b"\r\nHost: 169.254.169.254\r\n" + head + b"\r\n" + body
+
+
+def blocking_exchange(target: Target, data: bytes) -> list[int]:
+    """Like `exchange`, with a blocking socket: hypothesis runs in a thread beside the loop."""
+    raw = socket.create_connection((target.host, target.port), timeout=HEADER_DEADLINE + 1.5)
+    conn = target.tls.wrap_socket(raw, server_hostname=target.host) if target.tls else raw
+    received = b""
+    with conn:
+        try:
+            conn.sendall(data.replace(b"@AUTH@", target.auth))
+            while not STATUS.search(received):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                received += chunk
+        except (OSError, ssl.SSLError):
+            pass  # reset or timed out: the connection was refused or cut, not answered 5xx
+    return [int(s) for s in STATUS.findall(received)]
+
+
+@pytest.mark.parametrize(
+    ("name", "examples"), [("imds", 200), ("container", 100), ("admin", 60), ("broker", 100)]
+)
+async def test_generated_requests_never_get_a_5xx(
+    name: str, examples: int, servers: Servers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hypothesis-generated request lines, headers, bodies, paths and methods: never a 5xx."""
+    target = servers.target(name)
+    answered: list[list[int]] = []
+
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(raw_requests())
+    def never_5xx(data: bytes) -> None:
+        statuses = blocking_exchange(target, data)
+        answered.append(statuses)
+        assert all(status < 500 for status in statuses), (data[:200], statuses)
+
+    await asyncio.to_thread(never_5xx)
+    assert len(answered) >= examples
+    assert sum(bool(statuses) for statuses in answered) >= examples // 2  # real answers, mostly
+    assert unhandled_errors(caplog) == []
+    await still_serving(servers)
