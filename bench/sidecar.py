@@ -169,7 +169,7 @@ http {{
                 raise
             time.sleep(0.05)
     for pid_text in subprocess.run(
-        ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
+        ["pgrep", "-P", str(process.pid)], capture_output=True, text=True, check=False
     ).stdout.split():
         pin(int(pid_text), SERVER_CORE)
     pin(process.pid, SERVER_CORE)
