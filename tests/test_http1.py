@@ -8,7 +8,13 @@ from dataclasses import dataclass
 
 import pytest
 
-from metaproxy.sidecar.http1 import ConnectionTracker, Request, Response, ServerLimits, serve
+from metaproxy.sidecar.http1 import (
+    ConnectionTracker,
+    Request,
+    Response,
+    ServerLimits,
+    protocol_factory,
+)
 
 
 @dataclass
@@ -43,21 +49,17 @@ async def server() -> AsyncIterator[Running]:
     limits = ServerLimits(
         header_timeout=0.6,
         keepalive_timeout=0.8,
-        max_connections=20,
-        max_connections_per_client=10,
         max_headers=10,
         max_header_bytes=2048,
         max_url_bytes=512,
         max_body_bytes=16,
     )
     tracker = ConnectionTracker(limits, on_reject=rejects.append)
-    srv = await serve(
-        "127.0.0.1",
-        0,
-        handler(seen),
-        tracker,
-        lambda status: Response(status, f"error {status}".encode()),
+    tracker.start()
+    factory = protocol_factory(
+        handler(seen), tracker, lambda status: Response(status, f"error {status}".encode())
     )
+    srv = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
     port = srv.sockets[0].getsockname()[1]
     yield Running(port, tracker, rejects, seen)
     srv.close()
@@ -186,14 +188,23 @@ async def test_idle_keepalive_connections_are_reaped(server: Running) -> None:
     assert not server.tracker.connections
 
 
-async def test_connection_caps_per_client_and_total(server: Running) -> None:
-    """Past the per-client cap new connections are closed at once; others still work."""
-    held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(10)]
+async def test_second_request_head_also_has_a_deadline(server: Running) -> None:
+    """After one answered request, a trickled second request head is cut at the deadline too."""
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    assert await asyncio.wait_for(reader.read(), 2) == b""  # over the cap: closed unanswered
+    writer.write(b"GET / HTTP/1.1\r\n\r\n")
+    await reader.readuntil(b"ok:/")
+    writer.write(b"GET / HTTP/1.1\r\n")  # and never the rest
+    assert await asyncio.wait_for(reader.read(), 3) == b""
     writer.close()
-    assert "connection_cap" in server.rejects
-    for _, held_writer in held:
-        held_writer.close()
-    await asyncio.sleep(0.1)
-    assert status_of(await exchange(server.port, b"GET / HTTP/1.1\r\n\r\n")) == 200
+    assert "header_timeout" in server.rejects
+
+
+async def test_draining_closes_connections_after_their_answer(server: Running) -> None:
+    """While draining, an in-flight request is answered, then its connection closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /slow HTTP/1.1\r\n\r\n")
+    await asyncio.sleep(0.01)
+    server.tracker.draining = True
+    answer = await asyncio.wait_for(reader.read(), 3)
+    writer.close()
+    assert b"slow:/slow" in answer

@@ -1,7 +1,9 @@
 """The sidecar's three HTTP faces, wired in one place: IMDS, container credentials, admin.
 
-A client in a tight loop is answered 429 from a per-client token bucket before any work is done
-(the incident this project starts from: a shared metadata service looped to death).
+IMDS and container credentials are the data plane, served by `http1` (see why there); admin
+(health, readiness, metrics) is an aiohttp app. A client in a tight loop is answered 429 from a
+per-client token bucket before any work is done (the incident this project starts from: a
+shared metadata service looped to death).
 """
 
 from __future__ import annotations
@@ -9,17 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Literal
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import SidecarConfig
-from metaproxy.httperrors import Handler
 from metaproxy.models import SidecarLimits
 from metaproxy.ratelimit import KeyedLimiter
-from metaproxy.sidecar import container_creds, imds, instrument
+from metaproxy.sidecar import container_creds, http1, imds, instrument
 from metaproxy.sidecar.credentials_cache import CredentialKeeper
 from metaproxy.sidecar.host_metadata import HostMetadata
 from metaproxy.sidecar.state import STATE, SidecarState
@@ -28,14 +30,21 @@ from metaproxy.sidecar.tokens import TokenAuthority
 log = logging.getLogger("metaproxy.sidecar")
 
 PATH_CLASSES = ("token", "credentials", "metadata", "container")
+Face = Literal["imds", "container"]
+
+# A client over its rate gets its 429 this much later. A looping client waits for each answer
+# before it sends again, so this caps what one connection costs the sidecar at a few refusals a
+# second instead of thousands, and the task's other clients keep a responsive event loop.
+# SDKs give IMDS and the container endpoint 1 s, so they see the same 429.
+TARPIT_SECONDS = 0.25
 
 
-def path_class(request: web.Request, container: bool) -> str:
-    if container:
+def path_class(path: str, face: Face) -> str:
+    if face == "container":
         return "container"
-    if request.path == imds.TOKEN_PATH:
+    if path == imds.TOKEN_PATH:
         return "token"
-    if "/iam/security-credentials/" in request.path and not request.path.endswith("/"):
+    if "/iam/security-credentials/" in path and not path.endswith("/"):
         return "credentials"
     return "metadata"
 
@@ -48,29 +57,55 @@ def _rate(limits: SidecarLimits, cls: str) -> float:
     return limits.metadata_rps
 
 
-def rate_limit(container: bool) -> Middleware:
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        state = request.app[STATE]
-        cls = path_class(request, container)
+_DEFAULT_LIMITS = SidecarLimits()
+
+
+def data_plane(state: SidecarState, face: Face) -> http1.Handler:
+    """The handler behind one face: per-client rate limit, then IMDS or container credentials,
+    with every answer counted and timed. No framework in between: this is the hot path."""
+    handle = imds.handle if face == "imds" else container_creds.handle
+
+    def too_many(retry: str) -> http1.Response:
+        if face == "container":
+            return container_creds.json_error(
+                429, "TooManyRequests", "rate limit exceeded", **{"Retry-After": retry}
+            )
+        return imds.aws_error(429, {"Retry-After": retry})
+
+    def dispatch(request: http1.Request) -> http1.Response | Awaitable[http1.Response]:
+        started = time.perf_counter()
+        cls = path_class(request.path, face)
         grant = state.keeper.current()
-        limits = grant.limits if grant is not None else SidecarLimits()
-        limiter = state.limiters.setdefault(cls, KeyedLimiter(_rate(limits, cls), limits.burst))
-        wait = limiter.take(request.remote, rate=_rate(limits, cls), burst=limits.burst)
+        limits = grant.limits if grant is not None else _DEFAULT_LIMITS
+        rate = _rate(limits, cls)
+        limiter = state.limiters.get(cls)
+        if limiter is None:
+            limiter = state.limiters[cls] = KeyedLimiter(rate, limits.burst)
+        wait = limiter.take(request.remote, rate=rate, burst=limits.burst)
         if wait:
-            retry = str(max(1, round(wait)))
-            if container:
-                return container_creds.json_error(
-                    429, "TooManyRequests", "rate limit exceeded", **{"Retry-After": retry}
-                )
-            return imds.aws_error(429, {"Retry-After": retry})
-        return await handler(request)
+            instrument.count_request(cls, 429, started)
+            return _tarpit(too_many(str(max(1, round(wait)))))
+        answer = handle(state, request)
+        if isinstance(answer, http1.Response):
+            instrument.count_request(cls, answer.status, started)
+            return answer
+        return instrument.counted(answer, cls, started)
 
-    return middleware
+    return dispatch
 
 
-async def _server_header(_request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["Server"] = "EC2ws"
+async def _tarpit(response: http1.Response) -> http1.Response:
+    await asyncio.sleep(TARPIT_SECONDS)
+    return response
+
+
+def error_page(face: Face) -> http1.ErrorPage:
+    """What the HTTP layer answers for requests it refuses before a handler sees them."""
+    if face == "container":
+        return lambda status: container_creds.json_error(
+            status, "BadRequest" if status < 500 else "InternalError", http1.REASONS.get(status, "")
+        )
+    return imds.aws_error
 
 
 def build_state(config: SidecarConfig, clock: Clock | None = None) -> SidecarState:
@@ -87,34 +122,6 @@ def build_state(config: SidecarConfig, clock: Clock | None = None) -> SidecarSta
     if config.host_metadata_allow:  # no allow-list: the host's IMDS is never even contacted
         state.host_metadata = HostMetadata(config.host_metadata_url, config.host_metadata_allow)
     return state
-
-
-def build_imds_app(state: SidecarState) -> web.Application:
-    app = web.Application(
-        # Metrics outermost, so what the rate limiter refuses is counted too.
-        middlewares=[
-            instrument.request_metrics(lambda request: path_class(request, container=False)),
-            rate_limit(container=False),
-        ],
-        client_max_size=state.config.max_body_bytes,
-    )
-    app[STATE] = state
-    app.router.add_route("*", "/{tail:.*}", imds.handle)
-    app.on_response_prepare.append(_server_header)
-    return app
-
-
-def build_container_app(state: SidecarState) -> web.Application:
-    app = web.Application(
-        middlewares=[
-            instrument.request_metrics(lambda _request: "container"),
-            rate_limit(container=True),
-        ],
-        client_max_size=state.config.max_body_bytes,
-    )
-    app[STATE] = state
-    app.router.add_route("*", "/{tail:.*}", container_creds.handle)
-    return app
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -13,21 +13,19 @@ import os
 import secrets
 from pathlib import Path
 
-from aiohttp import web
+from collections.abc import Awaitable
 
 from metaproxy.clock import iso_z
-from metaproxy.sidecar.state import STATE
+from metaproxy.sidecar.broker_client import Grant
+from metaproxy.sidecar.http1 import Request, Response
+from metaproxy.sidecar.state import SidecarState
 
 CREDENTIALS_PATH = "/v1/credentials"
 
 
-def json_error(status: int, code: str, message: str, **headers: str) -> web.Response:
-    return web.Response(
-        status=status,
-        text=json.dumps({"Code": code, "Message": message}),
-        content_type="application/json",
-        headers=headers or None,
-    )
+def json_error(status: int, code: str, message: str, **headers: str) -> Response:
+    body = json.dumps({"Code": code, "Message": message}).encode()
+    return Response(status, body, "application/json", tuple(headers.items()))
 
 
 def load_or_create_token(path: Path | None) -> str:
@@ -52,20 +50,39 @@ def load_or_create_token(path: Path | None) -> str:
     return token
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
+def handle(state: SidecarState, request: Request) -> Response | Awaitable[Response]:
     if request.path != CREDENTIALS_PATH:
         return json_error(404, "NotFound", "no such path")
     if request.method not in ("GET", "HEAD"):
         return json_error(405, "MethodNotAllowed", "use GET", Allow="GET, HEAD")
-    supplied = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-    if not hmac.compare_digest(supplied, state.authorization_token.encode()):
+    supplied = request.headers.get("authorization", "").encode("latin-1", "replace")
+    if "authorization" in request.duplicate_headers or not hmac.compare_digest(
+        supplied, state.authorization_token.encode()
+    ):
         return json_error(401, "AccessDenied", "Authorization header missing or wrong")
+    grant = state.keeper.serving()
+    if grant is None:  # none yet, or inside the 15-minute window: wait briefly for fresh ones
+        return _after_refresh(state)
+    return document_response(grant)
+
+
+async def _after_refresh(state: SidecarState) -> Response:
     grant = await state.keeper.fresh(wait=0.5)
     if grant is None:
         return json_error(
             503, "CredentialsUnavailable", "no valid credentials yet; retry", **{"Retry-After": "1"}
         )
+    return document_response(grant)
+
+
+_rendered: tuple[Grant, Response] | None = None
+
+
+def document_response(grant: Grant) -> Response:
+    """Rendered once per credential set (a one-entry cache: grants change every half hour)."""
+    global _rendered  # noqa: PLW0603
+    if _rendered is not None and _rendered[0] is grant:
+        return _rendered[1]
     creds = grant.credentials
     document = {
         "AccessKeyId": creds.access_key_id,
@@ -75,4 +92,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
         "AccountId": grant.account_id,
         "RoleArn": grant.role_arn,
     }
-    return web.Response(text=json.dumps(document), content_type="application/json")
+    response = Response(200, json.dumps(document).encode(), "application/json")
+    _rendered = (grant, response)
+    return response

@@ -61,6 +61,15 @@ class CredentialKeeper:
         grant = self.current()
         return grant.credentials.seconds_left(self._clock.now()) if grant else 0.0
 
+    def serving(self) -> Grant | None:
+        """The grant if it may be handed out as it is: valid, with 15 minutes or more left."""
+        grant = self._grant
+        if grant is None:
+            return None
+        if grant.credentials.seconds_left(self._clock.now()) < self._config.min_serve_seconds:
+            return None
+        return grant
+
     async def fresh(self, wait: float) -> Grant | None:
         """The grant to serve now. If it is inside the 15-minute window, ask for a refresh and
         wait briefly for it (SDK timeouts are ~1 s); if the broker is down, serve what is valid."""

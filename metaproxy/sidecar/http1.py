@@ -5,9 +5,10 @@ framework spends most of its time on machinery this path does not need (routing,
 chains, a Request object per call), and it has no deadline for reading headers — a slow client
 holds its socket forever, which is how a shared metadata service once ran out of descriptors.
 This server parses with httptools (llhttp, the parser Node.js uses), answers from prepared bytes,
-and enforces every limit at the connection: caps on connections in total and per client,
-a deadline for the request head, a keep-alive idle timeout, and limits on URL, header and body
-sizes. Rejecting excess costs one write and a close, or only a close.
+and enforces per-request limits: a deadline for every request head (not only the first), a
+keep-alive idle timeout, and limits on URL, header and body sizes. Rejecting excess costs one
+write and a close. Connection admission (caps in total and per client, eviction, the descriptor
+budget) is `metaproxy.connguard`, which wraps this protocol exactly as it wraps aiohttp's.
 
 The admin address (health, readiness, metrics) stays on aiohttp: it is not a hot path.
 """
@@ -18,12 +19,10 @@ import asyncio
 import contextlib
 import email.utils
 import logging
-import resource
 import typing
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import httptools
@@ -38,7 +37,6 @@ REASONS = {
     503: "Service Unavailable",
 }  # fmt: skip
 MAX_PIPELINED = 16  # requests queued on one connection before we stop reading from it
-FD_RESERVE = 64  # descriptors kept free for the broker client, logs, the admin server
 
 
 @dataclass(slots=True)
@@ -70,54 +68,30 @@ class ServerLimits:
     max_header_bytes: int = 8190
     max_headers: int = 64
     max_body_bytes: int = 1024
-    max_connections: int = 256
-    max_connections_per_client: int = 64
     server_header: str = "EC2ws"
-
-
-def descriptor_budget(requested: int) -> int:
-    """Connections this process may hold: what was asked for, within RLIMIT_NOFILE."""
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return requested
-    return max(1, min(requested, soft - FD_RESERVE))
 
 
 @dataclass
 class ConnectionTracker:
-    """Shared by every listener of one sidecar: the caps are per process, not per port."""
+    """The connections of every data-plane listener of one sidecar, and their deadlines."""
 
     limits: ServerLimits
     on_reject: Callable[[str], None] = lambda _reason: None
     connections: set[HttpProtocol] = field(default_factory=set)
-    per_client: dict[str, int] = field(default_factory=dict)
     date_header: bytes = b""
-    cap: int = 0
+    draining: bool = False  # set at shutdown: answer what is in flight, then close
     _sweeper: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
-        self.cap = descriptor_budget(self.limits.max_connections)
         self._refresh_date()
 
     def _refresh_date(self) -> None:
         self.date_header = email.utils.formatdate(usegmt=True).encode("ascii")
 
-    def admit(self, client: str) -> bool:
-        if len(self.connections) >= self.cap:
-            self.on_reject("connection_cap")
-            return False
-        if self.per_client.get(client, 0) >= self.limits.max_connections_per_client:
-            self.on_reject("connection_cap")
-            return False
-        self.per_client[client] = self.per_client.get(client, 0) + 1
-        return True
-
-    def release(self, client: str) -> None:
-        left = self.per_client.get(client, 1) - 1
-        if left > 0:
-            self.per_client[client] = left
-        else:
-            self.per_client.pop(client, None)
+    @property
+    def busy(self) -> int:
+        """Connections with a request being answered (what a drain waits for)."""
+        return sum(1 for conn in self.connections if not conn.idle)
 
     def start(self) -> None:
         if self._sweeper is None:
@@ -181,9 +155,6 @@ class HttpProtocol(asyncio.Protocol):
         transport = typing.cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self._client = peer[0] if isinstance(peer, tuple) else "unix"
-        if not self._tracker.admit(self._client):
-            transport.abort()
-            return
         self._transport = transport
         self._tracker.connections.add(self)
         transport.set_write_buffer_limits(high=64 * 1024)
@@ -196,7 +167,6 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._transport = None
         self._tracker.connections.discard(self)
-        self._tracker.release(self._client)
         if self._busy is not None:
             self._busy.cancel()
         self._queue.clear()
@@ -226,6 +196,10 @@ class HttpProtocol(asyncio.Protocol):
             self.deadline = self._loop.time() + self._limits.header_timeout
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # CONNECT or `Upgrade:`: nothing here speaks anything but plain HTTP/1.1.
+            self._tracker.on_reject("bad_request")
+            self._fail(400)
         except (_Reject, httptools.HttpParserError) as exc:
             # httptools re-raises a callback's exception wrapped; find our own status in it.
             reject = exc if isinstance(exc, _Reject) else exc.__context__
@@ -308,6 +282,9 @@ class HttpProtocol(asyncio.Protocol):
         if self._transport is not None and not self._paused_writing:
             self._transport.resume_reading()
         if self._transport is not None and not self.reading_head:
+            if self._tracker.draining:
+                self._transport.close()
+                return
             self.deadline = self._loop.time() + self._limits.keepalive_timeout
 
     async def _finish(
@@ -372,20 +349,12 @@ def _path(url: bytes) -> str:
         return "\x00invalid"
 
 
-async def serve(
-    host: str,
-    port: int,
-    handler: Handler,
-    tracker: ConnectionTracker,
-    error_page: ErrorPage,
-    *,
-    backlog: int = 1024,
-) -> asyncio.Server:
-    loop = asyncio.get_running_loop()
-    tracker.start()
+def protocol_factory(
+    handler: Handler, tracker: ConnectionTracker, error_page: ErrorPage
+) -> Callable[[], HttpProtocol]:
+    """What `loop.create_server` (or a connection guard wrapping it) builds per connection."""
 
     def factory() -> HttpProtocol:
         return HttpProtocol(handler, tracker, error_page)
 
-    kwargs: dict[str, Any] = {"backlog": backlog, "reuse_address": True}
-    return await loop.create_server(factory, host, port, **kwargs)
+    return factory

@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any
-
-from aiohttp import web
 
 from metaproxy.clock import iso_z
 from metaproxy.sidecar import host_metadata
 from metaproxy.sidecar.broker_client import Grant
-from metaproxy.sidecar.state import STATE, SidecarState
+from metaproxy.sidecar.http1 import Request, Response
+from metaproxy.sidecar.state import SidecarState
 from metaproxy.sidecar.tokens import parse_ttl
 
 TOKEN_PATH = "/latest/api/token"  # noqa: S105 - a path, not a secret
-TOKEN_HEADER = "X-aws-ec2-metadata-token"  # noqa: S105 - a header name
+TOKEN_HEADER = "x-aws-ec2-metadata-token"  # noqa: S105 - a header name (lower case, as parsed)
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 _VERSIONED_TOKEN = re.compile(r"^/[^/]+/api/token/?$")
 VERSIONS = (
@@ -36,6 +37,7 @@ VERSIONS = (
     "2018-08-17", "2018-09-24", "2019-10-01", "2020-10-27", "2021-01-03", "2021-03-23",
     "2021-07-15", "2022-09-24", "2024-04-11", "latest",
 )  # fmt: skip
+_VERSION_SET = frozenset(VERSIONS)
 
 _ERROR_TITLES = {
     400: "400 - Bad Request",
@@ -43,27 +45,39 @@ _ERROR_TITLES = {
     403: "403 - Forbidden",
     404: "404 - Not Found",
     405: "405 - Method Not Allowed",
+    408: "408 - Request Timeout",
+    413: "413 - Request Entity Too Large",
+    414: "414 - Request-URI Too Large",
     429: "429 - Too Many Requests",
+    431: "431 - Request Header Fields Too Large",
+    500: "500 - Internal Server Error",
     503: "503 - Service Unavailable",
 }
 
 
-def aws_error(status: int, headers: dict[str, str] | None = None) -> web.Response:
+def _error_body(status: int) -> bytes:
     title = _ERROR_TITLES.get(status, f"{status}")
-    body = (
+    return (
         '<?xml version="1.0" encoding="iso-8859-1"?>\n'
         '<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN"\n'
         '\t"http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">\n'
         '<html xmlns="http://www.w3.org/1999/xhtml" xml:lang="en" lang="en">\n'
         f" <head>\n  <title>{title}</title>\n </head>\n"
         f" <body>\n  <h1>{title}</h1>\n </body>\n</html>\n"
-    )
-    return web.Response(status=status, text=body, content_type="text/html", headers=headers)
+    ).encode()
 
 
-def text(body: str, **headers: str) -> web.Response:
-    # Bytes, so the header is plain `text/plain` as EC2 sends it (no `; charset=utf-8`).
-    return web.Response(body=body.encode(), content_type="text/plain", headers=headers or None)
+_ERROR_BODIES = {status: _error_body(status) for status in _ERROR_TITLES}
+
+
+def aws_error(status: int, headers: dict[str, str] | None = None) -> Response:
+    body = _ERROR_BODIES.get(status) or _error_body(status)
+    return Response(status, body, "text/html", tuple((headers or {}).items()))
+
+
+def text(body: str, **headers: str) -> Response:
+    # Plain `text/plain` as EC2 sends it (no `; charset=utf-8`).
+    return Response(200, body.encode(), "text/plain", tuple(headers.items()))
 
 
 def _aws_json(document: dict[str, str]) -> str:
@@ -87,7 +101,7 @@ def credentials_document(grant: Grant) -> str:
 
 
 def metadata_tree(grant: Grant) -> dict[str, Any]:
-    """The task-scoped view. Dict = directory, str = leaf, callable-free so it is cheap."""
+    """The task-scoped view. Dict = directory, str = leaf, None = the credential document."""
     m = grant.metadata
     meta_data: dict[str, Any] = {
         "ami-id": m.get("ami_id", ""),
@@ -101,7 +115,7 @@ def metadata_tree(grant: Grant) -> dict[str, Any]:
                     "InstanceProfileId": m.get("instance_profile_id", ""),
                 }
             ),
-            "security-credentials": {grant.role_name: None},  # filled per request
+            "security-credentials": {grant.role_name: None},
         },
         "instance-id": m.get("instance_id", ""),
         "instance-type": m.get("instance_type", ""),
@@ -128,8 +142,27 @@ def listing(directory: dict[str, Any]) -> str:
     return "\n".join(f"{k}/" if isinstance(v, dict) else k for k, v in directory.items())
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
-    state = request.app[STATE]
+@dataclass(frozen=True, slots=True)
+class _View:
+    grant: Grant
+    tree: dict[str, Any]
+    credentials: Response
+
+
+_view: _View | None = None
+
+
+def view_of(grant: Grant) -> _View:
+    """The rendered view of one grant, built once per credential set, not once per request."""
+    global _view  # noqa: PLW0603 - a one-entry cache; grants change every half hour
+    view = _view
+    if view is None or view.grant is not grant:
+        view = _View(grant, metadata_tree(grant), text(credentials_document(grant)))
+        _view = view
+    return view
+
+
+def handle(state: SidecarState, request: Request) -> Response | Awaitable[Response]:
     path = request.path
     if path == TOKEN_PATH:
         return _token(request, state)
@@ -139,64 +172,79 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return aws_error(405, {"Allow": "GET, HEAD"})
     token = request.headers.get(TOKEN_HEADER)
     if token is not None:
-        if not state.tokens.valid(token):
+        if TOKEN_HEADER in request.duplicate_headers or not state.tokens.valid(token):
             return aws_error(401)
     elif state.config.imds_v1 != "allow":
         return aws_error(401)
-    return await _metadata(request, state, path)
+    return _metadata(state, path)
 
 
-def _token(request: web.Request, state: SidecarState) -> web.Response:
+def _token(request: Request, state: SidecarState) -> Response:
     if request.method != "PUT":
         return aws_error(405, {"Allow": "PUT"})
     # A forwarded request came through a proxy; AWS refuses those so SSRF can't mint tokens.
-    if "X-Forwarded-For" in request.headers:
+    if "x-forwarded-for" in request.headers:
         return aws_error(403)
-    ttl = parse_ttl(request.headers.get(TTL_HEADER))
+    ttl = parse_ttl(request.headers.get(TTL_HEADER.lower()))
     if ttl is None:
         return aws_error(400)
     return text(state.tokens.mint(ttl), **{TTL_HEADER: str(ttl)})
 
 
-async def _metadata(request: web.Request, state: SidecarState, path: str) -> web.StreamResponse:
+def _metadata(state: SidecarState, path: str) -> Response | Awaitable[Response]:
     parts = [p for p in path.split("/") if p]
     if not parts:
         return text("\n".join(VERSIONS))
-    if parts[0] not in VERSIONS:
+    if parts[0] not in _VERSION_SET:
         return aws_error(404)
     rest = parts[1:]
     if not rest:
         return text("dynamic\nmeta-data")  # EC2 lists these two without a trailing slash
     if _wants_credentials(rest):
-        grant = await state.keeper.fresh(wait=0.5)
+        grant = state.keeper.serving()
+        if grant is None:  # inside the 15-minute window, or none yet: wait briefly for fresh
+            return _after_refresh(state, rest)
     else:
         grant = state.keeper.current()
     if grant is None:
         # No valid credentials (still starting, broker down past expiry, or revoked): say so
         # rather than serve anything stale.
         return aws_error(503)
-    return await _lookup(state, grant, rest)
+    return _lookup(state, grant, rest)
 
 
-async def _lookup(state: SidecarState, grant: Grant, rest: list[str]) -> web.StreamResponse:
-    node: Any = metadata_tree(grant)
+async def _after_refresh(state: SidecarState, rest: list[str]) -> Response:
+    grant = await state.keeper.fresh(wait=0.5)
+    if grant is None:
+        return aws_error(503)
+    answer = _lookup(state, grant, rest)
+    return answer if isinstance(answer, Response) else await answer
+
+
+def _lookup(state: SidecarState, grant: Grant, rest: list[str]) -> Response | Awaitable[Response]:
+    view = view_of(grant)
+    node: Any = view.tree
     for name in rest:
         if not (isinstance(node, dict) and name in node):
-            return await _host_passthrough(state, "/".join(rest))
+            return _host_passthrough(state, "/".join(rest))
         node = node[name]
     if node is None:  # the one role's credential document
-        return text(credentials_document(grant))
+        return view.credentials
     return text(listing(node) if isinstance(node, dict) else node)
 
 
 def _wants_credentials(rest: list[str]) -> bool:
-    return rest[:3] == ["meta-data", "iam", "security-credentials"] and len(rest) == 4
+    return len(rest) == 4 and rest[:3] == ["meta-data", "iam", "security-credentials"]
 
 
-async def _host_passthrough(state: SidecarState, subpath: str) -> web.StreamResponse:
+def _host_passthrough(state: SidecarState, subpath: str) -> Response | Awaitable[Response]:
     """Anything outside the task's view: the host's answer if allow-listed (and never a denied
     path, checked here and again inside the fetcher), else 404 as EC2 answers unknown paths."""
     if not host_metadata.permitted(subpath, state.config.host_metadata_allow):
         return aws_error(404)
+    return _fetch_from_host(state, subpath)
+
+
+async def _fetch_from_host(state: SidecarState, subpath: str) -> Response:
     body = await state.host_metadata(subpath)
     return text(body) if body is not None else aws_error(404)

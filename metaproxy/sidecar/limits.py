@@ -7,12 +7,9 @@ not make the kubelet's readiness probe fail.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Callable
 from typing import Any
-
-from aiohttp import web
 
 from metaproxy.config import SidecarConfig
 from metaproxy.connguard import (
@@ -22,7 +19,6 @@ from metaproxy.connguard import (
     canned_response,
     protocol_logger,
 )
-from metaproxy.httperrors import Handler
 from metaproxy.models import SidecarLimits
 from metaproxy.sidecar.state import SidecarState
 
@@ -32,12 +28,6 @@ SIDECAR_FD_RESERVE = FD_RESERVE + ADMIN_LIMITS.max_connections
 # aiohttp keeps reading an unread request body for this long after answering; the sidecar never
 # needs a body, so a client trickling one is not worth a connection for long.
 LINGER_SECONDS = 1.0
-
-# A client over its rate gets its 429 this much later. A looping client waits for each answer
-# before it sends again, so this caps what one connection costs the sidecar at a few refusals a
-# second instead of thousands (each a parsed request), and the task's other clients keep a
-# responsive event loop. SDKs give IMDS and the container endpoint 1 s, so they see the same 429.
-TARPIT_SECONDS = 0.25
 
 _IMDS_429 = canned_response(
     429,
@@ -66,15 +56,6 @@ def container_reject() -> bytes:
 
 def admin_reject() -> bytes:
     return _ADMIN_429
-
-
-@web.middleware
-async def tarpit(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost on the task-facing apps: delays the rate limiter's 429s (see TARPIT_SECONDS)."""
-    response = await handler(request)
-    if response.status == 429:
-        await asyncio.sleep(TARPIT_SECONDS)
-    return response
 
 
 def task_limits(state: SidecarState) -> Callable[[], ConnectionLimits]:

@@ -1,34 +1,54 @@
-"""A running sidecar: runners and bound URLs. Used by the CLI, the demo, netns attach and tests."""
+"""A running sidecar: listeners and bound URLs. Used by the CLI, the demo, netns attach and tests.
+
+The data plane (IMDS, container credentials) is `http1` behind a `ConnectionGuard`: the guard
+admits or refuses each connection (caps, eviction, descriptor budget, first-request deadline),
+the protocol parses and answers. Admin is an aiohttp app behind its own, smaller guard.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
 from metaproxy.clock import Clock
-from metaproxy.config import SidecarConfig
-from metaproxy.connguard import ConnectionGuard
+from metaproxy.config import SidecarConfig, split_host_port
+from metaproxy.connguard import ACCEPT_BACKLOG, ConnectionGuard
 from metaproxy.runtime import start_site
-from metaproxy.sidecar.app import (
-    build_admin_app,
-    build_container_app,
-    build_imds_app,
-    build_state,
-)
-from metaproxy.sidecar.instrument import count_connections_with
+from metaproxy.sidecar import http1, instrument
+from metaproxy.sidecar.app import Face, build_admin_app, build_state, data_plane, error_page
 from metaproxy.sidecar.limits import (
     admin_reject,
     build_guards,
     container_reject,
     handler_args,
     imds_reject,
-    tarpit,
 )
 from metaproxy.sidecar.state import SidecarState
 
 log = logging.getLogger("metaproxy.sidecar")
+
+
+async def listen(address: str, factory: Callable[[], asyncio.Protocol]) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    if address.startswith("unix:"):
+        return await loop.create_unix_server(
+            factory, address.removeprefix("unix:"), backlog=ACCEPT_BACKLOG
+        )
+    host, port = split_host_port(address)
+    return await loop.create_server(factory, host, port, backlog=ACCEPT_BACKLOG, reuse_address=True)
+
+
+def server_url(server: asyncio.Server) -> str:
+    name = server.sockets[0].getsockname()
+    if isinstance(name, str):
+        return f"unix:{name}"
+    host, port = name[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 @dataclass
@@ -37,9 +57,11 @@ class SidecarServer:
     imds_urls: list[str]
     container_urls: list[str]
     admin_url: str
-    _runners: list[web.AppRunner]
     guard: ConnectionGuard  # IMDS + container: capped, counted, header deadline
     admin_guard: ConnectionGuard
+    tracker: http1.ConnectionTracker
+    _admin: web.AppRunner
+    _servers: list[asyncio.Server] = field(default_factory=list)
 
     @property
     def imds_url(self) -> str:
@@ -53,57 +75,56 @@ class SidecarServer:
     async def start(cls, config: SidecarConfig, clock: Clock | None = None) -> SidecarServer:
         state = build_state(config, clock)
         guard, admin_guard = build_guards(state)
-        count_connections_with(state.keeper, lambda: guard.open + admin_guard.open)
-        limits = handler_args(config)
-        imds_app, container_app = build_imds_app(state), build_container_app(state)
-        for app in (imds_app, container_app):
-            app.middlewares.insert(0, tarpit)
+        instrument.count_connections_with(state.keeper, lambda: guard.open + admin_guard.open)
+        tracker = http1.ConnectionTracker(
+            http1.ServerLimits(
+                header_timeout=config.header_timeout,
+                keepalive_timeout=config.keepalive_timeout,
+                max_header_bytes=config.max_header_bytes,
+                max_headers=config.max_headers,
+                max_body_bytes=config.max_body_bytes,
+            ),
+            on_reject=instrument.count_rejection,
+        )
+        tracker.start()
         # The admin runner owns the credential keeper: it starts first and stops last.
-        admin = web.AppRunner(build_admin_app(state), access_log=None, **limits)
-        imds_runner = web.AppRunner(
-            imds_app,
-            access_log=None,
-            shutdown_timeout=config.drain_seconds,
-            **limits,
-        )
-        container_runner = web.AppRunner(
-            container_app,
-            access_log=None,
-            shutdown_timeout=config.drain_seconds,
-            **limits,
-        )
-        for runner in (admin, imds_runner, container_runner):
-            await runner.setup()
+        admin = web.AppRunner(build_admin_app(state), access_log=None, **handler_args(config))
+        await admin.setup()
         _, admin_url = await start_site(
             admin, config.admin_listen, guard=admin_guard, reject=admin_reject
         )
-        imds_urls = [
-            (await start_site(imds_runner, a, guard=guard, reject=imds_reject))[1]
-            for a in config.imds_listen
-        ]
-        container_urls = [
-            (await start_site(container_runner, a, guard=guard, reject=container_reject))[1]
-            for a in config.container_listen
-        ]
+        servers: list[asyncio.Server] = []
+        urls: dict[Face, list[str]] = {"imds": [], "container": []}
+        faces: list[tuple[Face, str]] = [("imds", a) for a in config.imds_listen]
+        faces += [("container", a) for a in config.container_listen]
+        for face, address in faces:
+            protocol = http1.protocol_factory(data_plane(state, face), tracker, error_page(face))
+            reject = imds_reject if face == "imds" else container_reject
+            server = await listen(address, guard.protocol_factory(protocol, reject))
+            servers.append(server)
+            urls[face].append(server_url(server))
         log.info(
             "sidecar serving IMDS on %s, container credentials on %s",
-            ", ".join(imds_urls),
-            ", ".join(container_urls),
+            ", ".join(urls["imds"]),
+            ", ".join(urls["container"]),
         )
         return cls(
-            state,
-            imds_urls,
-            container_urls,
-            admin_url,
-            [admin, imds_runner, container_runner],
-            guard,
-            admin_guard,
-        )
+            state, urls["imds"], urls["container"], admin_url, guard, admin_guard, tracker,
+            admin, servers,
+        )  # fmt: skip
 
     async def stop(self) -> None:
-        """Drain: /readyz turns false, in-flight requests finish (capped), then close."""
+        """Drain: /readyz turns false, listeners close, idle connections close, in-flight
+        requests finish (at most `drain_seconds`), then the keeper and admin stop."""
         self.state.draining = True
-        admin, *serving = self._runners
-        for runner in serving:
-            await runner.cleanup()
-        await admin.cleanup()
+        self.tracker.draining = True
+        for server in self._servers:
+            server.close()
+        self.tracker.close_idle()
+        deadline = time.monotonic() + self.state.config.drain_seconds
+        while self.tracker.busy and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.tracker.connections):
+            conn.close()
+        await self.tracker.stop()
+        await self._admin.cleanup()
