@@ -11,9 +11,8 @@ import hmac
 import json
 import os
 import secrets
-from pathlib import Path
-
 from collections.abc import Awaitable
+from pathlib import Path
 
 from metaproxy.clock import iso_z
 from metaproxy.sidecar.broker_client import Grant

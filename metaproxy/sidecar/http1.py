@@ -80,6 +80,7 @@ class ConnectionTracker:
     connections: set[HttpProtocol] = field(default_factory=set)
     date_header: bytes = b""
     draining: bool = False  # set at shutdown: answer what is in flight, then close
+    _quiet: asyncio.Event | None = None
     _sweeper: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
@@ -92,6 +93,21 @@ class ConnectionTracker:
     def busy(self) -> int:
         """Connections with a request being answered (what a drain waits for)."""
         return sum(1 for conn in self.connections if not conn.idle)
+
+    async def drain(self, cap_seconds: float) -> None:
+        """Stop keeping connections alive; wait (at most `cap_seconds`) for answers in flight."""
+        self.draining = True
+        self._quiet = asyncio.Event()
+        self.close_idle()
+        self.note_progress()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._quiet.wait(), cap_seconds)
+        for conn in list(self.connections):
+            conn.close()
+
+    def note_progress(self) -> None:
+        if self.draining and self._quiet is not None and not self.busy:
+            self._quiet.set()
 
     def start(self) -> None:
         if self._sweeper is None:
@@ -167,6 +183,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         self._transport = None
         self._tracker.connections.discard(self)
+        self._tracker.note_progress()
         if self._busy is not None:
             self._busy.cancel()
         self._queue.clear()
@@ -284,6 +301,7 @@ class HttpProtocol(asyncio.Protocol):
         if self._transport is not None and not self.reading_head:
             if self._tracker.draining:
                 self._transport.close()
+                self._tracker.note_progress()
                 return
             self.deadline = self._loop.time() + self._limits.keepalive_timeout
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -117,14 +116,8 @@ class SidecarServer:
         """Drain: /readyz turns false, listeners close, idle connections close, in-flight
         requests finish (at most `drain_seconds`), then the keeper and admin stop."""
         self.state.draining = True
-        self.tracker.draining = True
         for server in self._servers:
             server.close()
-        self.tracker.close_idle()
-        deadline = time.monotonic() + self.state.config.drain_seconds
-        while self.tracker.busy and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        for conn in list(self.tracker.connections):
-            conn.close()
+        await self.tracker.drain(self.state.config.drain_seconds)
         await self.tracker.stop()
         await self._admin.cleanup()
