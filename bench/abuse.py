@@ -36,14 +36,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.common import percentile, write_json  # noqa: E402
+from metaproxy.demo.local import (  # noqa: E402
+    AUDIENCE,
+    EMULATOR_CREDENTIALS,
+    ISSUER,
+    broker_args,
+    make_local_keys,
+    sidecar_args,
+)
 from metaproxy.demo.processes import Child, start_metaproxy  # noqa: E402
 
-ISSUER, AUDIENCE = "metaproxy-platform", "metaproxy-broker"
-EMULATOR_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",  # moto's documented fake credentials
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 CREDS = "/latest/meta-data/iam/security-credentials/acme-app"
 VICTIM, ABUSER = "127.0.0.1", "127.0.0.2"
 
@@ -300,47 +302,46 @@ def summary(latencies: list[float]) -> dict[str, float]:
 
 
 def start_system(tmp: Path, sts_url: str) -> tuple[Child, Child, dict[str, Path]]:
-    from metaproxy.audit.checkpoint import write_keypair
-    from metaproxy.certs import init_certs
     from metaproxy.identity.issue import issue_token
-    from metaproxy.identity.keys import generate_keypair
 
-    key, jwks = generate_keypair(tmp, "identity")
-    document_key, _ = generate_keypair(tmp, "document")
-    certs = init_certs(tmp / "tls")
-    audit_key, _ = write_keypair(tmp / "audit-keys")
+    keys = make_local_keys(tmp / "keys")
     shutil.copytree(REPO / "policies", tmp / "policies")  # the shipped limits, as in production
     broker = start_metaproxy(
         "broker",
-        [
-            "broker",
-            *("--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"),
-            *("--tls-cert", str(certs["broker.pem"]), "--tls-key", str(certs["broker.key"])),
-            *("--policies-dir", str(tmp / "policies"), "--trust", f"{ISSUER},{AUDIENCE},{jwks}"),
-            *("--document-key", str(document_key), "--audit-dir", str(tmp / "audit")),
-            *("--audit-key", str(audit_key), "--sts-endpoint", sts_url, "--log-format", "json"),
-        ],
+        broker_args(
+            keys,
+            policies_dir=tmp / "policies",
+            audit_dir=tmp / "audit",
+            sts_endpoint=sts_url,
+            instance="abuse-broker",
+        ),
         ready_file=tmp / "broker.ready",
         log_file=tmp / "broker.log",
-        env=EMULATOR_ENV,
+        env=EMULATOR_CREDENTIALS,
     )
     token_file = tmp / "identity.jwt"
     token_file.write_text(
-        issue_token(key, issuer=ISSUER, audience=AUDIENCE, task="victim", tenant="acme", ttl=7200)
+        issue_token(
+            keys.identity_key,
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            task="victim",
+            tenant="acme",
+            ttl=7200,
+        )
     )
     sidecar = start_metaproxy(
         "sidecar",
-        [
-            "sidecar",
-            *("--broker-url", broker.ready["url"], "--broker-ca-file", str(certs["ca.pem"])),
-            *("--identity-token-file", str(token_file), "--imds-listen", "127.0.0.1:0"),
-            *("--container-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"),
-            *("--log-format", "json"),
-        ],
+        sidecar_args(
+            keys,
+            broker_url=broker.ready["url"],
+            identity_file=token_file,
+            authorization_file=tmp / "auth-token",
+        ),
         ready_file=tmp / "sidecar.ready",
         log_file=tmp / "sidecar.log",
     )
-    return broker, sidecar, {"key": key, "ca": certs["ca.pem"]}
+    return broker, sidecar, {"key": keys.identity_key, "ca": keys.ca}
 
 
 def wait_ready(admin_url: str, timeout: float = 30.0) -> None:

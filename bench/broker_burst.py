@@ -71,6 +71,9 @@ class TimedScheduler:
         stats: dict[str, float] = self.inner.stats()
         return stats
 
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
 
 class RemoteFaultProxy:
     """The fault proxy in its own process (`metaproxy fault-proxy`), so that forwarding does not

@@ -29,16 +29,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from metaproxy.demo.local import (  # noqa: E402
+    AUDIENCE,
+    EMULATOR_CREDENTIALS,
+    ISSUER,
+    broker_args,
+    make_local_keys,
+    sidecar_args,
+)
 from metaproxy.demo.processes import Child, start_metaproxy  # noqa: E402
 
 SERVER_CORE = 0
 CLIENT_CORES = "1" if (os.cpu_count() or 1) > 1 else "0"
-ISSUER, AUDIENCE = "metaproxy-platform", "metaproxy-broker"
-EMULATOR_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -201,10 +203,7 @@ def main() -> int:
             print(f"{tool} is missing: apt-get install wrk nghttp2-client nginx-light util-linux")
             return 2
 
-    from metaproxy.audit.checkpoint import write_keypair
-    from metaproxy.certs import init_certs
     from metaproxy.identity.issue import issue_token
-    from metaproxy.identity.keys import generate_keypair
     from metaproxy.testing.emulator import StsEmulator
 
     children: list[Child] = []
@@ -213,48 +212,32 @@ def main() -> int:
         StsEmulator() as emulator,
     ):
         tmp = Path(tmp_name)
-        key, jwks = generate_keypair(tmp, "identity")
-        document_key, _ = generate_keypair(tmp, "document")
-        certs = init_certs(tmp / "tls")
-        audit_key, _ = write_keypair(tmp / "audit-keys")
+        keys = make_local_keys(tmp / "keys")
         sts_url = emulator.url
         try:
             broker = start_metaproxy(
                 "broker",
-                [
-                    "broker",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--admin-listen",
-                    "127.0.0.1:0",
-                    "--tls-cert",
-                    str(certs["broker.pem"]),
-                    "--tls-key",
-                    str(certs["broker.key"]),
-                    "--policies-dir",
-                    str(bench_policies(tmp / "policies")),
-                    "--trust",
-                    f"{ISSUER},{AUDIENCE},{jwks}",
-                    "--document-key",
-                    str(document_key),
-                    "--audit-dir",
-                    str(tmp / "audit"),
-                    "--audit-key",
-                    str(audit_key),
-                    "--sts-endpoint",
-                    sts_url,
-                    "--log-format",
-                    "json",
-                ],
+                broker_args(
+                    keys,
+                    policies_dir=bench_policies(tmp / "policies"),
+                    audit_dir=tmp / "audit",
+                    sts_endpoint=sts_url,
+                    instance="bench-broker",
+                ),
                 ready_file=tmp / "broker.ready",
                 log_file=tmp / "broker.log",
-                env=EMULATOR_ENV,
+                env=EMULATOR_CREDENTIALS,
             )
             children.append(broker)
             token_file = tmp / "identity.jwt"
             token_file.write_text(
                 issue_token(
-                    key, issuer=ISSUER, audience=AUDIENCE, task="bench-1", tenant="acme", ttl=7200
+                    keys.identity_key,
+                    issuer=ISSUER,
+                    audience=AUDIENCE,
+                    task="bench-1",
+                    tenant="acme",
+                    ttl=7200,
                 )
             )
 
@@ -262,25 +245,12 @@ def main() -> int:
                 started = time.monotonic()
                 child = start_metaproxy(
                     name,
-                    [
-                        "sidecar",
-                        "--broker-url",
-                        broker.ready["url"],
-                        "--broker-ca-file",
-                        str(certs["ca.pem"]),
-                        "--identity-token-file",
-                        str(token_file),
-                        "--imds-listen",
-                        "127.0.0.1:0",
-                        "--container-listen",
-                        "127.0.0.1:0",
-                        "--admin-listen",
-                        "127.0.0.1:0",
-                        "--log-format",
-                        "json",
-                        "--authorization-token-file",
-                        str(tmp / "auth-token"),
-                    ],
+                    sidecar_args(
+                        keys,
+                        broker_url=broker.ready["url"],
+                        identity_file=token_file,
+                        authorization_file=tmp / "auth-token",
+                    ),
                     ready_file=tmp / f"{name}.ready",
                     log_file=tmp / f"{name}.log",
                 )

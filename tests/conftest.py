@@ -6,10 +6,12 @@ import json
 import logging
 import os
 import shutil
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 import tests.support
@@ -144,3 +146,11 @@ async def start_sidecar(
     yield start
     for server in started:
         await server.stop()
+
+
+@pytest.fixture
+async def https(pki: Pki) -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client that trusts the test CA (the broker's TLS)."""
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+        yield session

@@ -3,55 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from metaproxy.config import BrokerConfig, SidecarConfig, TrustedIssuer
+from metaproxy.demo.local import AUDIENCE, ISSUER, LocalKeys, make_local_keys
 
 REPO = Path(__file__).resolve().parents[1]
-ISSUER = "metaproxy-platform"
-AUDIENCE = "metaproxy-broker"
 
 
-@dataclass(frozen=True)
-class Pki:
-    identity_key: Path
-    jwks: Path
-    ca: Path
-    broker_cert: Path
-    broker_key: Path
-    document_key: Path
-    document_jwks: Path
-    audit_key: Path
-    audit_pub: Path
+Pki = LocalKeys
 
 
 def make_pki(directory: Path) -> Pki:
-    from metaproxy.audit.checkpoint import write_keypair
-    from metaproxy.certs import init_certs
-    from metaproxy.identity.keys import generate_keypair
-
-    identity_key, jwks = generate_keypair(directory, "identity")
-    document_key, document_jwks = generate_keypair(directory, "document")
-    certs = init_certs(directory / "tls")
-    audit_key, audit_pub = write_keypair(directory / "audit-keys")
-    return Pki(
-        identity_key=identity_key,
-        jwks=jwks,
-        ca=certs["ca.pem"],
-        broker_cert=certs["broker.pem"],
-        broker_key=certs["broker.key"],
-        document_key=document_key,
-        document_jwks=document_jwks,
-        audit_key=audit_key,
-        audit_pub=audit_pub,
-    )
+    return make_local_keys(directory)
 
 
 def broker_config(
@@ -118,6 +90,15 @@ async def wait_ready(admin_url: str, timeout: float = 15.0) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{admin_url} not ready after {timeout}s")
             await asyncio.sleep(0.05)
+
+
+def audit_records(audit_dir: Path) -> list[dict[str, Any]]:
+    """Every record of a local audit log, in order (the chain itself is audit/verify's job)."""
+    return [
+        json.loads(line)
+        for segment in sorted(audit_dir.glob("segment-*.jsonl"))
+        for line in segment.read_text().splitlines()
+    ]
 
 
 def clean_aws_env(**extra: str) -> dict[str, str]:

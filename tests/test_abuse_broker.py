@@ -9,21 +9,12 @@ import ssl
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
 
 from metaproxy.broker.server import BrokerServer
-from tests.support import Pki, broker_config, issue
-
-
-def audit_records(audit_dir: Path) -> list[dict[str, Any]]:
-    return [
-        json.loads(line)
-        for segment in sorted(audit_dir.glob("segment-*.jsonl"))
-        for line in segment.read_text().splitlines()
-    ]
+from tests.support import Pki, audit_records, broker_config, issue
 
 
 def client_tls(pki: Pki) -> ssl.SSLContext:

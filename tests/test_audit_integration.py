@@ -5,29 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import ssl
 import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import boto3
-import pytest
 
 from metaproxy.audit import chain
 from metaproxy.broker.server import BrokerServer
 from tests.support import Pki, broker_config, issue, run_command
-
-
-@pytest.fixture
-async def https(pki: Pki) -> AsyncIterator[aiohttp.ClientSession]:
-    context = ssl.create_default_context(cafile=str(pki.ca))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
-        yield session
 
 
 async def ask(

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,33 +12,18 @@ import pytest
 
 from metaproxy.broker.server import BrokerServer
 from metaproxy.errors import ConfigError
-from tests.support import AUDIENCE, ISSUER, Pki, broker_config, issue
-
-
-def audit_records(audit_dir: Path) -> list[dict[str, Any]]:
-    return [
-        json.loads(line)
-        for segment in sorted(audit_dir.glob("segment-*.jsonl"))
-        for line in segment.read_text().splitlines()
-    ]
-
-
-@pytest.fixture
-async def http(pki: Pki) -> AsyncIterator[aiohttp.ClientSession]:
-    context = ssl.create_default_context(cafile=str(pki.ca))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
-        yield session
+from tests.support import AUDIENCE, ISSUER, Pki, audit_records, broker_config, issue
 
 
 async def post(
-    http: aiohttp.ClientSession,
+    https: aiohttp.ClientSession,
     broker: BrokerServer,
     token: str | None,
     body: Any = None,
     **kwargs: Any,
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    async with http.post(
+    async with https.post(
         broker.url + "/v1/credentials",
         json={} if body is None else body,
         headers=headers,
@@ -50,10 +33,10 @@ async def post(
 
 
 async def test_issues_credentials_role_metadata_and_limits(
-    broker: BrokerServer, http: aiohttp.ClientSession, pki: Pki
+    broker: BrokerServer, https: aiohttp.ClientSession, pki: Pki
 ) -> None:
     """A valid identity gets credentials, its role, a metadata view and its sidecar limits."""
-    status, body, headers = await post(http, broker, issue(pki, "t-1", "acme"))
+    status, body, headers = await post(https, broker, issue(pki, "t-1", "acme"))
     assert status == 200
     assert body["role_arn"] == "arn:aws:iam::111111111111:role/acme-app"
     assert body["role_name"] == "acme-app"
@@ -128,11 +111,11 @@ BAD_TOKENS = {
 
 @pytest.mark.parametrize("kind", list(BAD_TOKENS))
 async def test_bad_identity_is_401_audited_and_broker_keeps_serving(
-    kind: str, broker: BrokerServer, http: aiohttp.ClientSession, pki: Pki, tmp_path: Path
+    kind: str, broker: BrokerServer, https: aiohttp.ClientSession, pki: Pki, tmp_path: Path
 ) -> None:
     """Forged, expired, wrong audience/issuer, alg none: 401, audited, then a good one works."""
     token = BAD_TOKENS[kind](pki, tmp_path)
-    status, body, _ = await post(http, broker, token)
+    status, body, _ = await post(https, broker, token)
     assert status == 401
     assert body["code"] == "Unauthenticated"
     assert body["request_id"]
@@ -142,7 +125,7 @@ async def test_bad_identity_is_401_audited_and_broker_keeps_serving(
     assert len(denied) == 1
     assert denied[0]["event"] == "denied"
     assert denied[0]["status"] == 401
-    status, _, _ = await post(http, broker, issue(pki, "t-2", "acme"))
+    status, _, _ = await post(https, broker, issue(pki, "t-2", "acme"))
     assert status == 200
 
 
@@ -166,11 +149,11 @@ async def test_bad_identity_is_401_audited_and_broker_keeps_serving(
     ],
 )
 async def test_bad_request_bodies_are_400(
-    body: Any, content_type: str, broker: BrokerServer, http: aiohttp.ClientSession, pki: Pki
+    body: Any, content_type: str, broker: BrokerServer, https: aiohttp.ClientSession, pki: Pki
 ) -> None:
     """Malformed bodies are a clear 400, never a 500 (the PATH=null lesson)."""
     data = body if isinstance(body, str) else json.dumps(body)
-    async with http.post(
+    async with https.post(
         broker.url + "/v1/credentials",
         data=data,
         headers={
@@ -184,10 +167,10 @@ async def test_bad_request_bodies_are_400(
 
 
 async def test_role_outside_policy_is_403_and_audited(
-    broker: BrokerServer, http: aiohttp.ClientSession, pki: Pki, tmp_path: Path
+    broker: BrokerServer, https: aiohttp.ClientSession, pki: Pki, tmp_path: Path
 ) -> None:
     """Asking for another tenant's role is denied by policy and the denial is audited."""
-    status, body, _ = await post(http, broker, issue(pki, "t-9", "acme"), {"role": "globex-app"})
+    status, body, _ = await post(https, broker, issue(pki, "t-9", "acme"), {"role": "globex-app"})
     assert status == 403
     assert body["code"] == "AccessDenied"
     assert body["message"] == "denied by policy"  # the reason goes to the audit log only

@@ -6,9 +6,8 @@ import base64
 import hashlib
 import hmac
 import json
-import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from metaproxy.broker.server import BrokerServer
 from metaproxy.identity.keys import load_jwks, load_private_key
-from tests.support import AUDIENCE, ISSUER, Pki, issue
+from tests.support import AUDIENCE, ISSUER, Pki, audit_records, issue
 
 
 def b64(data: bytes) -> str:
@@ -109,28 +108,13 @@ REASONS = {
 }
 
 
-def audit_records(audit_dir: Path) -> list[dict[str, Any]]:
-    return [
-        json.loads(line)
-        for segment in sorted(audit_dir.glob("segment-*.jsonl"))
-        for line in segment.read_text().splitlines()
-    ]
-
-
-@pytest.fixture
-async def http(pki: Pki) -> AsyncIterator[aiohttp.ClientSession]:
-    context = ssl.create_default_context(cafile=str(pki.ca))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
-        yield session
-
-
 @pytest.mark.parametrize("kind", list(TOKENS))
 async def test_rejected_identity_is_401_and_audited_once(
-    kind: str, broker: BrokerServer, http: aiohttp.ClientSession, pki: Pki, tmp_path: Path
+    kind: str, broker: BrokerServer, https: aiohttp.ClientSession, pki: Pki, tmp_path: Path
 ) -> None:
     """The token is refused with 401, one `denied` 401 record per request id, token not echoed."""
     token = TOKENS[kind](pki)
-    async with http.post(
+    async with https.post(
         broker.url + "/v1/credentials", json={}, headers={"Authorization": f"Bearer {token}"}
     ) as response:
         assert response.status == 401
@@ -145,11 +129,11 @@ async def test_rejected_identity_is_401_and_audited_once(
 
 
 async def test_a_good_token_still_works_after_the_rejections(
-    broker: BrokerServer, http: aiohttp.ClientSession, pki: Pki
+    broker: BrokerServer, https: aiohttp.ClientSession, pki: Pki
 ) -> None:
     """The control: the same key, claims and path with nothing wrong is a 200."""
     for token in (signed(pki, claims()), issue(pki, "t-1", "acme")):
-        async with http.post(
+        async with https.post(
             broker.url + "/v1/credentials", json={}, headers={"Authorization": f"Bearer {token}"}
         ) as response:
             assert response.status == 200

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -90,13 +89,6 @@ def service_account_token(
         return token
 
     return mint
-
-
-@pytest.fixture
-async def https(pki: Pki) -> AsyncIterator[aiohttp.ClientSession]:
-    context = ssl.create_default_context(cafile=str(pki.ca))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
-        yield session
 
 
 async def ask(

@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import ssl
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +21,10 @@ BAD_ARN = 'arn = "arn:aws:iam::1111:role/acme-app"'
 NEW_ARN = 'arn = "arn:aws:iam::111111111111:role/acme-app-v2"'
 
 
-@pytest.fixture
-async def http(pki: Pki) -> AsyncIterator[aiohttp.ClientSession]:
-    context = ssl.create_default_context(cafile=str(pki.ca))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
-        yield session
-
-
 async def credentials(
-    http: aiohttp.ClientSession, broker: BrokerServer, token: str
+    https: aiohttp.ClientSession, broker: BrokerServer, token: str
 ) -> tuple[int, dict[str, Any]]:
-    async with http.post(
+    async with https.post(
         broker.url + "/v1/credentials", json={}, headers={"Authorization": f"Bearer {token}"}
     ) as response:
         return response.status, await response.json()
@@ -48,7 +39,7 @@ async def wait_for(condition: Any, timeout: float = 10.0) -> None:
 
 async def test_invalid_edit_is_refused_and_the_fix_is_picked_up(
     broker: BrokerServer,
-    http: aiohttp.ClientSession,
+    https: aiohttp.ClientSession,
     pki: Pki,
     policies_dir: Path,
     caplog: pytest.LogCaptureFixture,
@@ -56,7 +47,7 @@ async def test_invalid_edit_is_refused_and_the_fix_is_picked_up(
     """Broken: refused, logged as file:line: field, old role still issued. Fixed: new role."""
     caplog.set_level(logging.INFO, logger="metaproxy.policy")
     token = issue(pki, "t-reload", "acme")
-    status, body = await credentials(http, broker, token)
+    status, body = await credentials(https, broker, token)
     assert (status, body["role_name"]) == (200, "acme-app")
 
     acme = policies_dir / "acme.toml"
@@ -68,12 +59,12 @@ async def test_invalid_edit_is_refused_and_the_fix_is_picked_up(
     problems = [r.getMessage() for r in caplog.records if "policy problem" in r.getMessage()]
     assert any(re.search(rf"acme\.toml:{bad_line}: roles\[0\]\.arn: ", p) for p in problems)
     assert broker.services.policies.generation == 0
-    status, body = await credentials(http, broker, issue(pki, "t-reload-2", "acme"))
+    status, body = await credentials(https, broker, issue(pki, "t-reload-2", "acme"))
     assert (status, body["role_name"]) == (200, "acme-app")  # the last good policy serves
 
     acme.write_text(good.replace("\n" + GOOD_ARN, "\n" + NEW_ARN, 1))
     await wait_for(lambda: broker.services.policies.generation == 1)
-    status, body = await credentials(http, broker, token)
+    status, body = await credentials(https, broker, token)
     assert status == 200
     assert body["role_name"] == "acme-app-v2"
     assert body["role_arn"] == "arn:aws:iam::111111111111:role/acme-app-v2"

@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-import pytest
 
 from metaproxy import cli
 from metaproxy.broker.server import BrokerServer
 from metaproxy.revoke_cli import deny_policy
 from metaproxy.sidecar.server import SidecarServer
 from tests.conftest import SidecarFactory
-from tests.support import Pki, broker_config, issue, run_command
+from tests.support import Pki, audit_records, broker_config, issue, run_command
 
 # Until `metaproxy.revoke_cli` is in cli.COMMAND_MODULES, run it through the same register().
 _REVOKE_MAIN = (
@@ -40,21 +36,6 @@ async def revoke(*argv: str) -> tuple[int, str, str]:
     else:
         command = [sys.executable, "-c", _REVOKE_MAIN, "revoke", *argv]
     return await run_command(*command, env=dict(os.environ), timeout=30)
-
-
-def audit_records(audit_dir: Path) -> list[dict[str, Any]]:
-    return [
-        json.loads(line)
-        for segment in sorted(audit_dir.glob("segment-*.jsonl"))
-        for line in segment.read_text().splitlines()
-    ]
-
-
-@pytest.fixture
-async def https(pki: Pki) -> AsyncIterator[aiohttp.ClientSession]:
-    context = ssl.create_default_context(cafile=str(pki.ca))
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
-        yield session
 
 
 async def ask(https: aiohttp.ClientSession, broker: BrokerServer, token: str) -> int:

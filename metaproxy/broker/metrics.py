@@ -9,6 +9,8 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
+from metaproxy.metric_names import sample_names
+
 # Cached answers take about a millisecond; uncached ones wait for STS (hundreds of ms, seconds when
 # throttled and retried).
 REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -107,20 +109,6 @@ _ALL: tuple[MetricWrapperBase, ...] = (
 )
 
 
-# Deliberately not shared with the sidecar's module: importing that one here would register the
-# sidecar's gauges in the broker's registry, so the broker would export `metaproxy_sidecar_ready`
-# as 0 and trip the sidecar alerts.
-_SUFFIXES = {
-    "counter": ("_total", "_created"),
-    "histogram": ("_bucket", "_sum", "_count", "_created"),
-    "gauge": ("",),
-}
-
-
 def exported_names() -> set[str]:
     """Every sample name this module's metrics can produce; alerts and dashboards must use these."""
-    names: set[str] = set()
-    for metric in _ALL:
-        for family in metric.describe():
-            names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
-    return names
+    return sample_names(_ALL)

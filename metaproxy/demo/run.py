@@ -17,16 +17,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metaproxy.demo.local import (
+    AUDIENCE,
+    EMULATOR_CREDENTIALS,
+    ISSUER,
+    broker_args,
+    make_local_keys,
+    sidecar_args,
+)
 from metaproxy.demo.processes import Child, start_metaproxy
-
-ISSUER = "metaproxy-platform"
-AUDIENCE = "metaproxy-broker"
-# The broker signs its calls to the local emulator with moto's documented fake credentials.
-EMULATOR_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 
 
 @dataclass(frozen=True)
@@ -41,24 +40,6 @@ def _tenants(policies_dir: Path) -> list[str]:
     from metaproxy.policy.load import load_policy_dir
 
     return sorted(load_policy_dir(policies_dir).tenants)
-
-
-def _prepare_keys(state_dir: Path) -> dict[str, Path]:
-    from metaproxy.audit.checkpoint import write_keypair
-    from metaproxy.certs import init_certs
-    from metaproxy.identity.keys import generate_keypair
-
-    keys: dict[str, Path] = {}
-    keys["identity_key"], keys["jwks"] = generate_keypair(state_dir / "keys", "identity")
-    keys["document_key"], keys["document_jwks"] = generate_keypair(state_dir / "keys", "document")
-    certs = init_certs(state_dir / "tls", force=True)
-    keys["ca"], keys["cert"], keys["key"] = (
-        certs["ca.pem"],
-        certs["broker.pem"],
-        certs["broker.key"],
-    )
-    keys["audit_key"], keys["audit_pub"] = write_keypair(state_dir / "keys")
-    return keys
 
 
 def _client_env(**extra: str) -> dict[str, str]:
@@ -123,7 +104,7 @@ def run_demo(options: DemoOptions) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     policies_dir = options.policies_dir.resolve()
     tenants = _tenants(policies_dir)
-    keys = _prepare_keys(state_dir)
+    keys = make_local_keys(state_dir / "keys")
     audit_dir = state_dir / "audit"
     with ExitStack() as stack:
         emulator = StsEmulator(log_path=logs / "sts-emulator.log")
@@ -132,31 +113,13 @@ def run_demo(options: DemoOptions) -> int:
         print(f"local STS (moto)  {sts_endpoint}")
         broker = start_metaproxy(
             "broker",
-            [
-                "broker",
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--tls-cert",
-                str(keys["cert"]),
-                "--tls-key",
-                str(keys["key"]),
-                "--policies-dir",
-                str(policies_dir),
-                "--trust",
-                f"{ISSUER},{AUDIENCE},{keys['jwks']}",
-                "--document-key",
-                str(keys["document_key"]),
-                "--audit-dir",
-                str(audit_dir),
-                "--audit-key",
-                str(keys["audit_key"]),
-                "--sts-endpoint",
-                sts_endpoint,
-                "--instance",
-                "demo-broker",
-            ],
+            broker_args(
+                keys,
+                policies_dir=policies_dir,
+                audit_dir=audit_dir,
+                sts_endpoint=sts_endpoint,
+                instance="demo-broker",
+            ),
             ready_file=state_dir / "broker.ready.json",
             log_file=logs / "broker.log",
             env=EMULATOR_CREDENTIALS,
@@ -170,7 +133,7 @@ def run_demo(options: DemoOptions) -> int:
             identity_file.parent.mkdir(parents=True, exist_ok=True)
             identity_file.write_text(
                 issue_token(
-                    keys["identity_key"],
+                    keys.identity_key,
                     issuer=ISSUER,
                     audience=AUDIENCE,
                     task=task,
@@ -182,23 +145,12 @@ def run_demo(options: DemoOptions) -> int:
             auth_file = identity_file.with_name("authorization-token")
             sidecar = start_metaproxy(
                 f"sidecar {tenant}",
-                [
-                    "sidecar",
-                    "--broker-url",
-                    broker.ready["url"],
-                    "--broker-ca-file",
-                    str(keys["ca"]),
-                    "--identity-token-file",
-                    str(identity_file),
-                    "--imds-listen",
-                    "127.0.0.1:0",
-                    "--container-listen",
-                    "127.0.0.1:0",
-                    "--admin-listen",
-                    "127.0.0.1:0",
-                    "--authorization-token-file",
-                    str(auth_file),
-                ],
+                sidecar_args(
+                    keys,
+                    broker_url=broker.ready["url"],
+                    identity_file=identity_file,
+                    authorization_file=auth_file,
+                ),
                 ready_file=identity_file.with_name("sidecar.ready.json"),
                 log_file=logs / f"sidecar-{tenant}.log",
             )

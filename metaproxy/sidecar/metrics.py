@@ -10,6 +10,8 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
+from metaproxy.metric_names import sample_names
+
 # Answers from the credentials cache take well under a millisecond; anything near a second means
 # the sidecar is starved, so the buckets are dense at the bottom and stop at one second.
 FAST_BUCKETS = (
@@ -95,18 +97,7 @@ _ALL: tuple[MetricWrapperBase, ...] = (
     STARTUP_SECONDS,
 )
 
-# The sample names each metric type produces in the text exposition format.
-_SUFFIXES = {
-    "counter": ("_total", "_created"),
-    "histogram": ("_bucket", "_sum", "_count", "_created"),
-    "gauge": ("",),
-}
-
 
 def exported_names() -> set[str]:
     """Every sample name this module's metrics can produce; alerts and dashboards must use these."""
-    names: set[str] = set()
-    for metric in _ALL:
-        for family in metric.describe():
-            names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
-    return names
+    return sample_names(_ALL)

@@ -1,0 +1,80 @@
+"""Everything a local run needs — keys, certificates, and the arguments that start a broker and
+a sidecar on loopback — shared by the demo, the benchmarks and the tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+ISSUER = "metaproxy-platform"
+AUDIENCE = "metaproxy-broker"
+# The broker signs its calls to the local emulator with moto's documented fake credentials.
+EMULATOR_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@dataclass(frozen=True)
+class LocalKeys:
+    identity_key: Path
+    jwks: Path
+    ca: Path
+    broker_cert: Path
+    broker_key: Path
+    document_key: Path
+    document_jwks: Path
+    audit_key: Path
+    audit_pub: Path
+
+
+def make_local_keys(directory: Path) -> LocalKeys:
+    """Identity, document, TLS and audit keys in `directory` (replacing any there)."""
+    from metaproxy.audit.checkpoint import write_keypair
+    from metaproxy.certs import init_certs
+    from metaproxy.identity.keys import generate_keypair
+
+    identity_key, jwks = generate_keypair(directory, "identity")
+    document_key, document_jwks = generate_keypair(directory, "document")
+    certs = init_certs(directory / "tls", force=True)
+    audit_key, audit_pub = write_keypair(directory / "audit-keys")
+    return LocalKeys(
+        identity_key=identity_key,
+        jwks=jwks,
+        ca=certs["ca.pem"],
+        broker_cert=certs["broker.pem"],
+        broker_key=certs["broker.key"],
+        document_key=document_key,
+        document_jwks=document_jwks,
+        audit_key=audit_key,
+        audit_pub=audit_pub,
+    )
+
+
+def broker_args(
+    keys: LocalKeys, *, policies_dir: Path, audit_dir: Path, sts_endpoint: str, instance: str
+) -> list[str]:
+    """`metaproxy broker` on loopback ports chosen by the kernel, TLS, trusting `keys`."""
+    return [
+        "broker",
+        *("--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"),
+        *("--tls-cert", str(keys.broker_cert), "--tls-key", str(keys.broker_key)),
+        *("--policies-dir", str(policies_dir), "--trust", f"{ISSUER},{AUDIENCE},{keys.jwks}"),
+        *("--document-key", str(keys.document_key), "--audit-dir", str(audit_dir)),
+        *("--audit-key", str(keys.audit_key), "--sts-endpoint", sts_endpoint),
+        *("--instance", instance, "--log-format", "json"),
+    ]
+
+
+def sidecar_args(
+    keys: LocalKeys, *, broker_url: str, identity_file: Path, authorization_file: Path
+) -> list[str]:
+    """`metaproxy sidecar` on loopback ports chosen by the kernel."""
+    return [
+        "sidecar",
+        *("--broker-url", broker_url, "--broker-ca-file", str(keys.ca)),
+        *("--identity-token-file", str(identity_file), "--imds-listen", "127.0.0.1:0"),
+        *("--container-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"),
+        *("--authorization-token-file", str(authorization_file), "--log-format", "json"),
+    ]
