@@ -261,7 +261,7 @@ async def test_slow_headers_are_cut_at_the_deadline(
 async def test_open_connections_and_refusals_are_in_metrics(
     broker: BrokerServer, policies_dir: Path, start_sidecar: SidecarFactory
 ) -> None:
-    """/metrics counts the guard's open connections and its refusals by reason."""
+    """/metrics counts the guard's open connections, its refusals by reason, its cap and budget."""
     await set_sidecar_limits(broker, policies_dir, max_connections_per_client=2)
     sidecar = await start_sidecar("acme", "t-metrics")
     host, port = host_port(sidecar.imds_url)
@@ -276,6 +276,8 @@ async def test_open_connections_and_refusals_are_in_metrics(
     refused = re.search(r'metaproxy_sidecar_rejected_total\{reason="connection_cap"\} (\S+)', text)
     assert refused is not None
     assert float(refused[1]) >= 1
+    assert f"metaproxy_sidecar_connection_cap {float(sidecar.guard.cap)}" in text
+    assert f"metaproxy_sidecar_fd_budget {float(sidecar.guard.fd_budget)}" in text
     for _, writer in held:
         writer.close()
 

@@ -20,7 +20,7 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -154,15 +154,29 @@ class GrantObserver:
             metrics.STARTUP_SECONDS.observe(age)
 
 
-# Connection counters registered by whoever owns the listeners (the sidecar server), per keeper.
-_connection_counters: weakref.WeakKeyDictionary[CredentialKeeper, Callable[[], int]] = (
+class ConnectionCounts(Protocol):
+    """What the sidecar's connection guard knows (`metaproxy.connguard.ConnectionGuard`)."""
+
+    @property
+    def open(self) -> int: ...
+
+    @property
+    def cap(self) -> int: ...
+
+    @property
+    def fd_budget(self) -> int: ...
+
+
+# The connection guards of whoever owns the listeners (the sidecar server), per keeper.
+_connection_guards: weakref.WeakKeyDictionary[CredentialKeeper, tuple[ConnectionCounts, ...]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def count_connections_with(keeper: CredentialKeeper, counter: Callable[[], int]) -> None:
-    """Register how to count this sidecar's open client connections (read at scrape time)."""
-    _connection_counters[keeper] = counter
+def count_connections_with(keeper: CredentialKeeper, *guards: ConnectionCounts) -> None:
+    """Register the guards whose connections this sidecar counts (read at scrape time); the
+    first one is the task-facing guard, whose cap and descriptor budget are exported."""
+    _connection_guards[keeper] = guards
 
 
 def open_fds() -> int | None:
@@ -179,9 +193,11 @@ def refresh_gauges(keeper: CredentialKeeper, *, draining: bool) -> None:
     fds = open_fds()
     if fds is not None:
         metrics.OPEN_FDS.set(fds)
-    counter = _connection_counters.get(keeper)
-    if counter is not None:
-        metrics.OPEN_CONNECTIONS.set(counter())
+    guards = _connection_guards.get(keeper)
+    if guards:
+        metrics.OPEN_CONNECTIONS.set(sum(guard.open for guard in guards))
+        metrics.CONNECTION_CAP.set(guards[0].cap)
+        metrics.FD_BUDGET.set(guards[0].fd_budget)
 
 
 def exposition() -> tuple[bytes, str]:

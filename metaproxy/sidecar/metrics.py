@@ -74,6 +74,16 @@ OPEN_FDS = Gauge(
     "metaproxy_sidecar_open_fds",
     "File descriptors the sidecar process holds open.",
 )
+CONNECTION_CAP = Gauge(
+    "metaproxy_sidecar_connection_cap",
+    "Most client connections the task-facing listeners admit (tenant policy, within the "
+    "descriptor budget).",
+)
+FD_BUDGET = Gauge(
+    "metaproxy_sidecar_fd_budget",
+    "File descriptors the sidecar stays under: the connection cap plus a reserve, within "
+    "RLIMIT_NOFILE.",
+)
 READY = Gauge(
     "metaproxy_sidecar_ready",
     "1 while the sidecar holds valid credentials and answers /readyz with 200, else 0.",
@@ -93,6 +103,8 @@ _ALL: tuple[MetricWrapperBase, ...] = (
     REJECTED,
     OPEN_CONNECTIONS,
     OPEN_FDS,
+    CONNECTION_CAP,
+    FD_BUDGET,
     READY,
     STARTUP_SECONDS,
 )

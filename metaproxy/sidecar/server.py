@@ -74,7 +74,7 @@ class SidecarServer:
     async def start(cls, config: SidecarConfig, clock: Clock | None = None) -> SidecarServer:
         state = build_state(config, clock)
         guard, admin_guard = build_guards(state)
-        instrument.count_connections_with(state.keeper, lambda: guard.open + admin_guard.open)
+        instrument.count_connections_with(state.keeper, guard, admin_guard)
         tracker = http1.ConnectionTracker(
             http1.ServerLimits(
                 header_timeout=config.header_timeout,
