@@ -111,7 +111,12 @@ class StsCaller:
     def circuit_retry_after(self) -> float:
         return max(1.0, self.breaker.retry_after())
 
-    async def assume_role(self, spec: AssumeRoleSpec) -> AssumedRole:
+    async def take_budget(self) -> None:
+        """Wait for one call's worth of the budget (for a caller that picks its work after)."""
+        await self._budget.acquire()
+
+    async def assume_role(self, spec: AssumeRoleSpec, *, budget_taken: bool = False) -> AssumedRole:
+        """`budget_taken`: the caller already holds the token for the first attempt."""
         error: MetaproxyError = StsUnavailable("AssumeRole not attempted")
         for attempt in range(self._max_attempts):
             if not self.breaker.allow():
@@ -119,7 +124,8 @@ class StsCaller:
                 raise StsUnavailable(
                     "STS circuit open; not calling", retry_after=self.circuit_retry_after()
                 )
-            await self._budget.acquire()
+            if attempt or not budget_taken:
+                await self._budget.acquire()
             outcome = await self._attempt(spec)
             if isinstance(outcome, AssumedRole):
                 return outcome
@@ -196,12 +202,12 @@ class _Job:
     future: asyncio.Future[AssumedRole]
 
 
-async def _settle(job: _Job, caller: StsCaller) -> None:
+async def _settle(job: _Job, caller: StsCaller, *, budget_taken: bool = False) -> None:
     """Run one job; its outcome (never an unknown exception's text) goes to its future."""
     if job.future.done():
         return  # the caller gave up while it waited
     try:
-        role = await caller.assume_role(job.spec)
+        role = await caller.assume_role(job.spec, budget_taken=budget_taken)
     except MetaproxyError as exc:
         if not job.future.done():
             job.future.set_exception(exc)
@@ -262,6 +268,7 @@ class FairScheduler:
         self._tick = tick_seconds
         self.pool: WorkerPool[_Job] = WorkerPool(self._next_job, self._handle)
         self._available = asyncio.Event()
+        self._claiming = 0  # workers waiting for a budget token before they pop
         self._arrivals = RateMeter()
         self._completions = RateMeter()
         self._item_seconds = Ewma(initial=0.2, time_constant=5.0)
@@ -326,18 +333,32 @@ class FairScheduler:
             self.pool.resize(wanted)
 
     async def _next_job(self) -> _Job:
+        """Take a budget token first, then pop: the fair queue picks the item at the moment it
+        can go to STS. Popping first parked up to `workers` items, picked by the fairness of
+        earlier moments, in the limiter's FIFO queue, ahead of any cold start that arrived
+        meanwhile. A worker only goes for a token while more items wait than workers are
+        already going for one, so tokens are not taken for work that is not there."""
         while True:
-            entry = self.queue.pop()
-            if entry is None:
+            if len(self.queue) <= self._claiming:
                 self._available.clear()
                 await self._available.wait()
                 continue
-            if not entry.item.future.done():
-                return entry.item
+            self._claiming += 1
+            try:
+                await self.caller.take_budget()
+            except asyncio.CancelledError:
+                self._claiming -= 1
+                self._available.set()  # a scaled-down claimant: another worker takes its turn
+                raise
+            self._claiming -= 1
+            # Items whose caller gave up are skipped; the token then goes to the next one.
+            while (entry := self.queue.pop()) is not None:
+                if not entry.item.future.done():
+                    return entry.item
 
     async def _handle(self, job: _Job) -> None:
         started = time.monotonic()
-        await _settle(job, self.caller)
+        await _settle(job, self.caller, budget_taken=True)
         now = time.monotonic()
         self._item_seconds.update(now - started, now)
         self._completions.count()
