@@ -49,3 +49,23 @@ async def test_demo_once_runs_everything_and_writes_the_state_file(tmp_path: Pat
         assert sidecar["role_arn"].endswith(f":role/{sidecar['tenant']}-app")
         assert sidecar["pid"] != os.getpid()
     assert list(Path(state["audit_dir"]).glob("segment-*.jsonl"))
+
+
+async def test_demo_runs_again_in_the_same_state_dir_and_its_audit_log_verifies(
+    tmp_path: Path,
+) -> None:
+    """A second run reuses the audit signing key, so the whole log still verifies."""
+    state_dir = tmp_path / "demo"
+    for _ in range(2):
+        rc, _, err = await run_command(
+            sys.executable, "-m", "metaproxy", "demo", "--once",
+            "--policies-dir", str(REPO / "policies"), "--state-dir", str(state_dir),
+            env=clean_aws_env(), timeout=120,
+        )  # fmt: skip
+        assert rc == 0, err
+    public_key = state_dir / "keys" / "audit-keys" / "audit-signing.pub"
+    rc, out, err = await run_command(
+        sys.executable, "-m", "metaproxy", "audit", "verify", str(state_dir / "audit"),
+        "--public-key", str(public_key), env=clean_aws_env(), timeout=60,
+    )  # fmt: skip
+    assert rc == 0, out + err

@@ -30,15 +30,21 @@ class LocalKeys:
 
 
 def make_local_keys(directory: Path) -> LocalKeys:
-    """Identity, document, TLS and audit keys in `directory` (replacing any there)."""
-    from metaproxy.audit.checkpoint import write_keypair
+    """Identity, document, TLS and audit keys in `directory`: fresh ones each run, except the
+    audit signing key, which is reused if present."""
+    from metaproxy.audit.checkpoint import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, write_keypair
     from metaproxy.certs import init_certs
     from metaproxy.identity.keys import generate_keypair
 
     identity_key, jwks = generate_keypair(directory, "identity")
     document_key, document_jwks = generate_keypair(directory, "document")
     certs = init_certs(directory / "tls", force=True)
-    audit_key, audit_pub = write_keypair(directory / "audit-keys")
+    # The audit signing key is kept across runs: the audit log in the same state directory goes
+    # on from where it stopped, and its old checkpoints must still verify.
+    audit_dir = directory / "audit-keys"
+    audit_key, audit_pub = audit_dir / PRIVATE_KEY_NAME, audit_dir / PUBLIC_KEY_NAME
+    if not (audit_key.exists() and audit_pub.exists()):
+        audit_key, audit_pub = write_keypair(audit_dir)
     return LocalKeys(
         identity_key=identity_key,
         jwks=jwks,
