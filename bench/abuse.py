@@ -28,14 +28,13 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import percentile, write_json  # noqa: E402
+from bench.common import percentile, pin, write_json  # noqa: E402
 from metaproxy.demo.local import (  # noqa: E402
     AUDIENCE,
     EMULATOR_CREDENTIALS,
@@ -44,7 +43,7 @@ from metaproxy.demo.local import (  # noqa: E402
     make_local_keys,
     sidecar_args,
 )
-from metaproxy.demo.processes import Child, start_metaproxy  # noqa: E402
+from metaproxy.demo.processes import Child, start_metaproxy, wait_ready  # noqa: E402
 
 CREDS = "/latest/meta-data/iam/security-credentials/acme-app"
 VICTIM, ABUSER = "127.0.0.1", "127.0.0.2"
@@ -282,11 +281,6 @@ def sidecar_caps(pid: int) -> tuple[int, int]:
 SERVER_CORES, CLIENT_CORES, ABUSER_NICE = {0}, {1}, 10
 
 
-def pin(pid: int, cores: set[int]) -> None:
-    if (os.cpu_count() or 1) > 1:
-        os.sched_setaffinity(pid, cores)
-
-
 def progress(message: str) -> None:
     print(f"[abuse] {message}", file=sys.stderr, flush=True)
 
@@ -342,19 +336,6 @@ def start_system(tmp: Path, sts_url: str) -> tuple[Child, Child, dict[str, Path]
         log_file=tmp / "sidecar.log",
     )
     return broker, sidecar, {"key": keys.identity_key, "ca": keys.ca}
-
-
-def wait_ready(admin_url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(admin_url + "/readyz", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(admin_url)
 
 
 def measure(args: argparse.Namespace, tmp: Path, sts_url: str) -> dict[str, Any]:

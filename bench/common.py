@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -75,3 +76,9 @@ def write_tenant_policies(
         text = tenant_policy(tenant, duration_seconds=duration_seconds)
         (directory / f"{tenant}.toml").write_text(text)
     return directory
+
+
+def pin(pid: int, cores: set[int]) -> None:
+    """Keep a process on these cores (servers on one, load generators on the other)."""
+    if (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(pid, cores)

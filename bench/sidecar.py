@@ -29,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import percentile, pin  # noqa: E402
 from metaproxy.demo.local import (  # noqa: E402
     AUDIENCE,
     EMULATOR_CREDENTIALS,
@@ -37,16 +38,10 @@ from metaproxy.demo.local import (  # noqa: E402
     make_local_keys,
     sidecar_args,
 )
-from metaproxy.demo.processes import Child, start_metaproxy  # noqa: E402
+from metaproxy.demo.processes import Child, start_metaproxy, wait_ready  # noqa: E402
 
 SERVER_CORE = 0
 CLIENT_CORES = "1" if (os.cpu_count() or 1) > 1 else "0"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def rss_mb(pid: int) -> float:
@@ -54,11 +49,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def pin(pid: int, core: int) -> None:
-    if (os.cpu_count() or 1) > 1:
-        os.sched_setaffinity(pid, {core})
 
 
 def wrk(url: str, headers: dict[str, str], seconds: int) -> float:
@@ -120,19 +110,6 @@ def import_floor_ms(runs: int = 7) -> float:
     return statistics.median(timings)
 
 
-def wait_ready(admin_url: str, timeout: float = 30) -> float:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(admin_url + "/readyz", timeout=1) as response:
-                if response.status == 200:
-                    return time.monotonic()
-        except OSError:
-            pass
-        time.sleep(0.002)
-    raise TimeoutError(admin_url)
-
-
 def start_nginx(workdir: Path, body: str) -> tuple[subprocess.Popen[bytes], str]:
     import socket
 
@@ -173,8 +150,8 @@ http {{
     for pid_text in subprocess.run(
         ["pgrep", "-P", str(process.pid)], capture_output=True, text=True, check=False
     ).stdout.split():
-        pin(int(pid_text), SERVER_CORE)
-    pin(process.pid, SERVER_CORE)
+        pin(int(pid_text), {SERVER_CORE})
+    pin(process.pid, {SERVER_CORE})
     return process, url
 
 
@@ -255,7 +232,7 @@ def main() -> int:
                     log_file=tmp / f"{name}.log",
                 )
                 children.append(child)
-                ready_at = wait_ready(child.ready["admin_url"])
+                ready_at = wait_ready(child.ready["admin_url"], poll=0.002)
                 return child, (ready_at - started) * 1000
 
             warmup, _ = sidecar("sidecar-warmup")  # warms the broker's cache for this task
@@ -268,7 +245,7 @@ def main() -> int:
             floor = import_floor_ms()
 
             child, _ = sidecar("sidecar")
-            pin(child.process.pid, SERVER_CORE)
+            pin(child.process.pid, {SERVER_CORE})
             time.sleep(0.5)
             rss_idle = rss_mb(child.process.pid)
             imds = child.ready["imds_urls"][0]
@@ -326,10 +303,10 @@ def main() -> int:
         "sidecar_rps": round(sidecar_rps, 1),
         "nginx_rps": round(nginx_rps, 1),
         "ratio": round(sidecar_rps / nginx_rps, 3),
-        "p50_ms": round(percentile(sidecar_lat, 50), 3),
-        "p99_ms": round(percentile(sidecar_lat, 99), 3),
-        "nginx_p50_ms": round(percentile(nginx_lat, 50), 3),
-        "nginx_p99_ms": round(percentile(nginx_lat, 99), 3),
+        "p50_ms": round(percentile(sidecar_lat, 0.50), 3),
+        "p99_ms": round(percentile(sidecar_lat, 0.99), 3),
+        "nginx_p50_ms": round(percentile(nginx_lat, 0.50), 3),
+        "nginx_p99_ms": round(percentile(nginx_lat, 0.99), 3),
         "fixed_rate_rps": args.rate,
         "rss_idle_mb": round(rss_idle, 1),
         "rss_load_mb": round(peak[0], 1),

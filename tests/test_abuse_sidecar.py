@@ -254,7 +254,10 @@ async def test_slow_headers_are_cut_at_the_deadline(
         good = [await imds_credentials(session, sidecar) for _ in range(10)]
     durations = await asyncio.gather(*slow)
     assert good == [200] * 10
-    assert max(durations) < 1.0 + 1.5
+    # Each trickle would take 70 s to finish; being cut within seconds shows the deadline did it.
+    # The slack is wide because the deadline runs from accept(), and accepting 500 sockets at
+    # once on a loaded 2-core machine takes a while.
+    assert max(durations) < 1.0 + 5.0
     assert sidecar.guard.header_timeouts >= 500
 
 

@@ -7,26 +7,16 @@ import logging
 import os
 from pathlib import Path
 
-from metaproxy.config import BrokerConfig, add_config_arguments
+from metaproxy.config import BrokerConfig
+from metaproxy.servercmd import register_server
 
 log = logging.getLogger("metaproxy.broker")
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("broker", help="run the multi-tenant credential broker")
-    add_config_arguments(parser, BrokerConfig)
-    parser.add_argument("--ready-file", type=Path, help="write bound URLs here once listening")
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from metaproxy.config import build_config
-    from metaproxy.logs import setup_logging
-    from metaproxy.runtime import run
-
-    config = build_config(BrokerConfig, args)
-    setup_logging(config.log_format)
-    return run(_serve(config, args.ready_file))
+    register_server(
+        subparsers, "broker", "run the multi-tenant credential broker", BrokerConfig, _serve
+    )
 
 
 async def _serve(config: BrokerConfig, ready_file: Path | None) -> int:

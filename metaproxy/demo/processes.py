@@ -64,3 +64,20 @@ def start_metaproxy(
         time.sleep(0.02)
     child.ready = json.loads(ready_file.read_text())
     return child
+
+
+def wait_ready(admin_url: str, timeout: float = 30.0, poll: float = 0.01) -> float:
+    """Poll `/readyz` until it answers 200; returns the monotonic time it did."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(admin_url + "/readyz", timeout=2) as response:  # noqa: S310
+                if response.status == 200:
+                    return time.monotonic()
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{admin_url} not ready after {timeout:.0f}s")
+        time.sleep(poll)

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from metaproxy.demo.local import (
     make_local_keys,
     sidecar_args,
 )
-from metaproxy.demo.processes import Child, start_metaproxy
+from metaproxy.demo.processes import Child, start_metaproxy, wait_ready
 
 
 @dataclass(frozen=True)
@@ -79,20 +78,6 @@ def _role_arn(container_url: str, token_file: Path) -> str:
     )
     with urllib.request.urlopen(request, timeout=5) as response:  # noqa: S310
         return str(json.load(response)["RoleArn"])
-
-
-def _wait_ready(admin_url: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(admin_url + "/readyz", timeout=2) as response:  # noqa: S310
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"sidecar at {admin_url} not ready after {timeout:.0f}s")
-        time.sleep(0.05)
 
 
 def run_demo(options: DemoOptions) -> int:
@@ -158,7 +143,7 @@ def run_demo(options: DemoOptions) -> int:
             sidecars.append((tenant, task, sidecar, auth_file))
         described = []
         for tenant, task, sidecar, auth_file in sidecars:
-            _wait_ready(sidecar.ready["admin_url"])
+            wait_ready(sidecar.ready["admin_url"])
             imds_url = sidecar.ready["imds_urls"][0]
             container_url = sidecar.ready["container_urls"][0]
             identity = caller_identity_via(imds_url, sts_endpoint)

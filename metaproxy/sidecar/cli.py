@@ -6,24 +6,12 @@ import argparse
 import os
 from pathlib import Path
 
-from metaproxy.config import SidecarConfig, add_config_arguments
+from metaproxy.config import SidecarConfig
+from metaproxy.servercmd import register_server
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("sidecar", help="run a task's metadata sidecar")
-    add_config_arguments(parser, SidecarConfig)
-    parser.add_argument("--ready-file", type=Path, help="write bound URLs here once listening")
-    parser.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    from metaproxy.config import build_config
-    from metaproxy.logs import setup_logging
-    from metaproxy.runtime import run
-
-    config = build_config(SidecarConfig, args)
-    setup_logging(config.log_format)
-    return run(_serve(config, args.ready_file))
+    register_server(subparsers, "sidecar", "run a task's metadata sidecar", SidecarConfig, _serve)
 
 
 async def _serve(config: SidecarConfig, ready_file: Path | None) -> int:
