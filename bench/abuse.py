@@ -28,8 +28,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -134,8 +138,6 @@ async def flood_broker(
     url: str, ca: str, key: str, identities: int, seconds: float
 ) -> dict[str, int]:
     """One tenant (acme) flooding from many identities, as fast as 64 connections allow."""
-    import aiohttp
-
     from metaproxy.identity.issue import issue_token
 
     tokens = [
@@ -163,13 +165,34 @@ async def flood_broker(
 # -- the well-behaved clients -----------------------------------------------------------------
 
 
-async def victim_latencies(imds_url: str, rate: float, seconds: float) -> tuple[list[float], int]:
-    """IMDSv2 credential fetches on one keep-alive connection at a fixed rate: ms, errors."""
-    import aiohttp
-
-    connector = aiohttp.TCPConnector(limit=1, local_addr=(VICTIM, 0))
+async def paced(
+    rate: float,
+    seconds: float,
+    request: Callable[[int], AbstractAsyncContextManager[aiohttp.ClientResponse]],
+) -> tuple[list[float], int]:
+    """`request(n)` at a fixed rate, one at a time (a well-behaved client): ms each, errors."""
     latencies: list[float] = []
     errors = 0
+    started = time.perf_counter()
+    for n in range(int(rate * seconds)):
+        start = time.perf_counter()
+        try:
+            async with request(n) as response:
+                await response.read()
+                if response.status != 200:
+                    errors += 1
+                    ERROR_ANSWERS[f"{response.status} {await response.text()}"[:120]] += 1
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            errors += 1
+            ERROR_ANSWERS[repr(exc)[:120]] += 1
+        latencies.append((time.perf_counter() - start) * 1000)
+        await asyncio.sleep(max(0.0, started + (n + 1) / rate - time.perf_counter()))
+    return latencies, errors
+
+
+async def victim_latencies(imds_url: str, rate: float, seconds: float) -> tuple[list[float], int]:
+    """IMDSv2 credential fetches on one keep-alive connection at a fixed rate: ms, errors."""
+    connector = aiohttp.TCPConnector(limit=1, local_addr=(VICTIM, 0))
     timeout = aiohttp.ClientTimeout(total=5)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         async with session.put(
@@ -178,21 +201,7 @@ async def victim_latencies(imds_url: str, rate: float, seconds: float) -> tuple[
         ) as response:
             token = await response.text()
         headers = {"X-aws-ec2-metadata-token": token}
-        started = time.perf_counter()
-        for n in range(int(rate * seconds)):
-            start = time.perf_counter()
-            try:
-                async with session.get(imds_url + CREDS, headers=headers) as response:
-                    await response.read()
-                    if response.status != 200:
-                        errors += 1
-                        ERROR_ANSWERS[f"{response.status} {await response.text()}"[:120]] += 1
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                errors += 1
-                ERROR_ANSWERS[repr(exc)[:120]] += 1
-            latencies.append((time.perf_counter() - start) * 1000)
-            await asyncio.sleep(max(0.0, started + (n + 1) / rate - time.perf_counter()))
-    return latencies, errors
+        return await paced(rate, seconds, lambda _n: session.get(imds_url + CREDS, headers=headers))
 
 
 async def tenant_latencies(
@@ -200,32 +209,18 @@ async def tenant_latencies(
 ) -> tuple[list[float], int]:
     """Another tenant's credential requests to the broker at a fixed rate, spread over its tasks
     (each within the per-identity rate of the shipped policy): ms, errors."""
-    import aiohttp
-
     connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(ca)), limit=1)
-    latencies: list[float] = []
-    errors = 0
-    started = time.perf_counter()
     timeout = aiohttp.ClientTimeout(total=10)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        for n in range(int(rate * seconds)):
-            start = time.perf_counter()
-            try:
-                async with session.post(
-                    broker_url + "/v1/credentials",
-                    json={},
-                    headers={"Authorization": f"Bearer {tokens[n % len(tokens)]}"},
-                ) as response:
-                    await response.read()
-                    if response.status != 200:
-                        errors += 1
-                        ERROR_ANSWERS[f"{response.status} {await response.text()}"[:120]] += 1
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                errors += 1
-                ERROR_ANSWERS[repr(exc)[:120]] += 1
-            latencies.append((time.perf_counter() - start) * 1000)
-            await asyncio.sleep(max(0.0, started + (n + 1) / rate - time.perf_counter()))
-    return latencies, errors
+        return await paced(
+            rate,
+            seconds,
+            lambda n: session.post(
+                broker_url + "/v1/credentials",
+                json={},
+                headers={"Authorization": f"Bearer {tokens[n % len(tokens)]}"},
+            ),
+        )
 
 
 ERROR_ANSWERS: collections.Counter[str] = collections.Counter()  # what another tenant saw

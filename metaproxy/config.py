@@ -24,7 +24,6 @@ ENV_PREFIX = "METAPROXY_"
 # Where the EC2 metadata service and the ECS/EKS container-credentials endpoint live; SDKs use
 # these addresses when nothing is configured.
 IMDS_ADDRESS = "169.254.169.254:80"
-IMDS_ADDRESS_V6 = "[fd00:ec2::254]:80"
 CONTAINER_CREDENTIALS_ADDRESS = "169.254.170.23:80"
 
 

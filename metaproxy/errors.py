@@ -38,12 +38,6 @@ class Denied(MetaproxyError):
     public_message = "denied by policy"
 
 
-class NotFound(MetaproxyError):
-    status = 404
-    code = "NotFound"
-    public_message = "not found"
-
-
 class TooManyRequests(MetaproxyError):
     status = 429
     code = "TooManyRequests"

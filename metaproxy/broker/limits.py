@@ -43,9 +43,6 @@ class TenantLimiter:
         finally:
             self._in_flight[tenant] -= 1
 
-    def in_flight(self, tenant: str) -> int:
-        return self._in_flight.get(tenant, 0)
-
 
 def _ceil(seconds: float) -> float:
     return float(max(1, math.ceil(seconds)))

@@ -22,7 +22,6 @@ _PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
 NAME_MIN, NAME_MAX = 2, 64  # RoleSessionName and SourceIdentity
 # ASCII only: `\w` would admit Unicode letters, which STS rejects.
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_+=,.@-")
-VALID_NAME = re.compile(r"^[\w+=,.@-]{2,64}$", re.ASCII)
 
 MAX_TAGS, TAG_KEY_MAX, TAG_VALUE_MAX = 50, 128, 256
 _TAG_PUNCTUATION = frozenset("_.:/=+-@")

@@ -29,7 +29,6 @@ from metaproxy.sidecar.tokens import TokenAuthority
 
 log = logging.getLogger("metaproxy.sidecar")
 
-PATH_CLASSES = ("token", "credentials", "metadata", "container")
 Face = Literal["imds", "container"]
 
 # A client over its rate gets its 429 this much later. A looping client waits for each answer
