@@ -15,7 +15,7 @@ from bench.common import write_tenant_policies
 from metaproxy.broker.cache import CredentialCache
 from metaproxy.broker.scheduler import FairScheduler
 from metaproxy.broker.server import BrokerServer
-from metaproxy.broker.sts import AssumedRole, Boto3Sts
+from metaproxy.broker.sts import AssumedRole, AsyncSts
 from metaproxy.models import Credentials
 from metaproxy.testing.faultproxy import FaultProxy
 from tests.support import Pki, broker_config, issue
@@ -35,7 +35,7 @@ async def test_200_concurrent_identical_cold_requests_make_one_assume_role(
     """200 POSTs with the same identity token, at once: 200 answers, 1 AssumeRole at STS."""
     policies = write_tenant_policies(tmp_path / "policies", ["t1"])
     config = broker_config(tmp_path, pki, slow_proxy.url, policies)
-    scheduler = FairScheduler.from_config(config, Boto3Sts(endpoint=slow_proxy.url))
+    scheduler = FairScheduler.from_config(config, AsyncSts(endpoint=slow_proxy.url))
     server = await BrokerServer.start(config, scheduler=scheduler)
     token = issue(pki, "task-1", "t1")
     tls = ssl.create_default_context(cafile=str(pki.ca))

@@ -24,7 +24,7 @@ import pytest
 from bench.common import write_tenant_policies
 from metaproxy.broker.scheduler import FairScheduler
 from metaproxy.broker.server import BrokerServer
-from metaproxy.broker.sts import Boto3Sts
+from metaproxy.broker.sts import AsyncSts
 from metaproxy.sidecar.server import SidecarServer
 from metaproxy.testing.emulator import free_port
 from metaproxy.testing.faultproxy import FaultProxy
@@ -82,7 +82,7 @@ async def test_sts_outage_longer_than_a_refresh_keeps_tasks_served_then_recovers
         tmp_path, pki, proxy.url, policies, cache_refresh_fraction=BROKER_REFRESH_FRACTION
     )
     scheduler = FairScheduler(
-        Boto3Sts(endpoint=proxy.url, timeout=1.0),
+        AsyncSts(endpoint=proxy.url, timeout=1.0),
         budget_per_second=budget,
         failure_threshold=3,
         cool_down=1.0,

@@ -28,7 +28,7 @@ from metaproxy.broker.issuer import CredentialRequest, Issuer, RequestContext
 from metaproxy.broker.limits import TenantLimiter
 from metaproxy.broker.revocation import RevocationList
 from metaproxy.broker.scheduler import FairScheduler, StsScheduler
-from metaproxy.broker.sts import Boto3Sts, StsClient
+from metaproxy.broker.sts import AsyncSts, StsClient
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import BrokerConfig
 from metaproxy.errors import BadRequest
@@ -90,11 +90,11 @@ def create_services(
     )
     sts = instrument.TimedSts(
         sts
-        or Boto3Sts(
+        or AsyncSts(
             endpoint=config.sts_endpoint,
             region=config.sts_region,
             timeout=config.sts_timeout,
-            max_workers=config.workers_max,
+            max_connections=config.workers_max,
         )
     )
     scheduler = scheduler or FairScheduler.from_config(config, sts, clock)
@@ -210,7 +210,7 @@ async def _lifetimes(app: web.Application) -> AsyncIterator[None]:
     await services.audit.close()  # closes the segment and hands it to the shipper
     if shipper is not None:
         await shipper.close(drain_seconds=services.config.drain_seconds)
-    services.sts.close()
+    await services.sts.aclose()
 
 
 def build_app(services: BrokerServices) -> web.Application:

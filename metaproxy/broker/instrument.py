@@ -129,8 +129,8 @@ class TimedSts:
         finally:
             metrics.STS_SECONDS.observe(time.perf_counter() - started)
 
-    def close(self) -> None:
-        self._inner.close()
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 class CountedPolicyStore(PolicyStore):

@@ -1,24 +1,40 @@
-"""STS AssumeRole through boto3, on an executor the broker owns so the event loop never blocks.
+"""STS AssumeRole for the broker, on the event loop: no thread per call.
 
-botocore's own retries are off (one attempt): retries, backoff and the call budget are decided
-by the broker (`resilience.py`), which sees every attempt. STS error text never leaves here:
-callers get our own error classes with a public message.
+botocore (boto3's core) supplies what must match AWS exactly: the STS service model and its
+Query serializer (which also validates every parameter), and the broker's own credentials from
+the standard chain (environment, profile, web identity, container or instance role), refreshed
+as they near expiry. The request is signed with SigV4 (`sigv4.py`, checked against botocore's
+signer), sent over one aiohttp connection pool, and the answer read with ElementTree.
+
+Why not `boto3.client("sts")` on a thread pool, as before: a boto3 call cost 1.2 ms of CPU
+here, and each call in flight held a thread; at a 500 calls/s budget with 100 ms of STS latency
+that is 50+ threads fighting the event loop for the GIL and most of a core. botocore's signer
+and parser on aiohttp brought it to about 0.4 ms; our signer and ElementTree to about 0.2 ms.
+
+One attempt per call: retries, backoff and the call budget are the scheduler's, which sees
+every attempt. STS's error text never leaves here: callers get our own error classes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import time
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlencode
+from xml.etree import ElementTree
 
+import aiohttp
+
+from metaproxy.broker.sigv4 import SigV4Signer
 from metaproxy.errors import StsUnavailable, UpstreamError
 from metaproxy.models import AssumeRoleSpec, Credentials
 
 if TYPE_CHECKING:
-    from mypy_boto3_sts import STSClient
+    from botocore.credentials import Credentials as AwsCredentials
+    from botocore.credentials import ReadOnlyCredentials
 
 log = logging.getLogger("metaproxy.broker.sts")
 
@@ -30,6 +46,11 @@ THROTTLING_CODES = frozenset(
 TRANSIENT_CODES = frozenset(
     {"InternalFailure", "InternalError", "ServiceUnavailable", "IDPCommunicationError"}
 )
+# botocore hands back cached credentials until they near expiry, then refreshes them (which may
+# mean an HTTP call); asking on a worker thread this often keeps the event loop out of that.
+CREDENTIALS_RECHECK_SECONDS = 60.0
+MAX_ANSWER_BYTES = 64 * 1024  # an AssumeRole answer is about 1.5 KB
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded; charset=utf-8"
 
 
 class StsThrottled(StsUnavailable):
@@ -45,7 +66,7 @@ class AssumedRole:
 class StsClient(Protocol):
     async def assume_role(self, spec: AssumeRoleSpec) -> AssumedRole: ...
 
-    def close(self) -> None: ...
+    async def aclose(self) -> None: ...
 
 
 def assume_role_arguments(spec: AssumeRoleSpec) -> dict[str, Any]:
@@ -67,60 +88,163 @@ def assume_role_arguments(spec: AssumeRoleSpec) -> dict[str, Any]:
     return arguments
 
 
-class Boto3Sts:
+def default_endpoint(region: str) -> str:
+    return f"https://sts.{region}.amazonaws.com"
+
+
+class AsyncSts:
     def __init__(
         self,
         *,
         endpoint: str = "",
         region: str = "us-east-1",
         timeout: float = 5.0,
-        max_workers: int = 16,
+        max_connections: int = 16,
     ) -> None:
-        import boto3
-        from botocore.config import Config
+        import botocore.session
+        from botocore import serialize
 
-        config = Config(
-            region_name=region,
-            connect_timeout=timeout,
-            read_timeout=timeout,
-            retries={"total_max_attempts": 1, "mode": "standard"},
-            max_pool_connections=max_workers,
-        )
-        session = boto3.session.Session()
-        self._client: STSClient = session.client(
-            "sts", endpoint_url=endpoint or None, config=config
-        )
-        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="sts")
+        self._session = botocore.session.get_session()
+        self._operation = self._session.get_service_model("sts").operation_model("AssumeRole")
+        self._serializer = serialize.create_serializer("query", include_validation=True)
+        self._signer = SigV4Signer("sts", region)
+        self._url = (endpoint or default_endpoint(region)).rstrip("/") + "/"
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=timeout)
+        self._max_connections = max_connections
+        self._http: aiohttp.ClientSession | None = None
+        self._credentials: AwsCredentials | None = None
+        self._frozen: ReadOnlyCredentials | None = None
+        self._frozen_at = float("-inf")
 
     async def assume_role(self, spec: AssumeRoleSpec) -> AssumedRole:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._assume_role_blocking, spec)
-
-    def _assume_role_blocking(self, spec: AssumeRoleSpec) -> AssumedRole:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import ParamValidationError
 
         try:
-            answer = self._client.assume_role(**assume_role_arguments(spec))
-        except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            detail = f"AssumeRole {spec.role_arn}: {code or 'error'} (HTTP {status})"
-            if code in THROTTLING_CODES or status == 429:
-                raise StsThrottled(detail) from None
-            if code in TRANSIENT_CODES or status >= 500:
-                raise StsUnavailable(detail) from None
-            raise UpstreamError(detail) from None
-        except BotoCoreError as exc:
-            # Connection refused, timeouts, DNS: STS is unreachable from here.
+            request = self._serializer.serialize_to_request(
+                assume_role_arguments(spec), self._operation
+            )
+        except ParamValidationError:
+            raise UpstreamError(f"AssumeRole {spec.role_arn}: invalid parameters") from None
+        headers, body = await self._signed(request["body"])
+        try:
+            async with self._client().post(self._url, data=body, headers=headers) as response:
+                status = response.status
+                answer = await response.content.read(MAX_ANSWER_BYTES)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # Connection refused, reset, timed out: STS is unreachable from here.
             raise StsUnavailable(f"AssumeRole {spec.role_arn}: {type(exc).__name__}") from None
-        raw = answer["Credentials"]
-        credentials = Credentials(
-            access_key_id=raw["AccessKeyId"],
-            secret_access_key=raw["SecretAccessKey"],
-            session_token=raw["SessionToken"],
-            expiration=raw["Expiration"].astimezone(UTC),
-        )
-        return AssumedRole(credentials, answer["AssumedRoleUser"]["Arn"])
+        return self._result(spec, status, answer)
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    def _client(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections),
+                timeout=self._timeout,
+                skip_auto_headers=("User-Agent",),
+                headers={"User-Agent": "metaproxy-broker"},
+            )
+        return self._http
+
+    async def _signed(self, params: dict[str, Any]) -> tuple[dict[str, str], bytes]:
+        """SigV4 headers and the form-encoded body they sign."""
+        body = urlencode(list(params.items()), doseq=True).encode()
+        headers = self._signer.sign(
+            url=self._url,
+            body=body,
+            content_type=FORM_CONTENT_TYPE,
+            credentials=await self._current_credentials(),
+        )
+        return headers, body
+
+    async def _current_credentials(self) -> ReadOnlyCredentials:
+        now = time.monotonic()
+        if self._frozen is None or now - self._frozen_at >= CREDENTIALS_RECHECK_SECONDS:
+            self._frozen = await asyncio.to_thread(self._resolve_credentials)
+            self._frozen_at = now
+        return self._frozen
+
+    def _resolve_credentials(self) -> ReadOnlyCredentials:
+        if self._credentials is None:
+            self._credentials = self._session.get_credentials()
+        if self._credentials is None:
+            raise StsUnavailable("the broker has no AWS credentials to call STS with")
+        frozen = self._credentials.get_frozen_credentials()
+        if not frozen.access_key or not frozen.secret_key:
+            raise StsUnavailable("the broker's AWS credentials have no key or secret")
+        return frozen
+
+    def _result(self, spec: AssumeRoleSpec, status: int, answer: bytes) -> AssumedRole:
+        try:
+            # The answer comes from STS (or a proxy in front of it) and is at most 64 KB;
+            # expat refuses entity expansion bombs.
+            root = ElementTree.fromstring(answer)  # noqa: S314
+        except ElementTree.ParseError:  # a proxy's HTML page, a truncated answer
+            if status != 200:
+                raise _error(spec, status, "") from None
+            log.warning("AssumeRole %s: unreadable answer (HTTP %d)", spec.role_arn, status)
+            raise StsUnavailable(f"AssumeRole {spec.role_arn}: unreadable answer") from None
+        if status != 200 or _local(root.tag) == "ErrorResponse":
+            raise _error(spec, status, _text(root, "Error", "Code"))
+        try:
+            credentials = Credentials(
+                access_key_id=_text(root, "AssumeRoleResult", "Credentials", "AccessKeyId"),
+                secret_access_key=_text(root, "AssumeRoleResult", "Credentials", "SecretAccessKey"),
+                session_token=_text(root, "AssumeRoleResult", "Credentials", "SessionToken"),
+                expiration=_utc(
+                    parse_timestamp(_text(root, "AssumeRoleResult", "Credentials", "Expiration"))
+                ),
+            )
+            arn = _text(root, "AssumeRoleResult", "AssumedRoleUser", "Arn")
+        except ValueError:
+            raise StsUnavailable(f"AssumeRole {spec.role_arn}: incomplete answer") from None
+        if not (credentials.access_key_id and credentials.secret_access_key and arn):
+            raise StsUnavailable(f"AssumeRole {spec.role_arn}: incomplete answer")
+        return AssumedRole(credentials, arn)
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+
+def _local(tag: str) -> str:
+    """An element's name without its XML namespace."""
+    return tag.rsplit("}", 1)[-1]
+
+
+def _text(root: ElementTree.Element, *path: str) -> str:
+    """The text at `path` below `root`, matched by local names: STS answers in its namespace,
+    and errors may come without one."""
+    node = root
+    for name in path:
+        found = next((child for child in node if _local(child.tag) == name), None)
+        if found is None:
+            return ""
+        node = found
+    return (node.text or "").strip()
+
+
+def parse_timestamp(text: str) -> datetime:
+    """STS's ISO 8601 timestamps (`2026-11-22T07:00:00Z`, maybe with fractions) through the
+    standard library, which is an order faster than dateutil; anything else goes to botocore."""
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        from botocore.utils import parse_timestamp as botocore_parse_timestamp
+
+        parsed: datetime = botocore_parse_timestamp(text)
+        return parsed
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def _error(spec: AssumeRoleSpec, status: int, code: str) -> StsUnavailable | UpstreamError:
+    detail = f"AssumeRole {spec.role_arn}: {code or 'error'} (HTTP {status})"
+    if code in THROTTLING_CODES or status == 429:
+        return StsThrottled(detail)
+    if code in TRANSIENT_CODES or status >= 500:
+        return StsUnavailable(detail)
+    return UpstreamError(detail)
