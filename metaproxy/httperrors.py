@@ -32,7 +32,9 @@ def error_response(
     body = json.dumps({"code": code, "message": message, "request_id": request_id})
     headers = {REQUEST_ID: request_id}
     if retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(retry_after)))
+        # Whole seconds (RFC 9110), rounded down: callers add up to a second of jitter, which
+        # lands them inside the second the broker picked for them.
+        headers["Retry-After"] = str(max(1, int(retry_after)))
     return web.Response(status=status, text=body, content_type="application/json", headers=headers)
 
 

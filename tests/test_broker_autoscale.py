@@ -10,9 +10,10 @@ from datetime import UTC, datetime
 import pytest
 
 from metaproxy.broker.autoscale import Load, ScaleLimits, decide, wanted_workers
+from metaproxy.broker.budget import CallWindow, budget_limiter
 from metaproxy.broker.circuit import CircuitBreaker
-from metaproxy.broker.scheduler import FairScheduler, budget_limiter
-from metaproxy.broker.sts import Boto3Sts
+from metaproxy.broker.scheduler import FairScheduler
+from metaproxy.broker.sts import AsyncSts
 from metaproxy.models import AssumeRoleSpec
 from metaproxy.testing.faultproxy import FaultProxy, max_calls_in_window
 
@@ -144,7 +145,7 @@ async def test_pool_grows_under_a_burst_within_the_budget_then_shrinks(
     the budget can use, every call stays within budget, and the pool later shrinks again."""
     budget = 40.0
     scheduler = FairScheduler(
-        Boto3Sts(endpoint=slow_sts.url, max_workers=32),
+        AsyncSts(endpoint=slow_sts.url, max_connections=32),
         workers_min=1,
         workers_max=32,
         budget_per_second=budget,
@@ -183,3 +184,21 @@ async def test_pool_grows_under_a_burst_within_the_budget_then_shrinks(
         await scheduler.aclose()
     assert slow_sts.stats()["assume_role_calls"] == 120
     assert slow_sts.max_rate(1.0) <= budget
+
+
+async def test_call_window_holds_calls_past_its_limit_until_the_oldest_leaves() -> None:
+    """However callers arrive, no trailing second ever holds more than the window's limit."""
+    window = CallWindow(limit=20, window=0.5)
+    loop = asyncio.get_running_loop()
+    admitted: list[float] = []
+
+    async def caller() -> None:
+        await window.admit()
+        admitted.append(loop.time())
+
+    started = loop.time()
+    await asyncio.gather(*(caller() for _ in range(50)))  # all at once: 2.5 windows' worth
+    assert max_calls_in_window(admitted, 0.5) <= 20
+    assert window.waits > 0
+    assert loop.time() - started >= 1.0  # the last 10 had to wait for two windows to pass
+    assert CallWindow.for_budget(500.0).limit == 490

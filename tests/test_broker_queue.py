@@ -14,13 +14,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.common import write_tenant_policies
-from metaproxy.broker.fairqueue import FairQueue
+from metaproxy.broker.fairqueue import FairQueue, RetrySlots
 from metaproxy.broker.scheduler import FairScheduler
 from metaproxy.broker.server import BrokerServer
-from metaproxy.broker.sts import Boto3Sts
+from metaproxy.broker.sts import AsyncSts
 from metaproxy.errors import Overloaded
+from metaproxy.models import AssumeRoleSpec
 from metaproxy.testing.faultproxy import FaultProxy
 from tests.support import Pki, broker_config, issue
+
+
+def make_spec(number: int) -> AssumeRoleSpec:
+    return AssumeRoleSpec("arn:aws:iam::111111111111:role/big-app", f"big.task-{number}", "", 900)
 
 
 def drain(queue: FairQueue[str]) -> list[str]:
@@ -92,6 +97,58 @@ def test_total_overflow_refuses_refreshes_but_a_cold_start_pushes_a_refresh_out(
         queue.push("c-4", tenant="c", priority="cold")
 
 
+def test_retry_slots_spread_a_refused_burst_at_the_drain_rate() -> None:
+    """1,000 callers refused in one instant are told to come back spread over the time the
+    queue takes to drain them, not all after the same few seconds."""
+    slots = RetrySlots(max_seconds=30.0)
+    told = [slots.take("big", now=100.0, earliest=2.0, rate=100.0) for _ in range(1000)]
+    assert told[0] == pytest.approx(2.0)
+    assert told == sorted(told)
+    assert told[-1] == pytest.approx(2.0 + 999 / 100.0)
+    per_second = Counter(int(seconds) for seconds in told)
+    assert max(per_second.values()) <= 100  # never more back in one second than it drains
+    # Another scope has its own slots; the first one's are not pushed further by it.
+    assert slots.take("small", now=100.0, earliest=1.0, rate=100.0) == pytest.approx(1.0)
+    # Once the slots have passed, a refusal starts again from its own estimate.
+    assert slots.take("big", now=200.0, earliest=2.0, rate=100.0) == pytest.approx(2.0)
+
+
+def test_retry_slots_never_promise_beyond_their_limit() -> None:
+    slots = RetrySlots(max_seconds=5.0)
+    told = [slots.take("t", now=0.0, earliest=1.0, rate=10.0) for _ in range(100)]
+    assert max(told) == 5.0 and min(told) == 1.0
+    # Slots 1.0, 1.1 … 4.9 (give or take float rounding) were handed out; the rest get the limit.
+    assert 40 <= sum(seconds < 5.0 for seconds in told) <= 41
+
+
+async def test_a_refused_burst_comes_back_spread(sts_url: str) -> None:
+    """Through the scheduler: a tenant's overflow gets Retry-Afters spaced out, in order."""
+    async with FaultProxy(sts_url) as proxy:
+        proxy.set(mode="blackhole")  # nothing drains: the queue stays full
+        sts = AsyncSts(endpoint=proxy.url, timeout=30.0)
+        scheduler = FairScheduler(
+            sts, budget_per_second=50.0, queue_max=100, queue_per_tenant_max=10, workers_max=2
+        )
+        waiting = [
+            asyncio.ensure_future(scheduler.submit(make_spec(i), tenant="big", priority="cold"))
+            for i in range(10)
+        ]
+        await asyncio.sleep(0)
+        told = []
+        for i in range(10, 110):
+            with pytest.raises(Overloaded) as refused:
+                await scheduler.submit(make_spec(i), tenant="big", priority="cold")
+            assert refused.value.retry_after is not None
+            told.append(refused.value.retry_after)
+        for task in waiting:
+            task.cancel()
+        await scheduler.aclose()
+        await sts.aclose()
+    assert told == sorted(told)
+    # Spaced no closer than the queue can drain: never faster than the 50/s budget.
+    assert told[-1] - told[0] >= 99 / 50.0
+
+
 def test_retry_after_grows_with_the_backlog() -> None:
     """Retry-After tells a rejected caller roughly when room will be free again."""
     queue: FairQueue[str] = FairQueue(max_depth=1000, per_tenant_max=1000)
@@ -152,7 +209,7 @@ async def test_half_throttled_sts_stays_in_budget_and_bounds_and_everything_is_s
         tmp_path, pki, throttling_proxy.url, policies, tls_cert=None, tls_key=None
     )
     scheduler = FairScheduler(
-        Boto3Sts(endpoint=throttling_proxy.url, max_workers=16),
+        AsyncSts(endpoint=throttling_proxy.url, max_connections=16),
         workers_min=1,
         workers_max=16,
         budget_per_second=budget,

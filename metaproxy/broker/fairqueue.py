@@ -2,8 +2,9 @@
 
 Why each rule exists (a credentials provider once fell behind a growing fleet; its single FIFO
 queue reached tens of thousands and every new deployment failed):
-- Depth is bounded, in total and per tenant; overflow is refused at once with `Overloaded`
-  (503 + Retry-After) instead of queueing work that will time out anyway.
+- Depth is bounded, in total and per tenant; overflow is refused at once with `QueueFull`
+  (503 + Retry-After) instead of queueing work that will time out anyway. `RetrySlots` spreads
+  the Retry-Afters, so that thousands of callers refused together do not come back together.
 - Tenants take turns (deficit round robin), so a tenant that deploys 9,000 tasks at once does
   not delay another tenant's ten.
 - Cold starts (a task with no valid credentials: it cannot start) go strictly before refreshes
@@ -26,7 +27,47 @@ PRIORITIES: tuple[Priority, ...] = ("cold", "refresh")
 T = TypeVar("T")
 
 MIN_RETRY_AFTER = 1.0
-MAX_RETRY_AFTER = 10.0  # a guess further ahead than this is not worth trusting
+MAX_RETRY_AFTER = 30.0  # a guess further ahead than this is not worth trusting
+TOTAL = "*"  # the scope of a refusal because the whole queue is full
+
+
+class QueueFull(Overloaded):
+    """Refused: `scope` (a tenant, or TOTAL) has `waiting` items queued, its bound."""
+
+    def __init__(self, detail: str, *, scope: str, waiting: int, retry_after: float) -> None:
+        super().__init__(detail, retry_after=retry_after)
+        self.scope = scope
+        self.waiting = waiting
+        self.earliest = retry_after  # the queue's own estimate, before RetrySlots spreads it
+
+
+class RetrySlots:
+    """Retry-Afters that bring refused callers back spread out at the rate the queue drains.
+
+    A burst refused in one instant and told "come back in 5 s" comes back in one instant 5 s
+    later, is mostly refused again, and costs the broker a full request each time. Here each
+    refusal in a scope takes the next free slot instead: no sooner than the queue's estimate,
+    and 1/rate after the slot handed out before it. Pure: the caller passes the time.
+    """
+
+    def __init__(self, *, max_seconds: float = MAX_RETRY_AFTER, max_scopes: int = 10_000) -> None:
+        self._next: dict[str, float] = {}
+        self._max_seconds = max_seconds
+        self._max_scopes = max_scopes
+
+    def take(self, scope: str, *, now: float, earliest: float, rate: float) -> float:
+        """Seconds until this caller's slot, within [MIN_RETRY_AFTER, max_seconds]."""
+        slot = max(now + earliest, self._next.get(scope, now))
+        if slot - now >= self._max_seconds:
+            return self._max_seconds  # beyond what is worth promising; the slot is not taken
+        if len(self._next) >= self._max_scopes and scope not in self._next:
+            self._forget_past(now)
+        self._next[scope] = slot + 1.0 / max(rate, 1e-3)
+        return max(MIN_RETRY_AFTER, slot - now)
+
+    def _forget_past(self, now: float) -> None:
+        for scope in [scope for scope, slot in self._next.items() if slot <= now]:
+            del self._next[scope]
 
 
 @dataclass(slots=True)
@@ -135,15 +176,17 @@ class FairQueue(Generic[T]):
     ) -> Entry[T] | None:
         """Queue `item`; returns a refresh pushed out to make room, or None.
 
-        Raises Overloaded (nothing queued) when the tenant or the whole queue is full.
+        Raises QueueFull (nothing queued) when the tenant or the whole queue is full.
         """
         if cost <= 0:
             raise ValueError("cost must be positive")
         waiting = self.tenant_depth(tenant)
         if waiting >= self.per_tenant_max:
             self.rejected += 1
-            raise Overloaded(
+            raise QueueFull(
                 f"tenant {tenant} has {waiting} requests queued (limit {self.per_tenant_max})",
+                scope=tenant,
+                waiting=waiting,
                 retry_after=self._retry_after(waiting),
             )
         shed: Entry[T] | None = None
@@ -153,8 +196,11 @@ class FairQueue(Generic[T]):
                 shed = self._lanes["refresh"].shed_newest_of_largest()
             if shed is None:
                 self.rejected += 1
-                raise Overloaded(
-                    f"queue full ({total} waiting)", retry_after=self._retry_after(total)
+                raise QueueFull(
+                    f"queue full ({total} waiting)",
+                    scope=TOTAL,
+                    waiting=total,
+                    retry_after=self._retry_after(total),
                 )
             self._forget(shed.tenant)
             self.shed += 1

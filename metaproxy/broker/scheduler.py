@@ -21,8 +21,6 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from aiolimiter import AsyncLimiter
-
 from metaproxy.broker.autoscale import (
     Ewma,
     Load,
@@ -32,8 +30,9 @@ from metaproxy.broker.autoscale import (
     decide,
     wanted_workers,
 )
+from metaproxy.broker.budget import CallWindow, budget_limiter
 from metaproxy.broker.circuit import STATE_CODES, CircuitBreaker
-from metaproxy.broker.fairqueue import FairQueue, Priority
+from metaproxy.broker.fairqueue import FairQueue, Priority, QueueFull, RetrySlots
 from metaproxy.broker.sts import AssumedRole, StsClient, StsThrottled
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import BrokerConfig
@@ -60,21 +59,6 @@ def full_jitter_backoff(attempt: int, *, base: float = 0.1, cap: float = 5.0) ->
     return random.uniform(0, min(cap, base * (2**attempt)))  # noqa: S311 - jitter, not crypto
 
 
-def budget_limiter(calls_per_second: float) -> AsyncLimiter:
-    """A leaky bucket that never lets more than `calls_per_second` calls into any 1 s window.
-
-    AsyncLimiter(rate, 1.0) would allow a full bucket *plus* a second's leak in one window
-    (up to twice the budget, e.g. when STS comes back after an outage). So the bucket is small
-    (2% of a second's budget) and the leak is what is left of the budget, with 3% margin for
-    the time between taking a token and the request reaching STS.
-    """
-    if calls_per_second <= 0:
-        raise ValueError("the STS call budget must be positive")
-    burst = max(1.0, calls_per_second * 0.02)
-    leak = max(calls_per_second - burst, calls_per_second * 0.5) * 0.97
-    return AsyncLimiter(burst, burst / leak)
-
-
 class StsCaller:
     """One AssumeRole, with retries: each attempt inside the budget, timed out, and counted."""
 
@@ -93,6 +77,7 @@ class StsCaller:
         self._sts = sts
         self.budget_per_second = budget_per_second
         self._budget = budget_limiter(budget_per_second)
+        self._window = CallWindow.for_budget(budget_per_second)
         self.breaker = breaker
         self._clock = clock
         self._max_attempts = max(1, max_attempts)
@@ -143,7 +128,11 @@ class StsCaller:
         started = self._clock.monotonic()
         outcome: AssumedRole | MetaproxyError
         try:
-            outcome = await asyncio.wait_for(self._sts.assume_role(spec), self._call_timeout)
+            await self._window.admit()
+            # Inline, not wait_for: wait_for would start the call as a new task, one event-loop
+            # turn after the window counted it, and a turn can be long on a busy broker.
+            async with asyncio.timeout(self._call_timeout):
+                outcome = await self._sts.assume_role(spec)
         except TimeoutError:
             self.timeouts += 1
             outcome = StsUnavailable(
@@ -193,6 +182,7 @@ class StsCaller:
             "circuit_open": 1.0 if self.breaker.state == "open" else 0.0,
             "circuit_opened": float(self.breaker.opened),
             "budget_per_second": self.budget_per_second,
+            "budget_window_waits": float(self._window.waits),
         }
 
 
@@ -259,6 +249,7 @@ class FairScheduler:
         self.queue: FairQueue[_Job] = FairQueue(
             max_depth=queue_max, per_tenant_max=queue_per_tenant_max
         )
+        self._retry_slots = RetrySlots()
         self.limits = ScaleLimits(
             workers_min=workers_min,
             workers_max=workers_max,
@@ -301,7 +292,16 @@ class FairScheduler:
             self.caller.fast_failures += 1
             raise StsUnavailable("STS circuit open", retry_after=self.caller.circuit_retry_after())
         job = _Job(spec, asyncio.get_running_loop().create_future())
-        shed = self.queue.push(job, tenant=tenant, priority=priority)  # may raise Overloaded
+        try:
+            shed = self.queue.push(job, tenant=tenant, priority=priority)
+        except QueueFull as full:
+            full.retry_after = self._retry_slots.take(
+                full.scope,
+                now=self._clock.monotonic(),
+                earliest=full.earliest,
+                rate=self.queue.drain_rate,
+            )
+            raise
         self.submitted += 1
         self._arrivals.count()
         self._scale_up_now()
@@ -331,6 +331,15 @@ class FairScheduler:
         wanted = wanted_workers(load, self.limits)
         if wanted > self.pool.target:
             self.pool.resize(wanted)
+            self._update_drain_rate(time.monotonic())
+
+    def _update_drain_rate(self, now: float) -> None:
+        """What the queue will drain at: the pool as sized now, within the budget. The observed
+        rate lags a burst by seconds, and would hand out far too long Retry-Afters."""
+        capacity = self.pool.target / max(self._item_seconds.value, 1e-3)
+        self.queue.drain_rate = max(
+            self._completions.rate(now), min(capacity, self.limits.budget_per_second)
+        )
 
     async def _next_job(self) -> _Job:
         """Take a budget token first, then pop: the fair queue picks the item at the moment it
@@ -386,12 +395,7 @@ class FairScheduler:
                     load.item_seconds * 1000,
                 )
                 self.pool.resize(decision.workers)
-            # What the queue will drain at: the pool just sized, within the budget (the
-            # observed rate lags a burst by seconds and would hand out far too long Retry-Afters).
-            capacity = self.pool.target / max(self._item_seconds.value, 1e-3)
-            self.queue.drain_rate = max(
-                self._completions.rate(now), min(capacity, self.limits.budget_per_second)
-            )
+            self._update_drain_rate(now)
 
     def stats(self) -> dict[str, float]:
         """For /metrics: queue_depth, queue_cold, queue_refresh (waiting, by priority),

@@ -28,6 +28,15 @@ log = logging.getLogger("metaproxy.sidecar.credentials")
 MAX_BACKOFF = 30.0
 
 
+def retry_delay(retry_after: float | None, backoff: float) -> float:
+    """How long to wait after a failed fetch: the broker's Retry-After plus up to a second of
+    jitter (the header has whole seconds; the broker spreads refused callers across seconds,
+    the jitter spreads them within one), or else full-jitter backoff."""
+    if retry_after:
+        return retry_after + random.uniform(0.0, 1.0)  # noqa: S311 - jitter, not crypto
+    return random.uniform(0.0, backoff)  # noqa: S311 - jitter, not crypto
+
+
 class CredentialKeeper:
     def __init__(
         self,
@@ -117,7 +126,7 @@ class CredentialKeeper:
                     await self._set(None)
                 else:
                     log.warning("credential refresh failed: %s", exc)
-                delay = exc.retry_after or random.uniform(0, backoff)  # noqa: S311
+                delay = retry_delay(exc.retry_after, backoff)
                 backoff = min(MAX_BACKOFF, backoff * 2)
                 if self._grant is not None and self.current() is None:
                     await self._set(None)  # expired while the broker was away
