@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -28,9 +29,11 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
-# The event loop accepts up to `backlog` sockets per wake-up before any refused one is closed, so
-# a listen backlog of 1024 lets a connection storm hold 1024 descriptors for a moment whatever
-# the cap. Guarded listeners use this much smaller backlog; the kernel queues the rest.
+# asyncio's loop accepts up to `backlog` sockets per wake-up before any refused one is closed, so
+# a backlog of 1024 would let a connection storm hold 1024 descriptors for a moment whatever the
+# cap. Guarded listeners give the loop this much smaller number; the kernel's accept queue is
+# then deepened to the backlog asked for (`deepen_accept_queue`), so that a burst of connections
+# waits there, holding no descriptor of ours, instead of being dropped at the handshake.
 ACCEPT_BACKLOG = 64
 # File descriptors kept back for everything that is not an admitted connection: listening
 # sockets, the event loop, log and audit files, the upstream connection pool, and sockets
@@ -323,6 +326,7 @@ class GuardedTCPSite(web.TCPSite):
             # A TLS handshake happens before the guard sees the connection; bound it the same.
             ssl_handshake_timeout=_handshake_timeout(self._guard, self._ssl_context),
         )
+        deepen_accept_queue(self._server, self._backlog)
 
 
 class GuardedUnixSite(web.UnixSite):
@@ -350,6 +354,22 @@ class GuardedUnixSite(web.UnixSite):
             backlog=min(self._backlog, ACCEPT_BACKLOG),
             ssl_handshake_timeout=_handshake_timeout(self._guard, self._ssl_context),
         )
+        deepen_accept_queue(self._server, self._backlog)
+
+
+def deepen_accept_queue(server: asyncio.AbstractServer, backlog: int) -> None:
+    """listen() again with `backlog`: the kernel's accept queue only (the loop already set how
+    many it accepts per wake-up). A connection that finds the queue full is dropped, and comes
+    back only on TCP's retransmit timer: 1, 2, 4 … 32 s later."""
+    if backlog <= ACCEPT_BACKLOG:
+        return
+    for listening in getattr(server, "sockets", ()):
+        # uvloop hands out pseudo-sockets without listen(); wrap the descriptor, do not own it.
+        sock = socket.socket(fileno=listening.fileno())
+        try:
+            sock.listen(backlog)
+        finally:
+            sock.detach()
 
 
 def _handshake_timeout(guard: ConnectionGuard, ssl_context: object) -> float | None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -133,3 +135,31 @@ async def test_a_trickled_body_is_408_at_the_deadline(tight_broker: BrokerServer
     assert head.startswith(b"HTTP/1.1 408 ")
     assert time.monotonic() - started < 1.0 + 1.5
     writer.close()
+
+
+async def test_a_connection_storm_waits_in_the_accept_queue_instead_of_being_dropped(
+    broker: BrokerServer,
+) -> None:
+    """A deployment's sidecars connect at once. With the event loop busy for a moment, 600
+    connections must all complete their handshake in the kernel's accept queue; a shallow queue
+    drops the excess SYNs, and those clients come back only on TCP's retransmit timer (1 s, then
+    2 s …), past this test's 0.8 s connect timeout."""
+    host, port = host_port(broker.url)
+    connected: list[socket.socket] = []
+    failed = 0
+
+    def storm() -> None:
+        nonlocal failed
+        for _ in range(600):
+            try:
+                connected.append(socket.create_connection((host, port), timeout=0.8))
+            except OSError:
+                failed += 1
+
+    thread = threading.Thread(target=storm)
+    thread.start()
+    time.sleep(1.0)
+    await asyncio.to_thread(thread.join)
+    for sock in connected:
+        sock.close()
+    assert (len(connected), failed) == (600, 0)

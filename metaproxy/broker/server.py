@@ -32,6 +32,10 @@ log = logging.getLogger("metaproxy.broker")
 CLIENT_SHARE = 4
 # Sidecars keep their connection to the broker between refreshes; reap it if it idles longer.
 KEEPALIVE_SECONDS = 60.0
+# A deployment starts thousands of sidecars at once. Connections past a full accept queue are
+# dropped at the handshake and come back only on TCP's retransmit timer (1, 2, 4 … 32 s), so the
+# queue is as deep as the kernel allows (net.core.somaxconn caps it, 4096 by default).
+LISTEN_BACKLOG = 4096
 # Kubernetes service-account tokens in `Authorization` run to a few KB; 8 KB per line is plenty.
 MAX_HEADER_BYTES = 8190
 MAX_HEADERS = 64
@@ -105,6 +109,7 @@ class BrokerServer:
             runner,
             address,
             ssl_context=server_tls_context(config),
+            backlog=LISTEN_BACKLOG,
             guard=guard,
             reject=_reject,
         )
