@@ -7,11 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from metaproxy.models import Identity, SidecarLimits
 from metaproxy.policy.evaluate import evaluate, tenant_for
 from metaproxy.policy.load import load_policy_dir
-from metaproxy.policy.model import PolicySet
+from metaproxy.policy.model import IdentityRule, PolicySet, RoleRule, TenantPolicy
 
 SHIPPED = Path(__file__).resolve().parent.parent / "policies"
 ACME_APP = "arn:aws:iam::111111111111:role/acme-app"
@@ -164,3 +166,62 @@ def test_evaluation_is_pure(policies: PolicySet) -> None:
     first = evaluate(policies, platform("acme", "t-3"), None)
     assert evaluate(policies, platform("acme", "t-3"), None) == first
     assert policies.digest == digest
+
+
+def _tenant_with_rules(name: str, rules: tuple[IdentityRule, ...]) -> TenantPolicy:
+    role = RoleRule(0, f"arn:aws:iam::111111111111:role/{name}-app", default=True)
+    return TenantPolicy(name, "team", f"{name}.toml", "0" * 64, rules, (role,))
+
+
+platform_rules = st.builds(
+    IdentityRule,
+    index=st.just(0),
+    kind=st.just("platform"),
+    issuer=st.sampled_from(["", "metaproxy-platform", "other"]),
+    tenant_claim=st.sampled_from(["a", "b", "c"]),
+    apps=st.lists(st.sampled_from(["*", "web", "w*", "api"]), min_size=1, max_size=2).map(tuple),
+)
+kubernetes_rules = st.builds(
+    IdentityRule,
+    index=st.just(0),
+    kind=st.just("kubernetes"),
+    issuer=st.sampled_from(["", "https://kubernetes.default.svc"]),
+    namespace=st.sampled_from(["a", "b", "ns"]),
+    service_accounts=st.lists(st.sampled_from(["*", "web", "api"]), min_size=1, max_size=2).map(
+        tuple
+    ),
+)
+identities = st.one_of(
+    st.builds(
+        platform,
+        tenant=st.sampled_from(["a", "b", "c", "d"]),
+        app=st.sampled_from(["web", "worker", "api"]),
+        issuer=st.sampled_from(["metaproxy-platform", "other"]),
+    ),
+    st.builds(
+        pod,
+        namespace=st.sampled_from(["a", "b", "ns"]),
+        service_account=st.sampled_from(["web", "api"]),
+    ),
+)
+
+
+@given(
+    rule_sets=st.lists(
+        st.lists(st.one_of(platform_rules, kubernetes_rules), min_size=1, max_size=3),
+        min_size=1,
+        max_size=6,
+    ),
+    identity=identities,
+)
+def test_indexed_lookup_finds_exactly_the_tenants_a_full_scan_finds(
+    rule_sets: list[list[IdentityRule]], identity: Identity
+) -> None:
+    """The broker looks a token's tenant up by its exact tenant claim or namespace; that must
+    find the same tenants as asking every tenant's rules, as before the index."""
+    tenants = {
+        f"t{i}": _tenant_with_rules(f"t{i}", tuple(rules)) for i, rules in enumerate(rule_sets)
+    }
+    policies = PolicySet(tenants, "digest")
+    full_scan = [tenant for tenant in tenants.values() if tenant.claims(identity)]
+    assert policies.claiming(identity) == full_scan

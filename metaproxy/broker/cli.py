@@ -21,9 +21,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 async def _serve(config: BrokerConfig, ready_file: Path | None) -> int:
     from metaproxy.broker.server import BrokerServer
-    from metaproxy.runtime import Lifecycle, write_ready_file
+    from metaproxy.runtime import Lifecycle, settle_gc, write_ready_file
 
     server = await BrokerServer.start(config)
+    settle_gc()
     lifecycle = Lifecycle()
     lifecycle.install(on_reload=server.services.policies.reload)
     if ready_file is not None:

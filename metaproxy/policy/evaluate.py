@@ -26,13 +26,9 @@ def _app(identity: Identity) -> str:
     return identity.service_account if identity.kind == "kubernetes" else identity.app
 
 
-def _claiming(policies: PolicySet, identity: Identity) -> list[TenantPolicy]:
-    return [tenant for tenant in policies.tenants.values() if tenant.claims(identity)]
-
-
 def tenant_for(policies: PolicySet, identity: Identity) -> TenantPolicy | None:
     """The one tenant whose identity rules match, or None (no tenant, or more than one)."""
-    claiming = _claiming(policies, identity)
+    claiming = policies.claiming(identity)
     return claiming[0] if len(claiming) == 1 else None
 
 
@@ -61,7 +57,7 @@ def _deny(
 
 def evaluate(policies: PolicySet, identity: Identity, requested_role: str | None) -> Decision:
     """The role `identity` gets, by name or ARN (None or "" asks for the tenant's default)."""
-    claiming = _claiming(policies, identity)
+    claiming = policies.claiming(identity)
     if not claiming:
         return _deny(policies, "no-tenant", f"no tenant's identities match {_describe(identity)}")
     if len(claiming) > 1:

@@ -21,7 +21,7 @@ DEFAULT_DURATION_SECONDS = 3600
 
 def matches_any(value: str, globs: tuple[str, ...]) -> bool:
     # fnmatchcase, not fnmatch: fnmatch folds case on some platforms, and `Web` is not `web`.
-    return any(fnmatchcase(value, glob) for glob in globs)
+    return any(glob == "*" or fnmatchcase(value, glob) for glob in globs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,13 +112,46 @@ class TenantPolicy:
         return any(rule.matches(identity) for rule in self.identities)
 
 
+def _index_key(kind: IdentityKind, exact: str) -> tuple[IdentityKind, str]:
+    """Every identity rule names one exact value (a platform rule its `tenant` claim, a
+    Kubernetes rule its namespace); only tenants with a rule for that value can claim a token."""
+    return (kind, exact)
+
+
+def _identity_key(identity: Identity) -> tuple[IdentityKind, str]:
+    exact = identity.tenant if identity.kind == "platform" else identity.namespace
+    return _index_key(identity.kind, exact)
+
+
 @dataclass(frozen=True, slots=True)
 class PolicySet:
     """All tenants, keyed by tenant name; `digest` identifies the exact files in force."""
 
     tenants: Mapping[str, TenantPolicy]
     digest: str
+    # (kind, tenant claim or namespace) -> the tenants with an identity rule for it, so a
+    # request looks at its few candidates rather than every tenant's rules.
+    _candidates: Mapping[tuple[IdentityKind, str], tuple[TenantPolicy, ...]] = field(
+        init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         # A read-only view, so a shared set cannot be edited by whoever holds it.
         object.__setattr__(self, "tenants", MappingProxyType(dict(self.tenants)))
+        candidates: dict[tuple[IdentityKind, str], list[TenantPolicy]] = {}
+        for tenant in self.tenants.values():
+            keys = {
+                _index_key(
+                    rule.kind, rule.tenant_claim if rule.kind == "platform" else rule.namespace
+                )
+                for rule in tenant.identities
+            }
+            for key in keys:
+                candidates.setdefault(key, []).append(tenant)
+        frozen = {key: tuple(tenants) for key, tenants in candidates.items()}
+        object.__setattr__(self, "_candidates", MappingProxyType(frozen))
+
+    def claiming(self, identity: Identity) -> list[TenantPolicy]:
+        """The tenants whose identity rules match `identity` (one, unless policies overlap)."""
+        candidates = self._candidates.get(_identity_key(identity), ())
+        return [tenant for tenant in candidates if tenant.claims(identity)]
