@@ -82,3 +82,11 @@ def pin(pid: int, cores: set[int]) -> None:
     """Keep a process on these cores (servers on one, load generators on the other)."""
     if (os.cpu_count() or 1) > 1:
         os.sched_setaffinity(pid, cores)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a running process has used so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        # The command name may contain spaces; the fields after it are space-separated.
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
