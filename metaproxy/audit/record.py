@@ -20,6 +20,8 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")
 # STS session tokens and other long opaque blobs: ARNs, ids and digests are far shorter or
 # contain separators, so a 100-character unbroken base64 run is never a legitimate field.
 _LONG_BLOB = re.compile(r"[A-Za-z0-9+/=_-]{100,}")
+# What each pattern cannot match without; checked first, as a plain substring test.
+_JWT_START, _PEM_START, _BLOB_CHARS = "eyJ", "-----BEGIN ", 100
 _PEM = re.compile(
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S
 )
@@ -27,6 +29,12 @@ _PEM = re.compile(
 
 def scrub(value: str, *, blobs: bool = True) -> str:
     """Replace anything credential-shaped in `value` and cap its length."""
+    if len(value) < _BLOB_CHARS and _JWT_START not in value and _PEM_START not in value:
+        return value  # none of the patterns can match: most fields, on every record
+    return _scrub_patterns(value, blobs=blobs)
+
+
+def _scrub_patterns(value: str, *, blobs: bool = True) -> str:
     value = _PEM.sub(REDACTED, value)
     value = _JWT.sub(REDACTED, value)
     if blobs:
