@@ -57,7 +57,8 @@ class Run:
     latencies: dict[str, list[float]] = field(default_factory=dict)  # tenant -> seconds
     statuses: Counter[int] = field(default_factory=Counter)
     failed: int = 0
-    samples: list[tuple[float, float, float, float]] = field(default_factory=list)
+    # (time, queue depth, workers, STS calls so far, broker CPU seconds so far)
+    samples: list[tuple[float, float, float, float, float]] = field(default_factory=list)
     sts_calls_at_proxy: int = 0
     scheduler_seconds: dict[str, list[float]] = field(default_factory=dict)
     audit_records: int = 0
@@ -275,7 +276,13 @@ async def drive(
     while not waiter.done():
         stats = scheduler.stats()
         run.samples.append(
-            (time.monotonic(), stats["queue_depth"], stats["workers"], stats["sts_calls"])
+            (
+                time.monotonic(),
+                stats["queue_depth"],
+                stats["workers"],
+                stats["sts_calls"],
+                time.process_time(),
+            )
         )
         await asyncio.wait([waiter], timeout=0.25)
     if client.returncode != 0:
@@ -366,23 +373,24 @@ def plot(runs: list[Run], budget: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
+    figure, axes = plt.subplots(4, 1, figsize=(10, 11), sharex=True)
     for run, style in zip(runs, ("-", "--"), strict=False):
         label = "fair + autoscaled" if run.name == "fair" else "baseline: 20 workers, FIFO"
         times = [t - run.started for t, *_ in run.samples]
         axes[0].plot(times, [s[1] for s in run.samples], style, label=label)
         axes[1].plot(times, [s[2] for s in run.samples], style, label=label)
-        # AssumeRole calls per second, from the scheduler's call counter sampled every 0.25 s.
-        rates = [
-            (b[3] - a[3]) / (b[0] - a[0]) if b[0] > a[0] else 0.0
-            for a, b in zip(run.samples, run.samples[1:], strict=False)
-        ]
+        # Per second, between samples (every 0.25 s): AssumeRole calls, and the broker's CPU.
+        pairs = list(zip(run.samples, run.samples[1:], strict=False))
+        rates = [(b[3] - a[3]) / (b[0] - a[0]) if b[0] > a[0] else 0.0 for a, b in pairs]
         axes[2].plot(times[1:], rates, style, label=label)
+        cpu = [(b[4] - a[4]) / (b[0] - a[0]) if b[0] > a[0] else 0.0 for a, b in pairs]
+        axes[3].plot(times[1:], cpu, style, label=label)
     axes[2].axhline(budget, color="red", linewidth=0.8, label=f"budget {budget:g}/s")
     axes[0].set_ylabel("queue depth")
     axes[1].set_ylabel("STS workers")
     axes[2].set_ylabel("AssumeRole calls/s")
-    axes[2].set_xlabel("seconds since the burst started")
+    axes[3].set_ylabel("broker CPU (cores)")
+    axes[3].set_xlabel("seconds since the burst started")
     for axis in axes:
         axis.legend(loc="upper right", fontsize=8)
         axis.grid(alpha=0.3)
