@@ -201,3 +201,15 @@ async def test_broker_killed_and_restarted_sidecars_keep_serving_and_refresh_fro
         if broker.returncode is None:
             broker.kill()
             await broker.wait()
+
+
+def test_retry_delay_lands_inside_the_second_the_broker_picked() -> None:
+    """Retry-After has whole seconds and is rounded down by the broker: a sidecar adds up to a
+    second of jitter. Without one, full-jitter backoff."""
+    from metaproxy.sidecar.credentials_cache import retry_delay
+
+    after = [retry_delay(3.0, backoff=8.0) for _ in range(500)]
+    assert all(3.0 <= delay < 4.0 for delay in after)
+    assert max(after) - min(after) > 0.5  # spread, not all at the same instant
+    backoff = [retry_delay(None, backoff=2.0) for _ in range(500)]
+    assert all(0.0 <= delay <= 2.0 for delay in backoff)
