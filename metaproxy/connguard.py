@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 
@@ -294,6 +294,26 @@ def body_deadline(seconds: float) -> Middleware:
     return middleware
 
 
+def refuse_unknown_expectations(server: web.Server) -> None:
+    """Answer 417 to any `Expect` but 100-continue before the application sees the request.
+
+    aiohttp answers an unknown expectation itself, outside every middleware, with a text that
+    quotes the header; a value that is not UTF-8 (`Expect: \\x80`) makes building that text
+    raise, and the client gets a 500 (found by tests/test_fuzz_http.py)."""
+    handler = server.request_handler
+    if getattr(handler, "_refuses_unknown_expectations", False):
+        return
+
+    async def checked(request: web.BaseRequest) -> web.StreamResponse:
+        expect = request.headers.get(hdrs.EXPECT)
+        if expect is not None and expect.lower() != "100-continue":
+            return web.Response(status=417, text="unsupported Expect header\n")
+        return await handler(request)
+
+    checked._refuses_unknown_expectations = True  # type: ignore[attr-defined]
+    server.request_handler = checked
+
+
 class GuardedTCPSite(web.TCPSite):
     """A TCPSite whose connections pass through a ConnectionGuard."""
 
@@ -315,6 +335,7 @@ class GuardedTCPSite(web.TCPSite):
         await web.BaseSite.start(self)  # registers the site; the listening part is ours
         server = self._runner.server
         assert server is not None
+        refuse_unknown_expectations(server)
         self._server = await asyncio.get_running_loop().create_server(
             self._guard.protocol_factory(server, self._reject),
             self._host,
@@ -347,6 +368,7 @@ class GuardedUnixSite(web.UnixSite):
         await web.BaseSite.start(self)
         server = self._runner.server
         assert server is not None
+        refuse_unknown_expectations(server)
         self._server = await asyncio.get_running_loop().create_unix_server(
             self._guard.protocol_factory(server, self._reject),
             self._path,
