@@ -35,8 +35,9 @@ async def test_200_concurrent_identical_cold_requests_make_one_assume_role(
     """200 POSTs with the same identity token, at once: 200 answers, 1 AssumeRole at STS."""
     policies = write_tenant_policies(tmp_path / "policies", ["t1"])
     config = broker_config(tmp_path, pki, slow_proxy.url, policies)
-    scheduler = FairScheduler.from_config(config, AsyncSts(endpoint=slow_proxy.url))
-    server = await BrokerServer.start(config, scheduler=scheduler)
+    sts = AsyncSts(endpoint=slow_proxy.url)
+    scheduler = FairScheduler.from_config(config, sts)
+    server = await BrokerServer.start(config, sts=sts, scheduler=scheduler)  # closes sts
     token = issue(pki, "task-1", "t1")
     tls = ssl.create_default_context(cafile=str(pki.ca))
     try:

@@ -208,8 +208,9 @@ async def test_half_throttled_sts_stays_in_budget_and_bounds_and_everything_is_s
     config = broker_config(
         tmp_path, pki, throttling_proxy.url, policies, tls_cert=None, tls_key=None
     )
+    sts = AsyncSts(endpoint=throttling_proxy.url, max_connections=16)
     scheduler = FairScheduler(
-        AsyncSts(endpoint=throttling_proxy.url, max_connections=16),
+        sts,
         workers_min=1,
         workers_max=16,
         budget_per_second=budget,
@@ -217,7 +218,7 @@ async def test_half_throttled_sts_stays_in_budget_and_bounds_and_everything_is_s
         queue_per_tenant_max=6,
         max_attempts=6,
     )
-    server = await BrokerServer.start(config, scheduler=scheduler)
+    server = await BrokerServer.start(config, sts=sts, scheduler=scheduler)  # closes sts
     depths: list[float] = []
     statuses: Counter[int] = Counter()
     retry_afters: list[str] = []

@@ -81,14 +81,15 @@ async def test_sts_outage_longer_than_a_refresh_keeps_tasks_served_then_recovers
     config = broker_config(
         tmp_path, pki, proxy.url, policies, cache_refresh_fraction=BROKER_REFRESH_FRACTION
     )
+    sts = AsyncSts(endpoint=proxy.url, timeout=1.0)
     scheduler = FairScheduler(
-        AsyncSts(endpoint=proxy.url, timeout=1.0),
+        sts,
         budget_per_second=budget,
         failure_threshold=3,
         cool_down=1.0,
         call_timeout=2.0,
     )
-    broker = await BrokerServer.start(config, scheduler=scheduler)
+    broker = await BrokerServer.start(config, sts=sts, scheduler=scheduler)  # closes sts
     sidecars: list[SidecarServer] = []
     try:
         sidecars = await start_sidecars(tmp_path, pki, broker.url, tasks)
