@@ -10,7 +10,11 @@ deployment of a small tenant must not wait behind a big tenant's burst. (Had the
 1,000 also arrived at the same instant, no scheduler could answer their p99 within a second:
 at 500 calls/s, 1,000 calls take two.)
 
-Clients behave like sidecars: one POST per task, and on 503 they come back after Retry-After.
+Clients behave like sidecars: one POST per task, and on 503 they come back after Retry-After
+(plus up to a second of jitter). They wait up to --client-timeout (60 s) for an answer; a
+sidecar gives up after its broker_timeout, 5 s by default, which a request queued deep in a
+burst can outlast while the broker is CPU-bound: `--client-timeout 5` shows how many do
+(`client_errors`); they retry, and join the STS call their first attempt left in flight.
 Writes bench/results/broker_burst.json and bench/results/broker_burst.png.
 
     python bench/broker_burst.py [--requests 10000] [--budget 500] [--latency 0.1]
@@ -217,7 +221,7 @@ async def client_main(spec_path: Path, out_path: Path) -> None:
             limit = 2500 if tenant == BIG_TENANT else 200
             sessions[tenant] = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=limit),
-                timeout=aiohttp.ClientTimeout(total=60),
+                timeout=aiohttp.ClientTimeout(total=spec["client_timeout"]),
             )
         return sessions[tenant]
 
@@ -263,11 +267,21 @@ async def drive(
     arrivals: list[tuple[str, str, float]],
     scheduler: Any,
     seconds: float,
+    client_timeout: float,
     work: Path,
 ) -> Run:
     run = Run(name)
     spec_path, out_path = work / f"client-{name}.json", work / f"client-{name}-out.json"
-    spec_path.write_text(json.dumps({"url": broker_url, "seconds": seconds, "arrivals": arrivals}))
+    spec_path.write_text(
+        json.dumps(
+            {
+                "url": broker_url,
+                "seconds": seconds,
+                "client_timeout": client_timeout,
+                "arrivals": arrivals,
+            }
+        )
+    )
     client = await asyncio.create_subprocess_exec(
         sys.executable, __file__, "--client", str(spec_path), str(out_path)
     )
@@ -341,7 +355,9 @@ async def one_run(
     cpu_before = {name: process_cpu_seconds(pid) for name, pid in others.items()}
     broker_cpu_before = time.process_time()
     try:
-        run = await drive(name, server.url, arrivals, scheduler, args.run_deadline, work)
+        run = await drive(
+            name, server.url, arrivals, scheduler, args.run_deadline, args.client_timeout, work
+        )
     finally:
         await server.stop()
         await scheduler.aclose()
@@ -468,6 +484,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             f"tenant {BIG_TENANT}: {round(args.requests * args.big_share)} at once; the other "
             f"{args.tenants - 1} tenants: the rest spread evenly over {ideal:g} s"
         ),
+        "client_timeout_s": args.client_timeout,
         "client_errors": fair.client_errors,
         "audit_records": fair.audit_records,
         "cpu_seconds": fair.cpu_seconds,
@@ -509,6 +526,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers-max", type=int, default=128)
     parser.add_argument("--baseline-workers", type=int, default=20)
     parser.add_argument("--run-deadline", type=float, default=150.0, help="seconds per run")
+    parser.add_argument(
+        "--client-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a client waits for an answer (a sidecar's broker_timeout is 5 s)",
+    )
     return parser.parse_args()
 
 
