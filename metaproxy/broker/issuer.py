@@ -17,6 +17,7 @@ from typing import Any
 
 from metaproxy.audit.record import make_record
 from metaproxy.audit.writer import AuditLog
+from metaproxy.broker.admission import FairAdmission, lane_for
 from metaproxy.broker.cache import CredentialCache, Key
 from metaproxy.broker.instrument import note_source
 from metaproxy.broker.limits import TenantLimiter
@@ -82,7 +83,9 @@ class Issuer:
         region: str,
         availability_zone: str,
         document_key: Path | None,
+        admission: FairAdmission | None = None,
     ) -> None:
+        self.admission = admission or FairAdmission()
         self.verifier = verifier
         self.policies = policies
         self.cache = cache
@@ -104,6 +107,7 @@ class Issuer:
     async def issue(
         self, token: str | None, request: CredentialRequest, ctx: RequestContext
     ) -> dict[str, Any]:
+        await self.admission.wait_turn(lane_for(token))
         identity = await self._authenticate(token, ctx)
         task_var.set(identity.task)
         policies = self.policies.current
