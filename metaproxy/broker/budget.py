@@ -32,7 +32,8 @@ def budget_limiter(calls_per_second: float) -> AsyncLimiter:
     if calls_per_second <= 0:
         raise ValueError("the STS call budget must be positive")
     burst = max(1.0, calls_per_second * 0.02)
-    leak = max(calls_per_second * (1 - WINDOW_MARGIN) - burst, calls_per_second * 0.5)
+    # Burst plus a second's leak stays within the budget; the window trims the burst.
+    leak = calls_per_second * (1 - WINDOW_MARGIN)
     return AsyncLimiter(burst, burst / leak)
 
 
