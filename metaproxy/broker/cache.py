@@ -95,6 +95,11 @@ class CredentialCache:
                 log.warning("STS failed; serving cached credentials until they near expiry")
                 return CacheResult(entry.role, "stale")
             raise
+        finally:
+            # The failed task holds the exception, whose traceback holds this frame: without
+            # this, every refused request (a 503 in a burst) leaves a reference cycle of ~45
+            # objects for the garbage collector, whose pauses then stall the STS workers.
+            del task
         return CacheResult(role, source)
 
     def _start_fetch(
