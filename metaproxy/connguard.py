@@ -299,10 +299,9 @@ def refuse_unknown_expectations(server: web.Server) -> None:
 
     aiohttp answers an unknown expectation itself, outside every middleware, with a text that
     quotes the header; a value that is not UTF-8 (`Expect: \\x80`) makes building that text
-    raise, and the client gets a 500 (found by tests/test_fuzz_http.py)."""
+    raise, and the client gets a 500 (found by tests/test_fuzz_http.py). Every aiohttp server
+    we run gets this: `runtime.start_site` applies it, and so does the webhook."""
     handler = server.request_handler
-    if getattr(handler, "_refuses_unknown_expectations", False):
-        return
 
     async def checked(request: web.BaseRequest) -> web.StreamResponse:
         expect = request.headers.get(hdrs.EXPECT)
@@ -310,7 +309,6 @@ def refuse_unknown_expectations(server: web.Server) -> None:
             return web.Response(status=417, text="unsupported Expect header\n")
         return await handler(request)
 
-    checked._refuses_unknown_expectations = True  # type: ignore[attr-defined]
     server.request_handler = checked
 
 
@@ -335,7 +333,6 @@ class GuardedTCPSite(web.TCPSite):
         await web.BaseSite.start(self)  # registers the site; the listening part is ours
         server = self._runner.server
         assert server is not None
-        refuse_unknown_expectations(server)
         self._server = await asyncio.get_running_loop().create_server(
             self._guard.protocol_factory(server, self._reject),
             self._host,
@@ -368,7 +365,6 @@ class GuardedUnixSite(web.UnixSite):
         await web.BaseSite.start(self)
         server = self._runner.server
         assert server is not None
-        refuse_unknown_expectations(server)
         self._server = await asyncio.get_running_loop().create_unix_server(
             self._guard.protocol_factory(server, self._reject),
             self._path,

@@ -24,6 +24,7 @@ from metaproxy.connguard import (
     GuardedUnixSite,
     RejectResponse,
     canned_response,
+    refuse_unknown_expectations,
 )
 
 
@@ -80,6 +81,8 @@ async def start_site(
     """Listen on `address`; with a `guard`, every connection is counted and capped first and
     refused ones get `reject()` (a complete HTTP answer) before being closed."""
     scheme = "https" if ssl_context else "http"
+    assert runner.server is not None, "runner.setup() comes first"
+    refuse_unknown_expectations(runner.server)
     site: web.BaseSite
     if address.startswith("unix:"):
         path = address.removeprefix("unix:")

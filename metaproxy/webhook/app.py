@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from metaproxy.connguard import refuse_unknown_expectations
 from metaproxy.errors import BadRequest
 from metaproxy.httperrors import json_errors
 from metaproxy.webhook.patch import InjectionRefused, InjectionSettings, NotAPod, build_patch
@@ -145,6 +146,8 @@ async def serve(
 
     runner = web.AppRunner(build_app(settings), access_log=None)
     await runner.setup()
+    assert runner.server is not None
+    refuse_unknown_expectations(runner.server)
     site = web.TCPSite(runner, host, port, ssl_context=context)
     await site.start()
     stopping = asyncio.Event()
