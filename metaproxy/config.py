@@ -100,6 +100,17 @@ class BrokerConfig:
     region: str = "us-east-1"
     availability_zone: str = "us-east-1a"
     log_format: Literal["auto", "json", "text"] = "auto"
+    # The fleet (docs/fleet.md): where shared state lives. "memory" keeps it in this process
+    # (one broker); redis://, rediss://, redis+sentinel://, redis+cluster:// share it.
+    store: str = "memory"
+    store_key_file: Path | None = None  # AES-GCM keys sealing credentials in the store
+    store_timeout: float = 0.5  # seconds one store command may take before we fall back
+    state_dir: Path | None = None  # memory store: where revocations persist across restarts
+    revocation_max_staleness: float = 30.0  # refuse issuance when our view is older (seconds)
+    revocation_resync_seconds: float = 5.0  # full re-read of revocations, the push's backstop
+    heartbeat_seconds: float = 2.0  # replica registry beat; a replica is live for 3 beats
+    control_listen: str = ""  # the authenticated control API; empty: none
+    control_token_file: Path | None = None  # bearer token for the control API
 
 
 C = TypeVar("C", SidecarConfig, BrokerConfig)

@@ -1,0 +1,179 @@
+"""The store seam: everything that must hold for the whole broker fleet goes through it.
+
+A single broker (the default, and `make demo`) keeps it in process (`store/memory.py`); a fleet
+of replicas shares it through Valkey or Redis (`store/redis_store.py`). Nothing else in the
+broker knows which one is in use: it asks the `FleetStore` for its five parts, each a small
+protocol with one concern.
+
+- `RevocationStore`: durable revocations, pushed to every replica, with a full snapshot as the
+  backstop (the broker's `RevocationView` decides staleness from when a snapshot last worked).
+- `StsBudget`: the account's STS call budget, one for the fleet.
+- `TenantLimitStore`: a tenant's request rate and in-flight cap, the same with 1 or 12 replicas.
+- `SharedCache`: sealed credential sets and the cross-replica single-flight lease.
+- `ReplicaRegistry`: heartbeats (how many replicas are live) and each replica's latest audit
+  checkpoint, which the others witness.
+
+Every method may raise `StoreUnavailable`; callers fall back to what they hold (see
+docs/fleet.md for what each part does then).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from metaproxy.models import BrokerLimits
+
+
+class StoreUnavailable(Exception):
+    """The store did not answer (connection refused or reset, timeout, failover in progress).
+
+    Not a `MetaproxyError`: it never reaches a client. Each caller decides what falling back
+    means for its part (local budget share, local cache, stale revocation view)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """A revoked task of a tenant, or (task == "") the whole tenant."""
+
+    tenant: str
+    task: str
+    at: str  # ISO time of the revocation; the IAM deny cuts sessions issued before it
+    by: str = ""  # who asked (the control client's address) and through which replica
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.tenant, self.task)
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationEvent:
+    action: Literal["revoke", "lift"]
+    revocation: Revocation
+
+
+RevocationListener = Callable[[RevocationEvent], None]
+
+
+class RevocationStore(Protocol):
+    async def add(self, revocation: Revocation) -> None:
+        """Durable before it returns, then pushed to every replica (this one included)."""
+        ...
+
+    async def remove(self, tenant: str, task: str) -> Revocation | None:
+        """Lift a revocation; returns what was lifted (None: there was none)."""
+        ...
+
+    async def snapshot(self) -> list[Revocation]:
+        """Every revocation in force, read from the durable copy."""
+        ...
+
+    def subscribe(self, listener: RevocationListener) -> None:
+        """Call `listener` for every revoke and lift, from any replica, as they happen."""
+        ...
+
+
+class StsBudget(Protocol):
+    async def acquire(self) -> None:
+        """Return when one AssumeRole call may be sent (the caller sends right after)."""
+        ...
+
+    def stats(self) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The outcome of asking to start one request: admitted, or why not and for how long."""
+
+    admitted: bool
+    reason: str = ""  # "tenant-rate" | "identity-rate" | "in-flight"
+    retry_after: float = 0.0
+    ticket: str = ""  # hand back to `leave` when the request ends
+
+
+class TenantLimitStore(Protocol):
+    async def enter(self, tenant: str, subject: str, limits: BrokerLimits) -> Admission:
+        """Take one request of the tenant's and the identity's rate, and an in-flight slot."""
+        ...
+
+    async def leave(self, tenant: str, ticket: str) -> None: ...
+
+
+class SharedCache(Protocol):
+    """Sealed credential sets by key digest, and a lease so one replica fetches a key at once.
+
+    Values are opaque bytes here: `broker/shared_cache.py` seals them (AES-GCM) before they
+    reach the store, so a store dump holds no secret."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def put(self, key: str, value: bytes, ttl_seconds: float, owners: list[str]) -> None:
+        """Store `value` for `ttl_seconds`, indexed under each owner (tenant, tenant/task)."""
+        ...
+
+    async def drop_owner(self, owner: str) -> int:
+        """Delete every value indexed under `owner`; returns how many went."""
+        ...
+
+    async def claim(self, key: str, holder: str, ttl_seconds: float) -> bool:
+        """Take the single-flight lease on `key` unless another holder has it."""
+        ...
+
+    async def extend(self, key: str, holder: str, ttl_seconds: float) -> bool: ...
+
+    async def release(self, key: str, holder: str) -> None:
+        """Give the lease back and wake the replicas waiting on it."""
+        ...
+
+    async def wait(self, key: str, timeout: float) -> None:
+        """Return when the lease on `key` is released (or after `timeout`)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class WitnessedCheckpoint:
+    """What a replica publishes of its latest signed audit checkpoint, for others to witness."""
+
+    log_id: str
+    seq: int
+    head: str
+    digest: str  # sha256 of the checkpoint file's bytes
+    time: str
+
+
+class ReplicaRegistry(Protocol):
+    async def heartbeat(self, instance: str, ttl_seconds: float) -> list[str]:
+        """Mark `instance` live for `ttl_seconds`; returns the live replicas (it included)."""
+        ...
+
+    def last_seen_live(self) -> int:
+        """How many replicas were live at the last heartbeat that worked (at least 1)."""
+        ...
+
+    async def publish_checkpoint(self, instance: str, checkpoint: WitnessedCheckpoint) -> None: ...
+
+    async def checkpoints(self) -> dict[str, WitnessedCheckpoint]:
+        """The latest checkpoint each replica published, by instance."""
+        ...
+
+
+class FleetStore(Protocol):
+    kind: Literal["memory", "redis"]
+    revocations: RevocationStore
+    limits: TenantLimitStore
+    cache: SharedCache
+    replicas: ReplicaRegistry
+
+    def budget(self, calls_per_second: float) -> StsBudget:
+        """The STS budget shared by every replica on this store."""
+        ...
+
+    async def start(self) -> None:
+        """Connect (raises StoreUnavailable if the store cannot be reached at all)."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+Waiter = Callable[[], Awaitable[None]]
