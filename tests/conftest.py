@@ -17,6 +17,7 @@ import pytest
 import tests.support
 from metaproxy.broker.server import BrokerServer
 from metaproxy.sidecar.server import SidecarServer
+from metaproxy.testing.redis_server import RedisServer, find_server_binary
 from tests.support import REPO, Pki, broker_config, make_pki, sidecar_config, wait_ready
 
 # The broker (in this process) signs its STS calls to the local emulator with moto's fake
@@ -154,3 +155,25 @@ async def https(pki: Pki) -> AsyncIterator[aiohttp.ClientSession]:
     context = ssl.create_default_context(cafile=str(pki.ca))
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
         yield session
+
+
+def require_redis_server() -> str:
+    """The valkey-server or redis-server binary; a skip without one, but a failure in CI, which
+    installs redis-server (`make system-deps`) so the fleet's tests always run there."""
+    binary = find_server_binary()
+    if binary is not None:
+        return binary
+    reason = "neither valkey-server nor redis-server is on PATH (make system-deps installs it)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"store test cannot run in CI: {reason}")
+    print(f"skipping: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A started Valkey/Redis (AOF, everysec) with its files in tmp_path/redis; stopped after."""
+    server = RedisServer(tmp_path / "redis", binary=require_redis_server())
+    server.start()
+    yield server
+    server.stop()
