@@ -20,13 +20,15 @@ $(JS_STAMP): tests/js/package.json tests/js/package-lock.json
 demo: $(STAMP)
 	$(BIN)/metaproxy demo
 
-# System tools some tests use: iproute2 (network namespaces) and promtool (alert rule tests).
+# System tools some tests use: iproute2 (network namespaces), promtool from prometheus (alert
+# rule tests) and redis-server (the fleet's shared store; valkey-server serves as well).
 # Installed when we are root on Debian (CI is); otherwise those tests skip and say why.
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	    { ! command -v ip >/dev/null || ! command -v promtool >/dev/null; }; then \
+	    { ! command -v ip >/dev/null || ! command -v promtool >/dev/null || \
+	      { ! command -v valkey-server >/dev/null && ! command -v redis-server >/dev/null; }; }; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-		  --no-install-recommends iproute2 prometheus >/dev/null; \
+		  --no-install-recommends iproute2 prometheus redis-server >/dev/null; \
 	fi
 
 test: $(STAMP) $(JS_STAMP) system-deps
