@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sys
 from pathlib import Path
 
+from tests.conftest import require_redis_server
 from tests.support import REPO, clean_aws_env, run_command
+
+STATE_KEYS = {
+    "sts_endpoint",
+    "ca_file",
+    "control_token_file",
+    "store",
+    "broker",
+    "brokers",
+    "sidecars",
+    "audit_dir",
+    "policies_dir",
+}
+BROKER_KEYS = {"url", "admin_url", "control_url", "instance", "pid"}
 
 
 async def test_demo_once_runs_everything_and_writes_the_state_file(tmp_path: Path) -> None:
@@ -32,8 +47,13 @@ async def test_demo_once_runs_everything_and_writes_the_state_file(tmp_path: Pat
     assert "assumed-role/acme-app/acme.demo-acme-1" in out
     assert "assumed-role/globex-app/globex.demo-globex-1" in out
     state = json.loads(state_file.read_text())
-    assert set(state) == {"sts_endpoint", "broker", "sidecars", "audit_dir", "policies_dir"}
-    assert set(state["broker"]) == {"url", "admin_url", "pid"}
+    assert set(state) == STATE_KEYS
+    assert set(state["broker"]) == BROKER_KEYS
+    assert state["broker"]["instance"] == "demo-broker"
+    assert state["brokers"] == [state["broker"]]
+    assert state["store"] == {"url": "memory", "pid": None}
+    assert Path(state["ca_file"]).is_file()
+    assert Path(state["control_token_file"]).stat().st_mode & 0o777 == 0o600
     assert [s["tenant"] for s in state["sidecars"]] == ["acme", "globex"]
     for sidecar in state["sidecars"]:
         assert set(sidecar) == {
@@ -69,3 +89,36 @@ async def test_demo_runs_again_in_the_same_state_dir_and_its_audit_log_verifies(
         "--public-key", str(public_key), env=clean_aws_env(), timeout=60,
     )  # fmt: skip
     assert rc == 0, out + err
+
+
+async def test_demo_with_two_replicas_shares_a_redis_store_and_spreads_the_sidecars(
+    tmp_path: Path,
+) -> None:
+    """--replicas 2: a local Redis, two brokers on it, one sidecar each, every boto3 call works."""
+    require_redis_server()
+    state_file = tmp_path / "state.json"
+    rc, out, err = await run_command(
+        sys.executable, "-m", "metaproxy", "demo", "--once", "--replicas", "2",
+        "--policies-dir", str(REPO / "policies"), "--state-dir", str(tmp_path / "demo"),
+        "--state-file", str(state_file), env=clean_aws_env(), timeout=120,
+    )  # fmt: skip
+    assert rc == 0, err
+    assert "assumed-role/acme-app/acme.demo-acme-1 (broker demo-broker-1)" in out
+    assert "assumed-role/globex-app/globex.demo-globex-1 (broker demo-broker-2)" in out
+    state = json.loads(state_file.read_text())
+    assert set(state) == STATE_KEYS
+    assert state["store"]["url"].startswith("redis://127.0.0.1:")
+    assert isinstance(state["store"]["pid"], int)
+    assert [b["instance"] for b in state["brokers"]] == ["demo-broker-1", "demo-broker-2"]
+    assert all(set(b) == BROKER_KEYS for b in state["brokers"])
+    assert state["broker"] == state["brokers"][0]
+    assert len({b["pid"] for b in state["brokers"]}) == 2
+    assert [s["tenant"] for s in state["sidecars"]] == ["acme", "globex"]
+    for sidecar in state["sidecars"]:
+        assert sidecar["role_arn"].endswith(f":role/{sidecar['tenant']}-app")
+    keys = Path(state["control_token_file"]).parent
+    store_key = base64.b64decode((keys / "store.key").read_text().strip(), validate=True)
+    assert len(store_key) == 32
+    assert (keys / "store.key").stat().st_mode & 0o777 == 0o600
+    for instance in ("demo-broker-1", "demo-broker-2"):
+        assert list((Path(state["audit_dir"]) / instance).glob("segment-*.jsonl"))

@@ -19,7 +19,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--state-file", type=Path, help="write a JSON description of what runs")
     parser.add_argument("--once", action="store_true", help="exit after the check")
+    parser.add_argument(
+        "--replicas",
+        type=_replicas,
+        default=1,
+        metavar="N",
+        help="run N brokers sharing a local Valkey/Redis store, sidecars spread across them"
+        " (default 1: one broker, in-process store)",
+    )
     parser.set_defaults(func=_run)
+
+
+def _replicas(raw: str) -> int:
+    if not raw.isdigit() or int(raw) < 1:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number of at least 1")
+    return int(raw)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -30,4 +44,7 @@ def _run(args: argparse.Namespace) -> int:
     # Block SIGINT/SIGTERM so the demo waits for them with sigwait and still cleans up.
     if not args.once:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    return run_demo(DemoOptions(args.policies_dir, args.state_dir, args.state_file, args.once))
+    options = DemoOptions(
+        args.policies_dir, args.state_dir, args.state_file, args.once, args.replicas
+    )
+    return run_demo(options)

@@ -3,6 +3,8 @@ a sidecar on loopback — shared by the demo, the benchmarks and the tests."""
 
 from __future__ import annotations
 
+import base64
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,11 +60,51 @@ def make_local_keys(directory: Path) -> LocalKeys:
     )
 
 
+@dataclass(frozen=True)
+class FleetSecrets:
+    store_key_file: Path  # AES-GCM keys sealing credentials in the store, one base64 key a line
+    control_token_file: Path  # the control API's bearer token
+
+
+STORE_KEY_BYTES = 32  # AES-256-GCM
+CONTROL_TOKEN_BYTES = 32
+
+
+def make_fleet_secrets(directory: Path) -> FleetSecrets:
+    """The store key and the control token in `directory` (mode 0600), reused if present: the
+    store and the revocations in the same state directory outlive a run, and credentials sealed
+    under the old key would only be misses under a new one."""
+    from metaproxy.identity.keys import write_atomically
+
+    directory.mkdir(parents=True, exist_ok=True)
+    store_key = directory / "store.key"
+    if not store_key.exists():
+        key = base64.b64encode(secrets.token_bytes(STORE_KEY_BYTES)).decode("ascii")
+        write_atomically(store_key, f"{key}\n".encode("ascii"), 0o600)
+    control_token = directory / "control.token"
+    if not control_token.exists():
+        # No newline: it goes into an Authorization header as the file holds it.
+        token = secrets.token_urlsafe(CONTROL_TOKEN_BYTES)
+        write_atomically(control_token, token.encode("ascii"), 0o600)
+    return FleetSecrets(store_key_file=store_key, control_token_file=control_token)
+
+
 def broker_args(
-    keys: LocalKeys, *, policies_dir: Path, audit_dir: Path, sts_endpoint: str, instance: str
+    keys: LocalKeys,
+    *,
+    policies_dir: Path,
+    audit_dir: Path,
+    sts_endpoint: str,
+    instance: str,
+    fleet: FleetSecrets | None = None,
+    state_dir: Path | None = None,
+    store: str = "memory",
 ) -> list[str]:
-    """`metaproxy broker` on loopback ports chosen by the kernel, TLS, trusting `keys`."""
-    return [
+    """`metaproxy broker` on loopback ports chosen by the kernel, TLS, trusting `keys`.
+
+    With `fleet`, also the control API on a kernel-chosen loopback port; a `store` other than
+    "memory" is shared with the other replicas and sealed with the fleet's store key."""
+    args = [
         "broker",
         *("--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"),
         *("--tls-cert", str(keys.broker_cert), "--tls-key", str(keys.broker_key)),
@@ -71,6 +113,14 @@ def broker_args(
         *("--audit-key", str(keys.audit_key), "--sts-endpoint", sts_endpoint),
         *("--instance", instance, "--log-format", "json"),
     ]
+    if fleet is not None:
+        args += ["--control-listen", "127.0.0.1:0"]
+        args += ["--control-token-file", str(fleet.control_token_file)]
+        if store != "memory":
+            args += ["--store", store, "--store-key-file", str(fleet.store_key_file)]
+    if state_dir is not None:
+        args += ["--state-dir", str(state_dir)]
+    return args
 
 
 def sidecar_args(

@@ -20,7 +20,10 @@ from metaproxy.demo.local import (
     AUDIENCE,
     EMULATOR_CREDENTIALS,
     ISSUER,
+    FleetSecrets,
+    LocalKeys,
     broker_args,
+    make_fleet_secrets,
     make_local_keys,
     sidecar_args,
 )
@@ -33,6 +36,7 @@ class DemoOptions:
     state_dir: Path
     state_file: Path | None
     once: bool
+    replicas: int = 1  # 2 or more: a fleet of brokers sharing a local Valkey/Redis
 
 
 def _tenants(policies_dir: Path) -> list[str]:
@@ -80,6 +84,85 @@ def _role_arn(container_url: str, token_file: Path) -> str:
         return str(json.load(response)["RoleArn"])
 
 
+@dataclass(frozen=True)
+class Replica:
+    instance: str
+    child: Child
+
+
+@dataclass(frozen=True)
+class Store:
+    url: str  # "memory" for a single broker
+    pid: int | None
+
+
+def _start_store(options: DemoOptions, state_dir: Path, stack: ExitStack) -> Store:
+    """A single broker keeps its state in process; replicas share a Valkey/Redis under the state
+    dir. No password: like the STS emulator it listens on loopback only, for this demo."""
+    if options.replicas < 2:
+        return Store("memory", None)
+    from metaproxy.testing.redis_server import RedisServer
+
+    server = RedisServer(state_dir / "redis")
+    url = server.start()
+    stack.callback(server.stop)
+    print(f"store (redis)     {url}   (AOF in {server.directory})")
+    return Store(url, server.pid)
+
+
+def _start_brokers(
+    options: DemoOptions,
+    *,
+    keys: LocalKeys,
+    fleet: FleetSecrets,
+    store: Store,
+    sts_endpoint: str,
+    stack: ExitStack,
+) -> list[Replica]:
+    """One broker as always, or `replicas` of them, each with its own instance name, audit
+    chain and state dir (the audit chains are per replica; the store is what they share)."""
+    state_dir = options.state_dir.resolve()
+    single = options.replicas < 2
+    brokers = []
+    for i in range(1, options.replicas + 1):
+        instance = "demo-broker" if single else f"demo-broker-{i}"
+        name = "broker" if single else f"broker-{i}"
+        child = start_metaproxy(
+            name,
+            broker_args(
+                keys,
+                policies_dir=options.policies_dir.resolve(),
+                audit_dir=state_dir / "audit" if single else state_dir / "audit" / instance,
+                sts_endpoint=sts_endpoint,
+                instance=instance,
+                fleet=fleet,
+                state_dir=state_dir / ("state" if single else f"state-{i}"),
+                store=store.url,
+            ),
+            ready_file=state_dir / f"{name}.ready.json",
+            log_file=state_dir / "logs" / f"{name}.log",
+            env=EMULATOR_CREDENTIALS,
+        )
+        stack.callback(child.stop)
+        brokers.append(Replica(instance, child))
+        control = child.ready.get("control_url", "")
+        extra = f", control {control}" if control else ""
+        print(f"{name:<17} {child.ready['url']}  (admin {child.ready['admin_url']}{extra})")
+    return brokers
+
+
+def _describe_broker(broker: Replica) -> dict[str, Any]:
+    ready = broker.child.ready
+    return {
+        "url": ready["url"],
+        "admin_url": ready["admin_url"],
+        # The broker's ready file names its control API once the broker serves one.
+        "control_url": ready.get("control_url", ""),
+        "instance": broker.instance,
+        "pid": broker.child.process.pid,
+    }
+
+
 def run_demo(options: DemoOptions) -> int:
     from metaproxy.identity.issue import issue_token
     from metaproxy.testing.emulator import StsEmulator
@@ -90,29 +173,23 @@ def run_demo(options: DemoOptions) -> int:
     policies_dir = options.policies_dir.resolve()
     tenants = _tenants(policies_dir)
     keys = make_local_keys(state_dir / "keys")
+    fleet = make_fleet_secrets(state_dir / "keys")
     audit_dir = state_dir / "audit"
+    # The exit stack stops in reverse: sidecars, then brokers, then the store, then STS, so no
+    # process outlives what it depends on and no broker sees its store vanish while it serves.
     with ExitStack() as stack:
         emulator = StsEmulator(log_path=logs / "sts-emulator.log")
         sts_endpoint = emulator.start()
         stack.callback(emulator.stop)
         print(f"local STS (moto)  {sts_endpoint}")
-        broker = start_metaproxy(
-            "broker",
-            broker_args(
-                keys,
-                policies_dir=policies_dir,
-                audit_dir=audit_dir,
-                sts_endpoint=sts_endpoint,
-                instance="demo-broker",
-            ),
-            ready_file=state_dir / "broker.ready.json",
-            log_file=logs / "broker.log",
-            env=EMULATOR_CREDENTIALS,
+        store = _start_store(options, state_dir, stack)
+        brokers = _start_brokers(
+            options, keys=keys, fleet=fleet, store=store, sts_endpoint=sts_endpoint, stack=stack
         )
-        stack.callback(broker.stop)
-        print(f"broker            {broker.ready['url']}  (admin {broker.ready['admin_url']})")
-        sidecars: list[tuple[str, str, Child, Path]] = []
-        for tenant in tenants:
+        sidecars: list[tuple[str, str, Child, Path, str]] = []
+        for n, tenant in enumerate(tenants):
+            # Round-robin, as a Service in front of the replicas would spread new connections.
+            broker = brokers[n % len(brokers)]
             task = f"demo-{tenant}-1"
             identity_file = state_dir / "tasks" / task / "identity.jwt"
             identity_file.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +209,7 @@ def run_demo(options: DemoOptions) -> int:
                 f"sidecar {tenant}",
                 sidecar_args(
                     keys,
-                    broker_url=broker.ready["url"],
+                    broker_url=broker.child.ready["url"],
                     identity_file=identity_file,
                     authorization_file=auth_file,
                 ),
@@ -140,14 +217,15 @@ def run_demo(options: DemoOptions) -> int:
                 log_file=logs / f"sidecar-{tenant}.log",
             )
             stack.callback(sidecar.stop)
-            sidecars.append((tenant, task, sidecar, auth_file))
+            sidecars.append((tenant, task, sidecar, auth_file, broker.instance))
         described = []
-        for tenant, task, sidecar, auth_file in sidecars:
+        for tenant, task, sidecar, auth_file, instance in sidecars:
             wait_ready(sidecar.ready["admin_url"])
             imds_url = sidecar.ready["imds_urls"][0]
             container_url = sidecar.ready["container_urls"][0]
             identity = caller_identity_via(imds_url, sts_endpoint)
-            print(f"{tenant:<8} task {task:<16} boto3 via {imds_url} → {identity['Arn']}")
+            via = f" (broker {instance})" if len(brokers) > 1 else ""
+            print(f"{tenant:<8} task {task:<16} boto3 via {imds_url} → {identity['Arn']}{via}")
             described.append(
                 {
                     "tenant": tenant,
@@ -162,18 +240,21 @@ def run_demo(options: DemoOptions) -> int:
             )
         state = {
             "sts_endpoint": sts_endpoint,
-            "broker": {
-                "url": broker.ready["url"],
-                "admin_url": broker.ready["admin_url"],
-                "pid": broker.process.pid,
-            },
+            "ca_file": str(keys.ca),
+            "control_token_file": str(fleet.control_token_file),
+            "store": {"url": store.url, "pid": store.pid},
+            "broker": _describe_broker(brokers[0]),
+            "brokers": [_describe_broker(b) for b in brokers],
             "sidecars": described,
             "audit_dir": str(audit_dir),
             "policies_dir": str(policies_dir),
         }
         if options.state_file is not None:
             options.state_file.write_text(json.dumps(state, indent=2))
-        print(f"audit log         {audit_dir}   (metaproxy audit query {audit_dir})")
+        if len(brokers) > 1:
+            print(f"audit logs        {audit_dir}/demo-broker-*   (one chain per replica)")
+        else:
+            print(f"audit log         {audit_dir}   (metaproxy audit query {audit_dir})")
         if options.once:
             return 0
         print("serving; Ctrl-C to stop")
