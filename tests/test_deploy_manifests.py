@@ -14,6 +14,8 @@ from kubernetes_validate.utils import all_versions
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.30"
+# The example AWS account's AssumeRole budget (calls per second) the broker manifests assume.
+ACCOUNT_STS_BUDGET = 600.0
 
 
 def load_documents() -> list[tuple[str, dict[str, Any]]]:
@@ -74,6 +76,11 @@ def test_all_agreed_resources_are_present() -> None:
         ("Service", "metaproxy-webhook"),
         ("MutatingWebhookConfiguration", "metaproxy-injector"),
         ("Pod", "orders"),
+        ("StatefulSet", "metaproxy-valkey"),
+        ("Service", "metaproxy-valkey"),
+        ("NetworkPolicy", "metaproxy-valkey"),
+        ("Secret", "metaproxy-store"),
+        ("Secret", "metaproxy-broker-fleet"),
     }
     present = {(d["kind"], d["metadata"]["name"]) for _, d in DOCUMENTS}
     assert expected <= present
@@ -93,7 +100,7 @@ def test_broker_deployment_is_hardened_and_configured() -> None:
     assert broker["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert set(broker["resources"]) == {"requests", "limits"}
     ports = {p["name"]: p["containerPort"] for p in broker["ports"]}
-    assert ports == {"https": 8443, "metrics": 9902}
+    assert ports == {"https": 8443, "metrics": 9902, "control": 9443}
     assert broker["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
     assert broker["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
     env = {e["name"]: e.get("value") for e in broker["env"]}
@@ -115,6 +122,115 @@ def test_broker_deployment_is_hardened_and_configured() -> None:
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == "9902"
+
+
+def env_entry(workload: dict[str, Any], name: str) -> dict[str, Any]:
+    (entry,) = [e for e in container(workload)["env"] if e["name"] == name]
+    result: dict[str, Any] = entry
+    return result
+
+
+def volume_of(workload: dict[str, Any], path: str) -> dict[str, Any]:
+    """The pod volume mounted at the directory holding `path` (or at `path` itself)."""
+    mounts = {m["mountPath"]: m["name"] for m in container(workload)["volumeMounts"]}
+    name = mounts.get(path) or mounts[str(Path(path).parent)]
+    volumes = workload["spec"]["template"]["spec"]["volumes"]
+    (volume,) = [v for v in volumes if v["name"] == name]
+    return dict(volume)
+
+
+def test_broker_joins_the_fleet_through_secrets_and_volumes() -> None:
+    """Store URL from a Secret, key and token as Secret files, state on an emptyDir, control API."""
+    deployment = one("Deployment", "metaproxy-broker")
+    store = env_entry(deployment, "METAPROXY_STORE")
+    assert "value" not in store, "the store URL carries a password: never inline"
+    assert store["valueFrom"]["secretKeyRef"] == {"name": "metaproxy-store", "key": "url"}
+    secrets = {d["metadata"]["name"]: d for d in BY_KIND["Secret"]}
+    assert "url" in secrets["metaproxy-store"]["stringData"]
+    fleet = secrets["metaproxy-broker-fleet"]["stringData"]
+    for name, key in (
+        ("METAPROXY_STORE_KEY_FILE", "store.key"),
+        ("METAPROXY_CONTROL_TOKEN_FILE", "control.token"),
+    ):
+        path = env_entry(deployment, name)["value"]
+        assert Path(path).name == key and key in fleet
+        assert volume_of(deployment, path)["secret"]["secretName"] == "metaproxy-broker-fleet"
+    assert env_entry(deployment, "METAPROXY_CONTROL_LISTEN")["value"] == "0.0.0.0:9443"
+    state_dir = env_entry(deployment, "METAPROXY_STATE_DIR")["value"]
+    assert "emptyDir" in volume_of(deployment, state_dir)
+    service_ports = {
+        p["name"]: p["port"] for p in one("Service", "metaproxy-broker")["spec"]["ports"]
+    }
+    assert service_ports["control"] == 9443
+
+
+def test_broker_writes_only_to_its_volumes() -> None:
+    """Read-only root: every directory the broker writes (audit, state, /tmp) is an emptyDir."""
+    deployment = one("Deployment", "metaproxy-broker")
+    assert container(deployment)["securityContext"]["readOnlyRootFilesystem"] is True
+    for path in (
+        env_entry(deployment, "METAPROXY_AUDIT_DIR")["value"],
+        env_entry(deployment, "METAPROXY_STATE_DIR")["value"],
+        "/tmp",
+    ):
+        assert "emptyDir" in volume_of(deployment, path), path
+
+
+def test_sts_budget_is_the_accounts_whole_budget() -> None:
+    """One budget in the store for the fleet: not divided by the HPA's maxReplicas any more."""
+    deployment = one("Deployment", "metaproxy-broker")
+    budget = float(env_entry(deployment, "METAPROXY_STS_BUDGET_PER_SECOND")["value"])
+    max_replicas = one("HorizontalPodAutoscaler", "metaproxy-broker")["spec"]["maxReplicas"]
+    assert budget == ACCOUNT_STS_BUDGET
+    assert budget != ACCOUNT_STS_BUDGET / max_replicas
+
+
+def test_valkey_keeps_an_append_only_file_on_a_volume_behind_a_password() -> None:
+    """AOF fsynced each second, no RDB, no eviction, data on a PVC, password from a Secret."""
+    statefulset = one("StatefulSet", "metaproxy-valkey")
+    valkey = container(statefulset)
+    assert valkey["image"].startswith("valkey/valkey:8")
+    args = valkey["args"]
+    options = dict(zip(args[::2], args[1::2], strict=True))
+    assert options["--appendonly"] == "yes"
+    assert options["--appendfsync"] == "everysec"
+    assert options["--save"] == ""
+    assert options["--maxmemory-policy"] == "noeviction"
+    assert options["--requirepass"] == "$(VALKEY_PASSWORD)"
+    password = env_entry(statefulset, "VALKEY_PASSWORD")
+    assert password["valueFrom"]["secretKeyRef"] == {"name": "metaproxy-store", "key": "password"}
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    mounts = {m["mountPath"]: m["name"] for m in valkey["volumeMounts"]}
+    assert mounts[options["--dir"]] == claim["metadata"]["name"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    probe = " ".join(valkey["readinessProbe"]["exec"]["command"])
+    assert "valkey-cli" in probe and "ping" in probe and "PONG" in probe
+    assert statefulset["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert valkey["securityContext"]["readOnlyRootFilesystem"] is True
+    assert valkey["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert set(valkey["resources"]) == {"requests", "limits"}
+    service = one("Service", "metaproxy-valkey")["spec"]
+    assert service["clusterIP"] == "None"
+    assert statefulset["spec"]["serviceName"] == "metaproxy-valkey"
+
+
+def test_only_brokers_reach_valkey() -> None:
+    """The store admits broker pods on 6379 and nothing else, and reaches nothing."""
+    policy = one("NetworkPolicy", "metaproxy-valkey")["spec"]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    (rule,) = policy["ingress"]
+    assert rule["from"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "metaproxy-broker"}}}
+    ]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+    assert policy["egress"] == []
+
+
+def test_secret_templates_hold_placeholders_and_are_labelled_to_be_skipped() -> None:
+    """Applying the folder with -l '!metaproxy.io/template' never overwrites the real Secrets."""
+    for secret in BY_KIND["Secret"]:
+        assert secret["metadata"]["labels"]["metaproxy.io/template"] == "true"
+        assert all("REPLACE-ME" in value for value in secret["stringData"].values())
 
 
 def test_broker_env_names_are_config_fields() -> None:
@@ -140,14 +256,35 @@ def test_autoscaler_uses_cpu_and_queue_depth() -> None:
 
 
 def test_broker_network_policy_limits_ingress_ports() -> None:
-    """Only 8443 (sidecars) and 9902 (monitoring) are reachable; egress is DNS and 443."""
+    """8443 (sidecars), 9902 (monitoring), 9443 (operators); egress DNS, 443 and the store."""
     policy = one("NetworkPolicy", "metaproxy-broker")["spec"]
     ingress_ports = {p["port"] for rule in policy["ingress"] for p in rule["ports"]}
-    assert ingress_ports == {8443, 9902}
+    assert ingress_ports == {8443, 9902, 9443}
     egress_ports = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
-    assert egress_ports == {53, 443}
+    assert egress_ports == {53, 443, 6379}
     api_rule = next(r for r in policy["ingress"] if r["ports"][0]["port"] == 8443)
     assert api_rule["from"], "8443 must not be open to every pod"
+    store_rule = next(r for r in policy["egress"] if r["ports"][0]["port"] == 6379)
+    assert store_rule["to"] == [
+        {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "metaproxy-valkey"}}}
+    ]
+
+
+def test_control_port_is_open_to_operators_only() -> None:
+    """9443 admits labelled pods of the operators' namespace, never the monitoring namespace."""
+    policy = one("NetworkPolicy", "metaproxy-broker")["spec"]
+    monitoring = {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    for rule in policy["ingress"]:
+        ports = {p["port"] for p in rule["ports"]}
+        sources = rule["from"]
+        if monitoring in [s.get("namespaceSelector") for s in sources]:
+            assert ports == {9902}, "monitoring reaches the admin port and nothing else"
+        if 9443 in ports:
+            assert ports == {9443}
+            assert sources, "the control port must not be open to every pod"
+            for source in sources:
+                assert source.get("namespaceSelector") not in (None, {}, monitoring)
+                assert source.get("podSelector", {}).get("matchLabels")
 
 
 def test_webhook_configuration_is_safe() -> None:
