@@ -6,6 +6,11 @@ changes the head, a truncation loses the seq. The signed statement is exactly
 `{"log_id", "seq", "head", "time", "segment"}`, domain separated; the file also carries the
 signing key's id and the signature, both checked for their one canonical spelling so that no
 byte of a checkpoint file can change without verification noticing.
+
+In a fleet the statement also carries `witness`: the latest checkpoints of the *other*
+replicas, as `{log_id: {"seq", "head", "digest"}}` (digest: SHA-256 of that checkpoint file's
+bytes). Each replica's chain then vouches for the others', so a whole chain deleted from the
+shipped copy is noticed from the chains that remain (see `fleet.py`).
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -34,6 +40,18 @@ _KEY_ID_RE: Final = re.compile(r"^[0-9a-f]{16}$")
 
 
 @dataclass(frozen=True, slots=True)
+class Witness:
+    """Another replica's checkpoint as witnessed: its seq, head and the file's SHA-256."""
+
+    seq: int
+    head: str
+    digest: str
+
+    def as_dict(self) -> dict[str, object]:
+        return {"seq": self.seq, "head": self.head, "digest": self.digest}
+
+
+@dataclass(frozen=True, slots=True)
 class Checkpoint:
     log_id: str
     seq: int
@@ -42,15 +60,25 @@ class Checkpoint:
     segment: str
     key_id: str
     signature: str
+    witness: Mapping[str, Witness] = field(default_factory=dict)
 
     def statement(self) -> dict[str, object]:
-        return {
+        statement: dict[str, object] = {
             "log_id": self.log_id,
             "seq": self.seq,
             "head": self.head,
             "time": self.time,
             "segment": self.segment,
         }
+        # Present only when non-empty, under the same v1 domain: a checkpoint that witnesses
+        # nothing keeps exactly the bytes (and signature input) every existing log has, and
+        # canonical JSON is injective, so a signature over a statement with one witness set
+        # can never verify for another set, or for none.
+        if self.witness:
+            statement["witness"] = {
+                log_id: entry.as_dict() for log_id, entry in sorted(self.witness.items())
+            }
+        return statement
 
     def to_bytes(self) -> bytes:
         return canonical_json({**self.statement(), "key_id": self.key_id, "sig": self.signature})
@@ -69,18 +97,29 @@ def key_id(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+def file_digest(data: bytes) -> str:
+    """What a witness pins: the SHA-256 of a checkpoint file's exact bytes."""
+    return hashlib.sha256(data).hexdigest()
+
+
 def sign_checkpoint(
-    key: Ed25519PrivateKey, *, log_id: str, seq: int, head: str, time: str, segment: str
+    key: Ed25519PrivateKey,
+    *,
+    log_id: str,
+    seq: int,
+    head: str,
+    time: str,
+    segment: str,
+    witness: Mapping[str, Witness] | None = None,
 ) -> Checkpoint:
-    statement: dict[str, object] = {
-        "log_id": log_id,
-        "seq": seq,
-        "head": head,
-        "time": time,
-        "segment": segment,
-    }
-    signature = key.sign(signed_bytes(statement)).hex()
-    return Checkpoint(log_id, seq, head, time, segment, key_id(key.public_key()), signature)
+    witnessed = dict(witness or {})
+    if log_id in witnessed:
+        raise ValueError("a checkpoint cannot witness its own log")
+    unsigned = Checkpoint(log_id, seq, head, time, segment, "", "", witnessed)
+    signature = key.sign(signed_bytes(unsigned.statement())).hex()
+    return Checkpoint(
+        log_id, seq, head, time, segment, key_id(key.public_key()), signature, witnessed
+    )
 
 
 def parse_checkpoint(data: bytes) -> Checkpoint:
@@ -92,7 +131,7 @@ def parse_checkpoint(data: bytes) -> Checkpoint:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"not JSON: {exc}") from None
     expected_keys = {"log_id", "seq", "head", "time", "segment", "key_id", "sig"}
-    if not isinstance(raw, dict) or set(raw) != expected_keys:
+    if not isinstance(raw, dict) or set(raw) - {"witness"} != expected_keys:
         raise ValueError("not a checkpoint object")
     seq, log_id, time, segment = raw["seq"], raw["log_id"], raw["time"], raw["segment"]
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
@@ -107,10 +146,32 @@ def parse_checkpoint(data: bytes) -> Checkpoint:
         raise ValueError("bad key_id")
     if not isinstance(raw["sig"], str) or not _SIGNATURE_RE.match(raw["sig"]):
         raise ValueError("bad signature encoding")
-    checkpoint = Checkpoint(log_id, seq, raw["head"], time, segment, raw["key_id"], raw["sig"])
+    witness = _parse_witness(raw.get("witness", {}), log_id)
+    checkpoint = Checkpoint(
+        log_id, seq, raw["head"], time, segment, raw["key_id"], raw["sig"], witness
+    )
+    # Also refuses `"witness":{}`, which `to_bytes` never writes.
     if checkpoint.to_bytes() + b"\n" != data:
         raise ValueError("not in canonical form")
     return checkpoint
+
+
+def _parse_witness(raw: object, own_log_id: str) -> dict[str, Witness]:
+    if not isinstance(raw, dict):
+        raise ValueError("bad witness")
+    witness: dict[str, Witness] = {}
+    for log_id, entry in raw.items():
+        if not log_id or log_id == own_log_id:
+            raise ValueError("bad witness log_id")
+        if not isinstance(entry, dict) or set(entry) != {"seq", "head", "digest"}:
+            raise ValueError(f"bad witness entry for {log_id}")
+        seq = entry["seq"]
+        if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+            raise ValueError(f"bad witness seq for {log_id}")
+        if not is_hex_hash(entry["head"]) or not is_hex_hash(entry["digest"]):
+            raise ValueError(f"bad witness head or digest for {log_id}")
+        witness[log_id] = Witness(seq, entry["head"], entry["digest"])
+    return witness
 
 
 def signature_problem(checkpoint: Checkpoint, public_key: Ed25519PublicKey) -> str | None:

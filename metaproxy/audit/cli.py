@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     verify.add_argument("target", help="log directory or s3://bucket/prefix")
     verify.add_argument("--public-key", type=Path, help="PEM public key of the signing key")
     verify.add_argument("--anchor", type=Path, help="a checkpoint file kept outside the log")
+    _add_fleet_option(verify)
     _add_s3_options(verify)
     verify.set_defaults(func=_verify)
 
@@ -37,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     query.add_argument("--until", default="", help="ISO 8601")
     query.add_argument("--at", default="", help="credentials valid at this ISO 8601 time")
     query.add_argument("--json", action="store_true", help="one JSON record per line")
+    _add_fleet_option(query)
     _add_s3_options(query)
     query.set_defaults(func=_query)
 
@@ -45,6 +47,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     tail.add_argument("-n", "--lines", type=int, default=10)
     tail.add_argument("--follow", action="store_true", help="keep printing new records")
     tail.set_defaults(func=_tail)
+
+
+def _add_fleet_option(parser: argparse.ArgumentParser) -> None:
+    # Auto-detection reads a folder (or prefix) with no chain left in it as one empty chain,
+    # which passes; a check of a known fleet copy should say so and get "no replica chains".
+    parser.add_argument(
+        "--fleet",
+        action="store_true",
+        help="the target holds one chain per replica (<instance>/); detected when omitted",
+    )
 
 
 def _add_s3_options(parser: argparse.ArgumentParser) -> None:
@@ -70,28 +82,64 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from metaproxy.audit.verify import verify_dir, verify_s3
+    import tempfile
+
+    from metaproxy.audit.verify import download_s3
 
     target: str = args.target
     if target.startswith("s3://"):
         factory = s3_client_factory(args.s3_endpoint, args.region)
-        report = verify_s3(target, args.public_key, factory, anchor=args.anchor)
-    elif Path(target).is_dir():
-        report = verify_dir(Path(target), args.public_key, anchor=args.anchor)
+        with tempfile.TemporaryDirectory(prefix="metaproxy-audit-") as tmp:
+            copied = download_s3(target, factory, Path(tmp))
+            code = _verify_dir(args, Path(tmp), shipped=True)
+        if copied == 0 and code == 0:
+            print(f"FAILED: 1 problem(s); first bad: {target}\n  {target}: no audit objects found")
+            return 1
+        return code
+    if Path(target).is_dir():
+        return _verify_dir(args, Path(target), shipped=False)
+    print(f"metaproxy audit verify: {target} is not a directory", file=sys.stderr)
+    return 2
+
+
+def _verify_dir(args: argparse.Namespace, directory: Path, *, shipped: bool) -> int:
+    """Verify one chain or a fleet; a shipped copy may lack the segments still open."""
+    from metaproxy.audit.fleet import verify_fleet_dir
+    from metaproxy.audit.layout import is_fleet
+    from metaproxy.audit.verify import verify_dir
+
+    if args.fleet or is_fleet(directory):
+        fleet = verify_fleet_dir(
+            directory, args.public_key, anchor=args.anchor, unshipped_tail_ok=shipped
+        )
+        ok, problems, first_bad, notes = fleet.ok, fleet.problems, fleet.first_bad, fleet.notes
+        summary = (
+            f"OK: {len(fleet.replicas)} replicas, {fleet.records} records, "
+            f"{fleet.checkpoints} checkpoints ({'signed' if fleet.signed else 'unsigned'}), "
+            f"{fleet.witnessed} witness statements"
+        )
+        details = [
+            f"  {r.name}: last seq {r.report.last_seq}, head {r.report.head}"
+            for r in fleet.replicas
+        ]
     else:
-        print(f"metaproxy audit verify: {target} is not a directory", file=sys.stderr)
-        return 2
-    for note in report.notes:
-        print(f"note: {note}")
-    if report.ok:
-        print(
+        report = verify_dir(
+            directory, args.public_key, anchor=args.anchor, unshipped_tail_ok=shipped
+        )
+        ok, problems, first_bad, notes = report.ok, report.problems, report.first_bad, report.notes
+        summary = (
             f"OK: {report.records} records, {report.checkpoints} checkpoints "
             f"({'signed' if report.signed else 'unsigned'}), last seq {report.last_seq}, "
             f"head {report.head}"
         )
+        details = []
+    for note in notes:
+        print(f"note: {note}")
+    if ok:
+        print("\n".join([summary, *details]))
         return 0
-    print(f"FAILED: {len(report.problems)} problem(s); first bad: {report.first_bad}")
-    for problem in report.problems:
+    print(f"FAILED: {len(problems)} problem(s); first bad: {first_bad}")
+    for problem in problems:
         print(f"  {problem}")
     return 1
 
@@ -115,9 +163,10 @@ def _query(args: argparse.Namespace) -> int:
         return 2
     target: str = args.target
     if target.startswith("s3://"):
-        records = query_s3(target, where, s3_client_factory(args.s3_endpoint, args.region))
+        factory = s3_client_factory(args.s3_endpoint, args.region)
+        records = query_s3(target, where, factory, fleet=args.fleet or None)
     elif Path(target).is_dir():
-        records = query_dir(Path(target), where)
+        records = query_dir(Path(target), where, fleet=args.fleet or None)
     else:
         print(f"metaproxy audit query: {target} is not a directory", file=sys.stderr)
         return 2

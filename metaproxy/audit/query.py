@@ -3,6 +3,7 @@
 "Who had role X at 14:02?" is `--role X --at 14:02`: records whose credentials were valid
 then (issued at or before, expiring after). "Which task owned ASIA…?" is `--access-key-id`.
 Query reads records as stored; run `metaproxy audit verify` first to know they are genuine.
+A fleet's folder (or prefix) answers for every replica at once, merged in time order.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from metaproxy.audit import chain
+from metaproxy.audit.layout import chain_dirs, is_fleet
 
 TABLE_COLUMNS: Final = (
     "seq",
@@ -118,18 +120,41 @@ def iter_records(directory: Path) -> Iterator[dict[str, object]]:
                     yield record
 
 
-def query_dir(directory: Path, where: QueryFilter) -> list[dict[str, object]]:
-    return [record for record in iter_records(directory) if where.matches(record)]
+def query_dir(
+    directory: Path, where: QueryFilter, *, fleet: bool | None = None
+) -> list[dict[str, object]]:
+    """Matching records of one chain in chain order, or of a fleet in time order.
+
+    `fleet=None` tells the layouts apart (`layout.is_fleet`). In a fleet a record without an
+    `instance` gets its replica's folder name, so every answer says which broker decided.
+    """
+    if not (is_fleet(directory) if fleet is None else fleet):
+        return [record for record in iter_records(directory) if where.matches(record)]
+    found: list[tuple[datetime, str, int, dict[str, object]]] = []
+    for replica in chain_dirs(directory):
+        for record in iter_records(replica):
+            if where.matches(record):
+                record.setdefault("instance", replica.name)
+                seq = record.get("seq")
+                position = seq if isinstance(seq, int) else 0
+                when = _record_time(record, "time") or _UNDATED
+                found.append((when, replica.name, position, record))
+    # Ties broken by replica and seq: one replica's records keep their chain order.
+    found.sort(key=lambda item: item[:3])
+    return [record for *_, record in found]
+
+
+_UNDATED: Final = datetime.min.replace(tzinfo=UTC)
 
 
 def query_s3(
-    url: str, where: QueryFilter, client_factory: Callable[[], Any]
+    url: str, where: QueryFilter, client_factory: Callable[[], Any], *, fleet: bool | None = None
 ) -> list[dict[str, object]]:
     from metaproxy.audit.verify import download_s3
 
     with tempfile.TemporaryDirectory(prefix="metaproxy-audit-") as tmp:
         download_s3(url, client_factory, Path(tmp))
-        return query_dir(Path(tmp), where)
+        return query_dir(Path(tmp), where, fleet=fleet)
 
 
 def format_table(records: list[dict[str, object]]) -> str:

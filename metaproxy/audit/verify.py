@@ -8,11 +8,12 @@ record gives one problem, not a cascade.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -28,6 +29,8 @@ from metaproxy.audit.checkpoint import (
 )
 
 CHECKPOINT_DIR = "checkpoints"
+# A replica's folder in a fleet copy (`prefix/<instance>/`): a name, never a path.
+INSTANCE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass
@@ -41,6 +44,9 @@ class VerifyReport:
     last_seq: int = 0
     head: str = chain.ZERO_HASH
     notes: list[str] = field(default_factory=list)
+    # (file name, checkpoint) of every checkpoint file whose form and signature checked out:
+    # fleet verification reads their witness statements.
+    verified: list[tuple[str, Checkpoint]] = field(default_factory=list)
 
 
 @dataclass
@@ -192,6 +198,7 @@ def verify_log(
         last_seq=last_seq,
         head=verifier.prev_hash or "",
         notes=notes,
+        verified=[(name, checkpoint) for name, checkpoint in valid if name != "anchor"],
     )
 
 
@@ -262,26 +269,42 @@ def parse_s3_url(url: str) -> tuple[str, str]:
 
 
 def download_s3(url: str, client_factory: Callable[[], Any], into: Path) -> int:
-    """Copy segments and checkpoints under an s3:// prefix into `into`; returns objects copied."""
+    """Copy segments and checkpoints under an s3:// prefix into `into`; returns objects copied.
+
+    Both layouts come down as they are: one chain's files, or a fleet's `<instance>/` folders.
+    """
     bucket, prefix = parse_s3_url(url)
     client = client_factory()
     base = f"{prefix}/" if prefix else ""
-    (into / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
     copied = 0
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
         for item in page.get("Contents", []):
             relative = item["Key"][len(base) :]
-            parts = relative.split("/")
-            is_segment = len(parts) == 1 and chain.segment_first_seq(parts[0]) is not None
-            is_checkpoint = (
-                len(parts) == 2 and parts[0] == CHECKPOINT_DIR and CHECKPOINT_RE.match(parts[1])
-            )
             # Only names we produce are fetched: a key like "../x" can never leave `into`.
-            if is_segment or is_checkpoint or relative == LATEST_NAME:
+            if _is_log_file(relative) or _is_fleet_file(relative):
+                target = into / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
                 body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
-                (into / relative).write_bytes(body)
+                target.write_bytes(body)
                 copied += 1
     return copied
+
+
+def _is_log_file(relative: str) -> bool:
+    """A segment, checkpoint or latest-checkpoint.json, relative to one chain's folder."""
+    parts = relative.split("/")
+    if len(parts) == 1:
+        return chain.segment_first_seq(parts[0]) is not None or parts[0] == LATEST_NAME
+    return len(parts) == 2 and parts[0] == CHECKPOINT_DIR and bool(CHECKPOINT_RE.match(parts[1]))
+
+
+def _is_fleet_file(relative: str) -> bool:
+    instance, _, rest = relative.partition("/")
+    return (
+        instance != CHECKPOINT_DIR
+        and INSTANCE_RE.match(instance) is not None
+        and _is_log_file(rest)
+    )
 
 
 def verify_s3(
