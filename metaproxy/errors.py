@@ -38,6 +38,12 @@ class Denied(MetaproxyError):
     public_message = "denied by policy"
 
 
+class NotFound(MetaproxyError):
+    status = 404
+    code = "NotFound"
+    public_message = "not found"
+
+
 class TooManyRequests(MetaproxyError):
     status = 429
     code = "TooManyRequests"
@@ -68,6 +74,13 @@ class Overloaded(Unavailable):
 class StsUnavailable(Unavailable):
     code = "StsUnavailable"
     public_message = "credential service temporarily unavailable"
+
+
+class RevocationsStale(Unavailable):
+    """The replica cannot tell whether the task is revoked (the fleet store is unreachable)."""
+
+    code = "RevocationsStale"
+    public_message = "broker cannot confirm revocations right now, retry later"
 
 
 class AuditUnavailable(Unavailable):

@@ -1,10 +1,13 @@
-"""`metaproxy revoke --task ID | --tenant NAME --broker-admin URL`.
+"""`metaproxy revoke`: revoke, list and lift revocations through a broker's control API.
 
-The broker's admin API records the revocation (it survives restarts), drops the cached
-credentials and refuses further requests (403, audited `denied`). Credentials issued *before*
-the revocation stay valid at AWS until they expire, so this command also prints the IAM deny
-statement that cuts them off: attach it as an inline policy to the roles it lists. See
-docs/revocation.md.
+    metaproxy revoke --control-url URL --control-token-file FILE --broker-ca-file FILE \\
+        (--tenant T [--task ID] | --list | --lift --tenant T [--task ID])
+
+Any replica will do: the revocation is durable in the fleet's store and reaches every replica.
+Credentials issued *before* the revocation stay valid at AWS until they expire, so a revoke
+also prints the IAM deny statement that cuts them off (computed by the broker from the tenant's
+session templates, so it matches the tag values exactly as sessions carry them): attach it as
+an inline policy to the roles it lists. See docs/revocation.md.
 """
 
 from __future__ import annotations
@@ -12,82 +15,111 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
-# Session tags the sample policies set on every session (`[session] tags`); they become
-# principal tags of the assumed-role session, so IAM can tell tasks and tenants apart.
-TASK_TAG = "task"
-TENANT_TAG = "tenant"
-MAX_ANSWER_BYTES = 64 * 1024
+MAX_ANSWER_BYTES = 256 * 1024
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "revoke",
-        help="revoke a task's or a tenant's credentials and print the IAM deny that ends them",
+        help="revoke, list or lift revocations of tasks and tenants (through the control API)",
+        description="Revoke a task of a tenant, or a whole tenant, fleet-wide; list the "
+        "revocations in force; or lift one. Prints the IAM deny that ends sessions issued "
+        "before a revocation.",
     )
-    who = parser.add_mutually_exclusive_group(required=True)
-    who.add_argument("--task", help="the task id (the identity token's task)")
-    who.add_argument("--tenant", help="the tenant name (its policy file's stem)")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument(
+        "--list", action="store_true", help="print the revocations in force (audited)"
+    )
+    what.add_argument(
+        "--lift", action="store_true", help="take back the revocation of --tenant [--task]"
+    )
     parser.add_argument(
-        "--broker-admin",
+        "--tenant", help="the tenant (its policy file's `tenant`); required to revoke or lift"
+    )
+    parser.add_argument(
+        "--task",
+        help="the task id within --tenant (the identity's task); "
+        "without it the whole tenant is meant",
+    )
+    parser.add_argument(
+        "--control-url",
         required=True,
         metavar="URL",
-        help="the broker's admin address, e.g. http://127.0.0.1:9902",
+        help="a broker's control API, e.g. https://broker-control.metaproxy:9443",
     )
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
     parser.add_argument(
-        "--json", action="store_true", help="print one JSON object: the broker's answer + policy"
+        "--control-token-file",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="file holding the control API's bearer token",
+    )
+    parser.add_argument(
+        "--broker-ca-file",
+        type=Path,
+        metavar="FILE",
+        help="CA bundle that signed the broker's certificate (https URLs; default: system CAs)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)"
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print the broker's answer as one JSON object"
     )
     parser.set_defaults(func=_run)
 
 
-def deny_policy(kind: str, name: str, revoked_at: str) -> dict[str, Any]:
-    """An IAM policy denying everything to sessions of `kind`/`name` issued before `revoked_at`.
-
-    `aws:TokenIssueTime` is when STS issued the session's credentials: sessions issued later
-    (none will be, the broker refuses them) are not affected, and neither are other tasks or
-    tenants sharing the role, because the deny is scoped by the session's principal tag.
-    """
-    tag = TASK_TAG if kind == "task" else TENANT_TAG
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": f"MetaproxyRevoke{kind.title()}",
-                "Effect": "Deny",
-                "Action": "*",
-                "Resource": "*",
-                "Condition": {
-                    "DateLessThan": {"aws:TokenIssueTime": revoked_at},
-                    "StringEquals": {f"aws:PrincipalTag/{tag}": name},
-                },
-            }
-        ],
-    }
+class ControlError(Exception):
+    """One line for the operator: what failed and why."""
 
 
-def post_revoke(admin_url: str, kind: str, name: str, timeout: float) -> dict[str, Any]:
-    """POST /v1/revoke; raises OSError (unreachable) or ValueError (refused, bad answer)."""
+def call_control(
+    args: argparse.Namespace, method: str, path: str, body: dict[str, str] | None
+) -> dict[str, Any]:
+    import ssl
     import urllib.error
     import urllib.request
 
-    if not admin_url.startswith(("http://", "https://")):
-        raise ValueError(f"--broker-admin {admin_url!r} must be an http(s) URL")
+    url: str = args.control_url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ControlError(f"--control-url {url!r} must be an http(s) URL")
+    try:
+        token = args.control_token_file.read_text().strip()
+    except OSError as exc:
+        raise ControlError(
+            f"--control-token-file {args.control_token_file}: {exc.strerror}"
+        ) from None
+    context = None
+    if url.startswith("https://"):
+        try:
+            context = ssl.create_default_context(
+                cafile=str(args.broker_ca_file) if args.broker_ca_file else None
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ControlError(f"--broker-ca-file {args.broker_ca_file}: {exc}") from None
     request = urllib.request.Request(  # noqa: S310 - scheme checked above
-        admin_url.rstrip("/") + "/v1/revoke",
-        data=json.dumps({kind: name}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
+        url + path,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        method=method,
     )
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            body: Any = json.loads(response.read(MAX_ANSWER_BYTES))
+        with urllib.request.urlopen(  # noqa: S310
+            request, timeout=args.timeout, context=context
+        ) as response:
+            answer: Any = json.loads(response.read(MAX_ANSWER_BYTES))
     except urllib.error.HTTPError as exc:
-        raise ValueError(f"broker refused: HTTP {exc.code} {_message(exc.read(4096))}") from None
-    if not isinstance(body, dict) or not isinstance(body.get("revoked"), dict):
-        raise ValueError("broker answered without a revocation record")
-    return body
+        raise ControlError(f"broker refused: HTTP {exc.code} {_message(exc.read(4096))}") from None
+    except urllib.error.URLError as exc:
+        raise ControlError(f"cannot reach {url}: {exc.reason}") from None
+    except (OSError, ValueError) as exc:
+        raise ControlError(f"{url}: {exc}") from None
+    if not isinstance(answer, dict):
+        raise ControlError("broker answered with something other than a JSON object")
+    return answer
 
 
 def _message(raw: bytes) -> str:
@@ -97,41 +129,94 @@ def _message(raw: bytes) -> str:
         return ""
 
 
+def _check_names(args: argparse.Namespace) -> str | None:
+    if args.list:
+        if args.tenant is not None or args.task is not None:
+            return "--list takes no --tenant or --task"
+        return None
+    if not args.tenant:
+        return "--tenant is required (with --task for one task)"
+    for flag, value in (("--tenant", args.tenant), ("--task", args.task)):
+        if value is not None and (not value or len(value) > 256 or not value.isprintable()):
+            return f"{flag} must be 1-256 printable characters"
+    return None
+
+
 def _run(args: argparse.Namespace) -> int:
-    kind, name = ("task", args.task) if args.task is not None else ("tenant", args.tenant)
-    if not name or len(name) > 256 or not name.isprintable():
-        print(f"metaproxy revoke: --{kind} must be 1-256 printable characters", file=sys.stderr)
+    problem = _check_names(args)
+    if problem:
+        print(f"metaproxy revoke: {problem}", file=sys.stderr)
         return 2
+    body = (
+        None if args.list else {"tenant": args.tenant, **({"task": args.task} if args.task else {})}
+    )
     try:
-        answer = post_revoke(args.broker_admin, kind, name, args.timeout)
-    except (OSError, ValueError) as exc:
+        if args.list:
+            answer = call_control(args, "GET", "/v1/revocations", None)
+        elif args.lift:
+            answer = call_control(args, "POST", "/v1/revocations/lift", body)
+        else:
+            answer = call_control(args, "POST", "/v1/revocations", body)
+    except ControlError as exc:
         print(f"metaproxy revoke: {exc}", file=sys.stderr)
         return 1
-    revoked_at = str(answer["revoked"].get("at", ""))
-    roles = [str(role) for role in answer.get("roles", [])]
-    policy = deny_policy(kind, name, revoked_at)
+    try:
+        _print(args, answer)
+    except BrokenPipeError:
+        # `metaproxy revoke --list | head`: the reader went away; that is not our error.
+        sys.stderr.close()
+    return 0
+
+
+def _print(args: argparse.Namespace, answer: dict[str, Any]) -> None:
     if args.json:
-        print(json.dumps({**answer, "deny_policy": policy}, indent=2))
-        return 0
+        print(json.dumps(answer, indent=2))
+        return
+    if args.list:
+        entries = answer.get("revocations", [])
+        for entry in entries:
+            who = f"{entry['tenant']}/{entry['task']}" if entry.get("task") else entry["tenant"]
+            print(f"{who}\trevoked at {entry.get('at', '')}\tby {entry.get('by', '')}")
+        if not entries:
+            print("no revocations in force")
+        return
+    if args.lift:
+        lifted = answer.get("lifted", {})
+        print(f"lifted the revocation of {_who(args)} (revoked at {lifted.get('at', '')}).")
+        return
+    revoked = answer.get("revoked", {})
+    dropped = answer.get("dropped", {})
     print(
-        f"revoked {kind} {name} at {revoked_at}: the broker refuses it from now on "
-        f"({answer.get('dropped', 0)} cached credential sets dropped)."
+        f"revoked {_who(args)} at {revoked.get('at', '')}: every broker replica refuses it "
+        f"from now on (cached credential sets dropped: {dropped.get('shared', 0)} from the "
+        f"fleet's shared cache, {dropped.get('replica', 0)} on the replica asked)."
     )
+    policy = answer.get("deny_policy")
+    if policy is None:
+        print(
+            "\nNo session tag, SourceIdentity or session name of this tenant's policy names the "
+            "task alone,\nso no IAM deny can end only its sessions: they stay valid until they "
+            "expire."
+        )
+        return
     print(
         "\nSessions issued before that time stay valid at AWS until they expire. To end them,"
-        f"\nattach this inline policy to every role the {kind} could assume:\n"
+        "\nattach this inline policy (deny.json) to every role listed below:\n"
     )
     print(json.dumps(policy, indent=2))
-    if roles:
-        print("\nRoles it had or may assume:")
-        for arn in roles:
-            role_name = arn.rsplit("/", 1)[-1]
-            print(
-                f"  aws iam put-role-policy --role-name {role_name} "
-                f"--policy-name metaproxy-revoke-{kind}-{_safe(name)} "
-                "--policy-document file://deny.json"
-            )
-    return 0
+    kind = "task" if args.task else "tenant"
+    name = args.task or args.tenant
+    for arn in answer.get("roles", []):
+        role_name = str(arn).rsplit("/", 1)[-1]
+        print(
+            f"  aws iam put-role-policy --role-name {role_name} "
+            f"--policy-name metaproxy-revoke-{kind}-{_safe(name)} "
+            "--policy-document file://deny.json"
+        )
+
+
+def _who(args: argparse.Namespace) -> str:
+    return f"task {args.task} of tenant {args.tenant}" if args.task else f"tenant {args.tenant}"
 
 
 def _safe(name: str) -> str:

@@ -26,6 +26,16 @@ def make_pki(directory: Path) -> Pki:
     return make_local_keys(directory)
 
 
+CONTROL_TOKEN = "test-control-token-0123456789abcdef"  # noqa: S105 - a test's own token
+
+
+def control_token_file(tmp: Path) -> Path:
+    path = tmp / "control.token"
+    if not path.exists():
+        path.write_text(CONTROL_TOKEN + "\n")
+    return path
+
+
 def broker_config(
     tmp: Path, pki: Pki, sts_url: str, policies_dir: Path, **overrides: Any
 ) -> BrokerConfig:
@@ -43,6 +53,9 @@ def broker_config(
         sts_endpoint=sts_url,
         instance="test-broker",
         drain_seconds=2.0,
+        control_listen="127.0.0.1:0",
+        control_token_file=control_token_file(tmp),
+        state_dir=tmp / "state",
     )
     return replace(config, **overrides)
 

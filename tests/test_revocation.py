@@ -1,8 +1,10 @@
-"""Revoking a task or a tenant: the broker refuses it, sidecars drop it, IAM cuts old sessions."""
+"""Revoking a task or a tenant through the control API: the broker refuses it, sidecars drop
+it, IAM cuts old sessions; listing and lifting are audited like a revoke."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -11,30 +13,32 @@ from pathlib import Path
 
 import aiohttp
 
-from metaproxy import cli
 from metaproxy.broker.server import BrokerServer
-from metaproxy.revoke_cli import deny_policy
+from metaproxy.policy.load import load_policy_dir
+from metaproxy.policy.revoke_deny import deny_policy
 from metaproxy.sidecar.server import SidecarServer
 from tests.conftest import SidecarFactory
-from tests.support import Pki, audit_records, broker_config, issue, run_command
-
-# Until `metaproxy.revoke_cli` is in cli.COMMAND_MODULES, run it through the same register().
-_REVOKE_MAIN = (
-    "import argparse, sys\n"
-    "from metaproxy import revoke_cli\n"
-    "parser = argparse.ArgumentParser(prog='metaproxy')\n"
-    "revoke_cli.register(parser.add_subparsers(required=True))\n"
-    "args = parser.parse_args(sys.argv[1:])\n"
-    "sys.exit(args.func(args))\n"
+from tests.support import (
+    CONTROL_TOKEN,
+    Pki,
+    audit_records,
+    broker_config,
+    control_token_file,
+    issue,
+    run_command,
 )
 
 
-async def revoke(*argv: str) -> tuple[int, str, str]:
-    """`metaproxy revoke ARGV...` in its own process, as an operator would run it."""
-    if "metaproxy.revoke_cli" in cli.COMMAND_MODULES:
-        command = [sys.executable, "-m", "metaproxy", "revoke", *argv]
-    else:
-        command = [sys.executable, "-c", _REVOKE_MAIN, "revoke", *argv]
+async def revoke(broker: BrokerServer, pki: Pki, *argv: str) -> tuple[int, str, str]:
+    """`metaproxy revoke ARGV...` against the broker's control API, in its own process."""
+    token_file = broker.services.config.control_token_file
+    assert token_file is not None
+    command = [
+        sys.executable,
+        *("-m", "metaproxy", "revoke", "--control-url", broker.control_url),
+        *("--control-token-file", str(token_file), "--broker-ca-file", str(pki.ca)),
+        *argv,
+    ]
     return await run_command(*command, env=dict(os.environ), timeout=30)
 
 
@@ -60,18 +64,18 @@ async def test_revoked_task_is_cut_off_within_the_check_interval(
     https: aiohttp.ClientSession,
     pki: Pki,
 ) -> None:
-    """After `revoke --task`, its sidecar answers 503 within the 1 s check; others keep serving."""
+    """After `revoke --tenant --task`, its sidecar answers 503 within the 1 s check."""
     revoked = await start_sidecar("acme", "rev-task", revocation_check_seconds=1.0)
     bystander = await start_sidecar("acme", "rev-bystander", revocation_check_seconds=1.0)
     assert (await container_status(revoked), await container_status(bystander)) == (200, 200)
 
-    rc, out, err = await revoke("--task", "rev-task", "--broker-admin", broker.admin_url)
+    rc, out, err = await revoke(broker, pki, "--tenant", "acme", "--task", "rev-task")
     assert rc == 0, err
     revoked_at = time.monotonic()
     assert '"aws:PrincipalTag/task": "rev-task"' in out
     assert '"aws:TokenIssueTime"' in out and '"Effect": "Deny"' in out
     assert "--role-name acme-app" in out
-    assert "1 cached credential sets dropped" in out
+    assert "dropped: 1 from the fleet's shared cache, 1 on the replica asked" in out
 
     while await container_status(revoked) != 503:
         # Bound: one check interval (1 s) plus a broker round trip.
@@ -88,6 +92,50 @@ async def test_revoked_task_is_cut_off_within_the_check_interval(
     assert denied and all(r["status"] == 403 and "revoked" in r["reason"] for r in denied)
 
 
+async def test_a_task_revocation_spares_the_same_task_name_in_another_tenant(
+    broker: BrokerServer, https: aiohttp.ClientSession, pki: Pki
+) -> None:
+    """Revocations are keyed by (tenant, task): globex's `shared-name` keeps working."""
+    rc, _, err = await revoke(broker, pki, "--tenant", "acme", "--task", "shared-name")
+    assert rc == 0, err
+    assert await ask(https, broker, issue(pki, "shared-name", "acme")) == 403
+    assert await ask(https, broker, issue(pki, "shared-name", "globex")) == 200
+
+
+async def test_list_and_lift_are_audited_and_lift_restores_the_task(
+    broker: BrokerServer, https: aiohttp.ClientSession, pki: Pki
+) -> None:
+    """`--list` shows the revocation, `--lift` takes it back; each step is one audit record."""
+    assert (await revoke(broker, pki, "--tenant", "globex", "--task", "lift-me"))[0] == 0
+    rc, out, err = await revoke(broker, pki, "--list")
+    assert rc == 0, err
+    assert "globex/lift-me" in out
+    assert await ask(https, broker, issue(pki, "lift-me", "globex")) == 403
+
+    rc, out, err = await revoke(broker, pki, "--lift", "--tenant", "globex", "--task", "lift-me")
+    assert rc == 0, err
+    assert "lifted the revocation of task lift-me of tenant globex" in out
+    assert await ask(https, broker, issue(pki, "lift-me", "globex")) == 200
+    rc, _, err = await revoke(broker, pki, "--lift", "--tenant", "globex", "--task", "lift-me")
+    assert rc == 1 and "404" in err  # nothing left to lift
+
+    events = [
+        r["event"]
+        for r in audit_records(broker.services.config.audit_dir)
+        if r["event"] in ("revoked", "listed", "lifted")
+    ]
+    assert events == ["revoked", "listed", "lifted"]
+
+
+async def test_unknown_tenant_is_an_error_not_a_silent_success(
+    broker: BrokerServer, pki: Pki
+) -> None:
+    """A tenant no policy knows is refused (404) and nothing is recorded."""
+    rc, _, err = await revoke(broker, pki, "--tenant", "acmee", "--task", "t1")
+    assert rc == 1 and "unknown tenant" in err
+    assert broker.services.revocations.entries() == []
+
+
 async def test_tenant_revocation_drops_only_its_cache_and_survives_a_restart(
     tmp_path: Path,
     pki: Pki,
@@ -96,22 +144,24 @@ async def test_tenant_revocation_drops_only_its_cache_and_survives_a_restart(
     https: aiohttp.ClientSession,
     record_secrets: Callable[[BrokerServer], None],
 ) -> None:
-    """Revoking a tenant drops its cached sets only, and a restarted broker still refuses it."""
+    """Revoking a tenant drops its cached sets only, and a restarted broker (same --state-dir)
+    still refuses it."""
     config = broker_config(tmp_path, pki, sts_url, policies_dir)
     broker = await BrokerServer.start(config)
     assert await ask(https, broker, issue(pki, "rt-acme", "acme")) == 200
     assert await ask(https, broker, issue(pki, "rt-globex", "globex")) == 200
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(broker.admin_url + "/v1/revoke", json={"tenant": "globex"}) as answer,
-    ):
+    headers = {"Authorization": f"Bearer {CONTROL_TOKEN}"}
+    async with https.post(
+        broker.control_url + "/v1/revocations", json={"tenant": "globex"}, headers=headers
+    ) as answer:
         assert answer.status == 200
         body = await answer.json()
-    assert body["dropped"] == 1
+    assert body["dropped"] == {"replica": 1, "shared": 1}
     assert body["roles"] == ["arn:aws:iam::222222222222:role/globex-app"]
     assert len(broker.services.issuer.cache) == 1  # acme's set is still cached
     record_secrets(broker)
     await broker.stop()
+    assert (tmp_path / "state" / "revocations.json").exists()
 
     broker = await BrokerServer.start(config)
     try:
@@ -122,29 +172,87 @@ async def test_tenant_revocation_drops_only_its_cache_and_survives_a_restart(
         await broker.stop()
 
 
-async def test_revoke_admin_api_validates_its_input(broker: BrokerServer) -> None:
-    """Anything but {"task": ID} or {"tenant": NAME} is a 400 and revokes nothing."""
-    async with aiohttp.ClientSession() as session:
-        for body in ({"task": ""}, {"task": None}, {"task": "a", "tenant": "b"}, ["task"], {}):
-            async with session.post(broker.admin_url + "/v1/revoke", json=body) as answer:
-                assert answer.status == 400, body
+async def test_control_api_needs_its_token_and_audits_refusals(
+    broker: BrokerServer, https: aiohttp.ClientSession
+) -> None:
+    """No token or a wrong one: 401, audited, nothing revoked."""
+    url = broker.control_url + "/v1/revocations"
+    for headers in ({}, {"Authorization": "Bearer wrong-token-wrong-token"}):
+        async with https.post(url, json={"tenant": "acme"}, headers=headers) as answer:
+            assert answer.status == 401
+            assert (await answer.json())["code"] == "Unauthenticated"
+    assert broker.services.revocations.entries() == []
+    refusals = [
+        r
+        for r in audit_records(broker.services.config.audit_dir)
+        if r.get("rule") == "control-authentication"
+    ]
+    assert [r["status"] for r in refusals] == [401, 401]
+    assert CONTROL_TOKEN not in json.dumps(refusals)
+
+
+async def test_control_api_validates_its_input(
+    broker: BrokerServer, https: aiohttp.ClientSession
+) -> None:
+    """Anything but {"tenant"} or {"tenant", "task"} is a 400 and revokes nothing."""
+    headers = {"Authorization": f"Bearer {CONTROL_TOKEN}"}
+    bodies: list[object] = [
+        {"task": "a"},
+        {"tenant": ""},
+        {"tenant": None},
+        {"tenant": "acme", "task": ""},
+        {"tenant": "acme", "other": 1},
+        ["tenant"],
+        {},
+    ]
+    for body in bodies:
+        async with https.post(
+            broker.control_url + "/v1/revocations", json=body, headers=headers
+        ) as answer:
+            assert answer.status == 400, body
     assert broker.services.revocations.entries() == []
 
 
-async def test_revoke_cli_reports_errors() -> None:
-    """A bad name exits 2; an unreachable broker exits 1 with a message, not a traceback."""
-    rc, _, err = await revoke("--task", "bad\nname", "--broker-admin", "http://127.0.0.1:9")
+async def test_admin_port_changes_nothing(broker: BrokerServer) -> None:
+    """The old admin revoke route is gone: the admin port only reads."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(broker.admin_url + "/v1/revoke", json={"tenant": "acme"}) as answer,
+    ):
+        assert answer.status in (404, 405)
+    assert broker.services.revocations.entries() == []
+
+
+async def test_revoke_cli_reports_errors(tmp_path: Path) -> None:
+    """A bad name exits 2; an unreachable broker exits 1 with one line, not a traceback."""
+    token = control_token_file(tmp_path)
+    base = [sys.executable, "-m", "metaproxy", "revoke", "--control-token-file", str(token)]
+    url = ["--control-url", "http://127.0.0.1:9"]
+    env = dict(os.environ)
+    rc, _, err = await run_command(*base, *url, "--tenant", "acme", "--task", "bad\nname", env=env)
     assert rc == 2 and "printable" in err
-    rc, _, err = await revoke("--tenant", "acme", "--broker-admin", "http://127.0.0.1:9")
-    assert rc == 1 and "Traceback" not in err and "refused" in err.lower()
+    rc, _, err = await run_command(*base, *url, "--task", "t", env=env)
+    assert rc == 2 and "--tenant is required" in err
+    rc, _, err = await run_command(*base, *url, "--tenant", "acme", env=env)
+    assert rc == 1 and "Traceback" not in err and "cannot reach" in err
 
 
-def test_deny_policy_scopes_by_issue_time_and_principal_tag() -> None:
-    """The printed deny covers sessions issued before the revocation, for that tenant only."""
-    statement = deny_policy("tenant", "acme", "2026-03-04T14:02:03Z")["Statement"][0]
+def test_deny_policy_matches_the_session_tag_as_the_broker_sets_it() -> None:
+    """`batch#42` is tagged `batch-42` on its sessions, so the deny names `batch-42`."""
+    from tests.support import REPO
+
+    acme = load_policy_dir(REPO / "policies").tenants["acme"]
+    policy = deny_policy(acme, "batch#42", "2026-03-04T14:02:03Z")
+    assert policy is not None
+    statement = policy["Statement"][0]
     assert statement["Effect"] == "Deny"
     assert (statement["Action"], statement["Resource"]) == ("*", "*")
     assert statement["Condition"] == {
         "DateLessThan": {"aws:TokenIssueTime": "2026-03-04T14:02:03Z"},
-        "StringEquals": {"aws:PrincipalTag/tenant": "acme"},
+        "StringEquals": {"aws:PrincipalTag/task": "batch-42"},
+    }
+    tenant_wide = deny_policy(acme, "", "2026-03-04T14:02:03Z")
+    assert tenant_wide is not None
+    assert tenant_wide["Statement"][0]["Condition"]["StringEquals"] == {
+        "aws:PrincipalTag/tenant": "acme"
     }

@@ -10,7 +10,16 @@ from __future__ import annotations
 import re
 from typing import Final
 
-EVENTS: Final = ("issued", "refreshed", "denied", "throttled", "failed", "revoked")
+EVENTS: Final = (
+    "issued",
+    "refreshed",
+    "denied",
+    "throttled",
+    "failed",
+    "revoked",
+    "lifted",  # a revocation taken back through the control API
+    "listed",  # the revocations read through the control API
+)
 
 MAX_FIELD_CHARS: Final = 2048
 REDACTED: Final = "[redacted]"

@@ -11,23 +11,27 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from aiohttp import web
 
-from metaproxy.audit.record import make_record
 from metaproxy.audit.ship import S3Shipper
 from metaproxy.audit.writer import AuditLog
 from metaproxy.broker import instrument
 from metaproxy.broker.cache import CredentialCache
+from metaproxy.broker.fleet import ReplicaHeartbeat
 from metaproxy.broker.issuer import CredentialRequest, Issuer, RequestContext
 from metaproxy.broker.limits import TenantLimiter
-from metaproxy.broker.revocation import RevocationList
+from metaproxy.broker.revocation import RevocationView
 from metaproxy.broker.scheduler import FairScheduler, StsScheduler
+from metaproxy.broker.shared_cache import SharedCredentials
+from metaproxy.broker.store import FleetStore, open_store
+from metaproxy.broker.store.base import Revocation
+from metaproxy.broker.store.sealing import KEY_BYTES, Sealer
 from metaproxy.broker.sts import AsyncSts, StsClient
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import BrokerConfig
@@ -51,7 +55,9 @@ class BrokerServices:
     audit: AuditLog
     sts: StsClient
     scheduler: StsScheduler
-    revocations: RevocationList
+    store: FleetStore
+    revocations: RevocationView
+    heartbeat: ReplicaHeartbeat
     scrape: instrument.ScrapeState
     shipper: S3Shipper | None = None
     draining: bool = False
@@ -97,16 +103,36 @@ def create_services(
             max_connections=config.workers_max,
         )
     )
-    scheduler = scheduler or FairScheduler.from_config(config, sts, clock)
-    revocations = RevocationList(config.audit_dir.parent / "revocations.json", clock)
+    store = open_store(config.store, state_dir=config.state_dir, timeout=config.store_timeout)
+    scheduler = scheduler or FairScheduler.from_config(
+        config, sts, clock, budget=store.budget(config.sts_budget_per_second)
+    )
+
+    def drop_cached(entry: Revocation) -> None:
+        issuer.forget(entry.tenant, entry.task)
+
+    revocations = RevocationView(
+        store.revocations,
+        clock,
+        max_staleness=config.revocation_max_staleness,
+        resync_seconds=config.revocation_resync_seconds,
+        on_revoked=drop_cached,
+    )
     issuer = Issuer(
         verifier=verifier,
         policies=policies,
         cache=CredentialCache(clock, refresh_fraction=config.cache_refresh_fraction),
         scheduler=scheduler,
         audit=audit,
-        limiter=TenantLimiter(),
+        limiter=TenantLimiter(store.limits),
         revocations=revocations,
+        shared=SharedCredentials(
+            store.cache,
+            store_sealer(config),
+            clock,
+            holder=f"{config.instance}/{os.getpid()}",
+            refresh_fraction=config.cache_refresh_fraction,
+        ),
         clock=clock,
         instance=config.instance,
         region=config.region,
@@ -121,10 +147,24 @@ def create_services(
         audit,
         sts,
         scheduler,
+        store,
         revocations,
+        ReplicaHeartbeat(store.replicas, config.instance, config.heartbeat_seconds),
         scrape=instrument.ScrapeState(scheduler.stats),
         shipper=shipper,
     )
+
+
+def store_sealer(config: BrokerConfig) -> Sealer:
+    """The key credentials are sealed with in the store. A shared store needs the key file
+    (every replica must open what another sealed); in memory a key made now is enough."""
+    if config.store_key_file is not None:
+        return Sealer.from_file(config.store_key_file)
+    if config.store != "memory":
+        from metaproxy.errors import ConfigError
+
+        raise ConfigError("store_key_file: required with a shared store (--store redis://…)")
+    return Sealer([os.urandom(KEY_BYTES)])
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -194,6 +234,21 @@ async def _backfill(shipper: S3Shipper, directory: Path) -> None:
 
 async def _lifetimes(app: web.Application) -> AsyncIterator[None]:
     services = app[SERVICES]
+    # The store first: revocations load from it before anything is served (/readyz waits).
+    await services.store.start()
+    await services.revocations.start()
+    await services.heartbeat.start()
+    try:
+        async with _audit_and_policies(services):
+            yield
+    finally:
+        await services.heartbeat.aclose()
+        await services.revocations.aclose()
+        await services.store.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _audit_and_policies(services: BrokerServices) -> AsyncIterator[None]:
     shipper = services.shipper
     if shipper is not None:
         await shipper.start()
@@ -232,6 +287,9 @@ async def readyz(request: web.Request) -> web.Response:
     services = request.app[SERVICES]
     if services.draining:
         return web.Response(status=503, text="draining")
+    if not services.revocations.loaded:
+        # A replica that never read the revocations cannot tell a revoked task from another.
+        return web.Response(status=503, text="revocations not loaded (store unreachable)")
     return web.Response(text="ready")
 
 
@@ -241,52 +299,12 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-async def post_revoke(request: web.Request) -> web.Response:
-    """Admin only (the admin address is not exposed to tasks): revoke a task or a tenant."""
-    services = request.app[SERVICES]
-    try:
-        body: Any = await request.json()
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[…
-        raise BadRequest(public_message="body is not valid JSON") from None
-    if not isinstance(body, dict) or len(body) != 1 or next(iter(body)) not in ("task", "tenant"):
-        raise BadRequest(public_message='body must be {"task": ID} or {"tenant": NAME}')
-    kind, name = next(iter(body.items()))
-    if not isinstance(name, str) or not 0 < len(name) <= 256:
-        raise BadRequest(public_message=f"{kind} must be a non-empty string")
-    entry = services.revocations.revoke(kind, name)
-    dropped, roles = services.issuer.forget(kind, name)
-    if kind == "tenant":
-        tenant_policy = services.policies.current.tenants.get(name)
-        if tenant_policy is not None:
-            roles = sorted({*roles, *(role.arn for role in tenant_policy.roles)})
-    await services.audit.append(
-        make_record(
-            "revoked",
-            request_id=request_id_var.get(),
-            task=name if kind == "task" else "",
-            tenant=name if kind == "tenant" else "",
-            reason=f"{kind} revoked by operator; {dropped} cached sets dropped",
-            peer=request.remote or "",
-            instance=services.config.instance,
-            status=200,
-        )
-    )
-    return web.json_response(
-        {
-            "revoked": {"kind": kind, "name": name, "at": entry.at},
-            "dropped": dropped,
-            "roles": roles,
-        }
-    )
-
-
 def build_admin_app(services: BrokerServices) -> web.Application:
     app = web.Application(middlewares=[json_errors], client_max_size=4096)
     app[SERVICES] = services
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
-    app.router.add_post("/v1/revoke", post_revoke)
     return app
 
 

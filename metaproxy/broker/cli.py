@@ -29,7 +29,14 @@ async def _serve(config: BrokerConfig, ready_file: Path | None) -> int:
     lifecycle.install(on_reload=server.services.policies.reload)
     if ready_file is not None:
         write_ready_file(
-            ready_file, {"url": server.url, "admin_url": server.admin_url, "pid": os.getpid()}
+            ready_file,
+            {
+                "url": server.url,
+                "admin_url": server.admin_url,
+                "control_url": server.control_url,
+                "instance": config.instance,
+                "pid": os.getpid(),
+            },
         )
     await lifecycle.wait()
     log.info("draining (at most %.0fs)", config.drain_seconds)

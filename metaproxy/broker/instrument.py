@@ -43,6 +43,7 @@ REJECTION_REASONS: Mapping[str, str] = {
     "TooManyRequests": "rate_limited",
     "Overloaded": "overloaded",
     "AuditUnavailable": "audit_unavailable",
+    "RevocationsStale": "revocations_stale",
 }
 
 # Where the issuer found the credentials of this request: "cache" | "stale" | "sts" | "coalesced".

@@ -22,10 +22,18 @@ from metaproxy.broker.cache import CredentialCache, Key
 from metaproxy.broker.instrument import note_source
 from metaproxy.broker.limits import TenantLimiter
 from metaproxy.broker.metadata import build_metadata
-from metaproxy.broker.revocation import RevocationList
+from metaproxy.broker.revocation import RevocationView
 from metaproxy.broker.scheduler import Priority, StsScheduler
+from metaproxy.broker.shared_cache import SharedCredentials, owner_names
 from metaproxy.clock import Clock, iso_z
-from metaproxy.errors import BadRequest, Denied, MetaproxyError, TooManyRequests, Unauthenticated
+from metaproxy.errors import (
+    BadRequest,
+    Denied,
+    MetaproxyError,
+    RevocationsStale,
+    TooManyRequests,
+    Unauthenticated,
+)
 from metaproxy.identity.verify import IdentityVerifier
 from metaproxy.logs import task_var, tenant_var
 from metaproxy.models import BrokerLimits, Decision, Identity
@@ -77,7 +85,8 @@ class Issuer:
         scheduler: StsScheduler,
         audit: AuditLog,
         limiter: TenantLimiter,
-        revocations: RevocationList,
+        revocations: RevocationView,
+        shared: SharedCredentials,
         clock: Clock,
         instance: str,
         region: str,
@@ -93,6 +102,7 @@ class Issuer:
         self.audit = audit
         self.limiter = limiter
         self.revocations = revocations
+        self.shared = shared
         self.clock = clock
         self.instance = instance
         self.region = region
@@ -116,7 +126,7 @@ class Issuer:
         tenant_var.set(tenant)
         limits = tenant_policy.broker_limits if tenant_policy else BrokerLimits()
         try:
-            with self.limiter.admit(tenant or "-", identity.subject, limits):
+            async with self.limiter.admit(tenant or "-", identity.subject, limits):
                 decision = evaluate(policies, identity, request.role)
                 return await self._issue_allowed(identity, decision, request, ctx)
         except TooManyRequests as exc:
@@ -151,7 +161,13 @@ class Issuer:
         request: CredentialRequest,
         ctx: RequestContext,
     ) -> dict[str, Any]:
-        revoked = self.revocations.revoked(identity.task, decision.tenant)
+        if self.revocations.stale():
+            # Fail closed: a task revoked through another replica may be missing from our view.
+            age = self.revocations.age()
+            detail = f"revocation view {age:.0f}s old (store unreachable); refusing to issue"
+            await self._audit("failed", ctx, identity, decision, reason=detail, status=503)
+            raise RevocationsStale(detail, retry_after=5.0)
+        revoked = self.revocations.check(decision.tenant, identity.task)
         if revoked:
             await self._audit("denied", ctx, identity, decision, reason=revoked, status=403)
             raise Denied(revoked)
@@ -164,7 +180,11 @@ class Issuer:
         try:
             result = await self.cache.get(
                 key,
-                lambda: self.scheduler.submit(spec, tenant=decision.tenant, priority=priority),
+                lambda: self.shared.fetch(
+                    key,
+                    owner_names(decision.tenant, identity.task),
+                    lambda: self.scheduler.submit(spec, tenant=decision.tenant, priority=priority),
+                ),
             )
         except MetaproxyError as exc:
             await self._audit(
@@ -214,14 +234,14 @@ class Issuer:
         if len(self._owners) > MAX_TRACKED_KEYS:
             self._owners.popitem(last=False)
 
-    def forget(self, kind: str, name: str) -> tuple[int, list[str]]:
-        """Drop the cached credentials of a revoked task or tenant.
-
-        Returns how many cached sets went and the role ARNs they were for (the roles the IAM
-        deny statement must be attached to).
-        """
-        position = 1 if kind == "task" else 0
-        doomed = {key for key, owner in self._owners.items() if owner[position] == name}
+    def forget(self, tenant: str, task: str) -> tuple[int, list[str]]:
+        """Drop this replica's cached credentials of a revoked task (or, task == "", of every
+        task of the tenant). Returns how many sets went and the role ARNs they were for."""
+        doomed = {
+            key
+            for key, (owner_tenant, owner_task) in self._owners.items()
+            if owner_tenant == tenant and (not task or owner_task == task)
+        }
         dropped = self.cache.drop(lambda key: key in doomed)
         for key in doomed:
             del self._owners[key]

@@ -30,9 +30,11 @@ from metaproxy.broker.autoscale import (
     decide,
     wanted_workers,
 )
-from metaproxy.broker.budget import CallWindow, budget_limiter
+from metaproxy.broker.budget import CallWindow
 from metaproxy.broker.circuit import STATE_CODES, CircuitBreaker
 from metaproxy.broker.fairqueue import FairQueue, Priority, QueueFull, RetrySlots
+from metaproxy.broker.store.base import StsBudget
+from metaproxy.broker.store.memory import LocalBudget
 from metaproxy.broker.sts import AssumedRole, StsClient, StsThrottled
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import BrokerConfig
@@ -73,10 +75,13 @@ class StsCaller:
         call_timeout: float = 10.0,
         backoff_base: float = 0.1,
         backoff_cap: float = 5.0,
+        budget: StsBudget | None = None,
     ) -> None:
         self._sts = sts
         self.budget_per_second = budget_per_second
-        self._budget = budget_limiter(budget_per_second)
+        # Paces calls within the budget (the fleet's, when the store is shared); the call
+        # window below is this process's hard cap at the moment of sending.
+        self._budget: StsBudget = budget or LocalBudget(budget_per_second)
         self._window = CallWindow.for_budget(budget_per_second)
         self.breaker = breaker
         self._clock = clock
@@ -183,6 +188,7 @@ class StsCaller:
             "circuit_opened": float(self.breaker.opened),
             "budget_per_second": self.budget_per_second,
             "budget_window_waits": float(self._window.waits),
+            **self._budget.stats(),
         }
 
 
@@ -233,6 +239,7 @@ class FairScheduler:
         cool_down: float = 5.0,
         scale_down_after: float = 30.0,
         tick_seconds: float = 0.25,
+        budget: StsBudget | None = None,
     ) -> None:
         self._clock: Clock = clock or SystemClock()
         breaker = CircuitBreaker(
@@ -245,6 +252,7 @@ class FairScheduler:
             clock=self._clock,
             max_attempts=max_attempts,
             call_timeout=call_timeout,
+            budget=budget,
         )
         self.queue: FairQueue[_Job] = FairQueue(
             max_depth=queue_max, per_tenant_max=queue_per_tenant_max
@@ -269,7 +277,11 @@ class FairScheduler:
 
     @classmethod
     def from_config(
-        cls, config: BrokerConfig, sts: StsClient, clock: Clock | None = None
+        cls,
+        config: BrokerConfig,
+        sts: StsClient,
+        clock: Clock | None = None,
+        budget: StsBudget | None = None,
     ) -> FairScheduler:
         return cls(
             sts,
@@ -281,6 +293,7 @@ class FairScheduler:
             queue_per_tenant_max=config.queue_per_tenant_max,
             max_attempts=config.sts_max_attempts,
             call_timeout=config.sts_timeout * 2,
+            budget=budget,
         )
 
     async def submit(self, spec: AssumeRoleSpec, *, tenant: str, priority: Priority) -> AssumedRole:

@@ -74,8 +74,10 @@ class BrokerServer:
     services: BrokerServices
     url: str
     admin_url: str
+    control_url: str
     _runner: web.AppRunner
     _admin: web.AppRunner
+    _control: web.AppRunner | None
     guard: ConnectionGuard
     admin_guard: ConnectionGuard
 
@@ -116,11 +118,48 @@ class BrokerServer:
         _, admin_url = await start_site(
             admin, config.admin_listen, guard=admin_guard, reject=_reject
         )
-        log.info("broker listening on %s (admin %s)", url, admin_url)
-        return cls(services, url, admin_url, runner, admin, guard, admin_guard)
+        control, control_url = await _start_control(config, services, handler_args, admin_guard)
+        log.info("broker listening on %s (admin %s, control %s)", url, admin_url, control_url)
+        return cls(
+            services, url, admin_url, control_url, runner, admin, control, guard, admin_guard
+        )
 
     async def stop(self) -> None:
         """Drain: /readyz turns false, in-flight requests finish (capped), then close."""
         self.services.draining = True
+        if self._control is not None:
+            await self._control.cleanup()
         await self._runner.cleanup()
         await self._admin.cleanup()
+
+
+async def _start_control(
+    config: BrokerConfig,
+    services: BrokerServices,
+    handler_args: dict[str, Any],
+    guard: ConnectionGuard,
+) -> tuple[web.AppRunner | None, str]:
+    """The control API on its own listener, or none when `--control-listen` is empty."""
+    if not config.control_listen:
+        return None, ""
+    from metaproxy.broker.control import ControlToken, build_control_app
+    from metaproxy.errors import ConfigError
+
+    if config.control_token_file is None:
+        raise ConfigError("control_token_file: required with --control-listen")
+    tls = server_tls_context(config)
+    host = config.control_listen.rpartition(":")[0].strip("[]")
+    if tls is None and host not in ("127.0.0.1", "::1", "localhost"):
+        # A bearer token in the clear on a network is a token for whoever listens.
+        raise ConfigError("control_listen: off loopback the control API needs --tls-cert/--tls-key")
+    runner = web.AppRunner(
+        build_control_app(services, ControlToken(config.control_token_file)),
+        access_log=None,
+        **handler_args,
+    )
+    await runner.setup()
+    # Shares the admin listener's guard: both are for operators, a handful of connections.
+    _, url = await start_site(
+        runner, config.control_listen, ssl_context=tls, guard=guard, reject=_reject
+    )
+    return runner, url

@@ -126,8 +126,8 @@ class SharedCache(Protocol):
         """Give the lease back and wake the replicas waiting on it."""
         ...
 
-    async def wait(self, key: str, timeout: float) -> None:
-        """Return when the lease on `key` is released (or after `timeout`)."""
+    async def wait(self, key: str, seconds: float) -> None:
+        """Return when the lease on `key` is released (or after `seconds`)."""
         ...
 
 
@@ -159,11 +159,26 @@ class ReplicaRegistry(Protocol):
 
 
 class FleetStore(Protocol):
-    kind: Literal["memory", "redis"]
-    revocations: RevocationStore
-    limits: TenantLimitStore
-    cache: SharedCache
-    replicas: ReplicaRegistry
+    # Read-only members, so each implementation may hold its own concrete classes.
+    @property
+    def kind(self) -> Literal["memory", "redis"]: ...
+
+    @property
+    def revocations(self) -> RevocationStore: ...
+
+    @property
+    def limits(self) -> TenantLimitStore: ...
+
+    @property
+    def cache(self) -> SharedCache: ...
+
+    @property
+    def replicas(self) -> ReplicaRegistry: ...
+
+    @property
+    def up(self) -> bool:
+        """Whether the last command reached the store (always true in memory)."""
+        ...
 
     def budget(self, calls_per_second: float) -> StsBudget:
         """The STS budget shared by every replica on this store."""

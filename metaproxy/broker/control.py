@@ -1,0 +1,168 @@
+"""The control API: the only HTTP surface that changes the broker's state (revocations).
+
+Its own listener (`--control-listen`), TLS with the broker's certificate, and a bearer token
+read from `--control-token-file`, compared in constant time. Every request, refused ones
+included, is audited: a control token is an operator's credential and its misuse must show.
+The admin port (`/healthz`, `/readyz`, `/metrics`) changes nothing, so the NetworkPolicy that
+opens it to the monitoring namespace no longer opens a way to revoke (or un-revoke) anyone.
+
+    GET  /v1/revocations              every revocation in force
+    POST /v1/revocations              {"tenant": T} or {"tenant": T, "task": ID}
+    POST /v1/revocations/lift         the same body: take the revocation back
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from metaproxy.audit.record import make_record
+from metaproxy.broker.app import SERVICES, BrokerServices, bearer_token
+from metaproxy.broker.revoke import lift, revoke
+from metaproxy.errors import BadRequest, ConfigError, NotFound, Unauthenticated
+from metaproxy.httperrors import Handler, json_errors
+from metaproxy.logs import request_id_var
+
+log = logging.getLogger("metaproxy.broker.control")
+
+MAX_TOKEN_BYTES = 4096
+MIN_TOKEN_CHARS = 16
+
+
+class ControlToken:
+    """The control bearer token, re-read when its file changes (a rotated Secret)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._mtime = -1.0
+        self._token = b""
+        self.load()
+
+    def load(self) -> None:
+        try:
+            stat = self._path.stat()
+            if stat.st_mtime == self._mtime:
+                return
+            raw = self._path.read_bytes()[:MAX_TOKEN_BYTES].strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"control_token_file: cannot read {self._path}: {exc.strerror}"
+            ) from None
+        if len(raw) < MIN_TOKEN_CHARS:
+            raise ConfigError(
+                f"control_token_file: {self._path} holds fewer than {MIN_TOKEN_CHARS} characters"
+            )
+        self._token, self._mtime = raw, stat.st_mtime
+
+    def matches(self, offered: str | None) -> bool:
+        try:
+            self.load()
+        except ConfigError as exc:
+            log.error("%s; keeping the token read before", exc.detail)
+        if not offered:
+            return False
+        return hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), self._token)
+
+
+CONTROL_TOKEN = web.AppKey("control_token", ControlToken)
+
+
+@web.middleware
+async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    token = bearer_token(request.headers.get("Authorization"))
+    if request.app[CONTROL_TOKEN].matches(token):
+        return await handler(request)
+    services = request.app[SERVICES]
+    reason = "no control token" if token is None else "wrong control token"
+    await services.audit.append(
+        make_record(
+            "denied",
+            request_id=request_id_var.get(),
+            rule="control-authentication",
+            reason=f"{request.method} {request.path[:100]}: {reason}",
+            peer=request.remote or "",
+            instance=services.config.instance,
+            status=401,
+        )
+    )
+    raise Unauthenticated(reason, public_message="control token required")
+
+
+async def _body(request: web.Request) -> tuple[str, str]:
+    if request.content_type != "application/json":
+        raise BadRequest(public_message="Content-Type must be application/json")
+    try:
+        body: Any = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise BadRequest(public_message="body is not valid JSON") from None
+    if not isinstance(body, dict) or not set(body) <= {"tenant", "task"} or "tenant" not in body:
+        raise BadRequest(public_message='body must be {"tenant": NAME} or {"tenant", "task"}')
+    tenant, task = body["tenant"], body.get("task", "")
+    for field, value in (("tenant", tenant), ("task", task)):
+        if not isinstance(value, str) or len(value) > 256 or not value.isprintable():
+            raise BadRequest(public_message=f"{field} must be a string of printable characters")
+    if not tenant or (task == "" and "task" in body):
+        raise BadRequest(public_message="tenant and task must not be empty")
+    services = request.app[SERVICES]
+    if tenant not in services.policies.current.tenants:
+        # A name no policy knows is a typo, not a success: revoking it would protect nothing.
+        raise NotFound(f"no policy for tenant {tenant!r}", public_message="unknown tenant")
+    return tenant, task
+
+
+def _peer(request: web.Request) -> str:
+    return request.remote or "unix"
+
+
+async def post_revocation(request: web.Request) -> web.Response:
+    tenant, task = await _body(request)
+    answer = await revoke(request.app[SERVICES], tenant, task, peer=_peer(request))
+    return web.json_response(answer)
+
+
+async def post_lift(request: web.Request) -> web.Response:
+    tenant, task = await _body(request)
+    answer = await lift(request.app[SERVICES], tenant, task, peer=_peer(request))
+    if answer is None:
+        what = f"task {task} of tenant {tenant}" if task else f"tenant {tenant}"
+        raise NotFound(f"{what} is not revoked", public_message="no such revocation")
+    return web.json_response(answer)
+
+
+async def get_revocations(request: web.Request) -> web.Response:
+    services = request.app[SERVICES]
+    entries = services.revocations.entries()
+    await services.audit.append(
+        make_record(
+            "listed",
+            request_id=request_id_var.get(),
+            reason=f"{len(entries)} revocations listed",
+            peer=_peer(request),
+            instance=services.config.instance,
+            status=200,
+        )
+    )
+    return web.json_response(
+        {
+            "revocations": [
+                {"tenant": e.tenant, "task": e.task, "at": e.at, "by": e.by} for e in entries
+            ],
+            "view_age_seconds": round(services.revocations.age(), 3),
+            "stale": services.revocations.stale(),
+        }
+    )
+
+
+def build_control_app(services: BrokerServices, token: ControlToken) -> web.Application:
+    app = web.Application(middlewares=[json_errors, require_token], client_max_size=4096)
+    app[SERVICES] = services
+    app[CONTROL_TOKEN] = token
+    app.router.add_get("/v1/revocations", get_revocations)
+    app.router.add_post("/v1/revocations", post_revocation)
+    app.router.add_post("/v1/revocations/lift", post_lift)
+    return app

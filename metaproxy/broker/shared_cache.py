@@ -1,0 +1,186 @@
+"""Credential sets shared by the replicas, and one STS call per key for the whole fleet.
+
+Under each replica's own `CredentialCache` (which coalesces callers within the replica), this
+layer makes two replicas asked for the same (role, session, scope) at once share one AssumeRole:
+the first takes a short lease on the key in the store and calls STS; the others wait for the
+lease's release (pushed by the store) and read the set it left. A holder that dies (kill -9)
+stops extending its lease; the lease ends within `LEASE_SECONDS` and a waiter takes over.
+
+Sets are sealed (AES-GCM, `store/sealing.py`) before they reach the store and expire from it
+`SERVE_FLOOR_SECONDS` before the credentials do, so the store never holds a secret in the clear
+and never a set a sidecar would refuse. If the store does not answer, the replica calls STS
+itself: the fleet then costs at most one call per replica per key, never a failed request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+
+from metaproxy.broker.store.base import SharedCache, StoreUnavailable
+from metaproxy.broker.store.sealing import SealedValueInvalid, Sealer
+from metaproxy.broker.sts import AssumedRole
+from metaproxy.clock import Clock, iso_z
+from metaproxy.models import Credentials
+
+log = logging.getLogger("metaproxy.broker.cache")
+
+# Sidecars never hand out credentials with less than 15 minutes left (min_serve_seconds).
+SERVE_FLOOR_SECONDS = 900.0
+LEASE_SECONDS = 5.0
+# A waiter gives up on other replicas after this and calls STS itself.
+MAX_WAIT_SECONDS = 30.0
+
+CacheKey = tuple[object, ...]
+
+
+def key_digest(key: CacheKey) -> str:
+    """The store's name for a cache key: a digest, so a store dump names no session."""
+    return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()
+
+
+def owner_names(tenant: str, task: str) -> list[str]:
+    """The revocation scopes a set belongs to: its tenant, and its task within the tenant."""
+    return [f"{tenant}\x00", f"{tenant}\x00{task}"]
+
+
+class SharedCredentials:
+    def __init__(
+        self,
+        store: SharedCache,
+        sealer: Sealer,
+        clock: Clock,
+        *,
+        holder: str,
+        refresh_fraction: float,
+    ) -> None:
+        self._store = store
+        self._sealer = sealer
+        self._clock = clock
+        self._holder = holder
+        self._refresh_fraction = refresh_fraction
+        self.shared_hits = 0  # sets another replica fetched
+        self.waits = 0
+        self.fallbacks = 0
+
+    async def fetch(
+        self,
+        key: CacheKey,
+        owners: list[str],
+        assume_role: Callable[[], Awaitable[AssumedRole]],
+    ) -> AssumedRole:
+        digest = key_digest(key)
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + MAX_WAIT_SECONDS
+        try:
+            while True:
+                role = await self._read(digest, due_ok=False)
+                if role is not None:
+                    self.shared_hits += 1
+                    return role
+                if await self._store.claim(digest, self._holder, LEASE_SECONDS):
+                    break
+                if loop.time() > give_up_at:
+                    log.warning("waited %.0fs for another replica's STS call", MAX_WAIT_SECONDS)
+                    return await assume_role()
+                self.waits += 1
+                await self._store.wait(digest, seconds=LEASE_SECONDS)
+        except StoreUnavailable:
+            self.fallbacks += 1
+            return await assume_role()
+        return await self._fetch_as_holder(digest, owners, assume_role)
+
+    async def _fetch_as_holder(
+        self,
+        digest: str,
+        owners: list[str],
+        assume_role: Callable[[], Awaitable[AssumedRole]],
+    ) -> AssumedRole:
+        keeper = asyncio.create_task(self._keep_lease(digest))
+        role: AssumedRole | None = None
+        try:
+            role = await assume_role()
+            return role
+        except Exception:
+            # STS failed: a set still in the store (past its refresh point, not its floor) is
+            # what this replica serves, as it would from its own cache.
+            with contextlib.suppress(StoreUnavailable):
+                stale = await self._read(digest, due_ok=True)
+                if stale is not None:
+                    return stale
+            raise
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            with contextlib.suppress(StoreUnavailable):
+                await self._write_and_release(digest, owners, role)
+
+    async def _write_and_release(
+        self, digest: str, owners: list[str], role: AssumedRole | None
+    ) -> None:
+        try:
+            if role is not None:
+                ttl = role.credentials.seconds_left(self._clock.now()) - SERVE_FLOOR_SECONDS
+                if ttl > 1:
+                    await self._store.put(digest, self._seal(digest, role), ttl, owners)
+        finally:
+            await self._store.release(digest, self._holder)
+
+    async def _keep_lease(self, digest: str) -> None:
+        while True:
+            await asyncio.sleep(LEASE_SECONDS / 3)
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.extend(digest, self._holder, LEASE_SECONDS)
+
+    async def _read(self, digest: str, *, due_ok: bool) -> AssumedRole | None:
+        value = await self._store.get(digest)
+        if value is None:
+            return None
+        try:
+            record = json.loads(self._sealer.open(value, bound_to=digest))
+            role = AssumedRole(
+                Credentials(
+                    access_key_id=record["access_key_id"],
+                    secret_access_key=record["secret_access_key"],
+                    session_token=record["session_token"],
+                    expiration=datetime.fromisoformat(record["expiration"]),
+                ),
+                record["assumed_role_arn"],
+            )
+            refresh_at = datetime.fromisoformat(record["refresh_at"])
+        except (SealedValueInvalid, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignored a shared credential set that does not open (%s)", exc)
+            return None
+        now = self._clock.now()
+        if role.credentials.seconds_left(now) <= SERVE_FLOOR_SECONDS:
+            return None
+        if not due_ok and now >= refresh_at:
+            return None  # due for a refresh: this caller makes it (or waits for who does)
+        return role
+
+    def _seal(self, digest: str, role: AssumedRole) -> bytes:
+        now = self._clock.now()
+        lifetime = role.credentials.seconds_left(now)
+        record = {
+            "access_key_id": role.credentials.access_key_id,
+            "secret_access_key": role.credentials.secret_access_key,
+            "session_token": role.credentials.session_token,
+            "expiration": role.credentials.expiration.isoformat(),
+            "assumed_role_arn": role.assumed_role_arn,
+            "fetched_at": iso_z(now),
+            "refresh_at": (now + timedelta(seconds=lifetime * self._refresh_fraction)).isoformat(),
+        }
+        return self._sealer.seal(json.dumps(record).encode(), bound_to=digest)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "shared_cache_hits": float(self.shared_hits),
+            "shared_cache_waits": float(self.waits),
+            "shared_cache_fallbacks": float(self.fallbacks),
+        }

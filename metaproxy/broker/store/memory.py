@@ -1,0 +1,270 @@
+"""The in-process store: one broker, nothing to run beside it (the default, and `make demo`).
+
+Revocations persist under `--state-dir` (fsynced, renamed into place) so a restarted broker
+still refuses what it refused; everything else is as short-lived as the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import secrets
+import time
+from collections import OrderedDict, defaultdict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+from metaproxy.broker.budget import budget_limiter
+from metaproxy.broker.store.base import (
+    Admission,
+    Revocation,
+    RevocationEvent,
+    RevocationListener,
+    WitnessedCheckpoint,
+)
+from metaproxy.errors import ConfigError
+from metaproxy.fsutil import write_atomically
+from metaproxy.models import BrokerLimits
+from metaproxy.ratelimit import KeyedLimiter
+
+log = logging.getLogger("metaproxy.broker.store")
+
+REVOCATIONS_FILE = "revocations.json"
+
+
+class MemoryRevocations:
+    def __init__(self, state_dir: Path | None) -> None:
+        self._path = state_dir / REVOCATIONS_FILE if state_dir is not None else None
+        self._entries: dict[tuple[str, str], Revocation] = {}
+        self._listeners: list[RevocationListener] = []
+        self._lock = asyncio.Lock()
+
+    def load(self) -> None:
+        """Read what an earlier run persisted; a damaged file is a ConfigError, not a reset."""
+        if self._path is None or not self._path.exists():
+            return
+        try:
+            raw = json.loads(self._path.read_text())
+            entries = [Revocation(**item) for item in raw]
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(f"state_dir: {self._path} is unreadable ({exc})") from None
+        self._entries = {entry.key: entry for entry in entries}
+
+    async def add(self, revocation: Revocation) -> None:
+        async with self._lock:
+            entries = {**self._entries, revocation.key: revocation}
+            await self._save(entries)
+            self._entries = entries
+        self._emit(RevocationEvent("revoke", revocation))
+
+    async def remove(self, tenant: str, task: str) -> Revocation | None:
+        async with self._lock:
+            lifted = self._entries.get((tenant, task))
+            if lifted is None:
+                return None
+            entries = {k: v for k, v in self._entries.items() if k != (tenant, task)}
+            await self._save(entries)
+            self._entries = entries
+        self._emit(RevocationEvent("lift", lifted))
+        return lifted
+
+    async def snapshot(self) -> list[Revocation]:
+        return list(self._entries.values())
+
+    def subscribe(self, listener: RevocationListener) -> None:
+        self._listeners.append(listener)
+
+    def _emit(self, event: RevocationEvent) -> None:
+        for listener in self._listeners:
+            listener(event)
+
+    async def _save(self, entries: dict[tuple[str, str], Revocation]) -> None:
+        if self._path is None:
+            return
+        data = json.dumps([asdict(e) for e in entries.values()], indent=1).encode()
+        # Durable before the revocation is acknowledged; on a thread, as fsync blocks.
+        await asyncio.to_thread(write_atomically, self._path, data)
+
+
+class LocalBudget:
+    """The budget for one process: aiolimiter's bucket paced at the call window's limit."""
+
+    def __init__(self, calls_per_second: float) -> None:
+        self.calls_per_second = calls_per_second
+        self._limiter = budget_limiter(calls_per_second)
+        self.acquired = 0
+
+    async def acquire(self) -> None:
+        await self._limiter.acquire()
+        self.acquired += 1
+
+    def stats(self) -> dict[str, float]:
+        return {"budget_share_per_second": self.calls_per_second, "budget_fallback": 0.0}
+
+
+class LocalLimits:
+    """Per-tenant rate and in-flight caps, and a per-identity rate, in this process.
+
+    `share` divides every rate and cap: a replica that lost the store holds its part of the
+    fleet's limits (1 / the replicas it last saw), so the fleet stays within them."""
+
+    def __init__(self) -> None:
+        defaults = BrokerLimits()
+        self._tenant_rate = KeyedLimiter(defaults.requests_per_second, defaults.burst)
+        self._identity_rate = KeyedLimiter(
+            defaults.per_identity_rps, defaults.per_identity_burst, max_keys=100_000
+        )
+        self._in_flight: defaultdict[str, set[str]] = defaultdict(set)
+
+    async def enter(self, tenant: str, subject: str, limits: BrokerLimits) -> Admission:
+        return self.enter_now(tenant, subject, limits)
+
+    def enter_now(
+        self, tenant: str, subject: str, limits: BrokerLimits, share: float = 1.0
+    ) -> Admission:
+        wait = self._tenant_rate.take(
+            tenant,
+            rate=limits.requests_per_second * share,
+            burst=max(1.0, limits.burst * share),
+        )
+        if wait:
+            return Admission(False, "tenant-rate", retry_after(wait))
+        wait = self._identity_rate.take(
+            (tenant, subject), rate=limits.per_identity_rps, burst=limits.per_identity_burst
+        )
+        if wait:
+            return Admission(False, "identity-rate", retry_after(wait))
+        slots = self._in_flight[tenant]
+        if len(slots) >= max(1, math.floor(limits.max_in_flight * share)):
+            return Admission(False, "in-flight", 1.0)
+        ticket = secrets.token_hex(8)
+        slots.add(ticket)
+        return Admission(True, ticket=ticket)
+
+    async def leave(self, tenant: str, ticket: str) -> None:
+        self.leave_now(tenant, ticket)
+
+    def leave_now(self, tenant: str, ticket: str) -> None:
+        slots = self._in_flight.get(tenant)
+        if slots is not None:
+            slots.discard(ticket)
+            if not slots:
+                del self._in_flight[tenant]
+
+
+def retry_after(seconds: float) -> float:
+    return float(max(1, math.ceil(seconds)))
+
+
+class MemoryCache:
+    """Sealed sets by key digest, with expiry; leases are trivially this process's own."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._values: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._owners: defaultdict[str, set[str]] = defaultdict(set)
+        self._leases: dict[str, tuple[str, float]] = {}
+        self._released: dict[str, asyncio.Event] = {}
+        self._max_entries = max_entries
+
+    async def get(self, key: str) -> bytes | None:
+        item = self._values.get(key)
+        if item is None:
+            return None
+        if item[1] <= time.monotonic():
+            del self._values[key]
+            return None
+        return item[0]
+
+    async def put(self, key: str, value: bytes, ttl_seconds: float, owners: list[str]) -> None:
+        self._values[key] = (value, time.monotonic() + ttl_seconds)
+        self._values.move_to_end(key)
+        for owner in owners:
+            self._owners[owner].add(key)
+        while len(self._values) > self._max_entries:
+            self._values.popitem(last=False)
+
+    async def drop_owner(self, owner: str) -> int:
+        keys = self._owners.pop(owner, set())
+        return sum(self._values.pop(key, None) is not None for key in keys)
+
+    async def claim(self, key: str, holder: str, ttl_seconds: float) -> bool:
+        current = self._leases.get(key)
+        now = time.monotonic()
+        if current is not None and current[0] != holder and current[1] > now:
+            return False
+        self._leases[key] = (holder, now + ttl_seconds)
+        return True
+
+    async def extend(self, key: str, holder: str, ttl_seconds: float) -> bool:
+        current = self._leases.get(key)
+        if current is None or current[0] != holder:
+            return False
+        self._leases[key] = (holder, time.monotonic() + ttl_seconds)
+        return True
+
+    async def release(self, key: str, holder: str) -> None:
+        current = self._leases.get(key)
+        if current is not None and current[0] == holder:
+            del self._leases[key]
+        event = self._released.pop(key, None)
+        if event is not None:
+            event.set()
+
+    async def wait(self, key: str, seconds: float) -> None:
+        event = self._released.setdefault(key, asyncio.Event())
+        try:
+            async with asyncio.timeout(seconds):
+                await event.wait()
+        except TimeoutError:
+            pass
+
+
+class MemoryRegistry:
+    def __init__(self) -> None:
+        self._checkpoints: dict[str, WitnessedCheckpoint] = {}
+
+    async def heartbeat(self, instance: str, ttl_seconds: float) -> list[str]:
+        return [instance]
+
+    def last_seen_live(self) -> int:
+        return 1
+
+    async def publish_checkpoint(self, instance: str, checkpoint: WitnessedCheckpoint) -> None:
+        self._checkpoints[instance] = checkpoint
+
+    async def checkpoints(self) -> dict[str, WitnessedCheckpoint]:
+        return dict(self._checkpoints)
+
+
+class MemoryStore:
+    kind: Literal["memory", "redis"] = "memory"
+
+    def __init__(self, state_dir: Path | None = None) -> None:
+        self.revocations = MemoryRevocations(state_dir)
+        self.limits = LocalLimits()
+        self.cache = MemoryCache()
+        self.replicas = MemoryRegistry()
+        self._state_dir = state_dir
+
+    up = True
+
+    def budget(self, calls_per_second: float) -> LocalBudget:
+        return LocalBudget(calls_per_second)
+
+    async def start(self) -> None:
+        if self._state_dir is None:
+            log.warning(
+                "no --state-dir: revocations are kept in memory only and end with this process"
+            )
+        else:
+            try:
+                self._state_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"state_dir: cannot create {self._state_dir}: {exc}") from None
+        self.revocations.load()
+
+    async def aclose(self) -> None:
+        return None
