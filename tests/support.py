@@ -26,7 +26,7 @@ def make_pki(directory: Path) -> Pki:
     return make_local_keys(directory)
 
 
-CONTROL_TOKEN = "test-control-token-0123456789abcdef"  # noqa: S105 - a test's own token
+CONTROL_TOKEN = "test-control-token-0123456789abcdef"
 
 
 def control_token_file(tmp: Path) -> Path:
