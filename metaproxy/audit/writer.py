@@ -12,10 +12,8 @@ then refuses to issue); any prefix of the batch may be on disk, so before the ne
 writer re-reads the segment's tail and takes the chain head from what is really there.
 Rotation and checkpoints happen only between batches.
 
-In a fleet each checkpoint also witnesses the other replicas' latest checkpoints (see
-`checkpoint.py`). The store is asked for them off the lock, on the maintenance tick and before
-the final checkpoint, and the answer is kept as a snapshot: a slow or unreachable store then
-costs a checkpoint its witnesses, never an append its latency or its deadline.
+In a fleet each checkpoint also witnesses the other replicas' latest checkpoints
+(`witness.py`), asked for on the maintenance tick and before the final checkpoint, off the lock.
 """
 
 from __future__ import annotations
@@ -27,7 +25,7 @@ import functools
 import logging
 import os
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -35,11 +33,16 @@ from typing import Any, Final, TypeVar
 from metaproxy.audit import chain
 from metaproxy.audit.chain import iso_millis, read_tail, sorted_segments
 from metaproxy.audit.checkpoint import (
-    Witness,
     checkpoint_name,
     file_digest,
     load_private_key,
     sign_checkpoint,
+)
+from metaproxy.audit.witness import (
+    WITNESS_TIMEOUT,
+    CheckpointListener,
+    Witnessing,
+    WitnessSource,
 )
 from metaproxy.broker.store.base import WitnessedCheckpoint
 from metaproxy.clock import Clock, SystemClock
@@ -54,11 +57,6 @@ _OPEN_FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
 # a megabyte is a few milliseconds of disk bandwidth, well inside any sane write_timeout.
 MAX_BATCH_RECORDS: Final = 512
 MAX_BATCH_BYTES: Final = 1 << 20
-# The store answers in a millisecond or two; past this it counts as unreachable.
-WITNESS_TIMEOUT: Final = 0.5
-
-WitnessSource = Callable[[], Awaitable[Mapping[str, WitnessedCheckpoint]]]
-CheckpointListener = Callable[[WitnessedCheckpoint], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -109,15 +107,11 @@ class AuditLog:
         self._clock: Clock = clock or SystemClock()
         # Called with every file that became immutable: closed segments and new checkpoints.
         self._on_closed = on_segment_closed
-        # The fleet's side: where the other replicas' latest checkpoints come from, and where
-        # ours go once durable. Both are capped at `witness_timeout` and may fail freely.
-        self._witness_source = witness
-        self._on_checkpoint = on_checkpoint
-        self._witness_timeout = witness_timeout
-        self._witnessed: dict[str, Witness] = {}
-        self._witness_failing = False
-        self._to_publish: WitnessedCheckpoint | None = None
-        self._publisher: asyncio.Task[None] | None = None
+        # Where the other replicas' latest checkpoints come from, and where ours go once
+        # durable; both capped at `witness_timeout`, and free to fail.
+        self._fleet = Witnessing(
+            log_id, source=witness, on_checkpoint=on_checkpoint, timeout=witness_timeout
+        )
         self._key: Any = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._lock = asyncio.Lock()
@@ -203,10 +197,8 @@ class AuditLog:
             # A stalled disk must not hang shutdown; the OS closes our fds at exit.
             self._executor.shutdown(wait=not stalled, cancel_futures=True)
             self._executor = None
-        if self._publisher is not None:
-            # Published before we go, so replicas closing after us witness our final head;
-            # each publish is capped, so this wait is too. asyncio.wait: never cancels it.
-            await asyncio.wait({self._publisher})
+        # Published before we go, so replicas closing after us witness our final head.
+        await self._fleet.aclose()
 
     def stats(self) -> dict[str, float]:
         """Counters; `batches` is the number of record fsyncs (one per group commit)."""
@@ -437,7 +429,7 @@ class AuditLog:
             head=self._head,
             time=iso_millis(self._clock.now()),
             segment=segment_name,
-            witness=self._witnessed,
+            witness=self._fleet.current,
         )
         path = self.directory / CHECKPOINT_DIR / checkpoint_name(seq)
         data = checkpoint.to_bytes() + b"\n"
@@ -450,7 +442,7 @@ class AuditLog:
             return None
         self._checkpoint_seq, self._checkpoint_at = seq, self._clock.monotonic()
         self._checkpoints += 1
-        self._publish(
+        self._fleet.publish(
             WitnessedCheckpoint(self.log_id, seq, self._head, file_digest(data), checkpoint.time)
         )
         return path
@@ -497,75 +489,9 @@ class AuditLog:
                 except AuditUnavailable as exc:
                     log.warning("audit maintenance failed: %s", exc.detail)
 
-    # ---- witnessing (the fleet) -----------------------------------------------------------
-
     async def _refresh_witnesses(self) -> None:
-        """Replace the snapshot of other replicas' checkpoints; on failure, empty it.
-
-        Empty, not stale, on failure: a checkpoint then says nothing rather than something
-        old, and it is still written, because an unreachable store must never stop the log.
-        """
-        if self._witness_source is None or self._key is None:
-            return
-        try:
-            async with asyncio.timeout(self._witness_timeout):
-                latest = await self._witness_source()
-            witnessed = self._usable_witnesses(latest)
-        except Exception as exc:
-            if not self._witness_failing:  # once per outage, not once per tick
-                log.warning(
-                    "audit witness source failed (%s); checkpoints carry no witnesses until "
-                    "it answers again",
-                    type(exc).__name__,
-                )
-            self._witness_failing, self._witnessed = True, {}
-            return
-        if self._witness_failing:
-            log.warning("audit witness source answers again")
-        self._witness_failing, self._witnessed = False, witnessed
-
-    def _usable_witnesses(self, latest: Mapping[str, WitnessedCheckpoint]) -> dict[str, Witness]:
-        """The entries fit to sign: another log's, well formed (the store is outside input)."""
-        witnessed: dict[str, Witness] = {}
-        for entry in latest.values():
-            if entry.log_id == self.log_id:
-                continue  # our own checkpoint, as published: witnessing it proves nothing
-            if not (
-                isinstance(entry.log_id, str)
-                and entry.log_id
-                and isinstance(entry.seq, int)
-                and not isinstance(entry.seq, bool)
-                and entry.seq >= 1
-                and chain.is_hex_hash(entry.head)
-                and chain.is_hex_hash(entry.digest)
-            ):
-                log.warning("audit witness source: ignoring a malformed entry")
-                continue
-            witnessed[entry.log_id] = Witness(entry.seq, entry.head, entry.digest)
-        return witnessed
-
-    def _publish(self, checkpoint: WitnessedCheckpoint) -> None:
-        """Hand a durable checkpoint to `on_checkpoint` off the lock; the newest one wins."""
-        if self._on_checkpoint is None:
-            return
-        self._to_publish = checkpoint
-        if self._publisher is None or self._publisher.done():
-            self._publisher = asyncio.create_task(self._publish_latest(), name="audit-publish")
-
-    async def _publish_latest(self) -> None:
-        # One at a time: two concurrent publishes could land out of order and leave the
-        # store showing an older checkpoint than the newest one.
-        while self._on_checkpoint is not None and self._to_publish is not None:
-            checkpoint, self._to_publish = self._to_publish, None
-            try:
-                async with asyncio.timeout(self._witness_timeout):
-                    await self._on_checkpoint(checkpoint)
-            except Exception as exc:
-                log.warning(
-                    "audit checkpoint at seq %d not published for witnessing (%s)",
-                    checkpoint.seq,
-                    type(exc).__name__,
-                )
+        if self._key is not None:  # no key, no checkpoints: nothing would sign the answer
+            await self._fleet.refresh()
 
     def _notify(self, path: Path | None) -> None:
         if self._on_closed is None or path is None:
