@@ -120,5 +120,15 @@ async def test_demo_with_two_replicas_shares_a_redis_store_and_spreads_the_sidec
     store_key = base64.b64decode((keys / "store.key").read_text().strip(), validate=True)
     assert len(store_key) == 32
     assert (keys / "store.key").stat().st_mode & 0o777 == 0o600
+    assert all(b["control_url"].startswith("https://127.0.0.1:") for b in state["brokers"])
     for instance in ("demo-broker-1", "demo-broker-2"):
         assert list((Path(state["audit_dir"]) / instance).glob("segment-*.jsonl"))
+    aof = b"".join(p.read_bytes() for p in (tmp_path / "demo" / "redis").rglob("*.aof"))
+    assert b"metaproxy" in aof, "the brokers wrote nothing to the shared store"
+    rc, out, err = await run_command(
+        sys.executable, "-m", "metaproxy", "audit", "verify", "--fleet", state["audit_dir"],
+        "--public-key", str(keys / "audit-keys" / "audit-signing.pub"),
+        env=clean_aws_env(), timeout=60,
+    )  # fmt: skip
+    assert rc == 0, out + err
+    assert "2 replicas" in out

@@ -252,7 +252,9 @@ def run_demo(options: DemoOptions) -> int:
         if options.state_file is not None:
             options.state_file.write_text(json.dumps(state, indent=2))
         if len(brokers) > 1:
-            print(f"audit logs        {audit_dir}/demo-broker-*   (one chain per replica)")
+            # One chain per replica under audit/<instance>/: `audit verify` and `query` read the
+            # folder as a fleet.
+            print(f"audit logs        {audit_dir}   (metaproxy audit query --fleet {audit_dir})")
         else:
             print(f"audit log         {audit_dir}   (metaproxy audit query {audit_dir})")
         if options.once:
