@@ -38,7 +38,16 @@ def issued(n: int, **extra: str) -> dict[str, object]:
 
 def test_make_record_rejects_unknown_event() -> None:
     """Only the documented events can be recorded."""
-    assert EVENTS == ("issued", "refreshed", "denied", "throttled", "failed", "revoked")
+    assert EVENTS == (
+        "issued",
+        "refreshed",
+        "denied",
+        "throttled",
+        "failed",
+        "revoked",
+        "lifted",
+        "listed",
+    )
     with pytest.raises(ValueError, match="unknown audit event"):
         make_record("granted", request_id="r1")
 

@@ -30,7 +30,7 @@ from metaproxy.broker.revocation import RevocationView
 from metaproxy.broker.scheduler import FairScheduler, StsScheduler
 from metaproxy.broker.shared_cache import SharedCredentials
 from metaproxy.broker.store import FleetStore, open_store
-from metaproxy.broker.store.base import Revocation
+from metaproxy.broker.store.base import ReplicaRegistry, Revocation, WitnessedCheckpoint
 from metaproxy.broker.store.sealing import KEY_BYTES, Sealer
 from metaproxy.broker.sts import AsyncSts, StsClient
 from metaproxy.clock import Clock, SystemClock
@@ -85,6 +85,8 @@ def create_services(
     )
     config.audit_dir.mkdir(parents=True, exist_ok=True)
     shipper = audit_shipper(config)
+    store = open_store(config.store, state_dir=config.state_dir, timeout=config.store_timeout)
+    witnessing = AuditWitnessing(store.replicas, config.instance)
     audit = instrument.TimedAuditLog(
         config.audit_dir,
         log_id=f"broker-{config.instance}",
@@ -93,6 +95,9 @@ def create_services(
         clock=clock,
         # enqueue only appends to a list: an S3 outage never slows or fails an append.
         on_segment_closed=shipper.enqueue if shipper is not None else None,
+        # Each checkpoint also pins the other replicas' latest ones (docs/audit.md).
+        witness=witnessing.others,
+        on_checkpoint=witnessing.publish,
     )
     sts = instrument.TimedSts(
         sts
@@ -103,7 +108,6 @@ def create_services(
             max_connections=config.workers_max,
         )
     )
-    store = open_store(config.store, state_dir=config.state_dir, timeout=config.store_timeout)
     scheduler = scheduler or FairScheduler.from_config(
         config, sts, clock, budget=store.budget(config.sts_budget_per_second)
     )
@@ -153,6 +157,22 @@ def create_services(
         scrape=instrument.ScrapeState(scheduler.stats),
         shipper=shipper,
     )
+
+
+class AuditWitnessing:
+    """This replica's audit chain and the others', through the store's replica registry."""
+
+    def __init__(self, registry: ReplicaRegistry, instance: str) -> None:
+        self._registry = registry
+        self._instance = instance
+
+    async def others(self) -> dict[str, WitnessedCheckpoint]:
+        """By log id (the writer leaves its own out)."""
+        found = await self._registry.checkpoints()
+        return {checkpoint.log_id: checkpoint for checkpoint in found.values()}
+
+    async def publish(self, checkpoint: WitnessedCheckpoint) -> None:
+        await self._registry.publish_checkpoint(self._instance, checkpoint)
 
 
 def store_sealer(config: BrokerConfig) -> Sealer:
