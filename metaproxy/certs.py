@@ -67,7 +67,7 @@ def init_certs(
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    from metaproxy.identity.keys import write_atomically
+    from metaproxy.fsutil import write_atomically
 
     if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_DAYS:
         raise ConfigError(f"days must be between 1 and {MAX_DAYS}")

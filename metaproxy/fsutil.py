@@ -1,8 +1,12 @@
-"""Writing a file so that a crash leaves the old version or the new one, never half of either."""
+"""Writing a file so that a crash leaves the old version or the new one, never half of either.
+
+The one atomic-write helper: keys, tokens, the revocation state and ready files all go through
+it."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -15,16 +19,19 @@ def fsync_dir(directory: Path) -> None:
 
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write a temporary file beside `path`, fsync it, rename it over `path`, fsync the folder
-    (the rename itself is only durable once the directory entry is)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    """Write a temporary file beside `path` (created with `mode`, never following a link),
+    fsync it, rename it over `path`, and fsync the folder: the rename is only durable once the
+    directory entry is."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)

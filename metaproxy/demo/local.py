@@ -74,7 +74,7 @@ def make_fleet_secrets(directory: Path) -> FleetSecrets:
     """The store key and the control token in `directory` (mode 0600), reused if present: the
     store and the revocations in the same state directory outlive a run, and credentials sealed
     under the old key would only be misses under a new one."""
-    from metaproxy.identity.keys import write_atomically
+    from metaproxy.fsutil import write_atomically
 
     directory.mkdir(parents=True, exist_ok=True)
     store_key = directory / "store.key"

@@ -53,8 +53,8 @@ def _keygen(args: argparse.Namespace) -> int:
 
 def _issue(args: argparse.Namespace) -> int:
     from metaproxy.errors import BadRequest
+    from metaproxy.fsutil import write_atomically
     from metaproxy.identity.issue import issue_token
-    from metaproxy.identity.keys import write_atomically
 
     try:
         token = issue_token(

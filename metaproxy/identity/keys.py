@@ -11,8 +11,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from metaproxy.errors import ConfigError
+from metaproxy.fsutil import write_atomically
 
 SigningAlgorithm = Literal["EdDSA", "ES256"]
 VerifyingAlgorithm = Literal["EdDSA", "ES256", "RS256"]
@@ -96,22 +95,6 @@ def algorithm_for(key: PublicKey) -> VerifyingAlgorithm:
     if isinstance(key, ec.EllipticCurvePublicKey):
         return "ES256"
     return "RS256"
-
-
-def write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temporary file and rename, so readers never see a half-written key or token."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def generate_keypair(
