@@ -1,0 +1,354 @@
+"""The store seam's parts on their own: sealing, store URLs, the in-memory store's durable
+revocations, and the Valkey/Redis store against a real server (budget, limits, fallback), on a
+single server, behind Sentinel, and on a Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from metaproxy.broker.store import open_store
+from metaproxy.broker.store.base import Revocation, StoreUnavailable
+from metaproxy.broker.store.memory import MemoryStore
+from metaproxy.broker.store.redis_conn import parse_store_url
+from metaproxy.broker.store.redis_store import RedisStore
+from metaproxy.broker.store.sealing import SealedValueInvalid, Sealer, generate_key_line
+from metaproxy.errors import ConfigError
+from metaproxy.models import BrokerLimits
+from metaproxy.testing.emulator import free_port
+from metaproxy.testing.redis_server import RedisServer
+from tests.conftest import require_redis_server
+
+
+def key_file(tmp: Path, *lines: str) -> Path:
+    path = tmp / "store.key"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_sealed_values_open_after_a_key_rotation(tmp_path: Path) -> None:
+    """The first key seals, every key opens: values sealed before a rotation still open."""
+    old, new = generate_key_line(), generate_key_line()
+    before = Sealer.from_file(key_file(tmp_path, old))
+    sealed = before.seal(b"secret set", bound_to="k1")
+    after = Sealer.from_file(key_file(tmp_path, "# rotated", new, old))
+    assert after.open(sealed, bound_to="k1") == b"secret set"
+    assert b"secret set" not in sealed
+    resealed = after.seal(b"secret set", bound_to="k1")
+    with pytest.raises(SealedValueInvalid):
+        before.open(resealed, bound_to="k1")  # a replica without the new key cannot open it
+
+
+def test_a_sealed_value_is_bound_to_its_key_and_to_its_bytes(tmp_path: Path) -> None:
+    """Moved to another store key, or with one byte changed, a value does not open."""
+    sealer = Sealer.from_file(key_file(tmp_path, generate_key_line()))
+    sealed = sealer.seal(b"value", bound_to="k1")
+    with pytest.raises(SealedValueInvalid):
+        sealer.open(sealed, bound_to="k2")
+    tampered = sealed[:-1] + bytes([sealed[-1] ^ 1])
+    with pytest.raises(SealedValueInvalid):
+        sealer.open(tampered, bound_to="k1")
+    with pytest.raises(SealedValueInvalid):
+        sealer.open(b"\x01short", bound_to="k1")
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ((), "holds no key"),
+        (("not base64 !",), "store.key:1: store key is not base64"),
+        (("# c", base64.b64encode(b"short").decode()), "store.key:2: store key is 5 bytes"),
+    ],
+)
+def test_a_bad_key_file_is_refused_naming_the_file_and_line(
+    tmp_path: Path, lines: tuple[str, ...], message: str
+) -> None:
+    """Every problem with --store-key-file is one ConfigError naming file and line."""
+    with pytest.raises(ConfigError, match=message):
+        Sealer.from_file(key_file(tmp_path, *lines))
+    with pytest.raises(ConfigError, match="cannot read"):
+        Sealer.from_file(tmp_path / "missing.key")
+
+
+@pytest.mark.parametrize(
+    ("url", "topology", "tls", "hosts", "service", "db"),
+    [
+        ("redis://127.0.0.1:6379/2", "single", False, [("127.0.0.1", 6379)], "", 2),
+        ("rediss://user:pw@cache.example:6380", "single", True, [("cache.example", 6380)], "", 0),
+        (
+            "redis+sentinel://:pw@s1:26379,s2:26380/mymaster/1",
+            "sentinel",
+            False,
+            [("s1", 26379), ("s2", 26380)],
+            "mymaster",
+            1,
+        ),
+        ("redis+cluster://n1:7000,n2:7001", "cluster", False, [("n1", 7000), ("n2", 7001)], "", 0),
+    ],
+)
+def test_store_urls_name_their_topology(
+    url: str, topology: str, tls: bool, hosts: list[tuple[str, int]], service: str, db: int
+) -> None:
+    """Single server, Sentinel and Cluster URLs, with TLS and credentials."""
+    parsed = parse_store_url(url)
+    assert (parsed.topology, parsed.tls, list(parsed.hosts), parsed.service, parsed.db) == (
+        topology,
+        tls,
+        hosts,
+        service,
+        db,
+    )
+    assert "pw" not in parsed.redacted()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "memcached://x:1",
+        "redis://",
+        "redis://host:99999",
+        "redis://a:1,b:2",
+        "redis+sentinel://s1:26379",
+        "redis://host:1/notadb",
+    ],
+)
+def test_bad_store_urls_are_one_config_error(url: str) -> None:
+    """A store URL that cannot work is refused at start, naming the flag, never its password."""
+    with pytest.raises(ConfigError, match="^store: ") as raised:
+        open_store(url, state_dir=None, timeout=0.5)
+    assert "secret" not in str(raised.value)
+
+
+async def test_memory_revocations_persist_across_a_restart(tmp_path: Path) -> None:
+    """In memory mode revocations are written (fsync, rename) under --state-dir and read back."""
+    store = MemoryStore(tmp_path / "state")
+    await store.start()
+    await store.revocations.add(Revocation("acme", "t1", "2026-01-01T00:00:00Z", "op"))
+    await store.revocations.add(Revocation("globex", "", "2026-01-01T00:00:01Z", "op"))
+    assert await store.revocations.remove("globex", "") is not None
+    again = MemoryStore(tmp_path / "state")
+    await again.start()
+    assert await again.revocations.snapshot() == [
+        Revocation("acme", "t1", "2026-01-01T00:00:00Z", "op")
+    ]
+    assert not list((tmp_path / "state").glob("*.tmp"))
+
+    (tmp_path / "state" / "revocations.json").write_text("{damaged")
+    with pytest.raises(ConfigError, match="revocations.json is unreadable"):
+        await MemoryStore(tmp_path / "state").start()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+async def started(url: str) -> RedisStore:
+    store = open_store(url, state_dir=None, timeout=0.5)
+    assert isinstance(store, RedisStore)
+    await store.start()
+    return store
+
+
+async def test_the_budget_is_one_timeline_for_every_replica(redis_url: str) -> None:
+    """Two replicas taking budget at once get slots spaced for one 50/s budget."""
+    one, two = await started(redis_url), await started(redis_url)
+    try:
+        budgets = [one.budget(50.0), two.budget(50.0)]
+        loop = asyncio.get_running_loop()
+        begin = loop.time()
+        times: list[float] = []
+
+        async def take(index: int) -> None:
+            await budgets[index % 2].acquire()
+            times.append(loop.time() - begin)
+
+        await asyncio.gather(*(take(i) for i in range(40)))
+        # 40 calls at 48/s (50 less the margin), one burst of 1 allowed: about 0.8 s.
+        assert 0.7 <= max(times) <= 1.2
+        window = [t for t in times if t < 0.5]
+        assert len(window) <= 0.5 * 50 + 2
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_without_the_store_a_replica_takes_its_share_of_the_budget(
+    redis_server: RedisServer,
+) -> None:
+    """The store gone, the budget falls back to budget ÷ the live replicas last seen."""
+    one, two = await started(redis_server.url), await started(redis_server.url)
+    try:
+        await one.replicas.heartbeat("r1", 10)
+        assert await two.replicas.heartbeat("r2", 10) == ["r1", "r2"]
+        budget = two.budget(40.0)
+        redis_server.stop()
+        loop = asyncio.get_running_loop()
+        begin = loop.time()
+        for _ in range(12):
+            await budget.acquire()
+        elapsed = loop.time() - begin
+        # 20/s (40 ÷ 2) less the margin: 12 calls take about half a second; at 40/s, a quarter.
+        assert elapsed >= 0.45
+        assert budget.stats()["budget_fallback"] == 1.0
+        assert budget.stats()["budget_share_per_second"] == 20.0
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_tenant_rate_and_in_flight_cap_hold_across_replicas(redis_url: str) -> None:
+    """A tenant's burst and in-flight cap are the fleet's, whichever replica is asked."""
+    one, two = await started(redis_url), await started(redis_url)
+    limits = BrokerLimits(
+        requests_per_second=1,
+        burst=4,
+        per_identity_rps=100,
+        per_identity_burst=100,
+        max_in_flight=3,
+    )
+    try:
+        admitted = []
+        for i in range(8):
+            store = (one, two)[i % 2]
+            admitted.append(await store.limits.enter("acme", f"id-{i}", limits))
+        # Burst 4, but only 3 may be in flight at once: the 4th is refused for the cap.
+        assert [a.admitted for a in admitted[:3]] == [True, True, True]
+        assert admitted[3].reason == "in-flight"
+        await one.limits.leave("acme", admitted[0].ticket)
+        fourth = await two.limits.enter("acme", "id-x", limits)
+        assert fourth.admitted
+        refused = await one.limits.enter("acme", "id-y", limits)
+        assert (refused.admitted, refused.reason) == (False, "tenant-rate")
+        assert refused.retry_after >= 1
+        other = await one.limits.enter("globex", "id-1", limits)
+        assert other.admitted  # another tenant has its own buckets
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_a_store_that_is_down_fails_fast(redis_server: RedisServer) -> None:
+    """Once a command failed, the next ones fail at once instead of each waiting to connect."""
+    store = await started(redis_server.url)
+    try:
+        redis_server.stop()
+        with pytest.raises(StoreUnavailable):
+            await store.cache.get("k")
+        begin = time.monotonic()
+        for _ in range(100):
+            with pytest.raises(StoreUnavailable):
+                await store.cache.get("k")
+        assert time.monotonic() - begin < 0.5
+    finally:
+        await store.aclose()
+
+
+async def exercise(store: RedisStore) -> None:
+    """Every part once: a revocation pushed and read back, a limit, a lease, a cached value."""
+    heard: list[str] = []
+    store.revocations.subscribe(lambda event: heard.append(event.action))
+    entry = Revocation("acme", "t1", "2026-01-01T00:00:00Z", "test")
+    await store.revocations.add(entry)
+    assert entry in await store.revocations.snapshot()
+    admission = await store.limits.enter("acme", "id", BrokerLimits())
+    assert admission.admitted
+    await store.limits.leave("acme", admission.ticket)
+    assert await store.cache.claim("k1", "me", 5)
+    assert not await store.cache.claim("k1", "you", 5)
+    await store.cache.put("k1", b"sealed", 60, ["acme\x00", "acme\x00t1"])
+    await store.cache.release("k1", "me")
+    assert await store.cache.get("k1") == b"sealed"
+    assert await store.cache.drop_owner("acme\x00t1") == 1
+    assert await store.cache.get("k1") is None
+    for _ in range(50):
+        if heard:
+            break
+        await asyncio.sleep(0.05)
+    assert heard == ["revoke"]
+
+
+@pytest.fixture
+def sentinel_url(tmp_path: Path, redis_server: RedisServer) -> Iterator[str]:
+    """A Sentinel watching the redis_server as primary `mp`."""
+    sentinel = RedisServer(
+        tmp_path / "sentinel",
+        binary=require_redis_server(),
+        sentinel=True,
+        extra_config=(
+            f"sentinel monitor mp 127.0.0.1 {redis_server.port} 1",
+            "sentinel down-after-milliseconds mp 1000",
+        ),
+    )
+    sentinel.start()
+    yield f"redis+sentinel://127.0.0.1:{sentinel.port}/mp"
+    sentinel.stop()
+
+
+async def test_the_store_works_through_sentinel(sentinel_url: str) -> None:
+    """redis+sentinel:// finds the primary through Sentinel and every part works on it."""
+    store = await started(sentinel_url)
+    try:
+        await exercise(store)
+    finally:
+        await store.aclose()
+
+
+@pytest.fixture
+def cluster_url(tmp_path: Path) -> Iterator[str]:
+    """Three primaries in Cluster mode, slots assigned by redis-cli."""
+    binary = require_redis_server()
+    nodes = [
+        RedisServer(
+            tmp_path / f"node-{i}",
+            binary=binary,
+            port=free_port(),
+            extra_config=(
+                "cluster-enabled yes",
+                "cluster-config-file nodes.conf",
+                # The bus port defaults to port + 10000, past 65535 for a high free port.
+                f"cluster-port {free_port()}",
+            ),
+        )
+        for i in range(3)
+    ]
+    try:
+        for node in nodes:
+            node.start()
+        created = subprocess.run(  # noqa: S603 - redis-cli from the same package as the server
+            [
+                str(Path(binary).with_name("redis-cli")),
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{node.port}" for node in nodes),
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert created.returncode == 0, created.stdout + created.stderr
+        time.sleep(1.0)  # the nodes agree on the slot map
+        yield "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in nodes)
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+async def test_the_store_works_on_a_cluster(cluster_url: str) -> None:
+    """redis+cluster://: scripts stay in one slot, pushes reach every node's subscribers."""
+    store = await started(cluster_url)
+    try:
+        await exercise(store)
+        budget = store.budget(100.0)
+        await budget.acquire()
+        assert budget.stats()["budget_fallback"] == 0.0
+    finally:
+        await store.aclose()
