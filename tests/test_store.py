@@ -321,7 +321,7 @@ def cluster_url(tmp_path: Path) -> Iterator[str]:
     try:
         for node in nodes:
             node.start()
-        created = subprocess.run(  # noqa: S603 - redis-cli from the same package as the server
+        created = subprocess.run(
             [
                 str(Path(binary).with_name("redis-cli")),
                 "--cluster",
