@@ -110,7 +110,7 @@ def test_store_urls_name_their_topology(
 @pytest.mark.parametrize(
     "url",
     [
-        "memcached://x:1",
+        "memcached://user:secret@x:1",
         "redis://",
         "redis://host:99999",
         "redis://a:1,b:2",
@@ -120,7 +120,7 @@ def test_store_urls_name_their_topology(
 )
 def test_bad_store_urls_are_one_config_error(url: str) -> None:
     """A store URL that cannot work is refused at start, naming the flag, never its password."""
-    with pytest.raises(ConfigError, match="^store: ") as raised:
+    with pytest.raises(ConfigError, match=r"^store: ") as raised:
         open_store(url, state_dir=None, timeout=0.5)
     assert "secret" not in str(raised.value)
 
@@ -140,7 +140,7 @@ async def test_memory_revocations_persist_across_a_restart(tmp_path: Path) -> No
     assert not list((tmp_path / "state").glob("*.tmp"))
 
     (tmp_path / "state" / "revocations.json").write_text("{damaged")
-    with pytest.raises(ConfigError, match="revocations.json is unreadable"):
+    with pytest.raises(ConfigError, match=r"revocations\.json is unreadable"):
         await MemoryStore(tmp_path / "state").start()
 
 
