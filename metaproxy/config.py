@@ -3,6 +3,12 @@
 This is the only module that reads environment variables. Every setting has one name used three
 ways: the dataclass field `broker_url`, the CLI flag `--broker-url`, and the environment variable
 `METAPROXY_BROKER_URL`. Precedence: CLI flag, then environment, then the named default.
+
+Every field documents itself, once, here: `field(default=..., metadata=doc("meaning", unit=...))`.
+That one source feeds each flag's `--help` (meaning, unit, default, allowed values, environment
+variable) and the generated `docs/configuration.md` (`python -m metaproxy.configdoc`); a test
+fails when a field has no `doc(...)` or when the page is out of date. Allowed values come from the
+field's type (a `Literal` lists them); pass `choices=` only to describe a free-form set.
 """
 
 from __future__ import annotations
@@ -26,6 +32,20 @@ ENV_PREFIX = "METAPROXY_"
 IMDS_ADDRESS = "169.254.169.254:80"
 CONTAINER_CREDENTIALS_ADDRESS = "169.254.170.23:80"
 
+Unit = Literal["seconds", "bytes", "count", "per second", "fraction", "connections", "requests"]
+
+
+def doc(
+    help: str,
+    *,
+    unit: Unit | None = None,
+    choices: str = "",
+    metavar: str = "",
+) -> dict[str, str]:
+    """A field's documentation: its meaning, its unit, and (for free-form text with a fixed
+    grammar) a description of the values it accepts. Goes in `field(metadata=...)`."""
+    return {"help": help, "unit": unit or "", "choices": choices, "metavar": metavar}
+
 
 @dataclass(frozen=True, slots=True)
 class TrustedIssuer:
@@ -37,83 +57,358 @@ class TrustedIssuer:
     kind: Literal["platform", "kubernetes"] = "platform"
 
 
+_LOG_FORMAT = doc("log output: json for production, text for people; auto picks by terminal")
+_LISTEN = "HOST:PORT, [IPv6]:PORT or unix:/path"
+
+
 @dataclass(frozen=True, slots=True)
 class SidecarConfig:
-    broker_url: str = "https://127.0.0.1:8443"
-    broker_ca_file: Path | None = None
-    broker_socket: Path | None = None  # a Unix socket on the host instead of TCP+TLS
-    identity_token_file: Path = Path("/var/run/metaproxy/identity.jwt")
-    role: str = ""  # the role to ask for; empty means the policy's default
-    imds_listen: tuple[str, ...] = (IMDS_ADDRESS,)
-    container_listen: tuple[str, ...] = (CONTAINER_CREDENTIALS_ADDRESS,)
-    admin_listen: str = "127.0.0.1:9901"
-    authorization_token_file: Path | None = None
-    imds_v1: Literal["allow", "refuse"] = "refuse"
-    host_metadata_allow: tuple[str, ...] = ()  # IMDS paths passed through to the host
-    host_metadata_url: str = "http://169.254.169.254"
-    refresh_fraction: float = 0.5  # refresh at about half of the credentials' lifetime
-    min_serve_seconds: float = 900.0  # never hand out credentials with less than 15 min left
-    # Ask the broker at least this often, so a revoked task stops being served within it.
-    revocation_check_seconds: float = 60.0
-    broker_timeout: float = 5.0
-    header_timeout: float = 5.0
-    keepalive_timeout: float = 15.0
-    max_header_bytes: int = 8190
-    max_headers: int = 64
-    max_body_bytes: int = 1024
-    drain_seconds: float = 10.0
-    log_format: Literal["auto", "json", "text"] = "auto"
+    broker_url: str = field(
+        default="https://127.0.0.1:8443",
+        metadata=doc(
+            "the broker's URL; https, or http only to a loopback address",
+            metavar="URL",
+        ),
+    )
+    broker_ca_file: Path | None = field(
+        default=None,
+        metadata=doc("PEM CA bundle that verifies the broker's certificate; unset: system CAs"),
+    )
+    broker_socket: Path | None = field(
+        default=None,
+        metadata=doc("reach the broker over this Unix socket on the host instead of TCP+TLS"),
+    )
+    identity_token_file: Path = field(
+        default=Path("/var/run/metaproxy/identity.jwt"),
+        metadata=doc("the task's identity token (JWT); re-read when the platform rotates it"),
+    )
+    role: str = field(
+        default="",
+        metadata=doc("the role to ask the broker for; empty: the policy's default role"),
+    )
+    imds_listen: tuple[str, ...] = field(
+        default=(IMDS_ADDRESS,),
+        metadata=doc(
+            "where to serve the EC2 metadata API (IMDS); comma-separated; "
+            "port 80 needs CAP_NET_BIND_SERVICE",
+            choices=_LISTEN,
+        ),
+    )
+    container_listen: tuple[str, ...] = field(
+        default=(CONTAINER_CREDENTIALS_ADDRESS,),
+        metadata=doc(
+            "where to serve the container-credentials API; comma-separated; empty: not served",
+            choices=_LISTEN,
+        ),
+    )
+    admin_listen: str = field(
+        default="127.0.0.1:9901",
+        metadata=doc("where to serve /healthz, /readyz and /metrics", choices=_LISTEN),
+    )
+    authorization_token_file: Path | None = field(
+        default=None,
+        metadata=doc(
+            "write the container-credentials authorization token here, mode 0600 "
+            "(for AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE); unset: the endpoint asks for none"
+        ),
+    )
+    imds_v1: Literal["allow", "refuse"] = field(
+        default="refuse",
+        metadata=doc("answer IMDSv1 (token-less) requests, or only IMDSv2"),
+    )
+    host_metadata_allow: tuple[str, ...] = field(
+        default=(),
+        metadata=doc(
+            "IMDS paths passed through to the host's own metadata service, comma-separated "
+            "(e.g. meta-data/ami-launch-index); empty: the host's IMDS is never contacted"
+        ),
+    )
+    host_metadata_url: str = field(
+        default="http://169.254.169.254",
+        metadata=doc("the host's own metadata service, for --host-metadata-allow", metavar="URL"),
+    )
+    refresh_fraction: float = field(
+        default=0.5,
+        metadata=doc(
+            "refresh credentials after this fraction of their lifetime (with jitter)",
+            unit="fraction",
+            choices="0.1 to 0.9",
+        ),
+    )
+    min_serve_seconds: float = field(
+        default=900.0,
+        metadata=doc(
+            "never hand out credentials with less than this left (SDKs refresh at 15 minutes)",
+            unit="seconds",
+        ),
+    )
+    revocation_check_seconds: float = field(
+        default=60.0,
+        metadata=doc(
+            "ask the broker at least this often, so a revoked task stops being served within it",
+            unit="seconds",
+        ),
+    )
+    broker_timeout: float = field(
+        default=5.0, metadata=doc("deadline for one request to the broker", unit="seconds")
+    )
+    header_timeout: float = field(
+        default=5.0,
+        metadata=doc("deadline for a client to send a request's head", unit="seconds"),
+    )
+    keepalive_timeout: float = field(
+        default=15.0,
+        metadata=doc("close an idle kept-alive client connection after this", unit="seconds"),
+    )
+    max_header_bytes: int = field(
+        default=8190, metadata=doc("largest request line or header accepted", unit="bytes")
+    )
+    max_headers: int = field(
+        default=64, metadata=doc("most headers accepted in one request", unit="count")
+    )
+    max_body_bytes: int = field(
+        default=1024, metadata=doc("largest request body accepted", unit="bytes")
+    )
+    drain_seconds: float = field(
+        default=10.0,
+        metadata=doc("on SIGTERM, let in-flight requests finish for at most this", unit="seconds"),
+    )
+    log_format: Literal["auto", "json", "text"] = field(default="auto", metadata=_LOG_FORMAT)
 
 
 @dataclass(frozen=True, slots=True)
 class BrokerConfig:
-    listen: str = "127.0.0.1:8443"
-    socket: Path | None = None
-    admin_listen: str = "127.0.0.1:9902"
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    policies_dir: Path = Path("policies")
-    policy_reload_seconds: float = 2.0
-    trusted_issuers: tuple[TrustedIssuer, ...] = ()
-    token_leeway_seconds: int = 30
-    document_key: Path | None = None  # signs instance-identity documents
-    audit_dir: Path = Path("audit")
-    audit_key: Path | None = None  # signs audit checkpoints
-    audit_s3_url: str = ""  # s3://bucket/prefix for shipping closed segments
-    audit_write_timeout: float = 0.5
-    instance: str = field(default_factory=lambda: os.uname().nodename)
-    sts_endpoint: str = ""  # empty: real AWS STS with the broker's own credentials
-    sts_region: str = "us-east-1"
-    s3_endpoint: str = ""
-    sts_timeout: float = 5.0
-    sts_budget_per_second: float = 50.0
-    sts_max_attempts: int = 4
-    workers_min: int = 2
-    workers_max: int = 64
-    queue_max: int = 10_000
-    queue_per_tenant_max: int = 2_000
-    cache_refresh_fraction: float = 0.5
-    max_connections: int = 4096
-    header_timeout: float = 5.0
-    max_body_bytes: int = 16_384
-    drain_seconds: float = 10.0
-    region: str = "us-east-1"
-    availability_zone: str = "us-east-1a"
-    log_format: Literal["auto", "json", "text"] = "auto"
-    # The fleet (docs/fleet.md): where shared state lives. "memory" keeps it in this process
-    # (one broker); redis://, rediss://, redis+sentinel://, redis+cluster:// share it.
-    store: str = "memory"
-    store_key_file: Path | None = None  # AES-GCM keys sealing credentials in the store
-    store_timeout: float = 0.5  # seconds one store command may take before we fall back
-    state_dir: Path | None = None  # memory store: where revocations persist across restarts
-    revocation_max_staleness: float = 30.0  # refuse issuance when our view is older (seconds)
-    revocation_resync_seconds: float = 5.0  # full re-read of revocations, the push's backstop
-    heartbeat_seconds: float = 2.0  # replica registry beat; a replica is live for 3 beats
-    control_listen: str = ""  # the authenticated control API; empty: none
-    control_token_file: Path | None = None  # bearer token for the control API
+    listen: str = field(
+        default="127.0.0.1:8443",
+        metadata=doc("where to serve sidecars (POST /v1/credentials)", choices=_LISTEN),
+    )
+    socket: Path | None = field(
+        default=None,
+        metadata=doc("serve sidecars on this Unix socket instead of --listen (not both)"),
+    )
+    admin_listen: str = field(
+        default="127.0.0.1:9902",
+        metadata=doc("where to serve /healthz, /readyz and /metrics", choices=_LISTEN),
+    )
+    tls_cert: Path | None = field(
+        default=None, metadata=doc("PEM certificate chain for --listen (with --tls-key)")
+    )
+    tls_key: Path | None = field(
+        default=None, metadata=doc("PEM private key for --listen (with --tls-cert)")
+    )
+    policies_dir: Path = field(
+        default=Path("policies"),
+        metadata=doc("directory of tenant policy files (*.toml); reloaded when they change"),
+    )
+    policy_reload_seconds: float = field(
+        default=2.0, metadata=doc("how often to look for policy changes", unit="seconds")
+    )
+    trusted_issuers: tuple[TrustedIssuer, ...] = field(
+        default=(),
+        metadata=doc(
+            "trust identity tokens from this issuer (repeatable flag; the environment variable "
+            "takes ';'-separated entries); KIND is platform (default) or kubernetes",
+            metavar="ISSUER,AUDIENCE,JWKS_FILE[,KIND]",
+        ),
+    )
+    token_leeway_seconds: int = field(
+        default=30,
+        metadata=doc("clock skew tolerated on identity tokens' exp/nbf/iat", unit="seconds"),
+    )
+    document_key: Path | None = field(
+        default=None,
+        metadata=doc(
+            "PEM private key that signs instance-identity documents; unset: "
+            "meta-data's dynamic/instance-identity/* answers 404"
+        ),
+    )
+    audit_dir: Path = field(
+        default=Path("audit"), metadata=doc("directory of audit log segments and checkpoints")
+    )
+    audit_key: Path | None = field(
+        default=None,
+        metadata=doc("PEM private key that signs audit checkpoints; unset: unsigned checkpoints"),
+    )
+    audit_s3_url: str = field(
+        default="",
+        metadata=doc(
+            "ship closed segments and checkpoints to s3://BUCKET/PREFIX, under "
+            "PREFIX/<instance>/; empty: no shipping",
+            metavar="URL",
+        ),
+    )
+    audit_write_timeout: float = field(
+        default=0.5,
+        metadata=doc(
+            "refuse to issue (fail closed) when an audit write takes longer", unit="seconds"
+        ),
+    )
+    instance: str = field(
+        default_factory=lambda: os.uname().nodename,
+        metadata=doc("this broker's name in audit records and the fleet; default: the hostname"),
+    )
+    sts_endpoint: str = field(
+        default="",
+        metadata=doc(
+            "STS endpoint URL; empty: real AWS STS with the broker's own credentials",
+            metavar="URL",
+        ),
+    )
+    sts_region: str = field(
+        default="us-east-1", metadata=doc("region for STS and S3 requests", metavar="REGION")
+    )
+    s3_endpoint: str = field(
+        default="",
+        metadata=doc("S3 endpoint URL for audit shipping; empty: real AWS S3", metavar="URL"),
+    )
+    sts_timeout: float = field(
+        default=5.0, metadata=doc("deadline for one STS call", unit="seconds")
+    )
+    sts_budget_per_second: float = field(
+        default=50.0,
+        metadata=doc("most STS calls this broker (or fleet) makes", unit="per second"),
+    )
+    sts_max_attempts: int = field(
+        default=4,
+        metadata=doc("STS attempts per request, retrying throttling with backoff", unit="count"),
+    )
+    workers_min: int = field(
+        default=2, metadata=doc("floor of the autoscaled STS worker pool", unit="count")
+    )
+    workers_max: int = field(
+        default=64,
+        metadata=doc(
+            "ceiling of the autoscaled STS worker pool (at least --workers-min)", unit="count"
+        ),
+    )
+    queue_max: int = field(
+        default=10_000,
+        metadata=doc("requests waiting for a worker before 503 + Retry-After", unit="requests"),
+    )
+    queue_per_tenant_max: int = field(
+        default=2_000,
+        metadata=doc("requests one tenant may have waiting before 503", unit="requests"),
+    )
+    cache_refresh_fraction: float = field(
+        default=0.5,
+        metadata=doc(
+            "refresh cached credentials after this fraction of their lifetime",
+            unit="fraction",
+            choices="0 to 1",
+        ),
+    )
+    max_connections: int = field(
+        default=4096, metadata=doc("open client connections at most", unit="connections")
+    )
+    header_timeout: float = field(
+        default=5.0,
+        metadata=doc("deadline for a client to send a request's head and body", unit="seconds"),
+    )
+    max_body_bytes: int = field(
+        default=16_384, metadata=doc("largest request body accepted", unit="bytes")
+    )
+    drain_seconds: float = field(
+        default=10.0,
+        metadata=doc("on SIGTERM, let in-flight requests finish for at most this", unit="seconds"),
+    )
+    region: str = field(
+        default="us-east-1",
+        metadata=doc("region in tasks' metadata view (placement/region)", metavar="REGION"),
+    )
+    availability_zone: str = field(
+        default="us-east-1a",
+        metadata=doc("availability zone in tasks' metadata view", metavar="ZONE"),
+    )
+    log_format: Literal["auto", "json", "text"] = field(default="auto", metadata=_LOG_FORMAT)
+    # The fleet (docs/fleet.md): where shared state lives.
+    store: str = field(
+        default="memory",
+        metadata=doc(
+            "where fleet-wide state lives: memory keeps it in this process (one broker); "
+            "a Valkey/Redis URL shares it between replicas (docs/fleet.md)",
+            choices="memory, redis://, rediss://, redis+sentinel://, redis+cluster://",
+            metavar="URL",
+        ),
+    )
+    store_key_file: Path | None = field(
+        default=None, metadata=doc("AES-GCM keys sealing credentials in the store")
+    )
+    store_timeout: float = field(
+        default=0.5,
+        metadata=doc("deadline for one store command before falling back", unit="seconds"),
+    )
+    state_dir: Path | None = field(
+        default=None,
+        metadata=doc("memory store: where revocations persist across restarts"),
+    )
+    revocation_max_staleness: float = field(
+        default=30.0,
+        metadata=doc(
+            "refuse issuance (503) when our view of revocations is older than this",
+            unit="seconds",
+        ),
+    )
+    revocation_resync_seconds: float = field(
+        default=5.0,
+        metadata=doc("full re-read of revocations, the push's backstop", unit="seconds"),
+    )
+    heartbeat_seconds: float = field(
+        default=2.0,
+        metadata=doc("replica registry beat; a replica is live for 3 beats", unit="seconds"),
+    )
+    control_listen: str = field(
+        default="",
+        metadata=doc("where to serve the authenticated control API; empty: none", choices=_LISTEN),
+    )
+    control_token_file: Path | None = field(
+        default=None, metadata=doc("bearer token for the control API")
+    )
 
 
-C = TypeVar("C", SidecarConfig, BrokerConfig)
+@dataclass(frozen=True, slots=True)
+class WebhookConfig:
+    listen: str = field(
+        default="127.0.0.1:9443",
+        metadata=doc("where to serve POST /mutate and GET /healthz", choices=_LISTEN),
+    )
+    tls_cert: Path | None = field(
+        default=None,
+        metadata=doc("PEM certificate chain (with --tls-key); reloaded on SIGHUP"),
+    )
+    tls_key: Path | None = field(default=None, metadata=doc("PEM private key (with --tls-cert)"))
+    image: str = field(
+        default="", metadata=doc("the sidecar's container image (required)", metavar="IMAGE")
+    )
+    broker_url: str = field(
+        default="",
+        metadata=doc("https URL sidecars reach the broker at (required)", metavar="URL"),
+    )
+    broker_ca_configmap: str = field(
+        default="metaproxy-broker-ca",
+        metadata=doc(
+            "ConfigMap (in each pod's namespace) with the broker CA as ca.pem", metavar="NAME"
+        ),
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = field(
+        default="IfNotPresent", metadata=doc("the injected sidecar's imagePullPolicy")
+    )
+    drain_seconds: float = field(
+        default=5.0,
+        metadata=doc(
+            "on SIGTERM, let in-flight reviews finish for at most this "
+            "(the API server retries elsewhere)",
+            unit="seconds",
+        ),
+    )
+    log_format: Literal["auto", "json", "text"] = field(default="auto", metadata=_LOG_FORMAT)
+
+
+C = TypeVar("C", SidecarConfig, BrokerConfig, WebhookConfig)
+CONFIG_CLASSES: dict[str, type[Any]] = {
+    "sidecar": SidecarConfig,
+    "broker": BrokerConfig,
+    "webhook": WebhookConfig,
+}
 
 
 def _field_type(cls: type[Any], name: str) -> Any:
@@ -132,7 +427,7 @@ def _convert(raw: str, annotation: Any, name: str) -> Any:  # noqa: PLR0911 - on
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     if origin is Literal:
         if raw not in args:
-            raise ConfigError(f"{name}: {raw!r} is not one of {', '.join(map(str, args))}")
+            raise ConfigError(f"{_flag(name)}: {raw!r} is not one of {', '.join(map(str, args))}")
         return raw
     try:
         if annotation is bool:
@@ -144,35 +439,125 @@ def _convert(raw: str, annotation: Any, name: str) -> Any:  # noqa: PLR0911 - on
         if annotation is Path:
             return Path(raw)
     except ValueError as exc:
-        raise ConfigError(f"{name}: {raw!r} is not a valid {annotation.__name__}") from exc
-    raise ConfigError(f"{name}: cannot be set from text")
+        kind = {int: "whole number", float: "number"}.get(annotation, annotation.__name__)
+        raise ConfigError(f"{_flag(name)}: {raw!r} is not a {kind}") from exc
+    raise ConfigError(f"{_flag(name)}: cannot be set from text")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type[C]) -> None:
-    """One `--flag` per field, each defaulting to 'unset' so env and defaults can apply."""
+def _flag(name: str) -> str:
+    return "--trust" if name == "trusted_issuers" else "--" + name.replace("_", "-")
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + ("TRUST" if name == "trusted_issuers" else name.upper())
+
+
+@dataclass(frozen=True, slots=True)
+class FieldDoc:
+    """What `--help` and docs/configuration.md say about one field."""
+
+    name: str
+    flag: str
+    env: str
+    metavar: str
+    help: str
+    unit: str
+    default: str
+    allowed: str
+
+
+def _metavar(annotation: Any, meta: Mapping[str, str]) -> str:
+    if meta.get("metavar"):
+        return meta["metavar"]
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return _metavar(next(a for a in args if a is not type(None)), meta)
+    if origin is tuple:
+        return "ADDR[,ADDR...]" if meta.get("choices") else "VALUE[,VALUE...]"
+    if origin is Literal:
+        return "{" + ",".join(map(str, args)) + "}"
+    if meta.get("choices") and annotation is str:
+        return "ADDR"
+    unit = meta.get("unit", "")
+    return {
+        Path: "PATH",
+        int: "N",
+        float: "SECONDS" if unit == "seconds" else "NUMBER",
+        bool: "BOOL",
+    }.get(annotation, "TEXT")
+
+
+def _show_default(f: dataclasses.Field[Any]) -> str:
+    if f.default_factory is not dataclasses.MISSING:
+        return "" if f.name != "instance" else "the host name"
+    value = f.default
+    if value is None or value in ("", ()):
+        return "unset"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def field_docs(cls: type[Any]) -> list[FieldDoc]:
+    """Every field's documentation, in declaration order; missing `doc(...)` is an error."""
+    docs = []
     for f in dataclasses.fields(cls):
-        if f.name == "trusted_issuers":
-            parser.add_argument(
-                "--trust",
-                action="append",
-                metavar="ISSUER,AUDIENCE,JWKS_FILE[,KIND]",
-                help="trust identity tokens from this issuer (repeatable); "
-                f"env {ENV_PREFIX}TRUST, ';'-separated",
+        meta = f.metadata
+        if not meta.get("help"):
+            raise TypeError(f"{cls.__name__}.{f.name} has no doc(...) in its field metadata")
+        annotation = _field_type(cls, f.name)
+        allowed = meta.get("choices", "")
+        literal = annotation
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            literal = next(a for a in typing.get_args(annotation) if a is not type(None))
+        if typing.get_origin(literal) is Literal:
+            allowed = ", ".join(map(str, typing.get_args(literal)))
+        docs.append(
+            FieldDoc(
+                name=f.name,
+                flag=_flag(f.name),
+                env=env_name(f.name),
+                metavar=_metavar(annotation, meta),
+                help=meta["help"],
+                unit=meta.get("unit", ""),
+                default=_show_default(f),
+                allowed=allowed,
             )
+        )
+    return docs
+
+
+def _help_line(d: FieldDoc) -> str:
+    parts = [d.help + "."]
+    if d.unit:
+        parts.append(f"Unit: {d.unit}.")
+    if d.allowed:
+        parts.append(f"Allowed: {d.allowed}.")
+    parts.append(f"Default: {d.default}.")
+    parts.append(f"Env: {d.env}.")
+    # argparse %-formats help strings.
+    return " ".join(parts).replace("%", "%%")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
+    """One `--flag` per field, each defaulting to 'unset' so env and defaults can apply."""
+    for d in field_docs(cls):
+        if d.name == "trusted_issuers":
+            parser.add_argument("--trust", action="append", metavar=d.metavar, help=_help_line(d))
             continue
-        flag = "--" + f.name.replace("_", "-")
         parser.add_argument(
-            flag, dest=f.name, default=None, help=f"env {ENV_PREFIX}{f.name.upper()}"
+            d.flag, dest=d.name, default=None, metavar=d.metavar, help=_help_line(d)
         )
 
 
 def parse_trust(spec: str) -> TrustedIssuer:
     parts = [p.strip() for p in spec.split(",")]
     if len(parts) not in (3, 4) or not all(parts):
-        raise ConfigError(f"trust: {spec!r} must be ISSUER,AUDIENCE,JWKS_FILE[,KIND]")
+        raise ConfigError(f"--trust: {spec!r} must be ISSUER,AUDIENCE,JWKS_FILE[,KIND]")
     kind = parts[3] if len(parts) == 4 else "platform"
     if kind not in ("platform", "kubernetes"):
-        raise ConfigError(f"trust: kind {kind!r} must be platform or kubernetes")
+        raise ConfigError(f"--trust: kind {kind!r} must be platform or kubernetes")
     return TrustedIssuer(parts[0], parts[1], Path(parts[2]), kind)  # type: ignore[arg-type]
 
 
@@ -184,6 +569,7 @@ def build_config(
     """Flags over environment over defaults; every value validated once, here."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
+    given: set[str] = set()
     for f in dataclasses.fields(cls):
         if f.name == "trusted_issuers":
             specs: list[str] = list(getattr(args, "trust", None) or [])
@@ -197,29 +583,48 @@ def build_config(
             raw = environ.get(ENV_PREFIX + f.name.upper())
         if raw is None:
             continue
+        given.add(f.name)
         values[f.name] = _convert(str(raw), _field_type(cls, f.name), f.name)
     config = cls(**values)
-    _validate(config)
+    _validate(config, given)
     return config
 
 
-def _validate(config: SidecarConfig | BrokerConfig) -> None:
+def _validate(config: SidecarConfig | BrokerConfig | WebhookConfig, given: set[str]) -> None:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
-            raise ConfigError(f"{f.name}: must not be negative")
+            raise ConfigError(f"{_flag(f.name)}: must not be negative")
+        if f.metadata.get("choices") == _LISTEN and value:
+            for address in value if isinstance(value, tuple) else (value,):
+                split_host_port(address, _flag(f.name))
+    if isinstance(config, BrokerConfig | WebhookConfig) and (config.tls_cert is None) != (
+        config.tls_key is None
+    ):
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
     if isinstance(config, SidecarConfig):
         if not 0.1 <= config.refresh_fraction <= 0.9:
-            raise ConfigError("refresh_fraction: must be between 0.1 and 0.9")
-    elif config.workers_min < 1 or config.workers_max < config.workers_min:
-        raise ConfigError("workers_min/workers_max: need 1 <= workers_min <= workers_max")
+            raise ConfigError("--refresh-fraction: must be between 0.1 and 0.9")
+    elif isinstance(config, BrokerConfig):
+        _validate_broker(config, given)
+    elif not config.image.strip():
+        raise ConfigError("--image: must name the sidecar's container image")
+    elif not config.broker_url.startswith("https://"):
+        raise ConfigError("--broker-url: must be an https:// URL (sidecars verify the CA)")
 
 
-def split_host_port(address: str) -> tuple[str, int]:
+def _validate_broker(config: BrokerConfig, given: set[str]) -> None:
+    if config.workers_min < 1 or config.workers_max < config.workers_min:
+        raise ConfigError("--workers-min/--workers-max: need 1 <= workers-min <= workers-max")
+    if config.socket is not None and "listen" in given:
+        raise ConfigError("--socket and --listen conflict: the broker serves one or the other")
+
+
+def split_host_port(address: str, flag: str = "listen address") -> tuple[str, int]:
     """`127.0.0.1:80`, `[::1]:80` or `unix:/path` (port 0) — validated."""
     if address.startswith("unix:"):
         return address, 0
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"listen address {address!r} must be HOST:PORT")
+        raise ConfigError(f"{flag}: {address!r} must be HOST:PORT")
     return host.strip("[]"), int(port)
