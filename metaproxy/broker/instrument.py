@@ -163,10 +163,13 @@ class ScrapeState:
         self,
         stats: Callable[[], Mapping[str, float]],
         open_connections: Callable[[], int] | None = None,
+        fleet: Callable[[], Mapping[str, float]] | None = None,
     ) -> None:
         self._stats = stats
         self.open_connections = open_connections
+        self._fleet = fleet
         self._seen: dict[str, float] = dict.fromkeys(_STS_RESULTS, 0.0)
+        self._shared_seen: dict[str, float] = {}
 
     def refresh(self) -> None:
         try:
@@ -188,6 +191,21 @@ class ScrapeState:
             self._seen[result] = total
         if self.open_connections is not None:
             metrics.OPEN_CONNECTIONS.set(self.open_connections())
+        metrics.BUDGET_SHARE.set(float(stats.get("budget_share_per_second", 0.0)))
+        if self._fleet is not None:
+            self._refresh_fleet(self._fleet())
+
+    def _refresh_fleet(self, fleet: Mapping[str, float]) -> None:
+        metrics.STORE_UP.set(fleet.get("store_up", 1.0))
+        metrics.LIVE_REPLICAS.set(fleet.get("live_replicas", 1.0))
+        # An unloaded view is infinitely old; a gauge shows that as a large number.
+        metrics.REVOCATION_VIEW_AGE.set(min(fleet.get("revocation_view_age", 0.0), 1e9))
+        for result in ("hit", "wait", "fallback"):
+            total = fleet.get(f"shared_cache_{result}", 0.0)
+            seen = self._shared_seen.get(result, 0.0)
+            if total > seen:
+                metrics.SHARED_CACHE.labels(result=result).inc(total - seen)
+            self._shared_seen[result] = total
 
 
 def exposition() -> tuple[bytes, str]:

@@ -89,8 +89,38 @@ POLICY_RELOADS = Counter(
     "Policy reloads, by result (ok, error); on error the last good policy set stays in force.",
     ["result"],
 )
+# The fleet (docs/fleet.md).
+STORE_UP = Gauge(
+    "metaproxy_broker_store_up",
+    "1 while the fleet store answered the last command (always 1 with the in-memory store).",
+)
+LIVE_REPLICAS = Gauge(
+    "metaproxy_broker_live_replicas",
+    "Broker replicas live in the store's registry at this replica's last heartbeat.",
+)
+REVOCATION_VIEW_AGE = Gauge(
+    "metaproxy_broker_revocation_view_age_seconds",
+    "Seconds since this replica's revocations last matched the store; past "
+    "--revocation-max-staleness it refuses to issue.",
+)
+BUDGET_SHARE = Gauge(
+    "metaproxy_broker_sts_budget_share_per_second",
+    "AssumeRole calls per second this replica may make: the whole budget while the store "
+    "answers, budget / live replicas while it does not.",
+)
+SHARED_CACHE = Counter(
+    "metaproxy_broker_shared_cache_total",
+    "Fetches through the fleet's shared cache, by result (hit: another replica's set, wait: "
+    "waited for another replica's call, fallback: the store did not answer).",
+    ["result"],
+)
 
 _ALL: tuple[MetricWrapperBase, ...] = (
+    STORE_UP,
+    LIVE_REPLICAS,
+    REVOCATION_VIEW_AGE,
+    BUDGET_SHARE,
+    SHARED_CACHE,
     REQUESTS,
     REQUEST_SECONDS,
     QUEUE_DEPTH,

@@ -180,7 +180,7 @@ class SharedCredentials:
 
     def stats(self) -> dict[str, float]:
         return {
-            "shared_cache_hits": float(self.shared_hits),
-            "shared_cache_waits": float(self.waits),
-            "shared_cache_fallbacks": float(self.fallbacks),
+            "shared_cache_hit": float(self.shared_hits),
+            "shared_cache_wait": float(self.waits),
+            "shared_cache_fallback": float(self.fallbacks),
         }
