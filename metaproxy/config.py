@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from metaproxy.errors import ConfigError
+from metaproxy.errors import ConfigError, StartError
 
 ENV_PREFIX = "METAPROXY_"
 
@@ -41,10 +41,17 @@ def doc(
     unit: Unit | None = None,
     choices: str = "",
     metavar: str = "",
+    reads: bool = False,
 ) -> dict[str, str]:
     """A field's documentation: its meaning, its unit, and (for free-form text with a fixed
-    grammar) a description of the values it accepts. Goes in `field(metadata=...)`."""
-    return {"help": help, "unit": unit or "", "choices": choices, "metavar": metavar}
+    grammar) a description of the values it accepts. Goes in `field(metadata=...)`.
+
+    `reads=True` marks a path the process reads at start: `readable_paths` checks it first, so
+    a missing or unreadable file is one line naming the flag instead of a traceback."""
+    meta = {"help": help, "unit": unit or "", "choices": choices, "metavar": metavar}
+    if reads:
+        meta["reads"] = "yes"
+    return meta
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,14 +198,17 @@ class BrokerConfig:
         metadata=doc("where to serve /healthz, /readyz and /metrics", choices=_LISTEN),
     )
     tls_cert: Path | None = field(
-        default=None, metadata=doc("PEM certificate chain for --listen (with --tls-key)")
+        default=None,
+        metadata=doc("PEM certificate chain for --listen (with --tls-key)", reads=True),
     )
     tls_key: Path | None = field(
-        default=None, metadata=doc("PEM private key for --listen (with --tls-cert)")
+        default=None, metadata=doc("PEM private key for --listen (with --tls-cert)", reads=True)
     )
     policies_dir: Path = field(
         default=Path("policies"),
-        metadata=doc("directory of tenant policy files (*.toml); reloaded when they change"),
+        metadata=doc(
+            "directory of tenant policy files (*.toml); reloaded when they change", reads=True
+        ),
     )
     policy_reload_seconds: float = field(
         default=2.0, metadata=doc("how often to look for policy changes", unit="seconds")
@@ -219,7 +229,8 @@ class BrokerConfig:
         default=None,
         metadata=doc(
             "PEM private key that signs instance-identity documents; unset: "
-            "meta-data's dynamic/instance-identity/* answers 404"
+            "meta-data's dynamic/instance-identity/* answers 404",
+            reads=True,
         ),
     )
     audit_dir: Path = field(
@@ -227,7 +238,9 @@ class BrokerConfig:
     )
     audit_key: Path | None = field(
         default=None,
-        metadata=doc("PEM private key that signs audit checkpoints; unset: unsigned checkpoints"),
+        metadata=doc(
+            "PEM private key that signs audit checkpoints; unset: unsigned checkpoints", reads=True
+        ),
     )
     audit_s3_url: str = field(
         default="",
@@ -331,7 +344,7 @@ class BrokerConfig:
         ),
     )
     store_key_file: Path | None = field(
-        default=None, metadata=doc("AES-GCM keys sealing credentials in the store")
+        default=None, metadata=doc("AES-GCM keys sealing credentials in the store", reads=True)
     )
     store_timeout: float = field(
         default=0.5,
@@ -361,7 +374,7 @@ class BrokerConfig:
         metadata=doc("where to serve the authenticated control API; empty: none", choices=_LISTEN),
     )
     control_token_file: Path | None = field(
-        default=None, metadata=doc("bearer token for the control API")
+        default=None, metadata=doc("bearer token for the control API", reads=True)
     )
 
 
@@ -373,9 +386,11 @@ class WebhookConfig:
     )
     tls_cert: Path | None = field(
         default=None,
-        metadata=doc("PEM certificate chain (with --tls-key); reloaded on SIGHUP"),
+        metadata=doc("PEM certificate chain (with --tls-key); reloaded on SIGHUP", reads=True),
     )
-    tls_key: Path | None = field(default=None, metadata=doc("PEM private key (with --tls-cert)"))
+    tls_key: Path | None = field(
+        default=None, metadata=doc("PEM private key (with --tls-cert)", reads=True)
+    )
     image: str = field(
         default="", metadata=doc("the sidecar's container image (required)", metavar="IMAGE")
     )
@@ -618,6 +633,27 @@ def _validate_broker(config: BrokerConfig, given: set[str]) -> None:
         raise ConfigError("--workers-min/--workers-max: need 1 <= workers-min <= workers-max")
     if config.socket is not None and "listen" in given:
         raise ConfigError("--socket and --listen conflict: the broker serves one or the other")
+
+
+def readable_paths(config: SidecarConfig | BrokerConfig | WebhookConfig) -> None:
+    """Every path the process reads at start exists and can be read (`doc(reads=True)`), and
+    every trusted issuer's JWKS file: one line naming the flag and the file, not a traceback."""
+    checks: list[tuple[str, Path]] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("reads") and value is not None:
+            checks.append((_flag(f.name), value))
+    for issuer in getattr(config, "trusted_issuers", ()):
+        checks.append(("--trust", issuer.jwks_file))
+    for flag, path in checks:
+        try:
+            if path.is_dir():
+                os.listdir(path)
+            else:
+                with path.open("rb"):
+                    pass
+        except OSError as exc:
+            raise StartError(f"{flag}: {path}: {exc.strerror or exc}") from None
 
 
 def split_host_port(address: str, flag: str = "listen address") -> tuple[str, int]:

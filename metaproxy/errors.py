@@ -102,3 +102,11 @@ class ConfigError(MetaproxyError):
     status = 500
     code = "ConfigError"
     public_message = "configuration error"
+
+
+class StartError(MetaproxyError):
+    """A command cannot start or go on: a port already in use, a file missing or unreadable.
+    The CLI prints the detail as one line and exits 1 (ConfigError, a usage mistake, exits 2)."""
+
+    code = "StartError"
+    public_message = "cannot start"

@@ -124,6 +124,25 @@ def _default_reject() -> bytes:
     return canned_response(429, "Too Many Requests", b"too many connections\n", "text/plain")
 
 
+def server_tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    """The one server-side TLS setup: TLS 1.2 or newer with the given chain and key; None
+    (plain HTTP) only when neither is given (config refuses half a pair)."""
+    if cert is None or key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        from metaproxy.errors import StartError
+
+        raise StartError(
+            f"--tls-cert/--tls-key: {cert}, {key}: not a PEM certificate chain and its key "
+            f"({exc.reason or exc})"
+        ) from None
+    return context
+
+
 def write_ready_file(path: Path, data: dict[str, Any]) -> None:
     """Atomically, so a watcher never reads half a file."""
     tmp = path.with_name(path.name + ".tmp")

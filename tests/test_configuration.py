@@ -31,7 +31,7 @@ def test_every_field_is_documented(command: str) -> None:
             assert d.unit, f"{command} {d.flag} is a number without a unit"
 
 
-@pytest.mark.parametrize("command", ["broker", "sidecar"])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_help_shows_meaning_unit_default_and_allowed_values(
     command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,15 +11,13 @@ import asyncio
 import base64
 import json
 import logging
-import signal
 import ssl
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from metaproxy.connguard import refuse_unknown_expectations
+from metaproxy.config import WebhookConfig
 from metaproxy.errors import BadRequest
 from metaproxy.httperrors import json_errors
 from metaproxy.webhook.patch import InjectionRefused, InjectionSettings, NotAPod, build_patch
@@ -30,7 +28,6 @@ SETTINGS = web.AppKey("settings", InjectionSettings)
 MAX_BODY_BYTES = 1024 * 1024  # a Pod is a few KiB; the API server caps objects at about 1.5 MiB
 REVIEW_API_VERSION = "admission.k8s.io/v1"
 MAX_UID_LENGTH = 128
-DRAIN_SECONDS = 5.0
 
 
 def _bad(message: str) -> BadRequest:
@@ -119,47 +116,58 @@ def build_app(settings: InjectionSettings) -> web.Application:
     return app
 
 
-def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    return context
+def settings_from_config(config: WebhookConfig) -> InjectionSettings:
+    return InjectionSettings(
+        image=config.image.strip(),
+        broker_url=config.broker_url,
+        broker_ca_configmap=config.broker_ca_configmap,
+        image_pull_policy=config.image_pull_policy,
+    )
 
 
-async def serve(
-    settings: InjectionSettings, listen: str, tls_cert: Path | None, tls_key: Path | None
-) -> int:
-    """Serve until SIGTERM/SIGINT. SIGHUP reloads the certificate (cert-manager rotates it)."""
-    from metaproxy.config import split_host_port
+class WebhookServer:
+    """The webhook's composition root: its app and site, started in order, closed in reverse."""
 
-    host, port = split_host_port(listen)
-    context = tls_context(tls_cert, tls_key) if tls_cert and tls_key else None
+    def __init__(self, config: WebhookConfig, runner: web.AppRunner, site: web.BaseSite) -> None:
+        self.config = config
+        self._runner = runner
+        self._site = site
+        self._tls: ssl.SSLContext | None = None
+        self.url = ""
 
-    def reload_certificate() -> None:
-        if context is not None and tls_cert and tls_key:
-            try:
-                context.load_cert_chain(tls_cert, tls_key)  # applies to new connections
-            except (OSError, ssl.SSLError):
-                log.exception("certificate reload failed; keeping the current one")
-            else:
-                log.info("certificate reloaded")
+    @classmethod
+    async def start(cls, config: WebhookConfig) -> WebhookServer:
+        from metaproxy.runtime import server_tls_context, start_site
 
-    runner = web.AppRunner(build_app(settings), access_log=None)
-    await runner.setup()
-    assert runner.server is not None
-    refuse_unknown_expectations(runner.server)
-    site = web.TCPSite(runner, host, port, ssl_context=context)
-    await site.start()
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_certificate)
-    scheme = "https" if context else "http"
-    log.info("webhook serving on %s://%s:%d (image %s)", scheme, host, port, settings.image)
-    await stopping.wait()
-    log.info("webhook stopping")
-    # The API server retries on another replica; in-flight reviews get a few seconds to finish.
-    await site.stop()
-    await asyncio.wait_for(runner.cleanup(), timeout=DRAIN_SECONDS)
-    return 0
+        settings = settings_from_config(config)
+        tls = server_tls_context(config.tls_cert, config.tls_key)
+        runner = web.AppRunner(build_app(settings), access_log=None)
+        await runner.setup()
+        try:
+            site, url = await start_site(runner, config.listen, ssl_context=tls)
+        except BaseException:
+            await runner.cleanup()
+            raise
+        server = cls(config, runner, site)
+        server._tls = tls
+        server.url = url
+        log.info("webhook serving on %s (image %s)", url, settings.image)
+        return server
+
+    def reload_certificate(self) -> None:
+        """SIGHUP: cert-manager rotated the certificate; new connections get the new one."""
+        cert, key = self.config.tls_cert, self.config.tls_key
+        if self._tls is None or cert is None or key is None:
+            return
+        try:
+            self._tls.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError):
+            log.exception("certificate reload failed; keeping the current one")
+        else:
+            log.info("certificate reloaded")
+
+    async def aclose(self) -> None:
+        """The API server retries on another replica; in-flight reviews get the drain time."""
+        log.info("webhook stopping")
+        await self._site.stop()
+        await asyncio.wait_for(self._runner.cleanup(), timeout=self.config.drain_seconds)
