@@ -336,3 +336,25 @@ async def test_guard_works_in_the_real_process_on_uvloop(
         await asyncio.to_thread(child.stop)
         log = (tmp_path / "sidecar.log").read_text()
         assert "Traceback" not in log, log[-2000:]
+
+
+async def test_bodies_that_never_arrive_cannot_lock_out_the_pod(
+    start_sidecar: SidecarFactory,
+) -> None:
+    """64 connections that announce a body and stall (the per-client cap) are cut at the
+    deadline, and the same address gets its credentials right after."""
+    sidecar = await start_sidecar("acme", "t-body", header_timeout=1.0, keepalive_timeout=30.0)
+    host, port = host_port(sidecar.imds_url)
+    stall = (
+        b"PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\n"
+        b"X-aws-ec2-metadata-token-ttl-seconds: 60\r\nContent-Length: 100\r\n\r\npartial"
+    )
+    held = [await asyncio.open_connection(host, port, local_addr=(VICTIM, 0)) for _ in range(64)]
+    for _, writer in held:
+        writer.write(stall)
+    answers = await asyncio.gather(*(asyncio.wait_for(r.read(), 1.0 + 3.0) for r, _ in held))
+    assert {answer.split(b" ", 2)[1] for answer in answers} == {b"408"}
+    async with victim_session() as session:
+        assert [await imds_credentials(session, sidecar) for _ in range(3)] == [200] * 3
+    for _, writer in held:
+        writer.close()

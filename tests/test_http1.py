@@ -194,7 +194,7 @@ async def test_second_request_head_also_has_a_deadline(server: Running) -> None:
     writer.write(b"GET / HTTP/1.1\r\n\r\n")
     await reader.readuntil(b"ok:/")
     writer.write(b"GET / HTTP/1.1\r\n")  # and never the rest
-    assert await asyncio.wait_for(reader.read(), 3) == b""
+    assert status_of(await asyncio.wait_for(reader.read(), 3)) == 408
     writer.close()
     assert "header_timeout" in server.rejects
 
@@ -208,3 +208,37 @@ async def test_draining_closes_connections_after_their_answer(server: Running) -
     answer = await asyncio.wait_for(reader.read(), 3)
     writer.close()
     assert b"slow:/slow" in answer
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc",
+        b"PUT /latest/api/token HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+    ],
+    ids=["content-length", "chunked"],
+)
+async def test_announced_body_that_never_arrives_is_cut_at_the_deadline(
+    server: Running, head: bytes
+) -> None:
+    """A request whose body stops short gets 408 and a closed socket, not a socket held forever."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(head)
+    answer = await asyncio.wait_for(reader.read(), 3)
+    writer.close()
+    assert status_of(answer) == 408
+    assert "body_timeout" in server.rejects
+    assert not server.tracker.connections
+
+
+async def test_pipelined_head_behind_a_slow_answer_has_the_deadline(server: Running) -> None:
+    """A second head that starts while the first request is answered is cut at the head deadline,
+    not kept for the idle timeout."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nX-Part")
+    answer = await asyncio.wait_for(reader.read(), 3)
+    writer.close()
+    assert b"slow:/slow" in answer
+    assert answer.count(b"HTTP/1.1 ") == 2
+    assert b"HTTP/1.1 408 " in answer
+    assert "header_timeout" in server.rejects

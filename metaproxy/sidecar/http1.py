@@ -5,10 +5,11 @@ framework spends most of its time on machinery this path does not need (routing,
 chains, a Request object per call), and it has no deadline for reading headers — a slow client
 holds its socket forever, which is how a shared metadata service once ran out of descriptors.
 This server parses with httptools (llhttp, the parser Node.js uses), answers from prepared bytes,
-and enforces per-request limits: a deadline for every request head (not only the first), a
-keep-alive idle timeout, and limits on URL, header and body sizes. Rejecting excess costs one
-write and a close. Connection admission (caps in total and per client, eviction, the descriptor
-budget) is `metaproxy.connguard`, which wraps this protocol exactly as it wraps aiohttp's.
+and enforces per-request limits: a deadline for every request head (not only the first) and for
+every announced body, a keep-alive idle timeout, and limits on URL, header and body sizes.
+Rejecting excess costs one write and a close. Connection admission (caps in total and per client,
+eviction, the descriptor budget) is `metaproxy.connguard`, which wraps this protocol exactly as
+it wraps aiohttp's.
 
 The admin address (health, readiness, metrics) stays on aiohttp: it is not a hot path.
 """
@@ -135,8 +136,7 @@ class ConnectionTracker:
             self._refresh_date()
             now = loop.time()
             for conn in [c for c in self.connections if c.deadline < now]:
-                self.on_reject("header_timeout" if conn.reading_head else "idle_timeout")
-                conn.close()
+                conn.time_out()
 
 
 class _Reject(Exception):
@@ -162,6 +162,9 @@ class HttpProtocol(asyncio.Protocol):
         self._paused_writing = False
         self.deadline = float("inf")
         self.reading_head = False
+        # An announced body that never arrives must not hold the socket: 64 such connections
+        # once locked every other container of a pod out of its credentials.
+        self.reading_body = False
         self._reset_message()
 
     # -- connection ---------------------------------------------------------------------
@@ -201,16 +204,36 @@ class HttpProtocol(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        return self._busy is None and not self._queue and not self.reading_head
+        return (
+            self._busy is None
+            and not self._queue
+            and not self.reading_head
+            and not self.reading_body
+        )
 
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
 
+    def time_out(self) -> None:
+        """The sweeper found this connection past its deadline: a request that did not arrive
+        in time gets 408, an idle kept-alive connection is just closed."""
+        if self.reading_head or self.reading_body:
+            self._tracker.on_reject("header_timeout" if self.reading_head else "body_timeout")
+            self._fail(408)
+        else:
+            self._tracker.on_reject("idle_timeout")
+            self.close()
+
+    def _start_head(self) -> None:
+        self.reading_head = True
+        self.deadline = self._loop.time() + self._limits.header_timeout
+
     def data_received(self, data: bytes) -> None:
-        if not self.reading_head and not self._queue and self._busy is None:
-            self.reading_head = True
-            self.deadline = self._loop.time() + self._limits.header_timeout
+        # Any byte after an idle spell starts the head deadline, even bytes the parser skips
+        # (blank lines before a request line), so they cannot keep a connection alive for free.
+        if self.idle:
+            self._start_head()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -234,6 +257,10 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._reset_message()
+        # A pipelined head that starts while an earlier request is being answered has the
+        # deadline too (data_received only starts it on an idle connection).
+        if not self.reading_head:
+            self._start_head()
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -261,6 +288,10 @@ class HttpProtocol(asyncio.Protocol):
         length = self._headers.get("content-length", "0")
         if not length.isdigit() or int(length) > self._limits.max_body_bytes:
             raise _Reject(413, "body")
+        if int(length) or "transfer-encoding" in self._headers:
+            # The body has its own deadline, as long as the head's, from the end of the head.
+            self.reading_body = True
+            self.deadline = self._loop.time() + self._limits.header_timeout
 
     def on_body(self, body: bytes) -> None:
         self._body_bytes += len(body)
@@ -268,6 +299,9 @@ class HttpProtocol(asyncio.Protocol):
             raise _Reject(413, "body")
 
     def on_message_complete(self) -> None:
+        if self.reading_body:
+            self.reading_body = False
+            self.deadline = float("inf")
         request = Request(
             method=self._parser.get_method().decode("ascii", "replace"),
             path=_path(self._url),
@@ -298,7 +332,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self._transport is not None and not self._paused_writing:
             self._transport.resume_reading()
-        if self._transport is not None and not self.reading_head:
+        if self._transport is not None and not self.reading_head and not self.reading_body:
             if self._tracker.draining:
                 self._transport.close()
                 self._tracker.note_progress()

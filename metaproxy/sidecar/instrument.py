@@ -96,7 +96,7 @@ async def counted(pending: Awaitable[Any], path_class: str, started: float) -> A
 
 def count_rejection(reason: str) -> None:
     """metaproxy_sidecar_rejected_total for what the HTTP layer refuses itself."""
-    if reason in ("header_timeout", "bad_request"):
+    if reason in ("header_timeout", "body_timeout", "bad_request"):
         metrics.REJECTED.labels(reason=reason).inc()
 
 

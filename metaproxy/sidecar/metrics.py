@@ -63,7 +63,7 @@ BROKER_SECONDS = Histogram(
 REJECTED = Counter(
     "metaproxy_sidecar_rejected_total",
     "Requests or connections refused before being served, by reason "
-    "(rate_limited, connection_cap, header_timeout, bad_request).",
+    "(rate_limited, connection_cap, header_timeout, body_timeout, bad_request).",
     ["reason"],
 )
 OPEN_CONNECTIONS = Gauge(
