@@ -28,6 +28,7 @@ from typing import Any, cast
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
+from aiohttp.web_protocol import RequestPayloadError
 
 # asyncio's loop accepts up to `backlog` sockets per wake-up before any refused one is closed, so
 # a backlog of 1024 would let a connection storm hold 1024 descriptors for a moment whatever the
@@ -262,8 +263,11 @@ class ProtocolLog(logging.LoggerAdapter[logging.Logger]):
 
     # aiohttp passes the exception itself as exc_info.
     def exception(self, msg: object, *args: object, exc_info: object = True, **kwargs: Any) -> None:
-        if isinstance(exc_info, HttpProcessingError) and 400 <= exc_info.code < 500:
-            self.debug(f"{msg}: %d %s", *args, exc_info.code, str(exc_info.message)[:200])
+        # A body that does not decode surfaces while aiohttp drains it, as a RequestPayloadError
+        # caused by the parser's 400.
+        cause = exc_info.__cause__ if isinstance(exc_info, RequestPayloadError) else exc_info
+        if isinstance(cause, HttpProcessingError) and 400 <= cause.code < 500:
+            self.debug(f"{msg}: %d %s", *args, cause.code, str(cause.message)[:200])
             return
         self.error(msg, *args, exc_info=exc_info, **kwargs)  # type: ignore[arg-type]
 

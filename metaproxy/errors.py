@@ -6,12 +6,29 @@ upstream errors or internal state, never secrets) goes to the log and the audit 
 
 from __future__ import annotations
 
+from typing import Literal
+
+# Why an identity token was refused, in words safe to show the task that sent it: each names a
+# check the task can make itself on its own token, never a key, a file or a policy.
+AuthReason = Literal[
+    "missing",  # no bearer token
+    "malformed",  # not a compact JWS we can read
+    "expired",
+    "not_yet_valid",  # iat or nbf in the future
+    "bad_signature",  # no trusted key signed it (unknown kid, wrong key, tampered)
+    "unknown_issuer",
+    "wrong_audience",
+    "invalid_claims",  # signed and in time, but a claim is missing or out of shape
+]
+
 
 class MetaproxyError(Exception):
     status = 500
     code = "InternalError"
     public_message = "internal error"
     retry_after: float | None = None
+    # A category the client may see beside the public message (401s: an `AuthReason`).
+    reason: str | None = None
 
     def __init__(self, detail: str = "", *, public_message: str | None = None) -> None:
         super().__init__(detail or self.public_message)
@@ -30,6 +47,22 @@ class Unauthenticated(MetaproxyError):
     status = 401
     code = "Unauthenticated"
     public_message = "identity token rejected"
+
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        reason: AuthReason | None = None,
+        public_message: str | None = None,
+    ) -> None:
+        super().__init__(detail, public_message=public_message)
+        self.reason = reason
+
+
+class UnsupportedMediaType(MetaproxyError):
+    status = 415
+    code = "UnsupportedMediaType"
+    public_message = "unsupported media type"
 
 
 class Denied(MetaproxyError):

@@ -29,6 +29,24 @@ def scrub(text: str) -> str:
     return _SECRET_SHAPES.sub("[redacted]", text)
 
 
+# C0 and C1 controls, DEL, and the characters that reorder or break lines on a terminal (bidi
+# overrides and isolates, line and paragraph separators).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character escaped (`\\n`, `\\x1b`, `\\u202e`): a client's
+    string written to a text log or an operator's terminal cannot forge a line, move the
+    cursor (U+009B is CSI) or reverse what follows."""
+    return _UNPRINTABLE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    escaped = repr(char)[1:-1]
+    return escaped if escaped != char else f"\\u{ord(char):04x}"
+
+
 class ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
@@ -63,6 +81,12 @@ class TextFormatter(logging.Formatter):
         parts = [f"{k}={getattr(record, k)}" for k in ("request_id", "tenant", "task")]
         record.context = " ".join(p for p in parts if not p.endswith("=")) + " "
         return scrub(super().format(record))
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # One record, one line: request strings in a message cannot forge another record. (The
+        # traceback, appended after this, keeps its own lines.)
+        record.message = printable(record.message)
+        return super().formatMessage(record)
 
 
 def setup_logging(

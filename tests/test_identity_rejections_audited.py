@@ -74,6 +74,30 @@ def alg_none(pki: Pki) -> str:
     return f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims())}."
 
 
+def deeply_nested(where: str) -> Callable[[Pki], str]:
+    """1,500 nested arrays in the header or payload: json's recursion limit, under 8 KB."""
+    deep = b"[" * 1500 + b"]" * 1500
+
+    def make(pki: Pki) -> str:
+        header, payload, signature = signed(pki, claims()).split(".")
+        if where == "header":
+            header = b64(b'{"alg": "EdDSA", "typ": "JWT", "x": ' + deep + b"}")
+        else:
+            payload = b64(b'{"iss": "x", "x": ' + deep + b"}")
+        return f"{header}.{payload}.{signature}"
+
+    return make
+
+
+def non_canonical_signature(pki: Pki) -> str:
+    """The same signature bytes spelled with unused bits set in its last character."""
+    token = signed(pki, claims())
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(token[-1])
+    assert len(token.rsplit(".", 1)[1]) % 4 == 2  # 64 bytes: the last character carries 4 bits
+    return token[:-1] + alphabet[last | 0b0101]
+
+
 TOKENS: dict[str, Callable[[Pki], str]] = {
     "alg-none": alg_none,
     "hs256-signed-with-public-key": hs256_with_public_key,
@@ -90,6 +114,10 @@ TOKENS: dict[str, Callable[[Pki], str]] = {
     "unknown-crit-header": lambda pki: signed(
         pki, claims(), crit=["exp-policy"], **{"exp-policy": 1}
     ),
+    "deeply-nested-header": deeply_nested("header"),
+    "deeply-nested-payload": deeply_nested("payload"),
+    "non-canonical-signature": non_canonical_signature,
+    "not-yet-valid": lambda pki: signed(pki, claims(nbf=int(time.time()) + 600)),
 }
 
 
@@ -105,6 +133,28 @@ REASONS = {
     "unknown-kid": "unknown kid",
     "jws-json-serialisation": "JWS JSON",
     "unknown-crit-header": "crit",
+    "deeply-nested-header": "nested too deeply",
+    "deeply-nested-payload": "nested too deeply",
+    "non-canonical-signature": "not base64url",
+    "not-yet-valid": "not yet valid",
+}
+
+# The category the 401's body carries: what the task may be told about its own token.
+CATEGORIES = {
+    "alg-none": "bad_signature",
+    "hs256-signed-with-public-key": "bad_signature",
+    "missing-exp": "invalid_claims",
+    "expired-beyond-leeway": "expired",
+    "wrong-audience": "wrong_audience",
+    "wrong-issuer": "unknown_issuer",
+    "several-audiences": "wrong_audience",
+    "unknown-kid": "bad_signature",
+    "jws-json-serialisation": "malformed",
+    "unknown-crit-header": "malformed",
+    "deeply-nested-header": "malformed",
+    "deeply-nested-payload": "malformed",
+    "non-canonical-signature": "malformed",
+    "not-yet-valid": "not_yet_valid",
 }
 
 
@@ -120,12 +170,39 @@ async def test_rejected_identity_is_401_and_audited_once(
         assert response.status == 401
         body = await response.json()
     assert body["code"] == "Unauthenticated"
+    assert body["reason"] == CATEGORIES[kind]
     records = [
         r for r in audit_records(tmp_path / "audit") if r["request_id"] == body["request_id"]
     ]
     assert [(r["event"], r["status"]) for r in records] == [("denied", 401)]
     assert token not in json.dumps(records)
     assert REASONS[kind] in records[0]["reason"]  # refused by the check under test
+
+
+async def test_no_token_is_401_with_reason_missing(
+    broker: BrokerServer, https: aiohttp.ClientSession
+) -> None:
+    """No Authorization header: 401 whose reason says the token is missing."""
+    async with https.post(broker.url + "/v1/credentials", json={}) as response:
+        assert response.status == 401
+        assert (await response.json())["reason"] == "missing"
+
+
+def test_every_canonical_token_has_exactly_one_spelling(pki: Pki) -> None:
+    """Of the 64 last characters only 4 decode (one per value of its 2 meaningful bits)."""
+    from metaproxy.identity.keys import b64url_decode
+
+    token = signed(pki, claims())
+    signature = token.rsplit(".", 1)[1]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    decoded = []
+    for char in alphabet:
+        try:
+            decoded.append(b64url_decode(signature[:-1] + char))
+        except ValueError:
+            continue
+    assert len(decoded) == 4  # one per value of the last character's 2 meaningful bits
+    assert b64url_decode(signature) in decoded
 
 
 async def test_a_good_token_still_works_after_the_rejections(

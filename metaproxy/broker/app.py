@@ -36,7 +36,7 @@ from metaproxy.broker.sts import AsyncSts, StsClient
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import BrokerConfig
 from metaproxy.errors import BadRequest
-from metaproxy.httperrors import json_errors
+from metaproxy.httperrors import identity_encoding_only, json_errors
 from metaproxy.identity.verify import IdentityVerifier
 from metaproxy.logs import request_id_var
 from metaproxy.policy.store import PolicyStore
@@ -143,6 +143,7 @@ def create_services(
         availability_zone=config.availability_zone,
         document_key=config.document_key,
     )
+    heartbeat = ReplicaHeartbeat(store.replicas, config.instance, config.heartbeat_seconds)
     return BrokerServices(
         config,
         clock,
@@ -153,10 +154,28 @@ def create_services(
         scheduler,
         store,
         revocations,
-        ReplicaHeartbeat(store.replicas, config.instance, config.heartbeat_seconds),
-        scrape=instrument.ScrapeState(scheduler.stats),
+        heartbeat,
+        scrape=instrument.ScrapeState(
+            scheduler.stats,
+            fleet=lambda: fleet_stats(store, revocations, heartbeat, issuer.shared),
+        ),
         shipper=shipper,
     )
+
+
+def fleet_stats(
+    store: FleetStore,
+    revocations: RevocationView,
+    heartbeat: ReplicaHeartbeat,
+    shared: SharedCredentials,
+) -> dict[str, float]:
+    """For /metrics: the store's reachability, the fleet's size, the revocation view's age."""
+    return {
+        "store_up": 1.0 if store.up else 0.0,
+        "live_replicas": float(len(heartbeat.live)),
+        "revocation_view_age": revocations.age(),
+        **shared.stats(),
+    }
 
 
 class AuditWitnessing:
@@ -290,7 +309,7 @@ async def _audit_and_policies(services: BrokerServices) -> AsyncIterator[None]:
 
 def build_app(services: BrokerServices) -> web.Application:
     app = web.Application(
-        middlewares=[json_errors, instrument.request_metrics],
+        middlewares=[json_errors, identity_encoding_only, instrument.request_metrics],
         client_max_size=services.config.max_body_bytes,
     )
     app[SERVICES] = services
@@ -320,7 +339,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def build_admin_app(services: BrokerServices) -> web.Application:
-    app = web.Application(middlewares=[json_errors], client_max_size=4096)
+    app = web.Application(middlewares=[json_errors, identity_encoding_only], client_max_size=4096)
     app[SERVICES] = services
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -329,6 +348,14 @@ def build_admin_app(services: BrokerServices) -> web.Application:
 
 
 def server_tls_context(config: BrokerConfig) -> ssl.SSLContext | None:
+    if (config.tls_cert is None) != (config.tls_key is None):
+        from metaproxy.errors import ConfigError
+
+        # One of the two alone used to serve plain HTTP without a word: bearer tokens in clear.
+        given, missing = (
+            ("tls_cert", "tls_key") if config.tls_key is None else ("tls_key", "tls_cert")
+        )
+        raise ConfigError(f"{missing}: required with --{given.replace('_', '-')}")
     if config.tls_cert is None or config.tls_key is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

@@ -138,7 +138,7 @@ class Issuer:
     async def _authenticate(self, token: str | None, ctx: RequestContext) -> Identity:
         try:
             if not token:
-                raise Unauthenticated("no bearer token")
+                raise Unauthenticated("no bearer token", reason="missing")
             return self.verifier.verify(token)
         except Unauthenticated as exc:
             await self.audit.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +84,7 @@ class BrokerServer:
 
     @classmethod
     async def start(cls, config: BrokerConfig, **deps: Any) -> BrokerServer:
+        tls = server_tls_context(config)  # first: a half-configured TLS refuses to start
         services = create_services(config, **deps)
         guard, admin_guard = build_guards(config)
         services.scrape.open_connections = lambda: guard.open + admin_guard.open
@@ -94,6 +96,8 @@ class BrokerServer:
             "max_headers": MAX_HEADERS,
             "lingering_time": config.header_timeout,
             "logger": protocol_logger(),
+            # Never decode a body: an encoded one is refused (identity_encoding_only).
+            "auto_decompress": False,
         }
         app = build_app(services)
         app.middlewares.append(body_deadline(config.header_timeout))
@@ -103,14 +107,16 @@ class BrokerServer:
             access_log=None,
             **handler_args,
         )
-        admin = web.AppRunner(build_admin_app(services), access_log=None, **handler_args)
+        admin_app = build_admin_app(services)
+        admin_app.middlewares.append(body_deadline(config.header_timeout))
+        admin = web.AppRunner(admin_app, access_log=None, **handler_args)
         await runner.setup()
         await admin.setup()
         address = f"unix:{config.socket}" if config.socket else config.listen
         _, url = await start_site(
             runner,
             address,
-            ssl_context=server_tls_context(config),
+            ssl_context=tls,
             backlog=LISTEN_BACKLOG,
             guard=guard,
             reject=_reject,
@@ -118,7 +124,9 @@ class BrokerServer:
         _, admin_url = await start_site(
             admin, config.admin_listen, guard=admin_guard, reject=_reject
         )
-        control, control_url = await _start_control(config, services, handler_args, admin_guard)
+        control, control_url = await _start_control(
+            config, services, handler_args, admin_guard, tls
+        )
         log.info("broker listening on %s (admin %s, control %s)", url, admin_url, control_url)
         return cls(
             services, url, admin_url, control_url, runner, admin, control, guard, admin_guard
@@ -138,6 +146,7 @@ async def _start_control(
     services: BrokerServices,
     handler_args: dict[str, Any],
     guard: ConnectionGuard,
+    tls: ssl.SSLContext | None,
 ) -> tuple[web.AppRunner | None, str]:
     """The control API on its own listener, or none when `--control-listen` is empty."""
     if not config.control_listen:
@@ -147,7 +156,6 @@ async def _start_control(
 
     if config.control_token_file is None:
         raise ConfigError("control_token_file: required with --control-listen")
-    tls = server_tls_context(config)
     host = config.control_listen.rpartition(":")[0].strip("[]")
     if tls is None and host not in ("127.0.0.1", "::1", "localhost"):
         # A bearer token in the clear on a network is a token for whoever listens.

@@ -39,14 +39,25 @@ def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
+_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
 def b64url_decode(text: str) -> bytes:
-    """Strict base64url without padding: any character outside the alphabet is an error."""
+    """Strict base64url without padding: any character outside the alphabet is an error, and so
+    is any spelling but the canonical one.
+
+    The last character of a length-2 or length-3 tail carries 2 or 4 bits that decode to
+    nothing; a decoder that ignores them accepts 4 or 16 spellings of every token (so a
+    "revoked" or "seen" token could come back under another string)."""
     if not isinstance(text, str) or "=" in text:
         raise ValueError("not unpadded base64url")
-    alphabet = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-    if not set(text) <= alphabet or len(text) % 4 == 1:
+    if not _ALPHABET.issuperset(text) or len(text) % 4 == 1:
         raise ValueError("not unpadded base64url")
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    tail = len(text) % 4 - 1  # bytes in the last, partial group (none when 4 divides)
+    if tail > 0 and b64url(data[-tail:])[-1] != text[-1]:
+        raise ValueError("not canonical base64url (unused bits set)")
+    return data
 
 
 def _int_bytes(value: int, length: int | None = None) -> bytes:

@@ -67,28 +67,38 @@ def _decode_json_part(part: str, what: str) -> dict[str, Any]:
     try:
         value = json.loads(b64url_decode(part), object_pairs_hook=_reject_duplicates)
     except ValueError:  # covers base64, UTF-8 and JSON errors, and duplicate members
-        raise Unauthenticated(f"malformed token: {what} is not base64url JSON") from None
+        raise Unauthenticated(
+            f"malformed token: {what} is not base64url JSON", reason="malformed"
+        ) from None
+    except RecursionError:
+        # `[[[[…` a few thousand deep fits in 8 KB and exhausts json's recursion: before this
+        # it escaped as a pre-auth 500 with a traceback and no audit record.
+        raise Unauthenticated(
+            f"malformed token: {what} is nested too deeply", reason="malformed"
+        ) from None
     if not isinstance(value, dict):
-        raise Unauthenticated(f"malformed token: {what} is not a JSON object")
+        raise Unauthenticated(f"malformed token: {what} is not a JSON object", reason="malformed")
     return value
 
 
 def _check_value(name: str, value: object, depth: int = 0) -> None:
     """Claims are strings of at most 256 characters, finite numbers, or small nests of those."""
     if depth > MAX_CLAIM_DEPTH:
-        raise Unauthenticated(f"claim {name} is nested too deeply")
+        raise Unauthenticated(f"claim {name} is nested too deeply", reason="invalid_claims")
     if isinstance(value, str):
         if len(value) > MAX_CLAIM_CHARS:
-            raise Unauthenticated(f"claim {name} is longer than {MAX_CLAIM_CHARS} characters")
+            raise Unauthenticated(
+                f"claim {name} is longer than {MAX_CLAIM_CHARS} characters", reason="invalid_claims"
+            )
     elif isinstance(value, bool) or value is None:
         return
     elif isinstance(value, int | float):
         # Python's json accepts NaN and Infinity, which would poison every time comparison.
         if not math.isfinite(value) or abs(value) > 2**53:
-            raise Unauthenticated(f"claim {name} is not a finite number")
+            raise Unauthenticated(f"claim {name} is not a finite number", reason="invalid_claims")
     elif isinstance(value, list):
         if len(value) > MAX_LIST_ITEMS:
-            raise Unauthenticated(f"claim {name} has too many items")
+            raise Unauthenticated(f"claim {name} has too many items", reason="invalid_claims")
         for item in value:
             _check_value(name, item, depth + 1)
     elif isinstance(value, dict):
@@ -99,14 +109,14 @@ def _check_value(name: str, value: object, depth: int = 0) -> None:
 def _text(claims: Mapping[str, Any], name: str, *, required: bool = True) -> str:
     value = claims.get(name, "")
     if not isinstance(value, str) or (required and not value):
-        raise Unauthenticated(f"claim {name} must be a non-empty string")
+        raise Unauthenticated(f"claim {name} must be a non-empty string", reason="invalid_claims")
     return value
 
 
 def _number(claims: Mapping[str, Any], name: str) -> float:
     value = claims.get(name)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise Unauthenticated(f"claim {name} must be a number")
+        raise Unauthenticated(f"claim {name} must be a number", reason="invalid_claims")
     return float(value)
 
 
@@ -141,15 +151,20 @@ class IdentityVerifier:
         self._check_header(header)
         issuer = claims_unverified.get("iss")
         if not isinstance(issuer, str) or issuer not in self._issuers:
-            raise Unauthenticated("untrusted issuer (iss)")
+            raise Unauthenticated("untrusted issuer (iss)", reason="unknown_issuer")
         entry = self._refresh(self._issuers[issuer])
         key, alg = self._select_key(entry, header)
         if header["alg"] != alg:
-            raise Unauthenticated(f"alg {header['alg']!r} does not match the key's pinned {alg}")
+            raise Unauthenticated(
+                f"alg {header['alg']!r} does not match the key's pinned {alg}",
+                reason="bad_signature",
+            )
         if alg == "RS256" and entry.trust.kind != "kubernetes":
-            raise Unauthenticated("RS256 is accepted only from kubernetes issuers")
+            raise Unauthenticated(
+                "RS256 is accepted only from kubernetes issuers", reason="bad_signature"
+            )
         if not token.rsplit(".", 1)[1]:
-            raise Unauthenticated("malformed token: empty signature")
+            raise Unauthenticated("malformed token: empty signature", reason="malformed")
         claims = self._decode(token, claims_unverified, key, alg, entry.trust)
         if entry.trust.kind == "kubernetes":
             return self._kubernetes_identity(claims)
@@ -160,21 +175,29 @@ class IdentityVerifier:
     @staticmethod
     def _parse(token: object) -> tuple[dict[str, Any], dict[str, Any]]:
         if not isinstance(token, str) or not token:
-            raise Unauthenticated("malformed token: empty")
+            raise Unauthenticated("malformed token: empty", reason="malformed")
         if len(token) > MAX_TOKEN_BYTES:
-            raise Unauthenticated(f"malformed token: longer than {MAX_TOKEN_BYTES} bytes")
+            raise Unauthenticated(
+                f"malformed token: longer than {MAX_TOKEN_BYTES} bytes", reason="malformed"
+            )
         if not token.isascii():
-            raise Unauthenticated("malformed token: not ASCII")
+            raise Unauthenticated("malformed token: not ASCII", reason="malformed")
         if token.lstrip().startswith("{"):
-            raise Unauthenticated("malformed token: JWS JSON serialisation is not accepted")
+            raise Unauthenticated(
+                "malformed token: JWS JSON serialisation is not accepted", reason="malformed"
+            )
         parts = token.split(".")
         if len(parts) != 3:
-            raise Unauthenticated("malformed token: compact serialisation needs exactly two dots")
+            raise Unauthenticated(
+                "malformed token: compact serialisation needs exactly two dots", reason="malformed"
+            )
         header = _decode_json_part(parts[0], "header")
         try:
             b64url_decode(parts[2])
         except ValueError:
-            raise Unauthenticated("malformed token: signature is not base64url") from None
+            raise Unauthenticated(
+                "malformed token: signature is not base64url", reason="malformed"
+            ) from None
         payload = _decode_json_part(parts[1], "payload")
         return header, payload
 
@@ -182,21 +205,21 @@ class IdentityVerifier:
     def _check_header(header: Mapping[str, Any]) -> None:
         for name in FORBIDDEN_HEADERS:
             if name in header:
-                raise Unauthenticated(f"header {name!r} is not accepted")
+                raise Unauthenticated(f"header {name!r} is not accepted", reason="malformed")
         alg = header.get("alg")
         if not isinstance(alg, str):
-            raise Unauthenticated("header alg is missing")
+            raise Unauthenticated("header alg is missing", reason="malformed")
         if alg.lower() == "none":
-            raise Unauthenticated("alg none is not accepted")
+            raise Unauthenticated("alg none is not accepted", reason="bad_signature")
         if alg.upper().startswith("HS"):
-            raise Unauthenticated(f"symmetric alg {alg} is not accepted")
+            raise Unauthenticated(f"symmetric alg {alg} is not accepted", reason="bad_signature")
         if alg not in ("EdDSA", "ES256", "RS256"):
-            raise Unauthenticated(f"alg {alg[:16]!r} is not supported")
+            raise Unauthenticated(f"alg {alg[:16]!r} is not supported", reason="bad_signature")
         if "typ" in header and header["typ"] not in ("JWT", "jwt"):
-            raise Unauthenticated("header typ must be JWT")
+            raise Unauthenticated("header typ must be JWT", reason="malformed")
         kid = header.get("kid")
         if kid is not None and (not isinstance(kid, str) or not kid or len(kid) > 256):
-            raise Unauthenticated("header kid must be a non-empty string")
+            raise Unauthenticated("header kid must be a non-empty string", reason="malformed")
 
     # -- keys ---------------------------------------------------------------------------------
 
@@ -226,10 +249,12 @@ class IdentityVerifier:
         if kid is None:
             if len(entry.keys) == 1:
                 return next(iter(entry.keys.values()))
-            raise Unauthenticated("token has no kid and the issuer has several keys")
+            raise Unauthenticated(
+                "token has no kid and the issuer has several keys", reason="bad_signature"
+            )
         found = entry.keys.get(kid)
         if found is None:
-            raise Unauthenticated("unknown kid for this issuer")
+            raise Unauthenticated("unknown kid for this issuer", reason="bad_signature")
         return found
 
     # -- claims -------------------------------------------------------------------------------
@@ -252,12 +277,12 @@ class IdentityVerifier:
         except (ValueError, TypeError):
             valid = False
         if not valid:
-            raise Unauthenticated("signature verification failed")
+            raise Unauthenticated("signature verification failed", reason="bad_signature")
         for name in ("exp", "iat", "iss", "aud"):
             if name not in claims:
-                raise Unauthenticated(f"missing required claim {name}")
+                raise Unauthenticated(f"missing required claim {name}", reason="invalid_claims")
         if claims["iss"] != trust.issuer:
-            raise Unauthenticated("issuer (iss) does not match")
+            raise Unauthenticated("issuer (iss) does not match", reason="unknown_issuer")
         for name, value in claims.items():
             _check_value(name, value)
         audience = claims["aud"]
@@ -265,10 +290,12 @@ class IdentityVerifier:
         # audience is accepted (as a string, or a list of one).
         if isinstance(audience, list):
             if len(audience) != 1:
-                raise Unauthenticated("several audiences (aud) are not accepted")
+                raise Unauthenticated(
+                    "several audiences (aud) are not accepted", reason="wrong_audience"
+                )
             audience = audience[0]
         if audience != trust.audience:
-            raise Unauthenticated("audience (aud) does not match")
+            raise Unauthenticated("audience (aud) does not match", reason="wrong_audience")
         self._check_times(claims, trust)
         return claims
 
@@ -276,22 +303,28 @@ class IdentityVerifier:
         now = self._clock.now().timestamp()
         expires, issued = _number(claims, "exp"), _number(claims, "iat")
         if now > expires + self._leeway:
-            raise Unauthenticated("token expired (exp)")
+            raise Unauthenticated("token expired (exp)", reason="expired")
         if issued > now + self._leeway:
-            raise Unauthenticated("token issued in the future (iat)")
+            raise Unauthenticated("token issued in the future (iat)", reason="not_yet_valid")
         if "nbf" in claims and _number(claims, "nbf") > now + self._leeway:
-            raise Unauthenticated("token not yet valid (nbf)")
+            raise Unauthenticated("token not yet valid (nbf)", reason="not_yet_valid")
         if expires <= issued:
-            raise Unauthenticated("token expires before it was issued (exp <= iat)")
+            raise Unauthenticated(
+                "token expires before it was issued (exp <= iat)", reason="invalid_claims"
+            )
         if trust.kind == "platform" and expires - issued > MAX_PLATFORM_LIFETIME:
-            raise Unauthenticated("token lifetime (exp - iat) exceeds one day")
+            raise Unauthenticated(
+                "token lifetime (exp - iat) exceeds one day", reason="invalid_claims"
+            )
 
     @staticmethod
     def _platform_identity(claims: Mapping[str, Any]) -> Identity:
         task, tenant = _text(claims, "task"), _text(claims, "tenant")
         subject = _text(claims, "sub")
         if subject != f"task:{tenant}/{task}":
-            raise Unauthenticated("claim sub does not match task and tenant")
+            raise Unauthenticated(
+                "claim sub does not match task and tenant", reason="invalid_claims"
+            )
         return Identity(
             kind="platform",
             issuer=_text(claims, "iss"),
@@ -307,21 +340,27 @@ class IdentityVerifier:
     def _kubernetes_identity(claims: Mapping[str, Any]) -> Identity:
         k8s = claims.get("kubernetes.io")
         if not isinstance(k8s, dict):
-            raise Unauthenticated("claim kubernetes.io is missing")
+            raise Unauthenticated("claim kubernetes.io is missing", reason="invalid_claims")
         namespace = _text(k8s, "namespace")
         account = k8s.get("serviceaccount")
         if not isinstance(account, dict):
-            raise Unauthenticated("claim kubernetes.io.serviceaccount is missing")
+            raise Unauthenticated(
+                "claim kubernetes.io.serviceaccount is missing", reason="invalid_claims"
+            )
         account_name = _text(account, "name")
         _text(account, "uid")
         subject = _text(claims, "sub")
         if subject != f"system:serviceaccount:{namespace}:{account_name}":
-            raise Unauthenticated("claim sub does not match namespace and service account")
+            raise Unauthenticated(
+                "claim sub does not match namespace and service account", reason="invalid_claims"
+            )
         task = account_name
         pod = k8s.get("pod")
         if pod is not None:
             if not isinstance(pod, dict):
-                raise Unauthenticated("claim kubernetes.io.pod must be an object")
+                raise Unauthenticated(
+                    "claim kubernetes.io.pod must be an object", reason="invalid_claims"
+                )
             task = _text(pod, "name", required=False) or _text(pod, "uid", required=False) or task
         return Identity(
             kind="kubernetes",
