@@ -14,7 +14,7 @@ import pytest
 from metaproxy.broker.server import BrokerServer
 from metaproxy.errors import ConfigError
 from metaproxy.logs import ContextFilter, TextFormatter, printable
-from tests.support import Pki, broker_config, issue
+from tests.support import Pki, audit_records, broker_config, issue
 
 
 def unhandled(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -91,3 +91,22 @@ async def test_half_configured_tls_refuses_to_start(
     config = broker_config(tmp_path, pki, sts_url, policies_dir, **{missing: None})
     with pytest.raises(ConfigError, match=missing):
         await BrokerServer.start(config)
+
+
+async def test_issued_or_refreshed_is_decided_by_the_broker(
+    broker: BrokerServer, https: aiohttp.ClientSession, pki: Pki, tmp_path: Path
+) -> None:
+    """A first grant claimed as a refresh is audited `issued`; the next is `refreshed`."""
+    token = issue(pki, "t-first", "acme")
+    events = []
+    for refresh in (True, False, True):
+        async with https.post(
+            broker.url + "/v1/credentials",
+            json={"refresh": refresh},
+            headers={"Authorization": f"Bearer {token}"},
+        ) as response:
+            assert response.status == 200
+            request_id = (await response.json())["request_id"]
+        (record,) = [r for r in audit_records(tmp_path / "audit") if r["request_id"] == request_id]
+        events.append(record["event"])
+    assert events == ["issued", "refreshed", "refreshed"]

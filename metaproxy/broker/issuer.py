@@ -192,9 +192,12 @@ class Issuer:
             )
             raise
         note_source(result.source)
+        # The broker's own record decides, never the request's `refresh` flag: a client that
+        # called its first grant a refresh hid it from `audit query --event issued`.
+        seen = self._owners.get(key) == (decision.tenant, identity.task)
+        event = "refreshed" if seen else "issued"
         self._remember_owner(key, decision.tenant, identity.task)
         credentials = result.role.credentials
-        event = "refreshed" if request.refresh else "issued"
         await self._audit(
             event,
             ctx,
