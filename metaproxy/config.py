@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +119,15 @@ class SidecarConfig:
         metadata=doc(
             "write the container-credentials authorization token here, mode 0600 "
             "(for AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE); unset: the endpoint asks for none"
+        ),
+    )
+    authorization_token_mode: str = field(
+        default="0600",
+        metadata=doc(
+            "file mode of --authorization-token-file; 0640 lets an app in the file's group read "
+            "it (Kubernetes fsGroup)",
+            choices="octal, at most 0644",
+            metavar="MODE",
         ),
     )
     imds_v1: Literal["allow", "refuse"] = field(
@@ -620,12 +631,45 @@ def _validate(config: SidecarConfig | BrokerConfig | WebhookConfig, given: set[s
     if isinstance(config, SidecarConfig):
         if not 0.1 <= config.refresh_fraction <= 0.9:
             raise ConfigError("--refresh-fraction: must be between 0.1 and 0.9")
+        _validate_sidecar(config)
     elif isinstance(config, BrokerConfig):
         _validate_broker(config, given)
     elif not config.image.strip():
         raise ConfigError("--image: must name the sidecar's container image")
     elif not config.broker_url.startswith("https://"):
         raise ConfigError("--broker-url: must be an https:// URL (sidecars verify the CA)")
+
+
+def _validate_sidecar(config: SidecarConfig) -> None:
+    if config.broker_socket is None:
+        # Identity tokens and credentials cross this link: in the clear only on this host.
+        url = urllib.parse.urlsplit(config.broker_url)
+        if not url.hostname or not (
+            url.scheme == "https" or (url.scheme == "http" and _is_loopback(url.hostname))
+        ):
+            raise ConfigError(
+                f"--broker-url: {config.broker_url!r} must be https://, or http:// to a loopback "
+                "address (or use --broker-socket)"
+            )
+    mode = config.authorization_token_mode
+    if not (len(mode) in (3, 4) and set(mode) <= set("01234567") and int(mode, 8) & ~0o644 == 0):
+        raise ConfigError(
+            f"--authorization-token-mode: {mode!r} must be an octal mode within 0644 "
+            "(no execute bits, nobody but the owner writes)"
+        )
+
+
+def authorization_token_mode(config: SidecarConfig) -> int:
+    return int(config.authorization_token_mode, 8)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _validate_broker(config: BrokerConfig, given: set[str]) -> None:

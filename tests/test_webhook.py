@@ -159,6 +159,7 @@ async def test_labelled_pod_gets_native_sidecar_volumes_and_env(client: Any) -> 
         "METAPROXY_IMDS_LISTEN": "127.0.0.1:8182",
         "METAPROXY_ADMIN_LISTEN": "0.0.0.0:9901",
         "METAPROXY_AUTHORIZATION_TOKEN_FILE": "/var/run/metaproxy/auth/token",
+        "METAPROXY_AUTHORIZATION_TOKEN_MODE": "0644",
         "METAPROXY_LOG_FORMAT": "json",
     }
     assert sidecar["startupProbe"]["httpGet"] == {"path": "/readyz", "port": 9901}

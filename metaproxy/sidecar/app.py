@@ -18,7 +18,7 @@ from typing import Literal
 from aiohttp import web
 
 from metaproxy.clock import Clock, SystemClock
-from metaproxy.config import SidecarConfig
+from metaproxy.config import SidecarConfig, authorization_token_mode
 from metaproxy.models import SidecarLimits
 from metaproxy.ratelimit import KeyedLimiter
 from metaproxy.sidecar import container_creds, http1, imds, instrument
@@ -115,7 +115,9 @@ def build_state(config: SidecarConfig, clock: Clock | None = None) -> SidecarSta
         config=config,
         tokens=TokenAuthority(),
         keeper=keeper,
-        authorization_token=container_creds.load_or_create_token(config.authorization_token_file),
+        authorization_token=container_creds.load_or_create_token(
+            config.authorization_token_file, authorization_token_mode(config)
+        ),
         client=client,
     )
     if config.host_metadata_allow:  # no allow-list: the host's IMDS is never even contacted

@@ -7,17 +7,24 @@ The JS SDK gives up after 1 s, so this path never waits on the broker for long.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
+import logging
 import os
 import secrets
+import stat
 from collections.abc import Awaitable
 from pathlib import Path
 
 from metaproxy.clock import iso_z
+from metaproxy.errors import ConfigError
+from metaproxy.fsutil import write_atomically
 from metaproxy.sidecar.broker_client import Grant
 from metaproxy.sidecar.http1 import Request, Response
 from metaproxy.sidecar.state import SidecarState
+
+log = logging.getLogger("metaproxy.sidecar")
 
 CREDENTIALS_PATH = "/v1/credentials"
 
@@ -27,26 +34,60 @@ def json_error(status: int, code: str, message: str, **headers: str) -> Response
     return Response(status, body, "application/json", tuple(headers.items()))
 
 
-def load_or_create_token(path: Path | None) -> str:
+def load_or_create_token(path: Path | None, mode: int = 0o600) -> str:
     """The task's authorization token: kept if the platform wrote one, else made; either way the
-    file ends up holding exactly the token, no trailing newline (atomically, readable by the
-    app's user), because SDKs send the file's bytes verbatim as the header."""
+    file ends up holding exactly the token, no trailing newline, because SDKs send the file's
+    bytes verbatim as the header.
+
+    The task can write to the token's directory, so it can plant a link there: a root sidecar
+    once followed one, copied a root-only file into the task's directory and made it 0644. So the
+    file is read without following a link (and only if it is a regular file), and written as a
+    new file (never through a link) renamed over whatever is there, with `mode`."""
     token = ""
-    if path is not None and path.exists():
-        written = path.read_text()
+    if path is not None:
+        written = _read_regular_file(path)
         token = written.strip()
         if not token.isprintable():  # several lines or control characters: not a header value
             token = ""
-        elif token and token == written:
+        elif token and token == written and _has_mode(path, mode):
             return token
     token = token or secrets.token_urlsafe(32)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(token)
-        tmp.chmod(0o644)
-        os.replace(tmp, path)
+        if path.parent.is_symlink():
+            raise ConfigError(f"--authorization-token-file: {path.parent} is a symbolic link")
+        write_atomically(path, token.encode(), mode)
     return token
+
+
+_MAX_TOKEN_FILE = 4096
+
+
+def _read_regular_file(path: Path) -> str:
+    """The file's text, or "" when it is absent, a link, not a regular file, too large for a
+    token, or not text: whatever it is, it will be replaced."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a planted FIFO
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            log.warning("%s is a symbolic link; replacing it with a new token file", path)
+        return ""
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _MAX_TOKEN_FILE:
+            return ""
+        return os.read(fd, _MAX_TOKEN_FILE).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
+    finally:
+        os.close(fd)
+
+
+def _has_mode(path: Path, mode: int) -> bool:
+    try:
+        return stat.S_IMODE(os.lstat(path).st_mode) == mode
+    except OSError:
+        return False
 
 
 def handle(state: SidecarState, request: Request) -> Response | Awaitable[Response]:

@@ -132,6 +132,9 @@ def sidecar_container(settings: InjectionSettings, role: str) -> dict[str, Any]:
         _env("METAPROXY_IMDS_LISTEN", f"127.0.0.1:{IMDS_PORT}"),
         _env("METAPROXY_ADMIN_LISTEN", settings.admin_listen),
         _env("METAPROXY_AUTHORIZATION_TOKEN_FILE", f"{AUTH_DIR}/token"),
+        # The app containers may run as any user and the volume is this pod's own (in memory,
+        # mounted read-only into them): readable by all of them, writable by the sidecar only.
+        _env("METAPROXY_AUTHORIZATION_TOKEN_MODE", "0644"),
         _env("METAPROXY_LOG_FORMAT", "json"),
     ]
     if role:
