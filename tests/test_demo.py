@@ -5,8 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import require_redis_server
 from tests.support import REPO, clean_aws_env, run_command
@@ -132,3 +137,105 @@ async def test_demo_with_two_replicas_shares_a_redis_store_and_spreads_the_sidec
     )  # fmt: skip
     assert rc == 0, out + err
     assert "2 replicas" in out
+
+
+def _group_members(pgid: int) -> set[int]:
+    """Every live process whose process group is `pgid` (what a terminal's Ctrl-C reaches)."""
+    members = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.add(int(stat.parent.name))
+    return members
+
+
+def _wait_for_line(out_file: Path, text: str, process: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        out = out_file.read_text()
+        if text in out:
+            return out
+        assert process.poll() is None, out
+        time.sleep(0.2)
+    raise AssertionError(f"demo never printed {text!r}:\n{out_file.read_text()}")
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_demo_ctrl_c_drains_every_child_in_order_and_closes_the_audit_log(
+    tmp_path: Path, replicas: int
+) -> None:
+    """Ctrl-C (SIGINT to the terminal's whole process group) stops sidecars, brokers, store and
+    STS in that order, each drained within the drain time; the newest audit segment is covered
+    by a checkpoint; the printed export and `aws` lines work as pasted."""
+    if replicas > 1:
+        require_redis_server()
+    drain = 3.0
+    out_file = tmp_path / "demo.out"
+    state_dir = tmp_path / "demo"
+    with out_file.open("wb") as sink:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "metaproxy", "demo", "--replicas", str(replicas),
+                "--policies-dir", str(REPO / "policies"), "--state-dir", str(state_dir),
+                "--drain-seconds", str(drain),
+            ],
+            stdout=sink, stderr=subprocess.STDOUT, env=clean_aws_env(),
+            start_new_session=True,  # its own process group, as a shell gives a job
+        )  # fmt: skip
+    try:
+        printed = _wait_for_line(out_file, "Ctrl-C to stop", process)
+        for token in state_dir.glob("tasks/*/*"):
+            if token.name in ("identity.jwt", "authorization-token"):
+                assert token.stat().st_mode & 0o777 == 0o600, token
+        tries = [line.strip() for line in printed.splitlines() if "aws sts get-caller-id" in line]
+        exports = [line.strip() for line in printed.splitlines() if "export AWS_CONT" in line]
+        assert len(tries) == len(exports) == 2, printed
+        path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+        for tenant, try_line, export in zip(("acme", "globex"), tries, exports, strict=True):
+            # As pasted: the IMDS line alone, then the container endpoint's exports.
+            container_try = f"{export}; {try_line.replace('AWS_EC2_METADATA_SERVICE', 'X')}"
+            for script in (try_line, container_try):
+                result = subprocess.run(
+                    ["bash", "-c", script], env={**clean_aws_env(), "PATH": path},
+                    capture_output=True, text=True, timeout=60, check=False,
+                )  # fmt: skip
+                assert result.returncode == 0, result.stderr
+                assert f"assumed-role/{tenant}-app/" in json.loads(result.stdout)["Arn"]
+        members = _group_members(process.pid)
+        assert len(members) >= 3 + replicas + (replicas > 1), members  # demo, STS, sidecars…
+        started = time.monotonic()
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+        while _group_members(process.pid) and time.monotonic() - started < 60:
+            time.sleep(0.05)
+        took = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert not _group_members(process.pid), "a child outlived the demo"
+    # Two drained groups (sidecars, brokers), then the store and STS stop quickly.
+    assert took < 2 * (drain + 1) + 3, f"stopping took {took:.1f}s"
+    out = out_file.read_text()
+    assert "killed" not in out, out
+    order = ["stopped sidecars (drained", "stopped brokers (drained", "stopped local STS"]
+    if replicas > 1:
+        order.insert(2, "stopped store")
+    positions = [out.index(step) for step in order]
+    assert positions == sorted(positions), out
+    audit_dirs = [state_dir / "audit"] if replicas == 1 else sorted((state_dir / "audit").iterdir())
+    public_key = state_dir / "keys" / "audit-keys" / "audit-signing.pub"
+    for audit_dir in audit_dirs:
+        verify = [sys.executable, "-m", "metaproxy", "audit", "verify", str(audit_dir)]
+        verify += ["--public-key", str(public_key)]
+        result = subprocess.run(verify, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+        # The final checkpoint covers the newest segment, so losing it is detected.
+        newest = sorted(audit_dir.glob("segment-*.jsonl"))[-1]
+        newest.unlink()
+        result = subprocess.run(verify, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode != 0, f"{audit_dir}: deleting {newest.name} went unnoticed"

@@ -27,6 +27,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run N brokers sharing a local Valkey/Redis store, sidecars spread across them"
         " (default 1: one broker, in-process store)",
     )
+    parser.add_argument(
+        "--drain-seconds",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="on Ctrl-C, stop sidecars, brokers, store and STS in that order, each group draining"
+        " for at most this long (default 5)",
+    )
     parser.set_defaults(func=_run)
 
 
@@ -36,15 +44,25 @@ def _replicas(raw: str) -> int:
     return int(raw)
 
 
-def _run(args: argparse.Namespace) -> int:
-    import signal
+def _seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds") from None
+    if not 0 < value <= 300:
+        raise argparse.ArgumentTypeError(f"{raw!r} must be more than 0 and at most 300")
+    return value
 
+
+def _run(args: argparse.Namespace) -> int:
     from metaproxy.demo.run import DemoOptions, run_demo
 
-    # Block SIGINT/SIGTERM so the demo waits for them with sigwait and still cleans up.
-    if not args.once:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     options = DemoOptions(
-        args.policies_dir, args.state_dir, args.state_file, args.once, args.replicas
+        args.policies_dir,
+        args.state_dir,
+        args.state_file,
+        args.once,
+        args.replicas,
+        args.drain_seconds,
     )
     return run_demo(options)

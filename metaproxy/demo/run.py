@@ -4,13 +4,14 @@ sidecar's address."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
+import shlex
 import subprocess
 import sys
+import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,14 @@ from metaproxy.demo.local import (
     make_local_keys,
     sidecar_args,
 )
-from metaproxy.demo.processes import Child, start_metaproxy, wait_ready
+from metaproxy.demo.processes import (
+    Child,
+    children_ignore_interrupt,
+    start_metaproxy,
+    stop_all,
+    wait_for_stop,
+    wait_ready,
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,7 @@ class DemoOptions:
     state_file: Path | None
     once: bool
     replicas: int = 1  # 2 or more: a fleet of brokers sharing a local Valkey/Redis
+    drain_seconds: float = 5.0  # on Ctrl-C, each part's drain is capped at this
 
 
 def _tenants(policies_dir: Path) -> list[str]:
@@ -105,7 +114,7 @@ def _start_store(options: DemoOptions, state_dir: Path, stack: ExitStack) -> Sto
 
     server = RedisServer(state_dir / "redis")
     url = server.start()
-    stack.callback(server.stop)
+    stack.callback(_stop_service("store", server.stop))
     print(f"store (redis)     {url}   (AOF in {server.directory})")
     return Store(url, server.pid)
 
@@ -117,7 +126,7 @@ def _start_brokers(
     fleet: FleetSecrets,
     store: Store,
     sts_endpoint: str,
-    stack: ExitStack,
+    started: list[Child],
 ) -> list[Replica]:
     """One broker as always, or `replicas` of them, each with its own instance name, audit
     chain and state dir (the audit chains are per replica; the store is what they share)."""
@@ -129,21 +138,25 @@ def _start_brokers(
         name = "broker" if single else f"broker-{i}"
         child = start_metaproxy(
             name,
-            broker_args(
-                keys,
-                policies_dir=options.policies_dir.resolve(),
-                audit_dir=state_dir / "audit" if single else state_dir / "audit" / instance,
-                sts_endpoint=sts_endpoint,
-                instance=instance,
-                fleet=fleet,
-                state_dir=state_dir / ("state" if single else f"state-{i}"),
-                store=store.url,
-            ),
+            [
+                *broker_args(
+                    keys,
+                    policies_dir=options.policies_dir.resolve(),
+                    audit_dir=state_dir / "audit" if single else state_dir / "audit" / instance,
+                    sts_endpoint=sts_endpoint,
+                    instance=instance,
+                    fleet=fleet,
+                    state_dir=state_dir / ("state" if single else f"state-{i}"),
+                    store=store.url,
+                ),
+                "--drain-seconds",
+                str(options.drain_seconds),
+            ],
             ready_file=state_dir / f"{name}.ready.json",
             log_file=state_dir / "logs" / f"{name}.log",
             env=EMULATOR_CREDENTIALS,
         )
-        stack.callback(child.stop)
+        started.append(child)
         brokers.append(Replica(instance, child))
         control = child.ready.get("control_url", "")
         extra = f", control {control}" if control else ""
@@ -163,9 +176,77 @@ def _describe_broker(broker: Replica) -> dict[str, Any]:
     }
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during start-up: stop what runs, in order, and exit 130."""
+
+
+def _stage(name: str, children: list[Child], timeout: float) -> Callable[[], None]:
+    """A stop step for the exit stack: drain `children` together within `timeout`, and say so."""
+
+    def stop() -> None:
+        if not children:
+            return
+        started = time.monotonic()
+        killed = stop_all(children, timeout)
+        took = time.monotonic() - started
+        if killed:
+            print(f"stopped {name}: {', '.join(killed)} did not drain within {timeout:g}s, killed")
+        else:
+            print(f"stopped {name} (drained in {took:.1f}s)")
+
+    return stop
+
+
+def _stop_service(name: str, stop: Callable[[], None]) -> Callable[[], None]:
+    def stopped() -> None:
+        started = time.monotonic()
+        stop()
+        print(f"stopped {name} ({time.monotonic() - started:.1f}s)")
+
+    return stopped
+
+
+def _write_token(path: Path, token: str) -> None:
+    """Identity tokens are credentials: 0600, written without following a planted link."""
+    from metaproxy.fsutil import write_atomically
+
+    write_atomically(path, token.encode("ascii"), 0o600)
+
+
+def try_it_lines(imds_url: str, container_url: str, auth_file: Path, sts: str) -> list[str]:
+    """What a person pastes into a shell to use this sidecar: both endpoints, and one call."""
+    container = container_url + "/v1/credentials"
+    no_other_credentials = (
+        "env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_SESSION_TOKEN -u AWS_PROFILE "
+        f"AWS_CONFIG_FILE={os.devnull} AWS_SHARED_CREDENTIALS_FILE={os.devnull}"
+    )
+    return [
+        "  # the EC2 metadata endpoint (IMDS), as any AWS SDK finds it:",
+        f"  export AWS_EC2_METADATA_SERVICE_ENDPOINT={imds_url}/ AWS_DEFAULT_REGION=us-east-1",
+        "  # or the container-credentials endpoint (SDKs prefer it when both are set):",
+        f"  export AWS_CONTAINER_CREDENTIALS_FULL_URI={container}"
+        f" AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={shlex.quote(str(auth_file))}",
+        "  # try it (with no other credentials in the way; STS is the local emulator):",
+        f"  {no_other_credentials} AWS_EC2_METADATA_SERVICE_ENDPOINT={imds_url}/"
+        f" AWS_DEFAULT_REGION=us-east-1 aws sts get-caller-identity --endpoint-url {sts}",
+    ]
+
+
 def run_demo(options: DemoOptions) -> int:
+    with children_ignore_interrupt() as stop_requested:
+        try:
+            return _run_demo(options, stop_requested)
+        except Interrupted:
+            return 130
+
+
+def _run_demo(options: DemoOptions, stop_requested: Callable[[], bool]) -> int:  # noqa: PLR0915
     from metaproxy.identity.issue import issue_token
     from metaproxy.testing.emulator import StsEmulator
+
+    def check() -> None:
+        if stop_requested():
+            raise Interrupted
 
     state_dir = options.state_dir.resolve()
     logs = state_dir / "logs"
@@ -175,17 +256,31 @@ def run_demo(options: DemoOptions) -> int:
     keys = make_local_keys(state_dir / "keys")
     fleet = make_fleet_secrets(state_dir / "keys")
     audit_dir = state_dir / "audit"
+    drain = options.drain_seconds
+    # A child that drained has exited; one more second covers interpreter shutdown.
+    stage_timeout = drain + 1.0
     # The exit stack stops in reverse: sidecars, then brokers, then the store, then STS, so no
     # process outlives what it depends on and no broker sees its store vanish while it serves.
     with ExitStack() as stack:
         emulator = StsEmulator(log_path=logs / "sts-emulator.log")
         sts_endpoint = emulator.start()
-        stack.callback(emulator.stop)
+        stack.callback(_stop_service("local STS", emulator.stop))
         print(f"local STS (moto)  {sts_endpoint}")
+        check()
         store = _start_store(options, state_dir, stack)
+        broker_children: list[Child] = []
+        stack.callback(_stage("brokers", broker_children, stage_timeout))
         brokers = _start_brokers(
-            options, keys=keys, fleet=fleet, store=store, sts_endpoint=sts_endpoint, stack=stack
+            options,
+            keys=keys,
+            fleet=fleet,
+            store=store,
+            sts_endpoint=sts_endpoint,
+            started=broker_children,
         )
+        check()
+        sidecar_children: list[Child] = []
+        stack.callback(_stage("sidecars", sidecar_children, stage_timeout))
         sidecars: list[tuple[str, str, Child, Path, str]] = []
         for n, tenant in enumerate(tenants):
             # Round-robin, as a Service in front of the replicas would spread new connections.
@@ -193,7 +288,8 @@ def run_demo(options: DemoOptions) -> int:
             task = f"demo-{tenant}-1"
             identity_file = state_dir / "tasks" / task / "identity.jwt"
             identity_file.parent.mkdir(parents=True, exist_ok=True)
-            identity_file.write_text(
+            _write_token(
+                identity_file,
                 issue_token(
                     keys.identity_key,
                     issuer=ISSUER,
@@ -202,22 +298,26 @@ def run_demo(options: DemoOptions) -> int:
                     tenant=tenant,
                     app="web",
                     ttl=86_400,
-                )
+                ),
             )
             auth_file = identity_file.with_name("authorization-token")
             sidecar = start_metaproxy(
                 f"sidecar {tenant}",
-                sidecar_args(
-                    keys,
-                    broker_url=broker.child.ready["url"],
-                    identity_file=identity_file,
-                    authorization_file=auth_file,
-                ),
+                [
+                    *sidecar_args(
+                        keys,
+                        broker_url=broker.child.ready["url"],
+                        identity_file=identity_file,
+                        authorization_file=auth_file,
+                    ),
+                    *("--drain-seconds", str(drain)),
+                ],
                 ready_file=identity_file.with_name("sidecar.ready.json"),
                 log_file=logs / f"sidecar-{tenant}.log",
             )
-            stack.callback(sidecar.stop)
+            sidecar_children.append(sidecar)
             sidecars.append((tenant, task, sidecar, auth_file, broker.instance))
+            check()
         described = []
         for tenant, task, sidecar, auth_file, instance in sidecars:
             wait_ready(sidecar.ready["admin_url"])
@@ -226,6 +326,8 @@ def run_demo(options: DemoOptions) -> int:
             identity = caller_identity_via(imds_url, sts_endpoint)
             via = f" (broker {instance})" if len(brokers) > 1 else ""
             print(f"{tenant:<8} task {task:<16} boto3 via {imds_url} → {identity['Arn']}{via}")
+            for line in try_it_lines(imds_url, container_url, auth_file, sts_endpoint):
+                print(line)
             described.append(
                 {
                     "tenant": tenant,
@@ -238,6 +340,7 @@ def run_demo(options: DemoOptions) -> int:
                     "pid": sidecar.process.pid,
                 }
             )
+            check()
         state = {
             "sts_endpoint": sts_endpoint,
             "ca_file": str(keys.ca),
@@ -259,7 +362,7 @@ def run_demo(options: DemoOptions) -> int:
             print(f"audit log         {audit_dir}   (metaproxy audit query {audit_dir})")
         if options.once:
             return 0
-        print("serving; Ctrl-C to stop")
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        print(f"serving; Ctrl-C to stop (each part drains for at most {drain:g}s)", flush=True)
+        wait_for_stop(stop_requested)
+        print("stopping: sidecars, brokers, store, STS", flush=True)
     return 0
