@@ -134,6 +134,13 @@ class SidecarConfig:
         default="refuse",
         metadata=doc("answer IMDSv1 (token-less) requests, or only IMDSv2"),
     )
+    allowed_hosts: tuple[str, ...] = field(
+        default=(),
+        metadata=doc(
+            "host names IMDS and container-credentials requests may carry in Host, besides IP "
+            "literals and localhost; comma-separated; others are refused (DNS rebinding)"
+        ),
+    )
     host_metadata_allow: tuple[str, ...] = field(
         default=(),
         metadata=doc(

@@ -21,7 +21,7 @@ from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import SidecarConfig, authorization_token_mode
 from metaproxy.models import SidecarLimits
 from metaproxy.ratelimit import KeyedLimiter
-from metaproxy.sidecar import container_creds, http1, imds, instrument
+from metaproxy.sidecar import container_creds, http1, imds, instrument, rebinding
 from metaproxy.sidecar.credentials_cache import CredentialKeeper
 from metaproxy.sidecar.host_metadata import HostMetadata
 from metaproxy.sidecar.state import STATE, SidecarState
@@ -71,6 +71,12 @@ def data_plane(state: SidecarState, face: Face) -> http1.Handler:
             )
         return imds.aws_error(429, {"Retry-After": retry})
 
+    allowed_hosts = tuple(h.strip().lower().removesuffix(".") for h in state.config.allowed_hosts)
+    if face == "container":
+        refused = container_creds.json_error(403, "Forbidden", "request refused")
+    else:
+        refused = imds.aws_error(403)
+
     def dispatch(request: http1.Request) -> http1.Response | Awaitable[http1.Response]:
         started = time.perf_counter()
         cls = path_class(request.path, face)
@@ -84,6 +90,9 @@ def data_plane(state: SidecarState, face: Face) -> http1.Handler:
         if wait:
             instrument.count_request(cls, 429, started)
             return _tarpit(too_many(str(max(1, round(wait)))))
+        if rebinding.from_browser_or_foreign_host(request.headers, allowed_hosts):
+            instrument.count_request(cls, 403, started)
+            return refused
         answer = handle(state, request)
         if isinstance(answer, http1.Response):
             instrument.count_request(cls, answer.status, started)

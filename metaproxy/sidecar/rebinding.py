@@ -1,0 +1,55 @@
+"""DNS rebinding: a web page in a browser inside the task must not read the task's credentials.
+
+A page from `evil.example` can have its name re-pointed to 169.254.169.254 (or the loopback
+address of the container endpoint) after it loaded, and then its own scripts talk to the sidecar
+as "same origin". Two things give such a request away, and no SDK or tool sends either:
+
+- its `Host` is the attacker's name. Every real client (botocore, the AWS CLI, the SDKs for
+  JavaScript, Go, Ruby, curl, cloud-init) addresses the sidecar by IP literal, or by `localhost`
+  for the container endpoint; operators who point SDKs at a name list it in `--allowed-hosts`.
+- the browser adds `Origin` (to any non-GET, and to cross-origin GETs) and `Sec-Fetch-*`.
+
+A request without `Host` (HTTP/1.0) is not from a browser: browsers always send one.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+
+BROWSER_HEADER_PREFIX = "sec-fetch-"
+
+
+def from_browser_or_foreign_host(headers: dict[str, str], allowed: tuple[str, ...]) -> bool:
+    """True when the request must be refused: a browser's markers, or a Host not ours."""
+    if "origin" in headers:
+        return True
+    for name in headers:
+        if name.startswith(BROWSER_HEADER_PREFIX):
+            return True
+    host = headers.get("host")
+    return host is not None and not host_allowed(host, allowed)
+
+
+@functools.lru_cache(maxsize=256)
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """`169.254.169.254`, `127.0.0.1:8080`, `[fd00:ec2::254]`, `localhost`, or an allow-listed
+    name (any port). Cached: a client sends the same Host on every request."""
+    name = host.strip().lower()
+    if name.startswith("["):  # [IPv6] or [IPv6]:port
+        literal, bracket, _port = name[1:].partition("]")
+        return bool(bracket) and _is_ip(literal)
+    if name.count(":") == 1:
+        name, _, port = name.partition(":")
+        if not port.isdigit():
+            return False
+    name = name.removesuffix(".")
+    return _is_ip(name) or name == "localhost" or name in allowed
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
