@@ -260,14 +260,19 @@ def sidecar_command(name: str, paths: TaskPaths, sidecar_args: list[str]) -> lis
     ]
 
 
+MISSING_ADDRESS = ("cannot assign requested address", "address not found")
+
+
 def _ip(*args: str, allow_missing: bool = False) -> None:
     result = subprocess.run(  # noqa: S603 - iproute2 by absolute path, validated arguments
         [_tool("ip"), *args], capture_output=True, text=True, check=False
     )
     if result.returncode == 0:
         return
-    # `addr del` of an address that is not there: detach is idempotent.
-    if allow_missing and "Cannot assign requested address" in result.stderr:
+    # `addr del` of an address that is not there: detach is idempotent. Older iproute2 says
+    # "Cannot assign requested address"; current kernels answer through extended ack with
+    # "Error: ipv4: Address not found." (or "ipv6: address not found.").
+    if allow_missing and any(text in result.stderr.lower() for text in MISSING_ADDRESS):
         return
     raise NetnsError(f"ip {' '.join(args)}: {result.stderr.strip()}")
 

@@ -476,3 +476,31 @@ async def test_attach_without_root_says_it_needs_root() -> None:
     rc, _, err = await run_command(*argv, env=dict(os.environ), cwd=REPO)
     assert rc == 1
     assert "needs root" in err
+
+
+def test_detach_twice_succeeds_on_current_iproute2(tmp_path: Path) -> None:
+    """Detach is idempotent: a second run (the addresses already gone) exits 0, whichever way
+    this iproute2 reports a missing address ("Address not found" on current kernels)."""
+    require_netns()
+    name = f"mpx-detach-{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        subprocess.run(
+            ["ip", "-n", name, "addr", "add", "169.254.169.254/32", "dev", "lo"], check=True
+        )
+        argv = [sys.executable, "-m", "metaproxy", "netns", "detach", "--netns", name]
+        argv += ["--runtime-dir", str(tmp_path)]
+        for _ in range(2):
+            result = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=REPO)
+            assert result.returncode == 0, result.stderr
+            assert json.loads(result.stdout) == {"netns": name, "stopped_pid": None}
+        shown = subprocess.run(
+            ["ip", "-n", name, "addr", "show", "dev", "lo"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert "169.254.169.254" not in shown.stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)

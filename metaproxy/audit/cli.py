@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from metaproxy.audit.record import EVENTS
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     audit = subparsers.add_parser("audit", help="verify and query the tamper-evident audit log")
@@ -33,7 +35,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     query.add_argument("--tenant", default="")
     query.add_argument("--role", default="", help="role ARN or role name")
     query.add_argument("--access-key-id", default="")
-    query.add_argument("--event", default="")
+    query.add_argument(
+        "--event",
+        default="",
+        choices=EVENTS,
+        help="only records of this event (a misspelt one is refused, not an empty answer)",
+    )
     query.add_argument("--since", default="", help="ISO 8601, e.g. 2026-01-02T14:00Z")
     query.add_argument("--until", default="", help="ISO 8601")
     query.add_argument("--at", default="", help="credentials valid at this ISO 8601 time")
