@@ -29,6 +29,8 @@ class MetaproxyError(Exception):
     retry_after: float | None = None
     # A category the client may see beside the public message (401s: an `AuthReason`).
     reason: str | None = None
+    # Logged at DEBUG: one of many identical refusals already accounted for (broker/authn.py).
+    quiet = False
 
     def __init__(self, detail: str = "", *, public_message: str | None = None) -> None:
         super().__init__(detail or self.public_message)

@@ -56,6 +56,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         response = await handler(request)
     except MetaproxyError as exc:
         level = logging.WARNING if exc.status < 500 else logging.ERROR
+        if exc.quiet:
+            level = logging.DEBUG
         log.log(
             level,
             "%s %s -> %d %s: %s",

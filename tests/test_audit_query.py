@@ -197,3 +197,26 @@ async def test_cli_tail_follow_prints_new_records_across_rotation(tmp_path: Path
         follower.kill()
         await follower.wait()
         await log.close()
+
+
+def test_tail_and_query_escape_stored_control_characters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A task name holding CSI (U+009B), ESC or a bidi override reaches the terminal escaped."""
+    from metaproxy.audit.record import make_record
+    from metaproxy.audit.writer import AuditLog
+
+    hostile = "t\u009b2J\x1b[31m\u202eevil"
+
+    async def write() -> None:
+        log = AuditLog(tmp_path / "log", log_id="t")
+        await log.start()
+        await log.append(make_record("issued", request_id="r1", task=hostile, tenant="acme"))
+        await log.close()
+
+    asyncio.run(write())
+    assert run_cli(["audit", "tail", str(tmp_path / "log")]) == 0
+    assert run_cli(["audit", "query", str(tmp_path / "log"), "--tenant", "acme"]) == 0
+    out = capsys.readouterr().out
+    assert all(char not in out for char in "\u009b\x1b\u202e")
+    assert "\\x9b2J" in out

@@ -286,3 +286,46 @@ async def test_cli_verify_and_query_read_s3_with_env_credentials(
     )
     assert await asyncio.to_thread(query.func, query) == 0
     assert json.loads(capsys.readouterr().out)["access_key_id"] == "ASIAEXAMPLE00000007"
+
+
+async def test_shipped_files_are_pruned_locally_and_the_chain_resumes(
+    tmp_path: Path, bucket: str, client_factory: Callable[[], Any]
+) -> None:
+    """Once in S3 a segment or checkpoint leaves the local folder (the newest of each stays);
+    the S3 copy verifies and a restart continues the chain where it was."""
+    private, public = write_keypair(tmp_path / "keys")
+    holder: list[AuditLog] = []
+
+    async def prune(path: Path) -> None:
+        await holder[0].prune(path)
+
+    shipper = S3Shipper(
+        bucket=bucket, prefix="prod/broker-a", client_factory=client_factory, on_uploaded=prune
+    )
+    await shipper.start()
+    log = AuditLog(
+        tmp_path / "log",
+        log_id="broker-a",
+        signing_key=private,
+        segment_max_bytes=3000,
+        checkpoint_every_records=7,
+        write_timeout=10,
+        on_segment_closed=shipper.enqueue,
+    )
+    holder.append(log)
+    await log.start()
+    for n in range(60):
+        await log.append(record(n))
+    await log.close()
+    await shipper.close()
+    local_segments = list((tmp_path / "log").glob("segment-*.jsonl"))
+    local_checkpoints = list((tmp_path / "log" / "checkpoints").glob("checkpoint-*.json"))
+    assert (len(local_segments), len(local_checkpoints)) == (1, 1)
+    report = await asyncio.to_thread(
+        verify_s3, f"s3://{bucket}/prod/broker-a", public, client_factory
+    )
+    assert (report.ok, report.records) == (True, 60), report.problems
+    again = AuditLog(tmp_path / "log", log_id="broker-a", signing_key=private, write_timeout=10)
+    await again.start()
+    assert (await again.append(record(60)))["seq"] == 61
+    await again.close()

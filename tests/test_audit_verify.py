@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import json
 import shutil
 import time
 from pathlib import Path
@@ -63,8 +64,10 @@ def _load(directory: Path) -> tuple[Segments, Segments]:
 
 
 def _verify(segments: Segments, checkpoints: Segments, public: Path, **kw: bytes) -> VerifyReport:
+    """Pieces of a log: the tail past the checkpoints given is accepted unless asked."""
     ordered = sorted(segments, key=lambda item: chain.segment_first_seq(item[0]) or 0)
     sources = [(name, lambda data=data: data) for name, data in ordered]
+    kw.setdefault("allow_unanchored", True)  # type: ignore[arg-type]
     return verify_log(sources, checkpoints, load_public_key(public), **kw)  # type: ignore[arg-type]
 
 
@@ -204,7 +207,8 @@ def test_truncated_tail_is_detected_against_the_anchored_checkpoint(
     last_segment.write_bytes(b"".join(lines[:-5]))
     assert not verify_dir(copy, public).ok  # the newest local checkpoint still names seq 1000
     newest.unlink()  # a careful attacker removes it too
-    assert verify_dir(copy, public).ok
+    assert not verify_dir(copy, public).ok  # the tail it left is covered by no checkpoint
+    assert verify_dir(copy, public, allow_unanchored=True).ok
     report = verify_dir(copy, public, anchor=anchor)
     assert not report.ok
     assert "log ends at seq 995 but this checkpoint covers seq 1000" in report.problems[0]
@@ -223,3 +227,33 @@ def test_wrong_public_key_and_unsigned_logs_are_reported(
     assert unsigned.ok
     assert not unsigned.signed
     assert unsigned.notes[0].startswith("unsigned")
+
+
+def test_rechained_log_without_checkpoints_fails_unless_allowed(
+    audit_dir: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A log rewritten and re-chained after checkpoints/ was deleted fails verification;
+    --allow-unanchored passes it and says so."""
+    directory, public = audit_dir
+    copy = tmp_path / "log"
+    shutil.copytree(directory, copy)
+    shutil.rmtree(copy / "checkpoints")
+    head, seq = chain.ZERO_HASH, chain.FIRST_SEQ
+    for _, segment in chain.sorted_segments(copy):
+        lines = []
+        for raw in segment.read_bytes().splitlines():
+            record = json.loads(raw)
+            record["task"] = "someone-else"  # the rewrite
+            for name in chain.WRITER_FIELDS:
+                record.pop(name, None)
+            record["seq"], record["prev"] = seq, head
+            record["hash"] = head = chain.record_hash(head, record)
+            lines.append(chain.record_line(record))
+            seq += 1
+        segment.write_bytes(b"".join(lines))
+    report = verify_dir(copy, public)
+    assert not report.ok
+    assert "covered by no checkpoint" in report.problems[0]
+    relaxed = verify_dir(copy, public, allow_unanchored=True)
+    assert relaxed.ok
+    assert any("unanchored" in note for note in relaxed.notes)

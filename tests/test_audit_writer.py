@@ -168,7 +168,7 @@ async def test_restart_drops_a_torn_last_line(tmp_path: Path) -> None:
     record = await log.append(issued(2))
     await log.close()
     assert record["seq"] == 2
-    assert verify_dir(tmp_path, None).ok
+    assert verify_dir(tmp_path, None, allow_unanchored=True).ok
 
 
 async def test_refuses_to_start_behind_its_checkpoint(
@@ -256,7 +256,7 @@ async def test_write_that_landed_after_timeout_is_kept_in_the_chain(tmp_path: Pa
     ]
     assert [r["request_id"] for r in records] == ["req-1", "req-2", "req-3"]
     assert (after["seq"], after["prev"]) == (3, records[1]["hash"])
-    report = verify_dir(tmp_path, None)
+    report = verify_dir(tmp_path, None, allow_unanchored=True)
     assert (report.ok, report.records) == (True, 3), report.problems
 
 
@@ -297,7 +297,7 @@ async def test_full_disk_fails_closed_and_recovers_when_space_returns(tiny_tmpfs
     record = await log.append(issued(999))
     await log.close()
     assert record["seq"] == written + 1
-    report = verify_dir(tiny_tmpfs / "log", None)
+    report = verify_dir(tiny_tmpfs / "log", None, allow_unanchored=True)
     assert (report.ok, report.records) == (True, written + 1), report.problems
 
 
@@ -405,7 +405,7 @@ async def test_cancelled_caller_still_queued_is_not_written(tmp_path: Path) -> N
     on_disk = read_records(tmp_path)
     assert [r["request_id"] for r in on_disk] == [f"req-{n}" for n in range(10) if n != 4]
     assert [r["seq"] for r in on_disk] == list(range(1, 10))
-    assert verify_dir(tmp_path, None).ok
+    assert verify_dir(tmp_path, None, allow_unanchored=True).ok
 
 
 async def test_close_commits_queued_appends_and_refuses_new_ones(tmp_path: Path) -> None:
@@ -418,7 +418,7 @@ async def test_close_commits_queued_appends_and_refuses_new_ones(tmp_path: Path)
     assert [task.result()["seq"] for task in tasks] == list(range(1, 51))
     with pytest.raises(AuditUnavailable, match="not running"):
         await log.append(issued(99))
-    report = verify_dir(tmp_path, None)
+    report = verify_dir(tmp_path, None, allow_unanchored=True)
     assert (report.ok, report.records) == (True, 50), report.problems
 
 
@@ -446,7 +446,7 @@ async def test_partially_written_batch_is_cut_at_its_last_whole_record(tiny_tmpf
     assert after["seq"] == landed + 2
     assert [r["seq"] for r in on_disk] == list(range(1, landed + 3))
     assert [r["request_id"] for r in on_disk[1:-1]] == [f"req-{n}" for n in range(1, landed + 1)]
-    report = verify_dir(tiny_tmpfs / "log", None)
+    report = verify_dir(tiny_tmpfs / "log", None, allow_unanchored=True)
     assert (report.ok, report.records) == (True, landed + 2), report.problems
 
 
@@ -460,3 +460,19 @@ def test_scrub_skips_the_patterns_only_when_none_could_match(value: str) -> None
     """The fast path (short, no JWT or PEM start) gives what the full patterns give."""
     assert scrub(value) == _scrub_patterns(value)
     assert scrub(value, blobs=False) == _scrub_patterns(value, blobs=False)
+
+
+async def test_full_local_buffer_fails_closed_and_evicts_nothing(tmp_path: Path) -> None:
+    """Past max_local_bytes every append is AuditUnavailable (503); every record stays."""
+    log = AuditLog(tmp_path / "audit", log_id="t", max_local_bytes=2000, write_timeout=10)
+    await log.start()
+    written = 0
+    with pytest.raises(AuditUnavailable, match="local audit buffer full"):
+        for n in range(100):
+            await log.append(issued(n))
+            written += 1
+    await log.close()
+    assert 0 < written < 100
+    assert verify_dir(tmp_path / "audit", None, allow_unanchored=True).ok
+    lines = sum(len(p.read_text().splitlines()) for p in (tmp_path / "audit").glob("segment-*"))
+    assert lines == written

@@ -110,3 +110,60 @@ async def test_issued_or_refreshed_is_decided_by_the_broker(
         (record,) = [r for r in audit_records(tmp_path / "audit") if r["request_id"] == request_id]
         events.append(record["event"])
     assert events == ["issued", "refreshed", "refreshed"]
+
+
+async def bad_requests(
+    https: aiohttp.ClientSession, broker: BrokerServer, tokens: list[str]
+) -> list[int]:
+    statuses = []
+    for token in tokens:
+        async with https.post(
+            broker.url + "/v1/credentials", json={}, headers={"Authorization": f"Bearer {token}"}
+        ) as response:
+            statuses.append(response.status)
+    return statuses
+
+
+def denied_401(tmp_path: Path) -> list[dict[str, object]]:
+    return [r for r in audit_records(tmp_path / "audit") if r["rule"] == "authentication"]
+
+
+async def test_identical_failures_from_one_peer_are_one_record_with_a_count(
+    broker: BrokerServer,
+    https: aiohttp.ClientSession,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """50 copies of one bad token: 50 × 401, one record and one WARNING, then one summary."""
+    caplog.set_level(logging.WARNING)
+    statuses = await bad_requests(https, broker, ["garbage.token.here"] * 50)
+    assert statuses == [401] * 50
+    assert len(denied_401(tmp_path)) == 1
+    warnings = [r for r in caplog.records if "Unauthenticated" in r.getMessage()]
+    assert len(warnings) == 1
+    assert await broker.services.issuer.failures.flush(everything=True) == 1
+    summary = denied_401(tmp_path)[-1]
+    assert (summary["count"], summary["status"], summary["peer"]) == (49, 401, "127.0.0.1")
+
+
+async def test_a_peer_over_its_failure_budget_is_429_without_a_record_each(
+    broker: BrokerServer, https: aiohttp.ClientSession, pki: Pki, tmp_path: Path
+) -> None:
+    """Distinct failures cost records up to the peer's burst; the rest are 429 and summarised,
+    and a valid token from the same peer is still served."""
+    from tests.test_identity_rejections_audited import claims, signed
+
+    tokens = [signed(pki, claims(**{f"c{n}": "x" * 300})) for n in range(60)]
+    statuses = await bad_requests(https, broker, tokens)
+    assert statuses.count(401) <= 22  # the burst (20) and what refilled meanwhile
+    assert statuses[-10:] == [429] * 10
+    assert len(denied_401(tmp_path)) == statuses.count(401)
+    async with https.post(
+        broker.url + "/v1/credentials",
+        json={},
+        headers={"Authorization": f"Bearer {issue(pki, 't-good', 'acme')}"},
+    ) as response:
+        assert response.status == 200
+    await broker.services.issuer.failures.flush(everything=True)
+    summary = denied_401(tmp_path)[-1]
+    assert (summary["status"], summary["count"]) == (429, statuses.count(429))

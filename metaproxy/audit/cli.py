@@ -25,6 +25,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     verify.add_argument("target", help="log directory or s3://bucket/prefix")
     verify.add_argument("--public-key", type=Path, help="PEM public key of the signing key")
     verify.add_argument("--anchor", type=Path, help="a checkpoint file kept outside the log")
+    verify.add_argument(
+        "--allow-unanchored",
+        action="store_true",
+        help="accept records no checkpoint covers yet (a live log's tail, a log without a key); "
+        "without it they fail verification",
+    )
     _add_fleet_option(verify)
     _add_s3_options(verify)
     verify.set_defaults(func=_verify)
@@ -117,7 +123,11 @@ def _verify_dir(args: argparse.Namespace, directory: Path, *, shipped: bool) -> 
 
     if args.fleet or is_fleet(directory):
         fleet = verify_fleet_dir(
-            directory, args.public_key, anchor=args.anchor, unshipped_tail_ok=shipped
+            directory,
+            args.public_key,
+            anchor=args.anchor,
+            unshipped_tail_ok=shipped,
+            allow_unanchored=args.allow_unanchored,
         )
         ok, problems, first_bad, notes = fleet.ok, fleet.problems, fleet.first_bad, fleet.notes
         summary = (
@@ -131,7 +141,11 @@ def _verify_dir(args: argparse.Namespace, directory: Path, *, shipped: bool) -> 
         ]
     else:
         report = verify_dir(
-            directory, args.public_key, anchor=args.anchor, unshipped_tail_ok=shipped
+            directory,
+            args.public_key,
+            anchor=args.anchor,
+            unshipped_tail_ok=shipped,
+            allow_unanchored=args.allow_unanchored,
         )
         ok, problems, first_bad, notes = report.ok, report.problems, report.first_bad, report.notes
         summary = (
@@ -199,7 +213,7 @@ def _tail(args: argparse.Namespace) -> int:
         if len(recent) >= args.lines:
             break
     for line in recent[-args.lines :] if args.lines > 0 else []:
-        print(line.decode("utf-8", "replace"), flush=True)
+        print(_terminal_line(line), flush=True)
     if not args.follow:
         return 0
     # Poll: segments are append-only and rotation creates files with higher names.
@@ -223,5 +237,14 @@ def _print_from(path: Path, position: int) -> int:
         data = file.read()
     end = data.rfind(b"\n") + 1
     for line in data[:end].splitlines():
-        print(line.decode("utf-8", "replace"), flush=True)
+        print(_terminal_line(line), flush=True)
     return position + end
+
+
+def _terminal_line(line: bytes) -> str:
+    """A stored record as the operator's terminal may show it: records carry client strings
+    (task names, reasons), and canonical JSON keeps C1 controls (U+009B is CSI) and bidi
+    overrides raw, so they are escaped here."""
+    from metaproxy.logs import printable
+
+    return printable(line.decode("utf-8", "replace"))

@@ -75,6 +75,7 @@ def verify_fleet_dir(
     *,
     anchor: Path | None = None,
     unshipped_tail_ok: bool = False,
+    allow_unanchored: bool = False,
 ) -> FleetReport:
     """Verify each `<instance>/` chain under `path`, then the witness statements between them.
 
@@ -89,6 +90,7 @@ def verify_fleet_dir(
             public_key,
             anchor=anchor if log_id == anchor_log else None,
             unshipped_tail_ok=unshipped_tail_ok,
+            allow_unanchored=allow_unanchored,
         )
         replicas.append(ReplicaReport(directory.name, log_id, report, _digests(directory)))
     problems: list[str] = []
@@ -131,11 +133,18 @@ def verify_fleet_s3(
     client_factory: Callable[[], Any],
     *,
     anchor: Path | None = None,
+    allow_unanchored: bool = False,
 ) -> FleetReport:
     """Download a fleet's copy (`prefix/<instance>/...`) and verify it as `verify_s3` does."""
     with tempfile.TemporaryDirectory(prefix="metaproxy-audit-") as tmp:
         download_s3(url, client_factory, Path(tmp))
-        return verify_fleet_dir(Path(tmp), public_key, anchor=anchor, unshipped_tail_ok=True)
+        return verify_fleet_dir(
+            Path(tmp),
+            public_key,
+            anchor=anchor,
+            unshipped_tail_ok=True,
+            allow_unanchored=allow_unanchored,
+        )
 
 
 def _log_id(directory: Path) -> str:

@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from metaproxy.audit import chain
 from metaproxy.audit.layout import chain_dirs, is_fleet
+from metaproxy.logs import printable
 
 TABLE_COLUMNS: Final = (
     "seq",
@@ -171,5 +172,4 @@ def format_table(records: list[dict[str, object]]) -> str:
 
 def _cell(value: object) -> str:
     # Records are attacker-influenced (task names, reasons): no control characters on a terminal.
-    text = str(value)
-    return "".join(ch if ch.isprintable() else "?" for ch in text)
+    return printable(str(value))

@@ -14,7 +14,7 @@ import concurrent.futures
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -36,6 +36,7 @@ class S3Shipper:
         executor_workers: int = 1,
         retry_base_seconds: float = 0.5,
         retry_max_seconds: float = 60.0,
+        on_uploaded: Callable[[Path], Awaitable[None]] | None = None,
     ) -> None:
         if not bucket:
             raise ValueError("S3Shipper needs a bucket")
@@ -53,6 +54,8 @@ class S3Shipper:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
         self._latest_seq = 0
+        # Told every file once it is in S3 (the broker prunes its local copy then).
+        self._on_uploaded = on_uploaded
         self.uploaded = 0
         self.failures = 0
 
@@ -168,6 +171,11 @@ class S3Shipper:
             failures_in_a_row = 0
             self._queue.popleft()
             self.uploaded += 1
+            if self._on_uploaded is not None:
+                try:
+                    await self._on_uploaded(path)
+                except Exception:
+                    log.exception("audit shipper: on_uploaded failed for %s", path.name)
 
     async def _call(self, func: Callable[..., Any], *args: Any) -> Any:
         if self._executor is None:

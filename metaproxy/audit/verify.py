@@ -140,12 +140,18 @@ def verify_log(
     *,
     anchor: bytes | None = None,
     unshipped_tail_ok: bool = False,
+    allow_unanchored: bool = False,
     max_problems: int = 100,
 ) -> VerifyReport:
     """Verify segments (in chain order) and checkpoint files, optionally against an anchor.
 
     `unshipped_tail_ok`: a copy shipped elsewhere holds closed segments only, so a checkpoint
     may name a segment that is still open; the copy must then end exactly before that segment.
+
+    Every record must be covered by a checkpoint (or the anchor): a chain is only as good as
+    the signed heads that pin it, and a log rewritten and re-chained after `checkpoints/` was
+    deleted is otherwise perfectly consistent. `allow_unanchored` accepts records after the
+    last checkpoint (a live log's tail, a log written without a key) and says so in `notes`.
     """
     problems: list[str] = []
     notes: list[str] = []
@@ -179,14 +185,15 @@ def verify_log(
         problems.extend(
             _checkpoint_problems(name, checkpoint, verifier, last_seq, unshipped_tail_ok)
         )
-    if public_key is None:
-        notes.append(
-            "unsigned: checkpoint signatures not checked (no public key given)"
-            if valid
-            else "unsigned: no checkpoints, chain only"
+    unanchored = _unanchored(valid, verifier.records, last_seq)
+    if unanchored and allow_unanchored:
+        notes.append(f"unanchored: {unanchored}, accepted (--allow-unanchored)")
+    elif unanchored:
+        problems.append(
+            f"{unanchored} (checkpoints deleted, or the log rewritten); "
+            "--allow-unanchored accepts a tail not checkpointed yet"
         )
-    elif not valid:
-        notes.append("unsigned: no checkpoints found")
+    notes += _signing_notes(public_key, bool(valid))
     all_problems = verifier.problems + problems
     return VerifyReport(
         ok=not all_problems,
@@ -200,6 +207,23 @@ def verify_log(
         notes=notes,
         verified=[(name, checkpoint) for name, checkpoint in valid if name != "anchor"],
     )
+
+
+def _signing_notes(public_key: Ed25519PublicKey | None, any_valid: bool) -> list[str]:
+    if public_key is None:
+        if any_valid:
+            return ["unsigned: checkpoint signatures not checked (no public key given)"]
+        return ["unsigned: no checkpoints, chain only"]
+    return [] if any_valid else ["unsigned: no checkpoints found"]
+
+
+def _unanchored(valid: list[tuple[str, Checkpoint]], records: int, last_seq: int) -> str:
+    """The records no checkpoint covers, described, or "" when every one is covered."""
+    anchored = max((checkpoint.seq for _, checkpoint in valid), default=0)
+    if not records or last_seq <= anchored:
+        return ""
+    span = f"seq {anchored + 1}..{last_seq}" if anchored + 1 < last_seq else f"seq {last_seq}"
+    return f"{span}: covered by no checkpoint"
 
 
 def _checkpoint_problems(
@@ -233,6 +257,7 @@ def verify_dir(
     *,
     anchor: Path | None = None,
     unshipped_tail_ok: bool = False,
+    allow_unanchored: bool = False,
 ) -> VerifyReport:
     """Verify a log directory as the writer (or `verify_s3`'s download) lays it out."""
     key = load_public_key(public_key) if public_key is not None else None
@@ -255,6 +280,7 @@ def verify_dir(
         key,
         anchor=anchor.read_bytes() if anchor is not None else None,
         unshipped_tail_ok=unshipped_tail_ok,
+        allow_unanchored=allow_unanchored,
     )
 
 
@@ -313,11 +339,18 @@ def verify_s3(
     client_factory: Callable[[], Any],
     *,
     anchor: Path | None = None,
+    allow_unanchored: bool = False,
 ) -> VerifyReport:
     """Download an s3:// copy and verify it; its latest-checkpoint.json is the anchor too."""
     with tempfile.TemporaryDirectory(prefix="metaproxy-audit-") as tmp:
         copied = download_s3(url, client_factory, Path(tmp))
-        report = verify_dir(Path(tmp), public_key, anchor=anchor, unshipped_tail_ok=True)
+        report = verify_dir(
+            Path(tmp),
+            public_key,
+            anchor=anchor,
+            unshipped_tail_ok=True,
+            allow_unanchored=allow_unanchored,
+        )
     if copied == 0:
         report.ok = False
         report.problems.append(f"{url}: no audit objects found")

@@ -93,6 +93,7 @@ class AuditLog:
         witness: WitnessSource | None = None,
         on_checkpoint: CheckpointListener | None = None,
         witness_timeout: float = WITNESS_TIMEOUT,
+        max_local_bytes: int = 0,
     ) -> None:
         if not log_id:
             raise ValueError("audit log needs a log_id")
@@ -104,6 +105,10 @@ class AuditLog:
         self._checkpoint_every_records = max(1, checkpoint_every_records)
         self._checkpoint_every_seconds = checkpoint_every_seconds
         self._write_timeout = write_timeout
+        # The local directory is a buffer in front of the sink: bounded, and when full the
+        # broker refuses to issue (503) rather than fill the volume and get evicted. 0: none.
+        self._max_local_bytes = max_local_bytes
+        self._local_bytes = 0
         self._clock: Clock = clock or SystemClock()
         # Called with every file that became immutable: closed segments and new checkpoints.
         self._on_closed = on_segment_closed
@@ -148,7 +153,7 @@ class AuditLog:
             resumed = await loop.run_in_executor(self._executor, self._resume_sync)
         except OSError as exc:
             raise AuditUnavailable(f"cannot open audit directory: {exc.strerror}") from None
-        last_record, newest_segment, newest_checkpoint = resumed
+        last_record, newest_segment, newest_checkpoint, self._local_bytes = resumed
         if last_record is not None:
             self._next_seq = int(last_record["seq"]) + 1  # type: ignore[call-overload]
             self._head = str(last_record["hash"])
@@ -200,9 +205,19 @@ class AuditLog:
         # Published before we go, so replicas closing after us witness our final head.
         await self._fleet.aclose()
 
+    async def prune(self, path: Path) -> None:
+        """Remove the local copy of a file the sink now holds (`S3Shipper(on_uploaded=...)`).
+
+        The newest segment and the newest checkpoint stay: a restart resumes the chain from
+        them (with no segment left it would start a new chain at seq 1)."""
+        # Not on the disk thread: the shipper keeps uploading (and pruning) after close.
+        freed = await asyncio.to_thread(_prune_sync, self.directory, path)
+        self._local_bytes = max(0, self._local_bytes - freed)
+
     def stats(self) -> dict[str, float]:
         """Counters; `batches` is the number of record fsyncs (one per group commit)."""
         return {
+            "local_bytes": float(self._local_bytes),
             "records": float(self._records),
             "failures": float(self._failures),
             "checkpoints": float(self._checkpoints),
@@ -219,6 +234,12 @@ class AuditLog:
         body = _checked_body(record)
         if self._executor is None or self._closing:
             raise AuditUnavailable("audit log is not running")
+        if self._max_local_bytes and self._local_bytes >= self._max_local_bytes:
+            # Fail closed, never evict: what is here has not reached the sink yet.
+            self._failures += 1
+            raise AuditUnavailable(
+                f"local audit buffer full ({self._local_bytes} bytes not yet shipped and pruned)"
+            )
         future: asyncio.Future[dict[str, object]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Waiter({"time": iso_millis(self._clock.now()), **body}, future))
         # Registered before any await, so concurrent callers all join the one committer.
@@ -273,6 +294,7 @@ class AuditLog:
         self._last_write_seconds = self._clock.monotonic() - started
         self._head, self._next_seq = str(batch[-1].record["hash"]), self._next_seq + len(batch)
         segment.size += len(data)
+        self._local_bytes += len(data)
         self._records += len(batch)
         self._batches += 1
         self._largest_batch = max(self._largest_batch, len(batch))
@@ -441,6 +463,7 @@ class AuditLog:
             log.warning("audit checkpoint at seq %d not written: %s", seq, exc.detail)
             return None
         self._checkpoint_seq, self._checkpoint_at = seq, self._clock.monotonic()
+        self._local_bytes += len(data)
         self._checkpoints += 1
         self._fleet.publish(
             WitnessedCheckpoint(self.log_id, seq, self._head, file_digest(data), checkpoint.time)
@@ -503,14 +526,17 @@ class AuditLog:
 
     # ---- start-up (runs on the disk thread) ------------------------------------------------
 
-    def _resume_sync(self) -> tuple[dict[str, object] | None, Path | None, int]:
+    def _resume_sync(self) -> tuple[dict[str, object] | None, Path | None, int, int]:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         (self.directory / CHECKPOINT_DIR).mkdir(mode=0o700, exist_ok=True)
         newest_checkpoint = 0
+        local_bytes = 0
         for entry in (self.directory / CHECKPOINT_DIR).iterdir():
             if entry.name.startswith("checkpoint-") and entry.name.endswith(".json"):
+                local_bytes += entry.stat().st_size
                 with contextlib.suppress(ValueError):
                     newest_checkpoint = max(newest_checkpoint, int(entry.name[11:23]))
+        local_bytes += sum(path.stat().st_size for _, path in sorted_segments(self.directory))
         for first_seq, path in reversed(sorted_segments(self.directory)):
             last, end, size = read_tail(path)
             if end != size:
@@ -524,8 +550,26 @@ class AuditLog:
                 raise AuditUnavailable(f"audit segment {path.name} has a corrupt last record")
             if int(last["seq"]) < first_seq:  # type: ignore[call-overload]
                 raise AuditUnavailable(f"audit segment {path.name} does not match its name")
-            return last, path, newest_checkpoint
-        return None, None, newest_checkpoint
+            return last, path, newest_checkpoint, local_bytes
+        return None, None, newest_checkpoint, local_bytes
+
+
+def _prune_sync(directory: Path, path: Path) -> int:
+    """Unlink `path` unless it is the newest segment or checkpoint; the bytes freed."""
+    if path.parent.name == CHECKPOINT_DIR:
+        newest = max((p.name for p in path.parent.glob("checkpoint-*.json")), default="")
+        if path.name >= newest:
+            return 0
+    else:
+        segments = sorted_segments(directory)
+        if not segments or path.name >= segments[-1][1].name:
+            return 0
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
 
 
 def _close_opened_fd(future: concurrent.futures.Future[Any], index: int = 0) -> None:

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,9 @@ from metaproxy.policy.store import PolicyStore
 
 log = logging.getLogger("metaproxy.broker")
 
+# The Deployment's audit volume is 2 GiB; segments leave it once shipped (`_Pruner`). If the sink
+# is down that long, refusing to issue (503) beats filling the volume and getting evicted.
+AUDIT_MAX_LOCAL_BYTES = 1536 << 20
 BACKFILL_SECONDS = 5.0  # listing the S3 copy at start-up must not hold the broker back for long
 
 
@@ -84,7 +87,8 @@ def create_services(
         config.trusted_issuers, leeway=config.token_leeway_seconds, clock=clock
     )
     config.audit_dir.mkdir(parents=True, exist_ok=True)
-    shipper = audit_shipper(config)
+    pruner = _Pruner()
+    shipper = audit_shipper(config, on_uploaded=pruner)
     store = open_store(config.store, state_dir=config.state_dir, timeout=config.store_timeout)
     witnessing = AuditWitnessing(store.replicas, config.instance)
     audit = instrument.TimedAuditLog(
@@ -98,7 +102,9 @@ def create_services(
         # Each checkpoint also pins the other replicas' latest ones (docs/audit.md).
         witness=witnessing.others,
         on_checkpoint=witnessing.publish,
+        max_local_bytes=AUDIT_MAX_LOCAL_BYTES,
     )
+    pruner.audit = audit
     sts = instrument.TimedSts(
         sts
         or AsyncSts(
@@ -218,7 +224,19 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def audit_shipper(config: BrokerConfig) -> S3Shipper | None:
+class _Pruner:
+    """Once a file is in S3 its local copy goes: the audit directory stays a small buffer."""
+
+    audit: AuditLog | None = None
+
+    async def __call__(self, path: Path) -> None:
+        if self.audit is not None:
+            await self.audit.prune(path)
+
+
+def audit_shipper(
+    config: BrokerConfig, on_uploaded: Callable[[Path], Awaitable[None]] | None = None
+) -> S3Shipper | None:
     """Ships closed segments and checkpoints under `prefix/<instance>/`: each broker replica
     writes its own chain, and two chains under one prefix would not verify."""
     if not config.audit_s3_url:
@@ -230,6 +248,7 @@ def audit_shipper(config: BrokerConfig) -> S3Shipper | None:
         bucket=bucket,
         prefix=f"{prefix}/{config.instance}" if prefix else config.instance,
         client_factory=s3_client_factory(config.s3_endpoint, config.sts_region),
+        on_uploaded=on_uploaded,
     )
 
 
@@ -295,12 +314,14 @@ async def _audit_and_policies(services: BrokerServices) -> AsyncIterator[None]:
         # stays a prefix of the local log.
         await _backfill(shipper, services.config.audit_dir)
     await services.audit.start()
+    await services.issuer.failures.start()
     watcher = asyncio.create_task(services.policies.watch(services.config.policy_reload_seconds))
     yield
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watcher
     await services.scheduler.aclose()  # workers stop before the audit log and STS close
+    await services.issuer.failures.aclose()  # its last summaries go in before the log closes
     await services.audit.close()  # closes the segment and hands it to the shipper
     if shipper is not None:
         await shipper.close(drain_seconds=services.config.drain_seconds)

@@ -18,6 +18,7 @@ from typing import Any
 from metaproxy.audit.record import make_record
 from metaproxy.audit.writer import AuditLog
 from metaproxy.broker.admission import FairAdmission, lane_for
+from metaproxy.broker.authn import FailedAuthentications
 from metaproxy.broker.cache import CredentialCache, Key
 from metaproxy.broker.instrument import note_source
 from metaproxy.broker.limits import TenantLimiter
@@ -108,6 +109,8 @@ class Issuer:
         self.region = region
         self.availability_zone = availability_zone
         self.document_key = document_key
+        # Before verification is cheap; what a failure costs (records, log lines) is bounded.
+        self.failures = FailedAuthentications(audit, clock, instance)
         self._started = clock.now()
         self._metadata: OrderedDict[tuple[str, ...], dict[str, Any]] = OrderedDict()
         # Which (tenant, task) each cache key was issued to, so a revocation drops exactly
@@ -141,17 +144,7 @@ class Issuer:
                 raise Unauthenticated("no bearer token", reason="missing")
             return self.verifier.verify(token)
         except Unauthenticated as exc:
-            await self.audit.append(
-                make_record(
-                    "denied",
-                    request_id=ctx.request_id,
-                    peer=ctx.peer,
-                    instance=self.instance,
-                    rule="authentication",
-                    reason=exc.detail,
-                    status=401,
-                )
-            )
+            await self.failures.failed(exc, ctx.request_id, ctx.peer)
             raise
 
     async def _issue_allowed(
