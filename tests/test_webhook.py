@@ -544,3 +544,17 @@ def test_cli_refuses_plain_http_broker_url() -> None:
     )
     assert result.returncode == 2
     assert "https://" in result.stderr
+
+
+async def test_host_network_pod_is_refused_with_a_reason(client: Any) -> None:
+    """A hostNetwork pod asking for injection is denied: its credentials would be on the node's
+    loopback. The AdmissionReview response says why."""
+    pod = labelled_pod(hostNetwork=True, dnsPolicy="ClusterFirstWithHostNet")
+    status, body = await post_review(client, review(pod))
+    assert status == 200
+    response = body["response"]
+    assert (response["allowed"], response["status"]["code"]) == (False, 422)
+    assert "patch" not in response
+    assert "hostNetwork" in response["status"]["message"]
+    status, body = await post_review(client, review(labelled_pod(hostNetwork=False)))
+    assert body["response"]["allowed"] is True  # hostNetwork: false is an ordinary pod

@@ -263,6 +263,14 @@ def build_patch(pod: Mapping[str, Any], settings: InjectionSettings) -> list[dic
     volumes = _list_field(spec, "volumes", "spec")
     if not wants_injection(pod) or already_injected(pod):
         return []
+    if spec.get("hostNetwork") is True:
+        # The sidecar listens on loopback and 169.254.169.254/169.254.170.23 inside the pod's
+        # network namespace; with hostNetwork that namespace is the node's, and the pod's
+        # credentials would be served to every process and pod on the node.
+        raise InjectionRefused(
+            "the pod uses hostNetwork: its sidecar would serve the pod's credentials on the "
+            "node's own network to every process of the node; run it without hostNetwork"
+        )
 
     ours = {v["name"] for v in pod_volumes(settings)}
     for volume in volumes or []:
