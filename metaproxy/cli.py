@@ -65,12 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     from metaproxy.errors import ConfigError, StartError
 
-    command = f"metaproxy {args.command}"
+    command = "metaproxy"
     try:
+        args = build_parser().parse_args(argv)  # `--help | head` can break the pipe too
+        command = f"metaproxy {args.command}"
         status: int = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
     except ConfigError as exc:

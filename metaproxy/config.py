@@ -698,7 +698,7 @@ def readable_paths(config: SidecarConfig | BrokerConfig | WebhookConfig) -> None
         checks.append(("--trust", issuer.jwks_file))
     for flag, path in checks:
         try:
-            if path.is_dir():
+            if flag.endswith("-dir"):
                 os.listdir(path)
             else:
                 with path.open("rb"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import os
 import re
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -43,10 +44,12 @@ def register_server(
         from metaproxy.config import build_config, readable_paths
         from metaproxy.errors import StartError
         from metaproxy.logs import setup_logging
-        from metaproxy.runtime import run
+        from metaproxy.runtime import run, server_tls_context
 
         config = build_config(config_class, args)
         readable_paths(config)
+        # Load a server's TLS pair once here, so a bad certificate or key names its flags.
+        server_tls_context(getattr(config, "tls_cert", None), getattr(config, "tls_key", None))
         setup_logging(config.log_format)
         try:
             return run(serve(config, args.ready_file))
@@ -60,7 +63,8 @@ def register_server(
 
 def describe_listen_error(exc: OSError, config: Any) -> str:
     """`--admin-listen: cannot listen on 127.0.0.1:9902: address already in use`."""
-    reason = (exc.strerror or str(exc)).lower()
+    # asyncio puts its own sentence in strerror; the errno's text is the reason.
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
     match = _BIND_ADDRESS.search(str(exc))
     if match is None:
         return f"cannot listen: {reason}"
