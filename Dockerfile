@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # One image for every metaproxy process:
-#   docker run IMAGE                 # the sidecar (default)
+#   docker run IMAGE                 # the sidecar on unprivileged ports (default; see below)
 #   docker run IMAGE broker          # the credential broker
 #   docker run IMAGE webhook --image IMAGE --broker-url https://...   # the injection webhook
 # The sidecar never imports boto3, so carrying the broker's extra costs it disk, not memory.
@@ -44,4 +44,15 @@ USER 10001:10001
 EXPOSE 9901 8443 9902
 
 ENTRYPOINT ["metaproxy"]
-CMD ["sidecar"]
+# A non-root user cannot bind port 80, so the default command serves IMDS on 127.0.0.1:8182 and
+# container credentials on 127.0.0.1:8181 (point SDKs there with
+# AWS_EC2_METADATA_SERVICE_ENDPOINT / AWS_CONTAINER_CREDENTIALS_FULL_URI), and /healthz, /readyz
+# and /metrics on 9901, where /readyz says what it still needs (an identity token, a broker).
+# To serve the SDKs' default addresses on port 80 as this user, let unprivileged processes bind
+# low ports in the container's network namespace, then pass the sidecar's flags yourself:
+#   docker run --sysctl net.ipv4.ip_unprivileged_port_start=80 IMAGE sidecar ...
+#   (Kubernetes: securityContext.sysctls, a "safe" sysctl; or grant CAP_NET_BIND_SERVICE)
+# Flags beat METAPROXY_* variables: to set these three listen addresses through the
+# environment, give the command yourself (`sidecar`).
+CMD ["sidecar", "--imds-listen", "127.0.0.1:8182", "--container-listen", "127.0.0.1:8181", \
+     "--admin-listen", "0.0.0.0:9901"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -369,7 +370,11 @@ def test_dockerfile_structure() -> None:
     assert uid.isdigit(), "USER must be numeric for runAsNonRoot"
     assert int(uid) == 10001
     assert ("ENTRYPOINT", '["metaproxy"]') in final
-    assert ("CMD", '["sidecar"]') in final
+    (command,) = [json.loads(a) for i, a in final if i == "CMD"]
+    assert command[0] == "sidecar"
+    # As non-root the default command must not need port 80 (it could not start).
+    listens = [command[i + 1] for i, flag in enumerate(command) if flag.endswith("-listen")]
+    assert listens and all(int(address.rpartition(":")[2]) >= 1024 for address in listens)
 
 
 def test_dockerignore_keeps_local_state_out() -> None:
