@@ -9,7 +9,6 @@ shared metadata service looped to death).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -21,7 +20,7 @@ from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import SidecarConfig, authorization_token_mode
 from metaproxy.models import SidecarLimits
 from metaproxy.ratelimit import KeyedLimiter
-from metaproxy.sidecar import container_creds, http1, imds, instrument, rebinding
+from metaproxy.sidecar import container_creds, diagnosis, http1, imds, instrument, rebinding
 from metaproxy.sidecar.credentials_cache import CredentialKeeper
 from metaproxy.sidecar.host_metadata import HostMetadata
 from metaproxy.sidecar.state import STATE, SidecarState
@@ -135,16 +134,23 @@ def build_state(config: SidecarConfig, clock: Clock | None = None) -> SidecarSta
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """Fails when the refresh loop has stopped, or cannot make progress until a file is fixed
+    (unreadable CA bundle or identity token): a restart or an operator is needed."""
+    problem = request.app[STATE].keeper.health()
+    if problem:
+        return web.Response(status=503, text=f"unhealthy: {problem}\n")
     return web.Response(text="ok")
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready only with valid credentials in hand: the app must not start before that."""
+    """Ready only with valid credentials in hand: the app must not start before that. When not
+    ready, the one line says why (the same line the log has)."""
     state = request.app[STATE]
     if state.draining:
-        return web.Response(status=503, text="draining")
+        return web.Response(status=503, text="not ready: draining\n")
     if state.keeper.current() is None:
-        return web.Response(status=503, text=f"no credentials yet {state.keeper.last_error}")
+        why = state.keeper.problem or diagnosis.WAITING
+        return web.Response(status=503, text=f"not ready: {why}\n")
     return web.Response(text="ready")
 
 
@@ -157,12 +163,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def _keeper_lifetime(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    task = asyncio.create_task(state.keeper.run())
+    state.keeper.start()
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    await state.client.close()
+    await state.keeper.aclose()
+    await state.client.aclose()
     if isinstance(state.host_metadata, HostMetadata):
         await state.host_metadata.close()
 

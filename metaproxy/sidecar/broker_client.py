@@ -1,36 +1,68 @@
 """The sidecar's only way out: `POST /v1/credentials` to the broker over TLS or a Unix socket.
 
 It reads the identity token file on every call, because the platform rotates it (Kubernetes
-refreshes projected tokens at 80% of their life).
+refreshes projected tokens at 80% of their life), and checks the CA bundle for a change before
+every call (`trust.CaBundle`). Every failure is a `BrokerError` whose code names the cause the
+operator must fix (docs/sidecar.md, "Why not ready").
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import ssl
+import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from metaproxy.config import SidecarConfig
 from metaproxy.models import Credentials, SidecarLimits
+from metaproxy.sidecar.httpclient import Endpoint, HttpClient, HttpClientError
+from metaproxy.sidecar.trust import CaBundle, CaProblem
 
 
 class BrokerError(Exception):
-    """The broker said no, or could not be reached. Never carries secrets."""
+    """The broker said no, or could not be reached. Never carries secrets.
 
-    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None):
+    `status` is the broker's HTTP status, 0 when there was no answer; `code` the broker's code or
+    ours (IdentityTokenUnreadable, IdentityTokenEmpty, CaUnreadable, CaInvalid,
+    TlsVerificationFailed, TlsFailed, BrokerUnreachable, BadBrokerReply); `reason` the broker's
+    category for a 401 (expired, bad_signature, …), safe to show the task."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        retry_after: float | None = None,
+        *,
+        reason: str = "",
+        identity_expiry: datetime | None = None,
+    ):
         super().__init__(f"broker answered {status} {code}: {message}")
         self.status = status
         self.code = code
+        self.message = message
         self.retry_after = retry_after
+        self.reason = reason
+        self.identity_expiry = identity_expiry
 
     @property
     def revoked_or_denied(self) -> bool:
         return self.status == 403
+
+    @property
+    def blocks_refresh(self) -> bool:
+        """Nothing will change by retrying until a file is fixed: /healthz fails."""
+        return self.code in (
+            "IdentityTokenUnreadable",
+            "IdentityTokenEmpty",
+            "CaUnreadable",
+            "CaInvalid",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,66 +117,100 @@ def parse_grant(body: Any) -> Grant:
 class BrokerClient:
     def __init__(self, config: SidecarConfig) -> None:
         self._config = config
-        self._session: aiohttp.ClientSession | None = None
-
-    def _connector(self) -> aiohttp.BaseConnector:
-        if self._config.broker_socket is not None:
-            return aiohttp.UnixConnector(path=str(self._config.broker_socket))
-        context: ssl.SSLContext | bool = True
-        if self._config.broker_ca_file is not None:
-            context = ssl.create_default_context(cafile=str(self._config.broker_ca_file))
-        return aiohttp.TCPConnector(ssl=context, limit=4)
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=self._connector(),
-                timeout=aiohttp.ClientTimeout(total=self._config.broker_timeout),
-            )
-        return self._session
+        self.trust = CaBundle(config.broker_ca_file)
+        self._generation = -1
+        if config.broker_socket is not None:
+            self._http = HttpClient(Endpoint("broker", 0, socket=config.broker_socket))
+            self._path = "/v1/credentials"
+        else:
+            url = urllib.parse.urlsplit(config.broker_url)
+            tls = url.scheme == "https"
+            endpoint = Endpoint(url.hostname or "", url.port or (443 if tls else 80), tls=tls)
+            self._http = HttpClient(endpoint)
+            self._path = url.path.rstrip("/") + "/v1/credentials"
 
     def _identity_token(self) -> str:
         path: Path = self._config.identity_token_file
         try:
             token = path.read_text().strip()
-        except OSError as exc:
-            raise BrokerError(0, "IdentityTokenUnreadable", f"{path}: {exc.strerror}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) else "not text"
+            raise BrokerError(0, "IdentityTokenUnreadable", f"{path}: {detail}") from None
         if not token:
             raise BrokerError(0, "IdentityTokenEmpty", f"{path} is empty")
         return token
+
+    def _tls(self) -> ssl.SSLContext | None:
+        if not self._http.endpoint.tls:
+            return None
+        try:
+            context = self.trust.context()
+        except CaProblem as exc:
+            raise BrokerError(0, exc.code, str(exc)) from None
+        if self.trust.generation != self._generation:
+            # A new bundle: the next connection is verified against it, not a kept-alive one.
+            self._generation = self.trust.generation
+            self._http.close()
+        return context
 
     async def fetch(self, *, refresh: bool) -> Grant:
         body: dict[str, object] = {"refresh": refresh}
         if self._config.role:
             body["role"] = self._config.role
-        url = self._config.broker_url.rstrip("/") + "/v1/credentials"
-        if self._config.broker_socket is not None:
-            url = "http://broker/v1/credentials"
-        headers = {"Authorization": f"Bearer {self._identity_token()}"}
+        token = self._identity_token()
+        tls = self._tls()
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        timeout = self._config.broker_timeout
         try:
-            async with self.session.post(url, json=body, headers=headers) as response:
-                text = await response.text()
-                if response.status != 200:
-                    raise _error_from(response.status, text, response.headers.get("Retry-After"))
-                return parse_grant(json.loads(text))
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise BrokerError(0, "BrokerUnreachable", type(exc).__name__) from None
-        except (KeyError, TypeError, ValueError) as exc:
+            async with asyncio.timeout(timeout):
+                answer = await self._http.request(
+                    "POST", self._path, headers, json.dumps(body).encode(), tls=tls
+                )
+        except TimeoutError:
+            raise BrokerError(0, "BrokerUnreachable", f"no answer within {timeout:g}s") from None
+        except ssl.SSLCertVerificationError as exc:
+            why = exc.verify_message or exc.reason or "certificate not trusted"
+            raise BrokerError(0, "TlsVerificationFailed", str(why)) from None
+        except ssl.SSLError as exc:
+            raise BrokerError(0, "TlsFailed", str(exc.reason or exc)[:200]) from None
+        except OSError as exc:
+            why = exc.strerror or str(exc) or type(exc).__name__
+            raise BrokerError(0, "BrokerUnreachable", why[:200]) from None
+        except HttpClientError as exc:
+            raise BrokerError(0, "BadBrokerReply", str(exc)[:200]) from None
+        if answer.status != 200:
+            error = _error_from(answer.status, answer.body, answer.headers.get("retry-after"))
+            if error.reason == "expired":
+                error.identity_expiry = token_expiry(token)
+            raise error
+        try:
+            return parse_grant(json.loads(answer.body))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise BrokerError(0, "BadBrokerReply", str(exc)[:200]) from None
 
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+    async def aclose(self) -> None:
+        await self._http.aclose()
 
 
-def _error_from(status: int, text: str, retry_after: str | None) -> BrokerError:
-    code, message = "BrokerError", ""
+def token_expiry(token: str) -> datetime | None:
+    """The `exp` of a JWT, read without verifying it (the broker verifies): for the operator's
+    one line, "identity token expired at ..."."""
     try:
-        body = json.loads(text)
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return datetime.fromtimestamp(int(claims["exp"]), UTC)
+    except (IndexError, ValueError, KeyError, TypeError, OverflowError):
+        return None
+
+
+def _error_from(status: int, raw: bytes, retry_after: str | None) -> BrokerError:
+    code, message, reason = "BrokerError", "", ""
+    try:
+        body = json.loads(raw)
         code = str(body.get("code", code))[:64]
         message = str(body.get("message", ""))[:200]
+        reason = str(body.get("reason") or "")[:64]
     except (ValueError, AttributeError):
         pass
     delay = float(retry_after) if retry_after and retry_after.isdigit() else None
-    return BrokerError(status, code, message, delay)
+    return BrokerError(status, code, message, delay, reason=reason)

@@ -9,6 +9,8 @@
 - It asks the broker at least every `revocation_check_seconds` (the broker answers a warm
   refresh from its cache, without STS), so a revoked task stops being served within that
   interval plus one broker round trip (see docs/revocation.md).
+- It says why it has no credentials (`problem`, one line, logged once per change) and whether
+  its loop can make progress at all (`health`): /readyz and /healthz read these.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable
 
 from metaproxy.clock import Clock
 from metaproxy.config import SidecarConfig
+from metaproxy.sidecar import diagnosis
 from metaproxy.sidecar.broker_client import BrokerClient, BrokerError, Grant
 
 log = logging.getLogger("metaproxy.sidecar.credentials")
@@ -53,9 +56,33 @@ class CredentialKeeper:
         self._wake = asyncio.Event()
         self._changed = asyncio.Condition()
         self.last_error: str = ""
+        self.error: BrokerError | None = None  # the last fetch's failure; None after a success
+        self.problem = diagnosis.WAITING  # one line: why there are no credentials (or "")
+        self._broker = str(config.broker_socket or config.broker_url)
         self._last_attempt = float("-inf")
+        self._task: asyncio.Task[None] | None = None
         self.refreshes = 0
         self.failures = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run(), name="credential-keeper")
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def health(self) -> str:
+        """ "" when the refresh loop runs and can make progress; else why not, in one line."""
+        task = self._task
+        if task is not None and task.done():
+            failure = None if task.cancelled() else task.exception()
+            return f"credential refresh loop stopped: {failure!r}"
+        if self.error is not None and self.error.blocks_refresh:
+            return self.problem
+        return ""
 
     def current(self) -> Grant | None:
         """The grant if its credentials have not expired; never anything expired."""
@@ -113,6 +140,17 @@ class CredentialKeeper:
         return min(refresh, check) if check > 0 else refresh
 
     async def run(self) -> None:
+        try:
+            await self._refresh_forever()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Only a bug gets here (every expected failure is a BrokerError): say so loudly;
+            # /healthz now fails and the platform restarts the sidecar.
+            log.exception("credential refresh loop stopped")
+            raise
+
+    async def _refresh_forever(self) -> None:
         backoff = 1.0
         while True:
             self._last_attempt = self._clock.monotonic()
@@ -121,11 +159,9 @@ class CredentialKeeper:
             except BrokerError as exc:
                 self.failures += 1
                 self.last_error = f"{exc.status} {exc.code}"
+                self._failed(exc)
                 if exc.revoked_or_denied:
-                    log.warning("broker refused this task (%s); dropping credentials", exc.code)
                     await self._set(None)
-                else:
-                    log.warning("credential refresh failed: %s", exc)
                 delay = retry_delay(exc.retry_after, backoff)
                 backoff = min(MAX_BACKOFF, backoff * 2)
                 if self._grant is not None and self.current() is None:
@@ -135,6 +171,10 @@ class CredentialKeeper:
             backoff = 1.0
             self.refreshes += 1
             self.last_error = ""
+            if self.error is not None:
+                log.info("credentials from the broker again (was: %s)", self.problem)
+            self.error = None
+            self.problem = ""
             previous = self._grant
             await self._set(grant)
             # A revocation check usually gets the broker's cached set back: not news.
@@ -147,6 +187,21 @@ class CredentialKeeper:
                 grant.credentials.seconds_left(self._clock.now()),
             )
             await self._sleep(self.next_check_delay(grant))
+
+    def _failed(self, error: BrokerError) -> None:
+        """Remember why, and log it in one line — once per new reason, not once per retry."""
+        line = diagnosis.describe(error, self._broker)
+        self.error = error
+        if line == self.problem:
+            log.debug("credential refresh failed again: %s", line)
+            return
+        self.problem = line
+        if error.revoked_or_denied:
+            log.warning("%s; dropping credentials", line)
+        elif self._grant is not None and self.current() is not None:
+            log.warning("credential refresh failed, serving cached credentials: %s", line)
+        else:
+            log.warning("not ready: %s", line)
 
     def _until_expiry_or(self, default: float) -> float:
         left = self.seconds_left()
