@@ -15,6 +15,8 @@ import aiohttp
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from metaproxy.broker.server import BrokerServer
 from metaproxy.identity.keys import load_jwks, load_private_key
@@ -214,3 +216,53 @@ async def test_a_good_token_still_works_after_the_rejections(
             broker.url + "/v1/credentials", json={}, headers={"Authorization": f"Bearer {token}"}
         ) as response:
             assert response.status == 200
+
+
+@pytest.mark.parametrize(
+    ("claim", "value"),
+    [("task", "victim/config"), ("task", "a:b"), ("tenant", "acme*"), ("app", "web/../x")],
+)
+async def test_claims_meaningful_in_arns_are_401(
+    claim: str, value: str, broker: BrokerServer, https: aiohttp.ClientSession, pki: Pki
+) -> None:
+    """A task `victim/config` would be scoped inside the victim's S3 prefix: refused, 401."""
+    body = claims(**{claim: value})
+    body["sub"] = f"task:{body['tenant']}/{body['task']}"
+    async with https.post(
+        broker.url + "/v1/credentials",
+        json={},
+        headers={"Authorization": f"Bearer {signed(pki, body)}"},
+    ) as response:
+        assert response.status == 401
+        assert (await response.json())["reason"] == "invalid_claims"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(min_size=1, max_size=40))
+def test_an_accepted_name_never_holds_a_path_or_arn_character(value: str) -> None:
+    """Over arbitrary Unicode: an accepted name is ASCII without / : * ? $ { } or spaces, so no
+    name can land inside another's prefix."""
+    from metaproxy.identity.names import name_problem
+
+    if name_problem(value) is None:
+        assert value.isascii()
+        assert not set(value) & set("/:*?${}\\ \t\n#%&\"'<>|~`^!;()[]")
+        assert value[0].isalnum()
+        for other in ("victim", "acme-data"):
+            assert not value.startswith(other + "/")
+
+
+@given(st.text(min_size=1, max_size=20))
+@settings(max_examples=200, deadline=None)
+def test_issue_refuses_what_the_broker_would_refuse(value: str) -> None:
+    """`metaproxy identity issue` and the verifier apply the same rule to task names."""
+    from metaproxy.errors import BadRequest, ConfigError
+    from metaproxy.identity.issue import issue_token
+    from metaproxy.identity.names import name_problem
+
+    try:
+        issue_token(Path("/nonexistent"), issuer="i", audience="a", task=value, tenant="acme")
+    except BadRequest:
+        assert name_problem(value) is not None or not value.isprintable()
+    except (ConfigError, OSError):
+        assert name_problem(value) is None  # got as far as reading the key

@@ -1,8 +1,8 @@
 """Outages: STS unreachable for longer than a refresh period, and the broker killed and
 restarted. Tasks keep valid credentials throughout; afterwards refreshes resume within budget.
 
-Refresh periods are shortened to seconds rather than hours: 900 s credentials (STS's minimum),
-the broker refreshing at 0.5% of their life (~4.5 s) and sidecars asking about every second
+Refresh periods are shortened to seconds rather than hours: 1800 s credentials (the policy floor),
+the broker refreshing at 0.25% of their life (~4.5 s) and sidecars asking about every second
 (`min_serve_seconds` close to the lifetime), so no real hours pass.
 """
 
@@ -30,10 +30,10 @@ from metaproxy.testing.emulator import free_port
 from metaproxy.testing.faultproxy import FaultProxy
 from tests.support import AUDIENCE, ISSUER, Pki, broker_config, issue, sidecar_config, wait_ready
 
-# Sidecars ask the broker about once a second: 900 s credentials are always "within
+# Sidecars ask the broker about once a second: 1800 s credentials are always "within
 # min_serve_seconds + 60 s" of their end, so the keeper's refresh delay is its 1 s floor.
-FAST_SIDECAR = {"refresh_fraction": 0.1, "min_serve_seconds": 880.0}
-BROKER_REFRESH_FRACTION = 0.005  # of 900 s: the broker refreshes a key every ~4.5 s
+FAST_SIDECAR = {"refresh_fraction": 0.1, "min_serve_seconds": 1780.0}
+BROKER_REFRESH_FRACTION = 0.0025  # of 1800 s: the broker refreshes a key every ~4.5 s
 
 
 @pytest.fixture
@@ -77,7 +77,7 @@ async def test_sts_outage_longer_than_a_refresh_keeps_tasks_served_then_recovers
     the budget."""
     budget = 4.0
     tasks = [(tenant, f"task-{i}") for tenant in ("t1", "t2") for i in range(5)]
-    policies = write_tenant_policies(tmp_path / "policies", ["t1", "t2"], duration_seconds=900)
+    policies = write_tenant_policies(tmp_path / "policies", ["t1", "t2"], duration_seconds=1800)
     config = broker_config(
         tmp_path, pki, proxy.url, policies, cache_refresh_fraction=BROKER_REFRESH_FRACTION
     )
@@ -165,7 +165,7 @@ async def test_broker_killed_and_restarted_sidecars_keep_serving_and_refresh_fro
 ) -> None:
     """SIGKILL the broker process: the sidecar keeps serving its cached, valid credentials;
     a new broker on the same port is used for the next refresh."""
-    policies = write_tenant_policies(tmp_path / "policies", ["t1"], duration_seconds=900)
+    policies = write_tenant_policies(tmp_path / "policies", ["t1"], duration_seconds=1800)
     port = free_port()
     broker = await start_broker_process(tmp_path, pki, port, proxy.url, policies)
     sidecars: list[SidecarServer] = []

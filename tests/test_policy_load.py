@@ -133,6 +133,13 @@ def test_session_name_that_cannot_be_built_is_refused(
         ("duration_seconds = 3600", "duration_seconds = 60", "roles[0].duration_seconds", "900"),
         (
             "duration_seconds = 3600",
+            "duration_seconds = 1799",
+            "roles[0].duration_seconds",
+            "under 1800: credentials are refreshed at half-life and never served with less "
+            "than 15 minutes left",
+        ),
+        (
+            "duration_seconds = 3600",
             'duration_seconds = "1h"',
             "roles[0].duration_seconds",
             "integer",

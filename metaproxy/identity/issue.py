@@ -10,6 +10,7 @@ import jwt
 
 from metaproxy.errors import BadRequest
 from metaproxy.identity.keys import load_private_key
+from metaproxy.identity.names import name_problem
 
 MAX_CLAIM_CHARS = 256
 MIN_TTL_SECONDS = 60
@@ -46,9 +47,11 @@ def issue_token(
     check_claim_text("task", task)
     check_claim_text("tenant", tenant)
     check_claim_text("app", app, required=False)
-    # `sub` is `task:{tenant}/{task}`; a slash in the tenant would make it ambiguous.
-    if "/" in tenant:
-        raise BadRequest("tenant must not contain '/'")
+    # Policies write these into ARNs and S3 prefixes; the broker refuses anything else too.
+    for name, value in (("task", task), ("tenant", tenant), ("app", app)):
+        problem = name_problem(value) if value or name != "app" else None
+        if problem:
+            raise BadRequest(f"{name} {problem}")
     if isinstance(ttl, bool) or not isinstance(ttl, int):
         raise BadRequest("ttl must be an integer number of seconds")
     if not MIN_TTL_SECONDS <= ttl <= MAX_TTL_SECONDS:

@@ -22,6 +22,7 @@ from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import TrustedIssuer
 from metaproxy.errors import ConfigError, Unauthenticated
 from metaproxy.identity.keys import PublicKey, VerifyingAlgorithm, b64url_decode, load_jwks
+from metaproxy.identity.names import name_problem
 from metaproxy.models import Identity
 
 log = logging.getLogger("metaproxy.identity")
@@ -110,6 +111,15 @@ def _text(claims: Mapping[str, Any], name: str, *, required: bool = True) -> str
     value = claims.get(name, "")
     if not isinstance(value, str) or (required and not value):
         raise Unauthenticated(f"claim {name} must be a non-empty string", reason="invalid_claims")
+    return value
+
+
+def _name(claims: Mapping[str, Any], name: str) -> str:
+    """A claim that policies write into ARNs and resource paths (identity/names.py)."""
+    value = _text(claims, name)
+    problem = name_problem(value)
+    if problem:
+        raise Unauthenticated(f"claim {name} {problem}", reason="invalid_claims")
     return value
 
 
@@ -319,7 +329,10 @@ class IdentityVerifier:
 
     @staticmethod
     def _platform_identity(claims: Mapping[str, Any]) -> Identity:
-        task, tenant = _text(claims, "task"), _text(claims, "tenant")
+        task, tenant = _name(claims, "task"), _name(claims, "tenant")
+        app = _text(claims, "app", required=False)
+        if app:
+            app = _name(claims, "app")
         subject = _text(claims, "sub")
         if subject != f"task:{tenant}/{task}":
             raise Unauthenticated(
@@ -331,7 +344,7 @@ class IdentityVerifier:
             subject=subject,
             task=task,
             tenant=tenant,
-            app=_text(claims, "app", required=False),
+            app=app,
             token_id=_text(claims, "jti"),
             expires_at=_number(claims, "exp"),
         )

@@ -34,6 +34,10 @@ from metaproxy.policy.model import (
 
 MAX_FILE_BYTES = 1 << 20
 MIN_DURATION, MAX_DURATION = 900, 43_200  # STS's bounds for DurationSeconds
+# Our floor: the broker hands out cached credentials until half their life is gone and sidecars
+# never serve credentials with less than 15 minutes left, so a role needs 2 × 15 minutes or SDKs
+# are served credentials about to expire (896 s and 849 s left were seen) while all is healthy.
+MIN_POLICY_DURATION = 1800
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", re.ASCII)
 NAMESPACE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # a DNS-1123 label
 # arn:PARTITION:iam::ACCOUNT:role/PATH/NAME; path segments are printable ASCII except `/`.
@@ -230,6 +234,13 @@ def _check_role(check: _FileChecker, raw: object, index: int) -> RoleRule | None
     elif not MIN_DURATION <= duration <= MAX_DURATION:
         check.problem(
             (*path, "duration_seconds"), f"{duration} is outside {MIN_DURATION}..{MAX_DURATION}"
+        )
+    elif duration < MIN_POLICY_DURATION:
+        check.problem(
+            (*path, "duration_seconds"),
+            f"{duration} is under {MIN_POLICY_DURATION}: credentials are refreshed at half-life "
+            "and never served with less than 15 minutes left, so a shorter role leaves SDKs "
+            "with credentials about to expire",
         )
     policy = None
     if "session_policy" in entry:
