@@ -167,3 +167,50 @@ async def test_a_peer_over_its_failure_budget_is_429_without_a_record_each(
     await broker.services.issuer.failures.flush(everything=True)
     summary = denied_401(tmp_path)[-1]
     assert (summary["status"], summary["count"]) == (429, statuses.count(429))
+
+
+async def test_rotated_certificate_is_served_without_dropping_connections(
+    tmp_path: Path, pki: Pki, sts_url: str, policies_dir: Path
+) -> None:
+    """The cert/key files are replaced: new handshakes get the new certificate, an open
+    keep-alive connection keeps working, and a half-written pair is not loaded."""
+    import shutil
+    import ssl
+
+    from tests.support import make_pki
+
+    cert, key = tmp_path / "broker.crt", tmp_path / "broker.key"
+    shutil.copy(pki.broker_cert, cert)
+    shutil.copy(pki.broker_key, key)
+    broker = await BrokerServer.start(
+        broker_config(tmp_path, pki, sts_url, policies_dir, tls_cert=cert, tls_key=key)
+    )
+    new = make_pki(tmp_path / "new-pki")
+    old_ca = ssl.create_default_context(cafile=str(pki.ca))
+    new_ca = ssl.create_default_context(cafile=str(new.ca))
+    token = issue(pki, "t-rotate", "acme")
+
+    async def ask(session: aiohttp.ClientSession) -> int:
+        async with session.post(
+            broker.url + "/v1/credentials", json={}, headers={"Authorization": f"Bearer {token}"}
+        ) as response:
+            return response.status
+
+    try:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=old_ca, limit=1)
+        ) as kept:
+            assert await ask(kept) == 200
+            assert broker.certificate is not None
+            shutil.copy(new.broker_cert, cert)  # the certificate first: a mismatched pair
+            assert broker.certificate.check() is False
+            shutil.copy(new.broker_key, key)
+            assert broker.certificate.check() is True
+            assert await ask(kept) == 200  # the open connection was not dropped
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=new_ca)) as fresh:
+                assert await ask(fresh) == 200
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=old_ca)) as stale:
+                with pytest.raises(aiohttp.ClientConnectorCertificateError):
+                    await ask(stale)
+    finally:
+        await broker.stop()

@@ -379,7 +379,6 @@ def server_tls_context(config: BrokerConfig) -> ssl.SSLContext | None:
         raise ConfigError(f"{missing}: required with --{given.replace('_', '-')}")
     if config.tls_cert is None or config.tls_key is None:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(config.tls_cert, config.tls_key)
-    return context
+    from metaproxy.broker.tls import server_context
+
+    return server_context(config.tls_cert, config.tls_key)

@@ -16,6 +16,7 @@ from metaproxy.broker.app import (
     create_services,
     server_tls_context,
 )
+from metaproxy.broker.tls import CertificateReloader
 from metaproxy.config import BrokerConfig
 from metaproxy.connguard import (
     ConnectionGuard,
@@ -81,10 +82,17 @@ class BrokerServer:
     _control: web.AppRunner | None
     guard: ConnectionGuard
     admin_guard: ConnectionGuard
+    certificate: CertificateReloader | None = None  # reloads a rotated cert/key pair
 
     @classmethod
     async def start(cls, config: BrokerConfig, **deps: Any) -> BrokerServer:
-        tls = server_tls_context(config)  # first: a half-configured TLS refuses to start
+        server_tls_context(config)  # first: a half-configured TLS refuses to start
+        certificate = (
+            CertificateReloader(config.tls_cert, config.tls_key)
+            if config.tls_cert is not None and config.tls_key is not None
+            else None
+        )
+        tls = certificate.context if certificate is not None else None
         services = create_services(config, **deps)
         guard, admin_guard = build_guards(config)
         services.scrape.open_connections = lambda: guard.open + admin_guard.open
@@ -128,13 +136,26 @@ class BrokerServer:
             config, services, handler_args, admin_guard, tls
         )
         log.info("broker listening on %s (admin %s, control %s)", url, admin_url, control_url)
+        if certificate is not None:
+            await certificate.start()
         return cls(
-            services, url, admin_url, control_url, runner, admin, control, guard, admin_guard
+            services,
+            url,
+            admin_url,
+            control_url,
+            runner,
+            admin,
+            control,
+            guard,
+            admin_guard,
+            certificate,
         )
 
     async def stop(self) -> None:
         """Drain: /readyz turns false, in-flight requests finish (capped), then close."""
         self.services.draining = True
+        if self.certificate is not None:
+            await self.certificate.aclose()
         if self._control is not None:
             await self._control.cleanup()
         await self._runner.cleanup()
