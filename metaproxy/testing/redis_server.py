@@ -92,8 +92,14 @@ class RedisServer:
         password: str | None = None,
         binary: str | None = None,
         port: int | None = None,
+        extra_config: tuple[str, ...] = (),
+        sentinel: bool = False,
     ) -> None:
+        """`extra_config`: more lines for the config file (Cluster mode, a replica of another
+        server); `sentinel`: run as a Sentinel (its config then holds `sentinel monitor …`)."""
         self.directory = Path(directory).resolve()
+        self._extra_config = extra_config
+        self._sentinel = sentinel
         self.password = password
         self._binary = binary
         self._port = port
@@ -188,7 +194,7 @@ class RedisServer:
         log_start = self._log.tell()
         # stdout/stderr too: a server that refuses its config says why before it opens its log.
         self._process = subprocess.Popen(  # noqa: S603 - a server binary from PATH, our config
-            [binary, str(config)],
+            [binary, str(config), *(["--sentinel"] if self._sentinel else [])],
             cwd=self.directory,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
@@ -225,6 +231,7 @@ class RedisServer:
         ]
         if self.password:
             lines.append(f"requirepass {_quote(self.password)}")
+        lines += self._extra_config
         path.touch(mode=0o600)
         path.chmod(0o600)
         path.write_text("\n".join(lines) + "\n")
