@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import ssl
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -26,6 +26,9 @@ from metaproxy.connguard import (
     protocol_logger,
 )
 from metaproxy.runtime import start_site
+
+if TYPE_CHECKING:
+    from metaproxy.broker.control import ControlToken
 
 log = logging.getLogger("metaproxy.broker")
 
@@ -93,6 +96,7 @@ class BrokerServer:
             else None
         )
         tls = certificate.context if certificate is not None else None
+        control_token = _control_token(config, tls)  # before anything starts, as TLS above
         services = create_services(config, **deps)
         guard, admin_guard = build_guards(config)
         services.scrape.open_connections = lambda: guard.open + admin_guard.open
@@ -119,22 +123,33 @@ class BrokerServer:
         admin_app.middlewares.append(body_deadline(config.header_timeout))
         admin = web.AppRunner(admin_app, access_log=None, **handler_args)
         await runner.setup()
-        await admin.setup()
-        address = f"unix:{config.socket}" if config.socket else config.listen
-        _, url = await start_site(
-            runner,
-            address,
-            ssl_context=tls,
-            backlog=LISTEN_BACKLOG,
-            guard=guard,
-            reject=_reject,
-        )
-        _, admin_url = await start_site(
-            admin, config.admin_listen, guard=admin_guard, reject=_reject
-        )
-        control, control_url = await _start_control(
-            config, services, handler_args, admin_guard, tls
-        )
+        try:
+            await admin.setup()
+            address = f"unix:{config.socket}" if config.socket else config.listen
+            _, url = await start_site(
+                runner,
+                address,
+                ssl_context=tls,
+                backlog=LISTEN_BACKLOG,
+                guard=guard,
+                reject=_reject,
+            )
+            _, admin_url = await start_site(
+                admin, config.admin_listen, guard=admin_guard, reject=_reject
+            )
+            control, control_url = await _start_control(
+                config,
+                services,
+                control_token,
+                handler_args=handler_args,
+                guard=admin_guard,
+                tls=tls,
+            )
+        except BaseException:
+            # A busy port, say: close what started (store, audit log) in order, not by the GC.
+            await runner.cleanup()
+            await admin.cleanup()
+            raise
         log.info("broker listening on %s (admin %s, control %s)", url, admin_url, control_url)
         if certificate is not None:
             await certificate.start()
@@ -162,17 +177,11 @@ class BrokerServer:
         await self._admin.cleanup()
 
 
-async def _start_control(
-    config: BrokerConfig,
-    services: BrokerServices,
-    handler_args: dict[str, Any],
-    guard: ConnectionGuard,
-    tls: ssl.SSLContext | None,
-) -> tuple[web.AppRunner | None, str]:
-    """The control API on its own listener, or none when `--control-listen` is empty."""
+def _control_token(config: BrokerConfig, tls: ssl.SSLContext | None) -> ControlToken | None:
+    """The control API's token, checked with the rest of the configuration before any start."""
     if not config.control_listen:
-        return None, ""
-    from metaproxy.broker.control import ControlToken, build_control_app
+        return None
+    from metaproxy.broker.control import ControlToken
     from metaproxy.errors import ConfigError
 
     if config.control_token_file is None:
@@ -181,14 +190,31 @@ async def _start_control(
     if tls is None and host not in ("127.0.0.1", "::1", "localhost"):
         # A bearer token in the clear on a network is a token for whoever listens.
         raise ConfigError("control_listen: off loopback the control API needs --tls-cert/--tls-key")
-    runner = web.AppRunner(
-        build_control_app(services, ControlToken(config.control_token_file)),
-        access_log=None,
-        **handler_args,
-    )
+    return ControlToken(config.control_token_file)
+
+
+async def _start_control(
+    config: BrokerConfig,
+    services: BrokerServices,
+    token: ControlToken | None,
+    *,
+    handler_args: dict[str, Any],
+    guard: ConnectionGuard,
+    tls: ssl.SSLContext | None,
+) -> tuple[web.AppRunner | None, str]:
+    """The control API on its own listener, or none when `--control-listen` is empty."""
+    if token is None:
+        return None, ""
+    from metaproxy.broker.control import build_control_app
+
+    runner = web.AppRunner(build_control_app(services, token), access_log=None, **handler_args)
     await runner.setup()
-    # Shares the admin listener's guard: both are for operators, a handful of connections.
-    _, url = await start_site(
-        runner, config.control_listen, ssl_context=tls, guard=guard, reject=_reject
-    )
+    try:
+        # Shares the admin listener's guard: both are for operators, a handful of connections.
+        _, url = await start_site(
+            runner, config.control_listen, ssl_context=tls, guard=guard, reject=_reject
+        )
+    except BaseException:
+        await runner.cleanup()
+        raise
     return runner, url
