@@ -167,3 +167,39 @@ async def _dump_store(url: str) -> bytes:
         await client.aclose()
     assert parts, "the store is empty: nothing was checked"
     return b"\n".join(parts)
+
+
+async def test_deleting_a_replicas_audit_chain_from_s3_fails_fleet_verification(
+    fleet: Fleet, sts_url: str, https: aiohttp.ClientSession, pki: Pki
+) -> None:
+    """Each replica ships its chain under the fleet prefix and witnesses the others': with one
+    replica's whole prefix deleted, `audit verify` over the prefix fails and names it."""
+    import boto3
+
+    from metaproxy.audit.cli import s3_client_factory
+    from metaproxy.audit.fleet import verify_fleet_s3
+
+    s3 = boto3.client("s3", endpoint_url=sts_url, region_name="us-east-1")
+    s3.create_bucket(Bucket="fleet-audit")
+    options = {"audit_s3_url": "s3://fleet-audit/fleet", "s3_endpoint": sts_url}
+    replicas = [await fleet.start_replica(**options) for _ in range(3)]
+    for n, replica in enumerate(replicas):
+        assert (await ask(https, replica, issue(pki, f"witnessed-{n}", "acme")))[0] == 200
+    # In order: each closing checkpoint witnesses the replicas that closed before it.
+    for replica in replicas:
+        await fleet.stop(replica)
+
+    factory = s3_client_factory(sts_url, "us-east-1")
+    public = pki.audit_pub
+    report = await asyncio.to_thread(verify_fleet_s3, "s3://fleet-audit/fleet", public, factory)
+    assert report.ok, report.problems
+    assert len(report.replicas) == 3 and report.witnessed > 0
+
+    listed = s3.list_objects_v2(Bucket="fleet-audit", Prefix="fleet/replica-1/")
+    for item in listed["Contents"]:
+        s3.delete_object(Bucket="fleet-audit", Key=item["Key"])
+    report = await asyncio.to_thread(verify_fleet_s3, "s3://fleet-audit/fleet", public, factory)
+    assert not report.ok
+    assert any(p.startswith("replica broker-replica-1: chain missing") for p in report.problems), (
+        report.problems
+    )
