@@ -274,6 +274,16 @@ class BrokerConfig:
             "refuse to issue (fail closed) when an audit write takes longer", unit="seconds"
         ),
     )
+    # The Deployment's audit volume is 2 GiB; segments leave it once shipped. If the sink is down
+    # that long, refusing to issue (503) beats filling the volume and getting the pod evicted.
+    audit_max_local_bytes: int = field(
+        default=1536 << 20,
+        metadata=doc(
+            "audit segments kept locally (unshipped or unpruned) before the broker refuses to "
+            "issue (fail closed, 503); keep it under the audit volume's size; 0: no bound",
+            unit="bytes",
+        ),
+    )
     instance: str = field(
         default_factory=lambda: os.uname().nodename,
         metadata=doc("this broker's name in audit records and the fleet; default: the hostname"),

@@ -166,3 +166,24 @@ async def test_unwritable_audit_segment_refuses_credentials_then_recovers(
     assert "credentials" not in refused
     status, _, body = await ask(https, broker, token)
     assert status == 200 and body["credentials"]["access_key_id"].startswith("ASIA")
+
+
+async def test_a_full_local_audit_buffer_refuses_credentials(
+    tmp_path: Path,
+    pki: Pki,
+    sts_url: str,
+    policies_dir: Path,
+    https: aiohttp.ClientSession,
+    record_secrets: Callable[[BrokerServer], None],
+) -> None:
+    """--audit-max-local-bytes bounds the unshipped audit log: past it, 503 and no credentials."""
+    config = broker_config(tmp_path, pki, sts_url, policies_dir, audit_max_local_bytes=1)
+    broker = await BrokerServer.start(config)
+    try:
+        statuses = [await ask(https, broker, issue(pki, f"fc-full-{i}", "acme")) for i in range(2)]
+        record_secrets(broker)
+    finally:
+        await broker.stop()
+    assert [status for status, _, _ in statuses] == [200, 503]
+    assert statuses[1][2]["code"] == "AuditUnavailable"
+    assert "credentials" not in statuses[1][2]

@@ -177,6 +177,22 @@ def test_broker_writes_only_to_its_volumes() -> None:
         assert "emptyDir" in volume_of(deployment, path), path
 
 
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes binary quantity ("2Gi", "64Mi") in bytes."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+    return int(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_audit_buffer_bound_fits_the_audit_volume() -> None:
+    """The broker refuses to issue before its unshipped audit log fills the volume (eviction)."""
+    deployment = one("Deployment", "metaproxy-broker")
+    bound = int(env_entry(deployment, "METAPROXY_AUDIT_MAX_LOCAL_BYTES")["value"])
+    audit = volume_of(deployment, env_entry(deployment, "METAPROXY_AUDIT_DIR")["value"])
+    size = quantity_bytes(audit["emptyDir"]["sizeLimit"])
+    # Room for the open segment, checkpoints and the rotation that crosses the bound.
+    assert 0 < bound <= size * 0.8
+
+
 def test_sts_budget_is_the_accounts_whole_budget() -> None:
     """One budget in the store for the fleet: not divided by the HPA's maxReplicas any more."""
     deployment = one("Deployment", "metaproxy-broker")

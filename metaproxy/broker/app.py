@@ -43,9 +43,6 @@ from metaproxy.policy.store import PolicyStore
 
 log = logging.getLogger("metaproxy.broker")
 
-# The Deployment's audit volume is 2 GiB; segments leave it once shipped (`_Pruner`). If the sink
-# is down that long, refusing to issue (503) beats filling the volume and getting evicted.
-AUDIT_MAX_LOCAL_BYTES = 1536 << 20
 BACKFILL_SECONDS = 5.0  # listing the S3 copy at start-up must not hold the broker back for long
 
 
@@ -102,7 +99,7 @@ def create_services(
         # Each checkpoint also pins the other replicas' latest ones (docs/audit.md).
         witness=witnessing.others,
         on_checkpoint=witnessing.publish,
-        max_local_bytes=AUDIT_MAX_LOCAL_BYTES,
+        max_local_bytes=config.audit_max_local_bytes,  # pruned once shipped (`_Pruner`)
     )
     pruner.audit = audit
     sts = instrument.TimedSts(
