@@ -23,7 +23,7 @@ import resource
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -77,6 +77,16 @@ def canned_response(
         "Connection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+@runtime_checkable
+class Evictable(Protocol):
+    """A server protocol that can say since when it has owed its client nothing (`None` while
+    it owes an answer): the connection idle the longest is closed to make room before a new one
+    is refused. Protocols without this attribute are never closed early for being idle."""
+
+    @property
+    def idle_since(self) -> float | None: ...
 
 
 class ConnectionGuard:
@@ -139,7 +149,11 @@ class ConnectionGuard:
         mine = self._by_client.get(conn.client)
         count = len(mine) if mine else 0
         if count >= max(1, limits.max_per_client):
-            return "per_client"
+            # Every container of a pod shares one address: the pod's leaked connections must
+            # not lock out its other containers. An idle one makes room before anyone is refused.
+            if not mine or not self._evict_idle(mine):
+                return "per_client"
+            count -= 1
         if self.open >= self.cap and not self._evict_for(count):
             return "total"
         self._by_client.setdefault(conn.client, {})[conn] = None
@@ -153,7 +167,24 @@ class ConnectionGuard:
         heaviest = max(self._by_client.values(), key=len, default=None)
         if heaviest is None or len(heaviest) <= count + 1:
             return False
+        if self._evict_idle(heaviest):
+            return True
         victim = next(iter(heaviest))
+        self._release(victim)
+        victim.evict()
+        self.evicted += 1
+        self.on_refused("evicted")
+        return True
+
+    def _evict_idle(self, conns: dict[GuardedProtocol, None]) -> bool:
+        """Close the one of `conns` idle the longest (see `Evictable`); False if none is idle."""
+        victim, since = None, float("inf")
+        for conn in conns:
+            idle = conn.idle_since
+            if idle is not None and idle < since:
+                victim, since = conn, idle
+        if victim is None:
+            return False
         self._release(victim)
         victim.evict()
         self.evicted += 1
@@ -238,6 +269,11 @@ class GuardedProtocol(asyncio.Protocol):
         if self._inner is not None:
             self._inner.connection_lost(exc)
             self._inner = None
+
+    @property
+    def idle_since(self) -> float | None:
+        inner: object = self._inner  # any server protocol; only some can tell
+        return inner.idle_since if isinstance(inner, Evictable) else None
 
     def evict(self) -> None:
         if self._transport is not None:

@@ -193,15 +193,38 @@ async def test_many_addresses_cannot_lock_out_a_neighbour(
         writer.close()
 
 
+async def busy_connections(
+    host: str, port: int, count: int
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """`count` connections that each owe an answer: token PUTs held in the tarpit, the pod's
+    token bucket having been emptied first (see `set_sidecar_limits(token_rps=...)`)."""
+    put = (
+        b"PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\n"
+        b"X-aws-ec2-metadata-token-ttl-seconds: 60\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(put)  # takes the bucket's only token
+    await read_status(reader)
+    writer.close()
+    held = [await asyncio.open_connection(host, port) for _ in range(count)]
+    for _, held_writer in held:
+        held_writer.write(put)
+    await asyncio.sleep(0.05)  # parsed, and waiting out their 0.25 s tarpit
+    return held
+
+
 @pytest.mark.parametrize("face", ["imds", "container"])
 async def test_connection_over_the_per_client_cap_is_429(
     face: str, broker: BrokerServer, policies_dir: Path, start_sidecar: SidecarFactory
 ) -> None:
-    """The connection past a client's cap gets 429 + Retry-After in the endpoint's own format."""
-    await set_sidecar_limits(broker, policies_dir, max_connections_per_client=4)
+    """The connection past a client's cap, when none of its connections is idle, gets 429 +
+    Retry-After in the endpoint's own format."""
+    await set_sidecar_limits(
+        broker, policies_dir, max_connections_per_client=4, token_rps=0.01, burst=1
+    )
     sidecar = await start_sidecar("acme", "t-cap")
+    held = await busy_connections(*host_port(sidecar.imds_url), 4)
     host, port = host_port(sidecar.imds_url if face == "imds" else sidecar.container_url)
-    held = [await asyncio.open_connection(host, port) for _ in range(4)]
     reader, writer = await asyncio.open_connection(host, port)
     answer = await asyncio.wait_for(reader.read(), 2)
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -214,6 +237,25 @@ async def test_connection_over_the_per_client_cap_is_429(
     assert sidecar.guard.rejected["per_client"] == 1
     for _, w in [*held, (reader, writer)]:
         w.close()
+
+
+async def test_connection_over_the_per_client_cap_evicts_the_idlest(
+    broker: BrokerServer, policies_dir: Path, start_sidecar: SidecarFactory
+) -> None:
+    """At a client's cap, a new connection closes that client's connection idle the longest
+    (containers of a pod share the address: leaked ones must not lock the others out)."""
+    await set_sidecar_limits(broker, policies_dir, max_connections_per_client=4)
+    sidecar = await start_sidecar("acme", "t-evict")
+    host, port = host_port(sidecar.imds_url)
+    held = [await asyncio.open_connection(host, port) for _ in range(4)]
+    async with victim_session() as session:
+        assert await imds_credentials(session, sidecar) == 200
+    assert await asyncio.wait_for(held[0][0].read(), 2) == b""  # the oldest idle one
+    assert sidecar.guard.evicted >= 1
+    assert sidecar.guard.rejected["per_client"] == 0
+    assert sidecar.guard.peak <= 4
+    for _, writer in held:
+        writer.close()
 
 
 async def test_slow_headers_are_cut_at_the_deadline(
@@ -269,7 +311,7 @@ async def test_open_connections_and_refusals_are_in_metrics(
     sidecar = await start_sidecar("acme", "t-metrics")
     host, port = host_port(sidecar.imds_url)
     held = [await asyncio.open_connection(host, port) for _ in range(3)]
-    assert await asyncio.wait_for(held[2][0].read(), 2)  # the third one was refused
+    assert await asyncio.wait_for(held[0][0].read(), 2) == b""  # evicted for the third one
     async with (
         aiohttp.ClientSession() as session,
         session.get(sidecar.admin_url + "/metrics") as response,
@@ -295,8 +337,8 @@ def soft_nofile(pid: int) -> int:
 async def test_guard_works_in_the_real_process_on_uvloop(
     broker: BrokerServer, policies_dir: Path, pki: Pki, tmp_path: Path
 ) -> None:
-    """`metaproxy sidecar` (uvloop): the connection past the per-client cap gets 429, and the
-    process holds no more descriptors than its budget while 300 connections are attempted."""
+    """`metaproxy sidecar` (uvloop): connections past the per-client cap close the idlest, and
+    the process holds no more descriptors than its budget while 300 connections are attempted."""
     from metaproxy.demo.processes import start_metaproxy
 
     await set_sidecar_limits(broker, policies_dir, max_connections_per_client=8)
@@ -319,16 +361,16 @@ async def test_guard_works_in_the_real_process_on_uvloop(
         for _ in range(300):
             with contextlib.suppress(OSError):
                 held.append(await asyncio.open_connection(host, port, local_addr=(ABUSER, 0)))
+        # Each connection past the cap closes the one idle the longest: all but the last 8
+        # are closed by the sidecar, which never holds more than its cap.
         answers = await asyncio.gather(
-            *(asyncio.wait_for(reader.read(), 3) for reader, _ in held[8:]),
+            *(asyncio.wait_for(reader.read(), 3) for reader, _ in held[:-8]),
             return_exceptions=True,
         )
         fds = len(os.listdir(f"/proc/{child.process.pid}/fd"))
         cap = SidecarLimits().max_connections
         budget = fd_budget(cap, SIDECAR_FD_RESERVE, soft_nofile(child.process.pid))
-        assert all(isinstance(a, bytes) and a.startswith(b"HTTP/1.1 429 ") for a in answers), (
-            answers[:3]
-        )
+        assert all(a == b"" or isinstance(a, ConnectionResetError) for a in answers), answers[:3]
         assert fds <= budget
         for _, writer in held:
             writer.close()

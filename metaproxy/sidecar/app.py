@@ -1,9 +1,10 @@
 """The sidecar's three HTTP faces, wired in one place: IMDS, container credentials, admin.
 
 IMDS and container credentials are the data plane, served by `http1` (see why there); admin
-(health, readiness, metrics) is an aiohttp app. A client in a tight loop is answered 429 from a
-per-client token bucket before any work is done (the incident this project starts from: a
-shared metadata service looped to death).
+(health, readiness, metrics) is an aiohttp app. A client in a tight loop is answered 429 from the
+pod's token bucket before any work is done (the incident this project starts from: a shared
+metadata service looped to death), and inside that bucket the pod's connections get a fair share
+(`fairness`), so one looping container cannot starve another.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from aiohttp import web
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import SidecarConfig, authorization_token_mode
 from metaproxy.models import SidecarLimits
-from metaproxy.ratelimit import KeyedLimiter
 from metaproxy.sidecar import container_creds, diagnosis, http1, imds, instrument, rebinding
 from metaproxy.sidecar.credentials_cache import CredentialKeeper
+from metaproxy.sidecar.fairness import FairShare
 from metaproxy.sidecar.host_metadata import HostMetadata
 from metaproxy.sidecar.state import STATE, SidecarState
 from metaproxy.sidecar.tokens import TokenAuthority
@@ -82,10 +83,10 @@ def data_plane(state: SidecarState, face: Face) -> http1.Handler:
         grant = state.keeper.current()
         limits = grant.limits if grant is not None else _DEFAULT_LIMITS
         rate = _rate(limits, cls)
-        limiter = state.limiters.get(cls)
-        if limiter is None:
-            limiter = state.limiters[cls] = KeyedLimiter(rate, limits.burst)
-        wait = limiter.take(request.remote, rate=rate, burst=limits.burst)
+        share = state.limiters.get(cls)
+        if share is None:
+            share = state.limiters[cls] = FairShare()
+        wait = share.take(request.remote, request.connection, rate, limits.burst)
         if wait:
             instrument.count_request(cls, 429, started)
             return _tarpit(too_many(str(max(1, round(wait)))))

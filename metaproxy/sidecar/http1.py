@@ -47,6 +47,7 @@ class Request:
     headers: dict[str, str]  # lower-case names
     remote: str
     duplicate_headers: frozenset[str] = frozenset()
+    connection: int = 0  # which connection of the tracker: fairness is between connections
 
 
 @dataclass(slots=True)
@@ -81,6 +82,7 @@ class ConnectionTracker:
     connections: set[HttpProtocol] = field(default_factory=set)
     date_header: bytes = b""
     draining: bool = False  # set at shutdown: answer what is in flight, then close
+    accepted: int = 0  # connections so far; each one's number identifies it
     _quiet: asyncio.Event | None = None
     _sweeper: asyncio.Task[None] | None = None
 
@@ -157,10 +159,12 @@ class HttpProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._client = ""
+        self.number = 0
         self._queue: deque[tuple[Request, bool]] = deque()
         self._busy: asyncio.Task[None] | None = None
         self._paused_writing = False
         self.deadline = float("inf")
+        self._answered = self._loop.time()  # the last answer written (or the connection made)
         self.reading_head = False
         # An announced body that never arrives must not hold the socket: 64 such connections
         # once locked every other container of a pod out of its credentials.
@@ -176,6 +180,8 @@ class HttpProtocol(asyncio.Protocol):
         self._client = peer[0] if isinstance(peer, tuple) else "unix"
         self._transport = transport
         self._tracker.connections.add(self)
+        self._tracker.accepted += 1
+        self.number = self._tracker.accepted
         transport.set_write_buffer_limits(high=64 * 1024)
         # A new connection must send its request head within the header deadline.
         self.reading_head = True
@@ -210,6 +216,12 @@ class HttpProtocol(asyncio.Protocol):
             and not self.reading_head
             and not self.reading_body
         )
+
+    @property
+    def idle_since(self) -> float | None:
+        """Since when no answer has been owed (None while one is): the connection guard closes
+        the connection idle the longest to admit a new one (`connguard.Evictable`)."""
+        return self._answered if self._busy is None and not self._queue else None
 
     def close(self) -> None:
         if self._transport is not None:
@@ -308,6 +320,7 @@ class HttpProtocol(asyncio.Protocol):
             headers=self._headers,
             remote=self._client,
             duplicate_headers=frozenset(self._duplicates),
+            connection=self.number,
         )
         self._queue.append((request, self._parser.should_keep_alive()))
         if len(self._queue) >= MAX_PIPELINED and self._transport is not None:
@@ -372,6 +385,7 @@ class HttpProtocol(asyncio.Protocol):
         if request.method != "HEAD":
             head.append(response.body)
         transport.write(b"".join(head))
+        self._answered = self._loop.time()
         if not keep_alive:
             transport.close()
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from metaproxy.config import SidecarConfig
-from metaproxy.ratelimit import KeyedLimiter
 from metaproxy.sidecar.broker_client import BrokerClient
 from metaproxy.sidecar.credentials_cache import CredentialKeeper
+from metaproxy.sidecar.fairness import FairShare
 from metaproxy.sidecar.tokens import TokenAuthority
 
 
@@ -21,7 +21,7 @@ class SidecarState:
     keeper: CredentialKeeper
     authorization_token: str
     client: BrokerClient
-    limiters: dict[str, KeyedLimiter] = field(default_factory=dict)
+    limiters: dict[str, FairShare] = field(default_factory=dict)  # by path class
     host_metadata: Callable[[str], Awaitable[str | None]] = field(default=lambda _p: _none())
     draining: bool = False
 

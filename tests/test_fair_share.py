@@ -1,0 +1,239 @@
+"""Fair share inside one pod: every container of a pod has the pod's source address, so one
+container looping on the sidecar (and leaking connections) must not take another's share."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from metaproxy.broker.server import BrokerServer
+from metaproxy.connguard import fd_budget
+from metaproxy.models import SidecarLimits
+from metaproxy.sidecar.fairness import FairShare
+from metaproxy.sidecar.limits import SIDECAR_FD_RESERVE
+from tests.conftest import SidecarFactory
+from tests.support import Pki, issue, run_command, wait_ready
+from tests.test_abuse_sidecar import host_port, imds_credentials, soft_nofile, victim_session
+
+POD = "127.0.0.1"  # the looping container, its leaked connections and the SDK share it
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_light_connection_is_served_while_four_loop() -> None:
+    """Four connections asking as fast as they can and one asking every 200 ms: the rare one is
+    never refused, and the pod as a whole stays within its rate and burst."""
+    clock = Clock()
+    share = FairShare(clock)
+    rate, burst = 20.0, 50.0
+    admitted = refused_light = 0
+    light = 1000
+    for step in range(10_000):  # 10 s in 1 ms steps
+        clock.now = step / 1000
+        for looper in range(4):
+            admitted += share.take(POD, looper, rate, burst) == 0.0
+        if step % 200 == 0:
+            light += 1  # an SDK: a new connection per fetch
+            if share.take(POD, light, rate, burst) == 0.0:
+                admitted += 1
+            else:
+                refused_light += 1
+    assert refused_light == 0
+    assert admitted <= rate * 10 + burst
+
+
+def test_one_connection_alone_gets_the_whole_rate() -> None:
+    """Max-min: with nobody else asking, one connection may use the pod's whole rate."""
+    clock = Clock()
+    share = FairShare(clock)
+    admitted = 0
+    for step in range(5_000):
+        clock.now = step / 1000
+        admitted += share.take(POD, 1, 20.0, 50.0) == 0.0
+    assert admitted >= 20 * 5 * 0.9
+
+
+def test_heavy_connections_leave_half_the_bucket_to_others() -> None:
+    """A connection over its share stops at half the bucket and is told to come back later;
+    connections under their share still get the other half."""
+    clock = Clock()
+    share = FairShare(clock)
+    assert share.take(POD, 2, 20.0, 50.0) == 0.0
+    waits = [share.take(POD, 1, 20.0, 50.0) for _ in range(60)]
+    admitted = waits.count(0.0)
+    assert 10 <= admitted <= 25
+    assert all(wait >= 1.0 for wait in waits[admitted:])
+    others = [share.take(POD, 100 + n, 20.0, 50.0) for n in range(20)]
+    assert others == [0.0] * 20
+
+
+VICTIM = """
+import http.client, json, sys, time
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+CREDS = "/latest/meta-data/iam/security-credentials/"
+
+def ask(method, path, headers):
+    conn = http.client.HTTPConnection(host, port, timeout=1.0)
+    try:
+        conn.request(method, path, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read().decode()
+    finally:
+        conn.close()
+
+results = []
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    started = time.monotonic()
+    ok = False
+    try:
+        ttl = {"X-aws-ec2-metadata-token-ttl-seconds": "60"}
+        status, token = ask("PUT", "/latest/api/token", ttl)
+        if status == 200:
+            status, role = ask("GET", CREDS, {"X-aws-ec2-metadata-token": token})
+            if status == 200:
+                status, body = ask("GET", CREDS + role, {"X-aws-ec2-metadata-token": token})
+                ok = status == 200 and json.loads(body)["Code"] == "Success"
+    except OSError:
+        pass
+    elapsed = time.monotonic() - started
+    results.append([ok, elapsed])
+    time.sleep(max(0.0, 0.2 - elapsed))
+print(json.dumps(results))
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture(autouse=True)
+def enough_file_descriptors() -> None:
+    """2,000 leaked client sockets live in this process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 8192 if hard == resource.RLIM_INFINITY else min(hard, 8192)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+async def test_same_pod_looper_and_leaks_do_not_starve_an_sdk(
+    broker: BrokerServer, pki: Pki, tmp_path: Path, start_sidecar: SidecarFactory
+) -> None:
+    """From one address: 4 connections looping on the token path, 2,000 leaked idle connections,
+    and an SDK fetching token + role + credentials every 200 ms. The SDK succeeds on >= 99% of
+    its fetches with p99 <= 50 ms, the sidecar's descriptors stay within its budget, and another
+    task's sidecar is untouched."""
+    from metaproxy.demo.processes import start_metaproxy
+
+    neighbour = await start_sidecar("acme", "t-neighbour")
+    token_file = tmp_path / "pod.jwt"
+    token_file.write_text(issue(pki, "t-pod", "acme"))
+    args = ["sidecar", "--broker-url", broker.url, "--broker-ca-file", str(pki.ca)]
+    args += ["--identity-token-file", str(token_file), "--imds-listen", "127.0.0.1:0"]
+    args += ["--container-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+    child = await asyncio.to_thread(
+        start_metaproxy,
+        "sidecar",
+        args,
+        ready_file=tmp_path / "s.ready",
+        log_file=tmp_path / "s.log",
+    )
+    pid = child.process.pid
+    stop = asyncio.Event()
+    loops: list[int] = []
+    leaked: list[asyncio.StreamWriter] = []
+    peak_fds = 0
+    try:
+        await wait_ready(child.ready["admin_url"])
+        host, port = host_port(child.ready["imds_urls"][0])
+        put = (
+            b"PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\n"
+            b"X-aws-ec2-metadata-token-ttl-seconds: 60\r\n\r\n"
+        )
+
+        async def loop_on_tokens() -> None:
+            while not stop.is_set():  # a looping client reconnects whenever it is cut off
+                reader, writer = await asyncio.open_connection(host, port, local_addr=(POD, 0))
+                with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+                    while not stop.is_set():
+                        writer.write(put)
+                        head = await reader.readuntil(b"\r\n\r\n")
+                        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                        await reader.readexactly(length)
+                        loops.append(int(head.split(b" ", 2)[1]))
+                writer.close()
+
+        async def leak() -> None:
+            for _ in range(2000):
+                with contextlib.suppress(OSError):
+                    _, writer = await asyncio.open_connection(host, port, local_addr=(POD, 0))
+                    leaked.append(writer)
+                await asyncio.sleep(0.0025)  # 2,000 over about five seconds
+
+        async def sample() -> None:
+            nonlocal peak_fds
+            while not stop.is_set():
+                peak_fds = max(peak_fds, len(os.listdir(f"/proc/{pid}/fd")))
+                await asyncio.sleep(0.05)
+
+        cpu_before, wall_before = cpu_seconds(pid), time.monotonic()
+        flood = [asyncio.create_task(loop_on_tokens()) for _ in range(4)]
+        background = [asyncio.create_task(leak()), asyncio.create_task(sample())]
+        await asyncio.sleep(0.5)
+        rc, out, err = await run_victim(host, port, seconds=10.0)
+        async with victim_session() as session:
+            neighbour_ok = [await imds_credentials(session, neighbour) for _ in range(5)]
+        flood_cpu = (cpu_seconds(pid) - cpu_before) / (time.monotonic() - wall_before)
+        stop.set()
+        await asyncio.gather(*flood, *background)
+        assert rc == 0, err
+        fetches = json.loads(out)
+        successes = [elapsed for ok, elapsed in fetches if ok]
+        success = len(successes) / len(fetches)
+        latencies = sorted(elapsed for _, elapsed in fetches)
+        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        print(
+            f"victim fetches {len(fetches)}, success {success:.3f}, p99 {p99 * 1000:.1f} ms; "
+            f"looper answers {len(loops)} ({loops.count(200)} ok); leaked {len(leaked)}; "
+            f"sidecar fds peak {peak_fds}; flood cpu {flood_cpu * 100:.0f}%"
+        )
+        budget = fd_budget(SidecarLimits().max_connections, SIDECAR_FD_RESERVE, soft_nofile(pid))
+        assert success >= 0.99
+        assert p99 <= 0.050
+        assert peak_fds <= budget
+        assert loops.count(429) > 0  # the looper was held to its share
+        assert neighbour_ok == [200] * 5
+    finally:
+        stop.set()
+        for writer in leaked:
+            writer.close()
+        await asyncio.to_thread(child.stop)
+        log = (tmp_path / "s.log").read_text()
+        assert "Traceback" not in log, log[-2000:]
+
+
+async def run_victim(host: str, port: int, *, seconds: float) -> tuple[int, str, str]:
+    """The well-behaved SDK, in its own process as in a real pod, from the pod's address."""
+    script = VICTIM.replace(
+        "http.client.HTTPConnection(host, port, timeout=1.0)",
+        f"http.client.HTTPConnection(host, port, timeout=1.0, source_address=({POD!r}, 0))",
+    )
+    return await run_command(
+        sys.executable, "-c", script, host, str(port), str(seconds),
+        env=dict(os.environ), timeout=seconds + 30,
+    )  # fmt: skip
