@@ -6,7 +6,10 @@ upstream errors or internal state, never secrets) goes to the log and the audit 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from metaproxy.models import AssumeRoleSpec
 
 # Why an identity token was refused, in words safe to show the task that sent it: each names a
 # check the task can make itself on its own token, never a key, a file or a policy.
@@ -129,6 +132,30 @@ class UpstreamError(MetaproxyError):
     status = 502
     code = "UpstreamError"
     public_message = "credential service refused the request"
+
+
+class PackedPolicyTooLarge(UpstreamError):
+    """STS refused the session policy and tags together as too large: the tenant's policy has
+    to change, so the caller is told which role and which tags, and retrying will not help."""
+
+    status = 403
+    code = "PackedPolicyTooLarge"
+    public_message = "session policy and tags too large for STS"
+
+    @classmethod
+    def for_spec(cls, spec: AssumeRoleSpec, detail: str) -> PackedPolicyTooLarge:
+        keys = ", ".join(key for key, _ in spec.tags) or "none"
+        policy = (
+            f"a {len(spec.session_policy)}-character session policy"
+            if spec.session_policy
+            else "no session policy"
+        )
+        message = (
+            f"role {spec.role_arn.rsplit('/', 1)[-1]}: the session tags ({keys}) and "
+            f"{policy} exceed what STS accepts (PackedPolicyTooLarge); "
+            "the tenant's policy must send fewer or shorter tags"
+        )
+        return cls(detail, public_message=message)
 
 
 class ConfigError(MetaproxyError):

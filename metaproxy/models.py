@@ -26,6 +26,12 @@ class Identity:
     service_account: str = ""
     token_id: str = ""  # jti: identifies the token in the audit log without revealing it
     expires_at: float = 0.0
+    # Kubernetes tokens: the pod (`kubernetes.io.pod`) and the cluster the broker trusts them for
+    # (configured), for EKS Pod Identity-compatible session tags.
+    pod_name: str = ""
+    pod_uid: str = ""
+    cluster_name: str = ""
+    cluster_arn: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +62,11 @@ class BrokerLimits:
 
 @dataclass(frozen=True, slots=True)
 class AssumeRoleSpec:
-    """Everything STS AssumeRole is called with. Its `cache_key` is (role, session, scope)."""
+    """Everything STS AssumeRole is called with. Its `cache_key` is (role, session, scope).
+
+    `via`: role chaining. The role in `via` is assumed first and this one with its credentials;
+    the chain is part of the cache key, so the same role reached another way is another set.
+    """
 
     role_arn: str
     role_session_name: str
@@ -66,6 +76,7 @@ class AssumeRoleSpec:
     transitive_tag_keys: tuple[str, ...] = ()
     session_policy: str | None = None
     external_id: str | None = None
+    via: AssumeRoleSpec | None = None
 
     @property
     def cache_key(self) -> tuple[object, ...]:
@@ -78,6 +89,7 @@ class AssumeRoleSpec:
             self.transitive_tag_keys,
             self.session_policy,
             self.external_id,
+            self.via.cache_key if self.via is not None else None,
         )
 
 

@@ -312,6 +312,7 @@ async def test_admin_rejects_bad_faults_and_keeps_serving(
         "throttle_fraction": 0.0,
         "error_fraction": 0.0,
         "mode": "pass",
+        "refuse_code": "",
     }
 
 

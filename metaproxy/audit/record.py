@@ -64,6 +64,8 @@ def make_record(
     issuer: str = "",
     token_id: str = "",
     role_arn: str = "",
+    via_role_arn: str = "",
+    via_access_key_id: str = "",
     session_name: str = "",
     source_identity: str = "",
     access_key_id: str = "",
@@ -74,8 +76,12 @@ def make_record(
     peer: str = "",
     instance: str = "",
     status: int = 0,
+    packed_policy_size: int | None = None,
 ) -> dict[str, object]:
-    """Build a validated record for `AuditLog.append`; raises ValueError on a bad event/field."""
+    """Build a validated record for `AuditLog.append`; raises ValueError on a bad event/field.
+
+    `via_role_arn` and `via_access_key_id` name a chain's first hop (the session that assumed
+    `role_arn`); `packed_policy_size` is STS's percentage for the grant's policy and tags."""
     if event not in EVENTS:
         raise ValueError(f"unknown audit event {event!r}; expected one of {', '.join(EVENTS)}")
     if not request_id:
@@ -91,6 +97,8 @@ def make_record(
         "issuer": issuer,
         "token_id": token_id,
         "role_arn": role_arn,
+        "via_role_arn": via_role_arn,
+        "via_access_key_id": via_access_key_id,
         "session_name": session_name,
         "source_identity": source_identity,
         "access_key_id": access_key_id,
@@ -107,7 +115,13 @@ def make_record(
             raise ValueError(f"audit field {name} must be a string, got {type(value).__name__}")
         # IAM role paths may legitimately form long slash-separated runs.
         if value:  # empty fields are left out: smaller lines, and absent reads as ""
-            record[name] = scrub(value, blobs=name != "role_arn")
+            record[name] = scrub(value, blobs=name not in ("role_arn", "via_role_arn"))
     if status:
         record["status"] = status
+    if packed_policy_size is not None:
+        if isinstance(packed_policy_size, bool) or not isinstance(packed_policy_size, int):
+            raise ValueError(
+                f"audit packed_policy_size must be an integer, got {packed_policy_size!r}"
+            )
+        record["packed_policy_size"] = packed_policy_size
     return record

@@ -26,7 +26,7 @@ from metaproxy.broker.sts import AssumedRole, StsClient
 from metaproxy.errors import AuditUnavailable, MetaproxyError
 from metaproxy.httperrors import Handler
 from metaproxy.logs import tenant_var
-from metaproxy.models import AssumeRoleSpec
+from metaproxy.models import AssumeRoleSpec, Credentials
 from metaproxy.policy.load import PolicyProblem
 from metaproxy.policy.store import PolicyStore
 
@@ -123,10 +123,12 @@ class TimedSts:
     def __init__(self, inner: StsClient) -> None:
         self._inner = inner
 
-    async def assume_role(self, spec: AssumeRoleSpec) -> AssumedRole:
+    async def assume_role(
+        self, spec: AssumeRoleSpec, *, signed_with: Credentials | None = None
+    ) -> AssumedRole:
         started = time.perf_counter()
         try:
-            return await self._inner.assume_role(spec)
+            return await self._inner.assume_role(spec, signed_with=signed_with)
         finally:
             metrics.STS_SECONDS.observe(time.perf_counter() - started)
 

@@ -200,6 +200,8 @@ class Issuer:
             status=200,
             access_key_id=credentials.access_key_id,
             expiration=iso_z(credentials.expiration),
+            via_access_key_id=result.role.via_access_key_id,
+            packed_policy_size=result.role.packed_policy_size,
         )
         account = _ACCOUNT.search(spec.role_arn)
         account_id = account.group(1) if account else ""
@@ -277,8 +279,12 @@ class Issuer:
         tenant: str = "",
         access_key_id: str = "",
         expiration: str = "",
+        via_access_key_id: str = "",
+        packed_policy_size: int | None = None,
     ) -> None:
         spec = decision.spec if decision else None
+        # A chain sets SourceIdentity on its first hop; it persists into the role's session.
+        first = spec.via if spec is not None and spec.via is not None else spec
         await self.audit.append(
             make_record(
                 event,
@@ -290,8 +296,10 @@ class Issuer:
                 issuer=identity.issuer,
                 token_id=identity.token_id,
                 role_arn=decision.role_arn if decision else "",
+                via_role_arn=spec.via.role_arn if spec and spec.via else "",
+                via_access_key_id=via_access_key_id,
                 session_name=spec.role_session_name if spec else "",
-                source_identity=spec.source_identity if spec else "",
+                source_identity=first.source_identity if first else "",
                 access_key_id=access_key_id,
                 expiration=expiration,
                 policy_digest=decision.policy_digest if decision else "",
@@ -300,5 +308,6 @@ class Issuer:
                 peer=ctx.peer,
                 instance=self.instance,
                 status=status,
+                packed_policy_size=packed_policy_size,
             )
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -39,7 +40,7 @@ from metaproxy.broker.sts import AssumedRole, StsClient, StsThrottled
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import BrokerConfig
 from metaproxy.errors import MetaproxyError, Overloaded, StsUnavailable, UpstreamError
-from metaproxy.models import AssumeRoleSpec
+from metaproxy.models import AssumeRoleSpec, Credentials
 
 log = logging.getLogger("metaproxy.broker.scheduler")
 
@@ -107,6 +108,25 @@ class StsCaller:
 
     async def assume_role(self, spec: AssumeRoleSpec, *, budget_taken: bool = False) -> AssumedRole:
         """`budget_taken`: the caller already holds the token for the first attempt."""
+        if spec.via is None:
+            return await self._call(spec, budget_taken=budget_taken)
+        # Role chaining: two calls, each within the budget and retried on its own; the second
+        # is signed with the first's credentials (a retry of the second reuses them).
+        first = await self._call(spec.via, budget_taken=budget_taken)
+        final = await self._call(spec, signed_with=first.credentials)
+        return dataclasses.replace(
+            final,
+            via_assumed_role_arn=first.assumed_role_arn,
+            via_access_key_id=first.credentials.access_key_id,
+        )
+
+    async def _call(
+        self,
+        spec: AssumeRoleSpec,
+        *,
+        budget_taken: bool = False,
+        signed_with: Credentials | None = None,
+    ) -> AssumedRole:
         error: MetaproxyError = StsUnavailable("AssumeRole not attempted")
         for attempt in range(self._max_attempts):
             if not self.breaker.allow():
@@ -116,7 +136,7 @@ class StsCaller:
                 )
             if attempt or not budget_taken:
                 await self._budget.acquire()
-            outcome = await self._attempt(spec)
+            outcome = await self._attempt(spec, signed_with)
             if isinstance(outcome, AssumedRole):
                 return outcome
             error = outcome
@@ -127,7 +147,9 @@ class StsCaller:
             )
         raise error
 
-    async def _attempt(self, spec: AssumeRoleSpec) -> AssumedRole | MetaproxyError:
+    async def _attempt(
+        self, spec: AssumeRoleSpec, signed_with: Credentials | None
+    ) -> AssumedRole | MetaproxyError:
         """Make one call and return its outcome as a value (errors included)."""
         self.calls += 1
         started = self._clock.monotonic()
@@ -137,7 +159,7 @@ class StsCaller:
             # Inline, not wait_for: wait_for would start the call as a new task, one event-loop
             # turn after the window counted it, and a turn can be long on a busy broker.
             async with asyncio.timeout(self._call_timeout):
-                outcome = await self._sts.assume_role(spec)
+                outcome = await self._sts.assume_role(spec, signed_with=signed_with)
         except TimeoutError:
             self.timeouts += 1
             outcome = StsUnavailable(

@@ -22,14 +22,14 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from urllib.parse import urlencode
 from xml.etree import ElementTree
 
 import aiohttp
 
-from metaproxy.broker.sigv4 import SigV4Signer
-from metaproxy.errors import StsUnavailable, UpstreamError
+from metaproxy.broker.sigv4 import SigningCredentials, SigV4Signer
+from metaproxy.errors import PackedPolicyTooLarge, StsUnavailable, UpstreamError
 from metaproxy.models import AssumeRoleSpec, Credentials
 
 if TYPE_CHECKING:
@@ -61,10 +61,21 @@ class StsThrottled(StsUnavailable):
 class AssumedRole:
     credentials: Credentials
     assumed_role_arn: str
+    # STS's PackedPolicySize: the session policy and tags as a percentage of what fits (a call
+    # over 100 fails with PackedPolicyTooLarge). None when the answer had none.
+    packed_policy_size: int | None = None
+    # A chain's first hop, for the audit log: the session that signed the second call.
+    via_assumed_role_arn: str = ""
+    via_access_key_id: str = ""
 
 
 class StsClient(Protocol):
-    async def assume_role(self, spec: AssumeRoleSpec) -> AssumedRole: ...
+    async def assume_role(
+        self, spec: AssumeRoleSpec, *, signed_with: Credentials | None = None
+    ) -> AssumedRole:
+        """One AssumeRole call; `signed_with`: the credentials of a chain's previous hop
+        (otherwise the broker's own)."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -116,7 +127,9 @@ class AsyncSts:
         self._frozen: ReadOnlyCredentials | None = None
         self._frozen_at = float("-inf")
 
-    async def assume_role(self, spec: AssumeRoleSpec) -> AssumedRole:
+    async def assume_role(
+        self, spec: AssumeRoleSpec, *, signed_with: Credentials | None = None
+    ) -> AssumedRole:
         from botocore.exceptions import ParamValidationError
 
         try:
@@ -125,7 +138,7 @@ class AsyncSts:
             )
         except ParamValidationError:
             raise UpstreamError(f"AssumeRole {spec.role_arn}: invalid parameters") from None
-        headers, body = await self._signed(request["body"])
+        headers, body = await self._signed(request["body"], signed_with)
         try:
             async with self._client().post(self._url, data=body, headers=headers) as response:
                 status = response.status
@@ -145,14 +158,22 @@ class AsyncSts:
             )
         return self._http
 
-    async def _signed(self, params: dict[str, Any]) -> tuple[dict[str, str], bytes]:
+    async def _signed(
+        self, params: dict[str, Any], signed_with: Credentials | None
+    ) -> tuple[dict[str, str], bytes]:
         """SigV4 headers and the form-encoded body they sign."""
         body = urlencode(list(params.items()), doseq=True).encode()
+        credentials: SigningCredentials
+        if signed_with is not None:
+            credentials = _Signing(
+                signed_with.access_key_id,
+                signed_with.secret_access_key,
+                signed_with.session_token,
+            )
+        else:
+            credentials = await self._current_credentials()
         headers = self._signer.sign(
-            url=self._url,
-            body=body,
-            content_type=FORM_CONTENT_TYPE,
-            credentials=await self._current_credentials(),
+            url=self._url, body=body, content_type=FORM_CONTENT_TYPE, credentials=credentials
         )
         return headers, body
 
@@ -199,7 +220,8 @@ class AsyncSts:
             raise StsUnavailable(f"AssumeRole {spec.role_arn}: incomplete answer") from None
         if not (credentials.access_key_id and credentials.secret_access_key and arn):
             raise StsUnavailable(f"AssumeRole {spec.role_arn}: incomplete answer")
-        return AssumedRole(credentials, arn)
+        packed = _text(root, "AssumeRoleResult", "PackedPolicySize")
+        return AssumedRole(credentials, arn, int(packed) if packed.isdigit() else None)
 
     async def aclose(self) -> None:
         if self._http is not None:
@@ -241,8 +263,18 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
+class _Signing(NamedTuple):
+    """A previous hop's credentials, in the shape the signer takes."""
+
+    access_key: str
+    secret_key: str
+    token: str
+
+
 def _error(spec: AssumeRoleSpec, status: int, code: str) -> StsUnavailable | UpstreamError:
     detail = f"AssumeRole {spec.role_arn}: {code or 'error'} (HTTP {status})"
+    if code == "PackedPolicyTooLarge":
+        return PackedPolicyTooLarge.for_spec(spec, detail)
     if code in THROTTLING_CODES or status == 429:
         return StsThrottled(detail)
     if code in TRANSIENT_CODES or status >= 500:

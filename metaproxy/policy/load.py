@@ -51,7 +51,16 @@ IDENTITY_KEYS = {
     "platform": {"kind", "issuer", "tenant", "apps"},
     "kubernetes": {"kind", "issuer", "namespace", "service_accounts"},
 }
-ROLE_KEYS = {"arn", "default", "apps", "duration_seconds", "session_policy"}
+ROLE_KEYS = {
+    "arn",
+    "default",
+    "apps",
+    "duration_seconds",
+    "session_policy",
+    "via",
+    "external_id",
+    "session_tags",
+}
 SESSION_KEYS = {"name", "source_identity", "tags", "transitive_tag_keys"}
 LIMIT_TABLES: dict[str, type[SidecarLimits] | type[BrokerLimits]] = {
     "sidecar": SidecarLimits,
@@ -247,7 +256,44 @@ def _check_role(check: _FileChecker, raw: object, index: int) -> RoleRule | None
         policy = check.string(entry, (*path, "session_policy"))
         _check_session_policy(check, policy, (*path, "session_policy"))
     apps = check.globs(entry, (*path, "apps"))
-    return RoleRule(index, arn, default is True, apps, duration, policy)
+    via, external_id, tags_on = _check_chain(check, entry, path, duration)
+    return RoleRule(index, arn, default is True, apps, duration, policy, via, external_id, tags_on)
+
+
+def _check_chain(
+    check: _FileChecker, entry: dict[str, Any], path: FieldPath, duration: int
+) -> tuple[str | None, str | None, bool]:
+    """`via`, `external_id` and `session_tags` of a role: how it is reached."""
+    via = None
+    if "via" in entry:
+        via = check.string(entry, (*path, "via"))
+        if isinstance(entry["via"], str) and not ROLE_ARN.match(via):
+            check.problem((*path, "via"), f"{via!r} is not an IAM role ARN to assume first")
+        elif duration > sts_params.CHAINED_MAX_SECONDS:
+            check.problem(
+                (*path, "duration_seconds"),
+                f"{duration} is over {sts_params.CHAINED_MAX_SECONDS}: the role is reached by "
+                f"role chaining (via), and AWS caps chained sessions at one hour",
+            )
+    external_id = None
+    if "external_id" in entry:
+        external_id = check.string(entry, (*path, "external_id"))
+        if check.template(external_id, (*path, "external_id")):
+            literal = sts_params.literal_text(external_id)
+            bad = sorted({ch for ch in literal if ch not in sts_params.EXTERNAL_ID_CHARS})
+            if bad:
+                check.problem(
+                    (*path, "external_id"),
+                    f"an ExternalId can never contain {''.join(bad)!r}; "
+                    "STS accepts only A-Z a-z 0-9 _+=,.@:/-",
+                )
+            if not external_id.strip():
+                check.problem((*path, "external_id"), "must not be empty")
+    tags_on = entry.get("session_tags", True)
+    if not isinstance(tags_on, bool):
+        check.problem((*path, "session_tags"), f"must be true or false, not {_type_name(tags_on)}")
+        tags_on = True
+    return via, external_id, tags_on
 
 
 def _check_roles(check: _FileChecker, raw: object) -> tuple[RoleRule, ...]:

@@ -60,6 +60,11 @@ class RoleRule:
     apps: tuple[str, ...] = ("*",)
     duration_seconds: int = DEFAULT_DURATION_SECONDS
     session_policy: str | None = None  # a JSON template; values are JSON-escaped into it
+    # Role chaining: assume `via` (a role ARN) first, then this role with its credentials.
+    via: str | None = None
+    external_id: str | None = None  # a template, like the session name
+    # False: no session tags for this role (chaining into an account that refuses them).
+    session_tags: bool = True
 
     @property
     def name(self) -> str:

@@ -16,7 +16,19 @@ from collections.abc import Mapping
 from metaproxy.models import AssumeRoleSpec, Identity
 from metaproxy.policy.model import RoleRule, SessionTemplates, TenantPolicy
 
-VARIABLES = ("tenant", "team", "task", "app", "namespace", "service_account")
+VARIABLES = (
+    "tenant",
+    "team",
+    "task",
+    "app",
+    "namespace",
+    "service_account",
+    # Kubernetes identities, for EKS Pod Identity's session tags (empty for platform tokens).
+    "pod_name",
+    "pod_uid",
+    "cluster_name",
+    "cluster_arn",
+)
 _PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
 
 NAME_MIN, NAME_MAX = 2, 64  # RoleSessionName and SourceIdentity
@@ -26,6 +38,12 @@ NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123
 MAX_TAGS, TAG_KEY_MAX, TAG_VALUE_MAX = 50, 128, 256
 _TAG_PUNCTUATION = frozenset("_.:/=+-@")
 MAX_SESSION_POLICY = 2048
+EXTERNAL_ID_MIN, EXTERNAL_ID_MAX = 2, 1224
+EXTERNAL_ID_CHARS = NAME_CHARS | frozenset(":/")
+# AWS caps a session reached by role chaining at one hour, whatever the role allows.
+CHAINED_MAX_SECONDS = 3600
+# The first hop of a chain only signs the second call: the shortest session STS grants.
+CHAIN_FIRST_HOP_SECONDS = 900
 
 _HASH_HEX = 8
 
@@ -69,6 +87,10 @@ def template_values(tenant: TenantPolicy, identity: Identity) -> dict[str, str]:
         "app": app,
         "namespace": identity.namespace,
         "service_account": identity.service_account,
+        "pod_name": identity.pod_name,
+        "pod_uid": identity.pod_uid,
+        "cluster_name": identity.cluster_name,
+        "cluster_arn": identity.cluster_arn,
     }
 
 
@@ -104,6 +126,14 @@ def source_identity(text: str) -> str:
     if name.lower().startswith("aws:"):
         name = session_name("x-" + text)
     return name
+
+
+def external_id(text: str) -> str:
+    """An ExternalId matching `^[\\w+=,.@:/-]{2,1224}$` in ASCII, for any input."""
+    cleaned = "".join(ch if ch in EXTERNAL_ID_CHARS else "-" for ch in text)
+    if len(cleaned) < EXTERNAL_ID_MIN:
+        return cleaned + "-" + _short_hash(text)
+    return _fit(text, cleaned, EXTERNAL_ID_MAX)
 
 
 def _tag_char_allowed(ch: str) -> bool:
@@ -173,12 +203,44 @@ def build_spec(tenant: TenantPolicy, role: RoleRule, identity: Identity) -> Assu
     policy = None
     if role.session_policy is not None:
         policy = session_policy(role.session_policy, values)
+    name = session_name(render(tenant.session.name, values))
+    source = source_identity(render(tenant.session.source_identity, values))
+    tags = session_tags(tenant.session, values) if role.session_tags else ()
+    transitive = tenant.session.transitive_tag_keys if role.session_tags else ()
+    external = None
+    if role.external_id is not None:
+        external = external_id(render(role.external_id, values))
+    if role.via is None:
+        return AssumeRoleSpec(
+            role_arn=role.arn,
+            role_session_name=name,
+            source_identity=source,
+            duration_seconds=role.duration_seconds,
+            tags=tags,
+            transitive_tag_keys=transitive,
+            session_policy=policy,
+            external_id=external,
+        )
+    # A chain: what AWS carries along it is set on the first hop. SourceIdentity and transitive
+    # tags persist into the second session, where setting a transitive key again fails the
+    # call; the session name is the task's on both hops, so CloudTrail in either account names
+    # it. The session policy and the ExternalId belong to the role the task gets.
+    first = AssumeRoleSpec(
+        role_arn=role.via,
+        role_session_name=name,
+        source_identity=source,
+        duration_seconds=CHAIN_FIRST_HOP_SECONDS,
+        tags=tags,
+        transitive_tag_keys=transitive,
+    )
+    carried = {key.lower() for key in transitive}
     return AssumeRoleSpec(
         role_arn=role.arn,
-        role_session_name=session_name(render(tenant.session.name, values)),
-        source_identity=source_identity(render(tenant.session.source_identity, values)),
+        role_session_name=name,
+        source_identity="",
         duration_seconds=role.duration_seconds,
-        tags=session_tags(tenant.session, values),
-        transitive_tag_keys=tenant.session.transitive_tag_keys,
+        tags=tuple((key, value) for key, value in tags if key.lower() not in carried),
         session_policy=policy,
+        external_id=external,
+        via=first,
     )

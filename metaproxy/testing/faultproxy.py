@@ -8,6 +8,9 @@ socket is closed (`mode="refuse"`).
 
 Admin API (JSON): `GET|POST /_fault` (read / change faults), `GET /_fault/stats`,
 `POST /_fault/reset` (zero the counters; faults stay as they are).
+
+Each AssumeRole call is also recorded (`assume_role_calls()`): its parameters and the access key
+id that signed it, so a test can check what the broker asked STS for, and as whom.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import random
+import re
 import socket
 import struct
 import uuid
@@ -36,6 +40,8 @@ MAX_DELAY_SECONDS = 3600.0
 # bodies of unknown length are streamed through unread.
 MAX_ACTION_SNIFF_BYTES = 64 * 1024
 ADMIN_PREFIX = "/_fault"
+_ERROR_CODE = re.compile(r"^[A-Za-z]{0,64}$")
+_SIGNED_BY = re.compile(r"Credential=([A-Za-z0-9]+)/")
 
 # RFC 9110 §7.6.1 connection-specific headers, plus those aiohttp recomputes for the new hop.
 HOP_BY_HOP = frozenset(
@@ -70,6 +76,35 @@ class Faults:
     throttle_fraction: float = 0.0
     error_fraction: float = 0.0
     mode: Mode = "pass"
+    # Answer every AssumeRole with this STS error code (400, Sender) instead of forwarding it,
+    # e.g. PackedPolicyTooLarge; empty: forward.
+    refuse_code: str = ""
+
+
+@dataclass(frozen=True)
+class RecordedCall:
+    """One AssumeRole as the proxy received it. No secret: the signature and the session token
+    stay out; `access_key_id` is the key that signed the call (a chain's second hop is signed
+    with the first hop's)."""
+
+    params: dict[str, str]  # the form, e.g. RoleArn, ExternalId, Tags.member.1.Key
+    access_key_id: str
+    at: float  # monotonic
+
+    def tags(self) -> dict[str, str]:
+        """Tags.member.N.Key/Value as a dict."""
+        found: dict[str, str] = {}
+        for name, key in self.params.items():
+            if name.startswith("Tags.member.") and name.endswith(".Key"):
+                found[key] = self.params.get(name[: -len("Key")] + "Value", "")
+        return found
+
+    def transitive_tag_keys(self) -> list[str]:
+        return [
+            value
+            for name, value in sorted(self.params.items())
+            if name.startswith("TransitiveTagKeys.member.")
+        ]
 
 
 def _number(key: str, value: object, upper: float) -> float:
@@ -95,10 +130,15 @@ def validate_faults(changes: Mapping[str, object]) -> dict[str, Any]:
             if value not in MODES:
                 raise ValueError(f"mode must be one of {', '.join(MODES)}")
             checked[key] = value
+        elif key == "refuse_code":
+            if not isinstance(value, str) or not _ERROR_CODE.match(value):
+                raise ValueError("refuse_code must be an STS error code (letters) or empty")
+            checked[key] = value
         elif key in limits:
             checked[key] = _number(key, value, limits[key])
         else:
-            raise ValueError(f"unknown fault {key!r}; known: mode, {', '.join(limits)}")
+            known = ", ".join(("mode", "refuse_code", *limits))
+            raise ValueError(f"unknown fault {key!r}; known: {known}")
     return checked
 
 
@@ -122,6 +162,14 @@ def sts_action(request: web.Request, body: bytes | None) -> str | None:
         return None
     values = parse_qs(body.decode("utf-8", "replace")).get("Action")
     return values[0] if values else None
+
+
+def _recorded(request: web.Request, body: bytes | None, at: float) -> RecordedCall:
+    form = parse_qs(body.decode("utf-8", "replace")) if body else {}
+    params = {name: values[0] for name, values in form.items()}
+    params.update(dict(request.query.items()))
+    signed_by = _SIGNED_BY.search(request.headers.get("Authorization", ""))
+    return RecordedCall(params, signed_by.group(1) if signed_by else "", at)
 
 
 def sts_error(status: int, error_type: str, code: str, message: str) -> web.Response:
@@ -348,6 +396,11 @@ class FaultProxy:
         self._requests_reset = 0
         self._requests_held = 0
         self._assume_role_times: list[float] = []
+        self._assume_role_calls: list[RecordedCall] = []
+
+    def assume_role_calls(self) -> list[RecordedCall]:
+        """Every AssumeRole call received, in order, with its parameters and signing key."""
+        return list(self._assume_role_calls)
 
     def assume_role_timeline(self) -> list[float]:
         """Monotonic arrival times of every AssumeRole call received."""
@@ -384,7 +437,9 @@ class FaultProxy:
         body = await request.read() if small else None
         is_assume_role = sts_action(request, body) == "AssumeRole"
         if is_assume_role:
-            self._assume_role_times.append(self._clock.monotonic())
+            now = self._clock.monotonic()
+            self._assume_role_times.append(now)
+            self._assume_role_calls.append(_recorded(request, body, now))
 
         if self._faults.mode == "blackhole":
             self._requests_held += 1
@@ -408,6 +463,9 @@ class FaultProxy:
             if self._random.random() < faults.error_fraction:
                 self._assume_role_failed += 1
                 return sts_error(500, "Receiver", "InternalFailure", "Internal failure")
+            if faults.refuse_code:
+                self._assume_role_failed += 1
+                return sts_error(400, "Sender", faults.refuse_code, "Refused by the fault proxy")
             self._assume_role_forwarded += 1
         return await self._forward(request, body)
 
