@@ -58,6 +58,7 @@ tenant = "{tenant}"
 [[roles]]
 arn = "arn:aws:iam::{account}:role/{tenant}-app"
 default = true
+apps = ["*"]
 duration_seconds = {duration_seconds}
 
 [session]

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from metaproxy.broker.server import BrokerServer
 from metaproxy.config import TrustedIssuer
 from metaproxy.identity.keys import jwk_thumbprint, public_jwk
+from metaproxy.policy.load import PolicyError
 from tests.support import AUDIENCE, ISSUER, Pki, broker_config
 
 K8S_ISSUER = "https://kubernetes.default.svc"
@@ -156,3 +157,28 @@ async def test_bad_service_account_tokens_are_unauthenticated(
     ):
         status, body = await ask(https, k8s_broker, token)
         assert (status, body["code"]) == (401, "Unauthenticated")
+
+
+async def test_broker_refuses_unpinned_kubernetes_rules_when_two_clusters_are_trusted(
+    tmp_path: Path, pki: Pki, sts_url: str, policies_dir: Path
+) -> None:
+    """Two clusters trusted and a rule without `issuer`: the broker does not start, and says
+    which file, line and field (a dev cluster's namespace must not get production's role)."""
+    acme = policies_dir / "acme.toml"
+    pinned = f'issuer = "{K8S_ISSUER}"\nnamespace = "acme"'
+    text = acme.read_text()
+    assert pinned in text
+    acme.write_text(text.replace(pinned, 'namespace = "acme"'))
+    line = acme.read_text().splitlines().index('namespace = "acme"')  # the table's first line
+    trusted = (
+        TrustedIssuer(ISSUER, AUDIENCE, pki.jwks),
+        TrustedIssuer(K8S_ISSUER, AUDIENCE, pki.jwks, "kubernetes"),
+        TrustedIssuer("https://dev.example", AUDIENCE, pki.jwks, "kubernetes"),
+    )
+    config = broker_config(tmp_path, pki, sts_url, policies_dir, trusted_issuers=trusted)
+    with pytest.raises(PolicyError) as refused:
+        await BrokerServer.start(config)
+    [problem] = refused.value.problems
+    assert (Path(problem.file).name, problem.field) == ("acme.toml", "identities[1].issuer")
+    assert problem.line in (line - 1, line)  # `[[identities]]` or `kind`, both of the rule
+    assert "more than one Kubernetes issuer" in problem.message

@@ -158,3 +158,51 @@ def test_explain_requires_the_identity_fields_of_its_kind(
     kube = ["policy", "explain", str(SHIPPED), "--kind", "kubernetes", "--task", "t"]
     assert main([*kube, "--namespace", "acme"]) == 2
     assert "--service-account" in capsys.readouterr().err
+
+
+TWO_CLUSTERS = [
+    "--trust",
+    "https://kubernetes.default.svc,metaproxy-broker,/jwks/prod.json,kubernetes",
+    "--trust",
+    "https://dev.example,metaproxy-broker,/jwks/dev.json,kubernetes",
+]
+
+
+def test_check_refuses_unpinned_kubernetes_rules_with_two_clusters_trusted(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """With two Kubernetes issuers trusted (as the broker's --trust), a rule without `issuer`
+    is reported with file, line and field; the shipped policies pin theirs and pass."""
+    assert run(capsys, "policy", "check", str(SHIPPED), *TWO_CLUSTERS) == (0, "ok: 2 tenants\n")
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    text = (SHIPPED / "globex.toml").read_text()
+    pinned = 'issuer = "https://kubernetes.default.svc"\nnamespace = "globex"'
+    assert pinned in text
+    (policies / "globex.toml").write_text(text.replace(pinned, 'namespace = "globex"'))
+    lines = (policies / "globex.toml").read_text().splitlines()
+    line = lines.index('kind = "kubernetes"')  # the rule's `[[identities]]` header, 1-based
+
+    assert run(capsys, "policy", "check", str(policies)) == (0, "ok: 1 tenants\n")
+    status, out = run(capsys, "policy", "check", str(policies), *TWO_CLUSTERS)
+    assert status == 1
+    assert out.startswith(f"{policies}/globex.toml:{line}: identities[1].issuer: missing; ")
+    assert len(out.splitlines()) == 1
+
+
+def test_check_reads_the_trusted_issuers_from_the_environment(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the broker's pod, METAPROXY_TRUST (the broker's own setting) is what check uses."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    text = (SHIPPED / "acme.toml").read_text()
+    (policies / "acme.toml").write_text(
+        text.replace('issuer = "https://kubernetes.default.svc"', "")
+    )
+    monkeypatch.setenv("METAPROXY_TRUST", ";".join(TWO_CLUSTERS[1::2]))
+    status, out = run(capsys, "policy", "check", str(policies))
+    assert (status, [line.split(": ")[1] for line in out.splitlines()]) == (
+        1,
+        ["identities[1].issuer"],
+    )

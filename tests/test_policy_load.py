@@ -151,6 +151,8 @@ def test_session_name_that_cannot_be_built_is_refused(
             "exactly one",
         ),
         ("default = true", "default = false", "roles", "exactly one"),
+        # No permissive default: a role without `apps` (cut off mid-write) is refused.
+        ('apps = ["reports"]', "", "roles[1].apps", "missing; list the apps"),
         (
             "credentials_rps = 50",
             "credentials_rps = -5",

@@ -126,3 +126,74 @@ async def test_watch_reloads_good_edits_and_keeps_last_good_set(
         watcher.cancel()
         with pytest.raises(asyncio.CancelledError):
             await watcher
+
+
+REPORTS_ROLE = """
+[[roles]]
+arn = "arn:aws:iam::222222222222:role/globex-reports"
+duration_seconds = 3600
+apps = ["reports"]
+"""
+
+
+def roles_of(store: PolicyStore) -> dict[str, tuple[str, ...]]:
+    return {role.name: role.apps for role in store.current.tenants["globex"].roles}
+
+
+async def test_half_written_role_never_loads_then_the_whole_file_does(directory: Path) -> None:
+    """A role table caught before its `apps` line is refused (no default opens it to every app)
+    and the old set stays in force; once the file is complete it loads."""
+    store = PolicyStore(directory)
+    globex = directory / "globex.toml"
+    whole = globex.read_text() + REPORTS_ROLE
+    half = whole[: whole.index('apps = ["reports"]')]
+    watcher = asyncio.create_task(store.watch(0.05))
+    try:
+        globex.write_text(half)
+        await asyncio.sleep(0.5)  # many polls: stable, parsed, and refused
+        assert (store.generation, roles_of(store)) == (0, {"globex-app": ("*",)})
+
+        globex.write_text(whole)
+        await wait_for(lambda: store.generation == 1)
+        assert roles_of(store) == {"globex-app": ("*",), "globex-reports": ("reports",)}
+    finally:
+        watcher.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await watcher
+
+
+async def test_a_file_still_being_written_is_not_loaded_until_it_is_stable(
+    directory: Path,
+) -> None:
+    """A slow writer whose every prefix here is a valid policy: the watcher loads nothing while
+    the file keeps changing (two reads a poll apart differ), then the finished file."""
+    store = PolicyStore(directory)
+    globex = directory / "globex.toml"
+    start = globex.read_text() + REPORTS_ROLE
+    seen: list[dict[str, tuple[str, ...]]] = []
+
+    async def observe() -> None:
+        while True:
+            seen.append(roles_of(store))
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(store.watch(0.1))
+    observer = asyncio.create_task(observe())
+    try:
+        with globex.open("w") as writer:
+            writer.write(start)
+            for _ in range(30):  # 1.2 s of a file growing by a comment line every 40 ms
+                writer.write("# still writing\n")
+                writer.flush()
+                await asyncio.sleep(0.04)
+            writer.write("[limits.sidecar]\nburst = 7\n")
+        await wait_for(lambda: store.generation == 1)
+    finally:
+        for task in (watcher, observer):
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    assert store.generation == 1
+    assert store.current.tenants["globex"].sidecar_limits.burst == 7
+    assert {tuple(roles) for roles in seen} <= {("globex-app",), ("globex-app", "globex-reports")}
+    assert seen.count({"globex-app": ("*",)}) >= 50  # the old set, all through the write

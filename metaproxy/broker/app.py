@@ -75,7 +75,10 @@ def create_services(
 ) -> BrokerServices:
     """Build everything; raises ConfigError (e.g. a bad policy set) before anything listens."""
     clock = clock or SystemClock()
-    policies = instrument.CountedPolicyStore(config.policies_dir)
+    policies = instrument.CountedPolicyStore(
+        config.policies_dir,
+        [i.issuer for i in config.trusted_issuers if i.kind == "kubernetes"],
+    )
     if not config.trusted_issuers:
         from metaproxy.errors import ConfigError
 

@@ -27,8 +27,8 @@ from metaproxy.errors import AuditUnavailable, MetaproxyError
 from metaproxy.httperrors import Handler
 from metaproxy.logs import tenant_var
 from metaproxy.models import AssumeRoleSpec, Credentials
-from metaproxy.policy.load import PolicyProblem
-from metaproxy.policy.store import PolicyStore
+from metaproxy.policy.load import PolicyProblem, PolicySnapshot
+from metaproxy.policy.store import Fingerprint, PolicyStore
 
 log = logging.getLogger("metaproxy.broker.metrics")
 
@@ -139,8 +139,10 @@ class TimedSts:
 class CountedPolicyStore(PolicyStore):
     """The policy store, with reloads (watcher or SIGHUP) counted by result."""
 
-    def reload(self) -> list[PolicyProblem]:
-        problems = super().reload()
+    def reload(
+        self, snapshot: PolicySnapshot | None = None, fingerprint: Fingerprint | None = None
+    ) -> list[PolicyProblem]:
+        problems = super().reload(snapshot, fingerprint)
         metrics.POLICY_RELOADS.labels(result="error" if problems else "ok").inc()
         return problems
 

@@ -14,6 +14,7 @@ import json
 import math
 import re
 import tomllib
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,10 +98,11 @@ def _type_name(value: object) -> str:
 class _FileChecker:
     """Validates one parsed file; collects problems instead of stopping at the first."""
 
-    def __init__(self, display: str, text: str) -> None:
+    def __init__(self, display: str, text: str, kubernetes_issuers: Collection[str] = ()) -> None:
         self.display = display
         self.locator = FieldLocator(text)
         self.problems: list[PolicyProblem] = []
+        self.kubernetes_issuers = kubernetes_issuers
 
     def problem(self, path: FieldPath, message: str) -> None:
         line = self.locator.line_of(path)
@@ -131,7 +133,12 @@ class _FileChecker:
             return default or ""
         return value
 
-    def globs(self, table: dict[str, Any], path: FieldPath) -> tuple[str, ...]:
+    def globs(self, table: dict[str, Any], path: FieldPath, required: str = "") -> tuple[str, ...]:
+        """The glob array at `path`; absent, `["*"]`, unless `required` says why it must be
+        written out (then a problem, and no globs: the rule matches nothing)."""
+        if required and str(path[-1]) not in table:
+            self.problem(path, f"missing; {required}")
+            return ()
         value = table.get(str(path[-1]), ["*"])
         if not isinstance(value, list) or not value:
             self.problem(path, "must be a non-empty array of glob strings")
@@ -199,6 +206,15 @@ def _check_identity(check: _FileChecker, raw: object, index: int) -> IdentityRul
     namespace = check.string(entry, (*path, "namespace"))
     if "namespace" in entry and not NAMESPACE_NAME.match(namespace):
         check.problem((*path, "namespace"), f"{namespace!r} is not a Kubernetes namespace name")
+    if not issuer and len(check.kubernetes_issuers) > 1:
+        # A namespace is a name inside one cluster: a dev cluster's namespace `acme` got
+        # production acme's role while a rule without `issuer` accepted any trusted cluster.
+        check.problem(
+            (*path, "issuer"),
+            "missing; more than one Kubernetes issuer is trusted "
+            f"({', '.join(sorted(check.kubernetes_issuers))}), so the rule must name the cluster "
+            "whose namespace it means",
+        )
     accounts = check.globs(entry, (*path, "service_accounts"))
     return IdentityRule(index, "kubernetes", issuer, namespace=namespace, service_accounts=accounts)
 
@@ -255,7 +271,9 @@ def _check_role(check: _FileChecker, raw: object, index: int) -> RoleRule | None
     if "session_policy" in entry:
         policy = check.string(entry, (*path, "session_policy"))
         _check_session_policy(check, policy, (*path, "session_policy"))
-    apps = check.globs(entry, (*path, "apps"))
+    # Explicit: a role table cut off mid-write (or an edit that forgot the line) must not hand
+    # the role to every app of the tenant, as a `web` task once got `acme-reports`.
+    apps = check.globs(entry, (*path, "apps"), required='list the apps that may get it ("*": all)')
     via, external_id, tags_on = _check_chain(check, entry, path, duration)
     return RoleRule(index, arn, default is True, apps, duration, policy, via, external_id, tags_on)
 
@@ -431,12 +449,38 @@ class _LoadedFile:
         return PolicyProblem(self.display, self.locator.line_of(path), format_path(path), message)
 
 
-def _load_file(file: Path) -> tuple[_LoadedFile | None, list[PolicyProblem]]:
+@dataclass(frozen=True)
+class PolicySnapshot:
+    """What a policy directory held at one read: each file's bytes, or why it could not be read.
+
+    Loading works on a snapshot, never on files read one by one while they change: the store
+    reads twice, a moment apart, and loads only when both reads match (`PolicyStore.watch`)."""
+
+    directory: Path
+    exists: bool
+    files: tuple[tuple[Path, bytes | str], ...]  # str: the read error
+
+
+def read_policy_dir(path: Path) -> PolicySnapshot:
+    """Every policy file's bytes (a file past MAX_FILE_BYTES is read one byte past it, no more)."""
+    if not path.is_dir():
+        return PolicySnapshot(path, False, ())
+    files: list[tuple[Path, bytes | str]] = []
+    for file in policy_files(path):
+        try:
+            with file.open("rb") as handle:
+                files.append((file, handle.read(MAX_FILE_BYTES + 1)))
+        except OSError as exc:
+            files.append((file, f"cannot read: {exc.strerror}"))
+    return PolicySnapshot(path, True, tuple(files))
+
+
+def _load_file(
+    file: Path, data: bytes | str, kubernetes_issuers: Collection[str]
+) -> tuple[_LoadedFile | None, list[PolicyProblem]]:
     display = str(file)
-    try:
-        data = file.read_bytes()
-    except OSError as exc:
-        return None, [PolicyProblem(display, 0, "", f"cannot read: {exc.strerror}")]
+    if isinstance(data, str):
+        return None, [PolicyProblem(display, 0, "", data)]
     if len(data) > MAX_FILE_BYTES:
         return None, [PolicyProblem(display, 0, "", f"larger than {MAX_FILE_BYTES} bytes")]
     try:
@@ -447,7 +491,7 @@ def _load_file(file: Path) -> tuple[_LoadedFile | None, list[PolicyProblem]]:
         parsed = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         return None, [_syntax_problem(display, text, exc)]
-    check = _FileChecker(display, text)
+    check = _FileChecker(display, text, kubernetes_issuers)
     tenant = _check_tenant(check, parsed, file, hashlib.sha256(data).hexdigest())
     problems = sorted(check.problems, key=lambda problem: problem.line)
     return _LoadedFile(display, tenant, check.locator, valid=not problems), problems
@@ -493,16 +537,18 @@ def policy_files(path: Path) -> list[Path]:
     )
 
 
-def _load_dir(path: Path) -> tuple[PolicySet, list[PolicyProblem]]:
+def _load_dir(
+    snapshot: PolicySnapshot, kubernetes_issuers: Collection[str]
+) -> tuple[PolicySet, list[PolicyProblem]]:
     problems: list[PolicyProblem] = []
-    files = policy_files(path) if path.is_dir() else []
-    if not path.is_dir():
+    path = snapshot.directory
+    if not snapshot.exists:
         problems.append(PolicyProblem(str(path), 0, "", "policy directory does not exist"))
-    elif not files:
+    elif not snapshot.files:
         problems.append(PolicyProblem(str(path), 0, "", "no *.toml policy files"))
     loaded: list[_LoadedFile] = []
-    for file in files:
-        good, file_problems = _load_file(file)
+    for file, data in snapshot.files:
+        good, file_problems = _load_file(file, data, kubernetes_issuers)
         problems.extend(file_problems)
         if good is not None:
             loaded.append(good)
@@ -515,14 +561,23 @@ def _load_dir(path: Path) -> tuple[PolicySet, list[PolicyProblem]]:
     return PolicySet(tenants, digest.hexdigest()), problems
 
 
-def load_policy_dir(path: Path) -> PolicySet:
-    """Every tenant in `path`; raises PolicyError listing every problem in every file."""
-    policy_set, problems = _load_dir(path)
+def load_policy_dir(
+    path: Path,
+    *,
+    kubernetes_issuers: Collection[str] = (),
+    snapshot: PolicySnapshot | None = None,
+) -> PolicySet:
+    """Every tenant in `path` (as read in `snapshot`, if given); raises PolicyError listing every
+    problem in every file. `kubernetes_issuers` are the trusted Kubernetes token issuers: with
+    more than one, every Kubernetes identity rule must name its own."""
+    policy_set, problems = _load_dir(snapshot or read_policy_dir(path), kubernetes_issuers)
     if problems:
         raise PolicyError(problems)
     return policy_set
 
 
-def check_policy_dir(path: Path) -> list[PolicyProblem]:
+def check_policy_dir(
+    path: Path, *, kubernetes_issuers: Collection[str] = ()
+) -> list[PolicyProblem]:
     """Every problem in `path`; an empty list means `load_policy_dir` would succeed."""
-    return _load_dir(path)[1]
+    return _load_dir(read_policy_dir(path), kubernetes_issuers)[1]
