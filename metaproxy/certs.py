@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from metaproxy.clihelp import add_flag
 from metaproxy.errors import ConfigError
 
 if TYPE_CHECKING:  # cryptography is imported only when a command needs it
@@ -147,14 +148,37 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     certs = subparsers.add_parser("certs", help="TLS material for the broker")
     commands = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
     init = commands.add_parser("init", help="create a private CA and the broker's certificate")
-    init.add_argument("dir", type=Path, metavar="DIR")
-    init.add_argument(
+    add_flag(
+        init,
+        "dir",
+        type=Path,
+        metavar="DIR",
+        help="where ca.pem, ca.key, broker.pem and broker.key go (keys 0600)",
+    )
+    add_flag(
+        init,
         "--hosts",
         default=",".join(DEFAULT_HOSTS),
-        help="comma-separated IP addresses and DNS names for the broker certificate",
+        metavar="HOST[,HOST...]",
+        help="IP addresses and DNS names the broker certificate names (comma-separated); "
+        "sidecars must reach the broker by one of them",
     )
-    init.add_argument("--days", type=int, default=365)
-    init.add_argument("--force", action="store_true", help="replace an existing CA")
+    add_flag(
+        init,
+        "--days",
+        type=int,
+        default=365,
+        metavar="DAYS",
+        unit="days",
+        allowed=f"1 to {MAX_DAYS}",
+        help="how long the CA and the certificate are valid",
+    )
+    add_flag(
+        init,
+        "--force",
+        action="store_true",
+        help="replace an existing CA (every sidecar trusting the old one stops connecting)",
+    )
     init.set_defaults(func=_init)
 
 

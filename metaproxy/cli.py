@@ -16,6 +16,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from metaproxy.clihelp import walk
+
 # Each module exposes `register(subparsers)`, which adds its commands with
 # `set_defaults(func=...)`; `func(args) -> int` is the exit status.
 COMMAND_MODULES = (
@@ -61,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # a subsystem not built into this installation
         module.register(sub)
+    for command in walk(parser):
+        # The innermost parser's default wins: errors name `metaproxy identity issue`.
+        command.set_defaults(command_prog=command.prog)
     return parser
 
 
@@ -70,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "metaproxy"
     try:
         args = build_parser().parse_args(argv)  # `--help | head` can break the pipe too
-        command = f"metaproxy {args.command}"
+        command = args.command_prog
         status: int = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
     except ConfigError as exc:

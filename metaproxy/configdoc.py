@@ -2,14 +2,18 @@
 
     python -m metaproxy.configdoc > docs/configuration.md
 
-The same `doc(...)` metadata feeds every flag's `--help`; tests/test_configuration.py fails when
-the page and the dataclasses disagree, so the page cannot drift from the code.
+The same `doc(...)` metadata feeds every flag's `--help`; the other commands' flags are listed
+with the help text `add_flag` (metaproxy.clihelp) gave them. tests/test_configuration.py fails
+when the page and the code disagree, so the page cannot drift from the code.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
+from metaproxy.cli import build_parser
+from metaproxy.clihelp import expanded_help, walk
 from metaproxy.config import CONFIG_CLASSES, ENV_PREFIX, FieldDoc, field_docs
 
 HEADER = f"""# Configuration
@@ -43,6 +47,47 @@ def _row(d: FieldDoc) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+OTHER_HEADER = """
+## Other commands
+
+The commands that are not servers take flags only (no environment variables), and the servers
+take a few flags besides their settings. `metaproxy COMMAND --help` shows the same text.
+"""
+
+
+def _config_dests(cls: type) -> set[str]:
+    return {"trust" if d.flag == "--trust" else d.name for d in field_docs(cls)}
+
+
+def _flag_rows(parser: argparse.ArgumentParser, skip: set[str]) -> list[str]:
+    rows = []
+    for action in parser._actions:
+        if action.dest in skip or not action.help or action.help == argparse.SUPPRESS:
+            continue
+        if isinstance(action, argparse._HelpAction | argparse._SubParsersAction):
+            continue
+        flag = f"`{parser._get_formatter()._format_action_invocation(action)}`"
+        text = " ".join(expanded_help(parser, action).split())
+        rows.append(f"| {flag} | {_cell(text)} |")
+    return rows
+
+
+def _other_commands() -> list[str]:
+    parts = [OTHER_HEADER]
+    for parser in walk(build_parser()):
+        command = parser.prog.removeprefix("metaproxy ")
+        if command == parser.prog:
+            continue  # `metaproxy` itself: --version only
+        cls = CONFIG_CLASSES.get(command)
+        rows = _flag_rows(parser, _config_dests(cls) if cls is not None else set())
+        if rows:
+            parts.append(f"\n### `{parser.prog}`\n")
+            parts.append("| Flag or argument | Meaning |")
+            parts.append("|---|---|")
+            parts.extend(rows)
+    return parts
+
+
 def render() -> str:
     parts = [HEADER]
     for command, cls in CONFIG_CLASSES.items():
@@ -50,6 +95,7 @@ def render() -> str:
         parts.append("| Flag | Environment | Default | Unit | Allowed | Meaning |")
         parts.append("|---|---|---|---|---|---|")
         parts.extend(_row(d) for d in field_docs(cls))
+    parts.extend(_other_commands())
     return "\n".join(parts) + "\n"
 
 

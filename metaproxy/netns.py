@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metaproxy.clihelp import add_flag
 from metaproxy.config import CONTAINER_CREDENTIALS_ADDRESS, IMDS_ADDRESS
 from metaproxy.errors import ConfigError
 
@@ -46,6 +47,7 @@ TASK_ADDRESSES = (
 OWNED_SIDECAR_FLAGS = ("--imds-listen", "--container-listen", "--admin-listen", "--ready-file")
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 POLL_SECONDS = 0.1
+MAX_WAIT_SECONDS = 3600
 
 
 class NetnsError(Exception):
@@ -105,8 +107,8 @@ def validate_sidecar_args(sidecar_args: list[str]) -> list[str]:
 
 def _seconds(text: str) -> float:
     value = float(text)
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 3600 seconds")
+    if not 0 < value <= MAX_WAIT_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and {MAX_WAIT_SECONDS} seconds")
     return value
 
 
@@ -119,31 +121,64 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Arguments after -- are passed to `metaproxy sidecar`.",
     )
     _common_arguments(attach)
-    attach.add_argument(
+    add_flag(
+        attach,
         "--wait-ready",
         action="store_true",
-        help="start the sidecar in the background and return once its /readyz is true",
+        help="start the sidecar in the background and return once its /readyz is true; "
+        "off: run it in the foreground",
     )
-    attach.add_argument("--ready-timeout", type=_seconds, default=30.0, metavar="SECONDS")
-    attach.add_argument("sidecar_args", nargs="*", metavar="-- SIDECAR_ARGS")
+    add_flag(
+        attach,
+        "--ready-timeout",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        unit="seconds",
+        allowed=f"more than 0, at most {MAX_WAIT_SECONDS}",
+        help="with --wait-ready: how long to wait for /readyz before failing",
+    )
+    add_flag(
+        attach,
+        "sidecar_args",
+        nargs="*",
+        metavar="-- SIDECAR_ARGS",
+        help="flags for `metaproxy sidecar` (not " + ", ".join(OWNED_SIDECAR_FLAGS) + ")",
+    )
     attach.set_defaults(func=_attach)
     detach = commands.add_parser(
         "detach", help="stop the namespace's sidecar if running and remove its addresses"
     )
     _common_arguments(detach)
-    detach.add_argument(
-        "--stop-timeout", type=_seconds, default=20.0, metavar="SECONDS", help="then SIGKILL"
+    add_flag(
+        detach,
+        "--stop-timeout",
+        type=_seconds,
+        default=20.0,
+        metavar="SECONDS",
+        unit="seconds",
+        allowed=f"more than 0, at most {MAX_WAIT_SECONDS}",
+        help="how long the sidecar may drain after SIGTERM before it gets SIGKILL",
     )
     detach.set_defaults(func=_detach)
 
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--netns", required=True, metavar="NAME", help="as in `ip netns add`")
-    parser.add_argument(
+    add_flag(
+        parser,
+        "--netns",
+        required=True,
+        metavar="NAME",
+        allowed="letters, digits, _ . - (at most 64)",
+        help="the task's network namespace, as named by `ip netns add`",
+    )
+    add_flag(
+        parser,
         "--runtime-dir",
         type=Path,
         default=DEFAULT_RUNTIME_DIR,
-        help="host directory for NAME/admin.sock and the sidecar's state (default %(default)s)",
+        metavar="DIR",
+        help="host directory for NAME/admin.sock and the sidecar's state",
     )
 
 

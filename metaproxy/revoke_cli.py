@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from metaproxy.clihelp import add_flag
+
 MAX_ANSWER_BYTES = 256 * 1024
 
 
@@ -30,44 +32,65 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "before a revocation.",
     )
     what = parser.add_mutually_exclusive_group()
-    what.add_argument(
-        "--list", action="store_true", help="print the revocations in force (audited)"
+    add_flag(
+        what,
+        "--list",
+        action="store_true",
+        help="print the revocations in force (audited) instead of revoking",
     )
-    what.add_argument(
-        "--lift", action="store_true", help="take back the revocation of --tenant [--task]"
+    add_flag(
+        what,
+        "--lift",
+        action="store_true",
+        help="take back the revocation of --tenant [--task] instead of revoking",
     )
-    parser.add_argument(
-        "--tenant", help="the tenant (its policy file's `tenant`); required to revoke or lift"
+    add_flag(
+        parser,
+        "--tenant",
+        help="the tenant (its policy file's `tenant`); required to revoke or lift",
     )
-    parser.add_argument(
+    add_flag(
+        parser,
         "--task",
         help="the task id within --tenant (the identity's task); "
         "without it the whole tenant is meant",
     )
-    parser.add_argument(
+    add_flag(
+        parser,
         "--control-url",
         required=True,
         metavar="URL",
         help="a broker's control API, e.g. https://broker-control.metaproxy:9443",
     )
-    parser.add_argument(
+    add_flag(
+        parser,
         "--control-token-file",
         required=True,
         type=Path,
         metavar="FILE",
         help="file holding the control API's bearer token",
     )
-    parser.add_argument(
+    add_flag(
+        parser,
         "--broker-ca-file",
         type=Path,
         metavar="FILE",
-        help="CA bundle that signed the broker's certificate (https URLs; default: system CAs)",
+        help="CA bundle that signed the broker's certificate (https URLs); unset: system CAs",
     )
-    parser.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds to wait for the broker (default 10)"
+    add_flag(
+        parser,
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        unit="seconds",
+        help="how long to wait for the broker's answer",
     )
-    parser.add_argument(
-        "--json", action="store_true", help="print the broker's answer as one JSON object"
+    add_flag(
+        parser,
+        "--json",
+        action="store_true",
+        help="print the broker's answer as one JSON object instead of text",
     )
     parser.set_defaults(func=_run)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from metaproxy.config import split_host_port
+from metaproxy.config import check_tls_pair, split_host_port
 from metaproxy.connguard import (
     ConnectionGuard,
     GuardedTCPSite,
@@ -125,8 +125,11 @@ def _default_reject() -> bytes:
 
 
 def server_tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
-    """The one server-side TLS setup: TLS 1.2 or newer with the given chain and key; None
-    (plain HTTP) only when neither is given (config refuses half a pair)."""
+    """The one server-side TLS setup (broker, webhook, and the broker's certificate reloader):
+    TLS 1.2 or newer with the given chain and key; None (plain HTTP) only when neither is
+    given. Half a pair is a ConfigError; a file that is not a PEM chain and its key is a
+    StartError naming both flags; a missing or unreadable file is the OSError."""
+    check_tls_pair(cert, key)
     if cert is None or key is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

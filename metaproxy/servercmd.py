@@ -14,6 +14,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from metaproxy.clihelp import add_flag
 from metaproxy.config import BrokerConfig, SidecarConfig, WebhookConfig, add_config_arguments
 
 C = TypeVar("C", SidecarConfig, BrokerConfig, WebhookConfig)
@@ -36,8 +37,12 @@ def register_server(
 ) -> None:
     parser = subparsers.add_parser(name, help=help_text, description=description or help_text)
     add_config_arguments(parser, config_class)
-    parser.add_argument(
-        "--ready-file", type=Path, metavar="PATH", help="write bound URLs here once listening"
+    add_flag(
+        parser,
+        "--ready-file",
+        type=Path,
+        metavar="PATH",
+        help="write the bound URLs and the pid here (JSON) once listening",
     )
 
     def run_command(args: argparse.Namespace) -> int:

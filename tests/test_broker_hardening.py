@@ -89,7 +89,7 @@ async def test_half_configured_tls_refuses_to_start(
 ) -> None:
     """--tls-cert without --tls-key (or the reverse) is a config error, not plain HTTP."""
     config = broker_config(tmp_path, pki, sts_url, policies_dir, **{missing: None})
-    with pytest.raises(ConfigError, match=missing):
+    with pytest.raises(ConfigError, match=f"--{missing.replace('_', '-')} is missing"):
         await BrokerServer.start(config)
 
 

@@ -67,6 +67,10 @@ def broker_argv(files: dict[str, Path], *extra: str) -> list[str]:
     ]
 
 
+def issue_argv(key: str) -> list[str]:
+    return ["identity", "issue", "--key", key, "--task", "t-1", "--tenant", "acme"]
+
+
 # (id, argv builder, exit status, what the last line of stderr says)
 CASES = [
     (
@@ -132,6 +136,18 @@ CASES = [
         lambda f, port: broker_argv(f, "--trust", "iss,aud,/nonexistent/jwks.json"),
         RUNTIME,
         "metaproxy broker: --trust: /nonexistent/jwks.json: No such file or directory",
+    ),
+    (
+        "missing key file (identity issue --key)",
+        lambda f, port: issue_argv("/nonexistent/identity.key"),
+        RUNTIME,
+        "metaproxy identity issue: --key: /nonexistent/identity.key: No such file or directory",
+    ),
+    (
+        "a file that is not a signing key (identity issue --key)",
+        lambda f, port: issue_argv(str(f["garbage"])),
+        RUNTIME,
+        "metaproxy identity issue: --key: cannot load private key {garbage}: ValueError",
     ),
     (
         "bad value",

@@ -116,9 +116,13 @@ def test_bad_values_name_their_flag(argv: list[str], message: str) -> None:
 
 
 def test_generator_writes_the_page(tmp_path: Path) -> None:
-    """The page has one section per command and one row per field."""
+    """The page has one section per server and one row per field, then every other command's
+    flags with their help text."""
     page = render()
     for command, cls in CONFIG_CLASSES.items():
         assert f"## `metaproxy {command}`" in page
         for d in field_docs(cls):
             assert f"`{d.env}`" in page
+    assert "### `metaproxy identity issue`" in page
+    assert "| `--ttl SECONDS` | how long the token is valid. Unit: seconds." in page
+    assert "| `--ready-file PATH` |" in page

@@ -117,5 +117,8 @@ def test_real_entry_point_issues_token(tmp_path: Path) -> None:
         [*base, "issue", "--key", str(tmp_path / "nope.key"), "--task", "t", "--tenant", "a"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
-    assert missing.returncode == 2
-    assert "cannot load private key" in missing.stderr
+    assert missing.returncode == 1  # a run-time failure, not a usage mistake
+    assert (
+        missing.stderr
+        == f"metaproxy identity issue: --key: {tmp_path / 'nope.key'}: No such file or directory\n"
+    )

@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from metaproxy.audit.record import EVENTS
+from metaproxy.clihelp import add_flag
+
+TARGET_HELP = "the log: a directory, or s3://BUCKET/PREFIX where the broker ships it"
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -18,14 +21,34 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     commands = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
 
     keygen = commands.add_parser("keygen", help="create the Ed25519 checkpoint signing key")
-    keygen.add_argument("--out", type=Path, required=True, help="directory for the key pair")
+    add_flag(
+        keygen,
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="directory for the key pair (the private key 0600)",
+    )
     keygen.set_defaults(func=_keygen)
 
     verify = commands.add_parser("verify", help="check chain, checkpoints and signatures")
-    verify.add_argument("target", help="log directory or s3://bucket/prefix")
-    verify.add_argument("--public-key", type=Path, help="PEM public key of the signing key")
-    verify.add_argument("--anchor", type=Path, help="a checkpoint file kept outside the log")
-    verify.add_argument(
+    add_flag(verify, "target", metavar="TARGET", help=TARGET_HELP)
+    add_flag(
+        verify,
+        "--public-key",
+        type=Path,
+        metavar="FILE",
+        help="PEM public key of the checkpoint signing key; unset: signatures are not checked",
+    )
+    add_flag(
+        verify,
+        "--anchor",
+        type=Path,
+        metavar="FILE",
+        help="a checkpoint file kept outside the log; the log must reach it (catches truncation)",
+    )
+    add_flag(
+        verify,
         "--allow-unanchored",
         action="store_true",
         help="accept records no checkpoint covers yet (a live log's tail, a log without a key); "
@@ -36,36 +59,85 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     verify.set_defaults(func=_verify)
 
     query = commands.add_parser("query", help="find records by task, tenant, role, key, time")
-    query.add_argument("target", help="log directory or s3://bucket/prefix")
-    query.add_argument("--task", default="")
-    query.add_argument("--tenant", default="")
-    query.add_argument("--role", default="", help="role ARN or role name")
-    query.add_argument("--access-key-id", default="")
-    query.add_argument(
+    add_flag(query, "target", metavar="TARGET", help=TARGET_HELP)
+    add_flag(query, "--task", default="", metavar="ID", help="only records of this task id")
+    add_flag(query, "--tenant", default="", help="only records of this tenant")
+    add_flag(query, "--role", default="", help="only records of this role (ARN or name)")
+    add_flag(
+        query,
+        "--access-key-id",
+        default="",
+        metavar="AKID",
+        help="only the record that issued this access key id (ASIA...)",
+    )
+    add_flag(
+        query,
         "--event",
         default="",
         choices=EVENTS,
+        metavar="EVENT",
         help="only records of this event (a misspelt one is refused, not an empty answer)",
     )
-    query.add_argument("--since", default="", help="ISO 8601, e.g. 2026-01-02T14:00Z")
-    query.add_argument("--until", default="", help="ISO 8601")
-    query.add_argument("--at", default="", help="credentials valid at this ISO 8601 time")
-    query.add_argument("--json", action="store_true", help="one JSON record per line")
+    add_flag(
+        query,
+        "--since",
+        default="",
+        metavar="TIME",
+        allowed="ISO 8601, e.g. 2026-01-02T14:00Z",
+        help="only records at or after this time",
+    )
+    add_flag(
+        query,
+        "--until",
+        default="",
+        metavar="TIME",
+        allowed="ISO 8601",
+        help="only records before this time",
+    )
+    add_flag(
+        query,
+        "--at",
+        default="",
+        metavar="TIME",
+        allowed="ISO 8601",
+        help="only credentials that were valid at this time",
+    )
+    add_flag(
+        query,
+        "--json",
+        action="store_true",
+        help="one JSON record per line instead of a table",
+    )
     _add_fleet_option(query)
     _add_s3_options(query)
     query.set_defaults(func=_query)
 
     tail = commands.add_parser("tail", help="print the newest records")
-    tail.add_argument("directory", type=Path)
-    tail.add_argument("-n", "--lines", type=int, default=10)
-    tail.add_argument("--follow", action="store_true", help="keep printing new records")
+    add_flag(tail, "directory", type=Path, metavar="DIR", help="the log directory")
+    add_flag(
+        tail,
+        "-n",
+        "--lines",
+        type=int,
+        default=10,
+        metavar="N",
+        unit="records",
+        help="how many of the newest records to print",
+    )
+    add_flag(
+        tail,
+        "--follow",
+        action="store_true",
+        help="keep printing new records as they are written, across segment rotations",
+    )
     tail.set_defaults(func=_tail)
 
 
 def _add_fleet_option(parser: argparse.ArgumentParser) -> None:
     # Auto-detection reads a folder (or prefix) with no chain left in it as one empty chain,
     # which passes; a check of a known fleet copy should say so and get "no replica chains".
-    parser.add_argument(
+    add_flag(
+        parser,
         "--fleet",
         action="store_true",
         help="the target holds one chain per replica (<instance>/); detected when omitted",
@@ -73,8 +145,14 @@ def _add_fleet_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_s3_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--s3-endpoint", default="", help="S3 endpoint URL (e.g. a local one)")
-    parser.add_argument("--region", default="us-east-1")
+    add_flag(
+        parser,
+        "--s3-endpoint",
+        default="",
+        metavar="URL",
+        help="S3 endpoint URL for s3:// targets (e.g. a local one); unset: AWS's",
+    )
+    add_flag(parser, "--region", default="us-east-1", help="AWS region for s3:// targets")
 
 
 def s3_client_factory(endpoint: str, region: str) -> Callable[[], Any]:

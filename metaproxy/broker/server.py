@@ -14,7 +14,6 @@ from metaproxy.broker.app import (
     build_admin_app,
     build_app,
     create_services,
-    server_tls_context,
 )
 from metaproxy.broker.tls import CertificateReloader
 from metaproxy.config import BrokerConfig
@@ -25,7 +24,7 @@ from metaproxy.connguard import (
     canned_response,
     protocol_logger,
 )
-from metaproxy.runtime import start_site
+from metaproxy.runtime import server_tls_context, start_site
 
 if TYPE_CHECKING:
     from metaproxy.broker.control import ControlToken
@@ -89,13 +88,13 @@ class BrokerServer:
 
     @classmethod
     async def start(cls, config: BrokerConfig, **deps: Any) -> BrokerServer:
-        server_tls_context(config)  # first: a half-configured TLS refuses to start
+        # First: a half-configured TLS or a bad pair refuses to start.
+        tls = server_tls_context(config.tls_cert, config.tls_key)
         certificate = (
-            CertificateReloader(config.tls_cert, config.tls_key)
-            if config.tls_cert is not None and config.tls_key is not None
+            CertificateReloader(tls, config.tls_cert, config.tls_key)
+            if tls is not None and config.tls_cert is not None and config.tls_key is not None
             else None
         )
-        tls = certificate.context if certificate is not None else None
         control_token = _control_token(config, tls)  # before anything starts, as TLS above
         services = create_services(config, **deps)
         guard, admin_guard = build_guards(config)

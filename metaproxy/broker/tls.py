@@ -17,19 +17,13 @@ import os
 import ssl
 from pathlib import Path
 
-from metaproxy.errors import ConfigError
+from metaproxy.errors import StartError
+from metaproxy.runtime import server_tls_context
 
 log = logging.getLogger("metaproxy.broker")
 
 CHECK_SECONDS = 2.0
 _State = tuple[tuple[int, int, int], ...]
-
-
-def server_context(cert: Path, key: Path) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    return context
 
 
 def _state(*paths: Path) -> _State:
@@ -42,13 +36,15 @@ def _state(*paths: Path) -> _State:
 
 
 class CertificateReloader:
-    def __init__(self, cert: Path, key: Path, *, every: float = CHECK_SECONDS) -> None:
+    """Keeps `context` (made by `runtime.server_tls_context` from these files) current."""
+
+    def __init__(
+        self, context: ssl.SSLContext, cert: Path, key: Path, *, every: float = CHECK_SECONDS
+    ) -> None:
+        self.context = context
         self._cert, self._key, self._every = cert, key, every
-        try:
-            self._loaded = _state(cert, key)
-            self.context = server_context(cert, key)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"tls_cert/tls_key: cannot load the pair: {exc}") from None
+        # A rotation between the first load and this look is picked up by the first check.
+        self._loaded = _state(cert, key)
         self._task: asyncio.Task[None] | None = None
         self.reloads = 0
 
@@ -71,9 +67,10 @@ class CertificateReloader:
         if state == self._loaded:
             return False
         try:
-            server_context(self._cert, self._key)  # scratch: the live context never half-loads
+            # A scratch context first, by the same rules: the live one never half-loads.
+            server_tls_context(self._cert, self._key)
             self.context.load_cert_chain(self._cert, self._key)
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError, StartError) as exc:
             log.warning("TLS certificate changed but does not load (%s); keeping the current", exc)
             return False
         self._loaded = state

@@ -5,35 +5,65 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from metaproxy.clihelp import add_flag
+
+MAX_DRAIN_SECONDS = 300
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "demo", help="run STS emulator, broker and sidecars on loopback and show SDKs using them"
     )
-    parser.add_argument("--policies-dir", type=Path, default=Path("policies"))
-    parser.add_argument(
+    add_flag(
+        parser,
+        "--policies-dir",
+        type=Path,
+        default=Path("policies"),
+        metavar="DIR",
+        help="the tenant policies the demo's broker serves",
+    )
+    add_flag(
+        parser,
         "--state-dir",
         type=Path,
         default=Path("run/demo"),
+        metavar="DIR",
         help="keys, tokens, logs and the audit log go here",
     )
-    parser.add_argument("--state-file", type=Path, help="write a JSON description of what runs")
-    parser.add_argument("--once", action="store_true", help="exit after the check")
-    parser.add_argument(
+    add_flag(
+        parser,
+        "--state-file",
+        type=Path,
+        metavar="FILE",
+        help="write a JSON description of what runs here (URLs, pids, token files)",
+    )
+    add_flag(
+        parser,
+        "--once",
+        action="store_true",
+        help="exit after the SDK check instead of running until Ctrl-C",
+    )
+    add_flag(
+        parser,
         "--replicas",
         type=_replicas,
         default=1,
         metavar="N",
-        help="run N brokers sharing a local Valkey/Redis store, sidecars spread across them"
-        " (default 1: one broker, in-process store)",
+        unit="count",
+        allowed="1 or more",
+        help="brokers to run; more than 1 shares a local Valkey/Redis store, sidecars spread "
+        "across them (1: one broker, in-process store)",
     )
-    parser.add_argument(
+    add_flag(
+        parser,
         "--drain-seconds",
         type=_seconds,
         default=5.0,
         metavar="SECONDS",
+        unit="seconds",
+        allowed=f"more than 0, at most {MAX_DRAIN_SECONDS}",
         help="on Ctrl-C, stop sidecars, brokers, store and STS in that order, each group draining"
-        " for at most this long (default 5)",
+        " for at most this long",
     )
     parser.set_defaults(func=_run)
 
@@ -49,8 +79,10 @@ def _seconds(raw: str) -> float:
         value = float(raw)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds") from None
-    if not 0 < value <= 300:
-        raise argparse.ArgumentTypeError(f"{raw!r} must be more than 0 and at most 300")
+    if not 0 < value <= MAX_DRAIN_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{raw!r} must be more than 0 and at most {MAX_DRAIN_SECONDS}"
+        )
     return value
 
 

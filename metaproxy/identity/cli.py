@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from metaproxy.clihelp import add_flag
+from metaproxy.identity.names import MAX_TTL_SECONDS, MIN_TTL_SECONDS
+
 DEFAULT_ISSUER = "metaproxy-platform"
 DEFAULT_AUDIENCE = "metaproxy-broker"
 
@@ -15,30 +18,89 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     commands = identity.add_subparsers(dest="identity_command", required=True, metavar="ACTION")
 
     keygen = commands.add_parser("keygen", help="generate a signing key and its JWKS")
-    keygen.add_argument("--out", type=Path, required=True, metavar="DIR")
-    keygen.add_argument("--name", default="identity", help="file stem (default: identity)")
-    keygen.add_argument("--alg", choices=("EdDSA", "ES256"), default="EdDSA")
+    add_flag(
+        keygen,
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="directory for NAME.key (the private key, 0600) and NAME.jwks.json; "
+        "existing files are replaced",
+    )
+    add_flag(keygen, "--name", default="identity", help="file stem of the key and the JWKS")
+    add_flag(keygen, "--alg", choices=("EdDSA", "ES256"), default="EdDSA", help="signing algorithm")
     keygen.set_defaults(func=_keygen)
 
     issue = commands.add_parser("issue", help="issue an identity token for a task")
-    issue.add_argument("--key", type=Path, required=True)
-    issue.add_argument("--task", required=True, metavar="ID")
-    issue.add_argument("--tenant", required=True)
-    issue.add_argument("--app", default="")
-    issue.add_argument("--ttl", type=int, default=3600, metavar="SECONDS")
-    issue.add_argument("--issuer", default=DEFAULT_ISSUER)
-    issue.add_argument("--audience", default=DEFAULT_AUDIENCE)
-    issue.add_argument(
-        "--out", type=Path, metavar="FILE", help="write the token here (0600) instead of stdout"
+    add_flag(
+        issue,
+        "--key",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the platform's private signing key (PEM, from `identity keygen`)",
+    )
+    add_flag(issue, "--task", required=True, metavar="ID", help="the task id (`task` claim)")
+    add_flag(issue, "--tenant", required=True, help="the tenant (`tenant` claim)")
+    add_flag(issue, "--app", default="", help="the app within the tenant (`app` claim)")
+    add_flag(
+        issue,
+        "--ttl",
+        type=int,
+        default=3600,
+        metavar="SECONDS",
+        unit="seconds",
+        allowed=f"{MIN_TTL_SECONDS} to {MAX_TTL_SECONDS}",
+        help="how long the token is valid",
+    )
+    add_flag(
+        issue,
+        "--issuer",
+        default=DEFAULT_ISSUER,
+        help="`iss` claim, as the broker's --trust names it",
+    )
+    add_flag(
+        issue,
+        "--audience",
+        default=DEFAULT_AUDIENCE,
+        help="`aud` claim, as the broker's --trust names it",
+    )
+    add_flag(
+        issue,
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="write the token here (0600, no trailing newline); unset: print it on stdout",
     )
     issue.set_defaults(func=_issue)
 
     verify = commands.add_parser(
         "verify-document", help="check an instance-identity document's signature"
     )
-    verify.add_argument("--key-file", type=Path, required=True, metavar="JWKS_OR_PEM")
-    verify.add_argument("--document", type=Path, required=True, metavar="FILE")
-    verify.add_argument("--signature", type=Path, required=True, metavar="FILE")
+    add_flag(
+        verify,
+        "--key-file",
+        type=Path,
+        required=True,
+        metavar="JWKS_OR_PEM",
+        help="the broker's document public key: a JWKS or a PEM public key",
+    )
+    add_flag(
+        verify,
+        "--document",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="the document as IMDS served it (/latest/dynamic/instance-identity/document)",
+    )
+    add_flag(
+        verify,
+        "--signature",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="its base64 signature (/latest/dynamic/instance-identity/signature)",
+    )
     verify.set_defaults(func=_verify_document)
 
 
@@ -52,10 +114,12 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _issue(args: argparse.Namespace) -> int:
-    from metaproxy.errors import BadRequest
+    from metaproxy.config import check_readable
+    from metaproxy.errors import BadRequest, ConfigError, StartError
     from metaproxy.fsutil import write_atomically
     from metaproxy.identity.issue import issue_token
 
+    check_readable("--key", args.key)  # a missing key is a run-time failure naming the flag
     try:
         token = issue_token(
             args.key,
@@ -69,6 +133,8 @@ def _issue(args: argparse.Namespace) -> int:
     except BadRequest as exc:
         print(f"metaproxy identity issue: {exc.detail}", file=sys.stderr)
         return 2
+    except ConfigError as exc:  # only the key raises it: a file that is not a signing key
+        raise StartError(f"--key: {exc.detail}") from None
     if args.out is None:
         print(token)
     else:
@@ -79,15 +145,21 @@ def _issue(args: argparse.Namespace) -> int:
 
 
 def _verify_document(args: argparse.Namespace) -> int:
-    from metaproxy.errors import ConfigError
+    from metaproxy.config import check_readable
+    from metaproxy.errors import StartError
     from metaproxy.identity.document import verify_document
 
+    for flag, path in (("--key-file", args.key_file), ("--document", args.document),
+                       ("--signature", args.signature)):  # fmt: skip
+        check_readable(flag, path)
     try:
         # Bytes decoded without newline translation: the signature covers the exact text.
         document = args.document.read_bytes().decode("utf-8")
         signature = args.signature.read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read document or signature: {type(exc).__name__}") from None
+    except UnicodeDecodeError:
+        raise StartError(
+            "--document/--signature: not text (a UTF-8 document, a base64 signature)"
+        ) from None
     if verify_document(args.key_file, document, signature):
         print("valid")
         return 0

@@ -10,11 +10,9 @@ import jwt
 
 from metaproxy.errors import BadRequest
 from metaproxy.identity.keys import load_private_key
-from metaproxy.identity.names import name_problem
+from metaproxy.identity.names import MAX_TTL_SECONDS, MIN_TTL_SECONDS, name_problem
 
 MAX_CLAIM_CHARS = 256
-MIN_TTL_SECONDS = 60
-MAX_TTL_SECONDS = 86_400
 
 
 def check_claim_text(name: str, value: object, *, required: bool = True) -> str:

@@ -1,4 +1,4 @@
-"""Which task, tenant and app names a token may carry.
+"""What a token may carry: which task, tenant and app names, and how long it may live.
 
 These claims are written into ARNs, S3 prefixes, session names and tags by policy templates
 (`arn:aws:s3:::acme-data/${task}/*`). A task named `victim/config` was scoped to
@@ -14,6 +14,9 @@ from __future__ import annotations
 import re
 
 MAX_NAME_CHARS = 128
+# Token lifetimes `identity issue` accepts (its --help quotes them): a minute to a day.
+MIN_TTL_SECONDS = 60
+MAX_TTL_SECONDS = 86_400
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+=,.@-]*", re.ASCII)
 
 

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from metaproxy.clihelp import add_flag
+
 EXIT_DENIED = 3
 EXIT_USAGE = 2
 PLATFORM_ISSUER = "metaproxy-platform"
@@ -22,39 +24,55 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     commands = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
 
     check = commands.add_parser("check", help="validate a policy directory")
-    check.add_argument("directory", type=Path, metavar="DIR")
-    check.add_argument(
-        "--trust",
-        action="append",
-        metavar="ISSUER,AUDIENCE,JWKS_FILE[,KIND]",
-        help="an issuer the broker trusts, as its --trust (repeatable); with more than one "
-        "Kubernetes issuer every Kubernetes rule must name its own. Env: METAPROXY_TRUST",
-    )
+    add_flag(check, "directory", type=Path, metavar="DIR", help="the policy directory")
     check.set_defaults(func=_check)
 
     explain = commands.add_parser(
         "explain", help="show which role and scope an identity would get, and why"
     )
-    explain.add_argument("directory", type=Path, metavar="DIR")
-    explain.add_argument("--kind", choices=("platform", "kubernetes"), default="platform")
-    explain.add_argument("--tenant", default="", help="platform tokens: the tenant claim")
-    explain.add_argument("--task", required=True, help="the task id (token `task` claim)")
-    explain.add_argument("--app", default="", help="platform tokens: the app claim")
-    explain.add_argument("--role", default="", help="role name or ARN asked for; default role")
-    explain.add_argument("--namespace", default="", help="kubernetes tokens: the namespace")
-    explain.add_argument("--service-account", default="", help="kubernetes tokens: the SA name")
-    explain.add_argument("--issuer", default="", help="token issuer (default by --kind)")
+    add_flag(explain, "directory", type=Path, metavar="DIR", help="the policy directory")
+    add_flag(
+        explain,
+        "--kind",
+        choices=("platform", "kubernetes"),
+        default="platform",
+        help="the kind of identity token: the platform's own, or a Kubernetes service account's",
+    )
+    add_flag(
+        explain, "--tenant", default="", help="the `tenant` claim, which platform tokens must carry"
+    )
+    add_flag(explain, "--task", required=True, help="the task id (the token's `task` claim)")
+    add_flag(explain, "--app", default="", help="the `app` claim of platform tokens")
+    add_flag(
+        explain,
+        "--role",
+        default="",
+        help="the role name or ARN asked for; unset: the policy's default role",
+    )
+    add_flag(
+        explain, "--namespace", default="", help="the namespace, which kubernetes tokens must carry"
+    )
+    add_flag(
+        explain,
+        "--service-account",
+        default="",
+        help="the service account's name, which kubernetes tokens must carry",
+    )
+    add_flag(
+        explain,
+        "--issuer",
+        default="",
+        help=f"the token's issuer; unset: {PLATFORM_ISSUER} for platform tokens, "
+        f"{KUBERNETES_ISSUER} for kubernetes ones",
+    )
     explain.set_defaults(func=_explain)
 
 
 def _check(args: argparse.Namespace) -> int:
-    from metaproxy.config import trusted_issuers
     from metaproxy.policy.load import PolicyError, load_policy_dir
 
-    trusted = trusted_issuers(args.trust)
-    kubernetes = [issuer.issuer for issuer in trusted if issuer.kind == "kubernetes"]
     try:
-        policies = load_policy_dir(args.directory, kubernetes_issuers=kubernetes)
+        policies = load_policy_dir(args.directory)
     except PolicyError as exc:
         for problem in exc.problems:
             print(problem)

@@ -13,6 +13,7 @@ from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
 
+from metaproxy.clihelp import add_flag
 from metaproxy.errors import ConfigError
 
 CHILD_CHECK_SECONDS = 0.5
@@ -43,8 +44,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="run moto's server on 127.0.0.1 as a local STS and S3",
         description="Run moto's server in the foreground on 127.0.0.1 and print its URL.",
     )
-    emulator.add_argument("--port", type=_port, default=0, help="port (default: a free one)")
-    emulator.add_argument("--log", type=Path, help="append moto's output to this file")
+    add_flag(
+        emulator,
+        "--port",
+        type=_port,
+        default=0,
+        allowed="0 to 65535",
+        help="port to listen on at 127.0.0.1; 0: a free one (the URL is printed)",
+    )
+    add_flag(
+        emulator,
+        "--log",
+        type=Path,
+        metavar="FILE",
+        help="append moto's output to this file; unset: discarded",
+    )
     emulator.set_defaults(func=run_sts_emulator)
 
     proxy = subparsers.add_parser(
@@ -53,12 +67,50 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Forward to UPSTREAM, injecting faults changeable at "
         "ADMIN_URL/_fault; runs until SIGINT or SIGTERM.",
     )
-    proxy.add_argument("--upstream", type=_http_url, required=True, help="base URL to forward to")
-    proxy.add_argument("--port", type=_port, default=0, help="proxy port (default: a free one)")
-    proxy.add_argument("--admin-port", type=_port, default=0, help="admin API port")
-    proxy.add_argument("--latency", type=float, default=0.0, help="seconds added per request")
-    proxy.add_argument(
-        "--throttle-fraction", type=float, default=0.0, help="share of AssumeRole throttled"
+    add_flag(
+        proxy,
+        "--upstream",
+        type=_http_url,
+        required=True,
+        metavar="URL",
+        help="base URL to forward to (http or https, no query), e.g. the sts-emulator's",
+    )
+    add_flag(
+        proxy,
+        "--port",
+        type=_port,
+        default=0,
+        allowed="0 to 65535",
+        help="proxy port at 127.0.0.1; 0: a free one (the URL is printed)",
+    )
+    add_flag(
+        proxy,
+        "--admin-port",
+        type=_port,
+        default=0,
+        metavar="PORT",
+        allowed="0 to 65535",
+        help="port of the admin API (GET/POST /_fault) that changes the faults while running; "
+        "0: a free one",
+    )
+    add_flag(
+        proxy,
+        "--latency",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        unit="seconds",
+        help="delay added to every request before it is forwarded",
+    )
+    add_flag(
+        proxy,
+        "--throttle-fraction",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        unit="fraction",
+        allowed="0 to 1",
+        help="share of AssumeRole requests answered with STS's Throttling error",
     )
     proxy.set_defaults(func=run_fault_proxy)
 
