@@ -47,6 +47,13 @@ class CacheResult:
 REVALIDATE_SHARE = 0.9  # of the way from fetch to refresh_at, background refresh starts
 
 
+def refresh_schedule(lifetime: float, refresh_fraction: float) -> tuple[float, float]:
+    """Seconds after a fetch of credentials with `lifetime` seconds to go when a background
+    refresh starts (callers still get the cached set) and when callers wait for a new one."""
+    refresh_in = lifetime * refresh_fraction
+    return refresh_in * REVALIDATE_SHARE, refresh_in
+
+
 class CredentialCache:
     def __init__(
         self,
@@ -124,9 +131,9 @@ class CredentialCache:
         now = self._clock.now()
         lifetime = role.credentials.seconds_left(now)
 
-        refresh_in = lifetime * self._refresh_fraction
+        revalidate_in, refresh_in = refresh_schedule(lifetime, self._refresh_fraction)
         refresh_at = now + timedelta(seconds=refresh_in)
-        revalidate_at = now + timedelta(seconds=refresh_in * REVALIDATE_SHARE)
+        revalidate_at = now + timedelta(seconds=revalidate_in)
         self._entries[key] = CacheEntry(role, now, refresh_at, revalidate_at)
         if len(self._entries) > self._max_entries:
             self._evict(now)

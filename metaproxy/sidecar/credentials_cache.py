@@ -29,6 +29,23 @@ from metaproxy.sidecar.broker_client import BrokerClient, BrokerError, Grant
 log = logging.getLogger("metaproxy.sidecar.credentials")
 
 MAX_BACKOFF = 30.0
+# A refresh is asked this long before the 15-minute window opens, so the broker's answer (one
+# STS call at worst, bounded by the broker timeout) arrives while the old set is still servable.
+WINDOW_MARGIN = 60.0
+JITTER = 0.1  # ±10%: tasks started by one deployment spread their refreshes
+
+
+def refresh_delay(
+    lifetime: float, left: float, *, refresh_fraction: float, min_serve: float, jitter: float
+) -> float:
+    """Seconds until the next refresh of credentials with `lifetime` seconds in all and `left`
+    seconds to go: at `refresh_fraction` of the lifetime scaled by `jitter` (1 ± JITTER), and
+    never later than WINDOW_MARGIN before `min_serve` remains. The jitter goes inside that
+    bound: applied after it, +10% of a long delay overshot into the 15-minute window."""
+    age = lifetime - left
+    at_fraction = (lifetime * refresh_fraction - age) * jitter
+    before_window = left - min_serve - WINDOW_MARGIN
+    return max(1.0, min(at_fraction, before_window))
 
 
 def retry_delay(retry_after: float | None, backoff: float) -> float:
@@ -123,15 +140,13 @@ class CredentialKeeper:
         return self.current()
 
     def next_refresh_delay(self, grant: Grant) -> float:
-        now = self._clock.now()
-        lifetime = (grant.credentials.expiration - grant.issued_at).total_seconds()
-        left = grant.credentials.seconds_left(now)
-        age = lifetime - left
-        at_fraction = lifetime * self._config.refresh_fraction - age
-        before_window = left - self._config.min_serve_seconds - 60
-        delay = max(1.0, min(at_fraction, before_window))
-        # ±10% jitter: tasks started by one deployment spread their refreshes.
-        return delay * random.uniform(0.9, 1.1)  # noqa: S311 - jitter, not crypto
+        return refresh_delay(
+            (grant.credentials.expiration - grant.issued_at).total_seconds(),
+            grant.credentials.seconds_left(self._clock.now()),
+            refresh_fraction=self._config.refresh_fraction,
+            min_serve=self._config.min_serve_seconds,
+            jitter=random.uniform(1 - JITTER, 1 + JITTER),  # noqa: S311 - jitter, not crypto
+        )
 
     def next_check_delay(self, grant: Grant) -> float:
         """The next refresh, or sooner the next revocation check."""
