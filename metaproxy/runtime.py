@@ -13,19 +13,13 @@ import socket
 import ssl
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any
 
 from metaproxy.config import check_tls_pair, split_host_port
-from metaproxy.connguard import (
-    ConnectionGuard,
-    GuardedTCPSite,
-    GuardedUnixSite,
-    RejectResponse,
-    canned_response,
-    refuse_unknown_expectations,
-)
+from metaproxy.connguard import ConnectionGuard, RejectResponse, canned_response
+
+if TYPE_CHECKING:  # aiohttp is imported by the processes that serve with it, not the sidecar
+    from aiohttp import web
 
 
 def run(main: Coroutine[Any, Any, int]) -> int:
@@ -80,6 +74,10 @@ async def start_site(
 ) -> tuple[web.BaseSite, str]:
     """Listen on `address`; with a `guard`, every connection is counted and capped first and
     refused ones get `reject()` (a complete HTTP answer) before being closed."""
+    from aiohttp import web
+
+    from metaproxy.webguard import GuardedTCPSite, GuardedUnixSite, refuse_unknown_expectations
+
     scheme = "https" if ssl_context else "http"
     assert runner.server is not None, "runner.setup() comes first"
     refuse_unknown_expectations(runner.server)

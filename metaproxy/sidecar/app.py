@@ -1,10 +1,10 @@
 """The sidecar's three HTTP faces, wired in one place: IMDS, container credentials, admin.
 
-IMDS and container credentials are the data plane, served by `http1` (see why there); admin
-(health, readiness, metrics) is an aiohttp app. A client in a tight loop is answered 429 from the
-pod's token bucket before any work is done (the incident this project starts from: a shared
-metadata service looped to death), and inside that bucket the pod's connections get a fair share
-(`fairness`), so one looping container cannot starve another.
+All three are served by `http1` (see why there); IMDS and container credentials are the data
+plane, admin (health, readiness, metrics) has its own listener and connection guard. A client in
+a tight loop is answered 429 from the pod's token bucket before any work is done (the incident
+this project starts from: a shared metadata service looped to death), and inside that bucket the
+pod's connections get a fair share (`fairness`), so one looping container cannot starve another.
 """
 
 from __future__ import annotations
@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from typing import Literal
-
-from aiohttp import web
 
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import SidecarConfig, authorization_token_mode
@@ -24,7 +22,7 @@ from metaproxy.sidecar import container_creds, diagnosis, http1, imds, instrumen
 from metaproxy.sidecar.credentials_cache import CredentialKeeper
 from metaproxy.sidecar.fairness import FairShare
 from metaproxy.sidecar.host_metadata import HostMetadata
-from metaproxy.sidecar.state import STATE, SidecarState
+from metaproxy.sidecar.state import SidecarState
 from metaproxy.sidecar.tokens import TokenAuthority
 
 log = logging.getLogger("metaproxy.sidecar")
@@ -134,51 +132,56 @@ def build_state(config: SidecarConfig, clock: Clock | None = None) -> SidecarSta
     return state
 
 
-async def healthz(request: web.Request) -> web.Response:
+def admin_plane(state: SidecarState) -> http1.Handler:
+    """/healthz, /readyz and /metrics on the same small server as the data plane. No rate limit:
+    health probes must never be refused because of other clients (its guard caps connections)."""
+
+    def dispatch(request: http1.Request) -> http1.Response:
+        started = time.perf_counter()
+        if request.method not in ("GET", "HEAD"):
+            answer = _plain(405, "method not allowed", ("Allow", "GET, HEAD"))
+        elif request.path == "/healthz":
+            answer = healthz(state)
+        elif request.path == "/readyz":
+            answer = readyz(state)
+        elif request.path == "/metrics":
+            answer = metrics(state)
+        else:
+            answer = _plain(404, "not found")
+        instrument.count_request("admin", answer.status, started)
+        return answer
+
+    return dispatch
+
+
+def _plain(status: int, text: str, *headers: tuple[str, str]) -> http1.Response:
+    return http1.Response(status, text.encode(), "text/plain; charset=utf-8", headers)
+
+
+def admin_error_page(status: int) -> http1.Response:
+    return _plain(status, http1.REASONS.get(status, "error").lower())
+
+
+def healthz(state: SidecarState) -> http1.Response:
     """Fails when the refresh loop has stopped, or cannot make progress until a file is fixed
     (unreadable CA bundle or identity token): a restart or an operator is needed."""
-    problem = request.app[STATE].keeper.health()
+    problem = state.keeper.health()
     if problem:
-        return web.Response(status=503, text=f"unhealthy: {problem}\n")
-    return web.Response(text="ok")
+        return _plain(503, f"unhealthy: {problem}")
+    return _plain(200, "ok")
 
 
-async def readyz(request: web.Request) -> web.Response:
+def readyz(state: SidecarState) -> http1.Response:
     """Ready only with valid credentials in hand: the app must not start before that. When not
     ready, the one line says why (the same line the log has)."""
-    state = request.app[STATE]
     if state.draining:
-        return web.Response(status=503, text="not ready: draining\n")
+        return _plain(503, "not ready: draining")
     if state.keeper.current() is None:
-        why = state.keeper.problem or diagnosis.WAITING
-        return web.Response(status=503, text=f"not ready: {why}\n")
-    return web.Response(text="ready")
+        return _plain(503, f"not ready: {state.keeper.problem or diagnosis.WAITING}")
+    return _plain(200, "ready")
 
 
-async def metrics(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+def metrics(state: SidecarState) -> http1.Response:
     instrument.refresh_gauges(state.keeper, draining=state.draining)
     body, content_type = instrument.exposition()
-    return web.Response(body=body, headers={"Content-Type": content_type})
-
-
-async def _keeper_lifetime(app: web.Application) -> AsyncIterator[None]:
-    state = app[STATE]
-    state.keeper.start()
-    yield
-    await state.keeper.aclose()
-    await state.client.aclose()
-    if isinstance(state.host_metadata, HostMetadata):
-        await state.host_metadata.close()
-
-
-def build_admin_app(state: SidecarState) -> web.Application:
-    app = web.Application(
-        middlewares=[instrument.request_metrics(lambda _request: "admin")], client_max_size=1024
-    )
-    app[STATE] = state
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.cleanup_ctx.append(_keeper_lifetime)
-    return app
+    return http1.Response(200, body, content_type)

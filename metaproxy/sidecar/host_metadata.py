@@ -15,13 +15,12 @@ import functools
 import logging
 import re
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiohttp
-from yarl import URL
-
 from metaproxy.errors import ConfigError
+from metaproxy.sidecar.httpclient import Endpoint, HttpClient, HttpClientError
 
 log = logging.getLogger("metaproxy.sidecar.host_metadata")
 
@@ -79,10 +78,13 @@ class HostMetadata:
         failure_cache_seconds: float = 2.0,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        url = URL(base_url)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ConfigError(f"host_metadata_url: {base_url!r} must be an http(s) URL")
-        self._base = url.with_path("/")
+        url = urllib.parse.urlsplit(base_url)
+        if url.scheme != "http" or not url.hostname:
+            # The host's IMDS is plain HTTP on a link-local address, never through a proxy.
+            raise ConfigError(f"host_metadata_url: {base_url!r} must be an http:// URL")
+        self._http = HttpClient(
+            Endpoint(url.hostname, url.port or 80), max_answer_bytes=MAX_BODY_BYTES
+        )
         self.allow = allow
         self._timeout = timeout
         self._cache_seconds = cache_seconds
@@ -91,7 +93,6 @@ class HostMetadata:
         self._cache: dict[str, _Cached] = {}
         self._in_flight: dict[str, asyncio.Task[str | None]] = {}
         self._token: tuple[str, float] | None = None
-        self._session: aiohttp.ClientSession | None = None
         self.host_requests = 0  # how often the host was actually asked (tests, metrics)
 
     async def __call__(self, path: str) -> str | None:
@@ -113,28 +114,18 @@ class HostMetadata:
     def _forget(self, path: str, _task: asyncio.Task[str | None]) -> None:
         self._in_flight.pop(path, None)
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         for task in list(self._in_flight.values()):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._session is not None:
-            await self._session.close()
-
-    @property
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self._timeout),
-                connector=aiohttp.TCPConnector(limit=4),
-                trust_env=False,  # never via a proxy: the host IMDS is link-local
-            )
-        return self._session
+        await self._http.aclose()
 
     async def _fetch_and_cache(self, path: str) -> str | None:
         try:
-            body, ok = await self._fetch(path)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            async with asyncio.timeout(self._timeout):
+                body, ok = await self._fetch(path)
+        except (OSError, HttpClientError, TimeoutError) as exc:
             log.warning("host metadata %s unavailable: %s", path, type(exc).__name__)
             body, ok = None, False
         ttl = self._cache_seconds if ok else self._failure_cache_seconds
@@ -149,22 +140,17 @@ class HostMetadata:
             token = await self._host_token()
             headers = {"X-aws-ec2-metadata-token": token} if token else {}
             self.host_requests += 1
-            async with self._client.get(
-                self._base / "latest" / path, headers=headers, allow_redirects=False
-            ) as response:
-                if response.status == 401 and token and attempt == 0:
-                    self._token = None  # the host restarted or the token lapsed: one retry
-                    continue
-                if response.status == 404:
-                    return None, True
-                if response.status != 200:
-                    log.warning("host metadata %s answered %d", path, response.status)
-                    return None, False
-                raw = await _read_capped(response)
-                if raw is None:
-                    log.warning("host metadata %s larger than %d bytes", path, MAX_BODY_BYTES)
-                    return None, False
-                return raw.decode("utf-8", errors="replace"), True
+            # Redirects are never followed: this client does not follow any.
+            answer = await self._http.request("GET", f"/latest/{path}", headers)
+            if answer.status == 401 and token and attempt == 0:
+                self._token = None  # the host restarted or the token lapsed: one retry
+                continue
+            if answer.status == 404:
+                return None, True
+            if answer.status != 200:
+                log.warning("host metadata %s answered %d", path, answer.status)
+                return None, False
+            return answer.body.decode("utf-8", errors="replace"), True
         return None, False
 
     async def _host_token(self) -> str | None:
@@ -173,27 +159,15 @@ class HostMetadata:
         now = self._monotonic()
         if self._token is not None and now < self._token[1]:
             return self._token[0]
-        async with self._client.put(
-            self._base / "latest" / "api" / "token",
-            headers={"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_SECONDS)},
-            allow_redirects=False,
-        ) as response:
-            if response.status != 200:
-                return None
-            token = (await response.content.read(1024)).decode("ascii", errors="replace").strip()
+        answer = await self._http.request(
+            "PUT",
+            "/latest/api/token",
+            {"X-aws-ec2-metadata-token-ttl-seconds": str(TOKEN_TTL_SECONDS)},
+        )
+        if answer.status != 200:
+            return None
+        token = answer.body[:1024].decode("ascii", errors="replace").strip()
         if not token or not token.isprintable():
             return None
         self._token = (token, now + TOKEN_TTL_SECONDS - 60)
         return token
-
-
-async def _read_capped(response: aiohttp.ClientResponse) -> bytes | None:
-    """The body, or None as soon as it passes MAX_BODY_BYTES (never buffered beyond that)."""
-    if (response.content_length or 0) > MAX_BODY_BYTES:
-        return None
-    body = bytearray()
-    async for chunk in response.content.iter_chunked(16_384):
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            return None
-    return bytes(body)

@@ -60,6 +60,7 @@ class Answer:
 class _Parse:
     """httptools callbacks collecting one response."""
 
+    limit: int = MAX_ANSWER_BYTES
     headers: dict[str, str] = field(default_factory=dict)
     body: bytearray = field(default_factory=bytearray)
     done: bool = False
@@ -69,8 +70,8 @@ class _Parse:
 
     def on_body(self, body: bytes) -> None:
         self.body += body
-        if len(self.body) > MAX_ANSWER_BYTES:
-            raise HttpClientError(f"answer larger than {MAX_ANSWER_BYTES} bytes")
+        if len(self.body) > self.limit:
+            raise HttpClientError(f"answer larger than {self.limit} bytes")
 
     def on_message_complete(self) -> None:
         self.done = True
@@ -90,8 +91,9 @@ class _ClosedEarly(ConnectionResetError):
 class HttpClient:
     """`await client.request("POST", "/v1/credentials", headers, body)` → `Answer`."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Endpoint, *, max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
         self.endpoint = endpoint
+        self._max_answer_bytes = max_answer_bytes
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._lock = asyncio.Lock()
 
@@ -125,7 +127,7 @@ class HttpClient:
         self._streams = (reader, writer)
         writer.write(raw)
         await writer.drain()
-        parse = _Parse()
+        parse = _Parse(self._max_answer_bytes)
         parser = httptools.HttpResponseParser(parse)
         received = False
         try:

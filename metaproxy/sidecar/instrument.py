@@ -1,7 +1,7 @@
 """Records the sidecar's Prometheus metrics (defined in `metrics.py`).
 
-- `request_metrics(classify)`: an aiohttp middleware, outermost on each listener, so requests
-  the rate limiter refuses are counted (and timed) like any other.
+- `count_request`: every answer of every listener (data plane and admin), counted and timed,
+  rate-limit refusals included.
 - `TimedBrokerClient`: the broker client with each fetch timed and counted ok/error.
 - `GrantObserver`: the credential keeper's `on_grant` hook; it keeps the ready and remaining
   gauges current and observes the start-up time once, when the first credentials arrive.
@@ -22,11 +22,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from aiohttp import web
-from aiohttp.typedefs import Middleware
-
 from metaproxy.clock import Clock
-from metaproxy.httperrors import Handler
 from metaproxy.sidecar import metrics
 from metaproxy.sidecar.broker_client import BrokerClient, BrokerError, Grant
 from metaproxy.sidecar.credentials_cache import CredentialKeeper
@@ -34,32 +30,6 @@ from metaproxy.sidecar.credentials_cache import CredentialKeeper
 log = logging.getLogger("metaproxy.sidecar.metrics")
 
 PROC_FD = Path("/proc/self/fd")
-
-
-def request_metrics(classify: Callable[[web.Request], str]) -> Middleware:
-    """Count requests by path class and status, time them, and count rate-limit refusals."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        path_class = classify(request)
-        started = time.perf_counter()
-        status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
-            metrics.REQUESTS.labels(path_class=path_class, status=str(status)).inc()
-            metrics.REQUEST_SECONDS.labels(path_class=path_class).observe(
-                time.perf_counter() - started
-            )
-            if status == 429:  # only the per-client limiter answers 429 on these listeners
-                metrics.REJECTED.labels(reason="rate_limited").inc()
-
-    return middleware
 
 
 # Labelled children looked up once: `labels()` is the costly part of counting on the hot path.

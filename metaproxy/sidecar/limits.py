@@ -9,25 +9,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
 
-from metaproxy.config import SidecarConfig
-from metaproxy.connguard import (
-    FD_RESERVE,
-    ConnectionGuard,
-    ConnectionLimits,
-    canned_response,
-    protocol_logger,
-)
+from metaproxy.connguard import FD_RESERVE, ConnectionGuard, ConnectionLimits, canned_response
 from metaproxy.models import SidecarLimits
 from metaproxy.sidecar.state import SidecarState
 
 ADMIN_LIMITS = ConnectionLimits(max_connections=32, max_per_client=16)
 # The task-facing cap leaves room for the admin port's connections too.
 SIDECAR_FD_RESERVE = FD_RESERVE + ADMIN_LIMITS.max_connections
-# aiohttp keeps reading an unread request body for this long after answering; the sidecar never
-# needs a body, so a client trickling one is not worth a connection for long.
-LINGER_SECONDS = 1.0
 
 _IMDS_429 = canned_response(
     429,
@@ -94,15 +83,3 @@ def build_guards(state: SidecarState) -> tuple[ConnectionGuard, ConnectionGuard]
         on_refused=count_refusal,
     )
     return task, admin
-
-
-def handler_args(config: SidecarConfig) -> dict[str, Any]:
-    """aiohttp RequestHandler arguments: header size/count limits and the keep-alive reaper."""
-    return {
-        "keepalive_timeout": config.keepalive_timeout,
-        "max_line_size": config.max_header_bytes,
-        "max_field_size": config.max_header_bytes,
-        "max_headers": config.max_headers,
-        "lingering_time": LINGER_SECONDS,
-        "logger": protocol_logger(),
-    }

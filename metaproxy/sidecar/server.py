@@ -1,32 +1,35 @@
-"""A running sidecar: listeners and bound URLs. Used by the CLI, the demo, netns attach and tests.
+"""A running sidecar: its parts, started in order and closed in reverse. Used by the CLI, the
+demo, netns attach and tests.
 
-The data plane (IMDS, container credentials) is `http1` behind a `ConnectionGuard`: the guard
-admits or refuses each connection (caps, eviction, descriptor budget, first-request deadline),
-the protocol parses and answers. Admin is an aiohttp app behind its own, smaller guard.
+Every listener is `http1` behind a `ConnectionGuard`: the guard admits or refuses each
+connection (caps, eviction of the idlest, descriptor budget, first-request deadline), the
+protocol parses and answers. IMDS and container credentials share one guard; admin has its own,
+smaller one, so a task flooding IMDS cannot fail the kubelet's probes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-from aiohttp import web
 
 from metaproxy.clock import Clock
 from metaproxy.config import SidecarConfig, split_host_port
 from metaproxy.connguard import ACCEPT_BACKLOG, ConnectionGuard
-from metaproxy.runtime import start_site
 from metaproxy.sidecar import http1, instrument
-from metaproxy.sidecar.app import Face, build_admin_app, build_state, data_plane, error_page
-from metaproxy.sidecar.limits import (
-    admin_reject,
-    build_guards,
-    container_reject,
-    handler_args,
-    imds_reject,
+from metaproxy.sidecar.app import (
+    Face,
+    admin_error_page,
+    admin_plane,
+    build_state,
+    data_plane,
+    error_page,
 )
+from metaproxy.sidecar.host_metadata import HostMetadata
+from metaproxy.sidecar.limits import admin_reject, build_guards, container_reject, imds_reject
 from metaproxy.sidecar.state import SidecarState
 
 log = logging.getLogger("metaproxy.sidecar")
@@ -35,9 +38,10 @@ log = logging.getLogger("metaproxy.sidecar")
 async def listen(address: str, factory: Callable[[], asyncio.Protocol]) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     if address.startswith("unix:"):
-        return await loop.create_unix_server(
-            factory, address.removeprefix("unix:"), backlog=ACCEPT_BACKLOG
-        )
+        path = address.removeprefix("unix:")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a socket left by a sidecar that did not stop cleanly
+        return await loop.create_unix_server(factory, path, backlog=ACCEPT_BACKLOG)
     host, port = split_host_port(address)
     return await loop.create_server(factory, host, port, backlog=ACCEPT_BACKLOG, reuse_address=True)
 
@@ -59,8 +63,9 @@ class SidecarServer:
     guard: ConnectionGuard  # IMDS + container: capped, counted, header deadline
     admin_guard: ConnectionGuard
     tracker: http1.ConnectionTracker
-    _admin: web.AppRunner
+    admin_tracker: http1.ConnectionTracker
     _servers: list[asyncio.Server] = field(default_factory=list)
+    _admin: asyncio.Server | None = None
 
     @property
     def imds_url(self) -> str:
@@ -75,22 +80,29 @@ class SidecarServer:
         state = build_state(config, clock)
         guard, admin_guard = build_guards(state)
         instrument.count_connections_with(state.keeper, guard, admin_guard)
-        tracker = http1.ConnectionTracker(
+        limits = http1.ServerLimits(
+            header_timeout=config.header_timeout,
+            keepalive_timeout=config.keepalive_timeout,
+            max_header_bytes=config.max_header_bytes,
+            max_headers=config.max_headers,
+            max_body_bytes=config.max_body_bytes,
+        )
+        tracker = http1.ConnectionTracker(limits, on_reject=instrument.count_rejection)
+        admin_tracker = http1.ConnectionTracker(
             http1.ServerLimits(
                 header_timeout=config.header_timeout,
                 keepalive_timeout=config.keepalive_timeout,
-                max_header_bytes=config.max_header_bytes,
-                max_headers=config.max_headers,
                 max_body_bytes=config.max_body_bytes,
+                server_header="metaproxy",
             ),
             on_reject=instrument.count_rejection,
         )
         tracker.start()
-        # The admin runner owns the credential keeper: it starts first and stops last.
-        admin = web.AppRunner(build_admin_app(state), access_log=None, **handler_args(config))
-        await admin.setup()
-        _, admin_url = await start_site(
-            admin, config.admin_listen, guard=admin_guard, reject=admin_reject
+        admin_tracker.start()
+        state.keeper.start()
+        admin_protocol = http1.protocol_factory(admin_plane(state), admin_tracker, admin_error_page)
+        admin = await listen(
+            config.admin_listen, admin_guard.protocol_factory(admin_protocol, admin_reject)
         )
         servers: list[asyncio.Server] = []
         urls: dict[Face, list[str]] = {"imds": [], "container": []}
@@ -108,16 +120,24 @@ class SidecarServer:
             ", ".join(urls["container"]),
         )
         return cls(
-            state, urls["imds"], urls["container"], admin_url, guard, admin_guard, tracker,
-            admin, servers,
+            state, urls["imds"], urls["container"], server_url(admin), guard, admin_guard,
+            tracker, admin_tracker, servers, admin,
         )  # fmt: skip
 
     async def stop(self) -> None:
         """Drain: /readyz turns false, listeners close, idle connections close, in-flight
-        requests finish (at most `drain_seconds`), then the keeper and admin stop."""
+        requests finish (at most `drain_seconds`), then the keeper, the broker client and the
+        admin listener stop, in the reverse of their start."""
         self.state.draining = True
         for server in self._servers:
             server.close()
         await self.tracker.drain(self.state.config.drain_seconds)
         await self.tracker.stop()
-        await self._admin.cleanup()
+        await self.state.keeper.aclose()
+        await self.state.client.aclose()
+        if isinstance(self.state.host_metadata, HostMetadata):
+            await self.state.host_metadata.aclose()
+        if self._admin is not None:
+            self._admin.close()
+        await self.admin_tracker.drain(0.5)
+        await self.admin_tracker.stop()

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from aiohttp import web
-
 from metaproxy.config import SidecarConfig
 from metaproxy.sidecar.broker_client import BrokerClient
 from metaproxy.sidecar.credentials_cache import CredentialKeeper
@@ -28,6 +26,3 @@ class SidecarState:
 
 async def _none() -> str | None:
     return None
-
-
-STATE = web.AppKey("state", SidecarState)

@@ -1,0 +1,157 @@
+"""The aiohttp side of the connection guard (`metaproxy.connguard`): guarded sites, a body
+deadline middleware, quiet parser-error logging and the `Expect` check. Imported by the broker
+and the webhook, never by the sidecar (which serves with `metaproxy.sidecar.http1`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Middleware
+from aiohttp.web_protocol import RequestPayloadError
+
+from metaproxy.connguard import (
+    ACCEPT_BACKLOG,
+    ConnectionGuard,
+    RejectResponse,
+    deepen_accept_queue,
+)
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ProtocolLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server logger with the client's mistakes demoted.
+
+    aiohttp logs every request its parser refuses (bad request line, header too long, NUL
+    bytes, …) with a full traceback at ERROR: any client could fill the log with them and bury
+    real failures. A parser refusal is a 4xx the client caused, logged at DEBUG without the
+    stack; a handler that really failed (500) still logs at ERROR.
+    """
+
+    # aiohttp passes the exception itself as exc_info.
+    def exception(self, msg: object, *args: object, exc_info: object = True, **kwargs: Any) -> None:
+        # A body that does not decode surfaces while aiohttp drains it, as a RequestPayloadError
+        # caused by the parser's 400.
+        cause = exc_info.__cause__ if isinstance(exc_info, RequestPayloadError) else exc_info
+        if isinstance(cause, HttpProcessingError) and 400 <= cause.code < 500:
+            self.debug(f"{msg}: %d %s", *args, cause.code, str(cause.message)[:200])
+            return
+        self.error(msg, *args, exc_info=exc_info, **kwargs)  # type: ignore[arg-type]
+
+
+def protocol_logger() -> ProtocolLog:
+    """For aiohttp's `logger` handler argument."""
+    return ProtocolLog(logging.getLogger("aiohttp.server"), {})
+
+
+def body_deadline(seconds: float) -> Middleware:
+    """A middleware that reads the whole request body within `seconds` before the handler runs
+    (aiohttp's body reads wait forever): a client trickling its body gets 408, not a worker."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if request.body_exists:
+            try:
+                async with asyncio.timeout(seconds):
+                    await request.read()  # cached: the handler's own read returns these bytes
+            except TimeoutError:
+                raise web.HTTPRequestTimeout() from None
+            except ConnectionError:
+                # The client went away (or its framing broke) mid-body: nobody to answer, and
+                # nothing for the error log either.
+                raise web.HTTPBadRequest(reason="Incomplete Body") from None
+        return await handler(request)
+
+    return middleware
+
+
+def refuse_unknown_expectations(server: web.Server) -> None:
+    """Answer 417 to any `Expect` but 100-continue before the application sees the request.
+
+    aiohttp answers an unknown expectation itself, outside every middleware, with a text that
+    quotes the header; a value that is not UTF-8 (`Expect: \\x80`) makes building that text
+    raise, and the client gets a 500 (found by tests/test_fuzz_http.py). Every aiohttp server
+    we run gets this: `runtime.start_site` applies it, and so does the webhook."""
+    handler = server.request_handler
+
+    async def checked(request: web.BaseRequest) -> web.StreamResponse:
+        expect = request.headers.get(hdrs.EXPECT)
+        if expect is not None and expect.lower() != "100-continue":
+            return web.Response(status=417, text="unsupported Expect header\n")
+        return await handler(request)
+
+    server.request_handler = checked
+
+
+class GuardedTCPSite(web.TCPSite):
+    """A TCPSite whose connections pass through a ConnectionGuard."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        guard: ConnectionGuard,
+        reject: RejectResponse,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(runner, host, port, **kwargs)
+        self._guard = guard
+        self._reject = reject
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site; the listening part is ours
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            self._guard.protocol_factory(server, self._reject),
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=min(self._backlog, ACCEPT_BACKLOG),
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+            # A TLS handshake happens before the guard sees the connection; bound it the same.
+            ssl_handshake_timeout=_handshake_timeout(self._guard, self._ssl_context),
+        )
+        deepen_accept_queue(self._server, self._backlog)
+
+
+class GuardedUnixSite(web.UnixSite):
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        path: str,
+        *,
+        guard: ConnectionGuard,
+        reject: RejectResponse,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(runner, path, **kwargs)
+        self._guard = guard
+        self._reject = reject
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            self._guard.protocol_factory(server, self._reject),
+            self._path,
+            ssl=self._ssl_context,
+            backlog=min(self._backlog, ACCEPT_BACKLOG),
+            ssl_handshake_timeout=_handshake_timeout(self._guard, self._ssl_context),
+        )
+        deepen_accept_queue(self._server, self._backlog)
+
+
+def _handshake_timeout(guard: ConnectionGuard, ssl_context: object) -> float | None:
+    if ssl_context is None or guard.header_timeout <= 0:
+        return None
+    return guard.header_timeout
