@@ -1,0 +1,68 @@
+"""The sidecar is a per-pod cost: it runs without a web framework and without the broker's
+dependencies, from import to serving (issue 13: aiohttp alone cost every pod about 10 MB)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+from metaproxy.broker.server import BrokerServer
+from tests.support import Pki, issue, wait_ready
+
+HEAVY = ("aiohttp", "yarl", "multidict", "boto3", "botocore", "moto")
+
+
+def test_sidecar_modules_import_no_framework() -> None:
+    """Parsing the command line and importing the sidecar loads none of the heavy packages."""
+    code = (
+        "import sys\n"
+        "from metaproxy.cli import build_parser\n"
+        "build_parser()\n"
+        "import metaproxy.sidecar.server, metaproxy.sidecar.cli, metaproxy.runtime\n"
+        f"bad = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))\n"
+        "sys.exit(f'imported {bad}' if bad else 0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+async def test_running_sidecar_maps_no_framework(
+    broker: BrokerServer, pki: Pki, tmp_path: Path
+) -> None:
+    """A real `metaproxy sidecar`, after serving credentials and a scrape, has mapped none of
+    aiohttp's, yarl's or multidict's extension modules."""
+    from metaproxy.demo.processes import start_metaproxy
+
+    token_file = tmp_path / "lean.jwt"
+    token_file.write_text(issue(pki, "t-lean", "acme"))
+    args = ["sidecar", "--broker-url", broker.url, "--broker-ca-file", str(pki.ca)]
+    args += ["--identity-token-file", str(token_file), "--imds-listen", "127.0.0.1:0"]
+    args += ["--container-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+    args += ["--authorization-token-file", str(tmp_path / "lean.auth")]
+    child = await asyncio.to_thread(
+        start_metaproxy,
+        "sidecar",
+        args,
+        ready_file=tmp_path / "l.ready",
+        log_file=tmp_path / "l.log",
+    )
+    try:
+        await wait_ready(child.ready["admin_url"])
+        auth = (tmp_path / "lean.auth").read_text()
+        reader, writer = await asyncio.open_connection(
+            *child.ready["container_urls"][0].removeprefix("http://").rsplit(":", 1)
+        )
+        writer.write(
+            f"GET /v1/credentials HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: {auth}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        assert (await reader.read()).startswith(b"HTTP/1.1 200 ")
+        writer.close()
+        maps = Path(f"/proc/{child.process.pid}/maps").read_text()
+        assert [name for name in HEAVY if f"/{name}/" in maps] == []
+    finally:
+        await asyncio.to_thread(child.stop)
