@@ -17,15 +17,15 @@ import argparse
 import dataclasses
 import ipaddress
 import os
+import re
 import types
 import typing
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from metaproxy.clihelp import Unit, for_argparse, help_text, show_value
 from metaproxy.errors import ConfigError, StartError
 
 ENV_PREFIX = "METAPROXY_"
@@ -34,6 +34,8 @@ ENV_PREFIX = "METAPROXY_"
 # these addresses when nothing is configured.
 IMDS_ADDRESS = "169.254.169.254:80"
 CONTAINER_CREDENTIALS_ADDRESS = "169.254.170.23:80"
+
+Unit = Literal["seconds", "bytes", "count", "per second", "fraction", "connections", "requests"]
 
 
 def doc(
@@ -297,6 +299,22 @@ class BrokerConfig:
     sts_region: str = field(
         default="us-east-1", metadata=doc("region for STS and S3 requests", metavar="REGION")
     )
+    sts_regions: tuple[str, ...] = field(
+        default=(),
+        metadata=doc(
+            "STS regions in order of preference, comma-separated: calls go to the first whose "
+            "circuit is closed and move back when it recovers; empty: --sts-region alone",
+            metavar="REGION[,REGION...]",
+        ),
+    )
+    sts_region_endpoints: tuple[str, ...] = field(
+        default=(),
+        metadata=doc(
+            "STS endpoint per region, comma-separated (tests, FIPS, VPC endpoints); a region "
+            "without one uses https://sts.REGION.amazonaws.com",
+            metavar="REGION=URL[,REGION=URL...]",
+        ),
+    )
     s3_endpoint: str = field(
         default="",
         metadata=doc("S3 endpoint URL for audit shipping; empty: real AWS S3", metavar="URL"),
@@ -533,7 +551,12 @@ def _metavar(annotation: Any, meta: Mapping[str, str]) -> str:
 def _show_default(f: dataclasses.Field[Any]) -> str:
     if f.default_factory is not dataclasses.MISSING:
         return "" if f.name != "instance" else "the host name"
-    return show_value(f.default)
+    value = f.default
+    if value is None or value in ("", ()):
+        return "unset"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
 
 
 def field_docs(cls: type[Any]) -> list[FieldDoc]:
@@ -566,9 +589,15 @@ def field_docs(cls: type[Any]) -> list[FieldDoc]:
 
 
 def _help_line(d: FieldDoc) -> str:
-    return for_argparse(
-        help_text(d.help, unit=d.unit, allowed=d.allowed, default=d.default, env=d.env)
-    )
+    parts = [d.help + "."]
+    if d.unit:
+        parts.append(f"Unit: {d.unit}.")
+    if d.allowed:
+        parts.append(f"Allowed: {d.allowed}.")
+    parts.append(f"Default: {d.default}.")
+    parts.append(f"Env: {d.env}.")
+    # argparse %-formats help strings.
+    return " ".join(parts).replace("%", "%%")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
@@ -590,6 +619,17 @@ def parse_trust(spec: str) -> TrustedIssuer:
     if kind not in ("platform", "kubernetes"):
         raise ConfigError(f"--trust: kind {kind!r} must be platform or kubernetes")
     return TrustedIssuer(parts[0], parts[1], Path(parts[2]), kind)  # type: ignore[arg-type]
+
+
+def trusted_issuers(
+    specs: Sequence[str] | None, environ: Mapping[str, str] | None = None
+) -> tuple[TrustedIssuer, ...]:
+    """`--trust` values, else METAPROXY_TRUST (`;`-separated): what the broker trusts, for
+    commands that check against it (`policy check`)."""
+    environ = os.environ if environ is None else environ
+    if not specs:
+        specs = [s for s in environ.get(ENV_PREFIX + "TRUST", "").split(";") if s.strip()]
+    return tuple(parse_trust(spec) for spec in specs)
 
 
 def build_config(
@@ -629,8 +669,10 @@ def _validate(config: SidecarConfig | BrokerConfig | WebhookConfig, given: set[s
         if f.metadata.get("choices") == _LISTEN and value:
             for address in value if isinstance(value, tuple) else (value,):
                 split_host_port(address, _flag(f.name))
-    if isinstance(config, BrokerConfig | WebhookConfig):
-        check_tls_pair(config.tls_cert, config.tls_key)
+    if isinstance(config, BrokerConfig | WebhookConfig) and (config.tls_cert is None) != (
+        config.tls_key is None
+    ):
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
     if isinstance(config, SidecarConfig):
         if not 0.1 <= config.refresh_fraction <= 0.9:
             raise ConfigError("--refresh-fraction: must be between 0.1 and 0.9")
@@ -641,15 +683,6 @@ def _validate(config: SidecarConfig | BrokerConfig | WebhookConfig, given: set[s
         raise ConfigError("--image: must name the sidecar's container image")
     elif not config.broker_url.startswith("https://"):
         raise ConfigError("--broker-url: must be an https:// URL (sidecars verify the CA)")
-
-
-def check_tls_pair(cert: Path | None, key: Path | None) -> None:
-    """Half a pair is refused: serving plain HTTP without a word would put bearer tokens in
-    the clear. Checked here and again by `runtime.server_tls_context`, for servers started
-    from a config built in code."""
-    if (cert is None) != (key is None):
-        missing = "--tls-key" if key is None else "--tls-cert"
-        raise ConfigError(f"--tls-cert and --tls-key go together: {missing} is missing")
 
 
 def _validate_sidecar(config: SidecarConfig) -> None:
@@ -684,7 +717,31 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
+
+
+def _validate_sts_regions(config: BrokerConfig) -> None:
+    regions = config.sts_regions or (config.sts_region,)
+    for region in regions:
+        if not _REGION.match(region):
+            raise ConfigError(f"--sts-regions: {region!r} is not a region name (e.g. us-west-2)")
+        if regions.count(region) > 1:
+            raise ConfigError(f"--sts-regions: {region} is listed twice")
+    for entry in config.sts_region_endpoints:
+        region, sep, url = entry.partition("=")
+        if not sep or not url.startswith(("https://", "http://")):
+            raise ConfigError(f"--sts-region-endpoints: {entry!r} must be REGION=URL")
+        if region not in regions:
+            raise ConfigError(f"--sts-region-endpoints: {region!r} is not one of the STS regions")
+    if len(regions) > 1 and config.sts_endpoint:
+        raise ConfigError(
+            "--sts-endpoint names one endpoint for several --sts-regions; "
+            "give each region its own with --sts-region-endpoints"
+        )
+
+
 def _validate_broker(config: BrokerConfig, given: set[str]) -> None:
+    _validate_sts_regions(config)
     if config.workers_min < 1 or config.workers_max < config.workers_min:
         raise ConfigError("--workers-min/--workers-max: need 1 <= workers-min <= workers-max")
     if config.socket is not None and "listen" in given:
@@ -702,20 +759,14 @@ def readable_paths(config: SidecarConfig | BrokerConfig | WebhookConfig) -> None
     for issuer in getattr(config, "trusted_issuers", ()):
         checks.append(("--trust", issuer.jwks_file))
     for flag, path in checks:
-        check_readable(flag, path)
-
-
-def check_readable(flag: str, path: Path) -> None:
-    """`path` (a folder if `flag` ends in `-dir`) can be read; otherwise a run-time failure in
-    one line naming the flag and the file: `--key: /missing: No such file or directory`."""
-    try:
-        if flag.endswith("-dir"):
-            os.listdir(path)
-        else:
-            with path.open("rb"):
-                pass
-    except OSError as exc:
-        raise StartError(f"{flag}: {path}: {exc.strerror or exc}") from None
+        try:
+            if flag.endswith("-dir"):
+                os.listdir(path)
+            else:
+                with path.open("rb"):
+                    pass
+        except OSError as exc:
+            raise StartError(f"{flag}: {path}: {exc.strerror or exc}") from None
 
 
 def split_host_port(address: str, flag: str = "listen address") -> tuple[str, int]:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +26,14 @@ from metaproxy.broker.cache import CredentialCache
 from metaproxy.broker.fleet import ReplicaHeartbeat
 from metaproxy.broker.issuer import CredentialRequest, Issuer, RequestContext
 from metaproxy.broker.limits import TenantLimiter
+from metaproxy.broker.regions import regional_sts
 from metaproxy.broker.revocation import RevocationView
 from metaproxy.broker.scheduler import FairScheduler, StsScheduler
 from metaproxy.broker.shared_cache import SharedCredentials
 from metaproxy.broker.store import FleetStore, open_store
 from metaproxy.broker.store.base import ReplicaRegistry, Revocation, WitnessedCheckpoint
 from metaproxy.broker.store.sealing import KEY_BYTES, Sealer
-from metaproxy.broker.sts import AsyncSts, StsClient
+from metaproxy.broker.sts import StsClient
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import BrokerConfig
 from metaproxy.errors import BadRequest
@@ -74,7 +76,10 @@ def create_services(
 ) -> BrokerServices:
     """Build everything; raises ConfigError (e.g. a bad policy set) before anything listens."""
     clock = clock or SystemClock()
-    policies = instrument.CountedPolicyStore(config.policies_dir)
+    policies = instrument.CountedPolicyStore(
+        config.policies_dir,
+        [i.issuer for i in config.trusted_issuers if i.kind == "kubernetes"],
+    )
     if not config.trusted_issuers:
         from metaproxy.errors import ConfigError
 
@@ -101,15 +106,7 @@ def create_services(
         max_local_bytes=config.audit_max_local_bytes,  # pruned once shipped (`_Pruner`)
     )
     pruner.audit = audit
-    sts = instrument.TimedSts(
-        sts
-        or AsyncSts(
-            endpoint=config.sts_endpoint,
-            region=config.sts_region,
-            timeout=config.sts_timeout,
-            max_connections=config.workers_max,
-        )
-    )
+    sts = instrument.timed_regions(sts or regional_sts(config))
     scheduler = scheduler or FairScheduler.from_config(
         config, sts, clock, budget=store.budget(config.sts_budget_per_second)
     )
@@ -362,3 +359,19 @@ def build_admin_app(services: BrokerServices) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+def server_tls_context(config: BrokerConfig) -> ssl.SSLContext | None:
+    if (config.tls_cert is None) != (config.tls_key is None):
+        from metaproxy.errors import ConfigError
+
+        # One of the two alone used to serve plain HTTP without a word: bearer tokens in clear.
+        given, missing = (
+            ("tls_cert", "tls_key") if config.tls_key is None else ("tls_key", "tls_cert")
+        )
+        raise ConfigError(f"{missing}: required with --{given.replace('_', '-')}")
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    from metaproxy.broker.tls import server_context
+
+    return server_context(config.tls_cert, config.tls_key)

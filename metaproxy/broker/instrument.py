@@ -22,6 +22,7 @@ from aiohttp import web
 
 from metaproxy.audit.writer import AuditLog
 from metaproxy.broker import metrics
+from metaproxy.broker.regions import RegionalSts
 from metaproxy.broker.sts import AssumedRole, StsClient
 from metaproxy.errors import AuditUnavailable, MetaproxyError
 from metaproxy.httperrors import Handler
@@ -128,12 +129,20 @@ class TimedSts:
     ) -> AssumedRole:
         started = time.perf_counter()
         try:
-            return await self._inner.assume_role(spec, signed_with=signed_with)
+            role = await self._inner.assume_role(spec, signed_with=signed_with)
         finally:
             metrics.STS_SECONDS.observe(time.perf_counter() - started)
+        if role.packed_policy_size is not None:
+            metrics.PACKED_POLICY_PERCENT.observe(role.packed_policy_size)
+        return role
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+def timed_regions(sts: StsClient) -> RegionalSts:
+    """Each region's client timed (a bare client is one region)."""
+    return RegionalSts((name, TimedSts(client)) for name, client in RegionalSts.of(sts).regions)
 
 
 class CountedPolicyStore(PolicyStore):
@@ -174,6 +183,7 @@ class ScrapeState:
         self._fleet = fleet
         self._seen: dict[str, float] = dict.fromkeys(_STS_RESULTS, 0.0)
         self._shared_seen: dict[str, float] = {}
+        self._region_seen: dict[str, float] = {}
 
     def refresh(self) -> None:
         try:
@@ -196,8 +206,24 @@ class ScrapeState:
         if self.open_connections is not None:
             metrics.OPEN_CONNECTIONS.set(self.open_connections())
         metrics.BUDGET_SHARE.set(float(stats.get("budget_share_per_second", 0.0)))
+        self._refresh_regions(stats)
         if self._fleet is not None:
             self._refresh_fleet(self._fleet())
+
+    def _refresh_regions(self, stats: Mapping[str, Any]) -> None:
+        """`circuit_state.REGION` and `sts_calls.REGION.RESULT` (scheduler stats, regions.py)."""
+        for key, value in stats.items():
+            if key.startswith("circuit_state."):
+                region = key.removeprefix("circuit_state.")
+                metrics.STS_REGION_CIRCUIT.labels(region=region).set(float(value))
+            elif key.startswith("sts_calls."):
+                region, _, result = key.removeprefix("sts_calls.").rpartition(".")
+                seen = self._region_seen.get(key, 0.0)
+                if float(value) > seen:
+                    metrics.STS_REGION_CALLS.labels(region=region, result=result).inc(
+                        float(value) - seen
+                    )
+                self._region_seen[key] = float(value)
 
     def _refresh_fleet(self, fleet: Mapping[str, float]) -> None:
         metrics.STORE_UP.set(fleet.get("store_up", 1.0))

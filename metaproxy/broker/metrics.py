@@ -17,6 +17,8 @@ REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 STS_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Audit writes are synced; the broker refuses to issue when one exceeds audit_write_timeout
 # (0.5 s by default).
+# A percentage; the alert fires at 80 (deploy/prometheus/alerts.yaml).
+PACKED_POLICY_BUCKETS = (10.0, 25.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 100.0)
 AUDIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 REQUESTS = Counter(
@@ -89,6 +91,23 @@ POLICY_RELOADS = Counter(
     "Policy reloads, by result (ok, error); on error the last good policy set stays in force.",
     ["result"],
 )
+STS_REGION_CALLS = Counter(
+    "metaproxy_broker_sts_region_calls_total",
+    "STS AssumeRole attempts by region (--sts-regions) and result (ok, throttled, error).",
+    ["region", "result"],
+)
+STS_REGION_CIRCUIT = Gauge(
+    "metaproxy_broker_sts_region_circuit_state",
+    "Each STS region's circuit: 0 closed, 1 half-open (probing), 2 open (calls go to the next "
+    "region).",
+    ["region"],
+)
+PACKED_POLICY_PERCENT = Histogram(
+    "metaproxy_broker_sts_packed_policy_percent",
+    "STS's PackedPolicySize of each AssumeRole: the session policy and tags as a percentage of "
+    "what STS accepts (over 100 is refused with PackedPolicyTooLarge).",
+    buckets=PACKED_POLICY_BUCKETS,
+)
 # The fleet (docs/fleet.md).
 STORE_UP = Gauge(
     "metaproxy_broker_store_up",
@@ -136,6 +155,9 @@ _ALL: tuple[MetricWrapperBase, ...] = (
     OPEN_CONNECTIONS,
     CIRCUIT_OPEN,
     POLICY_RELOADS,
+    STS_REGION_CALLS,
+    STS_REGION_CIRCUIT,
+    PACKED_POLICY_PERCENT,
 )
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,6 +35,7 @@ from metaproxy.broker.autoscale import (
 from metaproxy.broker.budget import CallWindow
 from metaproxy.broker.circuit import STATE_CODES, CircuitBreaker
 from metaproxy.broker.fairqueue import FairQueue, Priority, QueueFull, RetrySlots
+from metaproxy.broker.regions import RegionRoutes, Route
 from metaproxy.broker.store.base import StsBudget
 from metaproxy.broker.store.memory import LocalBudget
 from metaproxy.broker.sts import AssumedRole, StsClient, StsThrottled
@@ -63,14 +65,17 @@ def full_jitter_backoff(attempt: int, *, base: float = 0.1, cap: float = 5.0) ->
 
 
 class StsCaller:
-    """One AssumeRole, with retries: each attempt inside the budget, timed out, and counted."""
+    """One AssumeRole, with retries: each attempt inside the budget, timed out, and counted.
+
+    `sts` may be a `RegionalSts`: each attempt then goes to the first region whose circuit lets
+    it through (`regions.py`); `breaker` makes one circuit per region."""
 
     def __init__(
         self,
         sts: StsClient,
         *,
         budget_per_second: float,
-        breaker: CircuitBreaker,
+        breaker: Callable[[], CircuitBreaker],
         clock: Clock,
         max_attempts: int = 4,
         call_timeout: float = 10.0,
@@ -78,13 +83,12 @@ class StsCaller:
         backoff_cap: float = 5.0,
         budget: StsBudget | None = None,
     ) -> None:
-        self._sts = sts
+        self.routes = RegionRoutes(sts, breaker)
         self.budget_per_second = budget_per_second
         # Paces calls within the budget (the fleet's, when the store is shared); the call
         # window below is this process's hard cap at the moment of sending.
         self._budget: StsBudget = budget or LocalBudget(budget_per_second)
         self._window = CallWindow.for_budget(budget_per_second)
-        self.breaker = breaker
         self._clock = clock
         self._max_attempts = max(1, max_attempts)
         self._call_timeout = call_timeout
@@ -100,7 +104,7 @@ class StsCaller:
         self.fast_failures = 0  # failed by the open circuit without calling STS
 
     def circuit_retry_after(self) -> float:
-        return max(1.0, self.breaker.retry_after())
+        return max(1.0, self.routes.retry_after())
 
     async def take_budget(self) -> None:
         """Wait for one call's worth of the budget (for a caller that picks its work after)."""
@@ -128,27 +132,32 @@ class StsCaller:
         signed_with: Credentials | None = None,
     ) -> AssumedRole:
         error: MetaproxyError = StsUnavailable("AssumeRole not attempted")
+        failed_region: str | None = None
         for attempt in range(self._max_attempts):
-            if not self.breaker.allow():
+            route = self.routes.pick(avoid=failed_region)
+            if route is None:
                 self.fast_failures += 1
                 raise StsUnavailable(
                     "STS circuit open; not calling", retry_after=self.circuit_retry_after()
                 )
             if attempt or not budget_taken:
                 await self._budget.acquire()
-            outcome = await self._attempt(spec, signed_with)
+            outcome = await self._attempt(route, spec, signed_with)
             if isinstance(outcome, AssumedRole):
                 return outcome
             error = outcome
             if isinstance(error, UpstreamError) or attempt + 1 == self._max_attempts:
                 break
+            # A region that did not answer: the retry goes to another one, if any will take it.
+            is_down = isinstance(error, StsUnavailable) and not isinstance(error, StsThrottled)
+            failed_region = route.region if is_down else None
             await asyncio.sleep(
                 full_jitter_backoff(attempt, base=self._backoff_base, cap=self._backoff_cap)
             )
         raise error
 
     async def _attempt(
-        self, spec: AssumeRoleSpec, signed_with: Credentials | None
+        self, route: Route, spec: AssumeRoleSpec, signed_with: Credentials | None
     ) -> AssumedRole | MetaproxyError:
         """Make one call and return its outcome as a value (errors included)."""
         self.calls += 1
@@ -159,7 +168,7 @@ class StsCaller:
             # Inline, not wait_for: wait_for would start the call as a new task, one event-loop
             # turn after the window counted it, and a turn can be long on a busy broker.
             async with asyncio.timeout(self._call_timeout):
-                outcome = await self._sts.assume_role(spec, signed_with=signed_with)
+                outcome = await route.client.assume_role(spec, signed_with=signed_with)
         except TimeoutError:
             self.timeouts += 1
             outcome = StsUnavailable(
@@ -168,32 +177,36 @@ class StsCaller:
         except MetaproxyError as exc:
             outcome = exc
         except asyncio.CancelledError:
-            self.breaker.record_neutral()  # free a half-open probe slot
+            route.breaker.record_neutral()  # free a half-open probe slot
             raise
         except Exception:
             # Never pass unknown error text on: log it here, give the caller our own error.
             log.exception("unexpected error from the STS client")
             outcome = StsUnavailable(f"AssumeRole {spec.role_arn}: unexpected client error")
-        self._record(outcome, self._clock.monotonic() - started)
+        self._record(route, outcome, self._clock.monotonic() - started)
         return outcome
 
-    def _record(self, outcome: AssumedRole | MetaproxyError, seconds: float) -> None:
+    def _record(self, route: Route, outcome: AssumedRole | MetaproxyError, seconds: float) -> None:
+        breaker = route.breaker
         if isinstance(outcome, AssumedRole):
             self.ok += 1
-            self.breaker.record_success()
+            route.results["ok"] += 1
+            breaker.record_success()
             self.latency.update(seconds, self._clock.monotonic())
-        elif isinstance(outcome, StsThrottled):
+            return
+        route.results["throttled" if isinstance(outcome, StsThrottled) else "error"] += 1
+        if isinstance(outcome, StsThrottled):
             self.throttles += 1
-            self.breaker.record_neutral()  # STS answered; it is busy, not down
+            breaker.record_neutral()  # STS answered; it is busy, not down
         elif isinstance(outcome, StsUnavailable):
             self.errors += 1
-            self.breaker.record_failure()
+            breaker.record_failure()
         elif isinstance(outcome, UpstreamError):
             self.refused += 1
-            self.breaker.record_success()  # STS answered: it is up
+            breaker.record_success()  # STS answered: it is up
         else:
             self.errors += 1
-            self.breaker.record_neutral()
+            breaker.record_neutral()
 
     def stats(self) -> dict[str, float]:
         return {
@@ -205,12 +218,14 @@ class StsCaller:
             "sts_refused": float(self.refused),
             "fast_failures": float(self.fast_failures),
             "sts_latency_seconds": self.latency.value,
-            "circuit_state": STATE_CODES[self.breaker.state],
-            "circuit_open": 1.0 if self.breaker.state == "open" else 0.0,
-            "circuit_opened": float(self.breaker.opened),
+            # With several regions: the best of them; open only when every region is.
+            "circuit_state": self.routes.state_code,
+            "circuit_open": 1.0 if self.routes.state_code == STATE_CODES["open"] else 0.0,
+            "circuit_opened": float(self.routes.opened),
             "budget_per_second": self.budget_per_second,
             "budget_window_waits": float(self._window.waits),
             **self._budget.stats(),
+            **self.routes.stats(),
         }
 
 
@@ -264,13 +279,12 @@ class FairScheduler:
         budget: StsBudget | None = None,
     ) -> None:
         self._clock: Clock = clock or SystemClock()
-        breaker = CircuitBreaker(
-            self._clock, failure_threshold=failure_threshold, cool_down=cool_down
-        )
         self.caller = StsCaller(
             sts,
             budget_per_second=budget_per_second,
-            breaker=breaker,
+            breaker=lambda: CircuitBreaker(
+                self._clock, failure_threshold=failure_threshold, cool_down=cool_down
+            ),
             clock=self._clock,
             max_attempts=max_attempts,
             call_timeout=call_timeout,
@@ -322,7 +336,7 @@ class FairScheduler:
         if self._closed:
             raise StsUnavailable("broker is shutting down")
         self._ensure_running()
-        if self.caller.breaker.rejects_now():
+        if self.caller.routes.rejects_now():
             # Fail fast: queueing would only make the caller wait for a call we will not make.
             self.caller.fast_failures += 1
             raise StsUnavailable("STS circuit open", retry_after=self.caller.circuit_retry_after())
@@ -485,7 +499,7 @@ class FixedPoolScheduler:
         self.caller = StsCaller(
             sts,
             budget_per_second=budget_per_second,
-            breaker=CircuitBreaker(clock),
+            breaker=lambda: CircuitBreaker(clock),
             clock=clock,
             max_attempts=max_attempts,
             call_timeout=call_timeout,
