@@ -21,11 +21,12 @@ import re
 import types
 import typing
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from metaproxy.clihelp import Unit, for_argparse, help_text, show_value
 from metaproxy.errors import ConfigError, StartError
 
 ENV_PREFIX = "METAPROXY_"
@@ -34,8 +35,6 @@ ENV_PREFIX = "METAPROXY_"
 # these addresses when nothing is configured.
 IMDS_ADDRESS = "169.254.169.254:80"
 CONTAINER_CREDENTIALS_ADDRESS = "169.254.170.23:80"
-
-Unit = Literal["seconds", "bytes", "count", "per second", "fraction", "connections", "requests"]
 
 
 def doc(
@@ -551,12 +550,7 @@ def _metavar(annotation: Any, meta: Mapping[str, str]) -> str:
 def _show_default(f: dataclasses.Field[Any]) -> str:
     if f.default_factory is not dataclasses.MISSING:
         return "" if f.name != "instance" else "the host name"
-    value = f.default
-    if value is None or value in ("", ()):
-        return "unset"
-    if isinstance(value, tuple):
-        return ",".join(map(str, value))
-    return str(value)
+    return show_value(f.default)
 
 
 def field_docs(cls: type[Any]) -> list[FieldDoc]:
@@ -589,15 +583,9 @@ def field_docs(cls: type[Any]) -> list[FieldDoc]:
 
 
 def _help_line(d: FieldDoc) -> str:
-    parts = [d.help + "."]
-    if d.unit:
-        parts.append(f"Unit: {d.unit}.")
-    if d.allowed:
-        parts.append(f"Allowed: {d.allowed}.")
-    parts.append(f"Default: {d.default}.")
-    parts.append(f"Env: {d.env}.")
-    # argparse %-formats help strings.
-    return " ".join(parts).replace("%", "%%")
+    return for_argparse(
+        help_text(d.help, unit=d.unit, allowed=d.allowed, default=d.default, env=d.env)
+    )
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
@@ -619,17 +607,6 @@ def parse_trust(spec: str) -> TrustedIssuer:
     if kind not in ("platform", "kubernetes"):
         raise ConfigError(f"--trust: kind {kind!r} must be platform or kubernetes")
     return TrustedIssuer(parts[0], parts[1], Path(parts[2]), kind)  # type: ignore[arg-type]
-
-
-def trusted_issuers(
-    specs: Sequence[str] | None, environ: Mapping[str, str] | None = None
-) -> tuple[TrustedIssuer, ...]:
-    """`--trust` values, else METAPROXY_TRUST (`;`-separated): what the broker trusts, for
-    commands that check against it (`policy check`)."""
-    environ = os.environ if environ is None else environ
-    if not specs:
-        specs = [s for s in environ.get(ENV_PREFIX + "TRUST", "").split(";") if s.strip()]
-    return tuple(parse_trust(spec) for spec in specs)
 
 
 def build_config(
@@ -669,10 +646,8 @@ def _validate(config: SidecarConfig | BrokerConfig | WebhookConfig, given: set[s
         if f.metadata.get("choices") == _LISTEN and value:
             for address in value if isinstance(value, tuple) else (value,):
                 split_host_port(address, _flag(f.name))
-    if isinstance(config, BrokerConfig | WebhookConfig) and (config.tls_cert is None) != (
-        config.tls_key is None
-    ):
-        raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+    if isinstance(config, BrokerConfig | WebhookConfig):
+        check_tls_pair(config.tls_cert, config.tls_key)
     if isinstance(config, SidecarConfig):
         if not 0.1 <= config.refresh_fraction <= 0.9:
             raise ConfigError("--refresh-fraction: must be between 0.1 and 0.9")
@@ -683,6 +658,15 @@ def _validate(config: SidecarConfig | BrokerConfig | WebhookConfig, given: set[s
         raise ConfigError("--image: must name the sidecar's container image")
     elif not config.broker_url.startswith("https://"):
         raise ConfigError("--broker-url: must be an https:// URL (sidecars verify the CA)")
+
+
+def check_tls_pair(cert: Path | None, key: Path | None) -> None:
+    """Half a pair is refused: serving plain HTTP without a word would put bearer tokens in
+    the clear. Checked here and again by `runtime.server_tls_context`, for servers started
+    from a config built in code."""
+    if (cert is None) != (key is None):
+        missing = "--tls-key" if key is None else "--tls-cert"
+        raise ConfigError(f"--tls-cert and --tls-key go together: {missing} is missing")
 
 
 def _validate_sidecar(config: SidecarConfig) -> None:
@@ -759,14 +743,20 @@ def readable_paths(config: SidecarConfig | BrokerConfig | WebhookConfig) -> None
     for issuer in getattr(config, "trusted_issuers", ()):
         checks.append(("--trust", issuer.jwks_file))
     for flag, path in checks:
-        try:
-            if flag.endswith("-dir"):
-                os.listdir(path)
-            else:
-                with path.open("rb"):
-                    pass
-        except OSError as exc:
-            raise StartError(f"{flag}: {path}: {exc.strerror or exc}") from None
+        check_readable(flag, path)
+
+
+def check_readable(flag: str, path: Path) -> None:
+    """`path` (a folder if `flag` ends in `-dir`) can be read; otherwise a run-time failure in
+    one line naming the flag and the file: `--key: /missing: No such file or directory`."""
+    try:
+        if flag.endswith("-dir"):
+            os.listdir(path)
+        else:
+            with path.open("rb"):
+                pass
+    except OSError as exc:
+        raise StartError(f"{flag}: {path}: {exc.strerror or exc}") from None
 
 
 def split_host_port(address: str, flag: str = "listen address") -> tuple[str, int]:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,10 +75,7 @@ def create_services(
 ) -> BrokerServices:
     """Build everything; raises ConfigError (e.g. a bad policy set) before anything listens."""
     clock = clock or SystemClock()
-    policies = instrument.CountedPolicyStore(
-        config.policies_dir,
-        [i.issuer for i in config.trusted_issuers if i.kind == "kubernetes"],
-    )
+    policies = instrument.CountedPolicyStore(config.policies_dir)
     if not config.trusted_issuers:
         from metaproxy.errors import ConfigError
 
@@ -359,19 +355,3 @@ def build_admin_app(services: BrokerServices) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
-
-
-def server_tls_context(config: BrokerConfig) -> ssl.SSLContext | None:
-    if (config.tls_cert is None) != (config.tls_key is None):
-        from metaproxy.errors import ConfigError
-
-        # One of the two alone used to serve plain HTTP without a word: bearer tokens in clear.
-        given, missing = (
-            ("tls_cert", "tls_key") if config.tls_key is None else ("tls_key", "tls_cert")
-        )
-        raise ConfigError(f"{missing}: required with --{given.replace('_', '-')}")
-    if config.tls_cert is None or config.tls_key is None:
-        return None
-    from metaproxy.broker.tls import server_context
-
-    return server_context(config.tls_cert, config.tls_key)
