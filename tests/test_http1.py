@@ -242,3 +242,13 @@ async def test_pipelined_head_behind_a_slow_answer_has_the_deadline(server: Runn
     assert answer.count(b"HTTP/1.1 ") == 2
     assert b"HTTP/1.1 408 " in answer
     assert "header_timeout" in server.rejects
+
+
+@pytest.mark.parametrize("moment", [0.0, 784_111_777.0, 1_700_000_000.5, 4_102_444_799.0])
+def test_date_header_is_the_imf_fixdate(moment: float) -> None:
+    """The Date header is exactly what email.utils writes (RFC 9110's IMF-fixdate)."""
+    import email.utils
+
+    from metaproxy.sidecar.http1 import http_date
+
+    assert http_date(moment) == email.utils.formatdate(moment, usegmt=True)

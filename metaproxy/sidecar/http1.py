@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import logging
+import time
 import typing
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -37,7 +37,19 @@ REASONS = {
     431: "Request Header Fields Too Large", 500: "Internal Server Error",
     503: "Service Unavailable",
 }  # fmt: skip
-MAX_PIPELINED = 16  # requests queued on one connection before we stop reading from it
+MAX_PIPELINED = 16
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(seconds: float) -> str:
+    """RFC 9110's IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), without `email.utils`: that
+    package is a few megabytes of every pod's memory for one header."""
+    t = time.gmtime(seconds)
+    return (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
+    )  # requests queued on one connection before we stop reading from it
 
 
 @dataclass(slots=True)
@@ -90,7 +102,7 @@ class ConnectionTracker:
         self._refresh_date()
 
     def _refresh_date(self) -> None:
-        self.date_header = email.utils.formatdate(usegmt=True).encode("ascii")
+        self.date_header = http_date(time.time()).encode("ascii")
 
     @property
     def busy(self) -> int:
