@@ -243,6 +243,21 @@ class BrokerConfig:
         default=30,
         metadata=doc("clock skew tolerated on identity tokens' exp/nbf/iat", unit="seconds"),
     )
+    cluster_name: str = field(
+        default="",
+        metadata=doc(
+            "the Kubernetes cluster's name, ${cluster_name} in policy templates (EKS Pod "
+            "Identity's eks-cluster-name tag)",
+            metavar="NAME",
+        ),
+    )
+    cluster_arn: str = field(
+        default="",
+        metadata=doc(
+            "the cluster's ARN, ${cluster_arn} in policy templates (eks-cluster-arn)",
+            metavar="ARN",
+        ),
+    )
     document_key: Path | None = field(
         default=None,
         metadata=doc(
@@ -724,8 +739,16 @@ def _validate_sts_regions(config: BrokerConfig) -> None:
         )
 
 
+_CLUSTER_ARN = re.compile(r"^arn:aws[-a-z]*:eks:[a-z0-9-]+:\d{12}:cluster/[A-Za-z0-9][\w-]*$")
+
+
 def _validate_broker(config: BrokerConfig, given: set[str]) -> None:
     _validate_sts_regions(config)
+    if config.cluster_arn and not _CLUSTER_ARN.match(config.cluster_arn):
+        raise ConfigError(
+            f"--cluster-arn: {config.cluster_arn!r} is not an EKS cluster ARN "
+            "(arn:aws:eks:REGION:ACCOUNT:cluster/NAME)"
+        )
     if config.workers_min < 1 or config.workers_max < config.workers_min:
         raise ConfigError("--workers-min/--workers-max: need 1 <= workers-min <= workers-max")
     if config.socket is not None and "listen" in given:

@@ -81,7 +81,11 @@ def create_services(
 
         raise ConfigError("trusted_issuers: at least one --trust ISSUER,AUDIENCE,JWKS is needed")
     verifier = IdentityVerifier(
-        config.trusted_issuers, leeway=config.token_leeway_seconds, clock=clock
+        config.trusted_issuers,
+        leeway=config.token_leeway_seconds,
+        clock=clock,
+        cluster_name=config.cluster_name,
+        cluster_arn=config.cluster_arn,
     )
     config.audit_dir.mkdir(parents=True, exist_ok=True)
     pruner = _Pruner()

@@ -8,6 +8,7 @@ Rejections raise `Unauthenticated` whose detail names the failed check and never
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -139,11 +140,16 @@ class IdentityVerifier:
         *,
         leeway: int = 30,
         clock: Clock | None = None,
+        cluster_name: str = "",
+        cluster_arn: str = "",
     ) -> None:
+        """`cluster_name`, `cluster_arn`: the cluster Kubernetes identities come from, for
+        EKS Pod Identity-compatible session tags (`${cluster_name}`, `${cluster_arn}`)."""
         if not 0 <= leeway <= 300:
             raise ConfigError("token leeway must be between 0 and 300 seconds")
         self._leeway = leeway
         self._clock: Clock = clock or SystemClock()
+        self._cluster = (cluster_name, cluster_arn)
         self._issuers: dict[str, _IssuerKeys] = {}
         for trust in issuers:
             if trust.issuer in self._issuers:
@@ -177,7 +183,9 @@ class IdentityVerifier:
             raise Unauthenticated("malformed token: empty signature", reason="malformed")
         claims = self._decode(token, claims_unverified, key, alg, entry.trust)
         if entry.trust.kind == "kubernetes":
-            return self._kubernetes_identity(claims)
+            identity = self._kubernetes_identity(claims)
+            cluster_name, cluster_arn = self._cluster
+            return dataclasses.replace(identity, cluster_name=cluster_name, cluster_arn=cluster_arn)
         return self._platform_identity(claims)
 
     # -- structure and header -------------------------------------------------------------
@@ -369,12 +377,15 @@ class IdentityVerifier:
             )
         task = account_name
         pod = k8s.get("pod")
+        pod_name = pod_uid = ""
         if pod is not None:
             if not isinstance(pod, dict):
                 raise Unauthenticated(
                     "claim kubernetes.io.pod must be an object", reason="invalid_claims"
                 )
-            task = _text(pod, "name", required=False) or _text(pod, "uid", required=False) or task
+            pod_name = _text(pod, "name", required=False)
+            pod_uid = _text(pod, "uid", required=False)
+            task = pod_name or pod_uid or task
         return Identity(
             kind="kubernetes",
             issuer=_text(claims, "iss"),
@@ -386,4 +397,6 @@ class IdentityVerifier:
             service_account=account_name,
             token_id=_text(claims, "jti", required=False),
             expires_at=_number(claims, "exp"),
+            pod_name=pod_name,
+            pod_uid=pod_uid,
         )
