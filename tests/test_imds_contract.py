@@ -210,6 +210,53 @@ async def test_other_role_is_404(sidecar: SidecarServer, role: str) -> None:
     assert_aws_error(await get(sidecar, CREDS + role), 404, "Not Found")
 
 
+EXTENDED = "/latest/meta-data/iam/security-credentials-extended/"
+
+
+@pytest.mark.parametrize("path", [EXTENDED, EXTENDED.rstrip("/")])
+async def test_extended_listing_is_exactly_one_name(sidecar: SidecarServer, path: str) -> None:
+    """security-credentials-extended/ lists the bare role name, as security-credentials/ does."""
+    answer = await get(sidecar, path)
+    assert (answer.status, answer.body) == (200, ROLE)
+    assert answer.headers["Content-Type"] == "text/plain"
+
+
+@pytest.mark.parametrize("suffix", ["", "/"])
+async def test_extended_document_adds_the_account_id(sidecar: SidecarServer, suffix: str) -> None:
+    """The extended document: the legacy fields, then `AccountId`, the same credentials."""
+    answer = await get(sidecar, EXTENDED + ROLE + suffix)
+    assert answer.status == 200
+    assert answer.headers["Content-Type"] == "text/plain"
+    document = json.loads(answer.body)
+    assert list(document) == [
+        "Code", "LastUpdated", "Type", "AccessKeyId", "SecretAccessKey", "Token", "Expiration",
+        "AccountId",
+    ]  # fmt: skip
+    assert (document["Code"], document["AccountId"]) == ("Success", "111111111111")
+    assert TIMESTAMP.match(document["Expiration"])
+    legacy = json.loads((await get(sidecar, CREDS + ROLE)).body)
+    assert {k: v for k, v in document.items() if k != "AccountId"} == legacy
+
+
+@pytest.mark.parametrize("path", [EXTENDED, EXTENDED + ROLE])
+async def test_extended_path_without_a_token_is_401_when_v1_is_refused(
+    sidecar: SidecarServer, path: str
+) -> None:
+    """The extended path keeps the token rules: no token, IMDSv1 refused, 401."""
+    assert_aws_error(await call("GET", sidecar.imds_url + path), 401, "Unauthorized")
+
+
+@pytest.mark.parametrize("role", ["globex-app", "host-role", ROLE + "/extra"])
+async def test_extended_other_role_is_404(sidecar: SidecarServer, role: str) -> None:
+    """Only the task's own role, under the extended path too; nothing is asked of the host."""
+    assert_aws_error(await get(sidecar, EXTENDED + role), 404, "Not Found")
+
+
+async def test_iam_listing_is_unchanged_by_the_extended_path(sidecar: SidecarServer) -> None:
+    """iam/ lists what it listed before: SDKs that do not know the extended path see no change."""
+    assert (await get(sidecar, "/latest/meta-data/iam/")).body == "info\nsecurity-credentials/"
+
+
 async def test_iam_info_names_the_instance_profile(sidecar: SidecarServer) -> None:
     """iam/info carries Code, LastUpdated, InstanceProfileArn and InstanceProfileId."""
     answer = await get(sidecar, "/latest/meta-data/iam/info")

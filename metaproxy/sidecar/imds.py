@@ -38,6 +38,10 @@ VERSIONS = (
     "2021-07-15", "2022-09-24", "2024-04-11", "latest",
 )  # fmt: skip
 _VERSION_SET = frozenset(VERSIONS)
+CREDENTIALS = ["meta-data", "iam", "security-credentials"]
+# Java v2, Rust, Ruby, PHP and JS SDKs ask here first for the document with AccountId, and fall
+# back to `security-credentials/` on a 404.
+EXTENDED = ["meta-data", "iam", "security-credentials-extended"]
 
 _ERROR_TITLES = {
     400: "400 - Bad Request",
@@ -85,19 +89,22 @@ def _aws_json(document: dict[str, str]) -> str:
     return json.dumps(document, indent=2, separators=(",", " : "))
 
 
-def credentials_document(grant: Grant) -> str:
+def credentials_document(grant: Grant, *, extended: bool = False) -> str:
+    """The role's credential document; `extended` (`security-credentials-extended/ROLE`, which
+    current SDKs ask first) adds the account id the credentials belong to."""
     creds = grant.credentials
-    return _aws_json(
-        {
-            "Code": "Success",
-            "LastUpdated": iso_z(grant.issued_at),
-            "Type": "AWS-HMAC",
-            "AccessKeyId": creds.access_key_id,
-            "SecretAccessKey": creds.secret_access_key,
-            "Token": creds.session_token,
-            "Expiration": iso_z(creds.expiration),
-        }
-    )
+    document = {
+        "Code": "Success",
+        "LastUpdated": iso_z(grant.issued_at),
+        "Type": "AWS-HMAC",
+        "AccessKeyId": creds.access_key_id,
+        "SecretAccessKey": creds.secret_access_key,
+        "Token": creds.session_token,
+        "Expiration": iso_z(creds.expiration),
+    }
+    if extended:
+        document["AccountId"] = grant.account_id
+    return _aws_json(document)
 
 
 def metadata_tree(grant: Grant) -> dict[str, Any]:
@@ -147,6 +154,7 @@ class _View:
     grant: Grant
     tree: dict[str, Any]
     credentials: Response
+    extended: Response
 
 
 _view: _View | None = None
@@ -157,7 +165,12 @@ def view_of(grant: Grant) -> _View:
     global _view  # noqa: PLW0603 - a one-entry cache; grants change every half hour
     view = _view
     if view is None or view.grant is not grant:
-        view = _View(grant, metadata_tree(grant), text(credentials_document(grant)))
+        view = _View(
+            grant,
+            metadata_tree(grant),
+            text(credentials_document(grant)),
+            text(credentials_document(grant, extended=True)),
+        )
         _view = view
     return view
 
@@ -223,6 +236,8 @@ async def _after_refresh(state: SidecarState, rest: list[str]) -> Response:
 
 def _lookup(state: SidecarState, grant: Grant, rest: list[str]) -> Response | Awaitable[Response]:
     view = view_of(grant)
+    if rest[:3] == EXTENDED:
+        return _extended(view, rest[3:])
     node: Any = view.tree
     for name in rest:
         if not (isinstance(node, dict) and name in node):
@@ -233,8 +248,19 @@ def _lookup(state: SidecarState, grant: Grant, rest: list[str]) -> Response | Aw
     return text(listing(node) if isinstance(node, dict) else node)
 
 
+def _extended(view: _View, below: list[str]) -> Response:
+    """`iam/security-credentials-extended/` and `.../ROLE`, as current EC2 serves them. Left
+    out of the `iam/` listing, which SDKs that do not know the path read as before; never
+    forwarded to the host, whose role it would name."""
+    if not below:
+        return text(view.grant.role_name)
+    if below == [view.grant.role_name]:
+        return view.extended
+    return aws_error(404)
+
+
 def _wants_credentials(rest: list[str]) -> bool:
-    return len(rest) == 4 and rest[:3] == ["meta-data", "iam", "security-credentials"]
+    return len(rest) == 4 and rest[:3] in (CREDENTIALS, EXTENDED)
 
 
 def _host_passthrough(state: SidecarState, subpath: str) -> Response | Awaitable[Response]:
