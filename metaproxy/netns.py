@@ -38,10 +38,20 @@ DEFAULT_RUNTIME_DIR = Path("/run/metaproxy")
 # the `dummy` kernel module (absent on many hosts and sandboxes), and a /32 on `lo` is local to
 # the namespace only, so nothing outside it can reach these addresses.
 TASK_INTERFACE = "lo"
-TASK_ADDRESSES = (
+# Where tasks on IPv6 find the same two services: botocore's and the other SDKs' IPv6 IMDS
+# endpoint, and the container-credentials address EKS Pod Identity uses on IPv6 clusters.
+IMDS_ADDRESS_V6 = "[fd00:ec2::254]:80"
+CONTAINER_CREDENTIALS_ADDRESS_V6 = "[fd00:ec2::23]:80"
+TASK_ADDRESSES_V4 = (
     IMDS_ADDRESS.rpartition(":")[0] + "/32",
     CONTAINER_CREDENTIALS_ADDRESS.rpartition(":")[0] + "/32",
 )
+TASK_ADDRESSES_V6 = (
+    IMDS_ADDRESS_V6.rpartition(":")[0].strip("[]") + "/128",
+    CONTAINER_CREDENTIALS_ADDRESS_V6.rpartition(":")[0].strip("[]") + "/128",
+)
+TASK_ADDRESSES = TASK_ADDRESSES_V4 + TASK_ADDRESSES_V6
+IPV6_SYSCTLS = Path("/proc/sys/net/ipv6")  # absent when the kernel runs without IPv6
 # Listen addresses and the ready file are what make a sidecar "attached"; letting the caller
 # change them would silently break the SDK's defaults or the host's readiness probe.
 OWNED_SIDECAR_FLAGS = ("--imds-listen", "--container-listen", "--admin-listen", "--ready-file")
@@ -277,8 +287,17 @@ def release(name: str, paths: TaskPaths, stop_timeout: float) -> int | None:
     return stopped
 
 
+def ipv6_available() -> bool:
+    return IPV6_SYSCTLS.is_dir()
+
+
 def sidecar_command(name: str, paths: TaskPaths, sidecar_args: list[str]) -> list[str]:
-    """`nsenter --net=… python -m metaproxy sidecar …` bound to the SDKs' default addresses."""
+    """`nsenter --net=… python -m metaproxy sidecar …` bound to the SDKs' default addresses
+    (IPv4, and IPv6 when the kernel has it)."""
+    imds, container = [IMDS_ADDRESS], [CONTAINER_CREDENTIALS_ADDRESS]
+    if ipv6_available():
+        imds.append(IMDS_ADDRESS_V6)
+        container.append(CONTAINER_CREDENTIALS_ADDRESS_V6)
     return [
         _tool("nsenter"),
         f"--net={NETNS_DIR / name}",
@@ -288,8 +307,8 @@ def sidecar_command(name: str, paths: TaskPaths, sidecar_args: list[str]) -> lis
         "metaproxy",
         "sidecar",
         *sidecar_args,
-        f"--imds-listen={IMDS_ADDRESS}",
-        f"--container-listen={CONTAINER_CREDENTIALS_ADDRESS}",
+        f"--imds-listen={','.join(imds)}",
+        f"--container-listen={','.join(container)}",
         f"--admin-listen=unix:{paths.admin_socket}",
         f"--ready-file={paths.ready_file}",
     ]
@@ -314,14 +333,20 @@ def _ip(*args: str, allow_missing: bool = False) -> None:
 
 def add_task_addresses(name: str) -> None:
     _ip("-n", name, "link", "set", TASK_INTERFACE, "up")
-    for address in TASK_ADDRESSES:
+    for address in TASK_ADDRESSES_V4:
         # `replace`, not `add`: attaching again after a crash must not fail on a leftover.
         _ip("-n", name, "addr", "replace", address, "dev", TASK_INTERFACE)
+    if ipv6_available():
+        for address in TASK_ADDRESSES_V6:
+            # nodad: usable at once, not "tentative" while duplicate detection runs (the
+            # sidecar could not bind it yet).
+            _ip("-n", name, "addr", "replace", address, "dev", TASK_INTERFACE, "nodad")
 
 
 def remove_task_addresses(name: str) -> None:
     # `lo` stays up: it may have been up before attach, and a down `lo` breaks the task.
-    for address in TASK_ADDRESSES:
+    addresses = TASK_ADDRESSES if ipv6_available() else TASK_ADDRESSES_V4
+    for address in addresses:
         _ip("-n", name, "addr", "del", address, "dev", TASK_INTERFACE, allow_missing=True)
 
 

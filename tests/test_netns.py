@@ -181,11 +181,12 @@ class NetnsLab:
 
 @contextlib.contextmanager
 def moto_on(host: str, log_file: Path) -> Iterator[str]:
-    """moto's server bound to one host address only; yields its URL."""
-    with socket.socket() as sock:
+    """moto's server bound to one host address (IPv4 or IPv6) only; yields its URL."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
         sock.bind((host, 0))
         port = sock.getsockname()[1]
-    url = f"http://{host}:{port}"
+    url = f"http://[{host}]:{port}" if family == socket.AF_INET6 else f"http://{host}:{port}"
     with log_file.open("ab") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
@@ -504,3 +505,96 @@ def test_detach_twice_succeeds_on_current_iproute2(tmp_path: Path) -> None:
         assert "169.254.169.254" not in shown.stdout
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+# --- IPv6 ------------------------------------------------------------------------------------
+
+
+def v6_lab(lab: NetnsLab, tenant: str) -> tuple[str, str]:
+    """A namespace whose only network is IPv6 (a veth with a ULA /64, no IPv4 address); returns
+    (namespace, the host end's address)."""
+    prefix = f"fd00:200:{secrets.randbelow(0xFFFF):x}"
+    host, inside = f"{prefix}::1", f"{prefix}::2"
+    index = len(lab.created)
+    ns = TaskNamespace(
+        tenant,
+        f"mpx-{lab.tag}-{tenant}",
+        f"mpx{lab.tag}h{index}",
+        ipaddress.IPv4Network("192.0.2.0/30"),  # unused: nothing of it is configured
+    )
+    netns_link = f"mpx{lab.tag}n{index}"
+    subprocess.run(["ip", "netns", "add", ns.netns], check=True)
+    lab.created.append(ns)
+    for command in (
+        ["ip", "link", "add", ns.host_link, "type", "veth", "peer", netns_link, "netns", ns.netns],
+        # nodad: usable at once rather than tentative for the seconds duplicate detection takes.
+        ["ip", "addr", "add", f"{host}/64", "dev", ns.host_link, "nodad"],
+        ["ip", "link", "set", ns.host_link, "up"],
+        ["ip", "-n", ns.netns, "addr", "add", f"{inside}/64", "dev", netns_link, "nodad"],
+        ["ip", "-n", ns.netns, "link", "set", netns_link, "up"],
+    ):
+        subprocess.run(command, check=True)
+    return ns.netns, host
+
+
+async def boto3_in(netns: str, sts_url: str, env: dict[str, str]) -> dict[str, Any]:
+    """boto3 inside the namespace, with the environment given."""
+    argv = ("ip", "netns", "exec", netns, sys.executable, "-c", WHO_AM_I, sts_url)
+    rc, out, err = await run_command(*argv, env=env)
+    assert rc == 0, err
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+@pytest.mark.netns
+async def test_ipv6_only_namespace_gets_credentials_at_fd00_ec2(
+    tmp_path: Path, pki: Pki, policies_dir: Path
+) -> None:
+    """In a namespace whose network is IPv6 only and whose IPv4 metadata addresses are gone,
+    boto3 gets the tenant's role through [fd00:ec2::254] (IMDS, endpoint mode IPv6) and through
+    http://[fd00:ec2::23]/ (container credentials)."""
+    require_netns()
+    lab = NetnsLab()
+    run_dir = Path(tempfile.mkdtemp(prefix="mpx-", dir="/tmp"))
+    broker_socket = run_dir / "broker.sock"
+    home = tmp_path / "home"
+    home.mkdir()
+    platform = Platform(run_dir, unconfigured_env(home))
+    try:
+        netns, host = v6_lab(lab, "acme")
+        with moto_on(host, tmp_path / "moto.log") as sts_url:
+            config = broker_config(tmp_path, pki, sts_url, policies_dir, socket=broker_socket)
+            broker = await BrokerServer.start(replace(config, tls_cert=None, tls_key=None))
+            try:
+                args = sidecar_args(tmp_path, pki, broker_socket, "acme", "v6")
+                rc, _, err = await platform.attach_and_wait(netns, args)
+                assert rc == 0, err
+                assert {"fd00:ec2::254", "fd00:ec2::23"} <= set(lo_addresses(netns))
+                # Only the IPv6 endpoints are left to answer.
+                for address in ("169.254.169.254/32", "169.254.170.23/32"):
+                    subprocess.run(
+                        ["ip", "-n", netns, "addr", "del", address, "dev", "lo"], check=True
+                    )
+                expected = "arn:aws:sts::111111111111:assumed-role/acme-app/acme.v6"
+
+                imds_env = {**platform.env, "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE": "IPv6"}
+                seen = await boto3_in(netns, sts_url, imds_env)
+                assert (seen["method"], seen["identity"]["Arn"]) == ("iam-role", expected)
+
+                container_env = {
+                    **platform.env,
+                    "AWS_CONTAINER_CREDENTIALS_FULL_URI": "http://[fd00:ec2::23]/v1/credentials",
+                    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": str(tmp_path / "acme.auth"),
+                }
+                seen = await boto3_in(netns, sts_url, container_env)
+                assert (seen["method"], seen["identity"]["Arn"]) == ("container-role", expected)
+
+                rc, _, err = await platform.detach(netns)
+                assert rc == 0, err
+                assert not [a for a in lo_addresses(netns) if a.startswith("fd00:ec2:")]
+            finally:
+                platform.detach_all()
+                await broker.stop()
+    finally:
+        lab.teardown()
+        shutil.rmtree(run_dir, ignore_errors=True)
