@@ -296,9 +296,15 @@ async def _burst_main(spec_path: Path, out_path: Path) -> None:
                     if response.status == 200:
                         latencies.append(time.monotonic() - started)
                         return
-                    if response.status not in (429, 503):
+                    if response.status == 408:
+                        # The broker's header deadline ran out while its event loop was busy
+                        # accepting the burst: the sidecar retries after a jittered backoff.
+                        delay = retry_delay(None, 1.0)
+                    elif response.status in (429, 503):
+                        retry_after = float(response.headers.get("Retry-After", "1"))
+                        delay = retry_delay(retry_after, 1.0)
+                    else:
                         break
-                    delay = retry_delay(float(response.headers.get("Retry-After", "1")), 1.0)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 # The replica went away (reset, refused): the Service sends the next
                 # connection to another one.
