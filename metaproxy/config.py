@@ -21,7 +21,7 @@ import re
 import types
 import typing
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -622,6 +622,17 @@ def parse_trust(spec: str) -> TrustedIssuer:
     if kind not in ("platform", "kubernetes"):
         raise ConfigError(f"--trust: kind {kind!r} must be platform or kubernetes")
     return TrustedIssuer(parts[0], parts[1], Path(parts[2]), kind)  # type: ignore[arg-type]
+
+
+def trusted_issuers(
+    specs: Sequence[str] | None, environ: Mapping[str, str] | None = None
+) -> tuple[TrustedIssuer, ...]:
+    """`--trust` values, else METAPROXY_TRUST (`;`-separated): what the broker trusts, for
+    commands that check against it (`policy check`)."""
+    environ = os.environ if environ is None else environ
+    if not specs:
+        specs = [s for s in environ.get(ENV_PREFIX + "TRUST", "").split(";") if s.strip()]
+    return tuple(parse_trust(spec) for spec in specs)
 
 
 def build_config(

@@ -18,11 +18,14 @@ from here (loaded on first use) for the broker and the webhook.
 from __future__ import annotations
 
 import asyncio
+import logging
 import resource
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast, runtime_checkable
+
+from metaproxy.framing import RequestFraming
 
 # asyncio's loop accepts up to `backlog` sockets per wake-up before any refused one is closed, so
 # a backlog of 1024 would let a connection storm hold 1024 descriptors for a moment whatever the
@@ -34,12 +37,21 @@ ACCEPT_BACKLOG = 64
 # sockets, the event loop, log and audit files, the upstream connection pool, and sockets
 # accepted only to be refused (two accept batches). The connection cap never eats into these.
 FD_RESERVE = 64 + 2 * ACCEPT_BACKLOG
-_HEADER_END = (b"\r\n\r\n", b"\n\n")
+# Refused sockets kept a moment to read the head of what may be a health probe: at most this many
+# at once, inside FD_RESERVE's allowance for refused sockets; past it one is refused at once.
+COURTESY_MAX = ACCEPT_BACKLOG // 2
+PROBE_HEAD_MAX = 4096  # a kubelet probe's head is a few hundred bytes
 _TIMEOUT_RESPONSE = (
     b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
 )
 
 RejectResponse = Callable[[], bytes]
+# A health probe's answer (a complete HTTP response) for a request target, or None if the target
+# is not a probe. Probes are answered even past the caps: a kubelet must never see a 429 because
+# other admin clients hold the connections, or it restarts a healthy process.
+ProbeAnswer = Callable[[bytes], bytes | None]
+
+log = logging.getLogger("metaproxy.connguard")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +111,10 @@ class ConnectionGuard:
         fd_reserve: int = FD_RESERVE,
         fd_soft_limit: int | None = None,
         on_refused: Callable[[str], None] = lambda _reason: None,
+        probes: ProbeAnswer | None = None,
     ) -> None:
         self.name = name
+        self.probes = probes  # may be set once the services behind the probes exist
         self._limits = limits
         # Told every refusal: "total", "per_client", "evicted" or "header_timeout" (metrics).
         self.on_refused = on_refused
@@ -115,6 +129,8 @@ class ConnectionGuard:
         self.rejected: dict[str, int] = {"total": 0, "per_client": 0}
         self.evicted = 0
         self.header_timeouts = 0
+        self.courtesy = 0  # refused sockets held to say why (COURTESY_MAX)
+        self.probes_answered = 0
 
     @property
     def cap(self) -> int:
@@ -195,7 +211,7 @@ class ConnectionGuard:
 
 
 class GuardedProtocol(asyncio.Protocol):
-    """Stands between the transport and aiohttp's RequestHandler, which is only built once the
+    """Stands between the transport and the server's protocol, which is only built once the
     connection is admitted."""
 
     def __init__(
@@ -210,37 +226,48 @@ class GuardedProtocol(asyncio.Protocol):
         self._inner: asyncio.Protocol | None = None
         self._transport: asyncio.Transport | None = None
         self._deadline: asyncio.TimerHandle | None = None
-        self._tail = b""
+        self._framing = RequestFraming()
+        self._refused = False
+        self._courtesy = False  # holding one of the guard's COURTESY_MAX slots
+        self._probe_head: bytearray | None = None  # refused: reading what may be a probe
         self.client = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
-        self._transport = cast(asyncio.Transport, transport)
-        peer: Any = self._transport.get_extra_info("peername")
+        raw = self._transport = cast(asyncio.Transport, transport)
+        peer: Any = raw.get_extra_info("peername")
         self.client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-        refused = self._guard._admit(self)
+        guard = self._guard
+        refused = guard._admit(self)
         if refused is not None:
-            self._guard.rejected[refused] += 1
-            self._guard.on_refused(refused)
-            self._transport.write(self._reject())
-            self._transport.close()
-            return
-        if self._guard.header_timeout > 0:
-            loop = asyncio.get_running_loop()
-            self._deadline = loop.call_later(self._guard.header_timeout, self._headers_too_slow)
-        self._inner = self._server()
-        self._inner.connection_made(transport)
+            guard.rejected[refused] += 1
+            guard.on_refused(refused)
+            self._refused = True
+            if guard.probes is None or guard.courtesy >= COURTESY_MAX:
+                raw.write(self._reject())
+                raw.close()
+                return
+            guard.courtesy += 1
+            self._courtesy = True
+            self._probe_head = bytearray()
+        self._arm()
+        if not self._refused:
+            self._inner = self._server()
+            self._inner.connection_made(raw)
 
     def data_received(self, data: bytes) -> None:
         if self._inner is None:
-            return  # refused: whatever the client sends is dropped
-        if self._deadline is not None:
-            window = self._tail + data
-            if any(end in window for end in _HEADER_END):
-                self._deadline.cancel()
-                self._deadline = None
-            else:
-                self._tail = window[-3:]
+            if self._probe_head is not None:
+                self._read_probe(data)
+            return  # refused: whatever else the client sends is dropped
+        self._framing.feed(data)
+        # Every head on the connection has the deadline, not only the first (framing.py).
+        if self._framing.in_head:
+            if self._deadline is None:
+                self._arm()
+        elif self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -255,13 +282,20 @@ class GuardedProtocol(asyncio.Protocol):
             self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._closed()
+        if self._inner is not None:
+            self._inner.connection_lost(exc)
+            self._inner = None
+
+    def _closed(self) -> None:
+        """The socket is gone (or going): it stops counting, whichever way it went."""
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
         self._guard._release(self)
-        if self._inner is not None:
-            self._inner.connection_lost(exc)
-            self._inner = None
+        if self._courtesy:
+            self._courtesy = False
+            self._guard.courtesy -= 1
 
     @property
     def idle_since(self) -> float | None:
@@ -272,13 +306,39 @@ class GuardedProtocol(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
 
+    def _arm(self) -> None:
+        if self._guard.header_timeout > 0:
+            loop = asyncio.get_running_loop()
+            self._deadline = loop.call_later(self._guard.header_timeout, self._headers_too_slow)
+
+    def _read_probe(self, data: bytes) -> None:
+        """A refused connection's request: a health probe gets its answer, anything else the
+        refusal, once the head is in (within the header deadline)."""
+        head = self._probe_head
+        assert head is not None and self._transport is not None
+        head += data
+        request = bytes(head).lstrip(b"\r\n")
+        if b"\n\n" not in request.replace(b"\r\n", b"\n") and len(head) <= PROBE_HEAD_MAX:
+            return
+        self._probe_head = None
+        method, _, rest = request.partition(b" ")
+        target = rest.partition(b" ")[0].partition(b"?")[0]
+        probes = self._guard.probes
+        answer = probes(target) if probes is not None and method in (b"GET", b"HEAD") else None
+        if answer is not None:
+            self._guard.probes_answered += 1
+        self._transport.write(answer if answer is not None else self._reject())
+        self._transport.close()
+
     def _headers_too_slow(self) -> None:
         self._deadline = None
         self._guard.header_timeouts += 1
         self._guard.on_refused("header_timeout")
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(_TIMEOUT_RESPONSE)
-            self._transport.close()
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        transport.write(_TIMEOUT_RESPONSE)
+        transport.close()
 
 
 def deepen_accept_queue(server: asyncio.AbstractServer, backlog: int) -> None:

@@ -75,7 +75,10 @@ def create_services(
 ) -> BrokerServices:
     """Build everything; raises ConfigError (e.g. a bad policy set) before anything listens."""
     clock = clock or SystemClock()
-    policies = instrument.CountedPolicyStore(config.policies_dir)
+    policies = instrument.CountedPolicyStore(
+        config.policies_dir,
+        [i.issuer for i in config.trusted_issuers if i.kind == "kubernetes"],
+    )
     if not config.trusted_issuers:
         from metaproxy.errors import ConfigError
 
@@ -332,18 +335,33 @@ def build_app(services: BrokerServices) -> web.Application:
     return app
 
 
+def probe(services: BrokerServices, path: str) -> tuple[int, str] | None:
+    """The answer to a health probe (status, text), or None if `path` is not one. Also answered
+    by the admin guard past its connection cap (server.py): probes are never refused."""
+    if path == "/healthz":
+        return 200, "ok"
+    if path != "/readyz":
+        return None
+    if services.draining:
+        return 503, "draining"
+    if not services.revocations.loaded:
+        # A replica that never read the revocations cannot tell a revoked task from another.
+        return 503, "revocations not loaded (store unreachable)"
+    return 200, "ready"
+
+
 async def healthz(request: web.Request) -> web.Response:
-    return web.Response(text="ok")
+    return _probe_response(request)
 
 
 async def readyz(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
-    if services.draining:
-        return web.Response(status=503, text="draining")
-    if not services.revocations.loaded:
-        # A replica that never read the revocations cannot tell a revoked task from another.
-        return web.Response(status=503, text="revocations not loaded (store unreachable)")
-    return web.Response(text="ready")
+    return _probe_response(request)
+
+
+def _probe_response(request: web.Request) -> web.Response:
+    answer = probe(request.app[SERVICES], request.path)
+    assert answer is not None  # routed here for a probe path
+    return web.Response(status=answer[0], text=answer[1])
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -14,12 +14,14 @@ from metaproxy.broker.app import (
     build_admin_app,
     build_app,
     create_services,
+    probe,
 )
 from metaproxy.broker.tls import CertificateReloader
 from metaproxy.config import BrokerConfig
 from metaproxy.connguard import (
     ConnectionGuard,
     ConnectionLimits,
+    ProbeAnswer,
     body_deadline,
     canned_response,
     protocol_logger,
@@ -54,6 +56,20 @@ _REJECT = canned_response(
 
 def _reject() -> bytes:
     return _REJECT
+
+
+def _probe_answers(services: BrokerServices) -> ProbeAnswer:
+    """/healthz and /readyz for connections past the admin cap, as the admin app answers them."""
+
+    def answer(target: bytes) -> bytes | None:
+        found = probe(services, target.decode("latin-1"))
+        if found is None:
+            return None
+        status, text = found
+        reason = "OK" if status == 200 else "Service Unavailable"
+        return canned_response(status, reason, text.encode(), "text/plain; charset=utf-8")
+
+    return answer
 
 
 def build_guards(config: BrokerConfig) -> tuple[ConnectionGuard, ConnectionGuard]:
@@ -98,6 +114,7 @@ class BrokerServer:
         control_token = _control_token(config, tls)  # before anything starts, as TLS above
         services = create_services(config, **deps)
         guard, admin_guard = build_guards(config)
+        admin_guard.probes = _probe_answers(services)
         services.scrape.open_connections = lambda: guard.open + admin_guard.open
         services.scrape.open_connections = lambda: guard.open
         handler_args: dict[str, Any] = {

@@ -25,6 +25,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     check = commands.add_parser("check", help="validate a policy directory")
     add_flag(check, "directory", type=Path, metavar="DIR", help="the policy directory")
+    check.add_argument(
+        "--trust",
+        action="append",
+        metavar="ISSUER,AUDIENCE,JWKS_FILE[,KIND]",
+        help="an issuer the broker trusts, as its --trust (repeatable); with more than one "
+        "Kubernetes issuer every Kubernetes rule must name its own. Env: METAPROXY_TRUST",
+    )
     check.set_defaults(func=_check)
 
     explain = commands.add_parser(
@@ -69,10 +76,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _check(args: argparse.Namespace) -> int:
+    from metaproxy.config import trusted_issuers
     from metaproxy.policy.load import PolicyError, load_policy_dir
 
+    trusted = trusted_issuers(args.trust)
+    kubernetes = [issuer.issuer for issuer in trusted if issuer.kind == "kubernetes"]
     try:
-        policies = load_policy_dir(args.directory)
+        policies = load_policy_dir(args.directory, kubernetes_issuers=kubernetes)
     except PolicyError as exc:
         for problem in exc.problems:
             print(problem)
