@@ -240,11 +240,11 @@ async def test_a_store_that_is_down_fails_fast(redis_server: RedisServer) -> Non
     try:
         redis_server.stop()
         with pytest.raises(StoreUnavailable):
-            await store.cache.get("k")
+            await store.cache.get_or_claim("k", "me", 5)
         begin = time.monotonic()
         for _ in range(100):
             with pytest.raises(StoreUnavailable):
-                await store.cache.get("k")
+                await store.cache.get_or_claim("k", "me", 5)
         assert time.monotonic() - begin < 0.5
     finally:
         await store.aclose()
@@ -260,13 +260,17 @@ async def exercise(store: RedisStore) -> None:
     admission = await store.limits.enter("acme", "id", BrokerLimits())
     assert admission.admitted
     await store.limits.leave("acme", admission.ticket)
-    assert await store.cache.claim("k1", "me", 5)
-    assert not await store.cache.claim("k1", "you", 5)
-    await store.cache.put("k1", b"sealed", 60, ["acme\x00", "acme\x00t1"])
-    await store.cache.release("k1", "me")
-    assert await store.cache.get("k1") == b"sealed"
+    assert await store.cache.get_or_claim("k1", "me", 5) == (None, True)
+    assert await store.cache.get_or_claim("k1", "you", 5) == (None, False)
+    await store.cache.fill("k1", "me", b"sealed", 60, ["acme\x00", "acme\x00t1"])
+    assert await store.cache.get_or_claim("k1", "you", 5) == (b"sealed", False)
+    assert await store.cache.get_or_claim("k1", "you", 5, claim_if_present=True) == (
+        b"sealed",
+        True,
+    )
+    await store.cache.fill("k1", "you", None, 0, [])
     assert await store.cache.drop_owner("acme\x00t1") == 1
-    assert await store.cache.get("k1") is None
+    assert await store.cache.get_or_claim("k1", "me", 5) == (None, True)
     for _ in range(50):
         if heard:
             break

@@ -79,12 +79,22 @@ class SharedCredentials:
         give_up_at = loop.time() + MAX_WAIT_SECONDS
         try:
             while True:
-                role = await self._read(digest, due_ok=False)
-                if role is not None:
+                value, holding = await self._store.get_or_claim(digest, self._holder, LEASE_SECONDS)
+                found, due = self._open(digest, value)
+                if found is not None and not due:
                     self.shared_hits += 1
-                    return role
-                if await self._store.claim(digest, self._holder, LEASE_SECONDS):
-                    break
+                    return found
+                if found is not None and not holding:
+                    # Due for a refresh: this caller makes it, unless a replica already is;
+                    # then the set it found, still well above the floor, is the answer.
+                    _, holding = await self._store.get_or_claim(
+                        digest, self._holder, LEASE_SECONDS, claim_if_present=True
+                    )
+                    if not holding:
+                        self.shared_hits += 1
+                        return found
+                if holding:
+                    return await self._fetch_as_holder(digest, owners, assume_role, found)
                 if loop.time() > give_up_at:
                     log.warning("waited %.0fs for another replica's STS call", MAX_WAIT_SECONDS)
                     return await assume_role()
@@ -93,13 +103,13 @@ class SharedCredentials:
         except StoreUnavailable:
             self.fallbacks += 1
             return await assume_role()
-        return await self._fetch_as_holder(digest, owners, assume_role)
 
     async def _fetch_as_holder(
         self,
         digest: str,
         owners: list[str],
         assume_role: Callable[[], Awaitable[AssumedRole]],
+        due: AssumedRole | None,
     ) -> AssumedRole:
         keeper = asyncio.create_task(self._keep_lease(digest))
         role: AssumedRole | None = None
@@ -107,30 +117,27 @@ class SharedCredentials:
             role = await assume_role()
             return role
         except Exception:
-            # STS failed: a set still in the store (past its refresh point, not its floor) is
-            # what this replica serves, as it would from its own cache.
-            with contextlib.suppress(StoreUnavailable):
-                stale = await self._read(digest, due_ok=True)
-                if stale is not None:
-                    return stale
+            # STS failed: a set in the store past its refresh point (not its floor) is what
+            # this replica serves, as it would from its own cache.
+            if due is not None:
+                return due
             raise
         finally:
             keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
             with contextlib.suppress(StoreUnavailable):
-                await self._write_and_release(digest, owners, role)
+                await self._fill(digest, owners, role)
 
-    async def _write_and_release(
-        self, digest: str, owners: list[str], role: AssumedRole | None
-    ) -> None:
-        try:
-            if role is not None:
-                ttl = role.credentials.seconds_left(self._clock.now()) - SERVE_FLOOR_SECONDS
-                if ttl > 1:
-                    await self._store.put(digest, self._seal(digest, role), ttl, owners)
-        finally:
-            await self._store.release(digest, self._holder)
+    async def _fill(self, digest: str, owners: list[str], role: AssumedRole | None) -> None:
+        """Store the new set (if there is one worth storing) and give the lease back."""
+        value: bytes | None = None
+        ttl = 0.0
+        if role is not None:
+            ttl = role.credentials.seconds_left(self._clock.now()) - SERVE_FLOOR_SECONDS
+            if ttl > 1:
+                value = self._seal(digest, role)
+        await self._store.fill(digest, self._holder, value, ttl, owners)
 
     async def _keep_lease(self, digest: str) -> None:
         while True:
@@ -138,10 +145,11 @@ class SharedCredentials:
             with contextlib.suppress(StoreUnavailable):
                 await self._store.extend(digest, self._holder, LEASE_SECONDS)
 
-    async def _read(self, digest: str, *, due_ok: bool) -> AssumedRole | None:
-        value = await self._store.get(digest)
+    def _open(self, digest: str, value: bytes | None) -> tuple[AssumedRole | None, bool]:
+        """The set in `value` (None if absent, unopenable or at its floor) and whether it is
+        due for a refresh."""
         if value is None:
-            return None
+            return None, False
         try:
             record = json.loads(self._sealer.open(value, bound_to=digest))
             role = AssumedRole(
@@ -156,13 +164,11 @@ class SharedCredentials:
             refresh_at = datetime.fromisoformat(record["refresh_at"])
         except (SealedValueInvalid, ValueError, KeyError, TypeError) as exc:
             log.warning("ignored a shared credential set that does not open (%s)", exc)
-            return None
+            return None, False
         now = self._clock.now()
         if role.credentials.seconds_left(now) <= SERVE_FLOOR_SECONDS:
-            return None
-        if not due_ok and now >= refresh_at:
-            return None  # due for a refresh: this caller makes it (or waits for who does)
-        return role
+            return None, False
+        return role, now >= refresh_at
 
     def _seal(self, digest: str, role: AssumedRole) -> bytes:
         now = self._clock.now()

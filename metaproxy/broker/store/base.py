@@ -104,30 +104,36 @@ class SharedCache(Protocol):
     """Sealed credential sets by key digest, and a lease so one replica fetches a key at once.
 
     Values are opaque bytes here: `broker/shared_cache.py` seals them (AES-GCM) before they
-    reach the store, so a store dump holds no secret."""
+    reach the store, so a store dump holds no secret. Each call is one round trip: a cold
+    issue costs `get_or_claim` and `fill`, whatever else the replicas are doing."""
 
-    async def get(self, key: str) -> bytes | None: ...
-
-    async def put(self, key: str, value: bytes, ttl_seconds: float, owners: list[str]) -> None:
-        """Store `value` for `ttl_seconds`, indexed under each owner (tenant, tenant/task)."""
+    async def get_or_claim(
+        self, key: str, holder: str, ttl_seconds: float, *, claim_if_present: bool = False
+    ) -> tuple[bytes | None, bool]:
+        """The value under `key`, and whether `holder` now has the single-flight lease (taken
+        only when there is no value, or `claim_if_present`: the value is due for a refresh)."""
         ...
 
-    async def drop_owner(self, owner: str) -> int:
-        """Delete every value indexed under `owner`; returns how many went."""
-        ...
-
-    async def claim(self, key: str, holder: str, ttl_seconds: float) -> bool:
-        """Take the single-flight lease on `key` unless another holder has it."""
+    async def fill(
+        self,
+        key: str,
+        holder: str,
+        value: bytes | None,
+        ttl_seconds: float,
+        owners: list[str],
+    ) -> None:
+        """Store `value` (unless None) for `ttl_seconds`, indexed under each owner (tenant,
+        tenant/task); give the lease back and wake the replicas waiting on it."""
         ...
 
     async def extend(self, key: str, holder: str, ttl_seconds: float) -> bool: ...
 
-    async def release(self, key: str, holder: str) -> None:
-        """Give the lease back and wake the replicas waiting on it."""
-        ...
-
     async def wait(self, key: str, seconds: float) -> None:
         """Return when the lease on `key` is released (or after `seconds`)."""
+        ...
+
+    async def drop_owner(self, owner: str) -> int:
+        """Delete every value indexed under `owner`; returns how many went."""
         ...
 
 

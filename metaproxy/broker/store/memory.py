@@ -160,7 +160,7 @@ def retry_after(seconds: float) -> float:
 
 
 class MemoryCache:
-    """Sealed sets by key digest, with expiry; leases are trivially this process's own."""
+    """Sealed sets by key digest, with expiry, and leases, in this process."""
 
     def __init__(self, max_entries: int = 100_000) -> None:
         self._values: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
@@ -169,7 +169,20 @@ class MemoryCache:
         self._released: dict[str, asyncio.Event] = {}
         self._max_entries = max_entries
 
-    async def get(self, key: str) -> bytes | None:
+    async def get_or_claim(
+        self, key: str, holder: str, ttl_seconds: float, *, claim_if_present: bool = False
+    ) -> tuple[bytes | None, bool]:
+        value = self._value(key)
+        if value is not None and not claim_if_present:
+            return value, False
+        now = time.monotonic()
+        current = self._leases.get(key)
+        if current is not None and current[0] != holder and current[1] > now:
+            return value, False
+        self._leases[key] = (holder, now + ttl_seconds)
+        return value, True
+
+    def _value(self, key: str) -> bytes | None:
         item = self._values.get(key)
         if item is None:
             return None
@@ -178,25 +191,31 @@ class MemoryCache:
             return None
         return item[0]
 
-    async def put(self, key: str, value: bytes, ttl_seconds: float, owners: list[str]) -> None:
-        self._values[key] = (value, time.monotonic() + ttl_seconds)
-        self._values.move_to_end(key)
-        for owner in owners:
-            self._owners[owner].add(key)
-        while len(self._values) > self._max_entries:
-            self._values.popitem(last=False)
+    async def fill(
+        self,
+        key: str,
+        holder: str,
+        value: bytes | None,
+        ttl_seconds: float,
+        owners: list[str],
+    ) -> None:
+        if value is not None:
+            self._values[key] = (value, time.monotonic() + ttl_seconds)
+            self._values.move_to_end(key)
+            for owner in owners:
+                self._owners[owner].add(key)
+            while len(self._values) > self._max_entries:
+                self._values.popitem(last=False)
+        current = self._leases.get(key)
+        if current is not None and current[0] == holder:
+            del self._leases[key]
+        event = self._released.pop(key, None)
+        if event is not None:
+            event.set()
 
     async def drop_owner(self, owner: str) -> int:
         keys = self._owners.pop(owner, set())
         return sum(self._values.pop(key, None) is not None for key in keys)
-
-    async def claim(self, key: str, holder: str, ttl_seconds: float) -> bool:
-        current = self._leases.get(key)
-        now = time.monotonic()
-        if current is not None and current[0] != holder and current[1] > now:
-            return False
-        self._leases[key] = (holder, now + ttl_seconds)
-        return True
 
     async def extend(self, key: str, holder: str, ttl_seconds: float) -> bool:
         current = self._leases.get(key)
@@ -204,14 +223,6 @@ class MemoryCache:
             return False
         self._leases[key] = (holder, time.monotonic() + ttl_seconds)
         return True
-
-    async def release(self, key: str, holder: str) -> None:
-        current = self._leases.get(key)
-        if current is not None and current[0] == holder:
-            del self._leases[key]
-        event = self._released.pop(key, None)
-        if event is not None:
-            event.set()
 
     async def wait(self, key: str, seconds: float) -> None:
         event = self._released.setdefault(key, asyncio.Event())

@@ -81,15 +81,30 @@ redis.call('PUBLISH', ARGV[2], '{"action":"lift","revocation":' .. old .. '}')
 return old
 """
 
-# The single-flight lease, only by its holder: extend it, or release it and wake the waiters.
+# A cache read that takes the single-flight lease when it finds nothing (or, ARGV[3] = "1",
+# when the caller will refresh what it found): one round trip for the usual cold path.
+# KEYS value, lease; ARGV holder, ttl_ms, claim_if_present. Returns {value or false, taken}.
+GET_OR_CLAIM: Final = """
+local value = redis.call('GET', KEYS[1])
+if value and ARGV[3] ~= '1' then return {value, 0} end
+local taken = redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2])
+if not taken and redis.call('GET', KEYS[2]) == ARGV[1] then taken = true end
+return {value, taken and 1 or 0}
+"""
+
+# Store what the holder fetched (ARGV[2] = "" stores nothing), give the lease back, wake the
+# waiters. KEYS value, lease; ARGV holder, value, ttl_ms, channel, message.
+FILL: Final = """
+if ARGV[2] ~= '' then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"""
+
+# The single-flight lease, only by its holder: extend it.
 EXTEND_LEASE: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
-"""
-RELEASE_LEASE: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-redis.call('PUBLISH', ARGV[2], ARGV[3])
-return 1
 """

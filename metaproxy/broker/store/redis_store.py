@@ -312,26 +312,54 @@ class RedisLimits:
 class RedisCache:
     def __init__(self, conn: _Connection) -> None:
         self._conn = conn
+        self._get_or_claim = conn.script(scripts.GET_OR_CLAIM)
+        self._fill = conn.script(scripts.FILL)
         self._extend = conn.script(scripts.EXTEND_LEASE)
-        self._release = conn.script(scripts.RELEASE_LEASE)
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
-    async def get(self, key: str) -> bytes | None:
-        value: bytes | None = await self._conn.run(lambda: self._conn.client.get(_cache_key(key)))
-        return value
+    async def get_or_claim(
+        self, key: str, holder: str, ttl_seconds: float, *, claim_if_present: bool = False
+    ) -> tuple[bytes | None, bool]:
+        value, taken = await self._conn.run(
+            lambda: self._get_or_claim(
+                keys=[_cache_key(key), _lease_key(key)],
+                args=[holder, _ms(ttl_seconds), "1" if claim_if_present else "0"],
+            )
+        )
+        return (value or None), bool(taken)
 
-    async def put(self, key: str, value: bytes, ttl_seconds: float, owners: list[str]) -> None:
-        ttl_ms = max(1, int(ttl_seconds * 1000))
+    async def fill(
+        self,
+        key: str,
+        holder: str,
+        value: bytes | None,
+        ttl_seconds: float,
+        owners: list[str],
+    ) -> None:
+        ttl_ms = _ms(ttl_seconds)
 
         async def write() -> None:
+            # One round trip: the owners' index (other slots on a Cluster) rides in the same
+            # pipeline as the script that stores the value and releases the lease. A Cluster
+            # client runs no script in a pipeline, so there it is a second round trip.
+            cluster = self._conn.url.topology == "cluster"
             pipe = self._conn.client.pipeline(transaction=False)
-            pipe.set(_cache_key(key), value, px=ttl_ms)
-            for owner in owners:
-                pipe.sadd(_owner_key(owner), key)
-                # The index lives as long as the longest value in it could.
-                pipe.pexpire(_owner_key(owner), ttl_ms, gt=True)
-                pipe.pexpire(_owner_key(owner), ttl_ms, nx=True)
+            if value is not None:
+                for owner in owners:
+                    pipe.sadd(_owner_key(owner), key)
+                    # The index lives as long as the longest value in it could.
+                    pipe.pexpire(_owner_key(owner), ttl_ms, gt=True)
+                    pipe.pexpire(_owner_key(owner), ttl_ms, nx=True)
+            fill = {
+                "keys": [_cache_key(key), _lease_key(key)],
+                "args": [holder, value or b"", ttl_ms, FLIGHT_CHANNEL, key],
+            }
+            if not cluster:
+                # Queued in the pipeline (with the script loaded first if the store lacks it).
+                await self._fill(**fill, client=pipe)
             await pipe.execute()
+            if cluster:
+                await self._fill(**fill)
 
         await self._conn.run(write)
 
@@ -346,26 +374,11 @@ class RedisCache:
 
         return await self._conn.run(drop)
 
-    async def claim(self, key: str, holder: str, ttl_seconds: float) -> bool:
-        taken = await self._conn.run(
-            lambda: self._conn.client.set(
-                _lease_key(key), holder, nx=True, px=max(1, int(ttl_seconds * 1000))
-            )
-        )
-        return bool(taken)
-
     async def extend(self, key: str, holder: str, ttl_seconds: float) -> bool:
         done = await self._conn.run(
-            lambda: self._extend(
-                keys=[_lease_key(key)], args=[holder, max(1, int(ttl_seconds * 1000))]
-            )
+            lambda: self._extend(keys=[_lease_key(key)], args=[holder, _ms(ttl_seconds)])
         )
         return bool(done)
-
-    async def release(self, key: str, holder: str) -> None:
-        await self._conn.run(
-            lambda: self._release(keys=[_lease_key(key)], args=[holder, FLIGHT_CHANNEL, key])
-        )
 
     async def wait(self, key: str, seconds: float) -> None:
         future = asyncio.get_running_loop().create_future()
@@ -389,12 +402,17 @@ class RedisCache:
                 future.set_result(None)
 
 
+def _ms(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
 def _cache_key(key: str) -> str:
-    return f"{PREFIX}:cache:{key}"
+    # Value and lease share a hash tag: one script touches both, on a Cluster too.
+    return f"{PREFIX}:{{cache:{key}}}:value"
 
 
 def _lease_key(key: str) -> str:
-    return f"{PREFIX}:lease:{key}"
+    return f"{PREFIX}:{{cache:{key}}}:lease"
 
 
 def _owner_key(owner: str) -> str:
