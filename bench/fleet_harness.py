@@ -49,9 +49,13 @@ HARNESS = Path(__file__).resolve()
 # quarter of --max-connections, so this leaves room for a 3,000-task burst on one replica.
 MAX_CONNECTIONS = 20_000
 REPLICA_START_SECONDS = 60.0
-# Requests between two replicas' turns in the burst client, so one slow answer does not hold
-# the others' connections: one pool per replica, as each replica is its own endpoint.
-CONNECTIONS_PER_REPLICA = 4000
+# Connections the burst client holds open to one replica; the rest of its tasks wait their turn
+# in the client. A deployment's sidecars are thousands of processes, each writing its request
+# at once; one Python process opening thousands of sockets cannot, and a head it is slow to
+# write past the broker's 5 s header deadline is a 408 that no sidecar would have caused.
+# 500 outstanding requests per replica keep every broker's queue deep (well past what a
+# second of the budget drains) while the client keeps up.
+CONNECTIONS_PER_REPLICA = 500
 FAILOVER_PAUSE_SECONDS = 0.05  # a sidecar reconnecting through the Service after a reset
 
 

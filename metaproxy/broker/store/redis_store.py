@@ -52,11 +52,14 @@ IN_FLIGHT_LEASE_SECONDS = 30.0
 # Budget slots further ahead than this are not reserved (a worker scaled down while it waited
 # would waste it): the caller waits a little and asks again.
 MAX_RESERVE_AHEAD_SECONDS = 2.0
-BUDGET_MARGIN = 0.04  # as the call window: kept back for the time between our send and STS's
+# Kept back for the time between a slot and STS's count of the call (the replica's event loop,
+# the network): one point more than a single broker's call window keeps, because the slots of
+# several replicas interleave and each replica's lateness adds to the others'.
+BUDGET_MARGIN = 0.05
 BUDGET_BURST_SHARE = 0.02  # calls that may go at once after a quiet spell, as a share of 1 s
 # A budget slot woken up later than this is not used (a call sent late bunches with the calls
 # on time after it). Late calls add at most this share of a second's rate to any one second at
-# STS: with the margin and the burst tolerance, 0.96 + 0.04 + 0.02 of the budget (306 of 300).
+# STS: with the margin and the burst tolerance, 0.95 + 0.04 + 0.02 of the budget (303 of 300).
 LATE_SLOT_SECONDS = 0.04
 # Commands in flight at once from one replica. redis-py's pool refuses a command past its
 # connection cap (100 by default) with MaxConnectionsError instead of waiting; during a burst
