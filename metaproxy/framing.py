@@ -20,7 +20,10 @@ import re
 # state is then lost, and the deadline closes the connection unless the server refuses it first.
 MAX_HEAD_BYTES = 64 << 10
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
-_CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*(\d{1,18})[ \t]*$", re.I | re.M)
+# Lines end in CRLF: `$` (multiline) stops before the `\n` only, so the `\r` is matched here.
+# Without it every Content-Length but the head's last header went unread, the framing was
+# lost, and a request the broker took longer than the header deadline to answer got a 408.
+_CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*(\d{1,18})[ \t]*\r?$", re.I | re.M)
 _ANY_CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:", re.I | re.M)
 _TRANSFER_ENCODING = re.compile(rb"^transfer-encoding[ \t]*:(.*)$", re.I | re.M)
 _CHUNK_SIZE = re.compile(rb"^[ \t]*([0-9a-fA-F]{1,15})[ \t]*(?:;.*)?$")
