@@ -18,21 +18,26 @@ from collections.abc import Sequence
 
 from metaproxy.clihelp import walk
 
-# Each module exposes `register(subparsers)`, which adds its commands with
-# `set_defaults(func=...)`; `func(args) -> int` is the exit status.
-COMMAND_MODULES = (
-    "metaproxy.sidecar.cli",
-    "metaproxy.broker.cli",
-    "metaproxy.identity.cli",
-    "metaproxy.policy.cli",
-    "metaproxy.audit.cli",
-    "metaproxy.certs",
-    "metaproxy.demo.cli",
-    "metaproxy.testing.cli",
-    "metaproxy.netns",
-    "metaproxy.webhook.cli",
-    "metaproxy.revoke_cli",
-)
+# Each command's module exposes `register(subparsers)`, which adds its commands with
+# `set_defaults(func=...)`; `func(args) -> int` is the exit status. Keyed by command so that
+# `metaproxy sidecar ...` imports and builds the sidecar's parser only: every other command's
+# module and flag help cost every sidecar start (tests/test_cli_help.py checks this table
+# against what the modules register).
+COMMANDS = {
+    "sidecar": "metaproxy.sidecar.cli",
+    "broker": "metaproxy.broker.cli",
+    "identity": "metaproxy.identity.cli",
+    "policy": "metaproxy.policy.cli",
+    "audit": "metaproxy.audit.cli",
+    "certs": "metaproxy.certs",
+    "demo": "metaproxy.demo.cli",
+    "sts-emulator": "metaproxy.testing.cli",
+    "fault-proxy": "metaproxy.testing.cli",
+    "netns": "metaproxy.netns",
+    "webhook": "metaproxy.webhook.cli",
+    "revoke": "metaproxy.revoke_cli",
+}
+COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))
 
 USAGE = 2
 FAILED = 1
@@ -48,14 +53,31 @@ def version() -> str:
         return "unknown"
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _VersionAction(argparse._VersionAction):
+    """`--version`, looked up only when asked: `importlib.metadata` imports `email`, `zipfile`
+    and more, about 30 ms and 0.8 MB of every start otherwise."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[object] | None,
+        option_string: str | None = None,
+    ) -> None:
+        self.version = f"metaproxy {version()}"
+        super().__call__(parser, namespace, values, option_string)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command tree, or only `command`'s when it is one (what `main` parses)."""
     parser = argparse.ArgumentParser(
         prog="metaproxy",
         description="Secure multi-tenant metadata and credential proxy for container platforms.",
     )
-    parser.add_argument("--version", action="version", version=f"metaproxy {version()}")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    modules = (COMMANDS[command],) if command in COMMANDS else COMMAND_MODULES
+    for name in modules:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -63,9 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # a subsystem not built into this installation
         module.register(sub)
-    for command in walk(parser):
+    for each in walk(parser):
         # The innermost parser's default wins: errors name `metaproxy identity issue`.
-        command.set_defaults(command_prog=command.prog)
+        each.set_defaults(command_prog=each.prog)
     return parser
 
 
@@ -73,8 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from metaproxy.errors import ConfigError, StartError
 
     command = "metaproxy"
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)  # `--help | head` can break the pipe too
+        # The first word names the command (the top level has no flags that take a value).
+        # `--help | head` can break the pipe too.
+        args = build_parser(argv[0] if argv else None).parse_args(argv)
         command = args.command_prog
         status: int = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit

@@ -88,3 +88,42 @@ def test_errors_name_the_innermost_command(capsys: pytest.CaptureFixture[str]) -
     assert capsys.readouterr().err == (
         "metaproxy identity issue: --key: /nonexistent/key.pem: No such file or directory\n"
     )
+
+
+def test_each_command_builds_alone() -> None:
+    """`build_parser(command)` registers that command's module only, and the table of commands
+    says which module registers each: `metaproxy sidecar` never imports the others."""
+    from metaproxy.cli import COMMANDS
+
+    everything = build_parser()
+    assert set(COMMANDS) == set(_commands(everything))
+    for command, module in COMMANDS.items():
+        alone = _commands(build_parser(command))
+        assert command in alone
+        assert {COMMANDS[name] for name in alone} == {module}
+
+
+def _commands(parser: argparse.ArgumentParser) -> list[str]:
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return list(actions[0].choices)
+
+
+def test_sidecar_start_imports_no_other_command() -> None:
+    """Parsing a sidecar command line imports no other command's module and no
+    importlib.metadata (the version is looked up only for --version)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from metaproxy.cli import COMMANDS, build_parser\n"
+        "build_parser('sidecar').parse_args(['sidecar', '--broker-url', 'https://b', "
+        "'--identity-token-file', '/t'])\n"
+        "others = {m for c, m in COMMANDS.items() if c != 'sidecar'}\n"
+        "bad = sorted((others | {'importlib.metadata'}) & set(sys.modules))\n"
+        "sys.exit(f'imported {bad}' if bad else 0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 0, result.stderr

@@ -15,14 +15,20 @@ import os
 import secrets
 import stat
 from collections.abc import Awaitable
+from operator import attrgetter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from metaproxy.clock import iso_z
+from metaproxy.connguard import canned_response
 from metaproxy.errors import ConfigError
 from metaproxy.fsutil import write_atomically
 from metaproxy.sidecar.broker_client import Grant
-from metaproxy.sidecar.http1 import Request, Response
-from metaproxy.sidecar.state import SidecarState
+from metaproxy.sidecar.face import Face, RateClass
+from metaproxy.sidecar.http1 import REASONS, Request, Response
+
+if TYPE_CHECKING:
+    from metaproxy.sidecar.state import SidecarState
 
 log = logging.getLogger("metaproxy.sidecar")
 
@@ -103,7 +109,7 @@ def handle(state: SidecarState, request: Request) -> Response | Awaitable[Respon
     grant = state.keeper.serving()
     if grant is None:  # none yet, or inside the 15-minute window: wait briefly for fresh ones
         return _after_refresh(state)
-    return document_response(grant)
+    return state.container_document(grant)
 
 
 async def _after_refresh(state: SidecarState) -> Response:
@@ -112,17 +118,11 @@ async def _after_refresh(state: SidecarState) -> Response:
         return json_error(
             503, "CredentialsUnavailable", "no valid credentials yet; retry", **{"Retry-After": "1"}
         )
-    return document_response(grant)
+    return state.container_document(grant)
 
 
-_rendered: tuple[Grant, Response] | None = None
-
-
-def document_response(grant: Grant) -> Response:
-    """Rendered once per credential set (a one-entry cache: grants change every half hour)."""
-    global _rendered  # noqa: PLW0603
-    if _rendered is not None and _rendered[0] is grant:
-        return _rendered[1]
+def render_document(grant: Grant) -> Response:
+    """The credential document; `SidecarState.container_document` keeps the current one."""
     creds = grant.credentials
     document = {
         "AccessKeyId": creds.access_key_id,
@@ -132,6 +132,30 @@ def document_response(grant: Grant) -> Response:
         "AccountId": grant.account_id,
         "RoleArn": grant.role_arn,
     }
-    response = Response(200, json.dumps(document).encode(), "application/json")
-    _rendered = (grant, response)
-    return response
+    return Response(200, json.dumps(document).encode(), "application/json")
+
+
+CREDENTIALS = RateClass("container", attrgetter("credentials_rps"))
+
+
+def error_page(status: int) -> Response:
+    code = "BadRequest" if status < 500 else "InternalError"
+    return json_error(status, code, REASONS.get(status, ""))
+
+
+FACE = Face(
+    name="container",
+    handle=handle,
+    rate_class=lambda _path: CREDENTIALS,
+    error_page=error_page,
+    too_many=lambda retry: json_error(
+        429, "TooManyRequests", "rate limit exceeded", **{"Retry-After": str(retry)}
+    ),
+    refused=json_error(403, "Forbidden", "request refused"),
+    over_connection_cap=canned_response(
+        429,
+        "Too Many Requests",
+        json.dumps({"Code": "TooManyRequests", "Message": "too many connections"}).encode(),
+        "application/json",
+    ),
+)

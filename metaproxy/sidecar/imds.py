@@ -17,14 +17,19 @@ import json
 import re
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any
 
 from metaproxy.clock import iso_z
+from metaproxy.connguard import canned_response
 from metaproxy.sidecar import host_metadata
 from metaproxy.sidecar.broker_client import Grant
+from metaproxy.sidecar.face import Face, RateClass
 from metaproxy.sidecar.http1 import Request, Response
-from metaproxy.sidecar.state import SidecarState
 from metaproxy.sidecar.tokens import parse_ttl
+
+if TYPE_CHECKING:
+    from metaproxy.sidecar.state import SidecarState
 
 TOKEN_PATH = "/latest/api/token"  # noqa: S105 - a path, not a secret
 TOKEN_HEADER = "x-aws-ec2-metadata-token"  # noqa: S105 - a header name (lower case, as parsed)
@@ -150,29 +155,22 @@ def listing(directory: dict[str, Any]) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class _View:
+class ImdsView:
+    """One grant as IMDS shows it; `SidecarState.imds_view` keeps the current one."""
+
     grant: Grant
     tree: dict[str, Any]
     credentials: Response
     extended: Response
 
 
-_view: _View | None = None
-
-
-def view_of(grant: Grant) -> _View:
-    """The rendered view of one grant, built once per credential set, not once per request."""
-    global _view  # noqa: PLW0603 - a one-entry cache; grants change every half hour
-    view = _view
-    if view is None or view.grant is not grant:
-        view = _View(
-            grant,
-            metadata_tree(grant),
-            text(credentials_document(grant)),
-            text(credentials_document(grant, extended=True)),
-        )
-        _view = view
-    return view
+def render_view(grant: Grant) -> ImdsView:
+    return ImdsView(
+        grant,
+        metadata_tree(grant),
+        text(credentials_document(grant)),
+        text(credentials_document(grant, extended=True)),
+    )
 
 
 def handle(state: SidecarState, request: Request) -> Response | Awaitable[Response]:
@@ -235,7 +233,7 @@ async def _after_refresh(state: SidecarState, rest: list[str]) -> Response:
 
 
 def _lookup(state: SidecarState, grant: Grant, rest: list[str]) -> Response | Awaitable[Response]:
-    view = view_of(grant)
+    view = state.imds_view(grant)
     if rest[:3] == EXTENDED:
         return _extended(view, rest[3:])
     node: Any = view.tree
@@ -248,7 +246,7 @@ def _lookup(state: SidecarState, grant: Grant, rest: list[str]) -> Response | Aw
     return text(listing(node) if isinstance(node, dict) else node)
 
 
-def _extended(view: _View, below: list[str]) -> Response:
+def _extended(view: ImdsView, below: list[str]) -> Response:
     """`iam/security-credentials-extended/` and `.../ROLE`, as current EC2 serves them. Left
     out of the `iam/` listing, which SDKs that do not know the path read as before; never
     forwarded to the host, whose role it would name."""
@@ -274,3 +272,27 @@ def _host_passthrough(state: SidecarState, subpath: str) -> Response | Awaitable
 async def _fetch_from_host(state: SidecarState, subpath: str) -> Response:
     body = await state.host_metadata(subpath)
     return text(body) if body is not None else aws_error(404)
+
+
+TOKEN = RateClass("token", attrgetter("token_rps"))
+CREDENTIAL_DOCUMENT = RateClass("credentials", attrgetter("credentials_rps"))
+METADATA = RateClass("metadata", attrgetter("metadata_rps"))
+
+
+def rate_class(path: str) -> RateClass:
+    if path == TOKEN_PATH:
+        return TOKEN
+    if "/iam/security-credentials/" in path and not path.endswith("/"):
+        return CREDENTIAL_DOCUMENT
+    return METADATA
+
+
+FACE = Face(
+    name="imds",
+    handle=handle,
+    rate_class=rate_class,
+    error_page=aws_error,
+    too_many=lambda retry: aws_error(429, {"Retry-After": str(retry)}),
+    refused=aws_error(403),
+    over_connection_cap=canned_response(429, "Too Many Requests", _error_body(429), "text/html"),
+)

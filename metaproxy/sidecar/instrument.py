@@ -1,4 +1,4 @@
-"""Records the sidecar's Prometheus metrics (defined in `metrics.py`).
+"""Records the sidecar's metrics (`SidecarMetrics`, one per sidecar, on its state).
 
 - `count_request`: every answer of every listener (data plane and admin), counted and timed,
   rate-limit refusals included.
@@ -8,8 +8,7 @@
 - `refresh_gauges`: called by `/metrics` before it renders, for values that are cheapest to
   read at scrape time (seconds left, open file descriptors, open connections).
 
-This module imports the sidecar's metrics only: never the broker's (its gauges would be
-exported by every sidecar) and never boto3.
+Never the broker's metrics (its gauges would be exported by every sidecar), never boto3.
 """
 
 from __future__ import annotations
@@ -17,43 +16,34 @@ from __future__ import annotations
 import logging
 import os
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from metaproxy.clock import Clock
-from metaproxy.sidecar import metrics
+from metaproxy.config import SidecarConfig
 from metaproxy.sidecar.broker_client import BrokerClient, BrokerError, Grant
-from metaproxy.sidecar.credentials_cache import CredentialKeeper
+from metaproxy.sidecar.metrics import SidecarMetrics
+
+if TYPE_CHECKING:
+    from metaproxy.sidecar.state import SidecarState
 
 log = logging.getLogger("metaproxy.sidecar.metrics")
 
 PROC_FD = Path("/proc/self/fd")
 
 
-# Labelled children looked up once: `labels()` is the costly part of counting on the hot path.
-_request_counters: dict[tuple[str, int], Callable[[], None]] = {}
-_request_timers: dict[str, Callable[[float], None]] = {}
-
-
-def count_request(path_class: str, status: int, started: float) -> None:
-    """Count and time one data-plane answer (the data plane has no middleware chain)."""
-    count = _request_counters.get((path_class, status))
-    if count is None:
-        count = metrics.REQUESTS.labels(path_class=path_class, status=str(status)).inc
-        _request_counters[(path_class, status)] = count
-    count()
-    observe = _request_timers.get(path_class)
-    if observe is None:
-        observe = metrics.REQUEST_SECONDS.labels(path_class=path_class).observe
-        _request_timers[path_class] = observe
-    observe(time.perf_counter() - started)
+def count_request(metrics: SidecarMetrics, path_class: str, status: int, started: float) -> None:
+    """Count and time one answer (the data plane has no middleware chain)."""
+    metrics.requests.labels(path_class, str(status)).inc()
+    metrics.request_seconds.labels(path_class).observe(time.perf_counter() - started)
     if status == 429:  # on the data plane only the per-client rate limiter answers 429
-        metrics.REJECTED.labels(reason="rate_limited").inc()
+        metrics.rejected.labels("rate_limited").inc()
 
 
-async def counted(pending: Awaitable[Any], path_class: str, started: float) -> Any:
+async def counted(
+    metrics: SidecarMetrics, pending: Awaitable[Any], path_class: str, started: float
+) -> Any:
     """`count_request` for an answer that had to wait (a refresh, the host's IMDS)."""
     status = 500
     try:
@@ -61,28 +51,37 @@ async def counted(pending: Awaitable[Any], path_class: str, started: float) -> A
         status = answer.status
         return answer
     finally:
-        count_request(path_class, status, started)
+        count_request(metrics, path_class, status, started)
 
 
-def count_rejection(reason: str) -> None:
+def rejection_counter(metrics: SidecarMetrics) -> Callable[[str], None]:
     """metaproxy_sidecar_rejected_total for what the HTTP layer refuses itself."""
-    if reason in ("header_timeout", "body_timeout", "bad_request"):
-        metrics.REJECTED.labels(reason=reason).inc()
+    rejected = metrics.rejected
+
+    def count(reason: str) -> None:
+        if reason in ("header_timeout", "body_timeout", "bad_request"):
+            rejected.labels(reason).inc()
+
+    return count
 
 
 class TimedBrokerClient(BrokerClient):
     """The broker client, with every credentials request timed and counted by result."""
+
+    def __init__(self, config: SidecarConfig, metrics: SidecarMetrics) -> None:
+        super().__init__(config)
+        self._metrics = metrics
 
     async def fetch(self, *, refresh: bool) -> Grant:
         started = time.perf_counter()
         try:
             grant = await super().fetch(refresh=refresh)
         except BrokerError:
-            metrics.REFRESHES.labels(result="error").inc()
+            self._metrics.refreshes.labels("error").inc()
             raise
         finally:
-            metrics.BROKER_SECONDS.observe(time.perf_counter() - started)
-        metrics.REFRESHES.labels(result="ok").inc()
+            self._metrics.broker_seconds.observe(time.perf_counter() - started)
+        self._metrics.refreshes.labels("ok").inc()
         return grant
 
 
@@ -102,51 +101,28 @@ def process_age_seconds() -> float | None:
 class GrantObserver:
     """`CredentialKeeper(on_grant=...)`: gauges follow the keeper's grant as it changes."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, metrics: SidecarMetrics) -> None:
         self._clock = clock
+        self._metrics = metrics
         self._started_monotonic = time.monotonic()
         self._startup_observed = False
 
     def __call__(self, grant: Grant | None) -> None:
+        metrics = self._metrics
         if grant is None:
-            metrics.READY.set(0)
-            metrics.CREDENTIALS_REMAINING.set(0)
+            metrics.ready.set(0)
+            metrics.credentials_remaining.set(0)
             return
-        metrics.CREDENTIALS_REMAINING.set(
+        metrics.credentials_remaining.set(
             max(0.0, grant.credentials.seconds_left(self._clock.now()))
         )
-        metrics.READY.set(1)
+        metrics.ready.set(1)
         if not self._startup_observed:
             self._startup_observed = True
             age = process_age_seconds()
             if age is None:  # no /proc: count from when the sidecar was built
                 age = time.monotonic() - self._started_monotonic
-            metrics.STARTUP_SECONDS.observe(age)
-
-
-class ConnectionCounts(Protocol):
-    """What the sidecar's connection guard knows (`metaproxy.connguard.ConnectionGuard`)."""
-
-    @property
-    def open(self) -> int: ...
-
-    @property
-    def cap(self) -> int: ...
-
-    @property
-    def fd_budget(self) -> int: ...
-
-
-# The connection guards of whoever owns the listeners (the sidecar server), per keeper.
-_connection_guards: weakref.WeakKeyDictionary[CredentialKeeper, tuple[ConnectionCounts, ...]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def count_connections_with(keeper: CredentialKeeper, *guards: ConnectionCounts) -> None:
-    """Register the guards whose connections this sidecar counts (read at scrape time); the
-    first one is the task-facing guard, whose cap and descriptor budget are exported."""
-    _connection_guards[keeper] = guards
+            metrics.startup_seconds.observe(age)
 
 
 def open_fds() -> int | None:
@@ -156,22 +132,15 @@ def open_fds() -> int | None:
         return None
 
 
-def refresh_gauges(keeper: CredentialKeeper, *, draining: bool) -> None:
+def refresh_gauges(state: SidecarState) -> None:
+    metrics, keeper = state.metrics, state.keeper
     grant = keeper.current()
-    metrics.CREDENTIALS_REMAINING.set(keeper.seconds_left())
-    metrics.READY.set(1 if grant is not None and not draining else 0)
+    metrics.credentials_remaining.set(keeper.seconds_left())
+    metrics.ready.set(1 if grant is not None and not state.draining else 0)
     fds = open_fds()
     if fds is not None:
-        metrics.OPEN_FDS.set(fds)
-    guards = _connection_guards.get(keeper)
-    if guards:
-        metrics.OPEN_CONNECTIONS.set(sum(guard.open for guard in guards))
-        metrics.CONNECTION_CAP.set(guards[0].cap)
-        metrics.FD_BUDGET.set(guards[0].fd_budget)
-
-
-def exposition() -> tuple[bytes, str]:
-    """The default registry in Prometheus text format, and its content type."""
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    return generate_latest(), CONTENT_TYPE_LATEST
+        metrics.open_fds.set(fds)
+    if state.guards:
+        metrics.open_connections.set(sum(guard.open for guard in state.guards))
+        metrics.connection_cap.set(state.guards[0].cap)
+        metrics.fd_budget.set(state.guards[0].fd_budget)

@@ -7,7 +7,6 @@ not make the kubelet's readiness probe fail.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from metaproxy.connguard import FD_RESERVE, ConnectionGuard, ConnectionLimits, canned_response
@@ -18,33 +17,14 @@ ADMIN_LIMITS = ConnectionLimits(max_connections=32, max_per_client=16)
 # The task-facing cap leaves room for the admin port's connections too.
 SIDECAR_FD_RESERVE = FD_RESERVE + ADMIN_LIMITS.max_connections
 
-_IMDS_429 = canned_response(
-    429,
-    "Too Many Requests",
-    b'<?xml version="1.0" encoding="iso-8859-1"?>\n'
-    b"<html><head><title>429 - Too Many Requests</title></head>"
-    b"<body><h1>429 - Too Many Requests</h1></body></html>\n",
-    "text/html",
-)
-_CONTAINER_429 = canned_response(
-    429,
-    "Too Many Requests",
-    json.dumps({"Code": "TooManyRequests", "Message": "too many connections"}).encode(),
-    "application/json",
-)
 _ADMIN_429 = canned_response(429, "Too Many Requests", b"too many connections\n", "text/plain")
-
-
-def imds_reject() -> bytes:
-    return _IMDS_429
-
-
-def container_reject() -> bytes:
-    return _CONTAINER_429
 
 
 def admin_reject() -> bytes:
     return _ADMIN_429
+
+
+_DEFAULT_LIMITS = SidecarLimits()
 
 
 def task_limits(state: SidecarState) -> Callable[[], ConnectionLimits]:
@@ -52,23 +32,27 @@ def task_limits(state: SidecarState) -> Callable[[], ConnectionLimits]:
 
     def current() -> ConnectionLimits:
         grant = state.keeper.current()
-        limits = grant.limits if grant is not None else SidecarLimits()
+        limits = grant.limits if grant is not None else _DEFAULT_LIMITS
         return ConnectionLimits(limits.max_connections, limits.max_connections_per_client)
 
     return current
 
 
-def count_refusal(reason: str) -> None:
-    """metaproxy_sidecar_rejected_total, in that metric's reasons."""
-    from metaproxy.sidecar import metrics
+def refusal_counter(state: SidecarState) -> Callable[[str], None]:
+    """metaproxy_sidecar_rejected_total for the guards' refusals, in that metric's reasons."""
+    rejected = state.metrics.rejected
 
-    label = "header_timeout" if reason == "header_timeout" else "connection_cap"
-    metrics.REJECTED.labels(reason=label).inc()
+    def count(reason: str) -> None:
+        label = "header_timeout" if reason == "header_timeout" else "connection_cap"
+        rejected.labels(label).inc()
+
+    return count
 
 
 def build_guards(state: SidecarState) -> tuple[ConnectionGuard, ConnectionGuard]:
     """(task-facing guard, admin guard); the admin allowance comes out of the task's fd room."""
     config = state.config
+    count_refusal = refusal_counter(state)
     admin = ConnectionGuard(
         "sidecar-admin",
         lambda: ADMIN_LIMITS,

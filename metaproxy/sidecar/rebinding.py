@@ -14,27 +14,54 @@ A request without `Host` (HTTP/1.0) is not from a browser: browsers always send 
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 
 BROWSER_HEADER_PREFIX = "sec-fetch-"
 
 
-def from_browser_or_foreign_host(headers: dict[str, str], allowed: tuple[str, ...]) -> bool:
-    """True when the request must be refused: a browser's markers, or a Host not ours."""
+MAX_CACHED_HOSTS = 256
+
+
+class HostCheck:
+    """One sidecar's `--allowed-hosts`, and the Host values already judged: a client sends the
+    same Host on every request. Bounded: a client cycling through names only resets it."""
+
+    def __init__(self, allowed: tuple[str, ...]) -> None:
+        self.allowed = tuple(h.strip().lower().removesuffix(".") for h in allowed)
+        self._seen: dict[str, bool] = {}
+
+    def refuses(self, headers: dict[str, str]) -> bool:
+        """True when the request must be refused: a browser's markers, or a Host not ours."""
+        if has_browser_markers(headers):
+            return True
+        host = headers.get("host")
+        if host is None:
+            return False
+        allowed = self._seen.get(host)
+        if allowed is None:
+            if len(self._seen) >= MAX_CACHED_HOSTS:
+                self._seen.clear()
+            allowed = self._seen[host] = host_allowed(host, self.allowed)
+        return not allowed
+
+
+def has_browser_markers(headers: dict[str, str]) -> bool:
     if "origin" in headers:
         return True
-    for name in headers:
-        if name.startswith(BROWSER_HEADER_PREFIX):
-            return True
+    return any(name.startswith(BROWSER_HEADER_PREFIX) for name in headers)
+
+
+def from_browser_or_foreign_host(headers: dict[str, str], allowed: tuple[str, ...]) -> bool:
+    """True when the request must be refused: a browser's markers, or a Host not ours."""
+    if has_browser_markers(headers):
+        return True
     host = headers.get("host")
     return host is not None and not host_allowed(host, allowed)
 
 
-@functools.lru_cache(maxsize=256)
 def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
     """`169.254.169.254`, `127.0.0.1:8080`, `[fd00:ec2::254]`, `localhost`, or an allow-listed
-    name (any port). Cached: a client sends the same Host on every request."""
+    name (any port; `allowed` lower-case, without a trailing dot)."""
     name = host.strip().lower()
     if name.startswith("["):  # [IPv6] or [IPv6]:port
         literal, bracket, _port = name[1:].partition("]")

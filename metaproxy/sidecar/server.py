@@ -19,17 +19,11 @@ from dataclasses import dataclass, field
 from metaproxy.clock import Clock
 from metaproxy.config import SidecarConfig, split_host_port
 from metaproxy.connguard import ACCEPT_BACKLOG, ConnectionGuard
-from metaproxy.sidecar import http1, instrument
-from metaproxy.sidecar.app import (
-    Face,
-    admin_error_page,
-    admin_plane,
-    build_state,
-    data_plane,
-    error_page,
-)
+from metaproxy.sidecar import container_creds, http1, imds, instrument
+from metaproxy.sidecar.app import admin_error_page, admin_plane, build_state, data_plane
+from metaproxy.sidecar.face import Face
 from metaproxy.sidecar.host_metadata import HostMetadata
-from metaproxy.sidecar.limits import admin_reject, build_guards, container_reject, imds_reject
+from metaproxy.sidecar.limits import admin_reject, build_guards
 from metaproxy.sidecar.state import SidecarState
 
 log = logging.getLogger("metaproxy.sidecar")
@@ -79,7 +73,8 @@ class SidecarServer:
     async def start(cls, config: SidecarConfig, clock: Clock | None = None) -> SidecarServer:
         state = build_state(config, clock)
         guard, admin_guard = build_guards(state)
-        instrument.count_connections_with(state.keeper, guard, admin_guard)
+        state.guards = (guard, admin_guard)
+        count_rejection = instrument.rejection_counter(state.metrics)
         limits = http1.ServerLimits(
             header_timeout=config.header_timeout,
             keepalive_timeout=config.keepalive_timeout,
@@ -87,7 +82,7 @@ class SidecarServer:
             max_headers=config.max_headers,
             max_body_bytes=config.max_body_bytes,
         )
-        tracker = http1.ConnectionTracker(limits, on_reject=instrument.count_rejection)
+        tracker = http1.ConnectionTracker(limits, on_reject=count_rejection)
         admin_tracker = http1.ConnectionTracker(
             http1.ServerLimits(
                 header_timeout=config.header_timeout,
@@ -95,7 +90,7 @@ class SidecarServer:
                 max_body_bytes=config.max_body_bytes,
                 server_header="metaproxy",
             ),
-            on_reject=instrument.count_rejection,
+            on_reject=count_rejection,
         )
         tracker.start()
         admin_tracker.start()
@@ -105,15 +100,14 @@ class SidecarServer:
             config.admin_listen, admin_guard.protocol_factory(admin_protocol, admin_reject)
         )
         servers: list[asyncio.Server] = []
-        urls: dict[Face, list[str]] = {"imds": [], "container": []}
-        faces: list[tuple[Face, str]] = [("imds", a) for a in config.imds_listen]
-        faces += [("container", a) for a in config.container_listen]
+        urls: dict[str, list[str]] = {"imds": [], "container": []}
+        faces: list[tuple[Face, str]] = [(imds.FACE, a) for a in config.imds_listen]
+        faces += [(container_creds.FACE, a) for a in config.container_listen]
         for face, address in faces:
-            protocol = http1.protocol_factory(data_plane(state, face), tracker, error_page(face))
-            reject = imds_reject if face == "imds" else container_reject
-            server = await listen(address, guard.protocol_factory(protocol, reject))
+            protocol = http1.protocol_factory(data_plane(state, face), tracker, face.error_page)
+            server = await listen(address, guard.protocol_factory(protocol, face.refuse_connection))
             servers.append(server)
-            urls[face].append(server_url(server))
+            urls[face.name].append(server_url(server))
         log.info(
             "sidecar serving IMDS on %s, container credentials on %s",
             ", ".join(urls["imds"]),

@@ -1,15 +1,58 @@
-"""What the sidecar's handlers share: config, the token authority, the credential keeper."""
+"""What one sidecar's parts share: its config, token authority, credential keeper, broker client
+and metrics, and the caches and guards its faces use. Nothing of a sidecar is a module global:
+two sidecars in one process (the tests, the demo) share no cache, counter or limiter."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from metaproxy.config import SidecarConfig
-from metaproxy.sidecar.broker_client import BrokerClient
+from metaproxy.sidecar.broker_client import BrokerClient, Grant
 from metaproxy.sidecar.credentials_cache import CredentialKeeper
 from metaproxy.sidecar.fairness import FairShare
+from metaproxy.sidecar.metrics import SidecarMetrics
+from metaproxy.sidecar.rebinding import HostCheck
 from metaproxy.sidecar.tokens import TokenAuthority
+
+if TYPE_CHECKING:
+    from metaproxy.sidecar.http1 import Response
+    from metaproxy.sidecar.imds import ImdsView
+
+T = TypeVar("T")
+
+
+class PerGrant(Generic[T]):
+    """What a face renders from the current grant (a credential document, the metadata tree),
+    made once per credential set — they change every half hour — not once per request."""
+
+    __slots__ = ("_grant", "_render", "_value")
+
+    def __init__(self, render: Callable[[Grant], T]) -> None:
+        self._render = render
+        self._grant: Grant | None = None
+        self._value: T | None = None
+
+    def __call__(self, grant: Grant) -> T:
+        value = self._value
+        if value is None or self._grant is not grant:
+            value = self._value = self._render(grant)
+            self._grant = grant
+        return value
+
+
+class ConnectionCounts(Protocol):
+    """What a connection guard tells `/metrics` (`metaproxy.connguard.ConnectionGuard`)."""
+
+    @property
+    def open(self) -> int: ...
+
+    @property
+    def cap(self) -> int: ...
+
+    @property
+    def fd_budget(self) -> int: ...
 
 
 @dataclass
@@ -19,8 +62,14 @@ class SidecarState:
     keeper: CredentialKeeper
     authorization_token: str
     client: BrokerClient
+    metrics: SidecarMetrics
+    imds_view: PerGrant[ImdsView]
+    container_document: PerGrant[Response]
+    hosts: HostCheck  # DNS rebinding: the Host values this sidecar answers
     limiters: dict[str, FairShare] = field(default_factory=dict)  # by path class
     host_metadata: Callable[[str], Awaitable[str | None]] = field(default=lambda _p: _none())
+    # The server's connection guards, task-facing first (counted at scrape time).
+    guards: tuple[ConnectionCounts, ...] = ()
     draining: bool = False
 
 
