@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 
 from bench.fleet_harness import (
-    best_window_rate,
     FleetFiles,
+    best_window_rate,
     make_fleet_files,
     offer,
     run_burst,
