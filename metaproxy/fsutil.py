@@ -6,8 +6,12 @@ it."""
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
+
+# Created new, never through a link, closed on exec (what tempfile.mkstemp does; this module is
+# on the sidecar's path, and `tempfile` imports `shutil`, `bz2`, `lzma` and `random` with it).
+_CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def fsync_dir(directory: Path) -> None:
@@ -23,7 +27,7 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     fsync it, rename it over `path`, and fsync the folder: the rename is only durable once the
     directory entry is."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = _create_temporary(path)
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
@@ -35,3 +39,14 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def _create_temporary(path: Path) -> tuple[int, Path]:
+    """A new 0600 file beside `path`, named `.NAME.RANDOM.tmp`."""
+    for _ in range(100):
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(candidate, _CREATE_NEW, 0o600), candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from metaproxy.cli import HelpFormatter
 from metaproxy.clihelp import add_flag
 from metaproxy.config import BrokerConfig, SidecarConfig, WebhookConfig, add_config_arguments
 
@@ -35,7 +36,12 @@ def register_server(
     *,
     description: str | None = None,
 ) -> None:
-    parser = subparsers.add_parser(name, help=help_text, description=description or help_text)
+    parser = subparsers.add_parser(
+        name,
+        help=help_text,
+        description=description or help_text,
+        formatter_class=HelpFormatter,
+    )
     add_config_arguments(parser, config_class)
     add_flag(
         parser,

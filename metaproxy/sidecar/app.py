@@ -22,7 +22,6 @@ from metaproxy.sidecar import container_creds, diagnosis, http1, imds, instrumen
 from metaproxy.sidecar.credentials_cache import CredentialKeeper
 from metaproxy.sidecar.face import Face
 from metaproxy.sidecar.fairness import FairShare
-from metaproxy.sidecar.host_metadata import HostMetadata
 from metaproxy.sidecar.metrics import SidecarMetrics
 from metaproxy.sidecar.rebinding import HostCheck
 from metaproxy.sidecar.state import PerGrant, SidecarState
@@ -96,6 +95,8 @@ def build_state(config: SidecarConfig, clock: Clock | None = None) -> SidecarSta
         hosts=HostCheck(config.allowed_hosts),
     )
     if config.host_metadata_allow:  # no allow-list: the host's IMDS is never even contacted
+        from metaproxy.sidecar.host_metadata import HostMetadata
+
         state.host_metadata = HostMetadata(config.host_metadata_url, config.host_metadata_allow)
     return state
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import ssl
 import urllib.parse
 from dataclasses import dataclass
@@ -78,10 +79,15 @@ class Grant:
     limits: SidecarLimits
 
 
+# `YYYY-MM-DDTHH:MM:SSZ` exactly, as the broker writes it (`clock.iso_z`). Checked here and
+# read by `fromisoformat`, because `strptime` imports `_strptime`, `calendar` and `locale`.
+_TIMESTAMP = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
+
+
 def _timestamp(value: object) -> datetime:
-    if not isinstance(value, str):
-        raise ValueError("timestamp is not a string")
-    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    if not isinstance(value, str) or not _TIMESTAMP.fullmatch(value):
+        raise ValueError("timestamp is not YYYY-MM-DDTHH:MM:SSZ")
+    return datetime.fromisoformat(value).astimezone(UTC)
 
 
 def parse_grant(body: Any) -> Grant:

@@ -95,6 +95,9 @@ class HostMetadata:
         self._token: tuple[str, float] | None = None
         self.host_requests = 0  # how often the host was actually asked (tests, metrics)
 
+    def permits(self, path: str) -> bool:
+        return permitted(path, self.allow)
+
     async def __call__(self, path: str) -> str | None:
         if not permitted(path, self.allow):
             return None

@@ -68,6 +68,22 @@ class Response:
     body: bytes = b""
     content_type: str = "text/plain"
     headers: tuple[tuple[str, str], ...] = ()
+    # The status line and this response's own headers, encoded on its first write: answers
+    # from the credential cache are the same object every time, so they are encoded once.
+    # (Server and Date, the connection's, go between the two.)
+    head: tuple[bytes, bytes] | None = field(default=None, compare=False, repr=False)
+
+    def encoded_head(self) -> tuple[bytes, bytes]:
+        """(status line, the content headers and this response's own)."""
+        if self.head is None:
+            lines = [
+                f"Content-Type: {self.content_type}\r\n",
+                f"Content-Length: {len(self.body)}\r\n",
+            ]
+            lines += [f"{name}: {value}\r\n" for name, value in self.headers]
+            status = f"HTTP/1.1 {self.status} {REASONS.get(self.status, '')}\r\n"
+            self.head = (status.encode("latin-1"), "".join(lines).encode("latin-1"))
+        return self.head
 
 
 Handler = Callable[[Request], "Response | Awaitable[Response]"]
@@ -93,6 +109,7 @@ class ConnectionTracker:
     on_reject: Callable[[str], None] = lambda _reason: None
     connections: set[HttpProtocol] = field(default_factory=set)
     date_header: bytes = b""
+    server_and_date: bytes = b""  # both header lines, as written on every answer
     draining: bool = False  # set at shutdown: answer what is in flight, then close
     accepted: int = 0  # connections so far; each one's number identifies it
     _quiet: asyncio.Event | None = None
@@ -103,6 +120,10 @@ class ConnectionTracker:
 
     def _refresh_date(self) -> None:
         self.date_header = http_date(time.time()).encode("ascii")
+        self.server_and_date = b"Server: %s\r\nDate: %s\r\n" % (
+            self.limits.server_header.encode("latin-1"),
+            self.date_header,
+        )
 
     @property
     def busy(self) -> int:
@@ -161,6 +182,14 @@ class _Reject(Exception):
 
 class HttpProtocol(asyncio.Protocol):
     """One connection. Requests are answered in order; a pipelined burst is bounded."""
+
+    # Slots: one of these per open connection, and a pod may hold hundreds.
+    __slots__ = (
+        "_answered", "_body_bytes", "_busy", "_client", "_duplicates", "_error_page",
+        "_handler", "_header_bytes", "_headers", "_limits", "_loop", "_parser",
+        "_paused_writing", "_queue", "_tracker", "_transport", "_url", "deadline", "number",
+        "reading_body", "reading_head",
+    )  # fmt: skip
 
     def __init__(self, handler: Handler, tracker: ConnectionTracker, error_page: ErrorPage) -> None:
         self._handler = handler
@@ -382,15 +411,8 @@ class HttpProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
-        head = [
-            b"HTTP/1.1 %d %s\r\n" % (response.status, REASONS.get(response.status, "").encode()),
-            b"Server: ", self._limits.server_header.encode(), b"\r\n",
-            b"Date: ", self._tracker.date_header, b"\r\n",
-            b"Content-Type: ", response.content_type.encode(), b"\r\n",
-            b"Content-Length: %d\r\n" % len(response.body),
-        ]  # fmt: skip
-        for name, value in response.headers:
-            head.append(f"{name}: {value}\r\n".encode("latin-1"))
+        status, fields = response.encoded_head()
+        head = [status, self._tracker.server_and_date, fields]
         if not keep_alive:
             head.append(b"Connection: close\r\n")
         head.append(b"\r\n")

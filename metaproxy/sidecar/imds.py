@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from metaproxy.clock import iso_z
 from metaproxy.connguard import canned_response
-from metaproxy.sidecar import host_metadata
 from metaproxy.sidecar.broker_client import Grant
 from metaproxy.sidecar.face import Face, RateClass
 from metaproxy.sidecar.http1 import Request, Response
 from metaproxy.sidecar.tokens import parse_ttl
 
 if TYPE_CHECKING:
+    from metaproxy.sidecar.host_metadata import HostMetadata
     from metaproxy.sidecar.state import SidecarState
 
 TOKEN_PATH = "/latest/api/token"  # noqa: S105 - a path, not a secret
@@ -264,13 +264,14 @@ def _wants_credentials(rest: list[str]) -> bool:
 def _host_passthrough(state: SidecarState, subpath: str) -> Response | Awaitable[Response]:
     """Anything outside the task's view: the host's answer if allow-listed (and never a denied
     path, checked here and again inside the fetcher), else 404 as EC2 answers unknown paths."""
-    if not host_metadata.permitted(subpath, state.config.host_metadata_allow):
+    host = state.host_metadata
+    if host is None or not host.permits(subpath):
         return aws_error(404)
-    return _fetch_from_host(state, subpath)
+    return _fetch_from_host(host, subpath)
 
 
-async def _fetch_from_host(state: SidecarState, subpath: str) -> Response:
-    body = await state.host_metadata(subpath)
+async def _fetch_from_host(host: HostMetadata, subpath: str) -> Response:
+    body = await host(subpath)
     return text(body) if body is not None else aws_error(404)
 
 

@@ -22,7 +22,6 @@ from metaproxy.connguard import ACCEPT_BACKLOG, ConnectionGuard
 from metaproxy.sidecar import container_creds, http1, imds, instrument
 from metaproxy.sidecar.app import admin_error_page, admin_plane, build_state, data_plane
 from metaproxy.sidecar.face import Face
-from metaproxy.sidecar.host_metadata import HostMetadata
 from metaproxy.sidecar.limits import admin_reject, build_guards
 from metaproxy.sidecar.state import SidecarState
 
@@ -129,7 +128,7 @@ class SidecarServer:
         await self.tracker.stop()
         await self.state.keeper.aclose()
         await self.state.client.aclose()
-        if isinstance(self.state.host_metadata, HostMetadata):
+        if self.state.host_metadata is not None:
             await self.state.host_metadata.aclose()
         if self._admin is not None:
             self._admin.close()

@@ -4,7 +4,7 @@ two sidecars in one process (the tests, the demo) share no cache, counter or lim
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
@@ -17,6 +17,7 @@ from metaproxy.sidecar.rebinding import HostCheck
 from metaproxy.sidecar.tokens import TokenAuthority
 
 if TYPE_CHECKING:
+    from metaproxy.sidecar.host_metadata import HostMetadata
     from metaproxy.sidecar.http1 import Response
     from metaproxy.sidecar.imds import ImdsView
 
@@ -67,11 +68,7 @@ class SidecarState:
     container_document: PerGrant[Response]
     hosts: HostCheck  # DNS rebinding: the Host values this sidecar answers
     limiters: dict[str, FairShare] = field(default_factory=dict)  # by path class
-    host_metadata: Callable[[str], Awaitable[str | None]] = field(default=lambda _p: _none())
+    host_metadata: HostMetadata | None = None  # only with an allow-list (`--host-metadata-allow`)
     # The server's connection guards, task-facing first (counted at scrape time).
     guards: tuple[ConnectionCounts, ...] = ()
     draining: bool = False
-
-
-async def _none() -> str | None:
-    return None
