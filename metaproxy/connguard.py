@@ -9,10 +9,14 @@ client that opens a socket and trickles headers (slowloris) is cut at the header
 aiohttp has none of its own; its keep-alive timer only reaps connections that are idle.
 
 Usage: `guard.protocol_factory(server, reject)` wraps any protocol factory (the sidecar's
-`http1`, aiohttp's `web.Server`). This module imports no web framework: the sidecar uses it
-without aiohttp. The aiohttp side — `GuardedTCPSite`/`GuardedUnixSite`, `body_deadline`,
-`ProtocolLog`, `refuse_unknown_expectations` — is `metaproxy.webguard`, and is also importable
-from here (loaded on first use) for the broker and the webhook.
+`http1`, aiohttp's `web.Server`); the connection is then decided on when the loop hands it over.
+A TLS listener cannot wait that long — the loop hands it over only after the handshake, and a
+socket stalled there would count nowhere — so `metaproxy.listener` runs its own accept loop and
+has the guard decide on the raw socket (`GuardedProtocol.accepted`). This module imports no web
+framework: the sidecar uses it without aiohttp. The aiohttp side — `GuardedTCPSite`/
+`GuardedUnixSite`, `body_deadline`, `ProtocolLog`, `refuse_unknown_expectations` — is
+`metaproxy.webguard`, and is also importable from here (loaded on first use) for the broker and
+the webhook.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast, runtime_checkable
@@ -29,16 +32,17 @@ from metaproxy.framing import RequestFraming
 
 # asyncio's loop accepts up to `backlog` sockets per wake-up before any refused one is closed, so
 # a backlog of 1024 would let a connection storm hold 1024 descriptors for a moment whatever the
-# cap. Guarded listeners give the loop this much smaller number; the kernel's accept queue is
-# then deepened to the backlog asked for (`deepen_accept_queue`), so that a burst of connections
-# waits there, holding no descriptor of ours, instead of being dropped at the handshake.
+# cap. Guarded listeners accept at most this many per wake-up (`metaproxy.listener`); the
+# kernel's accept queue keeps the full backlog, so that a burst of connections waits there,
+# holding no descriptor of ours, instead of being dropped at the handshake.
 ACCEPT_BACKLOG = 64
 # File descriptors kept back for everything that is not an admitted connection: listening
 # sockets, the event loop, log and audit files, the upstream connection pool, and sockets
 # accepted only to be refused (two accept batches). The connection cap never eats into these.
 FD_RESERVE = 64 + 2 * ACCEPT_BACKLOG
-# Refused sockets kept a moment to read the head of what may be a health probe: at most this many
-# at once, inside FD_RESERVE's allowance for refused sockets; past it one is refused at once.
+# Refused sockets kept a moment to read the head of what may be a health probe, or (on a TLS
+# listener) to say why inside TLS: at most this many at once, inside FD_RESERVE's allowance for
+# refused sockets; past it one is refused at once.
 COURTESY_MAX = ACCEPT_BACKLOG // 2
 PROBE_HEAD_MAX = 4096  # a kubelet probe's head is a few hundred bytes
 _TIMEOUT_RESPONSE = (
@@ -230,26 +234,56 @@ class GuardedProtocol(asyncio.Protocol):
         self._refused = False
         self._courtesy = False  # holding one of the guard's COURTESY_MAX slots
         self._probe_head: bytearray | None = None  # refused: reading what may be a probe
+        self._decided = False
+        # Set by the listener while the loop does the TLS handshake (no transport yet): eviction
+        # aborts the handshake with it, so the slot and the descriptor go together.
+        self.abort_handshake: Callable[[], object] | None = None
         self.client = ""
+
+    def accepted(self, client: str, *, handshake: bool) -> bool:
+        """Admit or refuse a socket just accepted from `client`, before any byte is read or any
+        handshake made: from here on it counts. False when the socket is to be closed at once.
+
+        A refused socket behind a `handshake` (TLS) can only be told why once the handshake is
+        done, so it is kept only within the guard's COURTESY_MAX allowance, like probes."""
+        self.client = client
+        self._decided = True
+        guard = self._guard
+        refused = guard._admit(self)
+        if refused is None:
+            return True
+        guard.rejected[refused] += 1
+        guard.on_refused(refused)
+        self._refused = True
+        if (guard.probes is None and not handshake) or guard.courtesy >= COURTESY_MAX:
+            return False
+        guard.courtesy += 1
+        self._courtesy = True
+        if guard.probes is not None:
+            self._probe_head = bytearray()
+        return True
+
+    def handshake_failed(self) -> None:
+        """The loop gave up on the socket before `connection_made` (TLS handshake failed, timed
+        out or was aborted): it stops counting."""
+        self.abort_handshake = None
+        self._closed()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         raw = self._transport = cast(asyncio.Transport, transport)
-        peer: Any = raw.get_extra_info("peername")
-        self.client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-        guard = self._guard
-        refused = guard._admit(self)
-        if refused is not None:
-            guard.rejected[refused] += 1
-            guard.on_refused(refused)
-            self._refused = True
-            if guard.probes is None or guard.courtesy >= COURTESY_MAX:
+        self.abort_handshake = None
+        if not self._decided:
+            peer: Any = raw.get_extra_info("peername")
+            client = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+            if not self.accepted(client, handshake=False):
                 raw.write(self._reject())
                 raw.close()
                 return
-            guard.courtesy += 1
-            self._courtesy = True
-            self._probe_head = bytearray()
+        if self._refused and self._probe_head is None:
+            raw.write(self._reject())  # past the cap, kept only to say so inside TLS
+            raw.close()
+            return
         self._arm()
         if not self._refused:
             self._inner = self._server()
@@ -305,6 +339,8 @@ class GuardedProtocol(asyncio.Protocol):
     def evict(self) -> None:
         if self._transport is not None:
             self._transport.abort()
+        elif self.abort_handshake is not None:
+            self.abort_handshake()
 
     def _arm(self) -> None:
         if self._guard.header_timeout > 0:
@@ -339,21 +375,6 @@ class GuardedProtocol(asyncio.Protocol):
             return
         transport.write(_TIMEOUT_RESPONSE)
         transport.close()
-
-
-def deepen_accept_queue(server: asyncio.AbstractServer, backlog: int) -> None:
-    """listen() again with `backlog`: the kernel's accept queue only (the loop already set how
-    many it accepts per wake-up). A connection that finds the queue full is dropped, and comes
-    back only on TCP's retransmit timer: 1, 2, 4 … 32 s later."""
-    if backlog <= ACCEPT_BACKLOG:
-        return
-    for listening in getattr(server, "sockets", ()):
-        # uvloop hands out pseudo-sockets without listen(); wrap the descriptor, do not own it.
-        sock = socket.socket(fileno=listening.fileno())
-        try:
-            sock.listen(backlog)
-        finally:
-            sock.detach()
 
 
 _WEB_NAMES = frozenset(

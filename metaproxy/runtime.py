@@ -72,8 +72,9 @@ async def start_site(
     guard: ConnectionGuard | None = None,
     reject: RejectResponse | None = None,
 ) -> tuple[web.BaseSite, str]:
-    """Listen on `address`; with a `guard`, every connection is counted and capped first and
-    refused ones get `reject()` (a complete HTTP answer) before being closed."""
+    """Listen on `address`; with a `guard`, every connection is counted and capped from
+    accept() on, before any TLS handshake (`metaproxy.listener`), and refused ones get `reject()`
+    (a complete HTTP answer, inside TLS on a TLS listener) before being closed."""
     from aiohttp import web
 
     from metaproxy.webguard import GuardedTCPSite, GuardedUnixSite, refuse_unknown_expectations

@@ -14,12 +14,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestPayloadError
 
-from metaproxy.connguard import (
-    ACCEPT_BACKLOG,
-    ConnectionGuard,
-    RejectResponse,
-    deepen_accept_queue,
-)
+from metaproxy.connguard import ConnectionGuard, RejectResponse
+from metaproxy.listener import GuardedListener
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -89,7 +85,8 @@ def refuse_unknown_expectations(server: web.Server) -> None:
 
 
 class GuardedTCPSite(web.TCPSite):
-    """A TCPSite whose connections pass through a ConnectionGuard."""
+    """A TCPSite whose connections are counted by a ConnectionGuard from accept() on, TLS
+    handshake included (`metaproxy.listener`)."""
 
     def __init__(
         self,
@@ -109,18 +106,20 @@ class GuardedTCPSite(web.TCPSite):
         await web.BaseSite.start(self)  # registers the site; the listening part is ours
         server = self._runner.server
         assert server is not None
-        self._server = await asyncio.get_running_loop().create_server(
-            self._guard.protocol_factory(server, self._reject),
+        listener = await GuardedListener.tcp(
             self._host,
             self._port,
-            ssl=self._ssl_context,
-            backlog=min(self._backlog, ACCEPT_BACKLOG),
+            self._guard,
+            server,
+            self._reject,
+            ssl_context=self._ssl_context,
+            backlog=self._backlog,
             reuse_address=self._reuse_address,
             reuse_port=self._reuse_port,
-            # A TLS handshake happens before the guard sees the connection; bound it the same.
-            ssl_handshake_timeout=_handshake_timeout(self._guard, self._ssl_context),
         )
-        deepen_accept_queue(self._server, self._backlog)
+        self._server = listener
+        self._bound_port = listener.sockets[0].getsockname()[1]
+        await listener.start_serving()
 
 
 class GuardedUnixSite(web.UnixSite):
@@ -141,17 +140,13 @@ class GuardedUnixSite(web.UnixSite):
         await web.BaseSite.start(self)
         server = self._runner.server
         assert server is not None
-        self._server = await asyncio.get_running_loop().create_unix_server(
-            self._guard.protocol_factory(server, self._reject),
-            self._path,
-            ssl=self._ssl_context,
-            backlog=min(self._backlog, ACCEPT_BACKLOG),
-            ssl_handshake_timeout=_handshake_timeout(self._guard, self._ssl_context),
+        listener = GuardedListener.unix(
+            str(self._path),
+            self._guard,
+            server,
+            self._reject,
+            ssl_context=self._ssl_context,
+            backlog=self._backlog,
         )
-        deepen_accept_queue(self._server, self._backlog)
-
-
-def _handshake_timeout(guard: ConnectionGuard, ssl_context: object) -> float | None:
-    if ssl_context is None or guard.header_timeout <= 0:
-        return None
-    return guard.header_timeout
+        self._server = listener
+        await listener.start_serving()

@@ -5,17 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import resource
+import signal
 import socket
 import ssl
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
-from metaproxy.broker.server import BrokerServer
+from metaproxy.broker.server import ADMIN_LIMITS, BrokerServer
+from metaproxy.connguard import COURTESY_MAX, FD_RESERVE
+from metaproxy.demo.local import AUDIENCE, ISSUER
 from tests.support import Pki, audit_records, broker_config, issue
 
 
@@ -163,3 +171,172 @@ async def test_a_connection_storm_waits_in_the_accept_queue_instead_of_being_dro
     for sock in connected:
         sock.close()
     assert (len(connected), failed) == (600, 0)
+
+
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def silent(host: str, port: int, source: str) -> Connection:
+    """A TCP connection to the TLS port that never sends its ClientHello."""
+    return await asyncio.open_connection(host, port, local_addr=(source, 0))
+
+
+async def test_silent_connections_are_counted_cut_at_the_deadline_and_do_not_lock_out(
+    tight_broker: BrokerServer, pki: Pki, record_secrets: Callable[[BrokerServer], None]
+) -> None:
+    """Silent TCP connections (no ClientHello) count against the caps from the moment they are
+    accepted: four addresses fill the 8 connections, a real client from a fifth address still
+    gets its credentials, and every silent one is closed about one deadline after connecting."""
+    host, port = host_port(tight_broker.url)
+    started = time.monotonic()
+    held = [await silent(host, port, f"127.0.4.{i // 2 + 1}") for i in range(8)]
+    await asyncio.sleep(0.2)
+    assert tight_broker.guard.open == 8
+    assert tight_broker.guard.by_client() == {f"127.0.4.{i}": 2 for i in range(1, 5)}
+    connector = aiohttp.TCPConnector(ssl=client_tls(pki), local_addr=("127.0.4.9", 0))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        assert await post(session, tight_broker.url, issue(pki, "t-after-silent", "acme")) == 200
+    record_secrets(tight_broker)
+    assert tight_broker.guard.evicted == 1  # the oldest silent one of a heaviest address
+    answers = await asyncio.wait_for(
+        asyncio.gather(*(reader.read() for reader, _ in held), return_exceptions=True), 5
+    )
+    assert all(a == b"" or isinstance(a, ConnectionResetError) for a in answers), answers
+    assert time.monotonic() - started < 1.0 + 1.5
+    await asyncio.sleep(0.1)
+    assert tight_broker.guard.open == 0
+    for _, writer in held:
+        writer.close()
+
+
+CHILD_NOFILE = 512  # the broker's soft RLIMIT_NOFILE in the test below
+CHILD_DEADLINE = 6.0
+
+
+@pytest.fixture
+def enough_file_descriptors() -> None:
+    """The test process holds more silent sockets than the broker under test may."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def child_nofile() -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (CHILD_NOFILE, hard))
+
+
+async def spawn_broker(
+    tmp_path: Path, pki: Pki, sts_url: str, policies_dir: Path
+) -> tuple[asyncio.subprocess.Process, dict[str, str]]:
+    """`python -m metaproxy broker` (uvloop) on TLS with a soft RLIMIT_NOFILE of CHILD_NOFILE."""
+    ready = tmp_path / "broker-ready.json"
+    argv = [
+        "broker",
+        "--listen", "127.0.0.1:0",
+        "--admin-listen", "127.0.0.1:0",
+        "--tls-cert", str(pki.broker_cert),
+        "--tls-key", str(pki.broker_key),
+        "--header-timeout", str(CHILD_DEADLINE),
+        "--policies-dir", str(policies_dir),
+        "--policy-reload-seconds", "3600",  # only SIGHUP reloads within this test
+        "--trust", f"{ISSUER},{AUDIENCE},{pki.jwks}",
+        "--document-key", str(pki.document_key),
+        "--audit-dir", str(tmp_path / "child-audit"),
+        "--audit-key", str(pki.audit_key),
+        "--sts-endpoint", sts_url,
+        "--instance", "nofile-broker",
+        "--drain-seconds", "2",
+        "--log-format", "json",
+        "--ready-file", str(ready),
+    ]  # fmt: skip
+    with (tmp_path / "broker-child.log").open("wb") as output:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "metaproxy", *argv,
+            stdout=output, stderr=output, preexec_fn=child_nofile,
+        )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while not ready.exists():
+        assert process.returncode is None, (tmp_path / "broker-child.log").read_text()[-2000:]
+        assert time.monotonic() < deadline, "broker never became ready"
+        await asyncio.sleep(0.05)
+    return process, json.loads(ready.read_text())
+
+
+async def open_connections(admin_url: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(admin_url + "/metrics") as answer:
+        found = re.search(r"^metaproxy_broker_open_connections (\S+)$", await answer.text(), re.M)
+    assert found is not None
+    return float(found[1])
+
+
+async def credentials_from(url: str, pki: Pki, token: str, source: str) -> dict[str, Any]:
+    connector = aiohttp.TCPConnector(ssl=client_tls(pki), local_addr=(source, 0))
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.post(
+            url + "/v1/credentials", json={}, headers={"Authorization": f"Bearer {token}"}
+        ) as answer,
+    ):
+        assert answer.status == 200, await answer.text()
+        body: dict[str, Any] = await answer.json()
+    return body
+
+
+@pytest.mark.usefixtures("enough_file_descriptors")
+async def test_silent_connections_cannot_use_up_the_descriptors_of_a_uvloop_broker(
+    tmp_path: Path, pki: Pki, sts_url: str, policies_dir: Path, issued_secrets: set[str]
+) -> None:
+    """`metaproxy broker` (uvloop) with RLIMIT_NOFILE 512 gets 700 silent TCP connections on its
+    TLS port: it counts as many as its cap allows and closes the rest, stays within its
+    descriptors, serves another client, reloads its policies on SIGHUP, and cuts every silent
+    connection at the handshake deadline — nothing fails with EMFILE."""
+    process, urls = await spawn_broker(tmp_path, pki, sts_url, policies_dir)
+    cap = CHILD_NOFILE - (FD_RESERVE + ADMIN_LIMITS.max_connections)
+    try:
+        host, port = host_port(urls["url"])
+        started = time.monotonic()
+        held = [await silent(host, port, "127.0.0.1") for _ in range(700)]
+        await asyncio.sleep(0.5)
+        assert await open_connections(urls["admin_url"]) == cap
+        # Counted ones, refused ones kept to say why inside TLS, and the rest of the process.
+        fds = len(os.listdir(f"/proc/{process.pid}/fd"))
+        assert fds <= cap + COURTESY_MAX + FD_RESERVE // 2, fds
+
+        body = await asyncio.wait_for(
+            credentials_from(urls["url"], pki, issue(pki, "t-nofile", "acme"), "127.0.5.1"), 3
+        )
+        issued_secrets.update((body["credentials"]["secret_access_key"],))
+        issued_secrets.update((body["credentials"]["session_token"],))
+
+        globex = (policies_dir / "globex.toml").read_text()
+        (policies_dir / "initech.toml").write_text(globex.replace("globex", "initech"))
+        process.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.3)
+        token = issue(pki, "t-nofile-initech", "initech")
+        body = await asyncio.wait_for(credentials_from(urls["url"], pki, token, "127.0.5.2"), 3)
+        assert body["role_arn"] == "arn:aws:iam::222222222222:role/initech-app"
+        issued_secrets.update((body["credentials"]["secret_access_key"],))
+        issued_secrets.update((body["credentials"]["session_token"],))
+        assert time.monotonic() - started < CHILD_DEADLINE - 1  # all of it while they are held
+
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(reader.read() for reader, _ in held), return_exceptions=True),
+            CHILD_DEADLINE + 5,
+        )
+        assert all(a == b"" or isinstance(a, ConnectionResetError) for a in answers)
+        assert time.monotonic() - started < CHILD_DEADLINE + 2.5
+        await asyncio.sleep(0.2)
+        assert await open_connections(urls["admin_url"]) == 0
+        for _, writer in held:
+            writer.close()
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 10) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    log = (tmp_path / "broker-child.log").read_text()
+    assert "Too many open files" not in log, log[-2000:]
+    assert "Traceback" not in log, log[-2000:]

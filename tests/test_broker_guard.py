@@ -7,14 +7,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from metaproxy.broker.server import ADMIN_LIMITS, BrokerServer
-from tests.support import Pki, broker_config
+from tests.support import Pki, broker_config, issue
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 DEADLINE = 1.0
@@ -133,3 +136,41 @@ async def test_health_probes_are_answered_when_other_clients_hold_every_admin_sl
     assert (await get(host, port, "/readyz")).startswith(b"HTTP/1.1 503 ")
     for writer in holders:
         writer.close()
+
+
+async def test_a_unix_socket_broker_counts_connections_from_accept_and_serves(
+    tmp_path: Path,
+    pki: Pki,
+    sts_url: str,
+    policies_dir: Path,
+    record_secrets: Callable[[BrokerServer], None],
+) -> None:
+    """On a Unix socket (no TLS, every peer one address) a silent connection counts from accept
+    and is cut at the header deadline, and a client is served beside it."""
+    with tempfile.TemporaryDirectory(prefix="mp-") as short:  # sun_path holds 108 bytes
+        path = f"{short}/broker.sock"
+        config = broker_config(
+            tmp_path, pki, sts_url, policies_dir, socket=Path(path), header_timeout=DEADLINE
+        )
+        server = await BrokerServer.start(replace(config, tls_cert=None, tls_key=None))
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+            await asyncio.sleep(0.1)
+            assert server.guard.by_client() == {"": 1}
+            token = issue(pki, "t-unix", "acme")
+            async with (
+                aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path)) as session,
+                session.post(
+                    "http://broker/v1/credentials",
+                    json={},
+                    headers={"Authorization": f"Bearer {token}"},
+                ) as answer,
+            ):
+                assert answer.status == 200
+            answer_bytes, elapsed = await closed_after(reader, DEADLINE + 5)
+            assert answer_bytes.startswith(b"HTTP/1.1 408 ")
+            assert elapsed < DEADLINE + 1.5
+            writer.close()
+        finally:
+            record_secrets(server)
+            await server.stop()
