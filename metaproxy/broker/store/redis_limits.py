@@ -1,0 +1,70 @@
+"""Tenant limits in the store: rates and in-flight caps that hold across the fleet."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+
+from metaproxy.broker.store import redis_scripts as scripts
+from metaproxy.broker.store.base import Admission, StoreUnavailable
+from metaproxy.broker.store.memory import LocalLimits, retry_after
+from metaproxy.broker.store.redis_keys import short_digest, tenant_key
+from metaproxy.broker.store.redis_link import StoreLink
+from metaproxy.broker.store.redis_registry import RedisRegistry
+from metaproxy.models import BrokerLimits
+
+# An in-flight slot is given back when its request ends; if its replica dies first, the lease
+# frees it. Longer than any request the broker lets run.
+IN_FLIGHT_LEASE_SECONDS = 30.0
+
+
+class RedisLimits:
+    def __init__(self, conn: StoreLink, registry: RedisRegistry) -> None:
+        self._conn = conn
+        self._registry = registry
+        self._admit = conn.script(scripts.ADMIT)
+        self._local = LocalLimits()
+
+    async def enter(self, tenant: str, subject: str, limits: BrokerLimits) -> Admission:
+        ticket = secrets.token_hex(8)
+        t_interval = 1_000_000 / limits.requests_per_second
+        i_interval = 1_000_000 / limits.per_identity_rps
+        try:
+            code, wait_us = await self._conn.run(
+                lambda: self._admit(
+                    keys=[
+                        tenant_key(tenant, "rate"),
+                        tenant_key(tenant, "id:" + short_digest(subject)),
+                        tenant_key(tenant, "in-flight"),
+                    ],
+                    args=[
+                        int(t_interval),
+                        int(t_interval * limits.burst),
+                        int(i_interval),
+                        int(i_interval * limits.per_identity_burst),
+                        limits.max_in_flight,
+                        ticket,
+                        int(IN_FLIGHT_LEASE_SECONDS * 1_000_000),
+                    ],
+                )
+            )
+        except StoreUnavailable:
+            share = 1 / max(1, self._registry.last_seen_live())
+            admission = self._local.enter_now(tenant, subject, limits, share=share)
+            if admission.admitted:
+                return Admission(True, ticket="local:" + admission.ticket)
+            return admission
+        if int(code) == 0:
+            return Admission(True, ticket=ticket)
+        reason = {1: "tenant-rate", 2: "identity-rate"}.get(int(code), "in-flight")
+        return Admission(False, reason, retry_after(int(wait_us) / 1_000_000))
+
+    async def leave(self, tenant: str, ticket: str) -> None:
+        if ticket.startswith("local:"):
+            self._local.leave_now(tenant, ticket.removeprefix("local:"))
+            return
+        # If this fails the lease frees the slot (IN_FLIGHT_LEASE_SECONDS).
+        with contextlib.suppress(StoreUnavailable):
+            await self._conn.run(
+                lambda: self._conn.client.zrem(tenant_key(tenant, "in-flight"), ticket)
+            )
