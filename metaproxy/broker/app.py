@@ -31,7 +31,7 @@ from metaproxy.broker.scheduler import FairScheduler, StsScheduler
 from metaproxy.broker.shared_cache import SharedCredentials
 from metaproxy.broker.store import FleetStore, open_store
 from metaproxy.broker.store.base import ReplicaRegistry, Revocation, WitnessedCheckpoint
-from metaproxy.broker.store.sealing import KEY_BYTES, Sealer
+from metaproxy.broker.store.sealing import Sealer
 from metaproxy.broker.sts import StsClient
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import BrokerConfig
@@ -132,13 +132,7 @@ def create_services(
         audit=audit,
         limiter=TenantLimiter(store.limits),
         revocations=revocations,
-        shared=SharedCredentials(
-            store.cache,
-            store_sealer(config),
-            clock,
-            holder=f"{config.instance}/{os.getpid()}",
-            refresh_fraction=config.cache_refresh_fraction,
-        ),
+        shared=shared_credentials(config, store, clock),
         clock=clock,
         instance=config.instance,
         region=config.region,
@@ -169,14 +163,14 @@ def fleet_stats(
     store: FleetStore,
     revocations: RevocationView,
     heartbeat: ReplicaHeartbeat,
-    shared: SharedCredentials,
+    shared: SharedCredentials | None,
 ) -> dict[str, float]:
     """For /metrics: the store's reachability, the fleet's size, the revocation view's age."""
     return {
         "store_up": 1.0 if store.up else 0.0,
         "live_replicas": float(len(heartbeat.live)),
         "revocation_view_age": revocations.age(),
-        **shared.stats(),
+        **(shared.stats() if shared is not None else {}),
     }
 
 
@@ -196,16 +190,25 @@ class AuditWitnessing:
         await self._registry.publish_checkpoint(self._instance, checkpoint)
 
 
-def store_sealer(config: BrokerConfig) -> Sealer:
-    """The key credentials are sealed with in the store. A shared store needs the key file
-    (every replica must open what another sealed); in memory a key made now is enough."""
-    if config.store_key_file is not None:
-        return Sealer.from_file(config.store_key_file)
-    if config.store != "memory":
-        from metaproxy.errors import ConfigError
+def shared_credentials(
+    config: BrokerConfig, store: FleetStore, clock: Clock
+) -> SharedCredentials | None:
+    """The cross-replica cache and single flight, where the store is shared. Its sets are
+    sealed under `--store-key-file`, which every replica must have (each opens what another
+    sealed)."""
+    if store.cache is None:
+        return None
+    from metaproxy.errors import ConfigError
 
+    if config.store_key_file is None:
         raise ConfigError("store_key_file: required with a shared store (--store redis://…)")
-    return Sealer([os.urandom(KEY_BYTES)])
+    return SharedCredentials(
+        store.cache,
+        Sealer.from_file(config.store_key_file),
+        clock,
+        holder=f"{config.instance}/{os.getpid()}",
+        refresh_fraction=config.cache_refresh_fraction,
+    )
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:

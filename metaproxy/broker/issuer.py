@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from metaproxy.broker.metadata import build_metadata
 from metaproxy.broker.revocation import RevocationView
 from metaproxy.broker.scheduler import Priority, StsScheduler
 from metaproxy.broker.shared_cache import SharedCredentials, owner_names
+from metaproxy.broker.sts import AssumedRole
 from metaproxy.clock import Clock, iso_z
 from metaproxy.errors import (
     BadRequest,
@@ -37,7 +39,7 @@ from metaproxy.errors import (
 )
 from metaproxy.identity.verify import IdentityVerifier
 from metaproxy.logs import task_var, tenant_var
-from metaproxy.models import BrokerLimits, Decision, Identity
+from metaproxy.models import AssumeRoleSpec, BrokerLimits, Decision, Identity
 from metaproxy.policy.evaluate import evaluate, tenant_for
 from metaproxy.policy.store import PolicyStore
 
@@ -87,7 +89,7 @@ class Issuer:
         audit: AuditLog,
         limiter: TenantLimiter,
         revocations: RevocationView,
-        shared: SharedCredentials,
+        shared: SharedCredentials | None,
         clock: Clock,
         instance: str,
         region: str,
@@ -172,12 +174,7 @@ class Issuer:
         priority: Priority = "refresh" if request.refresh or self.cache.has_valid(key) else "cold"
         try:
             result = await self.cache.get(
-                key,
-                lambda: self.shared.fetch(
-                    key,
-                    owner_names(decision.tenant, identity.task),
-                    lambda: self.scheduler.submit(spec, tenant=decision.tenant, priority=priority),
-                ),
+                key, self._fetcher(key, spec, decision.tenant, identity.task, priority)
             )
         except MetaproxyError as exc:
             await self._audit(
@@ -231,6 +228,19 @@ class Issuer:
         self._owners.move_to_end(key)
         if len(self._owners) > MAX_TRACKED_KEYS:
             self._owners.popitem(last=False)
+
+    def _fetcher(
+        self, key: Key, spec: AssumeRoleSpec, tenant: str, task: str, priority: Priority
+    ) -> Callable[[], Awaitable[AssumedRole]]:
+        """STS through the scheduler, behind the fleet's shared cache where there is one."""
+
+        def assume() -> Awaitable[AssumedRole]:
+            return self.scheduler.submit(spec, tenant=tenant, priority=priority)
+
+        shared = self.shared
+        if shared is None:
+            return assume
+        return lambda: shared.fetch(key, owner_names(tenant, task), assume)
 
     def forget(self, tenant: str, task: str) -> tuple[int, list[str]]:
         """Drop this replica's cached credentials of a revoked task (or, task == "", of every

@@ -72,12 +72,14 @@ async def revoke(services: BrokerServices, tenant: str, task: str, *, peer: str)
     # This replica refuses at once; the others when the push (or their resync) reaches them.
     services.revocations.apply(RevocationEvent("revoke", entry))
     shared_dropped = 0
+    shared_cache = services.store.cache
     with contextlib.suppress(StoreUnavailable):
         # Expired from the store in any case before the sidecars' floor; dropped now so a
         # lifted task starts with credentials issued after the IAM deny's cut-off.
-        shared_dropped = await services.store.cache.drop_owner(
-            owner_names(tenant, task)[1 if task else 0]
-        )
+        if shared_cache is not None:
+            shared_dropped = await shared_cache.drop_owner(
+                owner_names(tenant, task)[1 if task else 0]
+            )
     tenant_policy = services.policies.current.tenants[tenant]
     roles = sorted({*roles, *(role.arn for role in tenant_policy.roles)})
     await _audit(

@@ -9,7 +9,8 @@ protocol with one concern.
   backstop (the broker's `RevocationView` decides staleness from when a snapshot last worked).
 - `StsBudget`: the account's STS call budget, one for the fleet.
 - `TenantLimitStore`: a tenant's request rate and in-flight cap, the same with 1 or 12 replicas.
-- `SharedCache`: sealed credential sets and the cross-replica single-flight lease.
+- `SharedCache`: sealed credential sets and the cross-replica single-flight lease (only
+  where other processes share the store).
 - `ReplicaRegistry`: heartbeats (how many replicas are live) and each replica's latest audit
   checkpoint, which the others witness.
 
@@ -176,7 +177,10 @@ class FleetStore(Protocol):
     def limits(self) -> TenantLimitStore: ...
 
     @property
-    def cache(self) -> SharedCache: ...
+    def cache(self) -> SharedCache | None:
+        """None when this process is the whole fleet: its own cache is then the shared one,
+        and a second layer would only cost each cold issue a seal and a copy."""
+        ...
 
     @property
     def replicas(self) -> ReplicaRegistry: ...

@@ -1,5 +1,7 @@
 """The in-process store: one broker, nothing to run beside it (the default, and `make demo`).
 
+There is no shared cache layer: the broker's own cache and single flight are the fleet's.
+
 Revocations persist under `--state-dir` (fsynced, renamed into place) so a restarted broker
 still refuses what it refused; everything else is as short-lived as the process.
 """
@@ -11,8 +13,7 @@ import json
 import logging
 import math
 import secrets
-import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -159,80 +160,6 @@ def retry_after(seconds: float) -> float:
     return float(max(1, math.ceil(seconds)))
 
 
-class MemoryCache:
-    """Sealed sets by key digest, with expiry, and leases, in this process."""
-
-    def __init__(self, max_entries: int = 100_000) -> None:
-        self._values: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
-        self._owners: defaultdict[str, set[str]] = defaultdict(set)
-        self._leases: dict[str, tuple[str, float]] = {}
-        self._released: dict[str, asyncio.Event] = {}
-        self._max_entries = max_entries
-
-    async def get_or_claim(
-        self, key: str, holder: str, ttl_seconds: float, *, claim_if_present: bool = False
-    ) -> tuple[bytes | None, bool]:
-        value = self._value(key)
-        if value is not None and not claim_if_present:
-            return value, False
-        now = time.monotonic()
-        current = self._leases.get(key)
-        if current is not None and current[0] != holder and current[1] > now:
-            return value, False
-        self._leases[key] = (holder, now + ttl_seconds)
-        return value, True
-
-    def _value(self, key: str) -> bytes | None:
-        item = self._values.get(key)
-        if item is None:
-            return None
-        if item[1] <= time.monotonic():
-            del self._values[key]
-            return None
-        return item[0]
-
-    async def fill(
-        self,
-        key: str,
-        holder: str,
-        value: bytes | None,
-        ttl_seconds: float,
-        owners: list[str],
-    ) -> None:
-        if value is not None:
-            self._values[key] = (value, time.monotonic() + ttl_seconds)
-            self._values.move_to_end(key)
-            for owner in owners:
-                self._owners[owner].add(key)
-            while len(self._values) > self._max_entries:
-                self._values.popitem(last=False)
-        current = self._leases.get(key)
-        if current is not None and current[0] == holder:
-            del self._leases[key]
-        event = self._released.pop(key, None)
-        if event is not None:
-            event.set()
-
-    async def drop_owner(self, owner: str) -> int:
-        keys = self._owners.pop(owner, set())
-        return sum(self._values.pop(key, None) is not None for key in keys)
-
-    async def extend(self, key: str, holder: str, ttl_seconds: float) -> bool:
-        current = self._leases.get(key)
-        if current is None or current[0] != holder:
-            return False
-        self._leases[key] = (holder, time.monotonic() + ttl_seconds)
-        return True
-
-    async def wait(self, key: str, seconds: float) -> None:
-        event = self._released.setdefault(key, asyncio.Event())
-        try:
-            async with asyncio.timeout(seconds):
-                await event.wait()
-        except TimeoutError:
-            pass
-
-
 class MemoryRegistry:
     def __init__(self) -> None:
         self._checkpoints: dict[str, WitnessedCheckpoint] = {}
@@ -256,7 +183,7 @@ class MemoryStore:
     def __init__(self, state_dir: Path | None = None) -> None:
         self.revocations = MemoryRevocations(state_dir)
         self.limits = LocalLimits()
-        self.cache = MemoryCache()
+        self.cache = None  # one process: its own credential cache is the fleet's
         self.replicas = MemoryRegistry()
         self._state_dir = state_dir
 
