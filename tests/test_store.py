@@ -222,6 +222,7 @@ async def test_tenant_rate_and_in_flight_cap_hold_across_replicas(redis_url: str
         assert [a.admitted for a in admitted[:3]] == [True, True, True]
         assert admitted[3].reason == "in-flight"
         await one.limits.leave("acme", admitted[0].ticket)
+        await one.limits.aclose()  # the slot goes back in the background: wait for it
         fourth = await two.limits.enter("acme", "id-x", limits)
         assert fourth.admitted
         refused = await one.limits.enter("acme", "id-y", limits)

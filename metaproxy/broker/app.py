@@ -301,6 +301,8 @@ async def _lifetimes(app: web.Application) -> AsyncIterator[None]:
     finally:
         await services.heartbeat.aclose()
         await services.revocations.aclose()
+        if services.issuer.shared is not None:
+            await services.issuer.shared.aclose()  # its last fills, before the store closes
         await services.store.aclose()
 
 

@@ -22,6 +22,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
+from metaproxy.background import BackgroundTasks
 from metaproxy.broker.store.base import SharedCache, StoreUnavailable
 from metaproxy.broker.store.sealing import SealedValueInvalid, Sealer
 from metaproxy.broker.sts import AssumedRole
@@ -64,6 +65,7 @@ class SharedCredentials:
         self._clock = clock
         self._holder = holder
         self._refresh_fraction = refresh_fraction
+        self._background = BackgroundTasks("shared-cache fill")
         self.shared_hits = 0  # sets another replica fetched
         self.waits = 0
         self.fallbacks = 0
@@ -111,7 +113,14 @@ class SharedCredentials:
         assume_role: Callable[[], Awaitable[AssumedRole]],
         due: AssumedRole | None,
     ) -> AssumedRole:
-        keeper = asyncio.create_task(self._keep_lease(digest))
+        # The lease outlives a fast call without help; only a slow one (STS retrying) needs
+        # extending, so the keeper starts when a third of the lease has gone by.
+        loop = asyncio.get_running_loop()
+        keeper: list[asyncio.Task[None]] = []
+        timer = loop.call_later(
+            LEASE_SECONDS / 3,
+            lambda: keeper.append(loop.create_task(self._keep_lease(digest))),
+        )
         role: AssumedRole | None = None
         try:
             role = await assume_role()
@@ -123,11 +132,22 @@ class SharedCredentials:
                 return due
             raise
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
-            with contextlib.suppress(StoreUnavailable):
-                await self._fill(digest, owners, role)
+            timer.cancel()
+            for task in keeper:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            # The caller has its answer now; storing the set and releasing the lease (which
+            # wakes the other replicas' waiters) follow in one round trip, in the background.
+            self._background.spawn(self._fill_quietly(digest, owners, role))
+
+    async def _fill_quietly(self, digest: str, owners: list[str], role: AssumedRole | None) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self._fill(digest, owners, role)
+
+    async def aclose(self) -> None:
+        """Let the last fills reach the store (their leases would otherwise run out)."""
+        await self._background.aclose()
 
     async def _fill(self, digest: str, owners: list[str], role: AssumedRole | None) -> None:
         """Store the new set (if there is one worth storing) and give the lease back."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 
+from metaproxy.background import BackgroundTasks
 from metaproxy.broker.store import redis_scripts as scripts
 from metaproxy.broker.store.base import Admission, StoreUnavailable
 from metaproxy.broker.store.memory import LocalLimits, retry_after
@@ -24,6 +25,7 @@ class RedisLimits:
         self._registry = registry
         self._admit = conn.script(scripts.ADMIT)
         self._local = LocalLimits()
+        self._background = BackgroundTasks("in-flight slot given back")
 
     async def enter(self, tenant: str, subject: str, limits: BrokerLimits) -> Admission:
         ticket = secrets.token_hex(8)
@@ -63,8 +65,15 @@ class RedisLimits:
         if ticket.startswith("local:"):
             self._local.leave_now(tenant, ticket.removeprefix("local:"))
             return
-        # If this fails the lease frees the slot (IN_FLIGHT_LEASE_SECONDS).
+        # Off the request's path: its answer need not wait for the slot to be given back. If
+        # this fails the lease frees the slot (IN_FLIGHT_LEASE_SECONDS).
+        self._background.spawn(self._give_back(tenant, ticket))
+
+    async def _give_back(self, tenant: str, ticket: str) -> None:
         with contextlib.suppress(StoreUnavailable):
             await self._conn.run(
                 lambda: self._conn.client.zrem(tenant_key(tenant, "in-flight"), ticket)
             )
+
+    async def aclose(self) -> None:
+        await self._background.aclose()

@@ -101,6 +101,7 @@ class RedisStore:
             self.cache.deliver(data)
 
     async def aclose(self) -> None:
+        await self.limits.aclose()  # slots handed back in the background reach the store
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
