@@ -135,42 +135,6 @@ def keepalive_load(url: str, headers: dict[str, str], requests: int, connections
         thread.join()
 
 
-VICTIM = """
-import http.client, json, sys, time
-host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-CREDS = "/latest/meta-data/iam/security-credentials/"
-
-def ask(method, path, headers):
-    conn = http.client.HTTPConnection(host, port, timeout=1.0, source_address=(host, 0))
-    try:
-        conn.request(method, path, headers=headers)
-        response = conn.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        conn.close()
-
-results = []
-end = time.monotonic() + seconds
-while time.monotonic() < end:
-    started = time.monotonic()
-    ok = False
-    try:
-        ttl = {"X-aws-ec2-metadata-token-ttl-seconds": "60"}
-        status, token = ask("PUT", "/latest/api/token", ttl)
-        if status == 200:
-            status, role = ask("GET", CREDS, {"X-aws-ec2-metadata-token": token})
-            if status == 200:
-                status, body = ask("GET", CREDS + role, {"X-aws-ec2-metadata-token": token})
-                ok = status == 200 and json.loads(body)["Code"] == "Success"
-    except OSError:
-        pass
-    elapsed = time.monotonic() - started
-    results.append([ok, elapsed])
-    time.sleep(max(0.0, 0.2 - elapsed))
-print(json.dumps(results))
-"""
-
-
 def same_pod_fairness(imds_url: str, pid: int, seconds: float) -> dict[str, float]:
     """The issue-13 scenario against the sidecar `pid`; its figures."""
     import asyncio
@@ -212,7 +176,7 @@ def same_pod_fairness(imds_url: str, pid: int, seconds: float) -> dict[str, floa
         tasks = [asyncio.create_task(loop_on_tokens()) for _ in range(4)]
         tasks.append(asyncio.create_task(leak()))
         victim = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", VICTIM, host, str(port), str(seconds),
+            sys.executable, "-m", "metaproxy.testing.polite_sdk", host, str(port), str(seconds),
             stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
         out, _ = await victim.communicate()

@@ -81,42 +81,6 @@ def test_heavy_connections_leave_half_the_bucket_to_others() -> None:
     assert others == [0.0] * 20
 
 
-VICTIM = """
-import http.client, json, sys, time
-host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-CREDS = "/latest/meta-data/iam/security-credentials/"
-
-def ask(method, path, headers):
-    conn = http.client.HTTPConnection(host, port, timeout=1.0)
-    try:
-        conn.request(method, path, headers=headers)
-        response = conn.getresponse()
-        return response.status, response.read().decode()
-    finally:
-        conn.close()
-
-results = []
-end = time.monotonic() + seconds
-while time.monotonic() < end:
-    started = time.monotonic()
-    ok = False
-    try:
-        ttl = {"X-aws-ec2-metadata-token-ttl-seconds": "60"}
-        status, token = ask("PUT", "/latest/api/token", ttl)
-        if status == 200:
-            status, role = ask("GET", CREDS, {"X-aws-ec2-metadata-token": token})
-            if status == 200:
-                status, body = ask("GET", CREDS + role, {"X-aws-ec2-metadata-token": token})
-                ok = status == 200 and json.loads(body)["Code"] == "Success"
-    except OSError:
-        pass
-    elapsed = time.monotonic() - started
-    results.append([ok, elapsed])
-    time.sleep(max(0.0, 0.2 - elapsed))
-print(json.dumps(results))
-"""
-
-
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -229,11 +193,7 @@ async def test_same_pod_looper_and_leaks_do_not_starve_an_sdk(
 
 async def run_victim(host: str, port: int, *, seconds: float) -> tuple[int, str, str]:
     """The well-behaved SDK, in its own process as in a real pod, from the pod's address."""
-    script = VICTIM.replace(
-        "http.client.HTTPConnection(host, port, timeout=1.0)",
-        f"http.client.HTTPConnection(host, port, timeout=1.0, source_address=({POD!r}, 0))",
-    )
     return await run_command(
-        sys.executable, "-c", script, host, str(port), str(seconds),
+        sys.executable, "-m", "metaproxy.testing.polite_sdk", host, str(port), str(seconds), POD,
         env=dict(os.environ), timeout=seconds + 30,
     )  # fmt: skip
