@@ -15,6 +15,7 @@ class RedisCache:
         self._conn = conn
         self._get_or_claim = conn.script(scripts.GET_OR_CLAIM)
         self._fill = conn.script(scripts.FILL)
+        self._fill_indexed = conn.script(scripts.FILL_INDEXED)
         self._extend = conn.script(scripts.EXTEND_LEASE)
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
@@ -40,27 +41,28 @@ class RedisCache:
         ttl_ms = ms(ttl_seconds)
 
         async def write() -> None:
-            # One round trip: the owners' index (other slots on a Cluster) rides in the same
-            # pipeline as the script that stores the value and releases the lease. A Cluster
-            # client runs no script in a pipeline, so there it is a second round trip.
-            cluster = self._conn.url.topology == "cluster"
-            pipe = self._conn.client.pipeline(transaction=False)
+            if self._conn.url.topology != "cluster":
+                # One script: the set, the owners' index, the lease released, the waiters woken.
+                await self._fill_indexed(
+                    keys=[cache_key(key), lease_key(key), *map(owner_key, owners)]
+                    if value is not None
+                    else [cache_key(key), lease_key(key)],
+                    args=[holder, value or b"", ttl_ms, FLIGHT_CHANNEL, key],
+                )
+                return
+            # A Cluster spreads the owner sets over other slots: index them in a pipeline,
+            # then the script for the set and the lease, which share a hash tag.
             if value is not None:
+                pipe = self._conn.client.pipeline(transaction=False)
                 for owner in owners:
                     pipe.sadd(owner_key(owner), key)
-                    # The index lives as long as the longest value in it could.
                     pipe.pexpire(owner_key(owner), ttl_ms, gt=True)
                     pipe.pexpire(owner_key(owner), ttl_ms, nx=True)
-            fill = {
-                "keys": [cache_key(key), lease_key(key)],
-                "args": [holder, value or b"", ttl_ms, FLIGHT_CHANNEL, key],
-            }
-            if not cluster:
-                # Queued in the pipeline (with the script loaded first if the store lacks it).
-                await self._fill(**fill, client=pipe)
-            await pipe.execute()
-            if cluster:
-                await self._fill(**fill)
+                await pipe.execute()
+            await self._fill(
+                keys=[cache_key(key), lease_key(key)],
+                args=[holder, value or b"", ttl_ms, FLIGHT_CHANNEL, key],
+            )
 
         await self._conn.run(write)
 

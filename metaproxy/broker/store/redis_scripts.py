@@ -101,6 +101,23 @@ redis.call('PUBLISH', ARGV[4], ARGV[5])
 return 1
 """
 
+# FILL with the owners' index in the same script (KEYS[3..] are the owner sets), where every
+# key may be named in one script (one server or Sentinel; a Cluster spreads them over slots).
+# An owner set lives as long as the longest value in it could.
+FILL_INDEXED: Final = """
+local ttl = tonumber(ARGV[3])
+if ARGV[2] ~= '' then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
+  for i = 3, #KEYS do
+    redis.call('SADD', KEYS[i], ARGV[5])
+    if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+  end
+end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"""
+
 # The single-flight lease, only by its holder: extend it.
 EXTEND_LEASE: Final = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
