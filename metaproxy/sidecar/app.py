@@ -20,7 +20,7 @@ from metaproxy.config import SidecarConfig, authorization_token_mode
 from metaproxy.models import SidecarLimits
 from metaproxy.sidecar import container_creds, diagnosis, http1, imds, instrument
 from metaproxy.sidecar.credentials_cache import CredentialKeeper
-from metaproxy.sidecar.face import Face
+from metaproxy.sidecar.face import Face, RateClass
 from metaproxy.sidecar.fairness import FairShare
 from metaproxy.sidecar.metrics import SidecarMetrics
 from metaproxy.sidecar.rebinding import HostCheck
@@ -36,23 +36,29 @@ log = logging.getLogger("metaproxy.sidecar")
 TARPIT_SECONDS = 0.25
 
 _DEFAULT_LIMITS = SidecarLimits()
+MAX_CACHED_PATHS = 256
 
 
 def data_plane(state: SidecarState, face: Face) -> http1.Handler:
     """The handler behind one face: the pod's fair share of its rate, the DNS-rebinding check,
     then the face's own handler, with every answer counted and timed. No framework in between:
     this is the hot path."""
-    handle, metrics = face.handle, state.metrics
+    handle, metrics, keeper, limiters = face.handle, state.metrics, state.keeper, state.limiters
+    classes: dict[str, RateClass] = {}  # by request path: an SDK asks the same few paths
 
     def dispatch(request: http1.Request) -> http1.Response | Awaitable[http1.Response]:
         started = time.perf_counter()
-        rate_class = face.rate_class(request.path)
+        rate_class = classes.get(request.path)
+        if rate_class is None:
+            if len(classes) >= MAX_CACHED_PATHS:
+                classes.clear()
+            rate_class = classes[request.path] = face.rate_class(request.path)
         cls = rate_class.name
-        grant = state.keeper.current()
+        grant = keeper.current()
         limits = grant.limits if grant is not None else _DEFAULT_LIMITS
-        share = state.limiters.get(cls)
+        share = limiters.get(cls)
         if share is None:
-            share = state.limiters[cls] = FairShare()
+            share = limiters[cls] = FairShare()
         wait = share.take(request.remote, request.connection, rate_class.rate(limits), limits.burst)
         if wait:
             instrument.count_request(metrics, cls, 429, started)

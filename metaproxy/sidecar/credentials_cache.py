@@ -33,6 +33,10 @@ MAX_BACKOFF = 30.0
 # STS call at worst, bounded by the broker timeout) arrives while the old set is still servable.
 WINDOW_MARGIN = 60.0
 JITTER = 0.1  # ±10%: tasks started by one deployment spread their refreshes
+# Every request asks how long the credentials have left. The wall clock is read at most this
+# often (a `datetime` per request was a visible share of a cached answer); in between, the
+# monotonic clock counts down from the last reading. A wall-clock step shows within this long.
+WALL_CLOCK_SECONDS = 0.5
 
 
 def refresh_delay(
@@ -70,6 +74,8 @@ class CredentialKeeper:
         self._clock = clock
         self._on_grant = on_grant
         self._grant: Grant | None = None
+        self._read_at = float("-inf")  # monotonic time of the last wall-clock reading
+        self._left_then = 0.0  # the grant's seconds left at that reading
         self._wake = asyncio.Event()
         self._changed = asyncio.Condition()
         self.last_error: str = ""
@@ -101,25 +107,30 @@ class CredentialKeeper:
             return self.problem
         return ""
 
+    def _left(self, grant: Grant) -> float:
+        """Seconds until `grant` expires (negative past it)."""
+        now = self._clock.monotonic()
+        if now - self._read_at >= WALL_CLOCK_SECONDS:
+            self._read_at = now
+            self._left_then = grant.credentials.seconds_left(self._clock.now())
+        return self._left_then - (now - self._read_at)
+
     def current(self) -> Grant | None:
         """The grant if its credentials have not expired; never anything expired."""
         grant = self._grant
-        if grant is None:
-            return None
-        if grant.credentials.seconds_left(self._clock.now()) <= 0:
+        if grant is None or self._left(grant) <= 0:
             return None
         return grant
 
     def seconds_left(self) -> float:
-        grant = self.current()
-        return grant.credentials.seconds_left(self._clock.now()) if grant else 0.0
+        grant = self._grant
+        left = self._left(grant) if grant is not None else 0.0
+        return left if left > 0 else 0.0
 
     def serving(self) -> Grant | None:
         """The grant if it may be handed out as it is: valid, with 15 minutes or more left."""
         grant = self._grant
-        if grant is None:
-            return None
-        if grant.credentials.seconds_left(self._clock.now()) < self._config.min_serve_seconds:
+        if grant is None or self._left(grant) < self._config.min_serve_seconds:
             return None
         return grant
 
@@ -224,6 +235,7 @@ class CredentialKeeper:
 
     async def _set(self, grant: Grant | None) -> None:
         self._grant = grant
+        self._read_at = float("-inf")  # a new grant: read the wall clock on the next question
         if self._on_grant is not None:
             self._on_grant(grant)
         async with self._changed:

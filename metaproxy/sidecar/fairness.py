@@ -78,27 +78,32 @@ class FairShare:
         bucket.rate, bucket.burst = rate, burst
         bucket.tokens = min(burst, bucket.tokens + (now - bucket.updated) * rate)
         bucket.updated = now
+        if now - pod.pruned >= PRUNE_SECONDS:
+            self._prune(pod, now)
         use = pod.use.get(connection)
-        mine = use.decayed(now) if use is not None else 0.0
-        share = rate * DECAY_SECONDS / self._active(pod, now, connection)
-        floor = burst * RESERVE if mine >= share else 0.0
+        if bucket.tokens - 1.0 >= burst * RESERVE:
+            floor = 0.0  # above the reserve every connection may take: no share to work out
+        else:
+            mine = use.decayed(now) if use is not None else 0.0
+            active = len(pod.use) + (use is None)  # `connection` included
+            floor = burst * RESERVE if mine >= rate * DECAY_SECONDS / active else 0.0
         if bucket.tokens - 1.0 >= floor:
             bucket.tokens -= 1.0
             if use is None:
                 pod.use[connection] = _Use(1.0, now)
             else:
+                use.decayed(now)
                 use.amount += 1.0
             return 0.0
         if rate <= 0:
             return 60.0
         return max(1.0, (floor + 1.0 - bucket.tokens) / rate)
 
-    def _active(self, pod: _Pod, now: float, connection: int) -> int:
-        """Active connections of the pod, `connection` included. The inactive are forgotten at
-        most ten times a second, so a burst of connections costs a count, not a scan, each."""
-        if now - pod.pruned >= PRUNE_SECONDS:
-            pod.pruned = now
-            idle = [conn for conn, use in pod.use.items() if use.decayed(now) < ACTIVE_FLOOR]
-            for conn in idle:
-                del pod.use[conn]
-        return len(pod.use) + (connection not in pod.use)
+    @staticmethod
+    def _prune(pod: _Pod, now: float) -> None:
+        """Forget the pod's inactive connections. At most ten times a second, so that a burst of
+        connections costs a count of the active ones, not a scan, each."""
+        pod.pruned = now
+        idle = [conn for conn, use in pod.use.items() if use.decayed(now) < ACTIVE_FLOOR]
+        for conn in idle:
+            del pod.use[conn]

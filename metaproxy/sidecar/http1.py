@@ -8,10 +8,12 @@ This server parses with httptools (llhttp, the parser Node.js uses), answers fro
 and enforces per-request limits: a deadline for every request head (not only the first) and for
 every announced body, a keep-alive idle timeout, and limits on URL, header and body sizes.
 Rejecting excess costs one write and a close. Connection admission (caps in total and per client,
-eviction, the descriptor budget) is `metaproxy.connguard`, which wraps this protocol exactly as
-it wraps aiohttp's.
+eviction, the descriptor budget) is `metaproxy.connguard`, which wraps this protocol; since this
+protocol times every head itself, the guard times only the first (`KeepsHeadDeadlines`).
 
-The admin address (health, readiness, metrics) stays on aiohttp: it is not a hot path.
+The hot path is a cached answer to the same request, over and over: a response's whole bytes
+(status, Server and Date, its headers, its body) are kept for the current second, request
+paths are decoded once, and no per-request object is made that a kept one can stand in for.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ REASONS = {
     431: "Request Header Fields Too Large", 500: "Internal Server Error",
     503: "Service Unavailable",
 }  # fmt: skip
-MAX_PIPELINED = 16
+MAX_PIPELINED = 16  # requests queued on one connection before we stop reading from it
+MAX_CACHED_PATHS = 256  # decoded request targets kept (an SDK asks the same few paths)
+_NO_DUPLICATES: frozenset[str] = frozenset()
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH")}
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -49,7 +54,7 @@ def http_date(seconds: float) -> str:
     return (
         f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
         f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
-    )  # requests queued on one connection before we stop reading from it
+    )
 
 
 @dataclass(slots=True)
@@ -72,6 +77,9 @@ class Response:
     # from the credential cache are the same object every time, so they are encoded once.
     # (Server and Date, the connection's, go between the two.)
     head: tuple[bytes, bytes] | None = field(default=None, compare=False, repr=False)
+    # The whole kept-alive answer, for the Server and Date lines it was built with (they change
+    # once a second): a cached answer is then one write of bytes already made.
+    wire: tuple[bytes, bytes] | None = field(default=None, compare=False, repr=False)
 
     def encoded_head(self) -> tuple[bytes, bytes]:
         """(status line, the content headers and this response's own)."""
@@ -84,6 +92,16 @@ class Response:
             status = f"HTTP/1.1 {self.status} {REASONS.get(self.status, '')}\r\n"
             self.head = (status.encode("latin-1"), "".join(lines).encode("latin-1"))
         return self.head
+
+    def keep_alive_bytes(self, server_and_date: bytes) -> bytes:
+        """The whole answer on a kept-alive connection, Server and Date included."""
+        wire = self.wire
+        if wire is not None and wire[0] is server_and_date:
+            return wire[1]
+        status, fields = self.encoded_head()
+        data = b"".join((status, server_and_date, fields, b"\r\n", self.body))
+        self.wire = (server_and_date, data)
+        return data
 
 
 Handler = Callable[[Request], "Response | Awaitable[Response]"]
@@ -112,6 +130,7 @@ class ConnectionTracker:
     server_and_date: bytes = b""  # both header lines, as written on every answer
     draining: bool = False  # set at shutdown: answer what is in flight, then close
     accepted: int = 0  # connections so far; each one's number identifies it
+    paths: dict[bytes, str] = field(default_factory=dict)  # request target → decoded path
     _quiet: asyncio.Event | None = None
     _sweeper: asyncio.Task[None] | None = None
 
@@ -119,7 +138,10 @@ class ConnectionTracker:
         self._refresh_date()
 
     def _refresh_date(self) -> None:
-        self.date_header = http_date(time.time()).encode("ascii")
+        date = http_date(time.time()).encode("ascii")
+        if date == self.date_header:
+            return  # same second: the kept answers (`Response.keep_alive_bytes`) stay valid
+        self.date_header = date
         self.server_and_date = b"Server: %s\r\nDate: %s\r\n" % (
             self.limits.server_header.encode("latin-1"),
             self.date_header,
@@ -186,7 +208,7 @@ class HttpProtocol(asyncio.Protocol):
     # Slots: one of these per open connection, and a pod may hold hundreds.
     __slots__ = (
         "_answered", "_body_bytes", "_busy", "_client", "_duplicates", "_error_page",
-        "_handler", "_header_bytes", "_headers", "_limits", "_loop", "_parser",
+        "_had_head", "_handler", "_header_bytes", "_headers", "_limits", "_loop", "_parser",
         "_paused_writing", "_queue", "_tracker", "_transport", "_url", "deadline", "number",
         "reading_body", "reading_head",
     )  # fmt: skip
@@ -210,6 +232,7 @@ class HttpProtocol(asyncio.Protocol):
         # An announced body that never arrives must not hold the socket: 64 such connections
         # once locked every other container of a pod out of its credentials.
         self.reading_body = False
+        self._had_head = False
         self._reset_message()
 
     # -- connection ---------------------------------------------------------------------
@@ -263,6 +286,12 @@ class HttpProtocol(asyncio.Protocol):
         """Since when no answer has been owed (None while one is): the connection guard closes
         the connection idle the longest to admit a new one (`connguard.Evictable`)."""
         return self._answered if self._busy is None and not self._queue else None
+
+    @property
+    def awaiting_first_head(self) -> bool:
+        """`connguard.KeepsHeadDeadlines`: the guard times the first head, this protocol the
+        rest."""
+        return not self._had_head
 
     def close(self) -> None:
         if self._transport is not None:
@@ -337,6 +366,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.reading_head = False
+        self._had_head = True
         self.deadline = float("inf")
         length = self._headers.get("content-length", "0")
         if not length.isdigit() or int(length) > self._limits.max_body_bytes:
@@ -355,13 +385,21 @@ class HttpProtocol(asyncio.Protocol):
         if self.reading_body:
             self.reading_body = False
             self.deadline = float("inf")
+        method = self._parser.get_method()
+        paths = self._tracker.paths
+        path = paths.get(self._url)
+        if path is None:
+            path = _path(self._url)
+            if len(paths) >= MAX_CACHED_PATHS:
+                paths.clear()
+            paths[self._url] = path
         request = Request(
-            method=self._parser.get_method().decode("ascii", "replace"),
-            path=_path(self._url),
-            headers=self._headers,
-            remote=self._client,
-            duplicate_headers=frozenset(self._duplicates),
-            connection=self.number,
+            _METHODS.get(method) or method.decode("ascii", "replace"),
+            path,
+            self._headers,
+            self._client,
+            frozenset(self._duplicates) if self._duplicates else _NO_DUPLICATES,
+            self.number,
         )
         self._queue.append((request, self._parser.should_keep_alive()))
         if len(self._queue) >= MAX_PIPELINED and self._transport is not None:
@@ -410,6 +448,10 @@ class HttpProtocol(asyncio.Protocol):
     def _write(self, request: Request, response: Response, keep_alive: bool) -> None:
         transport = self._transport
         if transport is None:
+            return
+        if keep_alive and request.method != "HEAD":
+            transport.write(response.keep_alive_bytes(self._tracker.server_and_date))
+            self._answered = self._loop.time()
             return
         status, fields = response.encoded_head()
         head = [status, self._tracker.server_and_date, fields]

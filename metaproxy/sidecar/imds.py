@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
@@ -154,6 +154,9 @@ def listing(directory: dict[str, Any]) -> str:
     return "\n".join(f"{k}/" if isinstance(v, dict) else k for k, v in directory.items())
 
 
+MAX_KEPT_ANSWERS = 512  # per grant; a client inventing paths (`//latest///`) only stops adding
+
+
 @dataclass(frozen=True, slots=True)
 class ImdsView:
     """One grant as IMDS shows it; `SidecarState.imds_view` keeps the current one."""
@@ -162,6 +165,9 @@ class ImdsView:
     tree: dict[str, Any]
     credentials: Response
     extended: Response
+    # Request path → its answer from this view, and whether it is a credential document (served
+    # only with 15 minutes left): a repeated request is then one lookup, not a walk of the tree.
+    answers: dict[str, tuple[Response, bool]] = field(default_factory=dict)
 
 
 def render_view(grant: Grant) -> ImdsView:
@@ -177,7 +183,7 @@ def handle(state: SidecarState, request: Request) -> Response | Awaitable[Respon
     path = request.path
     if path == TOKEN_PATH:
         return _token(request, state)
-    if _VERSIONED_TOKEN.match(path):
+    if "/api/token" in path and _VERSIONED_TOKEN.match(path):
         return aws_error(403)  # AWS only serves tokens at /latest/api/token
     if request.method not in ("GET", "HEAD"):
         return aws_error(405, {"Allow": "GET, HEAD"})
@@ -187,7 +193,7 @@ def handle(state: SidecarState, request: Request) -> Response | Awaitable[Respon
             return aws_error(401)
     elif state.config.imds_v1 != "allow":
         return aws_error(401)
-    return _metadata(state, path)
+    return _kept_answer(state, path) or _metadata(state, path)
 
 
 def _token(request: Request, state: SidecarState) -> Response:
@@ -200,6 +206,18 @@ def _token(request: Request, state: SidecarState) -> Response:
     if ttl is None:
         return aws_error(400)
     return text(state.tokens.mint(ttl), **{TTL_HEADER: str(ttl)})
+
+
+def _kept_answer(state: SidecarState, path: str) -> Response | None:
+    """The current view's answer to `path` if it was asked before (and, for a credential
+    document, if it may still be served as it is)."""
+    grant = state.keeper.current()
+    if grant is None:
+        return None
+    kept = state.imds_view(grant).answers.get(path)
+    if kept is None or (kept[1] and state.keeper.serving() is not grant):
+        return None
+    return kept[0]
 
 
 def _metadata(state: SidecarState, path: str) -> Response | Awaitable[Response]:
@@ -221,7 +239,7 @@ def _metadata(state: SidecarState, path: str) -> Response | Awaitable[Response]:
         # No valid credentials (still starting, broker down past expiry, or revoked): say so
         # rather than serve anything stale.
         return aws_error(503)
-    return _lookup(state, grant, rest)
+    return _keep(state.imds_view(grant), path, _lookup(state, grant, rest), rest)
 
 
 async def _after_refresh(state: SidecarState, rest: list[str]) -> Response:
@@ -244,6 +262,19 @@ def _lookup(state: SidecarState, grant: Grant, rest: list[str]) -> Response | Aw
     if node is None:  # the one role's credential document
         return view.credentials
     return text(listing(node) if isinstance(node, dict) else node)
+
+
+def _keep(
+    view: ImdsView, path: str, answer: Response | Awaitable[Response], rest: list[str]
+) -> Response | Awaitable[Response]:
+    """Keep a found answer of the view for the next request of `path` (never the host's)."""
+    if (
+        isinstance(answer, Response)
+        and answer.status == 200
+        and len(view.answers) < MAX_KEPT_ANSWERS
+    ):
+        view.answers[path] = (answer, _wants_credentials(rest))
+    return answer
 
 
 def _extended(view: ImdsView, below: list[str]) -> Response:

@@ -35,8 +35,9 @@ PROC_FD = Path("/proc/self/fd")
 
 def count_request(metrics: SidecarMetrics, path_class: str, status: int, started: float) -> None:
     """Count and time one answer (the data plane has no middleware chain)."""
-    metrics.requests.labels(path_class, str(status)).inc()
-    metrics.request_seconds.labels(path_class).observe(time.perf_counter() - started)
+    count, timing = metrics.answered(path_class, status)
+    count.value += 1
+    timing.observe(time.perf_counter() - started)
     if status == 429:  # on the data plane only the per-client rate limiter answers 429
         metrics.rejected.labels("rate_limited").inc()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from metaproxy.sidecar.exposition import CONTENT_TYPE, Metric, Registry
+from metaproxy.sidecar.exposition import CONTENT_TYPE, HistogramSeries, Metric, Registry, Series
 
 # Answers from the credentials cache take well under a millisecond; anything near a second means
 # the sidecar is starved, so the buckets are dense at the bottom and stop at one second.
@@ -101,6 +101,19 @@ class SidecarMetrics:
             "(observed once per process).",
             buckets=STARTUP_BUCKETS,
         )
+        # (path class, status) → its request count and its path class's timings: looked up
+        # once, then every answer is an addition and a bucket (no label tuple, no str(status)).
+        self._answered: dict[tuple[str, int], tuple[Series, HistogramSeries]] = {}
+
+    def answered(self, path_class: str, status: int) -> tuple[Series, HistogramSeries]:
+        """The series that count and time an answer of `status` to `path_class`."""
+        series = self._answered.get((path_class, status))
+        if series is None:
+            series = self._answered[path_class, status] = (
+                self.requests.labels(path_class, str(status)),
+                self.request_seconds.labels(path_class),
+            )
+        return series
 
     def render(self) -> bytes:
         return self.registry.render()
