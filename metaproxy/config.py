@@ -9,6 +9,10 @@ That one source feeds each flag's `--help` (meaning, unit, default, allowed valu
 variable) and the generated `docs/configuration.md` (`python -m metaproxy.configdoc`); a test
 fails when a field has no `doc(...)` or when the page is out of date. Allowed values come from the
 field's type (a `Literal` lists them); pass `choices=` only to describe a free-form set.
+
+The sidecar's config is here; the broker's and the webhook's are in `metaproxy.broker.config`
+and `metaproxy.webhook.config`, built by the same `build_config`, so that every pod's sidecar
+does not hold two config classes it never uses (a third of a megabyte, issue 13).
 """
 
 from __future__ import annotations
@@ -17,14 +21,13 @@ import argparse
 import dataclasses
 import ipaddress
 import os
-import re
 import types
 import typing
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 from metaproxy.clihelp import Unit, for_argparse, help_text, show_value
 from metaproxy.errors import ConfigError, StartError
@@ -200,289 +203,44 @@ class SidecarConfig:
     )
     log_format: Literal["auto", "json", "text"] = field(default="auto", metadata=_LOG_FORMAT)
 
-
-@dataclass(frozen=True, slots=True)
-class BrokerConfig:
-    listen: str = field(
-        default="127.0.0.1:8443",
-        metadata=doc("where to serve sidecars (POST /v1/credentials)", choices=_LISTEN),
-    )
-    socket: Path | None = field(
-        default=None,
-        metadata=doc("serve sidecars on this Unix socket instead of --listen (not both)"),
-    )
-    admin_listen: str = field(
-        default="127.0.0.1:9902",
-        metadata=doc("where to serve /healthz, /readyz and /metrics", choices=_LISTEN),
-    )
-    tls_cert: Path | None = field(
-        default=None,
-        metadata=doc("PEM certificate chain for --listen (with --tls-key)", reads=True),
-    )
-    tls_key: Path | None = field(
-        default=None, metadata=doc("PEM private key for --listen (with --tls-cert)", reads=True)
-    )
-    policies_dir: Path = field(
-        default=Path("policies"),
-        metadata=doc(
-            "directory of tenant policy files (*.toml); reloaded when they change", reads=True
-        ),
-    )
-    policy_reload_seconds: float = field(
-        default=2.0, metadata=doc("how often to look for policy changes", unit="seconds")
-    )
-    trusted_issuers: tuple[TrustedIssuer, ...] = field(
-        default=(),
-        metadata=doc(
-            "trust identity tokens from this issuer (repeatable flag; the environment variable "
-            "takes ';'-separated entries); KIND is platform (default) or kubernetes",
-            metavar="ISSUER,AUDIENCE,JWKS_FILE[,KIND]",
-        ),
-    )
-    token_leeway_seconds: int = field(
-        default=30,
-        metadata=doc("clock skew tolerated on identity tokens' exp/nbf/iat", unit="seconds"),
-    )
-    cluster_name: str = field(
-        default="",
-        metadata=doc(
-            "the Kubernetes cluster's name, ${cluster_name} in policy templates (EKS Pod "
-            "Identity's eks-cluster-name tag)",
-            metavar="NAME",
-        ),
-    )
-    cluster_arn: str = field(
-        default="",
-        metadata=doc(
-            "the cluster's ARN, ${cluster_arn} in policy templates (eks-cluster-arn)",
-            metavar="ARN",
-        ),
-    )
-    document_key: Path | None = field(
-        default=None,
-        metadata=doc(
-            "PEM private key that signs instance-identity documents; unset: "
-            "meta-data's dynamic/instance-identity/* answers 404",
-            reads=True,
-        ),
-    )
-    audit_dir: Path = field(
-        default=Path("audit"), metadata=doc("directory of audit log segments and checkpoints")
-    )
-    audit_key: Path | None = field(
-        default=None,
-        metadata=doc(
-            "PEM private key that signs audit checkpoints; unset: unsigned checkpoints", reads=True
-        ),
-    )
-    audit_s3_url: str = field(
-        default="",
-        metadata=doc(
-            "ship closed segments and checkpoints to s3://BUCKET/PREFIX, under "
-            "PREFIX/<instance>/; empty: no shipping",
-            metavar="URL",
-        ),
-    )
-    audit_write_timeout: float = field(
-        default=0.5,
-        metadata=doc(
-            "refuse to issue (fail closed) when an audit write takes longer", unit="seconds"
-        ),
-    )
-    # The Deployment's audit volume is 2 GiB; segments leave it once shipped. If the sink is down
-    # that long, refusing to issue (503) beats filling the volume and getting the pod evicted.
-    audit_max_local_bytes: int = field(
-        default=1536 << 20,
-        metadata=doc(
-            "audit segments kept locally (unshipped or unpruned) before the broker refuses to "
-            "issue (fail closed, 503); keep it under the audit volume's size; 0: no bound",
-            unit="bytes",
-        ),
-    )
-    instance: str = field(
-        default_factory=lambda: os.uname().nodename,
-        metadata=doc("this broker's name in audit records and the fleet; default: the hostname"),
-    )
-    sts_endpoint: str = field(
-        default="",
-        metadata=doc(
-            "STS endpoint URL; empty: real AWS STS with the broker's own credentials",
-            metavar="URL",
-        ),
-    )
-    sts_region: str = field(
-        default="us-east-1", metadata=doc("region for STS and S3 requests", metavar="REGION")
-    )
-    sts_regions: tuple[str, ...] = field(
-        default=(),
-        metadata=doc(
-            "STS regions in order of preference, comma-separated: calls go to the first whose "
-            "circuit is closed and move back when it recovers; empty: --sts-region alone",
-            metavar="REGION[,REGION...]",
-        ),
-    )
-    sts_region_endpoints: tuple[str, ...] = field(
-        default=(),
-        metadata=doc(
-            "STS endpoint per region, comma-separated (tests, FIPS, VPC endpoints); a region "
-            "without one uses https://sts.REGION.amazonaws.com",
-            metavar="REGION=URL[,REGION=URL...]",
-        ),
-    )
-    s3_endpoint: str = field(
-        default="",
-        metadata=doc("S3 endpoint URL for audit shipping; empty: real AWS S3", metavar="URL"),
-    )
-    sts_timeout: float = field(
-        default=5.0, metadata=doc("deadline for one STS call", unit="seconds")
-    )
-    sts_budget_per_second: float = field(
-        default=50.0,
-        metadata=doc("most STS calls this broker (or fleet) makes", unit="per second"),
-    )
-    sts_max_attempts: int = field(
-        default=4,
-        metadata=doc("STS attempts per request, retrying throttling with backoff", unit="count"),
-    )
-    workers_min: int = field(
-        default=2, metadata=doc("floor of the autoscaled STS worker pool", unit="count")
-    )
-    workers_max: int = field(
-        default=64,
-        metadata=doc(
-            "ceiling of the autoscaled STS worker pool (at least --workers-min)", unit="count"
-        ),
-    )
-    queue_max: int = field(
-        default=10_000,
-        metadata=doc("requests waiting for a worker before 503 + Retry-After", unit="requests"),
-    )
-    queue_per_tenant_max: int = field(
-        default=2_000,
-        metadata=doc("requests one tenant may have waiting before 503", unit="requests"),
-    )
-    cache_refresh_fraction: float = field(
-        default=0.5,
-        metadata=doc(
-            "refresh cached credentials after this fraction of their lifetime",
-            unit="fraction",
-            choices="0 to 1",
-        ),
-    )
-    max_connections: int = field(
-        default=4096, metadata=doc("open client connections at most", unit="connections")
-    )
-    header_timeout: float = field(
-        default=5.0,
-        metadata=doc("deadline for a client to send a request's head and body", unit="seconds"),
-    )
-    max_body_bytes: int = field(
-        default=16_384, metadata=doc("largest request body accepted", unit="bytes")
-    )
-    drain_seconds: float = field(
-        default=10.0,
-        metadata=doc("on SIGTERM, let in-flight requests finish for at most this", unit="seconds"),
-    )
-    region: str = field(
-        default="us-east-1",
-        metadata=doc("region in tasks' metadata view (placement/region)", metavar="REGION"),
-    )
-    availability_zone: str = field(
-        default="us-east-1a",
-        metadata=doc("availability zone in tasks' metadata view", metavar="ZONE"),
-    )
-    log_format: Literal["auto", "json", "text"] = field(default="auto", metadata=_LOG_FORMAT)
-    # The fleet (docs/fleet.md): where shared state lives.
-    store: str = field(
-        default="memory",
-        metadata=doc(
-            "where fleet-wide state lives: memory keeps it in this process (one broker); "
-            "a Valkey/Redis URL shares it between replicas (docs/fleet.md)",
-            choices="memory, redis://, rediss://, redis+sentinel://, redis+cluster://",
-            metavar="URL",
-        ),
-    )
-    store_key_file: Path | None = field(
-        default=None, metadata=doc("AES-GCM keys sealing credentials in the store", reads=True)
-    )
-    store_timeout: float = field(
-        default=0.5,
-        metadata=doc("deadline for one store command before falling back", unit="seconds"),
-    )
-    state_dir: Path | None = field(
-        default=None,
-        metadata=doc("memory store: where revocations persist across restarts"),
-    )
-    revocation_max_staleness: float = field(
-        default=30.0,
-        metadata=doc(
-            "refuse issuance (503) when our view of revocations is older than this",
-            unit="seconds",
-        ),
-    )
-    revocation_resync_seconds: float = field(
-        default=5.0,
-        metadata=doc("full re-read of revocations, the push's backstop", unit="seconds"),
-    )
-    heartbeat_seconds: float = field(
-        default=2.0,
-        metadata=doc("replica registry beat; a replica is live for 3 beats", unit="seconds"),
-    )
-    control_listen: str = field(
-        default="",
-        metadata=doc("where to serve the authenticated control API; empty: none", choices=_LISTEN),
-    )
-    control_token_file: Path | None = field(
-        default=None, metadata=doc("bearer token for the control API", reads=True)
-    )
+    def check(self, given: set[str]) -> None:
+        if not 0.1 <= self.refresh_fraction <= 0.9:
+            raise ConfigError("--refresh-fraction: must be between 0.1 and 0.9")
+        _validate_sidecar(self)
 
 
-@dataclass(frozen=True, slots=True)
-class WebhookConfig:
-    listen: str = field(
-        default="127.0.0.1:9443",
-        metadata=doc("where to serve POST /mutate and GET /healthz", choices=_LISTEN),
-    )
-    tls_cert: Path | None = field(
-        default=None,
-        metadata=doc("PEM certificate chain (with --tls-key); reloaded on SIGHUP", reads=True),
-    )
-    tls_key: Path | None = field(
-        default=None, metadata=doc("PEM private key (with --tls-cert)", reads=True)
-    )
-    image: str = field(
-        default="", metadata=doc("the sidecar's container image (required)", metavar="IMAGE")
-    )
-    broker_url: str = field(
-        default="",
-        metadata=doc("https URL sidecars reach the broker at (required)", metavar="URL"),
-    )
-    broker_ca_configmap: str = field(
-        default="metaproxy-broker-ca",
-        metadata=doc(
-            "ConfigMap (in each pod's namespace) with the broker CA as ca.pem", metavar="NAME"
-        ),
-    )
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = field(
-        default="IfNotPresent", metadata=doc("the injected sidecar's imagePullPolicy")
-    )
-    drain_seconds: float = field(
-        default=5.0,
-        metadata=doc(
-            "on SIGTERM, let in-flight reviews finish for at most this "
-            "(the API server retries elsewhere)",
-            unit="seconds",
-        ),
-    )
-    log_format: Literal["auto", "json", "text"] = field(default="auto", metadata=_LOG_FORMAT)
+class ServerConfig(Protocol):
+    """What every long-running command's config has (`SidecarConfig`, and the broker's and the
+    webhook's in their own packages: a sidecar does not hold their classes in memory)."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # a dataclass
+
+    @property
+    def log_format(self) -> Literal["auto", "json", "text"]: ...
+
+    def check(self, given: set[str]) -> None:
+        """Refuse a combination of values no single field can judge (`given`: set by the user)."""
 
 
-C = TypeVar("C", SidecarConfig, BrokerConfig, WebhookConfig)
-CONFIG_CLASSES: dict[str, type[Any]] = {
-    "sidecar": SidecarConfig,
-    "broker": BrokerConfig,
-    "webhook": WebhookConfig,
-}
+C = TypeVar("C", bound=ServerConfig)
+
+
+def config_classes() -> dict[str, type[Any]]:
+    """Each server command's config class, by command (imports the broker's and the webhook's)."""
+    from metaproxy.broker.config import BrokerConfig
+    from metaproxy.webhook.config import WebhookConfig
+
+    return {"sidecar": SidecarConfig, "broker": BrokerConfig, "webhook": WebhookConfig}
+
+
+def __getattr__(name: str) -> Any:
+    # The broker's and the webhook's config used to live here; what imports them from here still
+    # finds them, without every sidecar importing them.
+    if name == "CONFIG_CLASSES":
+        return config_classes()
+    if name in ("BrokerConfig", "WebhookConfig"):
+        return config_classes()[name.removesuffix("Config").lower()]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _field_type(cls: type[Any], name: str) -> Any:
@@ -664,7 +422,7 @@ def build_config(
     return config
 
 
-def _validate(config: SidecarConfig | BrokerConfig | WebhookConfig, given: set[str]) -> None:
+def _validate(config: ServerConfig, given: set[str]) -> None:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
@@ -672,18 +430,7 @@ def _validate(config: SidecarConfig | BrokerConfig | WebhookConfig, given: set[s
         if f.metadata.get("choices") == _LISTEN and value:
             for address in value if isinstance(value, tuple) else (value,):
                 split_host_port(address, _flag(f.name))
-    if isinstance(config, BrokerConfig | WebhookConfig):
-        check_tls_pair(config.tls_cert, config.tls_key)
-    if isinstance(config, SidecarConfig):
-        if not 0.1 <= config.refresh_fraction <= 0.9:
-            raise ConfigError("--refresh-fraction: must be between 0.1 and 0.9")
-        _validate_sidecar(config)
-    elif isinstance(config, BrokerConfig):
-        _validate_broker(config, given)
-    elif not config.image.strip():
-        raise ConfigError("--image: must name the sidecar's container image")
-    elif not config.broker_url.startswith("https://"):
-        raise ConfigError("--broker-url: must be an https:// URL (sidecars verify the CA)")
+    config.check(given)
 
 
 def check_tls_pair(cert: Path | None, key: Path | None) -> None:
@@ -727,46 +474,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
-
-
-def _validate_sts_regions(config: BrokerConfig) -> None:
-    regions = config.sts_regions or (config.sts_region,)
-    for region in regions:
-        if not _REGION.match(region):
-            raise ConfigError(f"--sts-regions: {region!r} is not a region name (e.g. us-west-2)")
-        if regions.count(region) > 1:
-            raise ConfigError(f"--sts-regions: {region} is listed twice")
-    for entry in config.sts_region_endpoints:
-        region, sep, url = entry.partition("=")
-        if not sep or not url.startswith(("https://", "http://")):
-            raise ConfigError(f"--sts-region-endpoints: {entry!r} must be REGION=URL")
-        if region not in regions:
-            raise ConfigError(f"--sts-region-endpoints: {region!r} is not one of the STS regions")
-    if len(regions) > 1 and config.sts_endpoint:
-        raise ConfigError(
-            "--sts-endpoint names one endpoint for several --sts-regions; "
-            "give each region its own with --sts-region-endpoints"
-        )
-
-
-_CLUSTER_ARN = re.compile(r"^arn:aws[-a-z]*:eks:[a-z0-9-]+:\d{12}:cluster/[A-Za-z0-9][\w-]*$")
-
-
-def _validate_broker(config: BrokerConfig, given: set[str]) -> None:
-    _validate_sts_regions(config)
-    if config.cluster_arn and not _CLUSTER_ARN.match(config.cluster_arn):
-        raise ConfigError(
-            f"--cluster-arn: {config.cluster_arn!r} is not an EKS cluster ARN "
-            "(arn:aws:eks:REGION:ACCOUNT:cluster/NAME)"
-        )
-    if config.workers_min < 1 or config.workers_max < config.workers_min:
-        raise ConfigError("--workers-min/--workers-max: need 1 <= workers-min <= workers-max")
-    if config.socket is not None and "listen" in given:
-        raise ConfigError("--socket and --listen conflict: the broker serves one or the other")
-
-
-def readable_paths(config: SidecarConfig | BrokerConfig | WebhookConfig) -> None:
+def readable_paths(config: ServerConfig) -> None:
     """Every path the process reads at start exists and can be read (`doc(reads=True)`), and
     every trusted issuer's JWKS file: one line naming the flag and the file, not a traceback."""
     checks: list[tuple[str, Path]] = []

@@ -14,7 +14,7 @@ import sys
 
 from metaproxy.cli import build_parser
 from metaproxy.clihelp import expanded_help, walk
-from metaproxy.config import CONFIG_CLASSES, ENV_PREFIX, FieldDoc, field_docs
+from metaproxy.config import ENV_PREFIX, FieldDoc, config_classes, field_docs
 
 HEADER = f"""# Configuration
 
@@ -78,7 +78,7 @@ def _other_commands() -> list[str]:
         command = parser.prog.removeprefix("metaproxy ")
         if command == parser.prog:
             continue  # `metaproxy` itself: --version only
-        cls = CONFIG_CLASSES.get(command)
+        cls = config_classes().get(command)
         rows = _flag_rows(parser, _config_dests(cls) if cls is not None else set())
         if rows:
             parts.append(f"\n### `{parser.prog}`\n")
@@ -90,7 +90,7 @@ def _other_commands() -> list[str]:
 
 def render() -> str:
     parts = [HEADER]
-    for command, cls in CONFIG_CLASSES.items():
+    for command, cls in config_classes().items():
         parts.append(f"\n## `metaproxy {command}`\n")
         parts.append("| Flag | Environment | Default | Unit | Allowed | Meaning |")
         parts.append("|---|---|---|---|---|---|")

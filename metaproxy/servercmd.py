@@ -12,13 +12,12 @@ import os
 import re
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from metaproxy.cli import HelpFormatter
 from metaproxy.clihelp import add_flag
-from metaproxy.config import BrokerConfig, SidecarConfig, WebhookConfig, add_config_arguments
+from metaproxy.config import C, add_config_arguments
 
-C = TypeVar("C", SidecarConfig, BrokerConfig, WebhookConfig)
 Serve = Callable[[C, Path | None], Coroutine[Any, Any, int]]
 
 # asyncio and uvloop both name the address in a failed bind: "... bind on address

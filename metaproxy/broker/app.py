@@ -22,6 +22,7 @@ from metaproxy.audit.ship import S3Shipper
 from metaproxy.audit.writer import AuditLog
 from metaproxy.broker import instrument
 from metaproxy.broker.cache import CredentialCache
+from metaproxy.broker.config import BrokerConfig
 from metaproxy.broker.fleet import ReplicaHeartbeat
 from metaproxy.broker.issuer import CredentialRequest, Issuer, RequestContext
 from metaproxy.broker.limits import TenantLimiter
@@ -34,7 +35,6 @@ from metaproxy.broker.store.base import ReplicaRegistry, Revocation, WitnessedCh
 from metaproxy.broker.store.sealing import Sealer
 from metaproxy.broker.sts import StsClient
 from metaproxy.clock import Clock, SystemClock
-from metaproxy.config import BrokerConfig
 from metaproxy.errors import BadRequest
 from metaproxy.httperrors import identity_encoding_only, json_errors
 from metaproxy.identity.verify import IdentityVerifier

@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from metaproxy.config import BrokerConfig
+from metaproxy.broker.config import BrokerConfig
 from metaproxy.servercmd import register_server
 
 log = logging.getLogger("metaproxy.broker")

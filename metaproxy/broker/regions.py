@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from metaproxy.broker.circuit import STATE_CODES, CircuitBreaker
+from metaproxy.broker.config import BrokerConfig
 from metaproxy.broker.sts import AssumedRole, StsClient
-from metaproxy.config import BrokerConfig
 from metaproxy.models import AssumeRoleSpec, Credentials
 
 DEFAULT_REGION_LABEL = "default"  # a scheduler given one bare client (tests, benchmarks)

@@ -34,13 +34,13 @@ from metaproxy.broker.autoscale import (
 )
 from metaproxy.broker.budget import CallWindow
 from metaproxy.broker.circuit import STATE_CODES, CircuitBreaker
+from metaproxy.broker.config import BrokerConfig
 from metaproxy.broker.fairqueue import FairQueue, Priority, QueueFull, RetrySlots
 from metaproxy.broker.regions import RegionRoutes, Route
 from metaproxy.broker.store.base import StsBudget
 from metaproxy.broker.store.memory import LocalBudget
 from metaproxy.broker.sts import AssumedRole, StsClient, StsThrottled
 from metaproxy.clock import Clock, SystemClock
-from metaproxy.config import BrokerConfig
 from metaproxy.errors import MetaproxyError, Overloaded, StsUnavailable, UpstreamError
 from metaproxy.models import AssumeRoleSpec, Credentials
 

@@ -16,8 +16,8 @@ from metaproxy.broker.app import (
     create_services,
     probe,
 )
+from metaproxy.broker.config import BrokerConfig
 from metaproxy.broker.tls import CertificateReloader
-from metaproxy.config import BrokerConfig
 from metaproxy.connguard import (
     ConnectionGuard,
     ConnectionLimits,

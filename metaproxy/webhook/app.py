@@ -17,9 +17,9 @@ from typing import Any
 
 from aiohttp import web
 
-from metaproxy.config import WebhookConfig
 from metaproxy.errors import BadRequest
 from metaproxy.httperrors import json_errors
+from metaproxy.webhook.config import WebhookConfig
 from metaproxy.webhook.patch import InjectionRefused, InjectionSettings, NotAPod, build_patch
 
 log = logging.getLogger("metaproxy.webhook")

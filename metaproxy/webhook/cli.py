@@ -11,8 +11,8 @@ import argparse
 import os
 from pathlib import Path
 
-from metaproxy.config import WebhookConfig
 from metaproxy.servercmd import register_server
+from metaproxy.webhook.config import WebhookConfig
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
