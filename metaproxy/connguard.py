@@ -241,8 +241,9 @@ class GuardedProtocol(asyncio.Protocol):
         self._inner: asyncio.Protocol | None = None
         self._transport: asyncio.Transport | None = None
         self._deadline: asyncio.TimerHandle | None = None
-        # None once the server protocol keeps its own head deadlines (KeepsHeadDeadlines).
-        self._framing: RequestFraming | None = RequestFraming()
+        # Made with the server protocol, unless it keeps its own head deadlines
+        # (KeepsHeadDeadlines); only an admitted connection's requests are followed.
+        self._framing: RequestFraming | None = None
         self._refused = False
         self._courtesy = False  # holding one of the guard's COURTESY_MAX slots
         self._probe_head: bytearray | None = None  # refused: reading what may be a probe
@@ -299,8 +300,8 @@ class GuardedProtocol(asyncio.Protocol):
         self._arm()
         if not self._refused:
             self._inner = self._server()
-            if isinstance(self._inner, KeepsHeadDeadlines):
-                self._framing = None
+            if not isinstance(self._inner, KeepsHeadDeadlines):
+                self._framing = RequestFraming()
             self._inner.connection_made(raw)
 
     def data_received(self, data: bytes) -> None:

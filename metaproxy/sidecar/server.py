@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +24,7 @@ from metaproxy.connguard import ACCEPT_BACKLOG, ConnectionGuard
 from metaproxy.sidecar import container_creds, http1, imds, instrument
 from metaproxy.sidecar.app import admin_error_page, admin_plane, build_state, data_plane
 from metaproxy.sidecar.face import Face
+from metaproxy.sidecar.heap import release_free_heap
 from metaproxy.sidecar.limits import admin_reject, build_guards
 from metaproxy.sidecar.state import SidecarState
 
@@ -36,7 +39,35 @@ async def listen(address: str, factory: Callable[[], asyncio.Protocol]) -> async
             os.unlink(path)  # a socket left by a sidecar that did not stop cleanly
         return await loop.create_unix_server(factory, path, backlog=ACCEPT_BACKLOG)
     host, port = split_host_port(address)
+    sock = _listening_socket(host, port)
+    if sock is not None:
+        return await loop.create_server(factory, sock=sock, backlog=ACCEPT_BACKLOG)
     return await loop.create_server(factory, host, port, backlog=ACCEPT_BACKLOG, reuse_address=True)
+
+
+def _listening_socket(host: str, port: int) -> socket.socket | None:
+    """A bound socket for an IP literal (None for a name). `create_server` resolves even a
+    literal with getaddrinfo, which passes it through the `idna` codec: a third of a megabyte
+    (`unicodedata`, `stringprep`) in every pod for `169.254.169.254` (issue 13)."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as create_server does
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        # asyncio's words, which `servercmd.describe_listen_error` reads the address from.
+        reason = (exc.strerror or str(exc)).lower()
+        raise OSError(
+            exc.errno, f"error while attempting to bind on address {(host, port)!r}: {reason}"
+        ) from None
+    sock.setblocking(False)
+    return sock
 
 
 def server_url(server: asyncio.Server) -> str:
@@ -107,6 +138,7 @@ class SidecarServer:
             server = await listen(address, guard.protocol_factory(protocol, face.refuse_connection))
             servers.append(server)
             urls[face.name].append(server_url(server))
+        release_free_heap()  # start-up's temporaries are gone: their pages go back
         log.info(
             "sidecar serving IMDS on %s, container credentials on %s",
             ", ".join(urls["imds"]),
