@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
@@ -27,6 +26,7 @@ from metaproxy.audit.checkpoint import (
     signature_problem,
     write_keypair,
 )
+from metaproxy.audit.cli import s3_client_factory
 from metaproxy.audit.fleet import FleetReport, verify_fleet_dir, verify_fleet_s3
 from metaproxy.audit.query import QueryFilter, query_dir
 from metaproxy.audit.record import make_record
@@ -126,16 +126,8 @@ def test_malformed_witness_fields_are_refused(witness: dict[str, Any]) -> None:
 
 @pytest.fixture
 def client_factory(sts_url: str) -> Callable[[], Any]:
-    def make() -> Any:
-        return boto3.client(
-            "s3",
-            endpoint_url=sts_url,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-
-    return make
+    """moto's S3 as the broker reaches it (the conftest sets moto's fake credentials)."""
+    return s3_client_factory(sts_url, "us-east-1")
 
 
 @pytest.fixture

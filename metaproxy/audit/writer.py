@@ -47,6 +47,7 @@ from metaproxy.audit.witness import (
 from metaproxy.broker.store.base import WitnessedCheckpoint
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.errors import AuditUnavailable
+from metaproxy.fsutil import fsync_dir, write_atomically
 
 log = logging.getLogger("metaproxy.audit")
 
@@ -458,7 +459,7 @@ class AuditLog:
         if deadline is None:
             deadline = self._clock.monotonic() + self._write_timeout
         try:
-            await self._run(_write_file_atomically, path, data, deadline=deadline)
+            await self._run(write_atomically, path, data, deadline=deadline)
         except AuditUnavailable as exc:
             log.warning("audit checkpoint at seq %d not written: %s", seq, exc.detail)
             return None
@@ -610,19 +611,11 @@ def _write_all(fd: int, data: bytes) -> None:
     os.fsync(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _open_segment(path: Path) -> tuple[int, int]:
     fd = os.open(path, _OPEN_FLAGS, 0o600)
     try:
         size = os.fstat(fd).st_size
-        _fsync_dir(path.parent)  # the new name must survive a crash too
+        fsync_dir(path.parent)  # the new name must survive a crash too
     except OSError:
         os.close(fd)
         raise
@@ -655,14 +648,3 @@ def _unlink_if_empty(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         if path.stat().st_size == 0:
             path.unlink()
-
-
-def _write_file_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        _write_all(fd, data)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
-    _fsync_dir(path.parent)

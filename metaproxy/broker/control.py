@@ -23,6 +23,7 @@ from aiohttp import web
 
 from metaproxy.audit.record import make_record
 from metaproxy.broker.app import SERVICES, BrokerServices, bearer_token
+from metaproxy.broker.revocation import revocation_scope
 from metaproxy.broker.revoke import lift, revoke
 from metaproxy.errors import BadRequest, ConfigError, NotFound, Unauthenticated
 from metaproxy.httperrors import Handler, json_errors
@@ -129,8 +130,9 @@ async def post_lift(request: web.Request) -> web.Response:
     tenant, task = await _body(request)
     answer = await lift(request.app[SERVICES], tenant, task, peer=_peer(request))
     if answer is None:
-        what = f"task {task} of tenant {tenant}" if task else f"tenant {tenant}"
-        raise NotFound(f"{what} is not revoked", public_message="no such revocation")
+        raise NotFound(
+            f"{revocation_scope(tenant, task)} is not revoked", public_message="no such revocation"
+        )
     return web.json_response(answer)
 
 

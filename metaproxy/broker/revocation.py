@@ -25,6 +25,11 @@ from metaproxy.clock import Clock
 log = logging.getLogger("metaproxy.broker.revocation")
 
 
+def revocation_scope(tenant: str, task: str) -> str:
+    """How a revocation names what it covers, in logs, audit reasons and answers."""
+    return f"task {task} of tenant {tenant}" if task else f"tenant {tenant}"
+
+
 class RevocationView:
     def __init__(
         self,
@@ -80,9 +85,7 @@ class RevocationView:
         for key in ((tenant, task), (tenant, "")):
             entry = self._entries.get(key)
             if entry is not None:
-                what = f"task {entry.task} of tenant {entry.tenant}" if entry.task else "tenant"
-                name = "" if entry.task else f" {entry.tenant}"
-                return f"{what}{name} revoked at {entry.at}"
+                return f"{revocation_scope(entry.tenant, entry.task)} revoked at {entry.at}"
         return ""
 
     def entries(self) -> list[Revocation]:

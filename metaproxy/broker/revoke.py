@@ -12,6 +12,7 @@ from typing import Any
 
 from metaproxy.audit.record import make_record
 from metaproxy.broker.app import BrokerServices
+from metaproxy.broker.revocation import revocation_scope
 from metaproxy.broker.shared_cache import owner_names
 from metaproxy.broker.store.base import Revocation, RevocationEvent, StoreUnavailable
 from metaproxy.clock import iso_z
@@ -23,10 +24,6 @@ from metaproxy.policy.revoke_deny import deny_policy
 class StoreDown(Unavailable):
     code = "StoreUnavailable"
     public_message = "the fleet store is unreachable; nothing was changed, retry later"
-
-
-def _what(tenant: str, task: str) -> str:
-    return f"task {task} of tenant {tenant}" if task else f"tenant {tenant}"
 
 
 async def _audit(
@@ -66,9 +63,9 @@ async def revoke(services: BrokerServices, tenant: str, task: str, *, peer: str)
     try:
         await services.store.revocations.add(entry)
     except StoreUnavailable:
-        reason = f"revoke {_what(tenant, task)}: store down"
+        reason = f"revoke {revocation_scope(tenant, task)}: store down"
         await _audit(services, "failed", tenant, task, reason=reason, peer=peer, status=503)
-        raise StoreDown(f"revoke {_what(tenant, task)}: store unreachable") from None
+        raise StoreDown(f"revoke {revocation_scope(tenant, task)}: store unreachable") from None
     # This replica refuses at once; the others when the push (or their resync) reaches them.
     services.revocations.apply(RevocationEvent("revoke", entry))
     shared_dropped = 0
@@ -87,7 +84,7 @@ async def revoke(services: BrokerServices, tenant: str, task: str, *, peer: str)
         "revoked",
         tenant,
         task,
-        reason=f"{_what(tenant, task)} revoked by operator; "
+        reason=f"{revocation_scope(tenant, task)} revoked by operator; "
         f"{dropped} cached sets dropped here, {shared_dropped} from the shared cache",
         peer=peer,
         status=200,
@@ -107,9 +104,9 @@ async def lift(
     try:
         lifted = await services.store.revocations.remove(tenant, task)
     except StoreUnavailable:
-        reason = f"lift {_what(tenant, task)}: store down"
+        reason = f"lift {revocation_scope(tenant, task)}: store down"
         await _audit(services, "failed", tenant, task, reason=reason, peer=peer, status=503)
-        raise StoreDown(f"lift {_what(tenant, task)}: store unreachable") from None
+        raise StoreDown(f"lift {revocation_scope(tenant, task)}: store unreachable") from None
     if lifted is None:
         return None
     services.revocations.apply(RevocationEvent("lift", lifted))
@@ -118,7 +115,8 @@ async def lift(
         "lifted",
         tenant,
         task,
-        reason=f"revocation of {_what(tenant, task)} (at {lifted.at}) lifted by operator",
+        reason=f"revocation of {revocation_scope(tenant, task)} (at {lifted.at}) "
+        "lifted by operator",
         peer=peer,
         status=200,
     )

@@ -3,7 +3,6 @@ a sidecar on loopback — shared by the demo, the benchmarks and the tests."""
 
 from __future__ import annotations
 
-import base64
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +65,6 @@ class FleetSecrets:
     control_token_file: Path  # the control API's bearer token
 
 
-STORE_KEY_BYTES = 32  # AES-256-GCM
 CONTROL_TOKEN_BYTES = 32
 
 
@@ -74,13 +72,13 @@ def make_fleet_secrets(directory: Path) -> FleetSecrets:
     """The store key and the control token in `directory` (mode 0600), reused if present: the
     store and the revocations in the same state directory outlive a run, and credentials sealed
     under the old key would only be misses under a new one."""
+    from metaproxy.broker.store.sealing import generate_key_line
     from metaproxy.fsutil import write_atomically
 
     directory.mkdir(parents=True, exist_ok=True)
     store_key = directory / "store.key"
     if not store_key.exists():
-        key = base64.b64encode(secrets.token_bytes(STORE_KEY_BYTES)).decode("ascii")
-        write_atomically(store_key, f"{key}\n".encode("ascii"), 0o600)
+        write_atomically(store_key, f"{generate_key_line()}\n".encode("ascii"), 0o600)
     control_token = directory / "control.token"
     if not control_token.exists():
         # No newline: it goes into an Authorization header as the file holds it.
