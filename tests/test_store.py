@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from metaproxy.broker.store import open_store
-from metaproxy.broker.store.base import Revocation, StoreUnavailable
+from metaproxy.broker.store.base import CacheClaim, CacheLook, Revocation, StoreUnavailable
 from metaproxy.broker.store.memory import MemoryStore
 from metaproxy.broker.store.redis_conn import parse_store_url
 from metaproxy.broker.store.redis_store import RedisStore
@@ -235,6 +235,66 @@ async def test_tenant_rate_and_in_flight_cap_hold_across_replicas(redis_url: str
         await two.aclose()
 
 
+async def test_an_admitted_cold_request_gets_the_cache_answer_in_the_same_round_trip(
+    redis_server: RedisServer,
+) -> None:
+    """On one server a claim rides with the admission: one script, the lease taken only for an
+    admitted request, and a refused request leaves the cache untouched."""
+    one, two = await started(redis_server.url), await started(redis_server.url)
+    slow = BrokerLimits(requests_per_second=1, burst=1, per_identity_rps=1, per_identity_burst=1)
+    try:
+        # The first use of a script loads it (NOSCRIPT, SCRIPT LOAD, EVALSHA); count after.
+        await one.limits.enter("initech", "id-0", slow, CacheClaim("warm-up", "r1", 5))
+        calls_before = command_calls(redis_server, "evalsha")
+        first = await one.limits.enter("acme", "id-1", slow, CacheClaim("cold", "r1", 5))
+        assert command_calls(redis_server, "evalsha") - calls_before == 1
+        assert (first.admitted, first.look) == (True, CacheLook(None, True))
+        other = await two.limits.enter("globex", "id-2", slow, CacheClaim("cold", "r2", 5))
+        assert (other.admitted, other.look) == (True, CacheLook(None, False))
+
+        refused = await two.limits.enter("acme", "id-3", slow, CacheClaim("untouched", "r2", 5))
+        assert (refused.admitted, refused.reason, refused.look) == (False, "tenant-rate", None)
+        assert await one.cache.get_or_claim("untouched", "r1", 5) == CacheLook(None, True)
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+async def test_a_lease_release_is_published_only_when_a_replica_waits(
+    redis_server: RedisServer,
+) -> None:
+    """A fill nobody waits for wakes no replica; a waiter is woken by the holder's fill."""
+    one, two = await started(redis_server.url), await started(redis_server.url)
+    try:
+        publishes = command_calls(redis_server, "publish")
+        assert (await one.cache.get_or_claim("alone", "r1", 5)).holding
+        await one.cache.fill("alone", "r1", b"sealed", 60, ["acme\x00"])
+        assert command_calls(redis_server, "publish") == publishes
+
+        assert (await one.cache.get_or_claim("shared", "r1", 5)).holding
+        assert not (await two.cache.get_or_claim("shared", "r2", 5)).holding
+        waiter = asyncio.create_task(two.cache.wait("shared", seconds=5))
+        await asyncio.sleep(0.05)
+        begin = time.monotonic()
+        await one.cache.fill("shared", "r1", b"sealed", 60, ["acme\x00"])
+        await waiter
+        assert time.monotonic() - begin < 1  # woken by the push, not by its 5 s timeout
+        assert command_calls(redis_server, "publish") == publishes + 1
+        assert await two.cache.get_or_claim("shared", "r2", 5) == CacheLook(b"sealed", False)
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+def command_calls(server: RedisServer, command: str) -> int:
+    """How many times the server has run `command` (its command statistics)."""
+    import redis
+
+    with redis.Redis.from_url(server.url) as client:
+        stats = client.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
 async def test_a_store_that_is_down_fails_fast(redis_server: RedisServer) -> None:
     """Once a command failed, the next ones fail at once instead of each waiting to connect."""
     store = await started(redis_server.url)
@@ -261,17 +321,22 @@ async def exercise(store: RedisStore) -> None:
     admission = await store.limits.enter("acme", "id", BrokerLimits())
     assert admission.admitted
     await store.limits.leave("acme", admission.ticket)
-    assert await store.cache.get_or_claim("k1", "me", 5) == (None, True)
-    assert await store.cache.get_or_claim("k1", "you", 5) == (None, False)
+    assert await store.cache.get_or_claim("k1", "me", 5) == CacheLook(None, True)
+    assert await store.cache.get_or_claim("k1", "you", 5) == CacheLook(None, False)
     await store.cache.fill("k1", "me", b"sealed", 60, ["acme\x00", "acme\x00t1"])
-    assert await store.cache.get_or_claim("k1", "you", 5) == (b"sealed", False)
-    assert await store.cache.get_or_claim("k1", "you", 5, claim_if_present=True) == (
-        b"sealed",
-        True,
+    assert await store.cache.get_or_claim("k1", "you", 5) == CacheLook(b"sealed", False)
+    assert await store.cache.get_or_claim("k1", "you", 5, claim_if_present=True) == CacheLook(
+        b"sealed", True
     )
     await store.cache.fill("k1", "you", None, 0, [])
     assert await store.cache.drop_owner("acme\x00t1") == 1
-    assert await store.cache.get_or_claim("k1", "me", 5) == (None, True)
+    assert await store.cache.get_or_claim("k1", "me", 5) == CacheLook(None, True)
+    # A claim sent with an admission is answered (in one script, or one after the other on a
+    # Cluster) exactly as get_or_claim would answer it.
+    with_claim = await store.limits.enter("acme", "id", BrokerLimits(), CacheClaim("k1", "you", 5))
+    assert with_claim.admitted
+    assert with_claim.look in (None, CacheLook(None, False))
+    await store.limits.leave("acme", with_claim.ticket)
     for _ in range(50):
         if heard:
             break

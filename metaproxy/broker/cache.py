@@ -85,6 +85,13 @@ class CredentialCache:
         entry = self._entries.get(key)
         return entry is not None and entry.valid(self._clock.now(), self._stale_floor)
 
+    def would_fetch(self, key: Key) -> bool:
+        """Whether `get(key, …)` now would call its fetcher (nothing to serve, none in flight)."""
+        if key in self._in_flight:
+            return False
+        entry = self._entries.get(key)
+        return entry is None or self._clock.now() >= entry.refresh_at
+
     async def get(self, key: Key, fetch: Callable[[], Awaitable[AssumedRole]]) -> CacheResult:
         now = self._clock.now()
         entry = self._entries.get(key)

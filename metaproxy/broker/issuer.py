@@ -27,6 +27,7 @@ from metaproxy.broker.metadata import build_metadata
 from metaproxy.broker.revocation import RevocationView
 from metaproxy.broker.scheduler import Priority, StsScheduler
 from metaproxy.broker.shared_cache import SharedCredentials, owner_names
+from metaproxy.broker.store.base import CacheClaim, CacheLook
 from metaproxy.broker.sts import AssumedRole
 from metaproxy.clock import Clock, iso_z
 from metaproxy.errors import (
@@ -130,15 +131,28 @@ class Issuer:
         tenant = tenant_policy.tenant if tenant_policy else ""
         tenant_var.set(tenant)
         limits = tenant_policy.broker_limits if tenant_policy else BrokerLimits()
+        # Deciding is pure (no await, no effect), so it comes before the admission: a cold
+        # request's first question to the fleet's cache then travels with the admission.
+        decision = evaluate(policies, identity, request.role)
+        claim = self._cache_claim(identity, decision)
         try:
-            async with self.limiter.admit(tenant or "-", identity.subject, limits):
-                decision = evaluate(policies, identity, request.role)
-                return await self._issue_allowed(identity, decision, request, ctx)
+            async with self.limiter.admit(tenant or "-", identity.subject, limits, claim) as look:
+                return await self._issue_allowed(identity, decision, request, ctx, look)
         except TooManyRequests as exc:
             await self._audit(
                 "throttled", ctx, identity, None, reason=exc.detail, status=429, tenant=tenant
             )
             raise
+
+    def _cache_claim(self, identity: Identity, decision: Decision) -> CacheClaim | None:
+        """The shared cache's question for a request that will need it: allowed, not revoked,
+        and nothing in this replica's cache to serve or already being fetched."""
+        if self.shared is None or decision.spec is None or not decision.allowed:
+            return None
+        if self.revocations.stale() or self.revocations.check(decision.tenant, identity.task):
+            return None
+        key = decision.spec.cache_key
+        return self.shared.claim_for(key) if self.cache.would_fetch(key) else None
 
     async def _authenticate(self, token: str | None, ctx: RequestContext) -> Identity:
         try:
@@ -155,7 +169,9 @@ class Issuer:
         decision: Decision,
         request: CredentialRequest,
         ctx: RequestContext,
+        look: CacheLook | None = None,
     ) -> dict[str, Any]:
+        """`look`: the shared cache's answer that came with the admission, if any."""
         if self.revocations.stale():
             # Fail closed: a task revoked through another replica may be missing from our view.
             age = self.revocations.age()
@@ -174,7 +190,7 @@ class Issuer:
         priority: Priority = "refresh" if request.refresh or self.cache.has_valid(key) else "cold"
         try:
             result = await self.cache.get(
-                key, self._fetcher(key, spec, decision.tenant, identity.task, priority)
+                key, self._fetcher(key, spec, decision.tenant, identity.task, priority, look=look)
             )
         except MetaproxyError as exc:
             await self._audit(
@@ -230,7 +246,14 @@ class Issuer:
             self._owners.popitem(last=False)
 
     def _fetcher(
-        self, key: Key, spec: AssumeRoleSpec, tenant: str, task: str, priority: Priority
+        self,
+        key: Key,
+        spec: AssumeRoleSpec,
+        tenant: str,
+        task: str,
+        priority: Priority,
+        *,
+        look: CacheLook | None,
     ) -> Callable[[], Awaitable[AssumedRole]]:
         """STS through the scheduler, behind the fleet's shared cache where there is one."""
 
@@ -240,7 +263,7 @@ class Issuer:
         shared = self.shared
         if shared is None:
             return assume
-        return lambda: shared.fetch(key, owner_names(tenant, task), assume)
+        return lambda: shared.fetch(key, owner_names(tenant, task), assume, look)
 
     def forget(self, tenant: str, task: str) -> tuple[int, list[str]]:
         """Drop this replica's cached credentials of a revoked task (or, task == "", of every

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
-from metaproxy.broker.store.base import TenantLimitStore
+from metaproxy.broker.store.base import CacheClaim, CacheLook, TenantLimitStore
 from metaproxy.errors import TooManyRequests
 from metaproxy.models import BrokerLimits
 
@@ -20,8 +20,12 @@ class TenantLimiter:
         self._store = store
 
     @contextlib.asynccontextmanager
-    async def admit(self, tenant: str, subject: str, limits: BrokerLimits) -> AsyncIterator[None]:
-        admission = await self._store.enter(tenant, subject, limits)
+    async def admit(
+        self, tenant: str, subject: str, limits: BrokerLimits, claim: CacheClaim | None = None
+    ) -> AsyncIterator[CacheLook | None]:
+        """Hold one admission for the block; it yields the shared cache's answer to `claim`
+        when the store gave it with the admission (None: ask the cache)."""
+        admission = await self._store.enter(tenant, subject, limits, claim)
         if not admission.admitted:
             detail = {
                 "tenant-rate": f"tenant {tenant} over its rate",
@@ -29,6 +33,6 @@ class TenantLimiter:
             }.get(admission.reason, f"tenant {tenant} has too many requests in flight")
             raise TooManyRequests(detail, retry_after=admission.retry_after or 1.0)
         try:
-            yield
+            yield admission.look
         finally:
             await self._store.leave(tenant, admission.ticket)

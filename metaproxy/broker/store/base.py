@@ -84,6 +84,24 @@ class StsBudget(Protocol):
 
 
 @dataclass(frozen=True, slots=True)
+class CacheLook:
+    """What the shared cache holds under a key, and whether the asker now holds its lease."""
+
+    value: bytes | None
+    holding: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CacheClaim:
+    """A cold request's question to the shared cache (`SharedCache.get_or_claim` without
+    `claim_if_present`), asked with its admission: one round trip where the store can."""
+
+    key: str
+    holder: str
+    ttl_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class Admission:
     """The outcome of asking to start one request: admitted, or why not and for how long."""
 
@@ -91,11 +109,17 @@ class Admission:
     reason: str = ""  # "tenant-rate" | "identity-rate" | "in-flight"
     retry_after: float = 0.0
     ticket: str = ""  # hand back to `leave` when the request ends
+    # The answer to the admission's CacheClaim (only if admitted); None: not asked here.
+    look: CacheLook | None = None
 
 
 class TenantLimitStore(Protocol):
-    async def enter(self, tenant: str, subject: str, limits: BrokerLimits) -> Admission:
-        """Take one request of the tenant's and the identity's rate, and an in-flight slot."""
+    async def enter(
+        self, tenant: str, subject: str, limits: BrokerLimits, claim: CacheClaim | None = None
+    ) -> Admission:
+        """Take one request of the tenant's and the identity's rate, and an in-flight slot.
+        With a `claim`, an admitted request may also get the shared cache's answer to it
+        (`Admission.look`); a refused one never touches the cache."""
         ...
 
     async def leave(self, tenant: str, ticket: str) -> None: ...
@@ -106,11 +130,12 @@ class SharedCache(Protocol):
 
     Values are opaque bytes here: `broker/shared_cache.py` seals them (AES-GCM) before they
     reach the store, so a store dump holds no secret. Each call is one round trip: a cold
-    issue costs `get_or_claim` and `fill`, whatever else the replicas are doing."""
+    issue costs `get_or_claim` (asked with its admission where the store can: `CacheClaim`)
+    and `fill`, whatever else the replicas are doing."""
 
     async def get_or_claim(
         self, key: str, holder: str, ttl_seconds: float, *, claim_if_present: bool = False
-    ) -> tuple[bytes | None, bool]:
+    ) -> CacheLook:
         """The value under `key`, and whether `holder` now has the single-flight lease (taken
         only when there is no value, or `claim_if_present`: the value is due for a refresh)."""
         ...

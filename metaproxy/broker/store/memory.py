@@ -21,6 +21,7 @@ from typing import Literal
 from metaproxy.broker.budget import budget_limiter
 from metaproxy.broker.store.base import (
     Admission,
+    CacheClaim,
     Revocation,
     RevocationEvent,
     RevocationListener,
@@ -120,7 +121,10 @@ class LocalLimits:
         )
         self._in_flight: defaultdict[str, set[str]] = defaultdict(set)
 
-    async def enter(self, tenant: str, subject: str, limits: BrokerLimits) -> Admission:
+    async def enter(
+        self, tenant: str, subject: str, limits: BrokerLimits, claim: CacheClaim | None = None
+    ) -> Admission:
+        # No shared cache in process (FleetStore.cache is None): nobody sends a claim here.
         return self.enter_now(tenant, subject, limits)
 
     def enter_now(

@@ -6,7 +6,15 @@ import asyncio
 import contextlib
 
 from metaproxy.broker.store import redis_scripts as scripts
-from metaproxy.broker.store.redis_keys import FLIGHT_CHANNEL, cache_key, lease_key, ms, owner_key
+from metaproxy.broker.store.base import CacheLook
+from metaproxy.broker.store.redis_keys import (
+    FLIGHT_CHANNEL,
+    cache_key,
+    flight_keys,
+    lease_key,
+    ms,
+    owner_key,
+)
 from metaproxy.broker.store.redis_link import StoreLink
 
 
@@ -21,14 +29,14 @@ class RedisCache:
 
     async def get_or_claim(
         self, key: str, holder: str, ttl_seconds: float, *, claim_if_present: bool = False
-    ) -> tuple[bytes | None, bool]:
+    ) -> CacheLook:
         value, taken = await self._conn.run(
             lambda: self._get_or_claim(
-                keys=[cache_key(key), lease_key(key)],
+                keys=flight_keys(key),
                 args=[holder, ms(ttl_seconds), "1" if claim_if_present else "0"],
             )
         )
-        return (value or None), bool(taken)
+        return CacheLook(value or None, bool(taken))
 
     async def fill(
         self,
@@ -44,9 +52,9 @@ class RedisCache:
             if self._conn.url.topology != "cluster":
                 # One script: the set, the owners' index, the lease released, the waiters woken.
                 await self._fill_indexed(
-                    keys=[cache_key(key), lease_key(key), *map(owner_key, owners)]
+                    keys=[*flight_keys(key), *map(owner_key, owners)]
                     if value is not None
-                    else [cache_key(key), lease_key(key)],
+                    else flight_keys(key),
                     args=[holder, value or b"", ttl_ms, FLIGHT_CHANNEL, key],
                 )
                 return
@@ -60,7 +68,7 @@ class RedisCache:
                     pipe.pexpire(owner_key(owner), ttl_ms, nx=True)
                 await pipe.execute()
             await self._fill(
-                keys=[cache_key(key), lease_key(key)],
+                keys=flight_keys(key),
                 args=[holder, value or b"", ttl_ms, FLIGHT_CHANNEL, key],
             )
 

@@ -44,5 +44,15 @@ def lease_key(key: str) -> str:
     return f"{PREFIX}:{{cache:{key}}}:lease"
 
 
+def waiting_key(key: str) -> str:
+    # Set by a replica that waits for the lease's release; only then is the release published.
+    return f"{PREFIX}:{{cache:{key}}}:waiting"
+
+
+def flight_keys(key: str) -> list[str]:
+    """The value, lease and waiting keys of one cache entry, in the scripts' order."""
+    return [cache_key(key), lease_key(key), waiting_key(key)]
+
+
 def owner_key(owner: str) -> str:
     return f"{PREFIX}:owner:{short_digest(owner)}"

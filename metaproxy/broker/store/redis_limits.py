@@ -7,9 +7,9 @@ import secrets
 
 from metaproxy.background import BackgroundTasks
 from metaproxy.broker.store import redis_scripts as scripts
-from metaproxy.broker.store.base import Admission, StoreUnavailable
+from metaproxy.broker.store.base import Admission, CacheClaim, CacheLook, StoreUnavailable
 from metaproxy.broker.store.memory import LocalLimits, retry_after
-from metaproxy.broker.store.redis_keys import short_digest, tenant_key
+from metaproxy.broker.store.redis_keys import flight_keys, ms, short_digest, tenant_key
 from metaproxy.broker.store.redis_link import StoreLink
 from metaproxy.broker.store.redis_registry import RedisRegistry
 from metaproxy.models import BrokerLimits
@@ -24,32 +24,44 @@ class RedisLimits:
         self._conn = conn
         self._registry = registry
         self._admit = conn.script(scripts.ADMIT)
+        self._admit_and_claim = conn.script(scripts.ADMIT_AND_CLAIM)
+        # A Cluster spreads a tenant's keys and a cache entry's keys over slots: no one script.
+        self._claims_with_admission = conn.url.topology != "cluster"
         self._local = LocalLimits()
         self._background = BackgroundTasks("in-flight slot given back")
 
-    async def enter(self, tenant: str, subject: str, limits: BrokerLimits) -> Admission:
+    async def enter(
+        self, tenant: str, subject: str, limits: BrokerLimits, claim: CacheClaim | None = None
+    ) -> Admission:
         ticket = secrets.token_hex(8)
         t_interval = 1_000_000 / limits.requests_per_second
         i_interval = 1_000_000 / limits.per_identity_rps
+        keys = [
+            tenant_key(tenant, "rate"),
+            tenant_key(tenant, "id:" + short_digest(subject)),
+            tenant_key(tenant, "in-flight"),
+        ]
+        args: list[str | int] = [
+            int(t_interval),
+            int(t_interval * limits.burst),
+            int(i_interval),
+            int(i_interval * limits.per_identity_burst),
+            limits.max_in_flight,
+            ticket,
+            int(IN_FLIGHT_LEASE_SECONDS * 1_000_000),
+        ]
+        look: CacheLook | None = None
         try:
-            code, wait_us = await self._conn.run(
-                lambda: self._admit(
-                    keys=[
-                        tenant_key(tenant, "rate"),
-                        tenant_key(tenant, "id:" + short_digest(subject)),
-                        tenant_key(tenant, "in-flight"),
-                    ],
-                    args=[
-                        int(t_interval),
-                        int(t_interval * limits.burst),
-                        int(i_interval),
-                        int(i_interval * limits.per_identity_burst),
-                        limits.max_in_flight,
-                        ticket,
-                        int(IN_FLIGHT_LEASE_SECONDS * 1_000_000),
-                    ],
+            if claim is not None and self._claims_with_admission:
+                code, wait_us, value, taken = await self._conn.run(
+                    lambda: self._admit_and_claim(
+                        keys=[*keys, *flight_keys(claim.key)],
+                        args=[*args, claim.holder, ms(claim.ttl_seconds), "0"],
+                    )
                 )
-            )
+                look = CacheLook(value or None, bool(taken))
+            else:
+                code, wait_us = await self._conn.run(lambda: self._admit(keys=keys, args=args))
         except StoreUnavailable:
             share = 1 / max(1, self._registry.last_seen_live())
             admission = self._local.enter_now(tenant, subject, limits, share=share)
@@ -57,7 +69,7 @@ class RedisLimits:
                 return Admission(True, ticket="local:" + admission.ticket)
             return admission
         if int(code) == 0:
-            return Admission(True, ticket=ticket)
+            return Admission(True, ticket=ticket, look=look)
         reason = {1: "tenant-rate", 2: "identity-rate"}.get(int(code), "in-flight")
         return Admission(False, reason, retry_after(int(wait_us) / 1_000_000))
 
