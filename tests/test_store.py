@@ -260,6 +260,34 @@ async def test_an_admitted_cold_request_gets_the_cache_answer_in_the_same_round_
         await two.aclose()
 
 
+async def test_a_cold_admission_takes_a_free_budget_slot_along_and_never_one_ahead(
+    redis_server: RedisServer,
+) -> None:
+    """A claim that leads to an STS call takes the budget's slot in the same script when one
+    is free now; the worker then sends without asking the store. Once the budget's timeline is
+    ahead (a burst), the slot is left for the scheduler to ask for in its fair order."""
+    store = await started(redis_server.url)
+    budget = store.budget(50.0)  # 47/s after the margin; a burst of one slot
+    limits = BrokerLimits()
+    try:
+        await store.limits.enter("initech", "id-0", limits)  # loads the scripts
+        for n in range(3):
+            admission = await store.limits.enter(
+                "acme", f"id-{n}", limits, CacheClaim(f"cold-{n}", "r1", 5)
+            )
+            assert admission.look == CacheLook(None, True)
+        calls_before = command_calls(redis_server, "evalsha")
+        await budget.acquire()
+        await budget.acquire()
+        assert command_calls(redis_server, "evalsha") == calls_before  # the two given slots
+        assert budget.stats()["budget_given_slots"] == 2
+        await budget.acquire()  # the third claim found the timeline ahead: it asks the store
+        assert command_calls(redis_server, "evalsha") > calls_before
+        assert budget.stats()["budget_given_slots"] == 2
+    finally:
+        await store.aclose()
+
+
 async def test_a_lease_release_is_published_only_when_a_replica_waits(
     redis_server: RedisServer,
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 
 from metaproxy.broker.store import redis_scripts as scripts
 from metaproxy.broker.store.base import StoreUnavailable
@@ -46,11 +47,29 @@ class RedisBudget:
         self._interval_us = int(1_000_000 / rate)
         self._tolerance_us = int(max(1.0, calls * BUDGET_BURST_SHARE) * self._interval_us)
         self._fallback: LocalBudget | None = None
+        # Slots a cold request's admission took along (ADMIT_AND_CLAIM), by when they were due.
+        self._given: deque[float] = deque()
         self.fallback_calls = 0
         self.late_slots = 0
+        self.given_slots = 0
+
+    @property
+    def terms(self) -> tuple[str, int, int]:
+        """The timeline and its interval and tolerance (µs), for a script that takes a slot."""
+        return BUDGET_KEY, self._interval_us, self._tolerance_us
+
+    def give(self, due: float) -> None:
+        """A slot taken for this replica elsewhere (due at event-loop time `due`): the next
+        `acquire` uses it rather than asking the store, unless it has gone late by then."""
+        self._given.append(due)
 
     async def acquire(self) -> None:
         loop = asyncio.get_running_loop()
+        while self._given:
+            if loop.time() - self._given.popleft() <= LATE_SLOT_SECONDS:
+                self.given_slots += 1
+                return
+            self.late_slots += 1
         while True:
             asked_at = loop.time()
             try:
@@ -104,4 +123,5 @@ class RedisBudget:
             "budget_fallback": 0.0 if self._conn.up else 1.0,
             "budget_fallback_calls": float(self.fallback_calls),
             "budget_late_slots": float(self.late_slots),
+            "budget_given_slots": float(self.given_slots),
         }

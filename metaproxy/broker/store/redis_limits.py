@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 
@@ -9,6 +10,7 @@ from metaproxy.background import BackgroundTasks
 from metaproxy.broker.store import redis_scripts as scripts
 from metaproxy.broker.store.base import Admission, CacheClaim, CacheLook, StoreUnavailable
 from metaproxy.broker.store.memory import LocalLimits, retry_after
+from metaproxy.broker.store.redis_budget import RedisBudget
 from metaproxy.broker.store.redis_keys import flight_keys, ms, short_digest, tenant_key
 from metaproxy.broker.store.redis_link import StoreLink
 from metaproxy.broker.store.redis_registry import RedisRegistry
@@ -27,6 +29,9 @@ class RedisLimits:
         self._admit_and_claim = conn.script(scripts.ADMIT_AND_CLAIM)
         # A Cluster spreads a tenant's keys and a cache entry's keys over slots: no one script.
         self._claims_with_admission = conn.url.topology != "cluster"
+        # The budget a claim that leads to an STS call may take a free slot of (see
+        # ADMIT_AND_CLAIM): the store's budget, once the broker has asked for it.
+        self.budget: RedisBudget | None = None
         self._local = LocalLimits()
         self._background = BackgroundTasks("in-flight slot given back")
 
@@ -51,15 +56,22 @@ class RedisLimits:
             int(IN_FLIGHT_LEASE_SECONDS * 1_000_000),
         ]
         look: CacheLook | None = None
+        budget = self.budget
+        asked_at = asyncio.get_running_loop().time()
         try:
             if claim is not None and self._claims_with_admission:
-                code, wait_us, value, taken = await self._conn.run(
-                    lambda: self._admit_and_claim(
-                        keys=[*keys, *flight_keys(claim.key)],
-                        args=[*args, claim.holder, ms(claim.ttl_seconds), "0"],
-                    )
+                claim_keys = [*keys, *flight_keys(claim.key)]
+                claim_args = [*args, claim.holder, ms(claim.ttl_seconds), "0"]
+                if budget is not None:
+                    timeline, interval_us, tolerance_us = budget.terms
+                    claim_keys.append(timeline)
+                    claim_args += [interval_us, tolerance_us]
+                code, wait_us, value, taken, slot = await self._conn.run(
+                    lambda: self._admit_and_claim(keys=claim_keys, args=claim_args)
                 )
                 look = CacheLook(value or None, bool(taken))
+                if int(slot) and budget is not None:
+                    budget.give(asked_at)
             else:
                 code, wait_us = await self._conn.run(lambda: self._admit(keys=keys, args=args))
         except StoreUnavailable:

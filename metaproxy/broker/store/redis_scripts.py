@@ -17,23 +17,30 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 """
 
 # GCRA (the generic cell rate algorithm) as a reservation: each call gets the next slot of the
-# budget's timeline and is told how long to wait for it. A burst tolerance of `tol` lets that
-# many microseconds' worth of calls go at once after a quiet spell.
+# budget's timeline and is told how long to wait for it. A burst tolerance lets that many
+# microseconds' worth of calls go at once after a quiet spell. Arguments: the timeline key;
+# interval_us, tolerance_us, max_ahead_us. Returns the wait in µs, or -(wait) without
+# reserving when the slot is further ahead than max_ahead (0: reserve only a slot free now).
+_RESERVE_FUNCTION: Final = """
+local function reserve(key, interval, tolerance, max_ahead)
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat < now then tat = now end
+  local at = tat - tolerance
+  if at < now then at = now end
+  local wait = at - now
+  if wait > max_ahead then return -wait end
+  redis.call('SET', key, string.format('%d', tat + interval),
+             'PX', math.floor((tat + interval - now) / 1000) + 1000)
+  return wait
+end
+"""
+
 # KEYS[1] timeline; ARGV interval_us, tolerance_us, max_ahead_us.
-# Returns the wait in µs, or -(wait) without reserving when the slot is further than max_ahead.
 RESERVE_BUDGET: Final = (
     _NOW
+    + _RESERVE_FUNCTION
     + """
-local interval = tonumber(ARGV[1])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
-if tat < now then tat = now end
-local at = tat - tonumber(ARGV[2])
-if at < now then at = now end
-local wait = at - now
-if wait > tonumber(ARGV[3]) then return -wait end
-redis.call('SET', KEYS[1], string.format('%d', tat + interval),
-           'PX', math.floor((tat + interval - now) / 1000) + 1000)
-return wait
+return reserve(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]))
 """
 )
 
@@ -127,19 +134,28 @@ return {value, taken}
 """
 )
 
-# A cold request's first two questions in one round trip, where one script may name every key
-# (one server or Sentinel): admit it, and only if it is admitted, read the shared cache and
-# take the lease. KEYS the admission's three, then the cache's three; ARGV the admission's
-# seven, then the cache's three. Returns {0, 0, value, taken} or {reason, wait_us, false, 0}.
+# A cold request's questions in one round trip, where one script may name every key (one
+# server or Sentinel): admit it; only if it is admitted, read the shared cache and take the
+# lease; and only if it took the lease (an STS call follows), take the budget's slot if one is
+# free now (never one ahead: a waiting slot stays for the scheduler's fair order to hand out).
+# KEYS the admission's three, the cache's three, then optionally the budget timeline; ARGV the
+# admission's seven, the cache's three, then the budget's interval_us and tolerance_us.
+# Returns {0, 0, value, taken, slot (1: a budget slot now is the caller's)} or
+# {reason, wait_us, false, 0, 0}.
 ADMIT_AND_CLAIM: Final = (
     _NOW
     + _ADMIT_FUNCTION
     + _CLAIM_FUNCTION
+    + _RESERVE_FUNCTION
     + """
 local code, wait = admit(KEYS[1], KEYS[2], KEYS[3], ARGV)
-if code ~= 0 then return {code, wait, false, 0} end
+if code ~= 0 then return {code, wait, false, 0, 0} end
 local value, taken = get_or_claim(KEYS[4], KEYS[5], KEYS[6], ARGV[8], ARGV[9], ARGV[10])
-return {0, 0, value, taken}
+local slot = 0
+if taken == 1 and not value and KEYS[7] then
+  if reserve(KEYS[7], tonumber(ARGV[11]), tonumber(ARGV[12]), 0) == 0 then slot = 1 end
+end
+return {0, 0, value, taken, slot}
 """
 )
 

@@ -45,7 +45,10 @@ class RedisStore:
         return self._conn.up
 
     def budget(self, calls_per_second: float) -> RedisBudget:
-        return RedisBudget(self._conn, self.replicas, calls_per_second)
+        budget = RedisBudget(self._conn, self.replicas, calls_per_second)
+        # A cold request's admission may take a free slot of it along (one round trip less).
+        self.limits.budget = budget
+        return budget
 
     async def start(self) -> None:
         """Connect and subscribe. A store that is down now is not fatal: the replica starts,
