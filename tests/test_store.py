@@ -17,6 +17,8 @@ from metaproxy.broker.store import open_store
 from metaproxy.broker.store.base import CacheClaim, CacheLook, Revocation, StoreUnavailable
 from metaproxy.broker.store.memory import MemoryStore
 from metaproxy.broker.store.redis_conn import parse_store_url
+from metaproxy.broker.store.redis_keys import tenant_key
+from metaproxy.broker.store.redis_limits import RELEASE_AFTER_SECONDS
 from metaproxy.broker.store.redis_store import RedisStore
 from metaproxy.broker.store.sealing import SealedValueInvalid, Sealer, generate_key_line
 from metaproxy.errors import ConfigError
@@ -286,6 +288,39 @@ async def test_a_cold_admission_takes_a_free_budget_slot_along_and_never_one_ahe
         assert budget.stats()["budget_given_slots"] == 2
     finally:
         await store.aclose()
+
+
+async def test_ended_requests_give_their_slots_back_with_the_next_admission(
+    redis_server: RedisServer,
+) -> None:
+    """A slot given back rides with the tenant's next admission (no command of its own); with
+    no next admission it goes back on its own within RELEASE_AFTER_SECONDS."""
+    one, two = await started(redis_server.url), await started(redis_server.url)
+    capped = BrokerLimits(max_in_flight=1)
+    try:
+        first = await one.limits.enter("acme", "id", capped)
+        assert not (await two.limits.enter("acme", "id", capped)).admitted  # the cap is 1
+        await one.limits.leave("acme", first.ticket)
+        assert in_flight(redis_server, "acme") == 1  # not given back on its own (yet)
+        second = await one.limits.enter("acme", "id", capped)
+        assert second.admitted  # the slot went back inside this admission's script
+        assert in_flight(redis_server, "acme") == 1
+
+        await one.limits.leave("acme", second.ticket)
+        await asyncio.sleep(RELEASE_AFTER_SECONDS + 0.2)
+        assert in_flight(redis_server, "acme") == 0
+        assert (await two.limits.enter("acme", "id", capped)).admitted
+    finally:
+        await one.aclose()
+        await two.aclose()
+
+
+def in_flight(server: RedisServer, tenant: str) -> int:
+    """The tenant's in-flight slots in the store, read without yielding to the event loop."""
+    import redis
+
+    with redis.Redis.from_url(server.url) as client:
+        return int(client.zcard(tenant_key(tenant, "in-flight")))
 
 
 async def test_a_lease_release_is_published_only_when_a_replica_waits(

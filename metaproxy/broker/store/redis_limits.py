@@ -19,6 +19,11 @@ from metaproxy.models import BrokerLimits
 # An in-flight slot is given back when its request ends; if its replica dies first, the lease
 # frees it. Longer than any request the broker lets run.
 IN_FLIGHT_LEASE_SECONDS = 30.0
+# A slot given back rides with this replica's next admission for the tenant (ADMIT gives it
+# back before it counts), so a busy tenant costs one store command per request, not two. With
+# no admission for the tenant within this, the ended requests' slots go back in one command.
+# Until then the other replicas count them: a cap up to this much stricter, never looser.
+RELEASE_AFTER_SECONDS = 0.05
 
 
 class RedisLimits:
@@ -33,12 +38,14 @@ class RedisLimits:
         # ADMIT_AND_CLAIM): the store's budget, once the broker has asked for it.
         self.budget: RedisBudget | None = None
         self._local = LocalLimits()
-        self._background = BackgroundTasks("in-flight slot given back")
+        self._ended: dict[str, list[str]] = {}  # tenant -> tickets of its requests that ended
+        self._background = BackgroundTasks("in-flight slots given back")
 
     async def enter(
         self, tenant: str, subject: str, limits: BrokerLimits, claim: CacheClaim | None = None
     ) -> Admission:
         ticket = secrets.token_hex(8)
+        released = self._ended.pop(tenant, [])
         t_interval = 1_000_000 / limits.requests_per_second
         i_interval = 1_000_000 / limits.per_identity_rps
         keys = [
@@ -54,6 +61,7 @@ class RedisLimits:
             limits.max_in_flight,
             ticket,
             int(IN_FLIGHT_LEASE_SECONDS * 1_000_000),
+            " ".join(released),
         ]
         look: CacheLook | None = None
         budget = self.budget
@@ -75,6 +83,8 @@ class RedisLimits:
             else:
                 code, wait_us = await self._conn.run(lambda: self._admit(keys=keys, args=args))
         except StoreUnavailable:
+            for ended in released:
+                self._release_later(tenant, ended)
             share = 1 / max(1, self._registry.last_seen_live())
             admission = self._local.enter_now(tenant, subject, limits, share=share)
             if admission.admitted:
@@ -90,14 +100,32 @@ class RedisLimits:
             self._local.leave_now(tenant, ticket.removeprefix("local:"))
             return
         # Off the request's path: its answer need not wait for the slot to be given back. If
-        # this fails the lease frees the slot (IN_FLIGHT_LEASE_SECONDS).
-        self._background.spawn(self._give_back(tenant, ticket))
+        # that fails the lease frees the slot (IN_FLIGHT_LEASE_SECONDS).
+        self._release_later(tenant, ticket)
 
-    async def _give_back(self, tenant: str, ticket: str) -> None:
+    def _release_later(self, tenant: str, ticket: str) -> None:
+        ended = self._ended.get(tenant)
+        if ended is None:
+            self._ended[tenant] = [ticket]
+            self._background.spawn(self._give_back_later(tenant))
+        else:
+            ended.append(ticket)
+
+    async def _give_back_later(self, tenant: str) -> None:
+        await asyncio.sleep(RELEASE_AFTER_SECONDS)
+        await self._give_back(tenant)
+
+    async def _give_back(self, tenant: str) -> None:
+        """Give back the slots of the tenant's ended requests that no admission took along."""
+        tickets = self._ended.pop(tenant, [])
+        if not tickets:
+            return
         with contextlib.suppress(StoreUnavailable):
             await self._conn.run(
-                lambda: self._conn.client.zrem(tenant_key(tenant, "in-flight"), ticket)
+                lambda: self._conn.client.zrem(tenant_key(tenant, "in-flight"), *tickets)
             )
 
     async def aclose(self) -> None:
+        for tenant in list(self._ended):
+            self._background.spawn(self._give_back(tenant))
         await self._background.aclose()
