@@ -260,6 +260,16 @@ http {{
 FAIRNESS_TENANT = "globex"  # keeps the shipped (default) sidecar limits: fairness is measured
 
 
+def compile_bytecode() -> None:
+    """Compile the package as `pip install` does for the image (Dockerfile), so the sidecars
+    measured here load bytecode as a pod's does. From a source tree under
+    PYTHONDONTWRITEBYTECODE=1, every module edited since its last .pyc would be compiled again
+    at each start: memory (a fifth of a megabyte of the figures) and time no pod spends."""
+    import compileall
+
+    compileall.compile_dir(REPO / "metaproxy", quiet=1)
+
+
 def bench_policies(target: Path) -> Path:
     """The sample policies with sidecar limits raised, so the speed runs measure the cached path
     and not the limiter — except FAIRNESS_TENANT's, which the fairness run needs as shipped."""
@@ -293,6 +303,7 @@ def main() -> int:
     from metaproxy.identity.issue import issue_token
     from metaproxy.testing.emulator import StsEmulator
 
+    compile_bytecode()
     children: list[Child] = []
     with (
         tempfile.TemporaryDirectory(prefix="bench-sidecar-") as tmp_name,

@@ -6,7 +6,6 @@ it."""
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 # Created new, never through a link, closed on exec (what tempfile.mkstemp does; this module is
@@ -44,7 +43,7 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
 def _create_temporary(path: Path) -> tuple[int, Path]:
     """A new 0600 file beside `path`, named `.NAME.RANDOM.tmp`."""
     for _ in range(100):
-        candidate = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        candidate = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
         try:
             return os.open(candidate, _CREATE_NEW, 0o600), candidate
         except FileExistsError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -10,6 +11,7 @@ import pytest
 
 from metaproxy.sidecar.http1 import (
     ConnectionTracker,
+    HttpProtocol,
     Request,
     Response,
     ServerLimits,
@@ -197,6 +199,25 @@ async def test_second_request_head_also_has_a_deadline(server: Running) -> None:
     assert status_of(await asyncio.wait_for(reader.read(), 3)) == 408
     writer.close()
     assert "header_timeout" in server.rejects
+
+
+async def test_closed_connection_is_freed_without_the_collector(server: Running) -> None:
+    """A closed connection's protocol and parser go with its last reference, not at the
+    collector's next full pass (which a pod may not see for hours)."""
+    gc.collect()
+    gc.disable()
+    try:
+        answer = await exchange(server.port, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(answer) == 200
+        for _ in range(50):
+            if not server.tracker.connections:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the loop drops the transport after connection_lost
+        alive = [o for o in gc.get_objects() if isinstance(o, HttpProtocol)]
+    finally:
+        gc.enable()
+    assert alive == []
 
 
 async def test_draining_closes_connections_after_their_answer(server: Running) -> None:

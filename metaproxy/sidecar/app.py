@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import SidecarConfig, authorization_token_mode
@@ -80,12 +80,17 @@ async def _tarpit(response: http1.Response) -> http1.Response:
     return response
 
 
-def build_state(config: SidecarConfig, clock: Clock | None = None) -> SidecarState:
+def build_state(
+    config: SidecarConfig,
+    clock: Clock | None = None,
+    on_started: Callable[[], None] | None = None,
+) -> SidecarState:
+    """`on_started`: called once, when the first credentials are in."""
     clock = clock or SystemClock()
     metrics = SidecarMetrics()
     client = instrument.TimedBrokerClient(config, metrics)
     keeper = CredentialKeeper(
-        client, config, clock, on_grant=instrument.GrantObserver(clock, metrics)
+        client, config, clock, on_grant=instrument.GrantObserver(clock, metrics, on_started)
     )
     state = SidecarState(
         config=config,

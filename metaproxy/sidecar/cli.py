@@ -16,9 +16,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 async def _serve(config: SidecarConfig, ready_file: Path | None) -> int:
     from metaproxy.runtime import Lifecycle, write_ready_file
+    from metaproxy.sidecar.heap import release_free_heap
     from metaproxy.sidecar.server import SidecarServer
 
-    server = await SidecarServer.start(config)
+    # A process-wide step, so here and not in the server (the tests run many in one process).
+    server = await SidecarServer.start(config, on_started=release_free_heap)
     lifecycle = Lifecycle()
     lifecycle.install()
     if ready_file is not None:

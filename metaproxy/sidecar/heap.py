@@ -1,15 +1,26 @@
-"""Hand the C heap's free pages back to the kernel once the sidecar has started.
+"""Hand start-up's leftovers back once the sidecar has started (issue 13: every pod pays for
+the sidecar's anonymous memory).
 
-Start-up leaves most of a megabyte free inside glibc's heap (the temporaries of importing,
-of parsing the flags, of building the metrics and the faces): freed, but still counted in the
-process's anonymous memory, which every pod pays for (issue 13). `malloc_trim(0)` returns those
-pages. glibc only: elsewhere (musl, macOS) there is no such call, and nothing to do.
+Called once, when the first credentials are in: that is the end of start-up (the broker's TLS
+context, handshake and answer are the last of it), and from then on the sidecar allocates
+little. Two kinds of leftovers:
+
+- garbage in reference cycles, which refcounting never frees: the command-line parser and its
+  actions, classes that `datetime` replaces with its C versions. They would wait for the
+  collector's next full pass (rare, and later the more objects start-up made); `gc.collect()`
+  frees them now, so their memory serves what the sidecar allocates later;
+- free pages inside glibc's heap (the temporaries of importing, of parsing the flags, of the
+  first broker exchange): freed, but still resident. `malloc_trim(0)` returns them. glibc only:
+  elsewhere (musl, macOS) there is no such call, and nothing to do.
 """
 
 from __future__ import annotations
 
+import gc
+
 
 def release_free_heap() -> None:
+    gc.collect()
     try:
         import ctypes
 

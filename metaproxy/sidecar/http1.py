@@ -255,6 +255,11 @@ class HttpProtocol(asyncio.Protocol):
         if self._transport is None:
             return
         self._transport = None
+        # The parser holds this protocol's bound methods (its callbacks): a reference cycle,
+        # which refcounting never frees. A connection that lived a few seconds is in the
+        # collector's oldest generation by now, collected rarely: every closed connection's
+        # protocol, parser and buffers would stay in the pod's memory until then (issue 13).
+        del self._parser
         self._tracker.connections.discard(self)
         self._tracker.note_progress()
         if self._busy is not None:

@@ -100,11 +100,18 @@ def process_age_seconds() -> float | None:
 
 
 class GrantObserver:
-    """`CredentialKeeper(on_grant=...)`: gauges follow the keeper's grant as it changes."""
+    """`CredentialKeeper(on_grant=...)`: gauges follow the keeper's grant as it changes.
+    `on_started` is called once, with the first credentials: start-up is over."""
 
-    def __init__(self, clock: Clock, metrics: SidecarMetrics) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        metrics: SidecarMetrics,
+        on_started: Callable[[], None] | None = None,
+    ) -> None:
         self._clock = clock
         self._metrics = metrics
+        self._on_started = on_started
         self._started_monotonic = time.monotonic()
         self._startup_observed = False
 
@@ -124,6 +131,8 @@ class GrantObserver:
             if age is None:  # no /proc: count from when the sidecar was built
                 age = time.monotonic() - self._started_monotonic
             metrics.startup_seconds.observe(age)
+            if self._on_started is not None:
+                self._on_started()
 
 
 def open_fds() -> int | None:

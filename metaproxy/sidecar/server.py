@@ -24,7 +24,6 @@ from metaproxy.connguard import ACCEPT_BACKLOG, ConnectionGuard
 from metaproxy.sidecar import container_creds, http1, imds, instrument
 from metaproxy.sidecar.app import admin_error_page, admin_plane, build_state, data_plane
 from metaproxy.sidecar.face import Face
-from metaproxy.sidecar.heap import release_free_heap
 from metaproxy.sidecar.limits import admin_reject, build_guards
 from metaproxy.sidecar.state import SidecarState
 
@@ -100,8 +99,16 @@ class SidecarServer:
         return self.container_urls[0]
 
     @classmethod
-    async def start(cls, config: SidecarConfig, clock: Clock | None = None) -> SidecarServer:
-        state = build_state(config, clock)
+    async def start(
+        cls,
+        config: SidecarConfig,
+        clock: Clock | None = None,
+        *,
+        on_started: Callable[[], None] | None = None,
+    ) -> SidecarServer:
+        """Listening, with the credential keeper started; `on_started` is called once, when the
+        first credentials are in."""
+        state = build_state(config, clock, on_started)
         guard, admin_guard = build_guards(state)
         state.guards = (guard, admin_guard)
         count_rejection = instrument.rejection_counter(state.metrics)
@@ -138,7 +145,6 @@ class SidecarServer:
             server = await listen(address, guard.protocol_factory(protocol, face.refuse_connection))
             servers.append(server)
             urls[face.name].append(server_url(server))
-        release_free_heap()  # start-up's temporaries are gone: their pages go back
         log.info(
             "sidecar serving IMDS on %s, container credentials on %s",
             ", ".join(urls["imds"]),

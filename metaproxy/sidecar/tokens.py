@@ -10,8 +10,8 @@ import base64
 import binascii
 import hashlib
 import hmac
+import os
 import re
-import secrets
 import struct
 import time
 from collections.abc import Callable
@@ -34,13 +34,15 @@ _VERIFIED_MAX = 4096
 
 class TokenAuthority:
     def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
-        self._key = secrets.token_bytes(32)
+        # os.urandom is what `secrets.token_bytes` returns; `secrets` itself would import
+        # `random` (issue 13: modules the sidecar needs nowhere else are every pod's memory).
+        self._key = os.urandom(32)
         self._monotonic = monotonic
         self._verified: dict[str, float] = {}
 
     def mint(self, ttl_seconds: int) -> str:
         expiry_ms = int((self._monotonic() + ttl_seconds) * 1000)
-        payload = _PAYLOAD.pack(_VERSION, expiry_ms, secrets.token_bytes(8))
+        payload = _PAYLOAD.pack(_VERSION, expiry_ms, os.urandom(8))
         mac = hmac.new(self._key, payload, hashlib.sha256).digest()[:_MAC_BYTES]
         return base64.urlsafe_b64encode(payload + mac).decode("ascii")
 
