@@ -195,7 +195,8 @@ async def test_call_window_holds_calls_past_its_limit_until_the_oldest_leaves() 
     admitted: list[float] = []
 
     async def caller() -> None:
-        await window.admit()
+        slot = await window.admit()
+        slot.sent()
         admitted.append(loop.time())
 
     started = loop.time()
@@ -204,3 +205,23 @@ async def test_call_window_holds_calls_past_its_limit_until_the_oldest_leaves() 
     assert window.waits > 0
     assert loop.time() - started >= 1.0  # the last 10 had to wait for two windows to pass
     assert CallWindow.for_budget(500.0).limit == 480
+
+
+async def test_call_window_counts_a_call_from_when_it_leaves_not_when_it_was_admitted() -> None:
+    """A call admitted now but on the wire only later counts from when it left, so a long
+    event-loop turn between the two cannot bunch calls; one that never left frees its place."""
+    window = CallWindow(limit=2, window=0.5)
+    loop = asyncio.get_running_loop()
+    first, second = await window.admit(), await window.admit()
+    third = asyncio.create_task(window.admit())
+    await asyncio.sleep(0.05)
+    assert not third.done()  # both pending count, though neither has left yet
+    second.release()  # it never left: its place is free
+    third_slot = await asyncio.wait_for(third, 1.0)
+    await asyncio.sleep(0.3)  # a long turn: admitted 0.3 s ago, leaving now
+    left_at = loop.time()
+    first.sent()
+    third_slot.sent()
+    third_slot.release()  # after sending, releasing changes nothing
+    (await window.admit()).sent()
+    assert loop.time() - left_at >= 0.49  # counted from leaving, not from admission

@@ -30,10 +30,15 @@ async def proxy(sts_url: str) -> AsyncIterator[FaultProxy]:
 
 async def test_assume_role_returns_credentials_that_expire_when_sts_says(proxy: FaultProxy) -> None:
     sts = AsyncSts(endpoint=proxy.url, max_connections=4)
+    calls_seen_at_sending: list[int] = []
     try:
-        role = await sts.assume_role(spec())
+        role = await sts.assume_role(
+            spec(), on_sent=lambda: calls_seen_at_sending.append(proxy.stats()["assume_role_calls"])
+        )
     finally:
         await sts.aclose()
+    # The budget's call window counts a call when its bytes leave: before STS has it.
+    assert calls_seen_at_sending == [0]
     assert role.assumed_role_arn == "arn:aws:sts::111111111111:assumed-role/app/tenant.task-1"
     assert role.credentials.access_key_id.startswith("ASIA")
     assert role.credentials.secret_access_key and role.credentials.session_token

@@ -23,7 +23,7 @@ from aiohttp import web
 from metaproxy.audit.writer import AuditLog
 from metaproxy.broker import metrics
 from metaproxy.broker.regions import RegionalSts
-from metaproxy.broker.sts import AssumedRole, StsClient
+from metaproxy.broker.sts import AssumedRole, OnSent, StsClient
 from metaproxy.errors import AuditUnavailable, MetaproxyError
 from metaproxy.httperrors import Handler
 from metaproxy.logs import tenant_var
@@ -125,11 +125,15 @@ class TimedSts:
         self._inner = inner
 
     async def assume_role(
-        self, spec: AssumeRoleSpec, *, signed_with: Credentials | None = None
+        self,
+        spec: AssumeRoleSpec,
+        *,
+        signed_with: Credentials | None = None,
+        on_sent: OnSent | None = None,
     ) -> AssumedRole:
         started = time.perf_counter()
         try:
-            role = await self._inner.assume_role(spec, signed_with=signed_with)
+            role = await self._inner.assume_role(spec, signed_with=signed_with, on_sent=on_sent)
         finally:
             metrics.STS_SECONDS.observe(time.perf_counter() - started)
         if role.packed_policy_size is not None:

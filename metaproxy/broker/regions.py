@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from metaproxy.broker.circuit import STATE_CODES, CircuitBreaker
 from metaproxy.broker.config import BrokerConfig
-from metaproxy.broker.sts import AssumedRole, StsClient
+from metaproxy.broker.sts import AssumedRole, OnSent, StsClient
 from metaproxy.models import AssumeRoleSpec, Credentials
 
 DEFAULT_REGION_LABEL = "default"  # a scheduler given one bare client (tests, benchmarks)
@@ -41,9 +41,13 @@ class RegionalSts:
         return sts if isinstance(sts, RegionalSts) else cls([(DEFAULT_REGION_LABEL, sts)])
 
     async def assume_role(
-        self, spec: AssumeRoleSpec, *, signed_with: Credentials | None = None
+        self,
+        spec: AssumeRoleSpec,
+        *,
+        signed_with: Credentials | None = None,
+        on_sent: OnSent | None = None,
     ) -> AssumedRole:
-        return await self.regions[0][1].assume_role(spec, signed_with=signed_with)
+        return await self.regions[0][1].assume_role(spec, signed_with=signed_with, on_sent=on_sent)
 
     async def aclose(self) -> None:
         for _, client in self.regions:

@@ -163,12 +163,14 @@ class StsCaller:
         self.calls += 1
         started = self._clock.monotonic()
         outcome: AssumedRole | MetaproxyError
+        slot = await self._window.admit()
         try:
-            await self._window.admit()
             # Inline, not wait_for: wait_for would start the call as a new task, one event-loop
-            # turn after the window counted it, and a turn can be long on a busy broker.
+            # turn later, and a turn can be long on a busy broker.
             async with asyncio.timeout(self._call_timeout):
-                outcome = await route.client.assume_role(spec, signed_with=signed_with)
+                outcome = await route.client.assume_role(
+                    spec, signed_with=signed_with, on_sent=slot.sent
+                )
         except TimeoutError:
             self.timeouts += 1
             outcome = StsUnavailable(
@@ -183,6 +185,8 @@ class StsCaller:
             # Never pass unknown error text on: log it here, give the caller our own error.
             log.exception("unexpected error from the STS client")
             outcome = StsUnavailable(f"AssumeRole {spec.role_arn}: unexpected client error")
+        finally:
+            slot.release()  # a call that never left stops counting; one that left stays
         self._record(route, outcome, self._clock.monotonic() - started)
         return outcome
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -69,15 +71,34 @@ class AssumedRole:
     via_access_key_id: str = ""
 
 
+# Called once the request's bytes have left for STS (the budget's call window counts it then).
+OnSent = Callable[[], None]
+
+
 class StsClient(Protocol):
     async def assume_role(
-        self, spec: AssumeRoleSpec, *, signed_with: Credentials | None = None
+        self,
+        spec: AssumeRoleSpec,
+        *,
+        signed_with: Credentials | None = None,
+        on_sent: OnSent | None = None,
     ) -> AssumedRole:
         """One AssumeRole call; `signed_with`: the credentials of a chain's previous hop
-        (otherwise the broker's own)."""
+        (otherwise the broker's own); `on_sent`: called when the request is on the wire."""
         ...
 
     async def aclose(self) -> None: ...
+
+
+async def _report_sent(
+    _session: aiohttp.ClientSession,
+    context: types.SimpleNamespace,
+    _params: aiohttp.TraceRequestChunkSentParams,
+) -> None:
+    """aiohttp's hook for a request's bytes written to the socket: the call is out."""
+    on_sent = context.trace_request_ctx
+    if on_sent is not None:
+        on_sent()
 
 
 def assume_role_arguments(spec: AssumeRoleSpec) -> dict[str, Any]:
@@ -128,7 +149,11 @@ class AsyncSts:
         self._frozen_at = float("-inf")
 
     async def assume_role(
-        self, spec: AssumeRoleSpec, *, signed_with: Credentials | None = None
+        self,
+        spec: AssumeRoleSpec,
+        *,
+        signed_with: Credentials | None = None,
+        on_sent: OnSent | None = None,
     ) -> AssumedRole:
         from botocore.exceptions import ParamValidationError
 
@@ -140,7 +165,9 @@ class AsyncSts:
             raise UpstreamError(f"AssumeRole {spec.role_arn}: invalid parameters") from None
         headers, body = await self._signed(request["body"], signed_with)
         try:
-            async with self._client().post(self._url, data=body, headers=headers) as response:
+            async with self._client().post(
+                self._url, data=body, headers=headers, trace_request_ctx=on_sent
+            ) as response:
                 status = response.status
                 answer = await response.content.read(MAX_ANSWER_BYTES)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -150,9 +177,12 @@ class AsyncSts:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._http is None or self._http.closed:
+            sending = aiohttp.TraceConfig()
+            sending.on_request_chunk_sent.append(_report_sent)
             self._http = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self._max_connections),
                 timeout=self._timeout,
+                trace_configs=[sending],
                 skip_auto_headers=("User-Agent",),
                 headers={"User-Agent": "metaproxy-broker"},
             )
