@@ -8,7 +8,7 @@ import asyncio
 import base64
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -158,6 +158,15 @@ async def started(url: str) -> RedisStore:
     return store
 
 
+@pytest.fixture
+async def replicas(redis_server: RedisServer) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """Two replicas' stores on one server, closed after the test."""
+    one, two = await started(redis_server.url), await started(redis_server.url)
+    yield one, two
+    await one.aclose()
+    await two.aclose()
+
+
 async def test_the_budget_is_one_timeline_for_every_replica(redis_url: str) -> None:
     """Two replicas taking budget at once get slots spaced for one 50/s budget."""
     one, two = await started(redis_url), await started(redis_url)
@@ -238,28 +247,24 @@ async def test_tenant_rate_and_in_flight_cap_hold_across_replicas(redis_url: str
 
 
 async def test_an_admitted_cold_request_gets_the_cache_answer_in_the_same_round_trip(
-    redis_server: RedisServer,
+    redis_server: RedisServer, replicas: tuple[RedisStore, RedisStore]
 ) -> None:
     """On one server a claim rides with the admission: one script, the lease taken only for an
     admitted request, and a refused request leaves the cache untouched."""
-    one, two = await started(redis_server.url), await started(redis_server.url)
+    one, two = replicas
     slow = BrokerLimits(requests_per_second=1, burst=1, per_identity_rps=1, per_identity_burst=1)
-    try:
-        # The first use of a script loads it (NOSCRIPT, SCRIPT LOAD, EVALSHA); count after.
-        await one.limits.enter("initech", "id-0", slow, CacheClaim("warm-up", "r1", 5))
-        calls_before = command_calls(redis_server, "evalsha")
-        first = await one.limits.enter("acme", "id-1", slow, CacheClaim("cold", "r1", 5))
-        assert command_calls(redis_server, "evalsha") - calls_before == 1
-        assert (first.admitted, first.look) == (True, CacheLook(None, True))
-        other = await two.limits.enter("globex", "id-2", slow, CacheClaim("cold", "r2", 5))
-        assert (other.admitted, other.look) == (True, CacheLook(None, False))
+    # The first use of a script loads it (NOSCRIPT, SCRIPT LOAD, EVALSHA); count after.
+    await one.limits.enter("initech", "id-0", slow, CacheClaim("warm-up", "r1", 5))
+    calls_before = command_calls(redis_server, "evalsha")
+    first = await one.limits.enter("acme", "id-1", slow, CacheClaim("cold", "r1", 5))
+    assert command_calls(redis_server, "evalsha") - calls_before == 1
+    assert (first.admitted, first.look) == (True, CacheLook(None, True))
+    other = await two.limits.enter("globex", "id-2", slow, CacheClaim("cold", "r2", 5))
+    assert (other.admitted, other.look) == (True, CacheLook(None, False))
 
-        refused = await two.limits.enter("acme", "id-3", slow, CacheClaim("untouched", "r2", 5))
-        assert (refused.admitted, refused.reason, refused.look) == (False, "tenant-rate", None)
-        assert await one.cache.get_or_claim("untouched", "r1", 5) == CacheLook(None, True)
-    finally:
-        await one.aclose()
-        await two.aclose()
+    refused = await two.limits.enter("acme", "id-3", slow, CacheClaim("untouched", "r2", 5))
+    assert (refused.admitted, refused.reason, refused.look) == (False, "tenant-rate", None)
+    assert await one.cache.get_or_claim("untouched", "r1", 5) == CacheLook(None, True)
 
 
 async def test_a_cold_admission_takes_a_free_budget_slot_along_and_never_one_ahead(
@@ -291,28 +296,24 @@ async def test_a_cold_admission_takes_a_free_budget_slot_along_and_never_one_ahe
 
 
 async def test_ended_requests_give_their_slots_back_with_the_next_admission(
-    redis_server: RedisServer,
+    redis_server: RedisServer, replicas: tuple[RedisStore, RedisStore]
 ) -> None:
     """A slot given back rides with the tenant's next admission (no command of its own); with
     no next admission it goes back on its own within RELEASE_AFTER_SECONDS."""
-    one, two = await started(redis_server.url), await started(redis_server.url)
+    one, two = replicas
     capped = BrokerLimits(max_in_flight=1)
-    try:
-        first = await one.limits.enter("acme", "id", capped)
-        assert not (await two.limits.enter("acme", "id", capped)).admitted  # the cap is 1
-        await one.limits.leave("acme", first.ticket)
-        assert in_flight(redis_server, "acme") == 1  # not given back on its own (yet)
-        second = await one.limits.enter("acme", "id", capped)
-        assert second.admitted  # the slot went back inside this admission's script
-        assert in_flight(redis_server, "acme") == 1
+    first = await one.limits.enter("acme", "id", capped)
+    assert not (await two.limits.enter("acme", "id", capped)).admitted  # the cap is 1
+    await one.limits.leave("acme", first.ticket)
+    assert in_flight(redis_server, "acme") == 1  # not given back on its own (yet)
+    second = await one.limits.enter("acme", "id", capped)
+    assert second.admitted  # the slot went back inside this admission's script
+    assert in_flight(redis_server, "acme") == 1
 
-        await one.limits.leave("acme", second.ticket)
-        await asyncio.sleep(RELEASE_AFTER_SECONDS + 0.2)
-        assert in_flight(redis_server, "acme") == 0
-        assert (await two.limits.enter("acme", "id", capped)).admitted
-    finally:
-        await one.aclose()
-        await two.aclose()
+    await one.limits.leave("acme", second.ticket)
+    await asyncio.sleep(RELEASE_AFTER_SECONDS + 0.2)
+    assert in_flight(redis_server, "acme") == 0
+    assert (await two.limits.enter("acme", "id", capped)).admitted
 
 
 def in_flight(server: RedisServer, tenant: str) -> int:
@@ -324,29 +325,25 @@ def in_flight(server: RedisServer, tenant: str) -> int:
 
 
 async def test_a_lease_release_is_published_only_when_a_replica_waits(
-    redis_server: RedisServer,
+    redis_server: RedisServer, replicas: tuple[RedisStore, RedisStore]
 ) -> None:
     """A fill nobody waits for wakes no replica; a waiter is woken by the holder's fill."""
-    one, two = await started(redis_server.url), await started(redis_server.url)
-    try:
-        publishes = command_calls(redis_server, "publish")
-        assert (await one.cache.get_or_claim("alone", "r1", 5)).holding
-        await one.cache.fill("alone", "r1", b"sealed", 60, ["acme\x00"])
-        assert command_calls(redis_server, "publish") == publishes
+    one, two = replicas
+    publishes = command_calls(redis_server, "publish")
+    assert (await one.cache.get_or_claim("alone", "r1", 5)).holding
+    await one.cache.fill("alone", "r1", b"sealed", 60, ["acme\x00"])
+    assert command_calls(redis_server, "publish") == publishes
 
-        assert (await one.cache.get_or_claim("shared", "r1", 5)).holding
-        assert not (await two.cache.get_or_claim("shared", "r2", 5)).holding
-        waiter = asyncio.create_task(two.cache.wait("shared", seconds=5))
-        await asyncio.sleep(0.05)
-        begin = time.monotonic()
-        await one.cache.fill("shared", "r1", b"sealed", 60, ["acme\x00"])
-        await waiter
-        assert time.monotonic() - begin < 1  # woken by the push, not by its 5 s timeout
-        assert command_calls(redis_server, "publish") == publishes + 1
-        assert await two.cache.get_or_claim("shared", "r2", 5) == CacheLook(b"sealed", False)
-    finally:
-        await one.aclose()
-        await two.aclose()
+    assert (await one.cache.get_or_claim("shared", "r1", 5)).holding
+    assert not (await two.cache.get_or_claim("shared", "r2", 5)).holding
+    waiter = asyncio.create_task(two.cache.wait("shared", seconds=5))
+    await asyncio.sleep(0.05)
+    begin = time.monotonic()
+    await one.cache.fill("shared", "r1", b"sealed", 60, ["acme\x00"])
+    await waiter
+    assert time.monotonic() - begin < 1  # woken by the push, not by its 5 s timeout
+    assert command_calls(redis_server, "publish") == publishes + 1
+    assert await two.cache.get_or_claim("shared", "r2", 5) == CacheLook(b"sealed", False)
 
 
 def command_calls(server: RedisServer, command: str) -> int:
