@@ -87,15 +87,22 @@ async def abuse_sidecar(url: str, connections: int, seconds: float) -> dict[str,
     """Thousands of connections looping on the credential path, never closed by this client."""
     host, port = host_port(url)
     reader, writer = await asyncio.open_connection(host, port, local_addr=(ABUSER, 0))
+    # Addressed as an SDK addresses IMDS (an IP literal): any other Host is refused before
+    # the credential path (the DNS-rebinding defence), which is not what this abuser tests.
+    host_header = f"Host: {host}:{port}\r\n".encode()
     writer.write(
-        b"PUT /latest/api/token HTTP/1.1\r\nHost: x\r\n"
-        b"X-aws-ec2-metadata-token-ttl-seconds: 21600\r\n\r\n"
+        b"PUT /latest/api/token HTTP/1.1\r\n"
+        + host_header
+        + b"X-aws-ec2-metadata-token-ttl-seconds: 21600\r\n\r\n"
     )
     head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"abuser: no IMDSv2 token ({head.splitlines()[0]!r})")
     length = int(re.search(rb"Content-Length: (\d+)", head, re.IGNORECASE)[1])  # type: ignore[index]
     token = await reader.readexactly(length)
-    request = b"GET %s HTTP/1.1\r\nHost: x\r\nX-aws-ec2-metadata-token: %s\r\n\r\n" % (
+    request = b"GET %s HTTP/1.1\r\n%sX-aws-ec2-metadata-token: %s\r\n\r\n" % (
         CREDS.encode(),
+        host_header,
         token,
     )
     counts: collections.Counter[str] = collections.Counter()
