@@ -1,6 +1,6 @@
 """The store seam's parts on their own: sealing, store URLs, the in-memory store's durable
 revocations, and the Valkey/Redis store against a real server (budget, limits, fallback), on a
-single server, behind Sentinel, and on a Cluster."""
+single server, over TLS, behind Sentinel, and on a Cluster."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from metaproxy.broker.store.redis_keys import tenant_key
 from metaproxy.broker.store.redis_limits import RELEASE_AFTER_SECONDS
 from metaproxy.broker.store.redis_store import RedisStore
 from metaproxy.broker.store.sealing import SealedValueInvalid, Sealer, generate_key_line
+from metaproxy.certs import init_certs
 from metaproxy.errors import ConfigError
 from metaproxy.models import BrokerLimits
 from metaproxy.testing.emulator import free_port
@@ -402,6 +403,44 @@ async def exercise(store: RedisStore) -> None:
             break
         await asyncio.sleep(0.05)
     assert heard == ["revoke"]
+
+
+@pytest.fixture
+def tls_store_url(tmp_path: Path) -> Iterator[str]:
+    """A Valkey/Redis that answers TLS on a second port (certificate from our CA), with a
+    password: `rediss://` naming the CA bundle in `ssl_ca_certs`, as a managed store is reached."""
+    paths = init_certs(tmp_path / "tls")
+    tls_port = free_port()
+    server = RedisServer(
+        tmp_path / "redis-tls",
+        binary=require_redis_server(),
+        password="tls-test-password",
+        extra_config=(
+            f"tls-port {tls_port}",
+            f"tls-cert-file {paths['broker.pem']}",
+            f"tls-key-file {paths['broker.key']}",
+            "tls-auth-clients no",
+        ),
+    )
+    server.start()
+    yield f"rediss://:tls-test-password@127.0.0.1:{tls_port}/0?ssl_ca_certs={paths['ca.pem']}"
+    server.stop()
+
+
+async def test_the_store_works_over_tls(tls_store_url: str) -> None:
+    """rediss:// with the CA in the URL: every part works over TLS, pushes included; without
+    our CA the server's certificate is refused (StoreUnavailable), never read in the clear."""
+    store = await started(tls_store_url)
+    try:
+        await exercise(store)
+    finally:
+        await store.aclose()
+    untrusting = await started(tls_store_url.partition("?")[0])  # the system's CAs only
+    try:
+        with pytest.raises(StoreUnavailable):
+            await untrusting.cache.get_or_claim("k", "me", 5)
+    finally:
+        await untrusting.aclose()
 
 
 @pytest.fixture
