@@ -97,6 +97,9 @@ async def test_a_replica_that_lost_the_store_fails_closed_past_the_staleness_lim
     replica = await fleet.start_replica(revocation_max_staleness=2.0)
     token = issue(pki, "stale-1", "acme")
     assert (await ask(https, replica, token))[0] == 200
+    up = await fleet_gauges(replica)
+    assert (up["store_up"], up["live_replicas"]) == (1.0, 1.0)
+    assert up["revocation_view_age_seconds"] < 2.0
 
     redis_server.stop()
     stopped = time.monotonic()
@@ -111,12 +114,34 @@ async def test_a_replica_that_lost_the_store_fails_closed_past_the_staleness_lim
     assert body["code"] == "RevocationsStale" and body["_retry_after"]
     failed = records(replica, "failed")
     assert failed and "revocation view" in str(failed[-1]["reason"])
+    down = await fleet_gauges(replica)
+    assert down["store_up"] == 0.0 and down["revocation_view_age_seconds"] >= 2.0
 
     redis_server.restart()
     deadline = time.monotonic() + 5.0
     while (await ask(https, replica, token))[0] != 200:
         assert time.monotonic() < deadline, "issuance did not resume with the store back"
         await asyncio.sleep(0.1)
+    back = await fleet_gauges(replica)
+    assert back["store_up"] == 1.0 and back["revocation_view_age_seconds"] < 2.0
+
+
+async def fleet_gauges(replica: BrokerServer) -> dict[str, float]:
+    """The replica's fleet gauges, as its admin port's /metrics shows them now."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(replica.admin_url + "/metrics") as answer,
+    ):
+        text = await answer.text()
+    names = ("store_up", "live_replicas", "revocation_view_age_seconds")
+    found = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        short = name.removeprefix("metaproxy_broker_")
+        if short in names:
+            found[short] = float(value)
+    assert set(found) == set(names), text[:400]
+    return found
 
 
 async def test_identical_cold_requests_across_replicas_are_one_sts_call(
