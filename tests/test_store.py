@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from metaproxy.broker.shared_cache import SharedCredentials
 from metaproxy.broker.store import open_store
 from metaproxy.broker.store.base import CacheClaim, CacheLook, Revocation, StoreUnavailable
 from metaproxy.broker.store.memory import MemoryStore
@@ -22,6 +23,7 @@ from metaproxy.broker.store.redis_limits import RELEASE_AFTER_SECONDS
 from metaproxy.broker.store.redis_store import RedisStore
 from metaproxy.broker.store.sealing import SealedValueInvalid, Sealer, generate_key_line
 from metaproxy.certs import init_certs
+from metaproxy.clock import SystemClock
 from metaproxy.errors import ConfigError
 from metaproxy.models import BrokerLimits
 from metaproxy.testing.emulator import free_port
@@ -323,6 +325,24 @@ def in_flight(server: RedisServer, tenant: str) -> int:
 
     with redis.Redis.from_url(server.url) as client:
         return int(client.zcard(tenant_key(tenant, "in-flight")))
+
+
+async def test_a_lease_an_admission_took_and_the_request_will_not_use_goes_back_at_once(
+    replicas: tuple[RedisStore, RedisStore], tmp_path: Path
+) -> None:
+    """A request refused after its admission took the lease (a revocation that arrived
+    meanwhile) lets it go: another replica takes it without waiting out LEASE_SECONDS."""
+    one, two = replicas
+    sealer = Sealer.from_file(key_file(tmp_path, generate_key_line()))
+    shared = SharedCredentials(one.cache, sealer, SystemClock(), holder="r1", refresh_fraction=0.5)
+    key = ("arn:aws:iam::111111111111:role/app", "acme.t1", "")
+    claim = shared.claim_for(key)
+    admission = await one.limits.enter("acme", "id", BrokerLimits(), claim)
+    assert admission.look == CacheLook(None, True)
+    assert not (await two.cache.get_or_claim(claim.key, "r2", 5)).holding
+    shared.let_go(key)
+    await shared.aclose()  # the release has reached the store
+    assert (await two.cache.get_or_claim(claim.key, "r2", 5)).holding
 
 
 async def test_a_lease_release_is_published_only_when_a_replica_waits(

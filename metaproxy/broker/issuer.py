@@ -172,20 +172,14 @@ class Issuer:
         look: CacheLook | None = None,
     ) -> dict[str, Any]:
         """`look`: the shared cache's answer that came with the admission, if any."""
-        if self.revocations.stale():
-            # Fail closed: a task revoked through another replica may be missing from our view.
-            age = self.revocations.age()
-            detail = f"revocation view {age:.0f}s old (store unreachable); refusing to issue"
-            await self._audit("failed", ctx, identity, decision, reason=detail, status=503)
-            raise RevocationsStale(detail, retry_after=5.0)
-        revoked = self.revocations.check(decision.tenant, identity.task)
-        if revoked:
-            await self._audit("denied", ctx, identity, decision, reason=revoked, status=403)
-            raise Denied(revoked)
-        if not decision.allowed or decision.spec is None:
-            await self._audit("denied", ctx, identity, decision, reason=decision.reason, status=403)
-            raise Denied(decision.reason)
-        spec = decision.spec
+        try:
+            spec = await self._issuable(identity, decision, ctx)
+        except MetaproxyError:
+            # Refused after its admission took the fleet's lease (a revocation that arrived
+            # meanwhile): give the lease back now rather than make other replicas wait it out.
+            if look is not None and look.holding and self.shared is not None and decision.spec:
+                self.shared.let_go(decision.spec.cache_key)
+            raise
         key = spec.cache_key
         priority: Priority = "refresh" if request.refresh or self.cache.has_valid(key) else "cold"
         try:
@@ -238,6 +232,25 @@ class Issuer:
             "metadata": self._metadata_view(identity, decision, account_id, ctx.peer),
             "limits": decision.sidecar_limits.to_json(),
         }
+
+    async def _issuable(
+        self, identity: Identity, decision: Decision, ctx: RequestContext
+    ) -> AssumeRoleSpec:
+        """The spec to issue, or the audited refusal: stale revocations, revoked, denied."""
+        if self.revocations.stale():
+            # Fail closed: a task revoked through another replica may be missing from our view.
+            age = self.revocations.age()
+            detail = f"revocation view {age:.0f}s old (store unreachable); refusing to issue"
+            await self._audit("failed", ctx, identity, decision, reason=detail, status=503)
+            raise RevocationsStale(detail, retry_after=5.0)
+        revoked = self.revocations.check(decision.tenant, identity.task)
+        if revoked:
+            await self._audit("denied", ctx, identity, decision, reason=revoked, status=403)
+            raise Denied(revoked)
+        if not decision.allowed or decision.spec is None:
+            await self._audit("denied", ctx, identity, decision, reason=decision.reason, status=403)
+            raise Denied(decision.reason)
+        return decision.spec
 
     def _remember_owner(self, key: Key, tenant: str, task: str) -> None:
         self._owners[key] = (tenant, task)

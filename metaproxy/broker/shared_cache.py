@@ -155,6 +155,10 @@ class SharedCredentials:
             # waiters) follow in one round trip, in the background, after the caller's answer.
             self._background.spawn(self._fill_quietly(digest, owners, role))
 
+    def let_go(self, key: CacheKey) -> None:
+        """Give back a lease this replica took for `key` and will not use (in the background)."""
+        self._background.spawn(self._fill_quietly(key_digest(key), [], None))
+
     async def _fill_quietly(self, digest: str, owners: list[str], role: AssumedRole | None) -> None:
         await asyncio.sleep(FILL_AFTER_SECONDS)
         with contextlib.suppress(StoreUnavailable):
