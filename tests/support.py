@@ -167,3 +167,24 @@ async def caller_identity(sts_url: str, env: dict[str, str]) -> dict[str, Any]:
     assert rc == 0, err
     result: dict[str, Any] = json.loads(out)
     return result
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(admin_url: str) -> Samples:
+    """Every sample of an admin port's /metrics, by (name, labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as session, session.get(admin_url + "/metrics") as answer:
+        assert answer.status == 200
+        text = await answer.text()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)

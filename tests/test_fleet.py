@@ -17,7 +17,7 @@ from metaproxy.testing.faultproxy import FaultProxy
 from metaproxy.testing.redis_server import RedisServer
 from tests.conftest import ISSUED_SECRETS, record_broker_secrets
 from tests.fleet_support import Fleet, ask, control
-from tests.support import Pki, audit_records, issue
+from tests.support import Pki, audit_records, issue, scrape, value
 
 
 @pytest.fixture
@@ -128,20 +128,9 @@ async def test_a_replica_that_lost_the_store_fails_closed_past_the_staleness_lim
 
 async def fleet_gauges(replica: BrokerServer) -> dict[str, float]:
     """The replica's fleet gauges, as its admin port's /metrics shows them now."""
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(replica.admin_url + "/metrics") as answer,
-    ):
-        text = await answer.text()
+    samples = await scrape(replica.admin_url)
     names = ("store_up", "live_replicas", "revocation_view_age_seconds")
-    found = {}
-    for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        short = name.removeprefix("metaproxy_broker_")
-        if short in names:
-            found[short] = float(value)
-    assert set(found) == set(names), text[:400]
-    return found
+    return {name: value(samples, f"metaproxy_broker_{name}") for name in names}
 
 
 async def test_identical_cold_requests_across_replicas_are_one_sts_call(

@@ -8,29 +8,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from metaproxy.broker.server import BrokerServer
 from metaproxy.testing.faultproxy import FaultProxy
 from tests.conftest import SidecarFactory
-from tests.support import Pki, broker_config, issue
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-async def scrape(admin_url: str) -> Samples:
-    async with aiohttp.ClientSession() as session, session.get(admin_url + "/metrics") as answer:
-        assert answer.status == 200
-        text = await answer.text()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
+from tests.support import Pki, broker_config, issue, scrape, value
 
 
 async def ask(https: aiohttp.ClientSession, broker: BrokerServer, token: str) -> int:

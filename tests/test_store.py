@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -161,6 +162,16 @@ async def started(url: str) -> RedisStore:
     return store
 
 
+@contextlib.asynccontextmanager
+async def running(url: str) -> AsyncIterator[RedisStore]:
+    """A started store, closed when the block ends."""
+    store = await started(url)
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
 @pytest.fixture
 async def replicas(redis_server: RedisServer) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
     """Two replicas' stores on one server, closed after the test."""
@@ -170,56 +181,52 @@ async def replicas(redis_server: RedisServer) -> AsyncIterator[tuple[RedisStore,
     await two.aclose()
 
 
-async def test_the_budget_is_one_timeline_for_every_replica(redis_url: str) -> None:
+async def test_the_budget_is_one_timeline_for_every_replica(
+    replicas: tuple[RedisStore, RedisStore],
+) -> None:
     """Two replicas taking budget at once get slots spaced for one 50/s budget."""
-    one, two = await started(redis_url), await started(redis_url)
-    try:
-        budgets = [one.budget(50.0), two.budget(50.0)]
-        loop = asyncio.get_running_loop()
-        begin = loop.time()
-        times: list[float] = []
+    one, two = replicas
+    budgets = [one.budget(50.0), two.budget(50.0)]
+    loop = asyncio.get_running_loop()
+    begin = loop.time()
+    times: list[float] = []
 
-        async def take(index: int) -> None:
-            await budgets[index % 2].acquire()
-            times.append(loop.time() - begin)
+    async def take(index: int) -> None:
+        await budgets[index % 2].acquire()
+        times.append(loop.time() - begin)
 
-        await asyncio.gather(*(take(i) for i in range(40)))
-        # 40 calls at 47/s (50 less the margin), one burst of 1 allowed: about 0.85 s.
-        assert 0.7 <= max(times) <= 1.2
-        window = [t for t in times if t < 0.5]
-        assert len(window) <= 0.5 * 50 + 2
-    finally:
-        await one.aclose()
-        await two.aclose()
+    await asyncio.gather(*(take(i) for i in range(40)))
+    # 40 calls at 47/s (50 less the margin), one burst of 1 allowed: about 0.85 s.
+    assert 0.7 <= max(times) <= 1.2
+    window = [t for t in times if t < 0.5]
+    assert len(window) <= 0.5 * 50 + 2
 
 
 async def test_without_the_store_a_replica_takes_its_share_of_the_budget(
-    redis_server: RedisServer,
+    redis_server: RedisServer, replicas: tuple[RedisStore, RedisStore]
 ) -> None:
     """The store gone, the budget falls back to budget ÷ the live replicas last seen."""
-    one, two = await started(redis_server.url), await started(redis_server.url)
-    try:
-        await one.replicas.heartbeat("r1", 10)
-        assert await two.replicas.heartbeat("r2", 10) == ["r1", "r2"]
-        budget = two.budget(40.0)
-        redis_server.stop()
-        loop = asyncio.get_running_loop()
-        begin = loop.time()
-        for _ in range(12):
-            await budget.acquire()
-        elapsed = loop.time() - begin
-        # 20/s (40 ÷ 2) less the margin: 12 calls take about half a second; at 40/s, a quarter.
-        assert elapsed >= 0.45
-        assert budget.stats()["budget_fallback"] == 1.0
-        assert budget.stats()["budget_share_per_second"] == 20.0
-    finally:
-        await one.aclose()
-        await two.aclose()
+    one, two = replicas
+    await one.replicas.heartbeat("r1", 10)
+    assert await two.replicas.heartbeat("r2", 10) == ["r1", "r2"]
+    budget = two.budget(40.0)
+    redis_server.stop()
+    loop = asyncio.get_running_loop()
+    begin = loop.time()
+    for _ in range(12):
+        await budget.acquire()
+    elapsed = loop.time() - begin
+    # 20/s (40 ÷ 2) less the margin: 12 calls take about half a second; at 40/s, a quarter.
+    assert elapsed >= 0.45
+    assert budget.stats()["budget_fallback"] == 1.0
+    assert budget.stats()["budget_share_per_second"] == 20.0
 
 
-async def test_tenant_rate_and_in_flight_cap_hold_across_replicas(redis_url: str) -> None:
+async def test_tenant_rate_and_in_flight_cap_hold_across_replicas(
+    replicas: tuple[RedisStore, RedisStore],
+) -> None:
     """A tenant's burst and in-flight cap are the fleet's, whichever replica is asked."""
-    one, two = await started(redis_url), await started(redis_url)
+    one, two = replicas
     limits = BrokerLimits(
         requests_per_second=1,
         burst=4,
@@ -227,26 +234,22 @@ async def test_tenant_rate_and_in_flight_cap_hold_across_replicas(redis_url: str
         per_identity_burst=100,
         max_in_flight=3,
     )
-    try:
-        admitted = []
-        for i in range(8):
-            store = (one, two)[i % 2]
-            admitted.append(await store.limits.enter("acme", f"id-{i}", limits))
-        # Burst 4, but only 3 may be in flight at once: the 4th is refused for the cap.
-        assert [a.admitted for a in admitted[:3]] == [True, True, True]
-        assert admitted[3].reason == "in-flight"
-        await one.limits.leave("acme", admitted[0].ticket)
-        await one.limits.aclose()  # the slot goes back in the background: wait for it
-        fourth = await two.limits.enter("acme", "id-x", limits)
-        assert fourth.admitted
-        refused = await one.limits.enter("acme", "id-y", limits)
-        assert (refused.admitted, refused.reason) == (False, "tenant-rate")
-        assert refused.retry_after >= 1
-        other = await one.limits.enter("globex", "id-1", limits)
-        assert other.admitted  # another tenant has its own buckets
-    finally:
-        await one.aclose()
-        await two.aclose()
+    admitted = []
+    for i in range(8):
+        store = (one, two)[i % 2]
+        admitted.append(await store.limits.enter("acme", f"id-{i}", limits))
+    # Burst 4, but only 3 may be in flight at once: the 4th is refused for the cap.
+    assert [a.admitted for a in admitted[:3]] == [True, True, True]
+    assert admitted[3].reason == "in-flight"
+    await one.limits.leave("acme", admitted[0].ticket)
+    await one.limits.aclose()  # the slot goes back in the background: wait for it
+    fourth = await two.limits.enter("acme", "id-x", limits)
+    assert fourth.admitted
+    refused = await one.limits.enter("acme", "id-y", limits)
+    assert (refused.admitted, refused.reason) == (False, "tenant-rate")
+    assert refused.retry_after >= 1
+    other = await one.limits.enter("globex", "id-1", limits)
+    assert other.admitted  # another tenant has its own buckets
 
 
 async def test_an_admitted_cold_request_gets_the_cache_answer_in_the_same_round_trip(
@@ -276,10 +279,9 @@ async def test_a_cold_admission_takes_a_free_budget_slot_along_and_never_one_ahe
     """A claim that leads to an STS call takes the budget's slot in the same script when one
     is free now; the worker then sends without asking the store. Once the budget's timeline is
     ahead (a burst), the slot is left for the scheduler to ask for in its fair order."""
-    store = await started(redis_server.url)
-    budget = store.budget(50.0)  # 47/s after the margin; a burst of one slot
-    limits = BrokerLimits()
-    try:
+    async with running(redis_server.url) as store:
+        budget = store.budget(50.0)  # 47/s after the margin; a burst of one slot
+        limits = BrokerLimits()
         await store.limits.enter("initech", "id-0", limits)  # loads the scripts
         for n in range(3):
             admission = await store.limits.enter(
@@ -294,8 +296,6 @@ async def test_a_cold_admission_takes_a_free_budget_slot_along_and_never_one_ahe
         await budget.acquire()  # the third claim found the timeline ahead: it asks the store
         assert command_calls(redis_server, "evalsha") > calls_before
         assert budget.stats()["budget_given_slots"] == 2
-    finally:
-        await store.aclose()
 
 
 async def test_ended_requests_give_their_slots_back_with_the_next_admission(
@@ -378,8 +378,7 @@ def command_calls(server: RedisServer, command: str) -> int:
 
 async def test_a_store_that_is_down_fails_fast(redis_server: RedisServer) -> None:
     """Once a command failed, the next ones fail at once instead of each waiting to connect."""
-    store = await started(redis_server.url)
-    try:
+    async with running(redis_server.url) as store:
         redis_server.stop()
         with pytest.raises(StoreUnavailable):
             await store.cache.get_or_claim("k", "me", 5)
@@ -388,8 +387,6 @@ async def test_a_store_that_is_down_fails_fast(redis_server: RedisServer) -> Non
             with pytest.raises(StoreUnavailable):
                 await store.cache.get_or_claim("k", "me", 5)
         assert time.monotonic() - begin < 0.5
-    finally:
-        await store.aclose()
 
 
 async def exercise(store: RedisStore) -> None:
@@ -450,17 +447,11 @@ def tls_store_url(tmp_path: Path) -> Iterator[str]:
 async def test_the_store_works_over_tls(tls_store_url: str) -> None:
     """rediss:// with the CA in the URL: every part works over TLS, pushes included; without
     our CA the server's certificate is refused (StoreUnavailable), never read in the clear."""
-    store = await started(tls_store_url)
-    try:
+    async with running(tls_store_url) as store:
         await exercise(store)
-    finally:
-        await store.aclose()
-    untrusting = await started(tls_store_url.partition("?")[0])  # the system's CAs only
-    try:
+    async with running(tls_store_url.partition("?")[0]) as untrusting:  # the system's CAs
         with pytest.raises(StoreUnavailable):
             await untrusting.cache.get_or_claim("k", "me", 5)
-    finally:
-        await untrusting.aclose()
 
 
 @pytest.fixture
@@ -482,11 +473,8 @@ def sentinel_url(tmp_path: Path, redis_server: RedisServer) -> Iterator[str]:
 
 async def test_the_store_works_through_sentinel(sentinel_url: str) -> None:
     """redis+sentinel:// finds the primary through Sentinel and every part works on it."""
-    store = await started(sentinel_url)
-    try:
+    async with running(sentinel_url) as store:
         await exercise(store)
-    finally:
-        await store.aclose()
 
 
 @pytest.fixture
@@ -533,11 +521,8 @@ def cluster_url(tmp_path: Path) -> Iterator[str]:
 
 async def test_the_store_works_on_a_cluster(cluster_url: str) -> None:
     """redis+cluster://: scripts stay in one slot, pushes reach every node's subscribers."""
-    store = await started(cluster_url)
-    try:
+    async with running(cluster_url) as store:
         await exercise(store)
         budget = store.budget(100.0)
         await budget.acquire()
         assert budget.stats()["budget_fallback"] == 0.0
-    finally:
-        await store.aclose()
