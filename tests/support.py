@@ -15,6 +15,7 @@ import aiohttp
 
 from metaproxy.config import BrokerConfig, SidecarConfig, TrustedIssuer
 from metaproxy.demo.local import AUDIENCE, ISSUER, LocalKeys, make_local_keys
+from metaproxy.demo.processes import Child
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,3 +189,24 @@ async def scrape(admin_url: str) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def start_sidecar_process(
+    directory: Path, broker_url: str, pki: Pki, token: str, *extra_args: str
+) -> Child:
+    """`metaproxy sidecar` as its own process (the real entry point, on uvloop) on free loopback
+    ports, started; its log is `directory/sidecar.log`. The caller waits for ready and stops it."""
+    from metaproxy.demo.processes import start_metaproxy
+
+    token_file = directory / "sidecar.jwt"
+    token_file.write_text(token)
+    args = ["sidecar", "--broker-url", broker_url, "--broker-ca-file", str(pki.ca)]
+    args += ["--identity-token-file", str(token_file), "--imds-listen", "127.0.0.1:0"]
+    args += ["--container-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", *extra_args]
+    return await asyncio.to_thread(
+        start_metaproxy,
+        "sidecar",
+        args,
+        ready_file=directory / "sidecar.ready",
+        log_file=directory / "sidecar.log",
+    )

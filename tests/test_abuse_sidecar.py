@@ -21,7 +21,7 @@ from metaproxy.models import SidecarLimits
 from metaproxy.sidecar.limits import SIDECAR_FD_RESERVE
 from metaproxy.sidecar.server import SidecarServer
 from tests.conftest import SidecarFactory
-from tests.support import Pki, issue, wait_ready
+from tests.support import Pki, issue, start_sidecar_process, wait_ready
 
 ABUSER = "127.0.0.2"  # all of 127/8 is loopback on Linux: the abuser gets its own address
 VICTIM = "127.0.0.1"
@@ -339,21 +339,8 @@ async def test_guard_works_in_the_real_process_on_uvloop(
 ) -> None:
     """`metaproxy sidecar` (uvloop): connections past the per-client cap close the idlest, and
     the process holds no more descriptors than its budget while 300 connections are attempted."""
-    from metaproxy.demo.processes import start_metaproxy
-
     await set_sidecar_limits(broker, policies_dir, max_connections_per_client=8)
-    token_file = tmp_path / "uvloop.jwt"
-    token_file.write_text(issue(pki, "t-uvloop", "acme"))
-    args = ["sidecar", "--broker-url", broker.url, "--broker-ca-file", str(pki.ca)]
-    args += ["--identity-token-file", str(token_file), "--imds-listen", "127.0.0.1:0"]
-    args += ["--container-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
-    child = await asyncio.to_thread(
-        start_metaproxy,
-        "sidecar",
-        args,
-        ready_file=tmp_path / "sidecar.ready",
-        log_file=tmp_path / "sidecar.log",
-    )
+    child = await start_sidecar_process(tmp_path, broker.url, pki, issue(pki, "t-uvloop", "acme"))
     try:
         await wait_ready(child.ready["admin_url"])
         host, port = host_port(child.ready["imds_urls"][0])

@@ -20,7 +20,7 @@ from metaproxy.models import SidecarLimits
 from metaproxy.sidecar.fairness import FairShare
 from metaproxy.sidecar.limits import SIDECAR_FD_RESERVE
 from tests.conftest import SidecarFactory
-from tests.support import Pki, issue, run_command, wait_ready
+from tests.support import Pki, issue, run_command, start_sidecar_process, wait_ready
 from tests.test_abuse_sidecar import host_port, imds_credentials, soft_nofile, victim_session
 
 POD = "127.0.0.1"  # the looping container, its leaked connections and the SDK share it
@@ -102,21 +102,8 @@ async def test_same_pod_looper_and_leaks_do_not_starve_an_sdk(
     and an SDK fetching token + role + credentials every 200 ms. The SDK succeeds on >= 99% of
     its fetches with p99 <= 50 ms, the sidecar's descriptors stay within its budget, and another
     task's sidecar is untouched."""
-    from metaproxy.demo.processes import start_metaproxy
-
     neighbour = await start_sidecar("acme", "t-neighbour")
-    token_file = tmp_path / "pod.jwt"
-    token_file.write_text(issue(pki, "t-pod", "acme"))
-    args = ["sidecar", "--broker-url", broker.url, "--broker-ca-file", str(pki.ca)]
-    args += ["--identity-token-file", str(token_file), "--imds-listen", "127.0.0.1:0"]
-    args += ["--container-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
-    child = await asyncio.to_thread(
-        start_metaproxy,
-        "sidecar",
-        args,
-        ready_file=tmp_path / "s.ready",
-        log_file=tmp_path / "s.log",
-    )
+    child = await start_sidecar_process(tmp_path, broker.url, pki, issue(pki, "t-pod", "acme"))
     pid = child.process.pid
     stop = asyncio.Event()
     loops: list[int] = []
@@ -187,7 +174,7 @@ async def test_same_pod_looper_and_leaks_do_not_starve_an_sdk(
         for writer in leaked:
             writer.close()
         await asyncio.to_thread(child.stop)
-        log = (tmp_path / "s.log").read_text()
+        log = (tmp_path / "sidecar.log").read_text()
         assert "Traceback" not in log, log[-2000:]
 
 

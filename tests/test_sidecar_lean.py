@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from metaproxy.broker.server import BrokerServer
-from tests.support import Pki, issue, wait_ready
+from tests.support import Pki, issue, start_sidecar_process, wait_ready
 
 HEAVY = ("aiohttp", "yarl", "multidict", "boto3", "botocore", "moto")
 
@@ -35,21 +35,9 @@ async def test_running_sidecar_maps_no_framework(
 ) -> None:
     """A real `metaproxy sidecar`, after serving credentials and a scrape, has mapped none of
     aiohttp's, yarl's or multidict's extension modules."""
-    from metaproxy.demo.processes import start_metaproxy
-
-    token_file = tmp_path / "lean.jwt"
-    token_file.write_text(issue(pki, "t-lean", "acme"))
-    args = ["sidecar", "--broker-url", broker.url, "--broker-ca-file", str(pki.ca)]
-    args += ["--identity-token-file", str(token_file), "--imds-listen", "127.0.0.1:0"]
-    args += ["--container-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
-    args += ["--authorization-token-file", str(tmp_path / "lean.auth")]
-    child = await asyncio.to_thread(
-        start_metaproxy,
-        "sidecar",
-        args,
-        ready_file=tmp_path / "l.ready",
-        log_file=tmp_path / "l.log",
-    )
+    token = issue(pki, "t-lean", "acme")
+    auth_file = ["--authorization-token-file", str(tmp_path / "lean.auth")]
+    child = await start_sidecar_process(tmp_path, broker.url, pki, token, *auth_file)
     try:
         await wait_ready(child.ready["admin_url"])
         auth = (tmp_path / "lean.auth").read_text()
