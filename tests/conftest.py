@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -102,6 +103,25 @@ def sts_url() -> Iterator[str]:
     url = emulator.start()
     yield url
     emulator.stop()
+
+
+@pytest.fixture
+def client_factory(sts_url: str) -> Callable[[], Any]:
+    """boto3 S3 clients for moto's server (the run's emulator serves S3 as well as STS), as the
+    broker's audit shipper makes them; this conftest sets moto's fake credentials."""
+    from metaproxy.audit.cli import s3_client_factory
+
+    return s3_client_factory(sts_url, "us-east-1")
+
+
+@pytest.fixture
+def bucket(client_factory: Callable[[], Any], request: pytest.FixtureRequest) -> str:
+    """A fresh S3 bucket named after the test (one emulator serves the whole run)."""
+    test = str(request.node.name).replace("_", "-")[:40].lower().strip("-")
+    unique = hashlib.sha256(request.node.nodeid.encode()).hexdigest()[:8]
+    name = f"t{unique}-{test}"
+    client_factory().create_bucket(Bucket=name)
+    return name
 
 
 @pytest.fixture

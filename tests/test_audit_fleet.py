@@ -26,7 +26,6 @@ from metaproxy.audit.checkpoint import (
     signature_problem,
     write_keypair,
 )
-from metaproxy.audit.cli import s3_client_factory
 from metaproxy.audit.fleet import FleetReport, verify_fleet_dir, verify_fleet_s3
 from metaproxy.audit.query import QueryFilter, query_dir
 from metaproxy.audit.record import make_record
@@ -122,19 +121,6 @@ def test_malformed_witness_fields_are_refused(witness: dict[str, Any]) -> None:
 
 
 # ---- three replicas shipping to S3 ----------------------------------------------------------
-
-
-@pytest.fixture
-def client_factory(sts_url: str) -> Callable[[], Any]:
-    """moto's S3 as the broker reaches it (the conftest sets moto's fake credentials)."""
-    return s3_client_factory(sts_url, "us-east-1")
-
-
-@pytest.fixture
-def bucket(client_factory: Callable[[], Any], request: pytest.FixtureRequest) -> str:
-    name = "fleet-" + str(request.node.name).replace("_", "-")[:40].lower().strip("-")
-    client_factory().create_bucket(Bucket=name)
-    return name
 
 
 class Registry:

@@ -1,17 +1,13 @@
-"""Shipping to S3 (moto's server on loopback): the copy verifies, answers queries, shows edits."""
+"""Shipping to S3 (moto's server on loopback, the run's emulator): the copy verifies, answers
+queries, shows edits."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +21,7 @@ from metaproxy.audit.record import make_record
 from metaproxy.audit.ship import S3Shipper
 from metaproxy.audit.verify import verify_dir, verify_s3
 from metaproxy.audit.writer import AuditLog
+from metaproxy.testing.emulator import free_port
 
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -32,62 +29,6 @@ FAKE_AWS_ENV = {
     "AWS_SESSION_TOKEN": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server on a free loopback port, for this module only."""
-    port = _free_port()
-    env = {**os.environ, **FAKE_AWS_ENV}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("moto server did not start") from None
-                time.sleep(0.1)
-        yield endpoint
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-
-
-@pytest.fixture
-def client_factory(s3_endpoint: str) -> Callable[[], Any]:
-    def make() -> Any:
-        return boto3.client(
-            "s3",
-            endpoint_url=s3_endpoint,
-            region_name="us-east-1",
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-        )
-
-    return make
-
-
-@pytest.fixture
-def bucket(client_factory: Callable[[], Any], request: pytest.FixtureRequest) -> str:
-    """A fresh bucket named after the test."""
-    name = "audit-" + str(request.node.name).replace("_", "-")[:40].lower().strip("-")
-    client_factory().create_bucket(Bucket=name)
-    return name
 
 
 def record(n: int) -> dict[str, object]:
@@ -203,7 +144,7 @@ async def test_s3_outage_never_blocks_append(tmp_path: Path, bucket: str) -> Non
     def unreachable() -> Any:
         return boto3.client(
             "s3",
-            endpoint_url=f"http://127.0.0.1:{_free_port()}",
+            endpoint_url=f"http://127.0.0.1:{free_port()}",
             region_name="us-east-1",
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
@@ -261,7 +202,7 @@ async def test_backfill_uploads_what_a_crash_left_behind(
 async def test_cli_verify_and_query_read_s3_with_env_credentials(
     tmp_path: Path,
     bucket: str,
-    s3_endpoint: str,
+    sts_url: str,
     client_factory: Callable[[], Any],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -277,12 +218,12 @@ async def test_cli_verify_and_query_read_s3_with_env_credentials(
     audit_cli.register(parser.add_subparsers(dest="command", required=True))
     url = f"s3://{bucket}/prod/broker-a"
     verify = parser.parse_args(
-        ["audit", "verify", url, "--public-key", str(public), "--s3-endpoint", s3_endpoint]
+        ["audit", "verify", url, "--public-key", str(public), "--s3-endpoint", sts_url]
     )
     assert await asyncio.to_thread(verify.func, verify) == 0
     assert capsys.readouterr().out.startswith("OK: 20 records")
     query = parser.parse_args(
-        ["audit", "query", url, "--s3-endpoint", s3_endpoint, "--task", "task-7", "--json"]
+        ["audit", "query", url, "--s3-endpoint", sts_url, "--task", "task-7", "--json"]
     )
     assert await asyncio.to_thread(query.func, query) == 0
     assert json.loads(capsys.readouterr().out)["access_key_id"] == "ASIAEXAMPLE00000007"
