@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import ipaddress
 import os
+import re
 import types
 import typing
 import urllib.parse
@@ -34,10 +35,15 @@ from metaproxy.errors import ConfigError, StartError
 
 ENV_PREFIX = "METAPROXY_"
 
-# Where the EC2 metadata service and the ECS/EKS container-credentials endpoint live; SDKs use
-# these addresses when nothing is configured.
+# Where the EC2 metadata service and the container-credentials endpoints live. SDKs use the IMDS
+# address when nothing is configured, ECS's address with AWS_CONTAINER_CREDENTIALS_RELATIVE_URI
+# (every SDK since 2016), and EKS Pod Identity's in AWS_CONTAINER_CREDENTIALS_FULL_URI; many
+# tools (s3cmd, cloud-init, ec2-metadata, Fluent Bit) hard-code the IMDS address.
 IMDS_ADDRESS = "169.254.169.254:80"
+ECS_CREDENTIALS_ADDRESS = "169.254.170.2:80"
 CONTAINER_CREDENTIALS_ADDRESS = "169.254.170.23:80"
+IMDS_ADDRESS_V6 = "[fd00:ec2::254]:80"
+CONTAINER_CREDENTIALS_ADDRESS_V6 = "[fd00:ec2::23]:80"
 
 
 def doc(
@@ -107,10 +113,21 @@ class SidecarConfig:
         ),
     )
     container_listen: tuple[str, ...] = field(
-        default=(CONTAINER_CREDENTIALS_ADDRESS,),
+        default=(ECS_CREDENTIALS_ADDRESS, CONTAINER_CREDENTIALS_ADDRESS),
         metadata=doc(
-            "where to serve the container-credentials API; comma-separated; empty: not served",
+            "where to serve the container-credentials API (ECS's and EKS Pod Identity's "
+            "addresses by default); comma-separated; empty: not served",
             choices=_LISTEN,
+        ),
+    )
+    container_credentials_path: str = field(
+        default="",
+        metadata=doc(
+            "also serve credentials at this secret path, with no Authorization header: the "
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI every SDK since 2016 follows (and a "
+            "FULL_URI with the same path); empty: only /v1/credentials with the token",
+            choices="/v2/credentials/ then 22 to 128 random letters, digits, '-' or '_'",
+            metavar="PATH",
         ),
     )
     admin_listen: str = field(
@@ -131,6 +148,22 @@ class SidecarConfig:
             "it (Kubernetes fsGroup)",
             choices="octal, at most 0644",
             metavar="MODE",
+        ),
+    )
+    link_local_check: bool = field(
+        default=False,
+        metadata=doc(
+            "not ready until 169.254.169.254:80 in this network namespace reaches this sidecar "
+            "(the CNI plugin's or init container's redirect): a pod must never start with the "
+            "node's IMDS in its sidecar's place"
+        ),
+    )
+    imds_token_key_file: Path | None = field(
+        default=None,
+        metadata=doc(
+            "keep the key that signs IMDSv2 tokens here (mode 0600, made when absent), on the "
+            "pod's in-memory volume, so tokens stay valid across a sidecar restart; unset: the "
+            "key lives in the process"
         ),
     )
     imds_v1: Literal["allow", "refuse"] = field(
@@ -154,6 +187,16 @@ class SidecarConfig:
     host_metadata_url: str = field(
         default="http://169.254.169.254",
         metadata=doc("the host's own metadata service, for --host-metadata-allow", metavar="URL"),
+    )
+    host_metadata_interface: str = field(
+        default="auto",
+        metadata=doc(
+            "reach the host's metadata service through this interface (SO_BINDTODEVICE), past "
+            "the pod's own 169.254.169.254; auto: the default route's interface when that "
+            "address is this namespace's own; none: never bind",
+            choices="auto, none or an interface name",
+            metavar="NAME",
+        ),
     )
     refresh_fraction: float = field(
         default=0.5,
@@ -199,11 +242,36 @@ class SidecarConfig:
     )
     drain_seconds: float = field(
         default=10.0,
-        metadata=doc("on SIGTERM, let in-flight requests finish for at most this", unit="seconds"),
+        metadata=doc(
+            "after SIGTERM, keep serving while the task's clients still ask, and let in-flight "
+            "requests finish, for at most this",
+            unit="seconds",
+        ),
+    )
+    lifecycle_token: str = field(
+        default="",
+        metadata=doc(
+            "secret that GET /lifecycle/terminate on the admin port must carry in "
+            "X-Metaproxy-Lifecycle-Token (the webhook's preStop hook on the app containers): "
+            "it starts the task's termination notice before the apps get SIGTERM; empty: that "
+            "path is 404",
+            metavar="TOKEN",
+        ),
+    )
+    termination_notice_seconds: float = field(
+        default=0.0,
+        metadata=doc(
+            "how long GET /lifecycle/terminate holds the app's preStop hook, so spot-aware "
+            "apps see spot/instance-action before their SIGTERM (within the pod's grace period)",
+            unit="seconds",
+            choices="0 to 120",
+        ),
     )
     log_format: Literal["auto", "json", "text"] = field(default="auto", metadata=_LOG_FORMAT)
 
     def check(self, given: set[str]) -> None:
+        if not 0.0 <= self.termination_notice_seconds <= 120.0:
+            raise ConfigError("--termination-notice-seconds: must be between 0 and 120")
         if not 0.1 <= self.refresh_fraction <= 0.9:
             raise ConfigError("--refresh-fraction: must be between 0.1 and 0.9")
         _validate_sidecar(self)
@@ -453,12 +521,28 @@ def _validate_sidecar(config: SidecarConfig) -> None:
                 f"--broker-url: {config.broker_url!r} must be https://, or http:// to a loopback "
                 "address (or use --broker-socket)"
             )
+    path = config.container_credentials_path
+    if path and not _SECRET_PATH.fullmatch(path):
+        raise ConfigError(
+            "--container-credentials-path: must be /v2/credentials/ then 22 to 128 random "
+            "letters, digits, hyphens or underscores (it is the task's secret)"
+        )
+    interface = config.host_metadata_interface
+    if not _INTERFACE.fullmatch(interface):
+        raise ConfigError(
+            f"--host-metadata-interface: {interface!r} is not auto, none or an interface name"
+        )
     mode = config.authorization_token_mode
     if not (len(mode) in (3, 4) and set(mode) <= set("01234567") and int(mode, 8) & ~0o644 == 0):
         raise ConfigError(
             f"--authorization-token-mode: {mode!r} must be an octal mode within 0644 "
             "(no execute bits, nobody but the owner writes)"
         )
+
+
+# ECS's own shape is /v2/credentials/<uuid>; 22 characters of base64url are 132 bits.
+_SECRET_PATH = re.compile(r"/v2/credentials/[A-Za-z0-9_-]{22,128}")
+_INTERFACE = re.compile(r"[A-Za-z0-9_.:-]{1,15}")  # IFNAMSIZ - 1
 
 
 def authorization_token_mode(config: SidecarConfig) -> int:

@@ -5,7 +5,9 @@ Everything here is frozen: a decision or a credential set is a fact, passed arou
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import ipaddress
+import re
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any, Literal
 
@@ -124,3 +126,61 @@ class Credentials:
 
     def seconds_left(self, now: datetime) -> float:
         return (self.expiration - now).total_seconds()
+
+
+# What each node fact may look like; a value of any other shape is dropped (sidecar) or refused
+# (broker), so nothing a pod says reaches a signed document or a log unchecked.
+_NODE_FACT_SHAPES = {
+    "instance_id": re.compile(r"i-[0-9a-f]{8,17}"),
+    "instance_type": re.compile(r"[a-z0-9][a-z0-9.-]{1,31}"),
+    "availability_zone": re.compile(r"[a-z]{2}(-[a-z0-9]+){2,5}"),  # us-east-1a, us-west-2-lax-1a
+    "availability_zone_id": re.compile(r"[a-z0-9]{3,8}(-[a-z0-9]{1,8}){0,2}-az[0-9]{1,2}"),
+    "region": re.compile(r"[a-z]{2}(-[a-z]+){1,3}-[0-9]{1,2}"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NodeFacts:
+    """Where a task runs, as its sidecar read it from the node's IMDS (`--host-metadata-allow`):
+    the broker puts these in the task's metadata view and identity document in place of its
+    own defaults. Not attested: the broker checks their shape, not their truth (the document's
+    taskId, tenant and accountId are what it attests)."""
+
+    instance_id: str = ""
+    instance_type: str = ""
+    availability_zone: str = ""
+    availability_zone_id: str = ""
+    region: str = ""
+    local_ipv4: str = ""
+
+    @classmethod
+    def parse(cls, raw: object, *, strict: bool) -> NodeFacts:
+        """From `{"instance_id": …}`; a field of the wrong shape raises ValueError when
+        `strict` (the broker refuses the request) and is left out otherwise (the sidecar)."""
+        if not isinstance(raw, dict):
+            raise ValueError("node must be an object")
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown and strict:
+            raise ValueError(f"unknown node field: {sorted(unknown)[0][:40]}")
+        values: dict[str, str] = {}
+        for name in known & set(raw):
+            value = raw[name]
+            if isinstance(value, str) and _node_fact_ok(name, value):
+                values[name] = value
+            elif strict:
+                raise ValueError(f"node field {name} has the wrong shape")
+        return cls(**values)
+
+    def to_json(self) -> dict[str, str]:
+        return {name: value for name, value in asdict(self).items() if value}
+
+
+def _node_fact_ok(name: str, value: str) -> bool:
+    if name == "local_ipv4":
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            return False
+        return True
+    return bool(_NODE_FACT_SHAPES[name].fullmatch(value))

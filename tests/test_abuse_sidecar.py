@@ -160,7 +160,7 @@ async def test_leaked_connections_stay_under_the_cap_and_are_reaped(
     assert victim == [200] * 20
     assert len(writers) == 2000
     assert guard.peak <= guard.cap == 256
-    assert statuses.get(429, 0) > 0  # refused connections and the rate limit both answer 429
+    assert statuses.get(503, 0) > 0  # refused connections and the rate limit both answer 503
     assert 500 not in statuses
     print(f"server-side connection fds peaked at {peak_fds}, cap {guard.cap}")
     assert peak_fds <= guard.fd_budget
@@ -214,11 +214,11 @@ async def busy_connections(
 
 
 @pytest.mark.parametrize("face", ["imds", "container"])
-async def test_connection_over_the_per_client_cap_is_429(
+async def test_connection_over_the_per_client_cap_is_503(
     face: str, broker: BrokerServer, policies_dir: Path, start_sidecar: SidecarFactory
 ) -> None:
-    """The connection past a client's cap, when none of its connections is idle, gets 429 +
-    Retry-After in the endpoint's own format."""
+    """The connection past a client's cap, when none of its connections is idle, gets 503 +
+    Retry-After in the endpoint's own format: the answer every SDK retries."""
     await set_sidecar_limits(
         broker, policies_dir, max_connections_per_client=4, token_rps=0.01, burst=1
     )
@@ -228,12 +228,15 @@ async def test_connection_over_the_per_client_cap_is_429(
     reader, writer = await asyncio.open_connection(host, port)
     answer = await asyncio.wait_for(reader.read(), 2)
     head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 429 ")
+    assert head.startswith(b"HTTP/1.1 503 ")
     assert b"\r\nRetry-After: 1" in head
     if face == "container":
-        assert json.loads(body) == {"Code": "TooManyRequests", "Message": "too many connections"}
+        assert json.loads(body) == {
+            "code": "ThrottlingException",
+            "message": "too many connections",
+        }
     else:
-        assert b"429 - Too Many Requests" in body
+        assert b"503 - Service Unavailable" in body
     assert sidecar.guard.rejected["per_client"] == 1
     for _, w in [*held, (reader, writer)]:
         w.close()

@@ -1,4 +1,5 @@
-"""The container-credentials endpoint answers as ECS and EKS Pod Identity do."""
+"""The container-credentials endpoint answers as ECS and EKS Pod Identity do: at ECS's secret
+relative path with no header (every SDK since 2016), and at /v1/credentials with the token."""
 
 from __future__ import annotations
 
@@ -35,17 +36,75 @@ def auth_token(sidecar: SidecarServer) -> str:
 
 def assert_json_error(status: int, headers: dict[str, str], body: str, expected: int) -> Any:
     assert status == expected
-    assert headers["Content-Type"].startswith("application/json")
+    assert headers["Content-Type"] == "application/json"  # exactly: aws-sdk-go-v2 checks it
     error = json.loads(body)
-    assert set(error) == {"Code", "Message"}
-    assert error["Code"]
-    assert error["Message"]
+    assert set(error) == {"code", "message"}  # ECS's agent's shape
+    assert error["code"]
+    assert error["message"]
     return error
+
+
+SECRET_PATH = "/v2/credentials/" + "Zq3" * 10  # what the webhook would put in RELATIVE_URI
 
 
 @pytest.fixture
 async def sidecar(start_sidecar: SidecarFactory) -> SidecarServer:
-    return await start_sidecar("globex", "task-7")
+    return await start_sidecar("globex", "task-7", container_credentials_path=SECRET_PATH)
+
+
+async def test_secret_relative_path_needs_no_header(sidecar: SidecarServer) -> None:
+    """ECS's relative URI: the secret path alone gets the credentials, as ECS's agent writes
+    them (compact JSON in its key order, no Server header)."""
+    status, headers, body = await call("GET", sidecar.container_url + SECRET_PATH)
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    assert "Server" not in headers
+    document = json.loads(body)
+    assert list(document) == [
+        "RoleArn", "AccessKeyId", "SecretAccessKey", "Token", "AccountId", "Expiration",
+    ]  # fmt: skip
+    assert body == json.dumps(document, separators=(",", ":"))
+    assert document["AccessKeyId"].startswith("ASIA")
+    with_token = await call(
+        "GET", sidecar.container_url + "/v1/credentials", {"Authorization": auth_token(sidecar)}
+    )
+    assert json.loads(with_token[2]) == document
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        SECRET_PATH[:-1],
+        SECRET_PATH + "x",
+        SECRET_PATH + "/",
+        SECRET_PATH.upper(),
+        "/v2/credentials/",
+        "/v2/credentials",
+        SECRET_PATH.replace("/v2/", "/v1/"),
+    ],
+    ids=["truncated", "longer", "slash", "case", "prefix", "bare", "other-version"],
+)
+async def test_anything_but_the_exact_secret_path_is_404(sidecar: SidecarServer, path: str) -> None:
+    """Near misses of the secret get ECS's JSON 404 and no credentials, token or not."""
+    headers = {"Authorization": auth_token(sidecar)}
+    status, response_headers, body = await call("GET", sidecar.container_url + path, headers)
+    assert_json_error(status, response_headers, body, 404)
+    assert "AccessKeyId" not in body
+
+
+async def test_secret_path_takes_only_get_and_head(sidecar: SidecarServer) -> None:
+    """The secret path is still a credentials document: other methods are 405."""
+    status, headers, body = await call("POST", sidecar.container_url + SECRET_PATH)
+    assert_json_error(status, headers, body, 405)
+
+
+async def test_without_a_configured_path_only_the_token_works(
+    start_sidecar: SidecarFactory,
+) -> None:
+    """A sidecar given no secret path serves none: /v2/credentials/… is 404."""
+    plain = await start_sidecar("globex", "task-9")
+    status, headers, body = await call("GET", plain.container_url + SECRET_PATH)
+    assert_json_error(status, headers, body, 404)
 
 
 async def test_credentials_document(sidecar: SidecarServer) -> None:
@@ -91,7 +150,7 @@ async def test_wrong_authorization_is_401_json(
         "GET", sidecar.container_url + "/v1/credentials", headers
     )
     error = assert_json_error(status, response_headers, body, 401)
-    assert error["Code"] == "AccessDenied"
+    assert error["code"] == "AccessDenied"
     assert "AccessKeyId" not in body
 
 

@@ -167,7 +167,7 @@ async def test_same_pod_looper_and_leaks_do_not_starve_an_sdk(
         assert success >= 0.99
         assert p99 <= 0.050
         assert peak_fds <= budget
-        assert loops.count(429) > 0  # the looper was held to its share
+        assert loops.count(503) > 0  # the looper was held to its share
         assert neighbour_ok == [200] * 5
     finally:
         stop.set()

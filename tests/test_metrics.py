@@ -101,7 +101,8 @@ async def test_broker_counts_coalesced_requests(
 
 
 async def test_sidecar_metrics_follow_traffic(start_sidecar: SidecarFactory) -> None:
-    """Requests by path class and status, latency, rejections and the credential gauges move."""
+    """Requests by path class, status and listener, latency, rejections (503, which every SDK
+    retries) and the credential gauges move."""
     sidecar = await start_sidecar("acme", "m-sidecar")
     before = await scrape(sidecar.admin_url)
     headers = {"Authorization": sidecar.state.authorization_token}
@@ -120,12 +121,18 @@ async def test_sidecar_metrics_follow_traffic(start_sidecar: SidecarFactory) -> 
     def grew(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
 
-    served, refused = statuses.count(200), statuses.count(429)
+    served, refused = statuses.count(200), statuses.count(503)
     assert served >= 50 and refused >= 1 and served + refused == 80
-    assert grew("metaproxy_sidecar_requests_total", path_class="container", status="200") == served
-    assert grew("metaproxy_sidecar_requests_total", path_class="container", status="429") == refused
-    assert grew("metaproxy_sidecar_requests_total", path_class="token", status="200") == 1
-    assert grew("metaproxy_sidecar_request_seconds_count", path_class="container") == 80
+    imds, container = sidecar.state.config.imds_listen[0], sidecar.state.config.container_listen[0]
+
+    def answered(path_class: str, status: str, listener: str) -> float:
+        labels = {"path_class": path_class, "status": status, "listener": listener}
+        return grew("metaproxy_sidecar_requests_total", **labels)
+
+    assert answered("container", "200", container) == served
+    assert answered("throttled", "503", container) == refused  # apart from the SLO's answers
+    assert answered("token", "200", imds) == 1
+    assert grew("metaproxy_sidecar_request_seconds_count", path_class="container") == served
     assert grew("metaproxy_sidecar_rejected_total", reason="rate_limited") == refused
     assert value(after, "metaproxy_sidecar_ready") == 1
     assert value(after, "metaproxy_sidecar_credentials_remaining_seconds") > 900
@@ -134,7 +141,7 @@ async def test_sidecar_metrics_follow_traffic(start_sidecar: SidecarFactory) -> 
     assert value(after, "metaproxy_sidecar_startup_seconds_count") >= 1
     assert value(after, "metaproxy_sidecar_open_fds") > 0
     # The admin listener counts its own requests (this scrape's predecessor included).
-    assert grew("metaproxy_sidecar_requests_total", path_class="admin", status="200") >= 1
+    assert answered("admin", "200", "admin") >= 1
 
 
 async def test_broker_counts_sts_throttling(

@@ -81,7 +81,7 @@ def test_go_float() -> None:
 def test_sidecars_count_apart() -> None:
     """Each sidecar's metrics are its own: two in one process do not add up."""
     first, second = SidecarMetrics(), SidecarMetrics()
-    first.requests.labels("token", "200").inc()
+    first.requests.labels("token", "200", "127.0.0.1:8182").inc()
     assert b'status="200"} 1.0' in first.render()
     assert b'status="200"}' not in second.render()
 

@@ -40,7 +40,7 @@ from metaproxy.errors import (
 )
 from metaproxy.identity.verify import IdentityVerifier
 from metaproxy.logs import task_var, tenant_var
-from metaproxy.models import AssumeRoleSpec, BrokerLimits, Decision, Identity
+from metaproxy.models import AssumeRoleSpec, BrokerLimits, Decision, Identity, NodeFacts
 from metaproxy.policy.evaluate import evaluate, tenant_for
 from metaproxy.policy.store import PolicyStore
 
@@ -55,13 +55,14 @@ MAX_TRACKED_KEYS = 200_000  # twice the cache's own bound; the oldest owners are
 class CredentialRequest:
     role: str | None = None
     refresh: bool = False
+    node: NodeFacts | None = None  # where the task runs, as its sidecar read its node's IMDS
 
     @classmethod
     def from_json(cls, body: object) -> CredentialRequest:
         """Strict: an object with only known keys of the right types (see the PATH=null lesson)."""
         if not isinstance(body, dict):
             raise BadRequest("body is not a JSON object", public_message="body must be an object")
-        unknown = set(body) - {"role", "refresh"}
+        unknown = set(body) - {"role", "refresh", "node"}
         if unknown:
             raise BadRequest(public_message=f"unknown field: {sorted(unknown)[0][:40]}")
         role = body.get("role")
@@ -70,7 +71,13 @@ class CredentialRequest:
         refresh = body.get("refresh", False)
         if not isinstance(refresh, bool):
             raise BadRequest(public_message="refresh must be a boolean")
-        return cls(role or None, refresh)
+        node = None
+        if "node" in body:
+            try:
+                node = NodeFacts.parse(body["node"], strict=True)
+            except ValueError as exc:
+                raise BadRequest(public_message=str(exc)) from None
+        return cls(role or None, refresh, node)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +122,7 @@ class Issuer:
         # Before verification is cheap; what a failure costs (records, log lines) is bounded.
         self.failures = FailedAuthentications(audit, clock, instance)
         self._started = clock.now()
-        self._metadata: OrderedDict[tuple[str, ...], dict[str, Any]] = OrderedDict()
+        self._metadata: OrderedDict[tuple[object, ...], dict[str, Any]] = OrderedDict()
         # Which (tenant, task) each cache key was issued to, so a revocation drops exactly
         # their cached sets and no one else's.
         self._owners: OrderedDict[Key, tuple[str, str]] = OrderedDict()
@@ -229,7 +236,7 @@ class Issuer:
                 "expiration": iso_z(credentials.expiration),
                 "issued_at": iso_z(issued_at),
             },
-            "metadata": self._metadata_view(identity, decision, account_id, ctx.peer),
+            "metadata": self._metadata_view(identity, decision, account_id, ctx.peer, request.node),
             "limits": decision.sidecar_limits.to_json(),
         }
 
@@ -292,10 +299,15 @@ class Issuer:
         return dropped, sorted({str(key[0]) for key in doomed})
 
     def _metadata_view(
-        self, identity: Identity, decision: Decision, account_id: str, peer: str
+        self,
+        identity: Identity,
+        decision: Decision,
+        account_id: str,
+        peer: str,
+        node: NodeFacts | None,
     ) -> dict[str, Any]:
         # Signing is cheap but not free; the view only changes with these inputs.
-        key = (decision.tenant, identity.task, decision.role_name, account_id, peer)
+        key = (decision.tenant, identity.task, decision.role_name, account_id, peer, node)
         view = self._metadata.get(key)
         if view is None:
             view = build_metadata(
@@ -307,6 +319,7 @@ class Issuer:
                 peer=peer,
                 started=self._started,
                 document_key=self.document_key,
+                node=node,
             )
             self._metadata[key] = view
             if len(self._metadata) > 10_000:

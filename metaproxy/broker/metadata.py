@@ -1,5 +1,12 @@
-"""The task-scoped metadata view the sidecar serves: stable, derived from the task, never the
-host's. The identity document is signed by the broker, so a task can prove where it runs."""
+"""The task-scoped metadata view the sidecar serves: stable, derived from the task. The identity
+document is signed by the broker, so a task can prove who it is.
+
+Where the task runs — instance, type, zone, region, address — is the node's when the sidecar read
+it from the node's IMDS and sent it (`NodeFacts`, shape-checked); otherwise it is derived from
+the task, in the broker's own region and `--availability-zone`. Cassandra's Ec2Snitch,
+OpenTelemetry's EC2 detector and Container Insights then report the node's rack and host, as
+they do on EC2. Those fields are the node's word, not the broker's: the document attests
+taskId, tenant and accountId."""
 
 from __future__ import annotations
 
@@ -10,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from metaproxy.clock import iso_z
-from metaproxy.models import Decision, Identity
+from metaproxy.models import Decision, Identity, NodeFacts
 
 
 def _digest(*parts: str) -> str:
@@ -34,21 +41,30 @@ def build_metadata(
     peer: str,
     started: datetime,
     document_key: Path | None,
+    node: NodeFacts | None = None,
 ) -> dict[str, Any]:
     seed = _digest(decision.tenant, identity.task)
+    node = node or NodeFacts()
     try:
-        local_ipv4 = str(ipaddress.IPv4Address(peer))
+        local_ipv4 = node.local_ipv4 or str(ipaddress.IPv4Address(peer))
     except ValueError:
         local_ipv4 = "127.0.0.1"
     hostname = f"ip-{local_ipv4.replace('.', '-')}.ec2.internal"
-    instance_id = "i-" + seed[:17]
+    instance_id = node.instance_id or "i-" + seed[:17]
+    if node.availability_zone:
+        region = node.region or region
+        zone_id = node.availability_zone_id or availability_zone_id(region, node.availability_zone)
+        availability_zone = node.availability_zone
+    else:
+        region = node.region or region
+        zone_id = availability_zone_id(region, availability_zone)
     view: dict[str, Any] = {
         "instance_id": instance_id,
-        "instance_type": "container.task",
+        "instance_type": node.instance_type or "container.task",
         "ami_id": "ami-" + seed[17:34],
         "region": region,
         "availability_zone": availability_zone,
-        "availability_zone_id": availability_zone_id(region, availability_zone),
+        "availability_zone_id": zone_id,
         "local_ipv4": local_ipv4,
         "hostname": hostname,
         "local_hostname": hostname,

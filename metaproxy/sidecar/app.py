@@ -2,15 +2,17 @@
 credentials; see `face`) and admin.
 
 All are served by `http1` (see why there); admin (health, readiness, metrics) has its own
-listener and connection guard. A client in
-a tight loop is answered 429 from the pod's token bucket before any work is done (the incident
-this project starts from: a shared metadata service looped to death), and inside that bucket the
-pod's connections get a fair share (`fairness`), so one looping container cannot starve another.
+listener and connection guard. A client in a tight loop is refused (503, Retry-After) from the
+pod's token bucket before any work is done (the incident this project starts from: a shared
+metadata service looped to death), and inside that bucket the pod's connections get a fair share
+(`fairness`), so one looping container cannot starve another.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,28 +24,31 @@ from metaproxy.sidecar import container_creds, diagnosis, http1, imds, instrumen
 from metaproxy.sidecar.credentials_cache import CredentialKeeper
 from metaproxy.sidecar.face import Face, RateClass
 from metaproxy.sidecar.fairness import FairShare
+from metaproxy.sidecar.lifecycle import TerminationNotice
 from metaproxy.sidecar.metrics import SidecarMetrics
 from metaproxy.sidecar.rebinding import HostCheck
 from metaproxy.sidecar.state import PerGrant, SidecarState
-from metaproxy.sidecar.tokens import TokenAuthority
+from metaproxy.sidecar.tokens import TokenAuthority, load_or_create_key
 
 log = logging.getLogger("metaproxy.sidecar")
 
-# A client over its rate gets its 429 this much later. A looping client waits for each answer
-# before it sends again, so this caps what one connection costs the sidecar at a few refusals a
-# second instead of thousands, and the task's other clients keep a responsive event loop.
-# SDKs give IMDS and the container endpoint 1 s, so they see the same 429.
+# A client over its rate gets its refusal (503 + Retry-After, which every SDK retries) this much
+# later. A looping client waits for each answer before it sends again, so this caps what one
+# connection costs the sidecar at a few refusals a second instead of thousands, and the task's
+# other clients keep a responsive event loop. SDKs give IMDS and the container endpoint 1 s, so
+# they see the same refusal.
 TARPIT_SECONDS = 0.25
 
 _DEFAULT_LIMITS = SidecarLimits()
 MAX_CACHED_PATHS = 256
 
 
-def data_plane(state: SidecarState, face: Face) -> http1.Handler:
-    """The handler behind one face: the pod's fair share of its rate, the DNS-rebinding check,
-    then the face's own handler, with every answer counted and timed. No framework in between:
-    this is the hot path."""
+def data_plane(state: SidecarState, face: Face, listener: str) -> http1.Handler:
+    """The handler behind one face on one listener: the pod's fair share of its rate, the
+    DNS-rebinding check, then the face's own handler, with every answer counted and timed by
+    path class and listener. No framework in between: this is the hot path."""
     handle, metrics, keeper, limiters = face.handle, state.metrics, state.keeper, state.limiters
+    rate_limited = metrics.rejected.labels("rate_limited")
     classes: dict[str, RateClass] = {}  # by request path: an SDK asks the same few paths
 
     def dispatch(request: http1.Request) -> http1.Response | Awaitable[http1.Response]:
@@ -61,16 +66,20 @@ def data_plane(state: SidecarState, face: Face) -> http1.Handler:
             share = limiters[cls] = FairShare()
         wait = share.take(request.remote, request.connection, rate_class.rate(limits), limits.burst)
         if wait:
-            instrument.count_request(metrics, cls, 429, started)
-            return _tarpit(face.too_many(max(1, round(wait))))
+            throttled = face.too_many(max(1, round(wait)))
+            rate_limited.value += 1
+            # Counted apart from the path's own answers: a client over its pod's rate is not
+            # the sidecar failing it, so the availability and latency SLOs leave it out.
+            instrument.count_request(metrics, "throttled", throttled.status, started, listener)
+            return _tarpit(throttled)
         if state.hosts.refuses(request.headers):
-            instrument.count_request(metrics, cls, 403, started)
+            instrument.count_request(metrics, cls, 403, started, listener)
             return face.refused
         answer = handle(state, request)
         if isinstance(answer, http1.Response):
-            instrument.count_request(metrics, cls, answer.status, started)
+            instrument.count_request(metrics, cls, answer.status, started, listener)
             return answer
-        return instrument.counted(metrics, answer, cls, started)
+        return instrument.counted(metrics, answer, cls, started, listener)
 
     return dispatch
 
@@ -92,32 +101,48 @@ def build_state(
     keeper = CredentialKeeper(
         client, config, clock, on_grant=instrument.GrantObserver(clock, metrics, on_started)
     )
+    notice = TerminationNotice()
     state = SidecarState(
         config=config,
-        tokens=TokenAuthority(),
+        tokens=TokenAuthority(load_or_create_key(config.imds_token_key_file)),
         keeper=keeper,
         authorization_token=container_creds.load_or_create_token(
             config.authorization_token_file, authorization_token_mode(config)
         ),
         client=client,
         metrics=metrics,
-        imds_view=PerGrant(imds.render_view),
+        imds_view=PerGrant(functools.partial(imds.render_view, notice=notice)),
         container_document=PerGrant(container_creds.render_document),
         hosts=HostCheck(config.allowed_hosts),
+        clock=clock,
+        notice=notice,
+        started=http1.http_date(time.time()),
+        relative_path=config.container_credentials_path.encode(),
     )
     if config.host_metadata_allow:  # no allow-list: the host's IMDS is never even contacted
         from metaproxy.sidecar.host_metadata import HostMetadata
 
-        state.host_metadata = HostMetadata(config.host_metadata_url, config.host_metadata_allow)
+        state.host_metadata = HostMetadata(
+            config.host_metadata_url,
+            config.host_metadata_allow,
+            interface=config.host_metadata_interface,
+        )
+        client.node_facts = state.host_metadata.facts
+    if config.link_local_check:
+        from metaproxy.sidecar.link_local import LinkLocalCheck
+
+        state.link_local = LinkLocalCheck(state.tokens)
     return state
 
 
 def admin_plane(state: SidecarState) -> http1.Handler:
-    """/healthz, /readyz and /metrics on the same small server as the data plane. No rate limit:
-    health probes must never be refused because of other clients (its guard caps connections)."""
+    """/healthz, /readyz and /metrics on the same small server as the data plane, and the pod's
+    preStop hook (`/lifecycle/terminate`). No rate limit: health probes must never be refused
+    because of other clients (its guard caps connections)."""
 
-    def dispatch(request: http1.Request) -> http1.Response:
+    def dispatch(request: http1.Request) -> http1.Response | Awaitable[http1.Response]:
         started = time.perf_counter()
+        answer: http1.Response | Awaitable[http1.Response]
         if request.method not in ("GET", "HEAD"):
             answer = _plain(405, "method not allowed", ("Allow", "GET, HEAD"))
         elif request.path == "/healthz":
@@ -126,12 +151,37 @@ def admin_plane(state: SidecarState) -> http1.Handler:
             answer = readyz(state)
         elif request.path == "/metrics":
             answer = metrics(state)
+        elif request.path == "/lifecycle/terminate" and state.config.lifecycle_token:
+            answer = terminate(state, request)
         else:
             answer = _plain(404, "not found")
-        instrument.count_request(state.metrics, "admin", answer.status, started)
-        return answer
+        if isinstance(answer, http1.Response):
+            instrument.count_request(state.metrics, "admin", answer.status, started, "admin")
+            return answer
+        return instrument.counted(state.metrics, answer, "admin", started, "admin")
 
     return dispatch
+
+
+def terminate(
+    state: SidecarState, request: http1.Request
+) -> http1.Response | Awaitable[http1.Response]:
+    """The pod is being deleted (Kubernetes runs the app containers' preStop hooks first, and
+    stops a native sidecar only after the apps have exited): announce the task's end now, and
+    hold the hook for the notice period, so the apps see `spot/instance-action` before their
+    SIGTERM. Authenticated: the admin port is reachable from the node and the cluster."""
+    supplied = request.headers.get("x-metaproxy-lifecycle-token", "").encode("latin-1", "replace")
+    if not hmac.compare_digest(supplied, state.config.lifecycle_token.encode()):
+        return _plain(403, "forbidden")
+    state.begin_termination()
+    if state.config.termination_notice_seconds <= 0:
+        return _plain(200, "terminating")
+    return _after_notice(state.config.termination_notice_seconds)
+
+
+async def _after_notice(seconds: float) -> http1.Response:
+    await asyncio.sleep(seconds)
+    return _plain(200, "terminating")
 
 
 def _plain(status: int, text: str, *headers: tuple[str, str]) -> http1.Response:
@@ -158,6 +208,8 @@ def readyz(state: SidecarState) -> http1.Response:
         return _plain(503, "not ready: draining")
     if state.keeper.current() is None:
         return _plain(503, f"not ready: {state.keeper.problem or diagnosis.WAITING}")
+    if state.link_local is not None and state.link_local.problem:
+        return _plain(503, f"not ready: {state.link_local.problem}")
     return _plain(200, "ready")
 
 

@@ -14,13 +14,14 @@ import json
 import re
 import ssl
 import urllib.parse
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from metaproxy.config import SidecarConfig
-from metaproxy.models import Credentials, SidecarLimits
+from metaproxy.models import Credentials, NodeFacts, SidecarLimits
 from metaproxy.sidecar.httpclient import Endpoint, HttpClient, HttpClientError
 from metaproxy.sidecar.trust import CaBundle, CaProblem
 
@@ -124,6 +125,9 @@ class BrokerClient:
     def __init__(self, config: SidecarConfig) -> None:
         self._config = config
         self.trust = CaBundle(config.broker_ca_file)
+        # Where the task runs, from the node's IMDS (`HostMetadata.facts`), sent with every
+        # request so the broker's view and identity document name the node.
+        self.node_facts: Callable[[], Awaitable[NodeFacts | None]] | None = None
         self._generation = -1
         if config.broker_socket is not None:
             self._http = HttpClient(Endpoint("broker", 0, socket=config.broker_socket))
@@ -163,6 +167,9 @@ class BrokerClient:
         body: dict[str, object] = {"refresh": refresh}
         if self._config.role:
             body["role"] = self._config.role
+        node = await self.node_facts() if self.node_facts is not None else None
+        if node is not None and node.to_json():
+            body["node"] = node.to_json()
         token = self._identity_token()
         tls = self._tls()
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}

@@ -1,8 +1,19 @@
-"""The container-credentials API (`AWS_CONTAINER_CREDENTIALS_FULL_URI`).
+"""The container-credentials API, in both of its shapes.
 
-SDKs send the token from `AWS_CONTAINER_AUTHORIZATION_TOKEN[_FILE]` as the `Authorization`
-header; botocore rejects a token containing `\\r` or `\\n`, so the token file has no newline.
-The JS SDK gives up after 1 s, so this path never waits on the broker for long.
+- ECS's, `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`: every SDK since 2016 fetches
+  `http://169.254.170.2` + that path with no header at all, so the path itself is the task's
+  secret (`--container-credentials-path`, e.g. `/v2/credentials/<random>`), served on every
+  container listener. SDKs that predate the token-file variable (botocore 1.29, AWS CLI 2.9,
+  aws-sdk-go 1.44, Ruby 3.168) get credentials this way, or through a FULL_URI that carries
+  the same secret path.
+- `AWS_CONTAINER_CREDENTIALS_FULL_URI` + `/v1/credentials`: SDKs send the token of
+  `AWS_CONTAINER_AUTHORIZATION_TOKEN[_FILE]` as the `Authorization` header; botocore rejects a
+  token containing `\\r` or `\\n`, so the token file has no newline.
+
+A request that carries neither the secret path nor the token gets no credentials: an SSRF that
+makes the application fetch a URL of the attacker's choosing cannot guess either. The JS SDK
+gives up after 1 s, so this path never waits on the broker for long. Answers are ECS's: compact
+JSON, no `Server` header.
 """
 
 from __future__ import annotations
@@ -36,8 +47,18 @@ CREDENTIALS_PATH = "/v1/credentials"
 
 
 def json_error(status: int, code: str, message: str, **headers: str) -> Response:
-    body = json.dumps({"Code": code, "Message": message}).encode()
+    """An error as ECS's agent writes one: `{"code", "message"}` as `application/json` (the
+    exact type aws-sdk-go-v2 wants before it reads the code)."""
+    body = json.dumps({"code": code, "message": message}, separators=(",", ":")).encode()
     return Response(status, body, "application/json", tuple(headers.items()))
+
+
+def throttled(retry_after: int, message: str) -> Response:
+    """Over the pod's rate or connection cap, in the one form every SDK retries: 503 (botocore,
+    the JS SDKs, Go, Rust, C++, object_store all retry it; Rust and aws-sdk-go-v2 1.17 give up
+    on a 429), a throttling code (aws-sdk-go-v2 1.17 retries by the JSON code alone) and
+    Retry-After (JS v2, aws-sdk-go and urllib3 wait for it)."""
+    return json_error(503, "ThrottlingException", message, **{"Retry-After": str(retry_after)})
 
 
 def load_or_create_token(path: Path | None, mode: int = 0o600) -> str:
@@ -102,16 +123,28 @@ def _has_mode(path: Path, mode: int) -> bool:
         return False
 
 
+_NOT_FOUND = json_error(404, "NotFound", "no such path")
+_NOT_ALLOWED = json_error(405, "MethodNotAllowed", "use GET", Allow="GET, HEAD")
+_UNAUTHORIZED = json_error(401, "AccessDenied", "Authorization header missing or wrong")
+
+
 def handle(state: SidecarState, request: Request) -> Response | Awaitable[Response]:
-    if request.path != CREDENTIALS_PATH:
-        return json_error(404, "NotFound", "no such path")
-    if request.method not in ("GET", "HEAD"):
-        return json_error(405, "MethodNotAllowed", "use GET", Allow="GET, HEAD")
-    supplied = request.headers.get("authorization", "").encode("latin-1", "replace")
-    if "authorization" in request.duplicate_headers or not hmac.compare_digest(
-        supplied, state.authorization_token.encode()
+    path = request.path
+    if path == CREDENTIALS_PATH:
+        supplied = request.headers.get("authorization", "").encode("latin-1", "replace")
+        authorized = "authorization" not in request.duplicate_headers and hmac.compare_digest(
+            supplied, state.authorization_token.encode()
+        )
+    elif state.relative_path and hmac.compare_digest(
+        path.encode("utf-8", "replace"), state.relative_path
     ):
-        return json_error(401, "AccessDenied", "Authorization header missing or wrong")
+        authorized = True  # the path is the secret (ECS's RELATIVE_URI carries no header)
+    else:
+        return _NOT_FOUND
+    if request.method not in ("GET", "HEAD"):
+        return _NOT_ALLOWED
+    if not authorized:
+        return _UNAUTHORIZED
     grant = state.keeper.serving()
     if grant is None:  # none yet, or inside the 15-minute window: wait briefly for fresh ones
         return _after_refresh(state)
@@ -128,17 +161,18 @@ async def _after_refresh(state: SidecarState) -> Response:
 
 
 def render_document(grant: Grant) -> Response:
-    """The credential document; `SidecarState.container_document` keeps the current one."""
+    """The credential document, as ECS's agent writes it (compact, its key order, AccountId
+    before Expiration); `SidecarState.container_document` keeps the current one."""
     creds = grant.credentials
     document = {
+        "RoleArn": grant.role_arn,
         "AccessKeyId": creds.access_key_id,
         "SecretAccessKey": creds.secret_access_key,
         "Token": creds.session_token,
-        "Expiration": iso_z(creds.expiration),
         "AccountId": grant.account_id,
-        "RoleArn": grant.role_arn,
+        "Expiration": iso_z(creds.expiration),
     }
-    return Response(200, json.dumps(document).encode(), "application/json")
+    return Response(200, json.dumps(document, separators=(",", ":")).encode(), "application/json")
 
 
 CREDENTIALS = RateClass("container", attrgetter("credentials_rps"))
@@ -153,15 +187,15 @@ FACE = Face(
     name="container",
     handle=handle,
     rate_class=lambda _path: CREDENTIALS,
+    server="",
     error_page=error_page,
-    too_many=lambda retry: json_error(
-        429, "TooManyRequests", "rate limit exceeded", **{"Retry-After": str(retry)}
-    ),
+    too_many=lambda retry: throttled(retry, "rate limit exceeded; retry"),
     refused=json_error(403, "Forbidden", "request refused"),
     over_connection_cap=canned_response(
-        429,
-        "Too Many Requests",
-        json.dumps({"Code": "TooManyRequests", "Message": "too many connections"}).encode(),
+        503,
+        "Service Unavailable",
+        json.dumps({"code": "ThrottlingException", "message": "too many connections"}).encode(),
         "application/json",
+        retry_after=1,
     ),
 )

@@ -33,10 +33,11 @@ class Face:
     name: Literal["imds", "container"]
     handle: Callable[[SidecarState, Request], Response | Awaitable[Response]]
     rate_class: Callable[[str], RateClass]  # by request path
+    server: str  # the Server header: EC2's IMDS says `EC2ws`, ECS's endpoint names none ("")
     error_page: ErrorPage  # what the HTTP layer answers for requests it refuses itself
-    too_many: Callable[[int], Response]  # the rate limit's 429, given its Retry-After seconds
+    too_many: Callable[[int], Response]  # the rate limit's refusal, given Retry-After seconds
     refused: Response  # a browser's request or a foreign Host (DNS rebinding): 403
-    over_connection_cap: bytes  # the connection guard's whole answer past its caps (429)
+    over_connection_cap: bytes  # the connection guard's whole answer past its caps (503)
 
     def refuse_connection(self) -> bytes:
         """`ConnectionGuard.protocol_factory(..., reject)`: the canned answer, then close."""

@@ -65,6 +65,9 @@ class Request:
     remote: str
     duplicate_headers: frozenset[str] = frozenset()
     connection: int = 0  # which connection of the tracker: fairness is between connections
+    # Header lines the answer to this request carries besides the response's own, set by the
+    # handler: IMDS sends the token's remaining TTL on every answer to a request that has one.
+    extra_head: bytes = b""
 
 
 @dataclass(slots=True)
@@ -73,34 +76,36 @@ class Response:
     body: bytes = b""
     content_type: str = "text/plain"
     headers: tuple[tuple[str, str], ...] = ()
+    reason: str = ""  # the status line's words, when not the usual ones (EC2's "Not Allowed")
     # The status line and this response's own headers, encoded on its first write: answers
     # from the credential cache are the same object every time, so they are encoded once.
-    # (Server and Date, the connection's, go between the two.)
+    # (Date and Server, the connection's, go after them, as EC2 orders its headers.)
     head: tuple[bytes, bytes] | None = field(default=None, compare=False, repr=False)
-    # The whole kept-alive answer, for the Server and Date lines it was built with (they change
-    # once a second): a cached answer is then one write of bytes already made.
-    wire: tuple[bytes, bytes] | None = field(default=None, compare=False, repr=False)
+    # The whole kept-alive answer, for the Date/Server lines and the request's extra lines it
+    # was built with (they change once a second): a cached answer is then one write of bytes
+    # already made.
+    wire: tuple[bytes, bytes, bytes] | None = field(default=None, compare=False, repr=False)
 
     def encoded_head(self) -> tuple[bytes, bytes]:
-        """(status line, the content headers and this response's own)."""
+        """(status line, the content type, this response's own headers and the length)."""
         if self.head is None:
-            lines = [
-                f"Content-Type: {self.content_type}\r\n",
-                f"Content-Length: {len(self.body)}\r\n",
-            ]
+            lines = [f"Content-Type: {self.content_type}\r\n"]
             lines += [f"{name}: {value}\r\n" for name, value in self.headers]
-            status = f"HTTP/1.1 {self.status} {REASONS.get(self.status, '')}\r\n"
+            lines.append(f"Content-Length: {len(self.body)}\r\n")
+            reason = self.reason or REASONS.get(self.status, "")
+            status = f"HTTP/1.1 {self.status} {reason}\r\n"
             self.head = (status.encode("latin-1"), "".join(lines).encode("latin-1"))
         return self.head
 
-    def keep_alive_bytes(self, server_and_date: bytes) -> bytes:
-        """The whole answer on a kept-alive connection, Server and Date included."""
+    def keep_alive_bytes(self, date_and_server: bytes, extra: bytes = b"") -> bytes:
+        """The whole answer on a kept-alive connection: status, `extra` (the request's own
+        lines), this response's headers, Date and Server, body."""
         wire = self.wire
-        if wire is not None and wire[0] is server_and_date:
-            return wire[1]
+        if wire is not None and wire[0] is date_and_server and wire[1] == extra:
+            return wire[2]
         status, fields = self.encoded_head()
-        data = b"".join((status, server_and_date, fields, b"\r\n", self.body))
-        self.wire = (server_and_date, data)
+        data = b"".join((status, extra, fields, date_and_server, b"\r\n", self.body))
+        self.wire = (date_and_server, extra, data)
         return data
 
 
@@ -116,7 +121,6 @@ class ServerLimits:
     max_header_bytes: int = 8190
     max_headers: int = 64
     max_body_bytes: int = 1024
-    server_header: str = "EC2ws"
 
 
 @dataclass
@@ -127,9 +131,12 @@ class ConnectionTracker:
     on_reject: Callable[[str], None] = lambda _reason: None
     connections: set[HttpProtocol] = field(default_factory=set)
     date_header: bytes = b""
-    server_and_date: bytes = b""  # both header lines, as written on every answer
+    # Server name → its Date and Server lines, as written on every answer ("" → Date only: the
+    # container endpoint, like ECS's, names no server). Remade once a second.
+    date_lines: dict[str, bytes] = field(default_factory=dict)
     draining: bool = False  # set at shutdown: answer what is in flight, then close
     accepted: int = 0  # connections so far; each one's number identifies it
+    last_answer: float = float("-inf")  # loop time of the last answer written on any connection
     paths: dict[bytes, str] = field(default_factory=dict)  # request target → decoded path
     _quiet: asyncio.Event | None = None
     _sweeper: asyncio.Task[None] | None = None
@@ -142,10 +149,19 @@ class ConnectionTracker:
         if date == self.date_header:
             return  # same second: the kept answers (`Response.keep_alive_bytes`) stay valid
         self.date_header = date
-        self.server_and_date = b"Server: %s\r\nDate: %s\r\n" % (
-            self.limits.server_header.encode("latin-1"),
-            self.date_header,
-        )
+        for server in self.date_lines:
+            self.date_lines[server] = self._date_line(server)
+
+    def _date_line(self, server: str) -> bytes:
+        line = b"Date: %s\r\n" % self.date_header
+        return line + b"Server: %s\r\n" % server.encode("latin-1") if server else line
+
+    def date_line(self, server: str) -> bytes:
+        """This second's Date (and Server) lines for `server`."""
+        line = self.date_lines.get(server)
+        if line is None:
+            line = self.date_lines[server] = self._date_line(server)
+        return line
 
     @property
     def busy(self) -> int:
@@ -162,6 +178,16 @@ class ConnectionTracker:
             await asyncio.wait_for(self._quiet.wait(), cap_seconds)
         for conn in list(self.connections):
             conn.close()
+
+    async def quiet(self, silence: float, deadline: float) -> None:
+        """Wait until no connection owes an answer and none has been written for `silence`
+        seconds, or until `deadline` (loop time)."""
+        loop = asyncio.get_running_loop()
+        while loop.time() < deadline:
+            idle_for = loop.time() - self.last_answer
+            if not self.busy and idle_for >= silence:
+                return
+            await asyncio.sleep(min(max(0.05, silence - idle_for), deadline - loop.time()))
 
     def note_progress(self) -> None:
         if self.draining and self._quiet is not None and not self.busy:
@@ -209,12 +235,19 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         "_answered", "_body_bytes", "_busy", "_client", "_duplicates", "_error_page",
         "_had_head", "_handler", "_header_bytes", "_headers", "_limits", "_loop", "_parser",
-        "_paused_writing", "_queue", "_tracker", "_transport", "_url", "deadline", "number",
-        "reading_body", "reading_head",
+        "_paused_writing", "_queue", "_server", "_tracker", "_transport", "_url", "deadline",
+        "number", "reading_body", "reading_head",
     )  # fmt: skip
 
-    def __init__(self, handler: Handler, tracker: ConnectionTracker, error_page: ErrorPage) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        tracker: ConnectionTracker,
+        error_page: ErrorPage,
+        server: str = "EC2ws",
+    ) -> None:
         self._handler = handler
+        self._server = server  # the Server header's value; "" sends none
         self._tracker = tracker
         self._limits = tracker.limits
         self._error_page = error_page
@@ -454,19 +487,20 @@ class HttpProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
+        date_line = self._tracker.date_line(self._server)
         if keep_alive and request.method != "HEAD":
-            transport.write(response.keep_alive_bytes(self._tracker.server_and_date))
-            self._answered = self._loop.time()
+            transport.write(response.keep_alive_bytes(date_line, request.extra_head))
+            self._answered = self._tracker.last_answer = self._loop.time()
             return
         status, fields = response.encoded_head()
-        head = [status, self._tracker.server_and_date, fields]
+        head = [status, request.extra_head, fields, date_line]
         if not keep_alive:
             head.append(b"Connection: close\r\n")
         head.append(b"\r\n")
         if request.method != "HEAD":
             head.append(response.body)
         transport.write(b"".join(head))
-        self._answered = self._loop.time()
+        self._answered = self._tracker.last_answer = self._loop.time()
         if not keep_alive:
             transport.close()
 
@@ -497,11 +531,12 @@ def _path(url: bytes) -> str:
 
 
 def protocol_factory(
-    handler: Handler, tracker: ConnectionTracker, error_page: ErrorPage
+    handler: Handler, tracker: ConnectionTracker, error_page: ErrorPage, server: str = "EC2ws"
 ) -> Callable[[], HttpProtocol]:
-    """What `loop.create_server` (or a connection guard wrapping it) builds per connection."""
+    """What `loop.create_server` (or a connection guard wrapping it) builds per connection;
+    `server` is the Server header's value ("" for none)."""
 
     def factory() -> HttpProtocol:
-        return HttpProtocol(handler, tracker, error_page)
+        return HttpProtocol(handler, tracker, error_page, server)
 
     return factory

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ class Endpoint:
     port: int
     tls: bool = False
     socket: Path | None = None
+    interface: str | None = None  # leave through this interface (SO_BINDTODEVICE)
 
     @property
     def host_header(self) -> str:
@@ -165,6 +167,8 @@ class HttpClient:
             return await asyncio.open_connection(
                 endpoint.host, endpoint.port, ssl=tls, server_hostname=endpoint.host
             )
+        if endpoint.interface is not None:
+            return await asyncio.open_connection(sock=await _bound_socket(endpoint))
         return await asyncio.open_connection(endpoint.host, endpoint.port)
 
     def close(self) -> None:
@@ -181,3 +185,18 @@ class HttpClient:
         if streams is not None:
             with contextlib.suppress(Exception):
                 await streams[1].wait_closed()
+
+
+async def _bound_socket(endpoint: Endpoint) -> socket.socket:
+    """A socket connected to the endpoint's IP literal through `endpoint.interface`."""
+    assert endpoint.interface is not None
+    family = socket.AF_INET6 if ":" in endpoint.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, endpoint.interface.encode())
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (endpoint.host, endpoint.port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -1,14 +1,25 @@
 """The EC2 instance metadata API, as SDKs see it on 169.254.169.254.
 
 Details SDKs depend on (botocore `utils.IMDSFetcher`, `credentials.InstanceMetadataProvider`,
-`@smithy/credential-provider-imds`):
+`@smithy/credential-provider-imds`, aws-config's `imds`):
 - token PUT: 400 only for a bad TTL; SDKs fall back to IMDSv1 on 403/404/405, give up on 400;
 - the role listing body is used whole as the role name, so no trailing newline;
 - directory listings end entries with `/`, leaf paths also answer with a trailing slash
   (botocore reads `placement/availability-zone/`);
 - everything is `text/plain`, errors are AWS's XHTML pages, and `Server: EC2ws`.
 
-Paths outside the task's view go to `host_metadata` (allow-list, deny-list, caps) or get 404.
+The headers are EC2's, as recorded on real instances (smithy-rs's `http-traffic.json` and `curl -v`
+captures; tests/test_imds_wire.py replays them): every answer to a request that carried a token
+has the token's *remaining* TTL (`X-Aws-Ec2-Metadata-Token-Ttl-Seconds`, which
+aws-node-termination-handler re-reads), every metadata answer `Accept-Ranges: none` and a
+`Last-Modified`, errors neither. One deliberate difference: EC2 closes every connection; the
+sidecar keeps them alive, because its fair share tells a pod's clients apart by connection
+(`fairness`) — a client that asks for `Connection: close` gets it.
+
+Paths the operator allows from the node (`--host-metadata-allow`: placement, spot, events, the
+`network/` tree…) are asked of the node's IMDS first (`host_metadata`, cached and coalesced) and
+answered from the task's view when the node has no answer; everything else comes from the task's
+view or is 404. While the task stops, `lifecycle` adds EC2's termination notices to the view.
 """
 
 from __future__ import annotations
@@ -24,16 +35,18 @@ from metaproxy.clock import iso_z
 from metaproxy.connguard import canned_response
 from metaproxy.sidecar.broker_client import Grant
 from metaproxy.sidecar.face import Face, RateClass
-from metaproxy.sidecar.http1 import Request, Response
+from metaproxy.sidecar.http1 import Request, Response, http_date
 from metaproxy.sidecar.tokens import parse_ttl
 
 if TYPE_CHECKING:
     from metaproxy.sidecar.host_metadata import HostMetadata
+    from metaproxy.sidecar.lifecycle import TerminationNotice
     from metaproxy.sidecar.state import SidecarState
 
 TOKEN_PATH = "/latest/api/token"  # noqa: S105 - a path, not a secret
 TOKEN_HEADER = "x-aws-ec2-metadata-token"  # noqa: S105 - a header name (lower case, as parsed)
-TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
+TTL_HEADER = "X-Aws-Ec2-Metadata-Token-Ttl-Seconds"  # EC2's spelling on the wire
+_TTL_REQUEST = TTL_HEADER.lower()
 _VERSIONED_TOKEN = re.compile(r"^/[^/]+/api/token/?$")
 VERSIONS = (
     "1.0", "2007-01-19", "2007-03-01", "2007-08-29", "2007-10-10", "2007-12-15", "2008-02-01",
@@ -65,11 +78,13 @@ _ERROR_TITLES = {
 
 
 def _error_body(status: int) -> bytes:
+    """EC2's XHTML error page, byte for byte (its 404 is 339 bytes: two tabs and a space open the
+    DOCTYPE's second line)."""
     title = _ERROR_TITLES.get(status, f"{status}")
     return (
         '<?xml version="1.0" encoding="iso-8859-1"?>\n'
         '<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN"\n'
-        '\t"http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">\n'
+        '\t\t "http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">\n'
         '<html xmlns="http://www.w3.org/1999/xhtml" xml:lang="en" lang="en">\n'
         f" <head>\n  <title>{title}</title>\n </head>\n"
         f" <body>\n  <h1>{title}</h1>\n </body>\n</html>\n"
@@ -84,13 +99,29 @@ def aws_error(status: int, headers: dict[str, str] | None = None) -> Response:
     return Response(status, body, "text/html", tuple((headers or {}).items()))
 
 
-def text(body: str, **headers: str) -> Response:
-    # Plain `text/plain` as EC2 sends it (no `; charset=utf-8`).
-    return Response(200, body.encode(), "text/plain", tuple(headers.items()))
+def not_allowed(allow: str) -> Response:
+    """EC2's 405, as a real instance answers a GET of the token path: nginx's words, no body."""
+    return Response(405, b"", "text/plain", (("Allow", allow),), reason="Not Allowed")
+
+
+_TOKEN_NOT_ALLOWED = not_allowed("OPTIONS, PUT")
+_METADATA_NOT_ALLOWED = not_allowed("GET, HEAD")
+
+
+def ttl_line(seconds: int) -> bytes:
+    """The header EC2 puts on every answer to a request with a token: its remaining TTL."""
+    return b"X-Aws-Ec2-Metadata-Token-Ttl-Seconds: %d\r\n" % seconds
+
+
+def text(body: str, last_modified: str, **headers: str) -> Response:
+    """A metadata answer as EC2 sends it: `text/plain` (no charset), `Accept-Ranges: none`, the
+    time the metadata last changed."""
+    fields = (("Accept-Ranges", "none"), ("Last-Modified", last_modified), *headers.items())
+    return Response(200, body.encode(), "text/plain", fields)
 
 
 def _aws_json(document: dict[str, str]) -> str:
-    """JSON the way EC2 prints it: two-space indent, `"Key" : "value"`."""
+    """JSON the way EC2 prints it: two-space indent, `"Key" : "value"`, no final newline."""
     return json.dumps(document, indent=2, separators=(",", " : "))
 
 
@@ -150,7 +181,9 @@ def metadata_tree(grant: Grant) -> dict[str, Any]:
     return {"dynamic": dynamic, "meta-data": meta_data}
 
 
-def listing(directory: dict[str, Any]) -> str:
+def listing(directory: dict[str, Any] | list[str]) -> str:
+    if isinstance(directory, list):
+        return "\n".join(directory)
     return "\n".join(f"{k}/" if isinstance(v, dict) else k for k, v in directory.items())
 
 
@@ -163,19 +196,30 @@ class ImdsView:
 
     grant: Grant
     tree: dict[str, Any]
+    last_modified: str  # when this view's metadata last changed (`Last-Modified`)
     credentials: Response
     extended: Response
     # Request path → its answer from this view, and whether it is a credential document (served
     # only with 15 minutes left): a repeated request is then one lookup, not a walk of the tree.
     answers: dict[str, tuple[Response, bool]] = field(default_factory=dict)
 
+    def text(self, body: str) -> Response:
+        return text(body, self.last_modified)
 
-def render_view(grant: Grant) -> ImdsView:
+
+def render_view(grant: Grant, notice: TerminationNotice | None = None) -> ImdsView:
+    """`grant` as IMDS shows it, with EC2's termination notices once the task is stopping."""
+    tree = metadata_tree(grant)
+    overlay = notice.overlay() if notice is not None else None
+    if overlay:
+        tree["meta-data"] = dict(sorted({**tree["meta-data"], **overlay}.items()))
+    modified = http_date(grant.issued_at.timestamp())
     return ImdsView(
         grant,
-        metadata_tree(grant),
-        text(credentials_document(grant)),
-        text(credentials_document(grant, extended=True)),
+        tree,
+        modified,
+        text(credentials_document(grant), modified),
+        text(credentials_document(grant, extended=True), modified),
     )
 
 
@@ -186,11 +230,13 @@ def handle(state: SidecarState, request: Request) -> Response | Awaitable[Respon
     if "/api/token" in path and _VERSIONED_TOKEN.match(path):
         return aws_error(403)  # AWS only serves tokens at /latest/api/token
     if request.method not in ("GET", "HEAD"):
-        return aws_error(405, {"Allow": "GET, HEAD"})
+        return _METADATA_NOT_ALLOWED
     token = request.headers.get(TOKEN_HEADER)
     if token is not None:
-        if TOKEN_HEADER in request.duplicate_headers or not state.tokens.valid(token):
+        left = None if TOKEN_HEADER in request.duplicate_headers else state.tokens.remaining(token)
+        if left is None:
             return aws_error(401)
+        request.extra_head = ttl_line(left)
     elif state.config.imds_v1 != "allow":
         return aws_error(401)
     return _kept_answer(state, path) or _metadata(state, path)
@@ -198,14 +244,16 @@ def handle(state: SidecarState, request: Request) -> Response | Awaitable[Respon
 
 def _token(request: Request, state: SidecarState) -> Response:
     if request.method != "PUT":
-        return aws_error(405, {"Allow": "PUT"})
+        return _TOKEN_NOT_ALLOWED
     # A forwarded request came through a proxy; AWS refuses those so SSRF can't mint tokens.
     if "x-forwarded-for" in request.headers:
         return aws_error(403)
-    ttl = parse_ttl(request.headers.get(TTL_HEADER.lower()))
+    ttl = parse_ttl(request.headers.get(_TTL_REQUEST))
     if ttl is None:
         return aws_error(400)
-    return text(state.tokens.mint(ttl), **{TTL_HEADER: str(ttl)})
+    return Response(
+        200, state.tokens.mint(ttl).encode("ascii"), "text/plain", ((TTL_HEADER, str(ttl)),)
+    )
 
 
 def _kept_answer(state: SidecarState, path: str) -> Response | None:
@@ -223,12 +271,12 @@ def _kept_answer(state: SidecarState, path: str) -> Response | None:
 def _metadata(state: SidecarState, path: str) -> Response | Awaitable[Response]:
     parts = [p for p in path.split("/") if p]
     if not parts:
-        return text("\n".join(VERSIONS))
+        return text("\n".join(VERSIONS), state.started)
     if parts[0] not in _VERSION_SET:
         return aws_error(404)
     rest = parts[1:]
     if not rest:
-        return text("dynamic\nmeta-data")  # EC2 lists these two without a trailing slash
+        return text("dynamic\nmeta-data", state.started)  # EC2 lists these without a slash
     if _wants_credentials(rest):
         grant = state.keeper.serving()
         if grant is None:  # inside the 15-minute window, or none yet: wait briefly for fresh
@@ -250,24 +298,66 @@ async def _after_refresh(state: SidecarState, rest: list[str]) -> Response:
     return answer if isinstance(answer, Response) else await answer
 
 
+_MISSING = object()
+
+
+def _walk(tree: dict[str, Any], rest: list[str]) -> Any:
+    node: Any = tree
+    for name in rest:
+        if not (isinstance(node, dict) and name in node):
+            return _MISSING
+        node = node[name]
+    return node
+
+
 def _lookup(state: SidecarState, grant: Grant, rest: list[str]) -> Response | Awaitable[Response]:
     view = state.imds_view(grant)
     if rest[:3] == EXTENDED:
         return _extended(view, rest[3:])
-    node: Any = view.tree
-    for name in rest:
-        if not (isinstance(node, dict) and name in node):
-            return _host_passthrough(state, "/".join(rest))
-        node = node[name]
+    host = state.host_metadata
+    if host is not None and not _wants_credentials(rest):
+        subpath = "/".join(rest)
+        if host.permits(subpath):
+            return _from_host(host, view, rest, subpath)
+        if host.allows_below(subpath):
+            return _merged_listing(host, view, rest, subpath)
+    return _from_view(view, rest)
+
+
+def _from_view(view: ImdsView, rest: list[str]) -> Response:
+    node = _walk(view.tree, rest)
+    if node is _MISSING:
+        return aws_error(404)
     if node is None:  # the one role's credential document
         return view.credentials
-    return text(listing(node) if isinstance(node, dict) else node)
+    return view.text(listing(node) if isinstance(node, dict) else node)
+
+
+async def _from_host(host: HostMetadata, view: ImdsView, rest: list[str], subpath: str) -> Response:
+    """The node's answer for a field the operator gave it (its zone, its network, its spot
+    notice), else the task's own."""
+    body = await host(subpath)
+    return view.text(body) if body is not None else _from_view(view, rest)
+
+
+async def _merged_listing(
+    host: HostMetadata, view: ImdsView, rest: list[str], subpath: str
+) -> Response:
+    """A directory holding fields from both: the task's entries and the node's allowed ones."""
+    node = _walk(view.tree, rest)
+    entries = await host.entries(subpath)
+    if isinstance(node, dict):
+        entries = sorted({*listing(node).split("\n"), *entries})
+    elif node is not _MISSING or not entries:
+        return _from_view(view, rest)
+    return view.text(listing(entries))
 
 
 def _keep(
     view: ImdsView, path: str, answer: Response | Awaitable[Response], rest: list[str]
 ) -> Response | Awaitable[Response]:
-    """Keep a found answer of the view for the next request of `path` (never the host's)."""
+    """Keep a found answer of the view for the next request of `path` (never one the node's
+    answers may change: those are awaited through the host cache every time)."""
     if (
         isinstance(answer, Response)
         and answer.status == 200
@@ -282,7 +372,7 @@ def _extended(view: ImdsView, below: list[str]) -> Response:
     out of the `iam/` listing, which SDKs that do not know the path read as before; never
     forwarded to the host, whose role it would name."""
     if not below:
-        return text(view.grant.role_name)
+        return view.text(view.grant.role_name)
     if below == [view.grant.role_name]:
         return view.extended
     return aws_error(404)
@@ -290,20 +380,6 @@ def _extended(view: ImdsView, below: list[str]) -> Response:
 
 def _wants_credentials(rest: list[str]) -> bool:
     return len(rest) == 4 and rest[:3] in (CREDENTIALS, EXTENDED)
-
-
-def _host_passthrough(state: SidecarState, subpath: str) -> Response | Awaitable[Response]:
-    """Anything outside the task's view: the host's answer if allow-listed (and never a denied
-    path, checked here and again inside the fetcher), else 404 as EC2 answers unknown paths."""
-    host = state.host_metadata
-    if host is None or not host.permits(subpath):
-        return aws_error(404)
-    return _fetch_from_host(host, subpath)
-
-
-async def _fetch_from_host(host: HostMetadata, subpath: str) -> Response:
-    body = await host(subpath)
-    return text(body) if body is not None else aws_error(404)
 
 
 TOKEN = RateClass("token", attrgetter("token_rps"))
@@ -323,8 +399,13 @@ FACE = Face(
     name="imds",
     handle=handle,
     rate_class=rate_class,
+    server="EC2ws",
     error_page=aws_error,
-    too_many=lambda retry: aws_error(429, {"Retry-After": str(retry)}),
+    # 503, not the 429 EC2 is reported to send: aws-sdk-go-v2, the Rust SDK and the C++ SDK's
+    # IMDS clients retry 5xx and give up on a 429 (see container_creds.throttled).
+    too_many=lambda retry: aws_error(503, {"Retry-After": str(retry)}),
     refused=aws_error(403),
-    over_connection_cap=canned_response(429, "Too Many Requests", _error_body(429), "text/html"),
+    over_connection_cap=canned_response(
+        503, "Service Unavailable", _error_body(503), "text/html", retry_after=1
+    ),
 )

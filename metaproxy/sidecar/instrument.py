@@ -33,17 +33,17 @@ log = logging.getLogger("metaproxy.sidecar.metrics")
 PROC_FD = Path("/proc/self/fd")
 
 
-def count_request(metrics: SidecarMetrics, path_class: str, status: int, started: float) -> None:
+def count_request(
+    metrics: SidecarMetrics, path_class: str, status: int, started: float, listener: str
+) -> None:
     """Count and time one answer (the data plane has no middleware chain)."""
-    count, timing = metrics.answered(path_class, status)
+    count, timing = metrics.answered(path_class, status, listener)
     count.value += 1
     timing.observe(time.perf_counter() - started)
-    if status == 429:  # on the data plane only the per-client rate limiter answers 429
-        metrics.rejected.labels("rate_limited").inc()
 
 
 async def counted(
-    metrics: SidecarMetrics, pending: Awaitable[Any], path_class: str, started: float
+    metrics: SidecarMetrics, pending: Awaitable[Any], path_class: str, started: float, listener: str
 ) -> Any:
     """`count_request` for an answer that had to wait (a refresh, the host's IMDS)."""
     status = 500
@@ -52,7 +52,7 @@ async def counted(
         status = answer.status
         return answer
     finally:
-        count_request(metrics, path_class, status, started)
+        count_request(metrics, path_class, status, started, listener)
 
 
 def rejection_counter(metrics: SidecarMetrics) -> Callable[[str], None]:

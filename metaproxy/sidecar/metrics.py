@@ -44,8 +44,10 @@ class SidecarMetrics:
         self.requests = r.counter(
             "metaproxy_sidecar_requests_total",
             "Requests answered by the sidecar, by path class "
-            "(token, credentials, metadata, container, admin, other) and HTTP status.",
-            ["path_class", "status"],
+            "(token, credentials, metadata, container, admin; throttled: refused over the "
+            "pod's rate, 503 + Retry-After), HTTP status and the listen address that took them "
+            "(which endpoint the task's clients use).",
+            ["path_class", "status", "listener"],
         )
         self.request_seconds = r.histogram(
             "metaproxy_sidecar_request_seconds",
@@ -101,16 +103,20 @@ class SidecarMetrics:
             "(observed once per process).",
             buckets=STARTUP_BUCKETS,
         )
-        # (path class, status) → its request count and its path class's timings: looked up
-        # once, then every answer is an addition and a bucket (no label tuple, no str(status)).
-        self._answered: dict[tuple[str, int], tuple[Series, HistogramSeries]] = {}
+        # (path class, status, listener) → its request count and its path class's timings:
+        # looked up once, then every answer is an addition and a bucket (no label tuple, no
+        # str(status)).
+        self._answered: dict[tuple[str, int, str], tuple[Series, HistogramSeries]] = {}
 
-    def answered(self, path_class: str, status: int) -> tuple[Series, HistogramSeries]:
+    def answered(
+        self, path_class: str, status: int, listener: str
+    ) -> tuple[Series, HistogramSeries]:
         """The series that count and time an answer of `status` to `path_class`."""
-        series = self._answered.get((path_class, status))
+        key = (path_class, status, listener)
+        series = self._answered.get(key)
         if series is None:
-            series = self._answered[path_class, status] = (
-                self.requests.labels(path_class, str(status)),
+            series = self._answered[key] = (
+                self.requests.labels(path_class, str(status), listener),
                 self.request_seconds.labels(path_class),
             )
         return series

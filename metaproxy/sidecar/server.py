@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import os
@@ -28,6 +29,11 @@ from metaproxy.sidecar.limits import admin_reject, build_guards
 from metaproxy.sidecar.state import SidecarState
 
 log = logging.getLogger("metaproxy.sidecar")
+
+# After SIGTERM the sidecar serves on until its clients have been silent this long: long enough
+# for a client's next poll after a request (SDKs fetch token, role and credentials back to back),
+# short enough that a pod whose application has already gone is not held up.
+QUIET_SECONDS = 1.0
 
 
 async def listen(address: str, factory: Callable[[], asyncio.Protocol]) -> asyncio.Server:
@@ -67,6 +73,11 @@ def _listening_socket(host: str, port: int) -> socket.socket | None:
         ) from None
     sock.setblocking(False)
     return sock
+
+
+def _without_ipv6(address: str, exc: OSError) -> bool:
+    """A bind to an IPv6 address failed because the namespace has no IPv6 at all."""
+    return address.startswith("[") and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
 
 
 def server_url(server: asyncio.Server) -> str:
@@ -125,14 +136,15 @@ class SidecarServer:
                 header_timeout=config.header_timeout,
                 keepalive_timeout=config.keepalive_timeout,
                 max_body_bytes=config.max_body_bytes,
-                server_header="metaproxy",
             ),
             on_reject=count_rejection,
         )
         tracker.start()
         admin_tracker.start()
         state.keeper.start()
-        admin_protocol = http1.protocol_factory(admin_plane(state), admin_tracker, admin_error_page)
+        admin_protocol = http1.protocol_factory(
+            admin_plane(state), admin_tracker, admin_error_page, server="metaproxy"
+        )
         admin = await listen(
             config.admin_listen, admin_guard.protocol_factory(admin_protocol, admin_reject)
         )
@@ -141,8 +153,22 @@ class SidecarServer:
         faces: list[tuple[Face, str]] = [(imds.FACE, a) for a in config.imds_listen]
         faces += [(container_creds.FACE, a) for a in config.container_listen]
         for face, address in faces:
-            protocol = http1.protocol_factory(data_plane(state, face), tracker, face.error_page)
-            server = await listen(address, guard.protocol_factory(protocol, face.refuse_connection))
+            protocol = http1.protocol_factory(
+                data_plane(state, face, address), tracker, face.error_page, face.server
+            )
+            factory = guard.protocol_factory(protocol, face.refuse_connection)
+            try:
+                server = await listen(address, factory)
+            except OSError as exc:
+                face_addresses = [a for f, a in faces if f is face]
+                if not _without_ipv6(address, exc) or all(
+                    a.startswith("[") for a in face_addresses
+                ):
+                    raise
+                # The webhook asks for [::1] beside 127.0.0.1 without knowing the pod's
+                # network: a namespace without IPv6 simply has no IPv6 clients.
+                log.warning("not serving %s: this network namespace has no IPv6", address)
+                continue
             servers.append(server)
             urls[face.name].append(server_url(server))
         log.info(
@@ -150,20 +176,34 @@ class SidecarServer:
             ", ".join(urls["imds"]),
             ", ".join(urls["container"]),
         )
+        if state.link_local is not None:
+            state.link_local.start()  # once the IMDS listener it checks for is up
         return cls(
             state, urls["imds"], urls["container"], server_url(admin), guard, admin_guard,
             tracker, admin_tracker, servers, admin,
         )  # fmt: skip
 
     async def stop(self) -> None:
-        """Drain: /readyz turns false, listeners close, idle connections close, in-flight
-        requests finish (at most `drain_seconds`), then the keeper, the broker client and the
-        admin listener stop, in the reverse of their start."""
+        """SIGTERM. The task is stopping: /readyz turns false and IMDS announces the task's end
+        as EC2 announces an instance's (`spot/instance-action`), while the listeners keep serving
+        — credentials included — until the task's clients go quiet (in Kubernetes a native
+        sidecar is stopped only after the application has exited) or `drain_seconds` run out.
+        Then the listeners close, idle connections close, in-flight requests finish, and the
+        keeper, the broker client and the admin listener stop, in the reverse of their start."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.state.config.drain_seconds
         self.state.draining = True
+        self.state.begin_termination()
+        # The last part of the drain is for requests already in flight.
+        await self.tracker.quiet(
+            QUIET_SECONDS, deadline - min(1.0, self.state.config.drain_seconds / 2)
+        )
         for server in self._servers:
             server.close()
-        await self.tracker.drain(self.state.config.drain_seconds)
+        await self.tracker.drain(max(0.0, deadline - loop.time()))
         await self.tracker.stop()
+        if self.state.link_local is not None:
+            await self.state.link_local.aclose()
         await self.state.keeper.aclose()
         await self.state.client.aclose()
         if self.state.host_metadata is not None:

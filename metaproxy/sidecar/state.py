@@ -8,10 +8,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
+from metaproxy.clock import Clock
 from metaproxy.config import SidecarConfig
 from metaproxy.sidecar.broker_client import BrokerClient, Grant
 from metaproxy.sidecar.credentials_cache import CredentialKeeper
 from metaproxy.sidecar.fairness import FairShare
+from metaproxy.sidecar.lifecycle import TerminationNotice
 from metaproxy.sidecar.metrics import SidecarMetrics
 from metaproxy.sidecar.rebinding import HostCheck
 from metaproxy.sidecar.tokens import TokenAuthority
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from metaproxy.sidecar.host_metadata import HostMetadata
     from metaproxy.sidecar.http1 import Response
     from metaproxy.sidecar.imds import ImdsView
+    from metaproxy.sidecar.link_local import LinkLocalCheck
 
 T = TypeVar("T")
 
@@ -41,6 +44,11 @@ class PerGrant(Generic[T]):
             value = self._value = self._render(grant)
             self._grant = grant
         return value
+
+    def invalidate(self) -> None:
+        """Render again on the next call: something besides the grant changed (the task began
+        to stop, so the view gains EC2's termination notices)."""
+        self._value = None
 
 
 class ConnectionCounts(Protocol):
@@ -67,8 +75,19 @@ class SidecarState:
     imds_view: PerGrant[ImdsView]
     container_document: PerGrant[Response]
     hosts: HostCheck  # DNS rebinding: the Host values this sidecar answers
+    clock: Clock
+    notice: TerminationNotice  # set at SIGTERM: the view announces the task's end
+    started: str  # when the sidecar started, HTTP date: `Last-Modified` of the version lists
+    relative_path: bytes = b""  # the container endpoint's secret path (RELATIVE_URI), or none
     limiters: dict[str, FairShare] = field(default_factory=dict)  # by path class
     host_metadata: HostMetadata | None = None  # only with an allow-list (`--host-metadata-allow`)
+    link_local: LinkLocalCheck | None = None  # only with `--link-local-check`
     # The server's connection guards, task-facing first (counted at scrape time).
     guards: tuple[ConnectionCounts, ...] = ()
     draining: bool = False
+
+    def begin_termination(self) -> None:
+        """SIGTERM: the task is stopping. IMDS announces it as EC2 announces an instance's end
+        (`spot/instance-action`, `autoscaling/target-lifecycle-state`) for the rest of the drain."""
+        self.notice.begin(self.clock.now(), self.config.drain_seconds)
+        self.imds_view.invalidate()
