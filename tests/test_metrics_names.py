@@ -117,7 +117,7 @@ def test_exported_names_match_the_live_exposition() -> None:
     from prometheus_client import REGISTRY, generate_latest
 
     sidecar = sidecar_metrics.SidecarMetrics()
-    sidecar.requests.labels(path_class="token", status="200").inc(0)
+    sidecar.requests.labels(path_class="token", status="200", listener="127.0.0.1:8182").inc(0)
     sidecar.request_seconds.labels(path_class="token").observe(0.001)
     broker_metrics.QUEUE_DEPTH.labels(priority="cold").set(0)
     exposition = generate_latest(REGISTRY).decode() + sidecar.render().decode()

@@ -16,13 +16,21 @@ import pytest
 
 from metaproxy.broker.shared_cache import SharedCredentials
 from metaproxy.broker.store import open_store
-from metaproxy.broker.store.base import CacheClaim, CacheLook, Revocation, StoreUnavailable
+from metaproxy.broker.store.base import (
+    CacheClaim,
+    CacheLook,
+    Lift,
+    Revocation,
+    StoreUnavailable,
+)
 from metaproxy.broker.store.memory import MemoryStore
 from metaproxy.broker.store.redis_conn import parse_store_url
 from metaproxy.broker.store.redis_keys import tenant_key
 from metaproxy.broker.store.redis_limits import RELEASE_AFTER_SECONDS
 from metaproxy.broker.store.redis_store import RedisStore
 from metaproxy.broker.store.sealing import SealedValueInvalid, Sealer, generate_key_line
+
+FLEET_KEY = Sealer([b"fleet-key-for-the-store-tests-32"])  # seals and signs, as --store-key-file
 from metaproxy.certs import init_certs
 from metaproxy.clock import SystemClock
 from metaproxy.errors import ConfigError
@@ -127,7 +135,7 @@ def test_store_urls_name_their_topology(
 def test_bad_store_urls_are_one_config_error(url: str) -> None:
     """A store URL that cannot work is refused at start, naming the flag, never its password."""
     with pytest.raises(ConfigError, match=r"^store: ") as raised:
-        open_store(url, state_dir=None, timeout=0.5)
+        open_store(url, state_dir=None, timeout=0.5, sealer=FLEET_KEY)
     assert "secret" not in str(raised.value)
 
 
@@ -137,10 +145,10 @@ async def test_memory_revocations_persist_across_a_restart(tmp_path: Path) -> No
     await store.start()
     await store.revocations.add(Revocation("acme", "t1", "2026-01-01T00:00:00Z", "op"))
     await store.revocations.add(Revocation("globex", "", "2026-01-01T00:00:01Z", "op"))
-    assert await store.revocations.remove("globex", "") is not None
+    assert await store.revocations.remove(Lift("globex", "", "2026-01-01T00:00:02Z")) is not None
     again = MemoryStore(tmp_path / "state")
     await again.start()
-    assert await again.revocations.snapshot() == [
+    assert (await again.revocations.snapshot()).revocations == [
         Revocation("acme", "t1", "2026-01-01T00:00:00Z", "op")
     ]
     assert not list((tmp_path / "state").glob("*.tmp"))
@@ -156,7 +164,7 @@ def redis_url(redis_server: RedisServer) -> str:
 
 
 async def started(url: str) -> RedisStore:
-    store = open_store(url, state_dir=None, timeout=0.5)
+    store = open_store(url, state_dir=None, timeout=0.5, sealer=FLEET_KEY)
     assert isinstance(store, RedisStore)
     await store.start()
     return store
@@ -395,7 +403,7 @@ async def exercise(store: RedisStore) -> None:
     store.revocations.subscribe(lambda event: heard.append(event.action))
     entry = Revocation("acme", "t1", "2026-01-01T00:00:00Z", "test")
     await store.revocations.add(entry)
-    assert entry in await store.revocations.snapshot()
+    assert entry in (await store.revocations.snapshot()).revocations
     admission = await store.limits.enter("acme", "id", BrokerLimits())
     assert admission.admitted
     await store.limits.leave("acme", admission.ticket)

@@ -18,6 +18,7 @@ EVENTS: Final = (
     "failed",
     "revoked",
     "lifted",  # a revocation taken back through the control API
+    "restored",  # a revocation the store had lost, kept in force and written back
     "listed",  # the revocations read through the control API
 )
 

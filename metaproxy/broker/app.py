@@ -18,6 +18,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from metaproxy.audit.record import make_record
 from metaproxy.audit.ship import S3Shipper
 from metaproxy.audit.writer import AuditLog
 from metaproxy.broker import instrument
@@ -27,16 +28,21 @@ from metaproxy.broker.fleet import ReplicaHeartbeat
 from metaproxy.broker.issuer import CredentialRequest, Issuer, RequestContext
 from metaproxy.broker.limits import TenantLimiter
 from metaproxy.broker.regions import regional_sts
-from metaproxy.broker.revocation import RevocationView
+from metaproxy.broker.revocation import RevocationView, revocation_scope
 from metaproxy.broker.scheduler import FairScheduler, StsScheduler
 from metaproxy.broker.shared_cache import SharedCredentials
 from metaproxy.broker.store import FleetStore, open_store
-from metaproxy.broker.store.base import ReplicaRegistry, Revocation, WitnessedCheckpoint
+from metaproxy.broker.store.base import (
+    ReplicaRegistry,
+    Revocation,
+    StoreUnavailable,
+    WitnessedCheckpoint,
+)
 from metaproxy.broker.store.sealing import Sealer
 from metaproxy.broker.sts import StsClient
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.errors import BadRequest
-from metaproxy.httperrors import identity_encoding_only, json_errors
+from metaproxy.httperrors import identity_encoding_only, json_errors, new_request_id
 from metaproxy.identity.verify import IdentityVerifier
 from metaproxy.logs import request_id_var
 from metaproxy.policy.store import PolicyStore
@@ -93,7 +99,10 @@ def create_services(
     config.audit_dir.mkdir(parents=True, exist_ok=True)
     pruner = _Pruner()
     shipper = audit_shipper(config, on_uploaded=pruner)
-    store = open_store(config.store, state_dir=config.state_dir, timeout=config.store_timeout)
+    sealer = Sealer.from_file(config.store_key_file) if config.store_key_file else None
+    store = open_store(
+        config.store, state_dir=config.state_dir, timeout=config.store_timeout, sealer=sealer
+    )
     witnessing = AuditWitnessing(store.replicas, config.instance)
     audit = instrument.TimedAuditLog(
         config.audit_dir,
@@ -117,12 +126,16 @@ def create_services(
     def drop_cached(entry: Revocation) -> None:
         issuer.forget(entry.tenant, entry.task)
 
+    async def restore(lost: list[Revocation]) -> None:
+        await restore_revocations(store, audit, config.instance, lost)
+
     revocations = RevocationView(
         store.revocations,
         clock,
         max_staleness=config.revocation_max_staleness,
         resync_seconds=config.revocation_resync_seconds,
         on_revoked=drop_cached,
+        on_lost=restore,
     )
     issuer = Issuer(
         verifier=verifier,
@@ -132,7 +145,7 @@ def create_services(
         audit=audit,
         limiter=TenantLimiter(store.limits),
         revocations=revocations,
-        shared=shared_credentials(config, store, clock),
+        shared=shared_credentials(config, store, clock, sealer),
         clock=clock,
         instance=config.instance,
         region=config.region,
@@ -159,6 +172,33 @@ def create_services(
     )
 
 
+async def restore_revocations(
+    store: FleetStore, audit: AuditLog, instance: str, lost: list[Revocation]
+) -> None:
+    """Revocations the store lost (it came back with fewer, and no lift covers them): written
+    back as they were, each with an audit record, so the fleet keeps them in force."""
+    for entry in lost:
+        scope = revocation_scope(entry.tenant, entry.task)
+        try:
+            await store.revocations.add(entry)
+            outcome = "written back"
+        except StoreUnavailable:
+            outcome = "kept here; writing back failed (store down), retried at the next re-read"
+        await audit.append(
+            make_record(
+                "restored",
+                request_id=f"integrity-{new_request_id()}",  # the re-read, not a request
+                task=entry.task,
+                tenant=entry.tenant,
+                rule="revocation-integrity",
+                reason=f"{scope} (revoked at {entry.at} by {entry.by}) was missing from the "
+                f"store without a lift: kept in force, {outcome}",
+                instance=instance,
+                status=200,
+            )
+        )
+
+
 def fleet_stats(
     store: FleetStore,
     revocations: RevocationView,
@@ -170,6 +210,9 @@ def fleet_stats(
         "store_up": 1.0 if store.up else 0.0,
         "live_replicas": float(len(heartbeat.live)),
         "revocation_view_age": revocations.age(),
+        "revocations_restored": float(revocations.restored),
+        "revocations_rejected": float(revocations.rejected),
+        "revocations_error": float(revocations.errors + getattr(store, "push_errors", 0)),
         **(shared.stats() if shared is not None else {}),
     }
 
@@ -191,7 +234,7 @@ class AuditWitnessing:
 
 
 def shared_credentials(
-    config: BrokerConfig, store: FleetStore, clock: Clock
+    config: BrokerConfig, store: FleetStore, clock: Clock, sealer: Sealer | None
 ) -> SharedCredentials | None:
     """The cross-replica cache and single flight, where the store is shared. Its sets are
     sealed under `--store-key-file`, which every replica must have (each opens what another
@@ -200,11 +243,11 @@ def shared_credentials(
         return None
     from metaproxy.errors import ConfigError
 
-    if config.store_key_file is None:
+    if sealer is None:
         raise ConfigError("store_key_file: required with a shared store (--store redis://…)")
     return SharedCredentials(
         store.cache,
-        Sealer.from_file(config.store_key_file),
+        sealer,
         clock,
         holder=f"{config.instance}/{os.getpid()}",
         refresh_fraction=config.cache_refresh_fraction,
@@ -349,9 +392,10 @@ def probe(services: BrokerServices, path: str) -> tuple[int, str] | None:
         return None
     if services.draining:
         return 503, "draining"
-    if not services.revocations.loaded:
-        # A replica that never read the revocations cannot tell a revoked task from another.
-        return 503, "revocations not loaded (store unreachable)"
+    problem = services.revocations.problem()
+    if problem:
+        # A replica that cannot read the revocations cannot tell a revoked task from another.
+        return 503, problem
     return 200, "ready"
 
 

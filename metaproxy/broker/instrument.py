@@ -240,6 +240,12 @@ class ScrapeState:
             if total > seen:
                 metrics.SHARED_CACHE.labels(result=result).inc(total - seen)
             self._shared_seen[result] = total
+        for event in ("restored", "rejected", "error"):
+            total = fleet.get(f"revocations_{event}", 0.0)
+            seen = self._shared_seen.get(f"revocations_{event}", 0.0)
+            if total > seen:
+                metrics.REVOCATION_INTEGRITY.labels(event=event).inc(total - seen)
+            self._shared_seen[f"revocations_{event}"] = total
 
 
 def exposition() -> tuple[bytes, str]:

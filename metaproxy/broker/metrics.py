@@ -122,6 +122,15 @@ REVOCATION_VIEW_AGE = Gauge(
     "Seconds since this replica's revocations last matched the store; past "
     "--revocation-max-staleness it refuses to issue.",
 )
+REVOCATION_INTEGRITY = Counter(
+    "metaproxy_broker_revocation_integrity_events_total",
+    "Revocations this replica had to defend: restored (the store came back without one it "
+    "held and no lift covered it: kept in force and written back), rejected (a stored value or "
+    "pushed message that was malformed or not signed with the fleet's key), error (a re-read "
+    "or push that failed unexpectedly). Any of these warrants a look (alert "
+    "MetaproxyRevocationIntegrity).",
+    ["event"],
+)
 BUDGET_SHARE = Gauge(
     "metaproxy_broker_sts_budget_share_per_second",
     "AssumeRole calls per second this replica may make: the whole budget while the store "
@@ -138,6 +147,7 @@ _ALL: tuple[MetricWrapperBase, ...] = (
     STORE_UP,
     LIVE_REPLICAS,
     REVOCATION_VIEW_AGE,
+    REVOCATION_INTEGRITY,
     BUDGET_SHARE,
     SHARED_CACHE,
     REQUESTS,

@@ -5,6 +5,14 @@ The store holds them durably and pushes every change to every replica; a full re
 once no re-read has worked for `--revocation-max-staleness`: the store is unreachable, so a
 task revoked through another replica could be missing here. A stale replica refuses to issue
 (503, audited) rather than risk serving a revoked task; sidecars keep serving what they hold.
+
+Only an authenticated, audited lift ever takes a revocation away. A re-read that finds fewer
+revocations than this replica holds is not news of lifts: a `FLUSHALL`, a restart without
+persistence, a failover to a lagging replica or a restore from a backup looks exactly like
+that. A revocation missing from the store is dropped only when a lift's signed tombstone
+covers it; otherwise the replica keeps it, says so (log, metric, alert, audit record) and
+writes it back (`on_lost`). Every error of the re-read loop is caught, counted and shown in
+`/readyz`; the loop never dies.
 """
 
 from __future__ import annotations
@@ -12,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from metaproxy.broker.store.base import (
     Revocation,
     RevocationEvent,
+    RevocationSnapshot,
     RevocationStore,
     StoreUnavailable,
 )
@@ -30,6 +39,10 @@ def revocation_scope(tenant: str, task: str) -> str:
     return f"task {task} of tenant {tenant}" if task else f"tenant {tenant}"
 
 
+async def _nothing_lost(_lost: list[Revocation]) -> None:
+    return None
+
+
 class RevocationView:
     def __init__(
         self,
@@ -39,12 +52,14 @@ class RevocationView:
         max_staleness: float,
         resync_seconds: float,
         on_revoked: Callable[[Revocation], None],
+        on_lost: Callable[[list[Revocation]], Awaitable[None]] = _nothing_lost,
     ) -> None:
         self._store = store
         self._clock = clock
         self._max_staleness = max_staleness
         self._resync_seconds = resync_seconds
         self._on_revoked = on_revoked
+        self._on_lost = on_lost
         self._entries: dict[tuple[str, str], Revocation] = {}
         self._synced_at: float | None = None
         # Events that arrive while a snapshot is being read are applied again after it, so
@@ -53,12 +68,15 @@ class RevocationView:
         self._task: asyncio.Task[None] | None = None
         self.resyncs = 0
         self.resync_failures = 0
+        self.restored = 0  # revocations the store had lost, kept and written back
+        self.errors = 0  # unexpected failures of the re-read (a bug, a value we cannot use)
+        self.last_error = ""
         store.subscribe(self._apply)
 
     async def start(self) -> None:
         """Load once (the replica is not ready until this works), then keep it fresh."""
         with contextlib.suppress(StoreUnavailable):
-            await self.resync()
+            await self._resync_once()
         self._task = asyncio.create_task(self._resync_loop(), name="revocation-resync")
 
     async def aclose(self) -> None:
@@ -71,6 +89,11 @@ class RevocationView:
     def loaded(self) -> bool:
         return self._synced_at is not None
 
+    @property
+    def rejected(self) -> int:
+        """Stored values and pushed messages refused (malformed, or not signed by the fleet)."""
+        return self._store.rejected
+
     def age(self) -> float:
         """Seconds since the view last matched the store (infinite before the first load)."""
         if self._synced_at is None:
@@ -79,6 +102,15 @@ class RevocationView:
 
     def stale(self) -> bool:
         return self.age() > self._max_staleness
+
+    def problem(self) -> str:
+        """Why this view cannot be trusted now, in one line for /readyz; "" when it can."""
+        if self._synced_at is None:
+            return "revocations not loaded (store unreachable)"
+        if self.stale():
+            why = f" (last error: {self.last_error})" if self.last_error else ""
+            return f"revocations not re-read for {self.age():.0f}s{why}: refusing to issue"
+        return ""
 
     def check(self, tenant: str, task: str) -> str:
         """Why (tenant, task) is refused, or "" if it is not revoked."""
@@ -92,6 +124,10 @@ class RevocationView:
         return sorted(self._entries.values(), key=lambda e: (e.tenant, e.task))
 
     async def resync(self) -> None:
+        """Re-read the store now (the loop does it every `resync_seconds`)."""
+        await self._resync_once()
+
+    async def _resync_once(self) -> None:
         self._during_snapshot = []
         try:
             snapshot = await self._store.snapshot()
@@ -100,16 +136,39 @@ class RevocationView:
             raise
         finally:
             late, self._during_snapshot = self._during_snapshot, None
-        fresh = {entry.key: entry for entry in snapshot}
-        added = [entry for key, entry in fresh.items() if key not in self._entries]
-        self._entries = fresh
+        lost = self._merge(snapshot)
         self._synced_at = self._clock.monotonic()
         self.resyncs += 1
+        for event in late or ():
+            self._apply(event)
+        if lost:
+            self.restored += len(lost)
+            log.error(
+                "the store lost %d revocation(s) this replica holds (%s): kept in force and "
+                "written back; a store that loses data must not lift anything",
+                len(lost),
+                ", ".join(revocation_scope(e.tenant, e.task) for e in lost[:5]),
+            )
+            await self._on_lost(lost)
+
+    def _merge(self, snapshot: RevocationSnapshot) -> list[Revocation]:
+        """Take the store's set, keeping what it lost; returns the lost ones."""
+        fresh = {entry.key: entry for entry in snapshot.revocations}
+        lost = []
+        for key, held in self._entries.items():
+            if key in fresh:
+                continue
+            lift = snapshot.lifts.get(key)
+            if lift is not None and lift.covers(held):
+                log.info("revocation lifted while its push was missed: %s", key)
+                continue
+            lost.append(held)
+        added = [entry for key, entry in fresh.items() if key not in self._entries]
+        self._entries = {**fresh, **{entry.key: entry for entry in lost}}
         for entry in added:
             log.warning("revocation found at resync (its push was missed): %s", entry.key)
             self._on_revoked(entry)
-        for event in late or ():
-            self._apply(event)
+        return lost
 
     def apply(self, event: RevocationEvent) -> None:
         """Apply a change made through this replica before its push comes back."""
@@ -124,17 +183,25 @@ class RevocationView:
             self._entries[entry.key] = entry
             if known != entry:
                 self._on_revoked(entry)
-        else:
-            self._entries.pop(entry.key, None)
+            return
+        held = self._entries.get(entry.key)
+        # A lift takes away what it covers: never a revocation made after it.
+        if held is not None and (event.lift is None or event.lift.covers(held)):
+            del self._entries[entry.key]
 
     async def _resync_loop(self) -> None:
         while True:
             await asyncio.sleep(self._resync_seconds)
             try:
-                await self.resync()
+                await self._resync_once()
+                self.last_error = ""
             except StoreUnavailable:
                 if self.stale():
                     log.warning(
                         "revocations not re-read for %.0fs (store unreachable): refusing issuance",
                         self.age(),
                     )
+            except Exception as exc:  # a bug must not stop revocations for good
+                self.errors += 1
+                self.last_error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                log.exception("revocation re-read failed; retrying")

@@ -14,7 +14,7 @@ from metaproxy.audit.record import make_record
 from metaproxy.broker.app import BrokerServices
 from metaproxy.broker.revocation import revocation_scope
 from metaproxy.broker.shared_cache import owner_names
-from metaproxy.broker.store.base import Revocation, RevocationEvent, StoreUnavailable
+from metaproxy.broker.store.base import Lift, Revocation, RevocationEvent, StoreUnavailable
 from metaproxy.clock import iso_z
 from metaproxy.errors import Unavailable
 from metaproxy.logs import request_id_var
@@ -101,15 +101,18 @@ async def revoke(services: BrokerServices, tenant: str, task: str, *, peer: str)
 async def lift(
     services: BrokerServices, tenant: str, task: str, *, peer: str
 ) -> dict[str, Any] | None:
+    lift = Lift(
+        tenant, task, at=iso_z(services.clock.now()), by=f"{peer} via {services.config.instance}"
+    )
     try:
-        lifted = await services.store.revocations.remove(tenant, task)
+        lifted = await services.store.revocations.remove(lift)
     except StoreUnavailable:
         reason = f"lift {revocation_scope(tenant, task)}: store down"
         await _audit(services, "failed", tenant, task, reason=reason, peer=peer, status=503)
         raise StoreDown(f"lift {revocation_scope(tenant, task)}: store unreachable") from None
     if lifted is None:
         return None
-    services.revocations.apply(RevocationEvent("lift", lifted))
+    services.revocations.apply(RevocationEvent("lift", lifted, lift))
     await _audit(
         services,
         "lifted",

@@ -49,9 +49,38 @@ class Revocation:
 
 
 @dataclass(frozen=True, slots=True)
+class Lift:
+    """An authenticated, audited lift (through the control API): kept as a tombstone, so a
+    replica that missed its push can tell a lifted revocation from one the store lost."""
+
+    tenant: str
+    task: str
+    at: str  # ISO time of the lift; it covers revocations made at or before it
+    by: str = ""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.tenant, self.task)
+
+    def covers(self, revocation: Revocation) -> bool:
+        return revocation.key == self.key and revocation.at <= self.at
+
+
+@dataclass(frozen=True, slots=True)
 class RevocationEvent:
     action: Literal["revoke", "lift"]
-    revocation: Revocation
+    revocation: Revocation  # what was revoked, or what was lifted
+    lift: Lift | None = None  # for a lift: who lifted it, and when
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationSnapshot:
+    """The durable copy: the revocations in force, the lifts' tombstones, and how many stored
+    values were refused (malformed, or not signed with the fleet's key)."""
+
+    revocations: list[Revocation]
+    lifts: dict[tuple[str, str], Lift]
+    rejected: int = 0
 
 
 RevocationListener = Callable[[RevocationEvent], None]
@@ -62,12 +91,18 @@ class RevocationStore(Protocol):
         """Durable before it returns, then pushed to every replica (this one included)."""
         ...
 
-    async def remove(self, tenant: str, task: str) -> Revocation | None:
-        """Lift a revocation; returns what was lifted (None: there was none)."""
+    async def remove(self, lift: Lift) -> Revocation | None:
+        """Lift a revocation, leaving `lift` as its tombstone; returns what was lifted (None:
+        there was none)."""
         ...
 
-    async def snapshot(self) -> list[Revocation]:
-        """Every revocation in force, read from the durable copy."""
+    async def snapshot(self) -> RevocationSnapshot:
+        """Every revocation in force and every lift, read from the durable copy."""
+        ...
+
+    @property
+    def rejected(self) -> int:
+        """Pushed messages and stored values refused so far (malformed or unsigned)."""
         ...
 
     def subscribe(self, listener: RevocationListener) -> None:

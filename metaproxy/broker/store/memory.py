@@ -22,9 +22,11 @@ from metaproxy.broker.budget import budget_limiter
 from metaproxy.broker.store.base import (
     Admission,
     CacheClaim,
+    Lift,
     Revocation,
     RevocationEvent,
     RevocationListener,
+    RevocationSnapshot,
     WitnessedCheckpoint,
 )
 from metaproxy.errors import ConfigError
@@ -62,19 +64,24 @@ class MemoryRevocations:
             self._entries = entries
         self._emit(RevocationEvent("revoke", revocation))
 
-    async def remove(self, tenant: str, task: str) -> Revocation | None:
+    async def remove(self, lift: Lift) -> Revocation | None:
         async with self._lock:
-            lifted = self._entries.get((tenant, task))
+            lifted = self._entries.get(lift.key)
             if lifted is None:
                 return None
-            entries = {k: v for k, v in self._entries.items() if k != (tenant, task)}
+            entries = {k: v for k, v in self._entries.items() if k != lift.key}
             await self._save(entries)
             self._entries = entries
-        self._emit(RevocationEvent("lift", lifted))
+        self._emit(RevocationEvent("lift", lifted, lift))
         return lifted
 
-    async def snapshot(self) -> list[Revocation]:
-        return list(self._entries.values())
+    async def snapshot(self) -> RevocationSnapshot:
+        # One process: nothing else can lift, and what it holds it saved itself.
+        return RevocationSnapshot(list(self._entries.values()), {})
+
+    @property
+    def rejected(self) -> int:
+        return 0
 
     def subscribe(self, listener: RevocationListener) -> None:
         self._listeners.append(listener)

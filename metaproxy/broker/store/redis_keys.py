@@ -11,6 +11,9 @@ import json
 
 PREFIX = "metaproxy"
 REVOCATIONS_KEY = f"{PREFIX}:{{revocations}}"
+# The lifts' tombstones: a revocation missing from the store without one here was lost, not
+# lifted (same hash tag: the lift script writes both).
+LIFTS_KEY = f"{PREFIX}:{{revocations}}:lifts"
 REVOCATION_CHANNEL = f"{PREFIX}:revocations"
 FLIGHT_CHANNEL = f"{PREFIX}:flights"
 BUDGET_KEY = f"{PREFIX}:{{sts-budget}}"

@@ -99,13 +99,15 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 )
 
-# Lift a revocation and tell every replica, in one step. KEYS[1] hash; ARGV field, channel,
-# message (the message is completed with the lifted entry by the caller's listener).
+# Lift a revocation, leave its signed tombstone and tell every replica, in one step. KEYS: the
+# revocations and the tombstones; ARGV: field, tombstone, channel, signed message. Returns the
+# lifted value, or false (nothing to lift: nothing is written or sent).
 LIFT: Final = """
 local old = redis.call('HGET', KEYS[1], ARGV[1])
 if not old then return false end
 redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('PUBLISH', ARGV[2], '{"action":"lift","revocation":' .. old .. '}')
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
 return old
 """
 

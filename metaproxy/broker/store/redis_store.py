@@ -23,6 +23,7 @@ from metaproxy.broker.store.redis_limits import RedisLimits
 from metaproxy.broker.store.redis_link import StoreLink
 from metaproxy.broker.store.redis_registry import RedisRegistry
 from metaproxy.broker.store.redis_revocations import RedisRevocations
+from metaproxy.broker.store.signing import RevocationSigner
 
 log = logging.getLogger("metaproxy.broker.store")
 
@@ -30,15 +31,16 @@ log = logging.getLogger("metaproxy.broker.store")
 class RedisStore:
     kind: Literal["memory", "redis"] = "redis"
 
-    def __init__(self, url: StoreUrl, *, timeout: float) -> None:
+    def __init__(self, url: StoreUrl, *, timeout: float, signer: RevocationSigner) -> None:
         loop_time = lambda: asyncio.get_running_loop().time()  # noqa: E731
         self._conn = StoreLink(url, timeout, loop_time)
-        self.revocations = RedisRevocations(self._conn)
+        self.revocations = RedisRevocations(self._conn, signer)
         self.replicas = RedisRegistry(self._conn)
         self.limits = RedisLimits(self._conn, self.replicas)
         self.cache = RedisCache(self._conn)
         self._listener: asyncio.Task[None] | None = None
         self.push_connected = asyncio.Event()
+        self.push_errors = 0
 
     @property
     def up(self) -> bool:
@@ -81,7 +83,13 @@ class RedisStore:
                     if message is None:
                         await pubsub.ping()  # a dead connection shows itself here
                         continue
-                    self._dispatch(message)
+                    try:
+                        self._dispatch(message)
+                    except Exception:
+                        # A message we cannot handle is one message lost (the resync is the
+                        # backstop), never the channel.
+                        self.push_errors += 1
+                        log.exception("store push: a message could not be handled")
             except (RedisError, OSError, TimeoutError) as exc:
                 self.push_connected.clear()
                 log.warning("store push channel lost (%s); reconnecting", type(exc).__name__)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import hmac
 import os
 from pathlib import Path
 
@@ -43,6 +44,15 @@ class Sealer:
         self._current_id = _key_id(keys[0])
         self._current = AESGCM(keys[0])
         self._by_id = {_key_id(key): AESGCM(key) for key in keys}
+        self._keys = tuple(keys)
+
+    def derive(self, purpose: str) -> list[bytes]:
+        """One subkey per store key, for another use of the fleet's shared secret (signing the
+        revocations), first the current one: never the sealing keys themselves."""
+        return [
+            hmac.new(key, f"metaproxy-store-key:{purpose}".encode(), hashlib.sha256).digest()
+            for key in self._keys
+        ]
 
     @classmethod
     def from_file(cls, path: Path) -> Sealer:
