@@ -76,6 +76,12 @@ class Denied(MetaproxyError):
     public_message = "denied by policy"
 
 
+class RevokedWhileFetching(Denied):
+    """A revocation arrived while this request's credentials were being fetched (queued, waiting
+    for the budget or another replica's call, at STS): what came back is never served or
+    cached."""
+
+
 class NotFound(MetaproxyError):
     status = 404
     code = "NotFound"

@@ -27,6 +27,10 @@ log = logging.getLogger("metaproxy.broker.cache")
 Key = tuple[object, ...]
 
 
+class FetchCancelled(Exception):
+    """The fetch a caller waited for was cancelled (`CredentialCache.drop`), not the caller."""
+
+
 @dataclass(frozen=True, slots=True)
 class CacheEntry:
     role: AssumedRole
@@ -103,6 +107,12 @@ class CredentialCache:
         task = self._start_fetch(key, fetch)
         try:
             role = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or current.cancelling() == 0):
+                # The fetch was cancelled (`cancel`: a revocation), not this caller.
+                raise FetchCancelled("the fetch this request waited for was cancelled") from None
+            raise
         except Exception:
             entry = self._entries.get(key)
             if entry is not None and entry.valid(self._clock.now(), self._stale_floor):
@@ -153,8 +163,13 @@ class CredentialCache:
             del self._entries[next(iter(self._entries))]
 
     def drop(self, predicate: Callable[[Key], bool]) -> int:
-        """Forget entries (revocation). Returns how many went."""
+        """Forget entries (revocation), and cancel the fetches of those keys still in flight:
+        whatever they bring back is never cached, and their callers get `FetchCancelled`.
+        Returns how many entries went."""
         doomed = [k for k in self._entries if predicate(k)]
         for key in doomed:
             del self._entries[key]
+        for key, task in list(self._in_flight.items()):
+            if predicate(key):
+                task.cancel()
         return len(doomed)

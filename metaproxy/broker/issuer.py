@@ -20,7 +20,7 @@ from metaproxy.audit.record import make_record
 from metaproxy.audit.writer import AuditLog
 from metaproxy.broker.admission import FairAdmission, lane_for
 from metaproxy.broker.authn import FailedAuthentications
-from metaproxy.broker.cache import CredentialCache, Key
+from metaproxy.broker.cache import CredentialCache, FetchCancelled, Key
 from metaproxy.broker.instrument import note_source
 from metaproxy.broker.limits import TenantLimiter
 from metaproxy.broker.metadata import build_metadata
@@ -35,6 +35,7 @@ from metaproxy.errors import (
     Denied,
     MetaproxyError,
     RevocationsStale,
+    RevokedWhileFetching,
     TooManyRequests,
     Unauthenticated,
 )
@@ -189,21 +190,30 @@ class Issuer:
             raise
         key = spec.cache_key
         priority: Priority = "refresh" if request.refresh or self.cache.has_valid(key) else "cold"
+        # The broker's own record decides, never the request's `refresh` flag: a client that
+        # called its first grant a refresh hid it from `audit query --event issued`.
+        seen = self._owners.get(key) == (decision.tenant, identity.task)
+        # Known before the fetch starts, so a revocation that arrives meanwhile finds the key
+        # and cancels the fetch (`forget`).
+        self._remember_owner(key, decision.tenant, identity.task)
         try:
             result = await self.cache.get(
                 key, self._fetcher(key, spec, decision.tenant, identity.task, priority, look=look)
             )
+        except (FetchCancelled, RevokedWhileFetching):
+            result = None
         except MetaproxyError as exc:
             await self._audit(
                 "failed", ctx, identity, decision, reason=exc.detail, status=exc.status
             )
             raise
+        # A revocation may have arrived while this request waited — in the queue, for the
+        # budget, for another replica's call, at STS: checked again before anything is
+        # answered, and what came back is neither served nor kept.
+        await self._still_issuable(identity, decision, ctx, key, fetched=result is not None)
+        assert result is not None  # a cancelled fetch only ever comes from a revocation
         note_source(result.source)
-        # The broker's own record decides, never the request's `refresh` flag: a client that
-        # called its first grant a refresh hid it from `audit query --event issued`.
-        seen = self._owners.get(key) == (decision.tenant, identity.task)
         event = "refreshed" if seen else "issued"
-        self._remember_owner(key, decision.tenant, identity.task)
         credentials = result.role.credentials
         await self._audit(
             event,
@@ -259,6 +269,39 @@ class Issuer:
             raise Denied(decision.reason)
         return decision.spec
 
+    async def _still_issuable(
+        self,
+        identity: Identity,
+        decision: Decision,
+        ctx: RequestContext,
+        key: Key,
+        *,
+        fetched: bool,
+    ) -> None:
+        """After the fetch, before the answer: refuse (and drop the set from both caches) if the
+        task was revoked meanwhile, or if this replica can no longer tell."""
+        tenant, task = decision.tenant, identity.task
+        revoked = self.revocations.check(tenant, task)
+        if not revoked and not self.revocations.stale() and fetched:
+            return
+        self.cache.drop(lambda k: k == key)
+        if self.shared is not None:
+            self.shared.drop_task(tenant, task)
+        if revoked or not fetched:
+            reason = f"{revoked or 'revoked'} while its credentials were being fetched"
+            await self._audit("denied", ctx, identity, decision, reason=reason, status=403)
+            raise Denied(reason)
+        detail = f"revocation view {self.revocations.age():.0f}s old at the answer; refusing"
+        await self._audit("failed", ctx, identity, decision, reason=detail, status=503)
+        raise RevocationsStale(detail, retry_after=5.0)
+
+    def _refuse_revoked(self, tenant: str, task: str) -> None:
+        """Between STS and the caches: a set fetched for a task revoked meanwhile is never
+        stored, here or in the fleet's shared cache."""
+        revoked = self.revocations.check(tenant, task)
+        if revoked or self.revocations.stale():
+            raise RevokedWhileFetching(revoked or "revocations stale")
+
     def _remember_owner(self, key: Key, tenant: str, task: str) -> None:
         self._owners[key] = (tenant, task)
         self._owners.move_to_end(key)
@@ -277,13 +320,21 @@ class Issuer:
     ) -> Callable[[], Awaitable[AssumedRole]]:
         """STS through the scheduler, behind the fleet's shared cache where there is one."""
 
-        def assume() -> Awaitable[AssumedRole]:
-            return self.scheduler.submit(spec, tenant=tenant, priority=priority)
+        async def assume() -> AssumedRole:
+            role = await self.scheduler.submit(spec, tenant=tenant, priority=priority)
+            self._refuse_revoked(tenant, task)  # before the shared cache stores it
+            return role
 
         shared = self.shared
         if shared is None:
             return assume
-        return lambda: shared.fetch(key, owner_names(tenant, task), assume, look)
+
+        async def fetch() -> AssumedRole:
+            role = await shared.fetch(key, owner_names(tenant, task), assume, look)
+            self._refuse_revoked(tenant, task)  # another replica's set: not into ours either
+            return role
+
+        return fetch
 
     def forget(self, tenant: str, task: str) -> tuple[int, list[str]]:
         """Drop this replica's cached credentials of a revoked task (or, task == "", of every

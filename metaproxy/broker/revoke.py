@@ -8,6 +8,7 @@ here and in the shared cache. Each step that changes state is one audit record.
 from __future__ import annotations
 
 import contextlib
+from datetime import datetime, timedelta
 from typing import Any
 
 from metaproxy.audit.record import make_record
@@ -89,13 +90,27 @@ async def revoke(services: BrokerServices, tenant: str, task: str, *, peer: str)
         peer=peer,
         status=200,
     )
+    cutoff = deny_cutoff(services.clock.now(), services.config.revocation_max_staleness)
     return {
         "revoked": {"tenant": tenant, "task": task, "at": entry.at, "by": entry.by},
         # The same sets usually sit in both: this replica's cache and the fleet's shared one.
         "dropped": {"replica": dropped, "shared": shared_dropped},
         "roles": roles,
-        "deny_policy": deny_policy(tenant_policy, task, entry.at),
+        "deny_policy": deny_policy(tenant_policy, task, cutoff),
+        "deny_covers_sessions_issued_before": cutoff,
     }
+
+
+# Between the broker's clock and STS's, and for an STS call under way when a replica learns.
+DENY_MARGIN_SECONDS = 60.0
+
+
+def deny_cutoff(revoked_at: datetime, max_staleness: float) -> str:
+    """Until when the printed deny must reach: every credential the fleet may still have minted
+    and handed out for the task. This replica refuses at once, and re-checks every fetch before
+    it answers; another replica may not have heard yet — it re-reads the store, or refuses to
+    issue once its view is older than `--revocation-max-staleness`."""
+    return iso_z(revoked_at + timedelta(seconds=max_staleness + DENY_MARGIN_SECONDS))
 
 
 async def lift(

@@ -240,11 +240,20 @@ class _Job:
 
 
 async def _settle(job: _Job, caller: StsCaller, *, budget_taken: bool = False) -> None:
-    """Run one job; its outcome (never an unknown exception's text) goes to its future."""
+    """Run one job; its outcome (never an unknown exception's text) goes to its future. A job
+    whose caller gives up (a revocation cancelled its fetch) stops its STS call too."""
     if job.future.done():
         return  # the caller gave up while it waited
+    call = asyncio.ensure_future(caller.assume_role(job.spec, budget_taken=budget_taken))
+    job.future.add_done_callback(lambda future: call.cancel() if future.cancelled() else None)
     try:
-        role = await caller.assume_role(job.spec, budget_taken=budget_taken)
+        role = await call
+    except asyncio.CancelledError:
+        worker = asyncio.current_task()
+        if worker is not None and worker.cancelling():
+            call.cancel()
+            raise  # the worker itself is stopping
+        return  # the call was stopped because its caller gave up
     except MetaproxyError as exc:
         if not job.future.done():
             job.future.set_exception(exc)

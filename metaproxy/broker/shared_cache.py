@@ -27,6 +27,7 @@ from metaproxy.broker.store.base import CacheClaim, CacheLook, SharedCache, Stor
 from metaproxy.broker.store.sealing import SealedValueInvalid, Sealer
 from metaproxy.broker.sts import AssumedRole
 from metaproxy.clock import Clock, iso_z
+from metaproxy.errors import Denied
 from metaproxy.models import Credentials
 
 log = logging.getLogger("metaproxy.broker.cache")
@@ -139,6 +140,8 @@ class SharedCredentials:
         try:
             role = await assume_role()
             return role
+        except Denied:
+            raise  # revoked while it was fetched: nothing is served, and nothing stored
         except Exception:
             # STS failed: a set in the store past its refresh point (not its floor) is what
             # this replica serves, as it would from its own cache.
@@ -154,6 +157,15 @@ class SharedCredentials:
             # Storing the set and releasing the lease (which wakes the other replicas'
             # waiters) follow in one round trip, in the background, after the caller's answer.
             self._background.spawn(self._fill_quietly(digest, owners, role))
+
+    def drop_task(self, tenant: str, task: str) -> None:
+        """Drop a revoked task's sets from the fleet's cache (in the background): one another
+        replica filled after the revocation's own drop, before it heard of it."""
+        self._background.spawn(self._drop_quietly(owner_names(tenant, task)[1 if task else 0]))
+
+    async def _drop_quietly(self, owner: str) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self._store.drop_owner(owner)
 
     def let_go(self, key: CacheKey) -> None:
         """Give back a lease this replica took for `key` and will not use (in the background)."""
