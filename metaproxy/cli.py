@@ -34,6 +34,7 @@ COMMANDS = {
     "sts-emulator": "metaproxy.testing.cli",
     "fault-proxy": "metaproxy.testing.cli",
     "netns": "metaproxy.netns",
+    "link-local": "metaproxy.podnet.cli",
     "webhook": "metaproxy.webhook.cli",
     "revoke": "metaproxy.revoke_cli",
 }

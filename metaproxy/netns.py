@@ -1,11 +1,13 @@
 """`metaproxy netns attach|detach`: a task's sidecar inside the task's own network namespace.
 
 The platform creates the namespace (`ip netns add NAME`); `attach` puts the IMDS and
-container-credentials addresses on the namespace's loopback and starts the sidecar in it, so an
-unconfigured SDK in the task finds 169.254.169.254 with no environment at all. The sidecar's admin
-endpoint is a Unix socket on the host's file system: sockets are named by path, not by network
-namespace, so the platform polls `/readyz` from the host. `detach` stops the sidecar (if it still
-runs) and removes what `attach` added. The ordering is in docs/netns.md.
+container-credentials addresses on the namespace's loopback, redirects their port 80 to the
+sidecar's loopback ports with NAT (`podnet.addresses`, the same code as the CNI plugin and
+`metaproxy link-local`) and starts the sidecar in it, so an unconfigured SDK in the task finds
+169.254.169.254 with no environment at all, and the task keeps port 80 for itself. The
+sidecar's admin endpoint is a Unix socket on the host's file system: sockets are named by path,
+not by network namespace, so the platform polls `/readyz` from the host. `detach` stops the
+sidecar (if it still runs) and removes what `attach` added. The ordering is in docs/netns.md.
 """
 
 from __future__ import annotations
@@ -28,30 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from metaproxy.clihelp import add_flag
-from metaproxy.config import CONTAINER_CREDENTIALS_ADDRESS, IMDS_ADDRESS
 from metaproxy.errors import ConfigError
+from metaproxy.podnet import CONTAINER_PORT, IMDS_PORT
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 NETNS_DIR = Path("/run/netns")  # where `ip netns add` bind-mounts named namespaces
 DEFAULT_RUNTIME_DIR = Path("/run/metaproxy")
-# On `lo` rather than a dummy interface: `lo` exists and is routable in every namespace without
-# the `dummy` kernel module (absent on many hosts and sandboxes), and a /32 on `lo` is local to
-# the namespace only, so nothing outside it can reach these addresses.
-TASK_INTERFACE = "lo"
-# Where tasks on IPv6 find the same two services: botocore's and the other SDKs' IPv6 IMDS
-# endpoint, and the container-credentials address EKS Pod Identity uses on IPv6 clusters.
-IMDS_ADDRESS_V6 = "[fd00:ec2::254]:80"
-CONTAINER_CREDENTIALS_ADDRESS_V6 = "[fd00:ec2::23]:80"
-TASK_ADDRESSES_V4 = (
-    IMDS_ADDRESS.rpartition(":")[0] + "/32",
-    CONTAINER_CREDENTIALS_ADDRESS.rpartition(":")[0] + "/32",
-)
-TASK_ADDRESSES_V6 = (
-    IMDS_ADDRESS_V6.rpartition(":")[0].strip("[]") + "/128",
-    CONTAINER_CREDENTIALS_ADDRESS_V6.rpartition(":")[0].strip("[]") + "/128",
-)
-TASK_ADDRESSES = TASK_ADDRESSES_V4 + TASK_ADDRESSES_V6
-IPV6_SYSCTLS = Path("/proc/sys/net/ipv6")  # absent when the kernel runs without IPv6
 # Listen addresses and the ready file are what make a sidecar "attached"; letting the caller
 # change them would silently break the SDK's defaults or the host's readiness probe.
 OWNED_SIDECAR_FLAGS = ("--imds-listen", "--container-listen", "--admin-listen", "--ready-file")
@@ -217,8 +201,9 @@ def _preflight(args: argparse.Namespace) -> tuple[str, TaskPaths]:
         raise ConfigError(f"--runtime-dir is too long for a Unix socket path: {paths.admin_socket}")
     if os.geteuid() != 0:
         raise NetnsError("needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN on the host): run as root")
-    for tool in ("ip", "nsenter"):
-        _tool(tool)
+    # nsenter starts the sidecar in the namespace; the addresses need no tool, and `prepare`
+    # resolves the redirect's iptables binaries itself before it changes anything.
+    _tool("nsenter")
     return name, paths
 
 
@@ -226,7 +211,7 @@ def _tool(name: str) -> str:
     """Absolute path of a system tool, resolved before anything changes, with a clear error."""
     path = shutil.which(name, path=os.environ.get("PATH", os.defpath))
     if path is None:
-        raise NetnsError(f"{name} not found on PATH (install iproute2 / util-linux)")
+        raise NetnsError(f"{name} not found on PATH (install util-linux)")
     return path
 
 
@@ -239,8 +224,8 @@ def _run_attach(args: argparse.Namespace) -> int:
         raise NetnsError(f"a sidecar is already attached to {name!r}; detach it first")
     paths.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     paths.ready_file.unlink(missing_ok=True)
-    add_task_addresses(name)
-    command = sidecar_command(name, paths, sidecar_args)
+    ipv6 = add_task_addresses(name)
+    command = sidecar_command(name, paths, sidecar_args, ipv6=ipv6)
     if not args.wait_ready:
         # Foreground: this process becomes the sidecar (nsenter execs without forking), so a
         # supervisor's SIGTERM reaches the sidecar itself and starts its drain.
@@ -274,30 +259,29 @@ def _run_detach(args: argparse.Namespace) -> int:
 
 
 def release(name: str, paths: TaskPaths, stop_timeout: float) -> int | None:
-    """Undo attach: stop the sidecar if it still runs, remove the addresses and our files.
+    """Undo attach: stop the sidecar if it still runs, remove the redirect, the addresses and
+    our files.
 
     Idempotent, and fine after the namespace is gone (then its addresses went with it). The log
     stays, for whoever investigates why the task stopped.
     """
     stopped = stop_sidecar(paths, timeout=stop_timeout)
-    if (NETNS_DIR / name).exists():
-        remove_task_addresses(name)
+    remove_task_addresses(name)
     for path in (paths.state_file, paths.pid_file, paths.ready_file, paths.admin_socket):
         path.unlink(missing_ok=True)
     return stopped
 
 
-def ipv6_available() -> bool:
-    return IPV6_SYSCTLS.is_dir()
-
-
-def sidecar_command(name: str, paths: TaskPaths, sidecar_args: list[str]) -> list[str]:
-    """`nsenter --net=… python -m metaproxy sidecar …` bound to the SDKs' default addresses
-    (IPv4, and IPv6 when the kernel has it)."""
-    imds, container = [IMDS_ADDRESS], [CONTAINER_CREDENTIALS_ADDRESS]
-    if ipv6_available():
-        imds.append(IMDS_ADDRESS_V6)
-        container.append(CONTAINER_CREDENTIALS_ADDRESS_V6)
+def sidecar_command(
+    name: str, paths: TaskPaths, sidecar_args: list[str], *, ipv6: bool
+) -> list[str]:
+    """`nsenter --net=… python -m metaproxy sidecar …` on the loopback ports the namespace's
+    redirect sends the SDKs' default addresses to (127.0.0.1, and ::1 where the namespace has
+    IPv6): IMDS on `IMDS_PORT`, container credentials on `CONTAINER_PORT`. Never port 80: the
+    task's own `0.0.0.0:80` must stay free."""
+    hosts = ["127.0.0.1", "[::1]"] if ipv6 else ["127.0.0.1"]
+    imds = [f"{host}:{IMDS_PORT}" for host in hosts]
+    container = [f"{host}:{CONTAINER_PORT}" for host in hosts]
     return [
         _tool("nsenter"),
         f"--net={NETNS_DIR / name}",
@@ -314,40 +298,25 @@ def sidecar_command(name: str, paths: TaskPaths, sidecar_args: list[str]) -> lis
     ]
 
 
-MISSING_ADDRESS = ("cannot assign requested address", "address not found")
+def add_task_addresses(name: str) -> bool:
+    """`lo` up with the task addresses and their redirect to `IMDS_PORT` and `CONTAINER_PORT`;
+    True if they include IPv6 (the namespace has it)."""
+    from metaproxy.podnet import addresses
 
-
-def _ip(*args: str, allow_missing: bool = False) -> None:
-    result = subprocess.run(  # noqa: S603 - iproute2 by absolute path, validated arguments
-        [_tool("ip"), *args], capture_output=True, text=True, check=False
-    )
-    if result.returncode == 0:
-        return
-    # `addr del` of an address that is not there: detach is idempotent. Older iproute2 says
-    # "Cannot assign requested address"; current kernels answer through extended ack with
-    # "Error: ipv4: Address not found." (or "ipv6: address not found.").
-    if allow_missing and any(text in result.stderr.lower() for text in MISSING_ADDRESS):
-        return
-    raise NetnsError(f"ip {' '.join(args)}: {result.stderr.strip()}")
-
-
-def add_task_addresses(name: str) -> None:
-    _ip("-n", name, "link", "set", TASK_INTERFACE, "up")
-    for address in TASK_ADDRESSES_V4:
-        # `replace`, not `add`: attaching again after a crash must not fail on a leftover.
-        _ip("-n", name, "addr", "replace", address, "dev", TASK_INTERFACE)
-    if ipv6_available():
-        for address in TASK_ADDRESSES_V6:
-            # nodad: usable at once, not "tentative" while duplicate detection runs (the
-            # sidecar could not bind it yet).
-            _ip("-n", name, "addr", "replace", address, "dev", TASK_INTERFACE, "nodad")
+    try:
+        prepared = addresses.prepare(NETNS_DIR / name)
+    except OSError as exc:
+        raise NetnsError(f"adding the addresses and redirect to {name!r}: {exc}") from None
+    return any(address.version == 6 for address in prepared.addresses)
 
 
 def remove_task_addresses(name: str) -> None:
-    # `lo` stays up: it may have been up before attach, and a down `lo` breaks the task.
-    addresses = TASK_ADDRESSES if ipv6_available() else TASK_ADDRESSES_V4
-    for address in addresses:
-        _ip("-n", name, "addr", "del", address, "dev", TASK_INTERFACE, allow_missing=True)
+    from metaproxy.podnet import addresses
+
+    try:
+        addresses.release(NETNS_DIR / name)  # `lo` stays up: a down `lo` breaks the task
+    except OSError as exc:
+        raise NetnsError(f"removing the addresses and redirect from {name!r}: {exc}") from None
 
 
 def _start_time(pid: int) -> int | None:

@@ -82,6 +82,8 @@ def test_all_agreed_resources_are_present() -> None:
         ("NetworkPolicy", "metaproxy-valkey"),
         ("Secret", "metaproxy-store"),
         ("Secret", "metaproxy-broker-fleet"),
+        ("Namespace", "metaproxy-node"),
+        ("DaemonSet", "metaproxy-cni"),
     }
     present = {(d["kind"], d["metadata"]["name"]) for _, d in DOCUMENTS}
     assert expected <= present
@@ -328,6 +330,64 @@ def test_webhook_configuration_is_safe() -> None:
     args = container(one("Deployment", "metaproxy-webhook"))["args"]
     assert args[0] == "webhook"
     assert any(a.startswith("--tls-cert=") for a in args)
+
+
+def test_cni_daemonset_installs_the_plugin_on_every_node() -> None:
+    """On every node, before pod networking: install-cni writes the host's CNI dirs as uid 0
+    with no capability, holds no API token, and is ready once the plugin is in place."""
+    from metaproxy.cli import build_parser
+
+    daemonset = one("DaemonSet", "metaproxy-cni")
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["hostNetwork"] is True
+    assert pod["automountServiceAccountToken"] is False
+    assert "serviceAccountName" not in pod  # no API access: the namespace's default suffices
+    installer = container(daemonset)
+    assert installer["image"] == container(one("Deployment", "metaproxy-webhook"))["image"]
+    assert installer["args"][:2] == ["link-local", "install-cni"]
+    args = build_parser("link-local").parse_args(installer["args"])  # every flag exists
+    host_paths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    mounts = {m["mountPath"]: m for m in installer["volumeMounts"]}
+    for directory, host in (
+        (args.cni_bin_dir, "/opt/cni/bin"),
+        (args.cni_conf_dir, "/etc/cni/net.d"),
+    ):
+        assert host_paths[mounts[str(directory)]["name"]] == host
+        assert not mounts[str(directory)].get("readOnly")
+    assert "emptyDir" in volume_of(daemonset, str(args.ready_file))
+    command = installer["readinessProbe"]["exec"]["command"]
+    probe = build_parser("link-local").parse_args(command[1:])
+    assert (command[0], probe.link_local_command) == ("metaproxy", "check-install")
+    assert probe.ready_file == args.ready_file
+    security = installer["securityContext"]
+    assert (security["runAsUser"], security["runAsNonRoot"]) == (0, False)
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert set(installer["resources"]) == {"requests", "limits"}
+
+
+def test_cni_daemonset_has_a_namespace_that_admits_node_agents() -> None:
+    """`metaproxy` stays restricted, which refuses hostNetwork, hostPath and uid 0; the
+    DaemonSet's own namespace allows them and holds nothing else."""
+    daemonset = one("DaemonSet", "metaproxy-cni")
+    namespace = daemonset["metadata"]["namespace"]
+    labels = one("Namespace", namespace)["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
+    assert [d for _, d in DOCUMENTS if d["metadata"].get("namespace") == namespace] == [daemonset]
+    restricted = one("Namespace", "metaproxy")["metadata"]["labels"]
+    assert restricted["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_cni_entry_lets_sidecars_reach_the_node_metadata_the_webhook_grants() -> None:
+    """`nodeMetadata` in the plugin's entry exactly when the webhook injects sidecars that answer
+    node metadata paths (its --node-metadata, non-empty by default)."""
+    webhook = container(one("Deployment", "metaproxy-webhook"))["args"]
+    paths = [a.partition("=")[2] for a in webhook if a.startswith("--node-metadata")]
+    grants = not paths or paths[-1] not in ("", "''", '""')
+    assert ("--node-metadata" in container(one("DaemonSet", "metaproxy-cni"))["args"]) == grants
 
 
 def test_example_pod_asks_for_injection() -> None:

@@ -4,11 +4,14 @@ Topology of the end-to-end test (everything is created by the test and removed i
 
     host ── broker (in this process) on a Unix socket ── sidecars reach it by path, any netns
     host ── moto (STS) on 10.200.A.1, the acme veth's host address, nowhere else
-    netns acme:   lo 169.254.169.254/32 169.254.170.23/32  veth 10.200.A.2/30
-    netns globex: lo 169.254.169.254/32 169.254.170.23/32  veth 10.200.B.2/30, 10.200.A.1/32 via B.1
+    netns acme:   lo 169.254.169.254/32 169.254.170.2/32 169.254.170.23/32  veth 10.200.A.2/30
+    netns globex: lo 169.254.169.254/32 169.254.170.2/32 169.254.170.23/32  veth 10.200.B.2/30,
+                  10.200.A.1/32 via B.1
 
-The host answers a packet for any of its own addresses on any interface, so globex reaches moto
-through its own veth with a /32 route and no forwarding; no namespace has a default route.
+Each namespace's nat table redirects port 80 of those addresses to its sidecar on 127.0.0.1:8182
+(IMDS) and :8181 (container credentials). The host answers a packet for any of its own addresses
+on any interface, so globex reaches moto through its own veth with a /32 route and no
+forwarding; no namespace has a default route.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from metaproxy.cli import main
 from tests.support import REPO, Pki, broker_config, issue, run_command
 
 ROUTE_KEYS = ("type", "dst", "gateway", "dev", "table", "protocol", "scope", "prefsrc", "metric")
+CHAIN = "METAPROXY-LINK-LOCAL"  # the redirect's nat chain, in task namespaces only
+IPV6 = Path("/proc/sys/net/ipv6").is_dir()
 WHO_AM_I = """
 import json, sys, boto3
 session = boto3.Session()
@@ -55,9 +60,30 @@ def ip_json(*args: str) -> Any:
     return json.loads(out or "[]")
 
 
-def host_network_state() -> dict[str, Any]:
-    """Links, addresses, routes and named namespaces; lifetimes and counters left out."""
-    links = ip_json("addr")
+def our_nat(netns: str | None, version: int = 4) -> list[str]:
+    """The lines of a namespace's (None: the host's) nat table that mention our chain."""
+    command = ["iptables" if version == 4 else "ip6tables", "-t", "nat", "-S"]
+    argv = command if netns is None else ["ip", "netns", "exec", netns, *command]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if CHAIN in line]
+
+
+def listening(netns: str) -> set[str]:
+    """The namespace's listening TCP sockets, as `ss` names them (`127.0.0.1:8182`)."""
+    argv = ["ip", "netns", "exec", netns, "ss", "-Hltn"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+    return {line.split()[3] for line in out.splitlines()}
+
+
+def host_network_state(tag: str) -> dict[str, Any]:
+    """Links, addresses, routes, named namespaces and our nat chain (which belongs in task
+    namespaces only); lifetimes and counters left out. Objects that other test runs name (`mpx…`
+    without this run's `tag`) are left out too: other suites make and remove theirs meanwhile."""
+
+    def kept(name: str) -> bool:
+        return not name.startswith("mpx") or tag in name
+
+    links = [link for link in ip_json("addr") if kept(link["ifname"])]
     routes = ip_json("route", "show", "table", "all") + ip_json(
         "-6", "route", "show", "table", "all"
     )
@@ -69,9 +95,13 @@ def host_network_state() -> dict[str, Any]:
             for a in link.get("addr_info", [])
         ),
         "routes": sorted(
-            tuple((k, str(route[k])) for k in ROUTE_KEYS if k in route) for route in routes
+            tuple((k, str(route[k])) for k in ROUTE_KEYS if k in route)
+            for route in routes
+            if kept(route.get("dev", ""))
         ),
-        "netns": sorted(ns["name"] for ns in ip_json("netns", "list")),
+        "netns": sorted(ns["name"] for ns in ip_json("netns", "list") if kept(ns["name"])),
+        "nat": (our_nat(None) if shutil.which("iptables") else [])
+        + (our_nat(None, 6) if shutil.which("ip6tables") and IPV6 else []),
     }
 
 
@@ -83,6 +113,12 @@ def netns_unavailable() -> str | None:
     for tool in ("ip", "nsenter"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
+    # The redirect's binaries, where `podnet.redirect` finds them.
+    if (
+        shutil.which("iptables-restore", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+        is None
+    ):
+        return "iptables is not installed"
     probe = f"mpx-probe-{secrets.token_hex(3)}"
     added = subprocess.run(
         ["ip", "netns", "add", probe], check=False, capture_output=True, text=True
@@ -333,15 +369,15 @@ async def test_each_tenant_namespace_gets_its_own_role_with_no_configuration(
 ) -> None:
     """boto3 with no AWS_* in acme's and globex's namespaces sees each tenant's own role."""
     require_netns()
-    before = host_network_state()
-    await _two_tenants_in_their_own_namespaces(tmp_path, pki, policies_dir)
-    assert host_network_state() == before
+    lab = NetnsLab()
+    before = host_network_state(lab.tag)
+    await _two_tenants_in_their_own_namespaces(tmp_path, pki, policies_dir, lab)
+    assert host_network_state(lab.tag) == before
 
 
 async def _two_tenants_in_their_own_namespaces(
-    tmp_path: Path, pki: Pki, policies_dir: Path
+    tmp_path: Path, pki: Pki, policies_dir: Path, lab: NetnsLab
 ) -> None:
-    lab = NetnsLab()
     # Short: a Unix socket path must fit in 108 bytes, and pytest's tmp_path may not.
     run_dir = Path(tempfile.mkdtemp(prefix="mpx-", dir="/tmp"))
     broker_socket = run_dir / "broker.sock"
@@ -364,7 +400,15 @@ async def _two_tenants_in_their_own_namespaces(
                 assert rc == 0, err
                 acme_pid = json.loads(out)["pid"]
                 assert await readyz_over_socket(run_dir / acme.netns / "admin.sock") == 200
-                assert "169.254.169.254" in lo_addresses(acme.netns)
+                expected = {"169.254.169.254", "169.254.170.2", "169.254.170.23"}
+                assert expected <= set(lo_addresses(acme.netns))
+                # The sidecar holds loopback ports only; the nat chain sends port 80 there.
+                loopback = {"127.0.0.1:8182", "127.0.0.1:8181"}
+                if IPV6:
+                    loopback |= {"[::1]:8182", "[::1]:8181"}
+                assert listening(acme.netns) == loopback
+                assert f"-A OUTPUT -o lo -j {CHAIN}" in our_nat(acme.netns)
+                assert len(our_nat(acme.netns)) == 5  # -N, the jump, three redirects
                 rc, _, err = await platform.attach_and_wait(acme.netns, acme_sidecar)
                 assert rc == 1
                 assert "already attached" in err
@@ -392,6 +436,7 @@ async def _two_tenants_in_their_own_namespaces(
                 assert await asyncio.wait_for(globex_process.wait(), 10) == 0  # drained, clean
                 for ns in (acme, globex):
                     assert not [a for a in lo_addresses(ns.netns) if a.startswith("169.254.")]
+                    assert our_nat(ns.netns) == []
                     assert not (run_dir / ns.netns / "admin.sock").exists()
             finally:
                 platform.detach_all()
@@ -428,6 +473,7 @@ async def test_attach_that_never_gets_ready_leaves_nothing_behind(tmp_path: Path
         assert rc == 1
         assert "not ready" in err
         assert not [a for a in lo_addresses(ns.netns) if a.startswith("169.254.")]
+        assert our_nat(ns.netns) == []
         assert sorted(p.name for p in (run_dir / ns.netns).iterdir()) == ["sidecar.log"]
         assert sidecars_of(run_dir) == []
 
@@ -479,9 +525,9 @@ async def test_attach_without_root_says_it_needs_root() -> None:
     assert "needs root" in err
 
 
-def test_detach_twice_succeeds_on_current_iproute2(tmp_path: Path) -> None:
-    """Detach is idempotent: a second run (the addresses already gone) exits 0, whichever way
-    this iproute2 reports a missing address ("Address not found" on current kernels)."""
+def test_detach_twice_succeeds(tmp_path: Path) -> None:
+    """Detach removes the address, the jump and the chain; a second run, with them already
+    gone, exits 0."""
     require_netns()
     name = f"mpx-detach-{secrets.token_hex(3)}"
     subprocess.run(["ip", "netns", "add", name], check=True)
@@ -490,6 +536,9 @@ def test_detach_twice_succeeds_on_current_iproute2(tmp_path: Path) -> None:
         subprocess.run(
             ["ip", "-n", name, "addr", "add", "169.254.169.254/32", "dev", "lo"], check=True
         )
+        iptables = ["ip", "netns", "exec", name, "iptables", "-t", "nat"]
+        subprocess.run([*iptables, "-N", CHAIN], check=True)
+        subprocess.run([*iptables, "-A", "OUTPUT", "-o", "lo", "-j", CHAIN], check=True)
         argv = [sys.executable, "-m", "metaproxy", "netns", "detach", "--netns", name]
         argv += ["--runtime-dir", str(tmp_path)]
         for _ in range(2):
@@ -503,6 +552,7 @@ def test_detach_twice_succeeds_on_current_iproute2(tmp_path: Path) -> None:
             check=True,
         )
         assert "169.254.169.254" not in shown.stdout
+        assert our_nat(name) == []
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
@@ -570,8 +620,10 @@ async def test_ipv6_only_namespace_gets_credentials_at_fd00_ec2(
                 rc, _, err = await platform.attach_and_wait(netns, args)
                 assert rc == 0, err
                 assert {"fd00:ec2::254", "fd00:ec2::23"} <= set(lo_addresses(netns))
+                assert {"[::1]:8182", "[::1]:8181"} <= listening(netns)
+                assert len(our_nat(netns, 6)) == 4  # -N, the jump, two redirects
                 # Only the IPv6 endpoints are left to answer.
-                for address in ("169.254.169.254/32", "169.254.170.23/32"):
+                for address in ("169.254.169.254/32", "169.254.170.2/32", "169.254.170.23/32"):
                     subprocess.run(
                         ["ip", "-n", netns, "addr", "del", address, "dev", "lo"], check=True
                     )
@@ -592,6 +644,7 @@ async def test_ipv6_only_namespace_gets_credentials_at_fd00_ec2(
                 rc, _, err = await platform.detach(netns)
                 assert rc == 0, err
                 assert not [a for a in lo_addresses(netns) if a.startswith("fd00:ec2:")]
+                assert our_nat(netns, 6) == []
             finally:
                 platform.detach_all()
                 await broker.stop()
