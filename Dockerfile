@@ -31,7 +31,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-RUN groupadd --system --gid 10001 metaproxy \
+# iptables: `metaproxy link-local setup` (the webhook's init-container mode) redirects the pod's
+# link-local metadata addresses to its sidecar with it. Nothing else in the image uses it.
+RUN apt-get update \
+ && apt-get install --yes --no-install-recommends iptables \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 metaproxy \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
       --shell /usr/sbin/nologin metaproxy
 
@@ -44,14 +49,11 @@ USER 10001:10001
 EXPOSE 9901 8443 9902
 
 ENTRYPOINT ["metaproxy"]
-# A non-root user cannot bind port 80, so the default command serves IMDS on 127.0.0.1:8182 and
-# container credentials on 127.0.0.1:8181 (point SDKs there with
-# AWS_EC2_METADATA_SERVICE_ENDPOINT / AWS_CONTAINER_CREDENTIALS_FULL_URI), and /healthz, /readyz
-# and /metrics on 9901, where /readyz says what it still needs (an identity token, a broker).
-# To serve the SDKs' default addresses on port 80 as this user, let unprivileged processes bind
-# low ports in the container's network namespace, then pass the sidecar's flags yourself:
-#   docker run --sysctl net.ipv4.ip_unprivileged_port_start=80 IMAGE sidecar ...
-#   (Kubernetes: securityContext.sysctls, a "safe" sysctl; or grant CAP_NET_BIND_SERVICE)
+# The default command serves IMDS on 127.0.0.1:8182 and container credentials on
+# 127.0.0.1:8181, and /healthz, /readyz and /metrics on 9901, where /readyz says what it still
+# needs (an identity token, a broker). The sidecar never binds port 80: in a pod, metaproxy's CNI
+# plugin or init container redirects 169.254.169.254, 169.254.170.2 and 169.254.170.23 to these
+# ports (docs/link-local.md), and the application keeps port 80 for itself.
 # Flags beat METAPROXY_* variables: to set these three listen addresses through the
 # environment, give the command yourself (`sidecar`).
 CMD ["sidecar", "--imds-listen", "127.0.0.1:8182", "--container-listen", "127.0.0.1:8181", \

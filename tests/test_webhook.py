@@ -9,6 +9,7 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -18,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from metaproxy.podnet import LINK_LOCAL_ANNOTATION
 from metaproxy.webhook.app import build_app
 from metaproxy.webhook.patch import (
     AUTH_DIR,
+    DEFAULT_NODE_METADATA,
     INJECTED_ANNOTATION,
+    LINK_LOCAL_CONTAINER,
     SIDECAR_NAME,
+    STATE_DIR,
     InjectionSettings,
     build_patch,
 )
@@ -40,11 +46,28 @@ from metaproxy.webhook.patch import (
 SETTINGS = InjectionSettings(
     image="registry.example.com/metaproxy:0.1.0",
     broker_url="https://metaproxy-broker.metaproxy.svc:8443",
+    region="eu-west-1",
 )
-APP_ENV = {
-    "AWS_CONTAINER_CREDENTIALS_FULL_URI": "http://127.0.0.1:8181/v1/credentials",
+OFF = replace(SETTINGS, link_local="off")
+INIT = replace(SETTINGS, link_local="init-container")
+TOKEN = "s3cr3t" * 5  # what build_patch's `new_secret` returns in tests
+
+
+def token() -> str:
+    return TOKEN
+
+
+SECRET = "/v2/credentials/" + TOKEN
+REGION_ENV = {"AWS_REGION": "eu-west-1", "AWS_DEFAULT_REGION": "eu-west-1"}
+# What the apps get: ECS's relative URI and the region where the namespace has the link-local
+# addresses; a loopback FULL_URI (with the same secret path), the token file and the IMDS
+# endpoint where it does not.
+APP_ENV = {"AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": SECRET, **REGION_ENV}
+OFF_APP_ENV = {
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI": "http://127.0.0.1:8181" + SECRET,
     "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": "/var/run/metaproxy/auth/token",
     "AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:8182/",
+    **REGION_ENV,
 }
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,8 +157,18 @@ def decoded_patch(response: dict[str, Any]) -> list[dict[str, Any]]:
     return patch
 
 
+def secret_of(patched: dict[str, Any]) -> str:
+    """The secret path this patch gave the pod (random per pod)."""
+    return env_of(patched["spec"]["initContainers"][0])["METAPROXY_CONTAINER_CREDENTIALS_PATH"]
+
+
+def with_secret(env: dict[str, str], secret: str) -> dict[str, str]:
+    return {k: v.replace(SECRET, secret) for k, v in env.items()}
+
+
 async def test_labelled_pod_gets_native_sidecar_volumes_and_env(client: Any) -> None:
-    """A labelled pod is allowed with a JSON Patch that yields a valid Pod with the sidecar."""
+    """A labelled pod is allowed with a JSON Patch that yields a valid Pod with the sidecar: the
+    CNI plugin's annotation, ECS's relative URI for the apps and nothing else of ours."""
     pod = labelled_pod()
     status, body = await post_review(client, review(pod))
     assert status == 200
@@ -151,16 +184,21 @@ async def test_labelled_pod_gets_native_sidecar_volumes_and_env(client: Any) -> 
     assert sidecar["restartPolicy"] == "Always"
     assert sidecar["image"] == SETTINGS.image
     assert sidecar["args"] == ["sidecar"]
+    secret = secret_of(patched)
+    assert re.fullmatch(r"/v2/credentials/[A-Za-z0-9_-]{32}", secret)
     assert env_of(sidecar) == {
         "METAPROXY_BROKER_URL": SETTINGS.broker_url,
         "METAPROXY_BROKER_CA_FILE": "/etc/metaproxy/ca/ca.pem",
         "METAPROXY_IDENTITY_TOKEN_FILE": "/var/run/secrets/metaproxy/token",
-        "METAPROXY_CONTAINER_LISTEN": "127.0.0.1:8181",
-        "METAPROXY_IMDS_LISTEN": "127.0.0.1:8182",
+        "METAPROXY_CONTAINER_LISTEN": "127.0.0.1:8181,[::1]:8181",
+        "METAPROXY_IMDS_LISTEN": "127.0.0.1:8182,[::1]:8182",
         "METAPROXY_ADMIN_LISTEN": "0.0.0.0:9901",
-        "METAPROXY_AUTHORIZATION_TOKEN_FILE": "/var/run/metaproxy/auth/token",
-        "METAPROXY_AUTHORIZATION_TOKEN_MODE": "0644",
+        "METAPROXY_CONTAINER_CREDENTIALS_PATH": secret,
+        "METAPROXY_LIFECYCLE_TOKEN": env_of(sidecar)["METAPROXY_LIFECYCLE_TOKEN"],
+        "METAPROXY_LINK_LOCAL_CHECK": "true",
+        "METAPROXY_IMDS_TOKEN_KEY_FILE": "/var/run/metaproxy/state/imds-token.key",
         "METAPROXY_LOG_FORMAT": "json",
+        "METAPROXY_HOST_METADATA_ALLOW": ",".join(DEFAULT_NODE_METADATA),
     }
     assert sidecar["startupProbe"]["httpGet"] == {"path": "/readyz", "port": 9901}
     assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 9901}
@@ -175,14 +213,43 @@ async def test_labelled_pod_gets_native_sidecar_volumes_and_env(client: Any) -> 
     volumes = {v["name"]: v for v in patched["spec"]["volumes"]}
     token = volumes["metaproxy-identity"]["projected"]["sources"][0]["serviceAccountToken"]
     assert token == {"audience": "metaproxy-broker", "expirationSeconds": 3600, "path": "token"}
-    assert volumes["metaproxy-auth"]["emptyDir"]["medium"] == "Memory"
+    assert volumes["metaproxy-state"]["emptyDir"]["medium"] == "Memory"
+    assert "metaproxy-auth" not in volumes  # the relative URI needs no token
     assert volumes["metaproxy-broker-ca"]["configMap"]["name"] == "metaproxy-broker-ca"
     mounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
-    assert set(mounts) == {"/var/run/secrets/metaproxy", AUTH_DIR, "/etc/metaproxy/ca"}
-    assert not mounts[AUTH_DIR].get("readOnly", False)
+    assert set(mounts) == {"/var/run/secrets/metaproxy", STATE_DIR, "/etc/metaproxy/ca"}
+    assert not mounts[STATE_DIR].get("readOnly", False)
 
     app = patched["spec"]["containers"][0]
-    assert env_of(app) == APP_ENV
+    assert env_of(app) == with_secret(APP_ENV, secret)
+    assert "volumeMounts" not in app  # the state volume is the sidecar's alone
+    lifecycle_token = env_of(sidecar)["METAPROXY_LIFECYCLE_TOKEN"]
+    assert len(lifecycle_token) == 32 and lifecycle_token not in secret
+    assert app["lifecycle"] == {
+        "preStop": {
+            "httpGet": {
+                "path": "/lifecycle/terminate",
+                "port": 9901,
+                "httpHeaders": [{"name": "X-Metaproxy-Lifecycle-Token", "value": lifecycle_token}],
+            }
+        }
+    }
+    assert patched["metadata"]["annotations"] == {
+        INJECTED_ANNOTATION: "true",
+        LINK_LOCAL_ANNOTATION: "cni",
+    }
+    assert kubernetes_validate.validate(patched, "1.30", strict=True) == "1.30"
+
+
+def test_off_mode_gives_a_loopback_full_uri_the_token_file_and_the_imds_endpoint() -> None:
+    """Without link-local addresses the apps get FULL_URI on loopback with the same secret path
+    (the one host every SDK accepts), the token file and the IMDS endpoint; no CNI annotation."""
+    pod = labelled_pod()
+    patched = apply_patch(pod, build_patch(pod, OFF, new_secret=token))
+    sidecar = patched["spec"]["initContainers"][0]
+    app = patched["spec"]["containers"][0]
+    assert env_of(app) == OFF_APP_ENV
+    assert env_of(sidecar)["METAPROXY_AUTHORIZATION_TOKEN_FILE"] == f"{AUTH_DIR}/token"
     assert app["volumeMounts"] == [
         {"name": "metaproxy-auth", "mountPath": AUTH_DIR, "readOnly": True}
     ]
@@ -190,7 +257,62 @@ async def test_labelled_pod_gets_native_sidecar_volumes_and_env(client: Any) -> 
     assert kubernetes_validate.validate(patched, "1.30", strict=True) == "1.30"
 
 
-async def test_existing_arrays_are_appended_to_and_sidecar_goes_first(client: Any) -> None:
+def test_init_container_mode_adds_net_admin_setup_before_the_sidecar() -> None:
+    """init-container mode: an init container with NET_ADMIN (and nothing else) prepares the
+    namespace first; the sidecar follows; the apps get the relative URI as with the plugin."""
+    pod = labelled_pod(initContainers=[{"name": "migrate", "image": "migrate:1"}])
+    patched = apply_patch(pod, build_patch(pod, INIT, new_secret=token))
+    setup, sidecar, migrate = patched["spec"]["initContainers"]
+    assert (setup["name"], sidecar["name"], migrate["name"]) == (
+        LINK_LOCAL_CONTAINER,
+        SIDECAR_NAME,
+        "migrate",
+    )
+    assert setup["args"][:2] == ["link-local", "setup"]
+    assert "--node-metadata" in setup["args"]
+    assert "restartPolicy" not in setup  # runs to completion before the sidecar starts
+    assert setup["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert setup["securityContext"]["readOnlyRootFilesystem"] is True
+    assert env_of(migrate) == APP_ENV
+    assert LINK_LOCAL_ANNOTATION not in patched["metadata"]["annotations"]
+    assert kubernetes_validate.validate(patched, "1.30", strict=True) == "1.30"
+
+
+def test_every_pod_gets_its_own_secret() -> None:
+    """Two pods never share a secret path: it is what keeps one pod out of another's."""
+    pod = labelled_pod()
+    secrets = {secret_of(apply_patch(pod, build_patch(pod, SETTINGS))) for _ in range(50)}
+    assert len(secrets) == 50
+
+
+def test_an_app_with_its_own_pre_stop_hook_keeps_it() -> None:
+    """One preStop per container: an app's own hook stays; the others get the sidecar's."""
+    own = {"exec": {"command": ["/bin/drain"]}}
+    pod = labelled_pod(
+        containers=[
+            {"name": "a", "image": "a:1", "lifecycle": {"preStop": own}},
+            {"name": "b", "image": "b:1", "lifecycle": {"postStart": {"exec": {"command": ["x"]}}}},
+        ]
+    )
+    a, b = apply_patch(pod, build_patch(pod, SETTINGS, new_secret=token))["spec"]["containers"]
+    assert a["lifecycle"] == {"preStop": own}
+    assert b["lifecycle"]["preStop"]["httpGet"]["path"] == "/lifecycle/terminate"
+    assert "postStart" in b["lifecycle"]
+
+
+@pytest.mark.parametrize("name", ["AWS_REGION", "AWS_DEFAULT_REGION"])
+def test_a_pod_that_chose_its_region_keeps_it(name: str) -> None:
+    """A container that sets either region variable gets neither from the webhook."""
+    pod = labelled_pod(
+        containers=[
+            {"name": "app", "image": "app:1", "env": [{"name": name, "value": "ap-south-1"}]}
+        ]
+    )
+    app = apply_patch(pod, build_patch(pod, SETTINGS, new_secret=token))["spec"]["containers"][0]
+    assert env_of(app) == {name: "ap-south-1", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": SECRET}
+
+
+def test_existing_arrays_are_appended_to_and_sidecar_goes_first() -> None:
     """Existing init containers, volumes, env and mounts are kept; the sidecar is first."""
     pod = labelled_pod(
         initContainers=[{"name": "migrate", "image": "migrate:1"}],
@@ -206,26 +328,25 @@ async def test_existing_arrays_are_appended_to_and_sidecar_goes_first(client: An
         volumes=[{"name": "data", "emptyDir": {}}],
     )
     pod["metadata"]["annotations"] = {"team": "payments", "metaproxy.io/role": "orders-reader"}
-    status, body = await post_review(client, review(pod))
-    assert status == 200
-    patched = apply_patch(pod, decoded_patch(body["response"]))
+    patched = apply_patch(pod, build_patch(pod, OFF, new_secret=token))
     spec = patched["spec"]
 
     assert [c["name"] for c in spec["initContainers"]] == [SIDECAR_NAME, "migrate"]
     assert env_of(spec["initContainers"][0])["METAPROXY_ROLE"] == "orders-reader"
-    assert env_of(spec["initContainers"][1]) == APP_ENV
+    assert env_of(spec["initContainers"][1]) == OFF_APP_ENV
     web, worker = spec["containers"]
     assert env_of(web)["AWS_EC2_METADATA_SERVICE_ENDPOINT"] == "http://x/"  # kept, not doubled
     assert [e["name"] for e in web["env"]].count("AWS_EC2_METADATA_SERVICE_ENDPOINT") == 1
     assert (
         env_of(web)["AWS_CONTAINER_CREDENTIALS_FULL_URI"]
-        == APP_ENV["AWS_CONTAINER_CREDENTIALS_FULL_URI"]
+        == OFF_APP_ENV["AWS_CONTAINER_CREDENTIALS_FULL_URI"]
     )
-    assert env_of(worker) == {"MODE": "batch", **APP_ENV}
+    assert env_of(worker) == {"MODE": "batch", **OFF_APP_ENV}
     assert [m["name"] for m in web["volumeMounts"]] == ["data", "metaproxy-auth"]
     assert [v["name"] for v in spec["volumes"]] == [
         "data",
         "metaproxy-identity",
+        "metaproxy-state",
         "metaproxy-auth",
         "metaproxy-broker-ca",
     ]
@@ -246,6 +367,7 @@ def test_patch_paths_escape_json_pointer_tokens() -> None:
     assert apply_patch(pod, patch)["metadata"]["annotations"] == {
         "a~b/c": "kept",
         INJECTED_ANNOTATION: "true",
+        LINK_LOCAL_ANNOTATION: "cni",
     }
 
 
@@ -287,14 +409,14 @@ async def test_already_injected_pod_gets_no_patch(client: Any) -> None:
 
 async def test_conflicting_pod_is_denied_with_reason(client: Any) -> None:
     """A pod whose volume names collide with the sidecar's is denied, saying why."""
-    pod = labelled_pod(volumes=[{"name": "metaproxy-auth", "emptyDir": {}}])
+    pod = labelled_pod(volumes=[{"name": "metaproxy-state", "emptyDir": {}}])
     status, body = await post_review(client, review(pod))
     assert status == 200
     response = body["response"]
     assert response["allowed"] is False
     assert "patch" not in response
     assert response["status"]["code"] == 422
-    assert "metaproxy-auth" in response["status"]["message"]
+    assert "metaproxy-state" in response["status"]["message"]
 
 
 async def test_bad_role_annotation_is_denied(client: Any) -> None:

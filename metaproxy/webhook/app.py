@@ -122,6 +122,10 @@ def settings_from_config(config: WebhookConfig) -> InjectionSettings:
         broker_url=config.broker_url,
         broker_ca_configmap=config.broker_ca_configmap,
         image_pull_policy=config.image_pull_policy,
+        link_local=config.link_local,
+        region=config.region,
+        node_metadata=config.node_metadata,
+        termination_notice_seconds=config.termination_notice_seconds,
     )
 
 
