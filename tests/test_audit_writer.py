@@ -46,6 +46,7 @@ def test_make_record_rejects_unknown_event() -> None:
         "failed",
         "revoked",
         "lifted",
+        "restored",
         "listed",
     )
     with pytest.raises(ValueError, match="unknown audit event"):

@@ -10,13 +10,16 @@ Admin API (JSON): `GET|POST /_fault` (read / change faults), `GET /_fault/stats`
 `POST /_fault/reset` (zero the counters; faults stay as they are).
 
 Each AssumeRole call is also recorded (`assume_role_calls()`): its parameters and the access key
-id that signed it, so a test can check what the broker asked STS for, and as whom.
+id that signed it, so a test can check what the broker asked STS for, and as whom. So is every
+request (`recorded_requests()`, the latest `MAX_RECORDED_REQUESTS`): method, path and signing key,
+because moto checks no signature, so only the proxy can tell which credentials a client used.
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
+import collections
 import random
 import re
 import socket
@@ -42,6 +45,9 @@ MAX_ACTION_SNIFF_BYTES = 64 * 1024
 ADMIN_PREFIX = "/_fault"
 _ERROR_CODE = re.compile(r"^[A-Za-z]{0,64}$")
 _SIGNED_BY = re.compile(r"Credential=([A-Za-z0-9]+)/")
+_SIGNED_V2 = re.compile(r"AWS ([A-Za-z0-9]+):")
+# Enough for any test's clients; bounded because benchmarks send millions of requests through.
+MAX_RECORDED_REQUESTS = 10_000
 
 # RFC 9110 §7.6.1 connection-specific headers, plus those aiohttp recomputes for the new hop.
 HOP_BY_HOP = frozenset(
@@ -107,6 +113,27 @@ class RecordedCall:
         ]
 
 
+@dataclass(frozen=True)
+class RecordedRequest:
+    """Any request as the proxy received it, and the access key id that signed it (empty when
+    unsigned). Nothing secret: no signature, no session token."""
+
+    method: str
+    path: str
+    access_key_id: str
+    at: float  # monotonic
+
+
+def signing_key(request: web.Request) -> str:
+    """The access key id that signed `request` (SigV4 or S3's SigV2, in the Authorization header
+    or the query of a presigned URL), or ""."""
+    authorization = request.headers.get("Authorization", "")
+    if signed_by := _SIGNED_BY.search(authorization) or _SIGNED_V2.match(authorization):
+        return signed_by.group(1)
+    query = request.query
+    return query.get("X-Amz-Credential", "").partition("/")[0] or query.get("AWSAccessKeyId", "")
+
+
 def _number(key: str, value: object, upper: float) -> float:
     # bool is an int subclass; `{"latency": true}` is a client bug, not one second.
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -168,8 +195,7 @@ def _recorded(request: web.Request, body: bytes | None, at: float) -> RecordedCa
     form = parse_qs(body.decode("utf-8", "replace")) if body else {}
     params = {name: values[0] for name, values in form.items()}
     params.update(dict(request.query.items()))
-    signed_by = _SIGNED_BY.search(request.headers.get("Authorization", ""))
-    return RecordedCall(params, signed_by.group(1) if signed_by else "", at)
+    return RecordedCall(params, signing_key(request), at)
 
 
 def sts_error(status: int, error_type: str, code: str, message: str) -> web.Response:
@@ -397,10 +423,17 @@ class FaultProxy:
         self._requests_held = 0
         self._assume_role_times: list[float] = []
         self._assume_role_calls: list[RecordedCall] = []
+        self._requests: collections.deque[RecordedRequest] = collections.deque(
+            maxlen=MAX_RECORDED_REQUESTS
+        )
 
     def assume_role_calls(self) -> list[RecordedCall]:
         """Every AssumeRole call received, in order, with its parameters and signing key."""
         return list(self._assume_role_calls)
+
+    def recorded_requests(self) -> list[RecordedRequest]:
+        """The latest requests received (admin calls aside), oldest first, with their signers."""
+        return list(self._requests)
 
     def assume_role_timeline(self) -> list[float]:
         """Monotonic arrival times of every AssumeRole call received."""
@@ -432,6 +465,11 @@ class FaultProxy:
             # Admin calls go to admin_url; forwarding them would hand them to the upstream.
             return web.json_response({"error": "not found"}, status=404)
         self._requests_total += 1
+        self._requests.append(
+            RecordedRequest(
+                request.method, request.path, signing_key(request), self._clock.monotonic()
+            )
+        )
         length = request.content_length
         small = length is not None and length <= MAX_ACTION_SNIFF_BYTES
         body = await request.read() if small else None

@@ -135,11 +135,12 @@ def connect(store: StoreUrl, *, timeout: float) -> tuple[Any, Any]:
     from redis.asyncio.sentinel import Sentinel
 
     auth = {"username": store.username, "password": store.password}
-    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = Sentinel(
         list(store.hosts),
         sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout, **auth},
         ssl=store.tls,
-        **auth,
+        username=store.username,
+        password=store.password,
     )
     return (
         sentinel.master_for(store.service, db=store.db, **options),
