@@ -390,3 +390,26 @@ async def test_bodies_that_never_arrive_cannot_lock_out_the_pod(
         assert [await imds_credentials(session, sidecar) for _ in range(3)] == [200] * 3
     for _, writer in held:
         writer.close()
+
+
+async def test_a_pod_has_one_bucket_whatever_address_its_clients_dialled(
+    broker: BrokerServer, policies_dir: Path, start_sidecar: SidecarFactory
+) -> None:
+    """Through the link-local redirect a client's source address is the address it dialled,
+    so a pod's clients come from several: the pod still has one rate bucket, not one each."""
+    await set_sidecar_limits(broker, policies_dir, token_rps=0.01, burst=4)
+    sidecar = await start_sidecar("acme", "t-one-bucket")
+    host, port = host_port(sidecar.imds_url)
+    put = (
+        b"PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\n"
+        b"X-aws-ec2-metadata-token-ttl-seconds: 60\r\nConnection: close\r\n\r\n"
+    )
+    statuses = []
+    for n in range(16):  # four source addresses, four fresh connections each
+        reader, writer = await asyncio.open_connection(
+            host, port, local_addr=(f"127.0.0.{20 + n % 4}", 0)
+        )
+        writer.write(put)
+        statuses.append(await read_status(reader))
+        writer.close()
+    assert statuses.count(200) == 4  # the one bucket's burst, not four buckets' worth

@@ -64,7 +64,7 @@ def data_plane(state: SidecarState, face: Face, listener: str) -> http1.Handler:
         share = limiters.get(cls)
         if share is None:
             share = limiters[cls] = FairShare()
-        wait = share.take(request.remote, request.connection, rate_class.rate(limits), limits.burst)
+        wait = share.take(request.connection, rate_class.rate(limits), limits.burst)
         if wait:
             throttled = face.too_many(max(1, round(wait)))
             rate_limited.value += 1
