@@ -26,9 +26,12 @@ demo: $(STAMP)
 system-deps:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	    { ! command -v ip >/dev/null || ! command -v promtool >/dev/null || \
-	      { ! command -v valkey-server >/dev/null && ! command -v redis-server >/dev/null; }; }; then \
+	      { ! command -v valkey-server >/dev/null && ! command -v redis-server >/dev/null; } || \
+	      [ ! -x /usr/lib/cni/bridge ] || \
+	      { ! command -v iptables-restore >/dev/null && [ ! -x /usr/sbin/iptables-restore ]; }; }; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-		  --no-install-recommends iproute2 prometheus redis-server >/dev/null; \
+		  --no-install-recommends iproute2 prometheus redis-server containernetworking-plugins \
+		  iptables >/dev/null; \
 	fi
 
 test: $(STAMP) $(JS_STAMP) system-deps
@@ -52,3 +55,64 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) tests/js/node_modules
+
+# --- `make e2e`: every SDK generation and real client, in pods, against the webhook's env ------
+# `make clients` installs them, once and only what is missing: Debian's own generations (apt, as
+# root), Python venvs and npm under git-ignored directories, and two Go programs built from
+# Debian's source packages in GOPATH mode (docs/compatibility.md lists them all).
+CLIENTS := .clients
+CLIENTS_JS := tests/clients/js
+CLIENT_DEBS := awscli ruby ruby-aws-sdk-core golang-go golang-github-aws-aws-sdk-go-dev \
+	golang-github-aws-aws-sdk-go-v2-dev s3cmd iptables containernetworking-plugins
+GO_ENV := GOPATH=/usr/share/gocode GO111MODULE=off GOCACHE=$(CURDIR)/$(CLIENTS)/gocache
+CLIENT_STAMPS := $(CLIENTS)/debs.installed $(CLIENTS)/botocore-1.29/.installed \
+	$(CLIENTS)/aiobotocore/.installed $(CLIENTS)/s3/.installed \
+	$(CLIENTS_JS)/node_modules/.installed $(CLIENTS)/bin/aws-sdk-go $(CLIENTS)/bin/aws-sdk-go-v2
+
+.PHONY: clients e2e
+
+$(CLIENTS)/debs.installed:
+	@missing=$$(for p in $(CLIENT_DEBS); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+			echo "make clients: install these Debian packages as root:" $$missing >&2; exit 1; \
+		fi; \
+		echo "apt-get install" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends $$missing >/dev/null; \
+	fi
+	mkdir -p $(@D) && touch $@
+
+# Debian bookworm's own botocore generation, and the boto3 release made for it.
+$(CLIENTS)/botocore-1.29/.installed:
+	rm -rf $(@D) && $(PYTHON) -m venv $(@D)
+	$(@D)/bin/pip install --quiet --disable-pip-version-check botocore==1.29.27 boto3==1.26.27
+	touch $@
+
+$(CLIENTS)/aiobotocore/.installed:
+	rm -rf $(@D) && $(PYTHON) -m venv $(@D)
+	$(@D)/bin/pip install --quiet --disable-pip-version-check aiobotocore==3.10.0
+	touch $@
+
+# Clients that are not AWS SDKs: IMDS readers and S3 libraries with credential chains of their own.
+$(CLIENTS)/s3/.installed:
+	rm -rf $(@D) && $(PYTHON) -m venv $(@D)
+	$(@D)/bin/pip install --quiet --disable-pip-version-check ec2-metadata==3.0.0 obstore==0.12.1 \
+		pyarrow==26.0.1 minio==7.2.20 opentelemetry-sdk-extension-aws==2.1.0
+	touch $@
+
+$(CLIENTS_JS)/node_modules/.installed: $(CLIENTS_JS)/package.json $(CLIENTS_JS)/package-lock.json
+	cd $(CLIENTS_JS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(CLIENTS)/bin/%: tests/clients/go/%/main.go $(CLIENTS)/debs.installed
+	mkdir -p $(@D)
+	$(GO_ENV) go build -o $@ ./$(<D)
+
+clients: $(CLIENT_STAMPS)
+
+# The slow end-to-end suite, run apart from `make test` (which skips it).
+e2e: $(STAMP) $(JS_STAMP) clients
+	$(BIN)/pytest -p no:cacheprovider -m clients

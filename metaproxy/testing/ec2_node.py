@@ -7,16 +7,21 @@ reports. It serves what a real instance serves at these paths, in EC2's formats,
 secrets that must never come through (marked `NODE-SECRET` so a test can grep for them).
 
     python -m metaproxy.testing.ec2_node --listen 169.254.169.254:80 --zone us-east-1b ...
+
+Run as a process of its own (a node's namespace, in tests/podlab.py), it cannot be asked for
+`asked`: `--log FILE` appends each path it is asked, one a line, as it is asked.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 from aiohttp import web
 
@@ -97,11 +102,13 @@ class Instance:
 
 
 class NodeImds:
-    """`app()` serves the instance; `asked` records every path a client asked for."""
+    """`app()` serves the instance; `asked` records every path a client asked for, and so does
+    `log` (one path a line, flushed at once) when given."""
 
-    def __init__(self, instance: Instance) -> None:
+    def __init__(self, instance: Instance, log: TextIO | None = None) -> None:
         self.instance = instance
         self.asked: list[str] = []
+        self._log = log
         self._tokens: set[str] = set()
 
     def app(self) -> web.Application:
@@ -121,6 +128,10 @@ class NodeImds:
 
     async def _get(self, request: web.Request) -> web.Response:
         self.asked.append(request.path)
+        if self._log is not None:
+            # A few bytes to the page cache: no need for an executor in a test emulator.
+            self._log.write(request.path + "\n")
+            self._log.flush()
         if request.headers.get("X-aws-ec2-metadata-token") not in self._tokens:
             return web.Response(status=401)  # IMDSv2 required, as EC2 recommends for nodes
         parts = [p for p in request.path.split("/") if p]
@@ -138,7 +149,7 @@ class NodeImds:
         return web.Response(text=body, headers={"Server": "EC2ws"})
 
 
-def _parse() -> tuple[str, int, Instance]:
+def _parse() -> tuple[str, int, Instance, str | None]:
     parser = argparse.ArgumentParser(description="serve one EC2 instance's IMDS (tests only)")
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any)")
     parser.add_argument("--instance-id", default=Instance.instance_id)
@@ -147,6 +158,7 @@ def _parse() -> tuple[str, int, Instance]:
     parser.add_argument("--zone", default=Instance.zone)
     parser.add_argument("--zone-id", default=Instance.zone_id)
     parser.add_argument("--local-ipv4", default=Instance.local_ipv4)
+    parser.add_argument("--log", metavar="FILE", help="append each path asked, one a line")
     args = parser.parse_args()
     host, _, port = args.listen.rpartition(":")
     instance = Instance(
@@ -157,20 +169,27 @@ def _parse() -> tuple[str, int, Instance]:
         zone_id=args.zone_id,
         local_ipv4=args.local_ipv4,
     )
-    return host, int(port), instance
+    return host, int(port), instance, args.log
 
 
-async def _serve(host: str, port: int, instance: Instance) -> None:
-    runner = web.AppRunner(NodeImds(instance).app(), access_log=None)
+async def _serve(host: str, port: int, imds: NodeImds) -> None:
+    runner = web.AppRunner(imds.app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    print(f"node IMDS for {instance.instance_id} on {host}:{port}", flush=True)
+    print(f"node IMDS for {imds.instance.instance_id} on {host}:{port}", flush=True)
     try:
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
 
 
+def main() -> None:
+    host, port, instance, log_path = _parse()
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(Path(log_path).open("a")) if log_path else None
+        asyncio.run(_serve(host, port, NodeImds(instance, log)))
+
+
 if __name__ == "__main__":
-    asyncio.run(_serve(*_parse()))
+    main()
