@@ -26,7 +26,6 @@ from tests.test_abuse_sidecar import host_port, imds_credentials, soft_nofile, v
 POD = "127.0.0.1"  # the looping container, its leaked connections and the SDK share it
 
 
-
 class Clock:
     def __init__(self) -> None:
         self.now = 0.0
@@ -212,5 +211,3 @@ def test_loopers_spread_over_connections_never_starve_a_light_client(
             asked += 1
             served += share.take(light, rate, burst) == 0.0
     assert served == asked
-
-

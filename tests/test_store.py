@@ -29,8 +29,6 @@ from metaproxy.broker.store.redis_keys import tenant_key
 from metaproxy.broker.store.redis_limits import RELEASE_AFTER_SECONDS
 from metaproxy.broker.store.redis_store import RedisStore
 from metaproxy.broker.store.sealing import SealedValueInvalid, Sealer, generate_key_line
-
-FLEET_KEY = Sealer([b"fleet-key-for-the-store-tests-32"])  # seals and signs, as --store-key-file
 from metaproxy.certs import init_certs
 from metaproxy.clock import SystemClock
 from metaproxy.errors import ConfigError
@@ -38,6 +36,8 @@ from metaproxy.models import BrokerLimits
 from metaproxy.testing.emulator import free_port
 from metaproxy.testing.redis_server import RedisServer
 from tests.conftest import require_redis_server
+
+FLEET_KEY = Sealer([b"fleet-key-for-the-store-tests-32"])  # seals and signs, as --store-key-file
 
 
 def key_file(tmp: Path, *lines: str) -> Path:
