@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -91,3 +92,52 @@ def process_cpu_seconds(pid: int) -> float:
         # The command name may contain spaces; the fields after it are space-separated.
         fields = stat.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def core_jiffies() -> dict[int, tuple[int, int]]:
+    """Each core's (busy, total) jiffies since boot, from /proc/stat; idle and iowait are not
+    busy. Two readings give how busy each core was between them, whoever kept it busy."""
+    cores = {}
+    with open("/proc/stat") as stat:
+        for line in stat:
+            name, *values = line.split()
+            if name.startswith("cpu") and name[3:].isdigit():
+                times = [int(value) for value in values]
+                cores[int(name[3:])] = (sum(times) - times[3] - times[4], sum(times))
+    return cores
+
+
+class CpuWatch:
+    """CPU used between `start()` and `stop()` by some processes (user + system, from
+    /proc/PID/stat, their threads included) and by each core (from /proc/stat).
+
+    `share(pids, cores)` is their CPU over the wall time as a fraction of `cores` cores: 1.0 is
+    a process that kept the one core it is pinned to busy the whole time.
+    """
+
+    def __init__(self, pids: Iterable[int]) -> None:
+        self.pids = tuple(pids)
+        self._cpu: dict[int, float] = {}
+        self._cores: dict[int, tuple[int, int]] = {}
+        self._started = 0.0
+        self.wall = 0.0
+        self.cpu: dict[int, float] = {}  # pid → CPU seconds in the window
+        self.core_busy: dict[int, float] = {}  # core → busy share of the window
+
+    def start(self) -> None:
+        self._cpu = {pid: process_cpu_seconds(pid) for pid in self.pids}
+        self._cores = core_jiffies()
+        self._started = time.monotonic()
+
+    def stop(self) -> None:
+        self.wall = time.monotonic() - self._started
+        self.cpu = {pid: process_cpu_seconds(pid) - self._cpu[pid] for pid in self.pids}
+        now = core_jiffies()
+        self.core_busy = {
+            core: (busy - self._cores[core][0]) / max(1, total - self._cores[core][1])
+            for core, (busy, total) in now.items()
+        }
+
+    def share(self, pids: Iterable[int], cores: int = 1) -> float:
+        """CPU of `pids` together over the window's wall time, per core of `cores`."""
+        return sum(self.cpu[pid] for pid in pids) / (self.wall * cores) if self.wall else 0.0
