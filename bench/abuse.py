@@ -268,9 +268,9 @@ def soft_nofile(pid: int) -> int:
 def sidecar_caps(pid: int) -> tuple[int, int]:
     """(connection cap, fd budget) of the sidecar process, by the formula its guard uses: the
     shipped policy sets no connection limits, so the defaults of SidecarLimits apply."""
-    from metaproxy.connguard import fd_budget
     from metaproxy.models import SidecarLimits
-    from metaproxy.sidecar.limits import SIDECAR_FD_RESERVE
+    from metaproxy.net.connguard import fd_budget
+    from metaproxy.sidecar.guards import SIDECAR_FD_RESERVE
 
     soft = soft_nofile(pid)
     cap = min(SidecarLimits().max_connections, soft - SIDECAR_FD_RESERVE)

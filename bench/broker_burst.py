@@ -345,11 +345,12 @@ async def one_run(
     emulator_pid: int,
     arrivals: list[tuple[str, str, float]],
 ) -> Run:
+    from metaproxy.broker.config import BrokerConfig
     from metaproxy.broker.scheduler import FairScheduler, FixedPoolScheduler
     from metaproxy.broker.server import BrokerServer
     from metaproxy.broker.sts import AsyncSts
-    from metaproxy.config import BrokerConfig, TrustedIssuer
-    from metaproxy.runtime import settle_gc
+    from metaproxy.config import TrustedIssuer
+    from metaproxy.process.runtime import settle_gc
 
     config = BrokerConfig(
         listen="127.0.0.1:0",
@@ -568,7 +569,7 @@ def parse_args() -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    import uvloop  # the broker runs on uvloop in production (metaproxy.runtime)
+    import uvloop  # the broker runs on uvloop in production (metaproxy.process.runtime)
 
     if sys.argv[1:2] == ["--client"]:
         uvloop.run(client_main(Path(sys.argv[2]), Path(sys.argv[3])))

@@ -9,7 +9,7 @@ Each answer is one `transport.write`, as the sidecar's is; uvloop sends it at on
 is queued, so a pipelined batch costs both servers one send per answer.
 
 The Date line is remade when the second changes, checked every quarter second, as
-`metaproxy.sidecar.http1` does; other lines (the token's remaining TTL, Last-Modified) are sent
+`metaproxy.sidecar.wire.http1` does; other lines (the token's remaining TTL, Last-Modified) are sent
 as captured. Either way it happens once a second and costs nothing per request.
 
     python bench/stack_limit.py ANSWER_FILE [ANSWER_FILE ...]

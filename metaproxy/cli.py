@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from metaproxy.clihelp import walk
+from metaproxy.clihelp import HelpFormatter, walk
 
 # Each command's module exposes `register(subparsers)`, which adds its commands with
 # `set_defaults(func=...)`; `func(args) -> int` is the exit status. Keyed by command so that
@@ -29,14 +29,14 @@ COMMANDS = {
     "identity": "metaproxy.identity.cli",
     "policy": "metaproxy.policy.cli",
     "audit": "metaproxy.audit.cli",
-    "certs": "metaproxy.certs",
+    "certs": "metaproxy.commands.certs",
     "demo": "metaproxy.demo.cli",
     "sts-emulator": "metaproxy.testing.cli",
     "fault-proxy": "metaproxy.testing.cli",
-    "netns": "metaproxy.netns",
+    "netns": "metaproxy.podnet.attach",
     "link-local": "metaproxy.podnet.cli",
     "webhook": "metaproxy.webhook.cli",
-    "revoke": "metaproxy.revoke_cli",
+    "revoke": "metaproxy.commands.revoke",
 }
 COMMAND_MODULES = tuple(dict.fromkeys(COMMANDS.values()))
 
@@ -67,36 +67,6 @@ class _VersionAction(argparse._VersionAction):
     ) -> None:
         self.version = f"metaproxy {version()}"
         super().__call__(parser, namespace, values, option_string)
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """argparse's, with the terminal's width found without `shutil`: argparse imports `shutil`
-    (and with it `bz2`, `lzma` and `fnmatch`) for that whenever a parser is built, which is half
-    a megabyte of every sidecar that never prints its help."""
-
-    def __init__(
-        self,
-        prog: str,
-        indent_increment: int = 2,
-        max_help_position: int = 24,
-        width: int | None = None,
-    ) -> None:
-        if width is None:
-            width = terminal_columns() - 2  # as argparse does
-        super().__init__(prog, indent_increment, max_help_position, width)
-
-
-def terminal_columns() -> int:
-    """`shutil.get_terminal_size().columns`: $COLUMNS, else the terminal's, else 80."""
-    try:
-        return int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        pass
-    stdout = sys.__stdout__
-    try:
-        return (os.get_terminal_size(stdout.fileno()).columns if stdout else 0) or 80
-    except (AttributeError, ValueError, OSError):
-        return 80
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -11,6 +11,8 @@ values the flag does not have. tests/test_cli_help.py walks the whole command tr
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -108,3 +110,33 @@ def expanded_help(parser: argparse.ArgumentParser, action: argparse.Action) -> s
     if not action.help or action.help == argparse.SUPPRESS:
         return ""
     return parser._get_formatter()._expand_help(action)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, with the terminal's width found without `shutil`: argparse imports `shutil`
+    (and with it `bz2`, `lzma` and `fnmatch`) for that whenever a parser is built, which is half
+    a megabyte of every sidecar that never prints its help."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        if width is None:
+            width = terminal_columns() - 2  # as argparse does
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+def terminal_columns() -> int:
+    """`shutil.get_terminal_size().columns`: $COLUMNS, else the terminal's, else 80."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    stdout = sys.__stdout__
+    try:
+        return (os.get_terminal_size(stdout.fileno()).columns if stdout else 0) or 80
+    except (AttributeError, ValueError, OSError):
+        return 80

@@ -6,9 +6,10 @@ ways: the dataclass field `broker_url`, the CLI flag `--broker-url`, and the env
 
 Every field documents itself, once, here: `field(default=..., metadata=doc("meaning", unit=...))`.
 That one source feeds each flag's `--help` (meaning, unit, default, allowed values, environment
-variable) and the generated `docs/configuration.md` (`python -m metaproxy.configdoc`); a test
-fails when a field has no `doc(...)` or when the page is out of date. Allowed values come from the
-field's type (a `Literal` lists them); pass `choices=` only to describe a free-form set.
+variable) and the generated `docs/configuration.md` (`python -m metaproxy.commands.configdoc`);
+a test fails when a field has no `doc(...)` or when the page is out of date. Allowed values
+come from the field's type (a `Literal` lists them); pass `choices=` only to describe a
+free-form set.
 
 The sidecar's config is here; the broker's and the webhook's are in `metaproxy.broker.config`
 and `metaproxy.webhook.config`, built by the same `build_config`, so that every pod's sidecar
@@ -291,24 +292,6 @@ class ServerConfig(Protocol):
 
 
 C = TypeVar("C", bound=ServerConfig)
-
-
-def config_classes() -> dict[str, type[Any]]:
-    """Each server command's config class, by command (imports the broker's and the webhook's)."""
-    from metaproxy.broker.config import BrokerConfig
-    from metaproxy.webhook.config import WebhookConfig
-
-    return {"sidecar": SidecarConfig, "broker": BrokerConfig, "webhook": WebhookConfig}
-
-
-def __getattr__(name: str) -> Any:
-    # The broker's and the webhook's config used to live here; what imports them from here still
-    # finds them, without every sidecar importing them.
-    if name == "CONFIG_CLASSES":
-        return config_classes()
-    if name in ("BrokerConfig", "WebhookConfig"):
-        return config_classes()[name.removesuffix("Config").lower()]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _field_type(cls: type[Any], name: str) -> Any:

@@ -109,7 +109,7 @@ def sts_url() -> Iterator[str]:
 def client_factory(sts_url: str) -> Callable[[], Any]:
     """boto3 S3 clients for moto's server (the run's emulator serves S3 as well as STS), as the
     broker's audit shipper makes them; this conftest sets moto's fake credentials."""
-    from metaproxy.audit.cli import s3_client_factory
+    from metaproxy.audit.ship import s3_client_factory
 
     return s3_client_factory(sts_url, "us-east-1")
 

@@ -13,7 +13,8 @@ from typing import Any
 
 import aiohttp
 
-from metaproxy.config import BrokerConfig, SidecarConfig, TrustedIssuer
+from metaproxy.broker.config import BrokerConfig
+from metaproxy.config import SidecarConfig, TrustedIssuer
 from metaproxy.demo.local import AUDIENCE, ISSUER, LocalKeys, make_local_keys
 from metaproxy.demo.processes import Child
 

@@ -22,8 +22,8 @@ import aiohttp
 import pytest
 
 from metaproxy.broker.server import ADMIN_LIMITS, BrokerServer
-from metaproxy.connguard import COURTESY_MAX, FD_RESERVE
 from metaproxy.demo.local import AUDIENCE, ISSUER
+from metaproxy.net.connguard import COURTESY_MAX, FD_RESERVE
 from tests.support import Pki, audit_records, broker_config, issue
 
 

@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 
 from metaproxy.broker.server import BrokerServer
-from metaproxy.connguard import fd_budget
 from metaproxy.models import SidecarLimits
-from metaproxy.sidecar.limits import SIDECAR_FD_RESERVE
+from metaproxy.net.connguard import fd_budget
+from metaproxy.sidecar.guards import SIDECAR_FD_RESERVE
 from metaproxy.sidecar.server import SidecarServer
 from tests.conftest import SidecarFactory
 from tests.support import Pki, issue, start_sidecar_process, wait_ready

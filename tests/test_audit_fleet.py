@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from metaproxy.audit import cli as audit_cli
 from metaproxy.audit.checkpoint import (
     Witness,
+    WitnessedCheckpoint,
     file_digest,
     parse_checkpoint,
     sign_checkpoint,
@@ -32,7 +33,6 @@ from metaproxy.audit.record import make_record
 from metaproxy.audit.ship import S3Shipper
 from metaproxy.audit.verify import download_s3, verify_s3
 from metaproxy.audit.writer import AuditLog
-from metaproxy.broker.store.base import WitnessedCheckpoint
 
 INSTANCES = ("broker-1", "broker-2", "broker-3")
 HEAD = "ab" * 32

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from metaproxy.broker.server import BrokerServer
-from metaproxy.certs import init_certs
+from metaproxy.commands.certs import init_certs
 from metaproxy.fsutil import write_atomically
 from metaproxy.sidecar.server import SidecarServer
 from tests.support import Pki, broker_config, issue, sidecar_config, wait_ready

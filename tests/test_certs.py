@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from metaproxy import certs
+from metaproxy.commands import certs
 from metaproxy.errors import ConfigError
 
 

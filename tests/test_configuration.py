@@ -7,18 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from metaproxy.broker.config import BrokerConfig
 from metaproxy.cli import build_parser
-from metaproxy.config import (
-    CONFIG_CLASSES,
-    BrokerConfig,
-    SidecarConfig,
-    build_config,
-    field_docs,
-)
-from metaproxy.configdoc import render
+from metaproxy.commands.configdoc import config_classes, render
+from metaproxy.config import SidecarConfig, build_config, field_docs
 from metaproxy.errors import ConfigError
 from tests.support import REPO
 
+CONFIG_CLASSES = config_classes()
 COMMANDS = sorted(CONFIG_CLASSES)
 
 
@@ -64,11 +60,11 @@ def test_help_examples() -> None:
 
 
 def test_configuration_page_is_up_to_date() -> None:
-    """docs/configuration.md is what `python -m metaproxy.configdoc` writes today."""
+    """docs/configuration.md is what `python -m metaproxy.commands.configdoc` writes today."""
     page = (REPO / "docs" / "configuration.md").read_text()
     assert page == render(), (
         "docs/configuration.md is out of date: "
-        "run `.venv/bin/python -m metaproxy.configdoc > docs/configuration.md`"
+        "run `.venv/bin/python -m metaproxy.commands.configdoc > docs/configuration.md`"
     )
 
 

@@ -256,7 +256,7 @@ def test_broker_env_names_are_config_fields() -> None:
     """Every METAPROXY_* variable the broker gets is a BrokerConfig field (or TRUST)."""
     import dataclasses
 
-    from metaproxy.config import BrokerConfig
+    from metaproxy.broker.config import BrokerConfig
 
     fields = {f"METAPROXY_{f.name.upper()}" for f in dataclasses.fields(BrokerConfig)}
     fields.add("METAPROXY_TRUST")

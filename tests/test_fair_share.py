@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from metaproxy.broker.server import BrokerServer
-from metaproxy.connguard import fd_budget
 from metaproxy.models import SidecarLimits
+from metaproxy.net.connguard import fd_budget
 from metaproxy.sidecar.fairness import FairShare
-from metaproxy.sidecar.limits import SIDECAR_FD_RESERVE
+from metaproxy.sidecar.guards import SIDECAR_FD_RESERVE
 from tests.conftest import SidecarFactory
 from tests.support import Pki, issue, run_command, start_sidecar_process, wait_ready
 from tests.test_abuse_sidecar import host_port, imds_credentials, soft_nofile, victim_session

@@ -190,8 +190,8 @@ async def test_deleting_a_replicas_audit_chain_from_s3_fails_fleet_verification(
     replica's whole prefix deleted, `audit verify` over the prefix fails and names it."""
     import boto3
 
-    from metaproxy.audit.cli import s3_client_factory
     from metaproxy.audit.fleet import verify_fleet_s3
+    from metaproxy.audit.ship import s3_client_factory
 
     s3 = boto3.client("s3", endpoint_url=sts_url, region_name="us-east-1")
     s3.create_bucket(Bucket="fleet-audit")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metaproxy.framing import RequestFraming
+from metaproxy.net.framing import RequestFraming
 
 HEADER_NAMES = st.sampled_from(["Host", "Accept", "X-Trace", "Authorization", "Content-Type"])
 

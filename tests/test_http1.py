@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from metaproxy.sidecar.http1 import (
+from metaproxy.sidecar.wire.http1 import (
     ConnectionTracker,
     HttpProtocol,
     Request,
@@ -275,6 +275,6 @@ def test_date_header_is_the_imf_fixdate(moment: float) -> None:
     """The Date header is exactly what email.utils writes (RFC 9110's IMF-fixdate)."""
     import email.utils
 
-    from metaproxy.sidecar.http1 import http_date
+    from metaproxy.sidecar.wire.http1 import http_date
 
     assert http_date(moment) == email.utils.formatdate(moment, usegmt=True)

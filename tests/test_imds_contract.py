@@ -27,7 +27,7 @@ from yarl import URL
 
 from metaproxy.broker.server import BrokerServer
 from metaproxy.identity.document import verify_document
-from metaproxy.sidecar.host_metadata import permitted
+from metaproxy.metadata_paths import permitted
 from metaproxy.sidecar.server import SidecarServer
 from metaproxy.sidecar.tokens import TokenAuthority
 from tests.conftest import SidecarFactory

@@ -39,7 +39,7 @@ def metric_objects(module: ModuleType) -> list[MetricWrapperBase]:
 
 def families() -> list[tuple[str, set[str]]]:
     """(family name, label names) of every metric: the broker's prometheus-client metrics and
-    the sidecar's own (metaproxy.sidecar.exposition)."""
+    the sidecar's own (metaproxy.sidecar.wire.exposition)."""
     found = [(metric.name, set(metric.labelnames)) for metric in sidecar_metrics.families()]
     for metric in metric_objects(broker_metrics):
         # prometheus-client has no public accessor for a metric's label names.

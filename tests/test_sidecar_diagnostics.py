@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from metaproxy.broker.server import BrokerServer
-from metaproxy.certs import init_certs
+from metaproxy.commands.certs import init_certs
 from metaproxy.sidecar.server import SidecarServer
 from tests.conftest import SidecarFactory
 from tests.support import Pki, issue, sidecar_config

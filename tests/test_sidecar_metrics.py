@@ -1,6 +1,6 @@
-"""The sidecar's own metrics writer (metaproxy.sidecar.exposition) writes what prometheus-client
-writes for the same metrics, so dropping the library from the sidecar changed nothing a scraper,
-an alert or a dashboard sees."""
+"""The sidecar's own metrics writer (metaproxy.sidecar.wire.exposition) writes what
+prometheus-client writes for the same metrics, so dropping the library from the sidecar changed
+nothing a scraper, an alert or a dashboard sees."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 
 import prometheus_client
 
-from metaproxy.sidecar import exposition
 from metaproxy.sidecar.metrics import FAST_BUCKETS, SidecarMetrics
+from metaproxy.sidecar.wire import exposition
 
 CREATED = re.compile(r"^(\S+_created(?:\{[^}]*\})?) \S+$", re.M)
 

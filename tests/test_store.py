@@ -29,8 +29,8 @@ from metaproxy.broker.store.redis_keys import tenant_key
 from metaproxy.broker.store.redis_limits import RELEASE_AFTER_SECONDS
 from metaproxy.broker.store.redis_store import RedisStore
 from metaproxy.broker.store.sealing import SealedValueInvalid, Sealer, generate_key_line
-from metaproxy.certs import init_certs
 from metaproxy.clock import SystemClock
+from metaproxy.commands.certs import init_certs
 from metaproxy.errors import ConfigError
 from metaproxy.models import BrokerLimits
 from metaproxy.testing.emulator import free_port

@@ -13,9 +13,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from metaproxy.broker.config import BrokerConfig
 from metaproxy.broker.regions import region_endpoints
 from metaproxy.broker.server import BrokerServer
-from metaproxy.config import BrokerConfig, build_config
+from metaproxy.config import build_config
 from metaproxy.errors import ConfigError
 from metaproxy.testing.emulator import StsEmulator
 from metaproxy.testing.faultproxy import FaultProxy, max_calls_in_window

@@ -228,3 +228,14 @@ def write_keypair(out_dir: Path) -> tuple[Path, Path]:
         private_file.write(private_pem)
     public_path.write_bytes(public_pem)
     return private_path, public_path
+
+
+@dataclass(frozen=True, slots=True)
+class WitnessedCheckpoint:
+    """What a replica publishes of its latest signed audit checkpoint, for others to witness."""
+
+    log_id: str
+    seq: int
+    head: str
+    digest: str  # sha256 of the checkpoint file's bytes
+    time: str

@@ -6,11 +6,10 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from metaproxy.audit.record import EVENTS
+from metaproxy.audit.ship import s3_client_factory
 from metaproxy.clihelp import add_flag
 
 TARGET_HELP = "the log: a directory, or s3://BUCKET/PREFIX where the broker ships it"
@@ -153,15 +152,6 @@ def _add_s3_options(parser: argparse.ArgumentParser) -> None:
         help="S3 endpoint URL for s3:// targets (e.g. a local one); unset: AWS's",
     )
     add_flag(parser, "--region", default="us-east-1", help="AWS region for s3:// targets")
-
-
-def s3_client_factory(endpoint: str, region: str) -> Callable[[], Any]:
-    def make_client() -> Any:
-        import boto3
-
-        return boto3.client("s3", endpoint_url=endpoint or None, region_name=region)
-
-    return make_client
 
 
 def _keygen(args: argparse.Namespace) -> int:

@@ -210,3 +210,14 @@ class S3Shipper:
         for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
             keys.update(item["Key"] for item in page.get("Contents", []))
         return keys
+
+
+def s3_client_factory(endpoint: str, region: str) -> Callable[[], Any]:
+    """boto3 S3 clients for the shipper and the audit commands (`endpoint` "": AWS's own)."""
+
+    def make_client() -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=endpoint or None, region_name=region)
+
+    return make_client

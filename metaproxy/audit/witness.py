@@ -15,8 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
 
 from metaproxy.audit.chain import is_hex_hash
-from metaproxy.audit.checkpoint import Witness
-from metaproxy.broker.store.base import WitnessedCheckpoint
+from metaproxy.audit.checkpoint import Witness, WitnessedCheckpoint
 
 log = logging.getLogger("metaproxy.audit")
 

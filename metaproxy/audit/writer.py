@@ -33,6 +33,7 @@ from typing import Any, Final, TypeVar
 from metaproxy.audit import chain
 from metaproxy.audit.chain import iso_millis, read_tail, sorted_segments
 from metaproxy.audit.checkpoint import (
+    WitnessedCheckpoint,
     checkpoint_name,
     file_digest,
     load_private_key,
@@ -44,7 +45,6 @@ from metaproxy.audit.witness import (
     Witnessing,
     WitnessSource,
 )
-from metaproxy.broker.store.base import WitnessedCheckpoint
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.errors import AuditUnavailable
 from metaproxy.fsutil import fsync_dir, write_atomically

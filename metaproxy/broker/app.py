@@ -18,6 +18,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from metaproxy.audit.checkpoint import WitnessedCheckpoint
 from metaproxy.audit.record import make_record
 from metaproxy.audit.ship import S3Shipper
 from metaproxy.audit.writer import AuditLog
@@ -26,7 +27,6 @@ from metaproxy.broker.cache import CredentialCache
 from metaproxy.broker.config import BrokerConfig
 from metaproxy.broker.fleet import ReplicaHeartbeat
 from metaproxy.broker.issuer import CredentialRequest, Issuer, RequestContext
-from metaproxy.broker.limits import TenantLimiter
 from metaproxy.broker.regions import regional_sts
 from metaproxy.broker.revocation import RevocationView, revocation_scope
 from metaproxy.broker.scheduler import FairScheduler, StsScheduler
@@ -36,15 +36,15 @@ from metaproxy.broker.store.base import (
     ReplicaRegistry,
     Revocation,
     StoreUnavailable,
-    WitnessedCheckpoint,
 )
 from metaproxy.broker.store.sealing import Sealer
 from metaproxy.broker.sts import StsClient
+from metaproxy.broker.tenant_limits import TenantLimiter
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.errors import BadRequest
-from metaproxy.httperrors import identity_encoding_only, json_errors, new_request_id
 from metaproxy.identity.verify import IdentityVerifier
 from metaproxy.logs import request_id_var
+from metaproxy.net.httperrors import identity_encoding_only, json_errors, new_request_id
 from metaproxy.policy.store import PolicyStore
 
 log = logging.getLogger("metaproxy.broker")
@@ -283,7 +283,7 @@ def audit_shipper(
     writes its own chain, and two chains under one prefix would not verify."""
     if not config.audit_s3_url:
         return None
-    from metaproxy.audit.cli import s3_client_factory
+    from metaproxy.audit.ship import s3_client_factory
 
     bucket, prefix = parse_s3_url(config.audit_s3_url)
     return S3Shipper(

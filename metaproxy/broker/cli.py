@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from metaproxy.broker.config import BrokerConfig
-from metaproxy.servercmd import register_server
+from metaproxy.process.servercmd import register_server
 
 log = logging.getLogger("metaproxy.broker")
 
@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 async def _serve(config: BrokerConfig, ready_file: Path | None) -> int:
     from metaproxy.broker.server import BrokerServer
-    from metaproxy.runtime import Lifecycle, settle_gc, write_ready_file
+    from metaproxy.process.runtime import Lifecycle, settle_gc, write_ready_file
 
     server = await BrokerServer.start(config)
     settle_gc()

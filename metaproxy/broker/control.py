@@ -26,8 +26,8 @@ from metaproxy.broker.app import SERVICES, BrokerServices, bearer_token
 from metaproxy.broker.revocation import revocation_scope
 from metaproxy.broker.revoke import lift, revoke
 from metaproxy.errors import BadRequest, ConfigError, NotFound, Unauthenticated
-from metaproxy.httperrors import Handler, json_errors
 from metaproxy.logs import request_id_var
+from metaproxy.net.httperrors import Handler, json_errors
 
 log = logging.getLogger("metaproxy.broker.control")
 

@@ -25,9 +25,9 @@ from metaproxy.broker import metrics
 from metaproxy.broker.regions import RegionalSts
 from metaproxy.broker.sts import AssumedRole, OnSent, StsClient
 from metaproxy.errors import AuditUnavailable, MetaproxyError
-from metaproxy.httperrors import Handler
 from metaproxy.logs import tenant_var
 from metaproxy.models import AssumeRoleSpec, Credentials
+from metaproxy.net.httperrors import Handler
 from metaproxy.policy.load import PolicyProblem, PolicySnapshot
 from metaproxy.policy.store import Fingerprint, PolicyStore
 

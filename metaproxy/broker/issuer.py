@@ -22,13 +22,13 @@ from metaproxy.broker.admission import FairAdmission, lane_for
 from metaproxy.broker.authn import FailedAuthentications
 from metaproxy.broker.cache import CredentialCache, FetchCancelled, Key
 from metaproxy.broker.instrument import note_source
-from metaproxy.broker.limits import TenantLimiter
 from metaproxy.broker.metadata import build_metadata
 from metaproxy.broker.revocation import RevocationView
 from metaproxy.broker.scheduler import Priority, StsScheduler
 from metaproxy.broker.shared_cache import SharedCredentials, owner_names
 from metaproxy.broker.store.base import CacheClaim, CacheLook
 from metaproxy.broker.sts import AssumedRole
+from metaproxy.broker.tenant_limits import TenantLimiter
 from metaproxy.clock import Clock, iso_z
 from metaproxy.errors import (
     BadRequest,

@@ -18,15 +18,14 @@ from metaproxy.broker.app import (
 )
 from metaproxy.broker.config import BrokerConfig
 from metaproxy.broker.tls import CertificateReloader
-from metaproxy.connguard import (
+from metaproxy.net.connguard import (
     ConnectionGuard,
     ConnectionLimits,
     ProbeAnswer,
-    body_deadline,
     canned_response,
-    protocol_logger,
 )
-from metaproxy.runtime import server_tls_context, start_site
+from metaproxy.net.webguard import body_deadline, protocol_logger
+from metaproxy.process.runtime import server_tls_context, start_site
 
 if TYPE_CHECKING:
     from metaproxy.broker.control import ControlToken

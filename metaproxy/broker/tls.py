@@ -18,7 +18,7 @@ import ssl
 from pathlib import Path
 
 from metaproxy.errors import StartError
-from metaproxy.runtime import server_tls_context
+from metaproxy.process.runtime import server_tls_context
 
 log = logging.getLogger("metaproxy.broker")
 

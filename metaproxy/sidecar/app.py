@@ -20,15 +20,17 @@ from collections.abc import Awaitable, Callable
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import SidecarConfig, authorization_token_mode
 from metaproxy.models import SidecarLimits
-from metaproxy.sidecar import container_creds, diagnosis, http1, imds, instrument
+from metaproxy.sidecar import container_creds, diagnosis, instrument
 from metaproxy.sidecar.credentials_cache import CredentialKeeper
 from metaproxy.sidecar.face import Face, RateClass
 from metaproxy.sidecar.fairness import FairShare
+from metaproxy.sidecar.imds_view import render_view
 from metaproxy.sidecar.lifecycle import TerminationNotice
 from metaproxy.sidecar.metrics import SidecarMetrics
 from metaproxy.sidecar.rebinding import HostCheck
 from metaproxy.sidecar.state import PerGrant, SidecarState
 from metaproxy.sidecar.tokens import TokenAuthority, load_or_create_key
+from metaproxy.sidecar.wire import http1
 
 log = logging.getLogger("metaproxy.sidecar")
 
@@ -111,7 +113,7 @@ def build_state(
         ),
         client=client,
         metrics=metrics,
-        imds_view=PerGrant(functools.partial(imds.render_view, notice=notice)),
+        imds_view=PerGrant(functools.partial(render_view, notice=notice)),
         container_document=PerGrant(container_creds.render_document),
         hosts=HostCheck(config.allowed_hosts),
         clock=clock,

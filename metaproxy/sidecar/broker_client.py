@@ -22,8 +22,8 @@ from typing import Any
 
 from metaproxy.config import SidecarConfig
 from metaproxy.models import Credentials, NodeFacts, SidecarLimits
-from metaproxy.sidecar.httpclient import Endpoint, HttpClient, HttpClientError
 from metaproxy.sidecar.trust import CaBundle, CaProblem
+from metaproxy.sidecar.wire.httpclient import Endpoint, HttpClient, HttpClientError
 
 
 class BrokerError(Exception):

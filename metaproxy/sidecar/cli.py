@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from metaproxy.config import SidecarConfig
-from metaproxy.servercmd import register_server
+from metaproxy.process.servercmd import register_server
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 async def _serve(config: SidecarConfig, ready_file: Path | None) -> int:
-    from metaproxy.runtime import Lifecycle, write_ready_file
+    from metaproxy.process.runtime import Lifecycle, write_ready_file
     from metaproxy.sidecar.heap import release_free_heap
     from metaproxy.sidecar.server import SidecarServer
 

@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from metaproxy.clock import iso_z
-from metaproxy.connguard import canned_response
 from metaproxy.errors import ConfigError
 from metaproxy.fsutil import write_atomically
+from metaproxy.net.connguard import canned_response
 from metaproxy.sidecar.broker_client import Grant
 from metaproxy.sidecar.face import Face, RateClass
-from metaproxy.sidecar.http1 import REASONS, Request, Response
+from metaproxy.sidecar.wire.http1 import REASONS, Request, Response
 
 if TYPE_CHECKING:
     from metaproxy.sidecar.state import SidecarState

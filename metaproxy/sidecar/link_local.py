@@ -16,8 +16,8 @@ import contextlib
 import logging
 
 from metaproxy.config import IMDS_ADDRESS, split_host_port
-from metaproxy.sidecar.httpclient import Endpoint, HttpClient, HttpClientError
 from metaproxy.sidecar.tokens import TokenAuthority
+from metaproxy.sidecar.wire.httpclient import Endpoint, HttpClient, HttpClientError
 
 log = logging.getLogger("metaproxy.sidecar.link_local")
 

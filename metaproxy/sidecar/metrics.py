@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from metaproxy.sidecar.exposition import CONTENT_TYPE, HistogramSeries, Metric, Registry, Series
+from metaproxy.sidecar.wire.exposition import (
+    CONTENT_TYPE,
+    HistogramSeries,
+    Metric,
+    Registry,
+    Series,
+)
 
 # Answers from the credentials cache take well under a millisecond; anything near a second means
 # the sidecar is starved, so the buckets are dense at the bottom and stop at one second.

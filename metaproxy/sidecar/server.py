@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 
 from metaproxy.clock import Clock
 from metaproxy.config import SidecarConfig, split_host_port
-from metaproxy.connguard import ACCEPT_BACKLOG, ConnectionGuard
-from metaproxy.sidecar import container_creds, http1, imds, instrument
+from metaproxy.net.connguard import ACCEPT_BACKLOG, ConnectionGuard
+from metaproxy.sidecar import container_creds, imds, instrument
 from metaproxy.sidecar.app import admin_error_page, admin_plane, build_state, data_plane
 from metaproxy.sidecar.face import Face
-from metaproxy.sidecar.limits import admin_reject, build_guards
+from metaproxy.sidecar.guards import admin_reject, build_guards
 from metaproxy.sidecar.state import SidecarState
+from metaproxy.sidecar.wire import http1
 
 log = logging.getLogger("metaproxy.sidecar")
 

@@ -20,9 +20,9 @@ from metaproxy.sidecar.tokens import TokenAuthority
 
 if TYPE_CHECKING:
     from metaproxy.sidecar.host_metadata import HostMetadata
-    from metaproxy.sidecar.http1 import Response
-    from metaproxy.sidecar.imds import ImdsView
+    from metaproxy.sidecar.imds_view import ImdsView
     from metaproxy.sidecar.link_local import LinkLocalCheck
+    from metaproxy.sidecar.wire.http1 import Response
 
 T = TypeVar("T")
 
@@ -52,7 +52,7 @@ class PerGrant(Generic[T]):
 
 
 class ConnectionCounts(Protocol):
-    """What a connection guard tells `/metrics` (`metaproxy.connguard.ConnectionGuard`)."""
+    """What a connection guard tells `/metrics` (`metaproxy.net.connguard.ConnectionGuard`)."""
 
     @property
     def open(self) -> int: ...

@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from metaproxy.errors import BadRequest
-from metaproxy.httperrors import json_errors
+from metaproxy.net.httperrors import json_errors
 from metaproxy.webhook.config import WebhookConfig
 from metaproxy.webhook.patch import InjectionRefused, InjectionSettings, NotAPod, build_patch
 
@@ -141,7 +141,7 @@ class WebhookServer:
 
     @classmethod
     async def start(cls, config: WebhookConfig) -> WebhookServer:
-        from metaproxy.runtime import server_tls_context, start_site
+        from metaproxy.process.runtime import server_tls_context, start_site
 
         settings = settings_from_config(config)
         tls = server_tls_context(config.tls_cert, config.tls_key)

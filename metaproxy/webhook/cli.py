@@ -1,6 +1,6 @@
 """`metaproxy webhook`: serve the sidecar-injection admission webhook.
 
-The same process shape as the broker and the sidecar (`metaproxy.servercmd`): a frozen
+The same process shape as the broker and the sidecar (`metaproxy.process.servercmd`): a frozen
 `WebhookConfig` from flags and `METAPROXY_*` variables, the shared TLS context, and the shared
 lifecycle (SIGTERM/SIGINT drain, SIGHUP reloads the certificate cert-manager rotates).
 """
@@ -11,7 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
-from metaproxy.servercmd import register_server
+from metaproxy.process.servercmd import register_server
 from metaproxy.webhook.config import WebhookConfig
 
 
@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 async def _serve(config: WebhookConfig, ready_file: Path | None) -> int:
-    from metaproxy.runtime import Lifecycle, write_ready_file
+    from metaproxy.process.runtime import Lifecycle, write_ready_file
     from metaproxy.webhook.app import WebhookServer
 
     server = await WebhookServer.start(config)

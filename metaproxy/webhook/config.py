@@ -10,7 +10,7 @@ from typing import Literal
 
 from metaproxy.config import _LISTEN, _LOG_FORMAT, check_tls_pair, doc
 from metaproxy.errors import ConfigError
-from metaproxy.sidecar.host_metadata import normalise
+from metaproxy.metadata_paths import normalise
 from metaproxy.webhook.patch import DEFAULT_NODE_METADATA
 
 

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from metaproxy.audit.checkpoint import WitnessedCheckpoint
 from metaproxy.models import BrokerLimits
 
 
@@ -196,17 +197,6 @@ class SharedCache(Protocol):
     async def drop_owner(self, owner: str) -> int:
         """Delete every value indexed under `owner`; returns how many went."""
         ...
-
-
-@dataclass(frozen=True, slots=True)
-class WitnessedCheckpoint:
-    """What a replica publishes of its latest signed audit checkpoint, for others to witness."""
-
-    log_id: str
-    seq: int
-    head: str
-    digest: str  # sha256 of the checkpoint file's bytes
-    time: str
 
 
 class ReplicaRegistry(Protocol):

@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
+from metaproxy.audit.checkpoint import WitnessedCheckpoint
 from metaproxy.broker.budget import budget_limiter
 from metaproxy.broker.store.base import (
     Admission,
@@ -27,7 +28,6 @@ from metaproxy.broker.store.base import (
     RevocationEvent,
     RevocationListener,
     RevocationSnapshot,
-    WitnessedCheckpoint,
 )
 from metaproxy.errors import ConfigError
 from metaproxy.fsutil import write_atomically

@@ -6,8 +6,8 @@ import json
 import logging
 from dataclasses import asdict
 
+from metaproxy.audit.checkpoint import WitnessedCheckpoint
 from metaproxy.broker.store import redis_scripts as scripts
-from metaproxy.broker.store.base import WitnessedCheckpoint
 from metaproxy.broker.store.redis_keys import CHECKPOINTS_KEY, REPLICAS_KEY
 from metaproxy.broker.store.redis_link import StoreLink
 

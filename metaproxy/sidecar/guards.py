@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from metaproxy.connguard import FD_RESERVE, ConnectionGuard, ConnectionLimits, canned_response
 from metaproxy.models import SidecarLimits
+from metaproxy.net.connguard import FD_RESERVE, ConnectionGuard, ConnectionLimits, canned_response
 from metaproxy.sidecar.state import SidecarState
 
 ADMIN_LIMITS = ConnectionLimits(max_connections=32, max_per_client=16)

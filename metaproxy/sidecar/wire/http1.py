@@ -8,7 +8,7 @@ This server parses with httptools (llhttp, the parser Node.js uses), answers fro
 and enforces per-request limits: a deadline for every request head (not only the first) and for
 every announced body, a keep-alive idle timeout, and limits on URL, header and body sizes.
 Rejecting excess costs one write and a close. Connection admission (caps in total and per client,
-eviction, the descriptor budget) is `metaproxy.connguard`, which wraps this protocol; since this
+eviction, the descriptor budget) is `metaproxy.net.connguard`, which wraps this protocol; since this
 protocol times every head itself, the guard times only the first (`KeepsHeadDeadlines`).
 
 The hot path is a cached answer to the same request, over and over: a response's whole bytes

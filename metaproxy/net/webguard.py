@@ -1,6 +1,6 @@
-"""The aiohttp side of the connection guard (`metaproxy.connguard`): guarded sites, a body
+"""The aiohttp side of the connection guard (`metaproxy.net.connguard`): guarded sites, a body
 deadline middleware, quiet parser-error logging and the `Expect` check. Imported by the broker
-and the webhook, never by the sidecar (which serves with `metaproxy.sidecar.http1`)."""
+and the webhook, never by the sidecar (which serves with `metaproxy.sidecar.wire.http1`)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Middleware
 from aiohttp.web_protocol import RequestPayloadError
 
-from metaproxy.connguard import ConnectionGuard, RejectResponse
-from metaproxy.listener import GuardedListener
+from metaproxy.net.connguard import ConnectionGuard, RejectResponse
+from metaproxy.net.listener import GuardedListener
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -86,7 +86,7 @@ def refuse_unknown_expectations(server: web.Server) -> None:
 
 class GuardedTCPSite(web.TCPSite):
     """A TCPSite whose connections are counted by a ConnectionGuard from accept() on, TLS
-    handshake included (`metaproxy.listener`)."""
+    handshake included (`metaproxy.net.listener`)."""
 
     def __init__(
         self,

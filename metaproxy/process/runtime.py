@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from metaproxy.config import check_tls_pair, split_host_port
-from metaproxy.connguard import ConnectionGuard, RejectResponse, canned_response
+from metaproxy.net.connguard import ConnectionGuard, RejectResponse, canned_response
 
 if TYPE_CHECKING:  # aiohttp is imported by the processes that serve with it, not the sidecar
     from aiohttp import web
@@ -73,11 +73,11 @@ async def start_site(
     reject: RejectResponse | None = None,
 ) -> tuple[web.BaseSite, str]:
     """Listen on `address`; with a `guard`, every connection is counted and capped from
-    accept() on, before any TLS handshake (`metaproxy.listener`), and refused ones get `reject()`
-    (a complete HTTP answer, inside TLS on a TLS listener) before being closed."""
+    accept() on, before any TLS handshake (`metaproxy.net.listener`), and refused ones get
+    `reject()` (a complete HTTP answer, inside TLS on a TLS listener) before being closed."""
     from aiohttp import web
 
-    from metaproxy.webguard import GuardedTCPSite, GuardedUnixSite, refuse_unknown_expectations
+    from metaproxy.net.webguard import GuardedTCPSite, GuardedUnixSite, refuse_unknown_expectations
 
     scheme = "https" if ssl_context else "http"
     assert runner.server is not None, "runner.setup() comes first"

@@ -11,11 +11,11 @@ aiohttp has none of its own; its keep-alive timer only reaps connections that ar
 Usage: `guard.protocol_factory(server, reject)` wraps any protocol factory (the sidecar's
 `http1`, aiohttp's `web.Server`); the connection is then decided on when the loop hands it over.
 A TLS listener cannot wait that long — the loop hands it over only after the handshake, and a
-socket stalled there would count nowhere — so `metaproxy.listener` runs its own accept loop and
+socket stalled there would count nowhere — so `metaproxy.net.listener` runs its own accept loop and
 has the guard decide on the raw socket (`GuardedProtocol.accepted`). This module imports no web
 framework: the sidecar uses it without aiohttp. The aiohttp side — `GuardedTCPSite`/
 `GuardedUnixSite`, `body_deadline`, `ProtocolLog`, `refuse_unknown_expectations` — is
-`metaproxy.webguard`, and is also importable from here (loaded on first use) for the broker and
+`metaproxy.net.webguard`, and is also importable from here (loaded on first use) for the broker and
 the webhook.
 """
 
@@ -28,11 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast, runtime_checkable
 
-from metaproxy.framing import RequestFraming
+from metaproxy.net.framing import RequestFraming
 
 # asyncio's loop accepts up to `backlog` sockets per wake-up before any refused one is closed, so
 # a backlog of 1024 would let a connection storm hold 1024 descriptors for a moment whatever the
-# cap. Guarded listeners accept at most this many per wake-up (`metaproxy.listener`); the
+# cap. Guarded listeners accept at most this many per wake-up (`metaproxy.net.listener`); the
 # kernel's accept queue keeps the full backlog, so that a burst of connections waits there,
 # holding no descriptor of ours, instead of being dropped at the handshake.
 ACCEPT_BACKLOG = 64
@@ -55,7 +55,7 @@ RejectResponse = Callable[[], bytes]
 # other admin clients hold the connections, or it restarts a healthy process.
 ProbeAnswer = Callable[[bytes], bytes | None]
 
-log = logging.getLogger("metaproxy.connguard")
+log = logging.getLogger("metaproxy.net.connguard")
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,24 +395,3 @@ class GuardedProtocol(asyncio.Protocol):
             return
         transport.write(_TIMEOUT_RESPONSE)
         transport.close()
-
-
-_WEB_NAMES = frozenset(
-    {
-        "GuardedTCPSite",
-        "GuardedUnixSite",
-        "ProtocolLog",
-        "body_deadline",
-        "protocol_logger",
-        "refuse_unknown_expectations",
-    }
-)
-
-
-def __getattr__(name: str) -> Any:
-    # The aiohttp half, imported only by the processes that serve with aiohttp.
-    if name in _WEB_NAMES:
-        from metaproxy import webguard
-
-        return getattr(webguard, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -18,7 +18,7 @@ the 429 with its Retry-After inside TLS, so a sidecar backs off — but only wit
 COURTESY_MAX allowance (inside FD_RESERVE), each under the handshake deadline. Past that it is
 closed at once: a flood of refused sockets costs neither handshakes nor descriptors.
 
-No web framework here: `metaproxy.webguard`'s sites put aiohttp's server behind it.
+No web framework here: `metaproxy.net.webguard`'s sites put aiohttp's server behind it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from metaproxy.connguard import ACCEPT_BACKLOG, ConnectionGuard, GuardedProtocol, RejectResponse
+from metaproxy.net.connguard import ACCEPT_BACKLOG, ConnectionGuard, GuardedProtocol, RejectResponse
 
 # Errors accept() reports for a connection that died in the queue (Linux passes pending network
 # errors on the new socket through accept): the next one may be fine.
@@ -53,7 +53,7 @@ _PEER_GONE = frozenset(
 # instead of spinning on a readable socket; waiting connections stay in the kernel's queue.
 ACCEPT_PAUSE = 0.5
 
-log = logging.getLogger("metaproxy.connguard")
+log = logging.getLogger("metaproxy.net.connguard")
 
 
 class GuardedListener(asyncio.AbstractServer):

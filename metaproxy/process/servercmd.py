@@ -14,8 +14,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from metaproxy.cli import HelpFormatter
-from metaproxy.clihelp import add_flag
+from metaproxy.clihelp import HelpFormatter, add_flag
 from metaproxy.config import C, add_config_arguments
 
 Serve = Callable[[C, Path | None], Coroutine[Any, Any, int]]
@@ -54,7 +53,7 @@ def register_server(
         from metaproxy.config import build_config, readable_paths
         from metaproxy.errors import StartError
         from metaproxy.logs import setup_logging
-        from metaproxy.runtime import run, server_tls_context
+        from metaproxy.process.runtime import run, server_tls_context
 
         config = build_config(config_class, args)
         readable_paths(config)
