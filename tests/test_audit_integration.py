@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -18,7 +17,7 @@ import boto3
 
 from metaproxy.audit import chain
 from metaproxy.broker.server import BrokerServer
-from tests.support import Pki, broker_config, issue, run_command
+from tests.support import Pki, broker_config, hang_audit_disk, issue, run_command
 
 
 async def ask(
@@ -125,10 +124,7 @@ async def test_stalled_audit_writes_refuse_credentials_then_recover(
     """While the audit disk hangs, requests get 503 within a second and no credentials leave."""
     assert (await ask(https, broker, issue(pki, "fc-warm", "acme")))[0] == 200
     token = issue(pki, "fc-cold", "acme")
-    stall = threading.Event()
-    executor = broker.services.audit._executor  # the disk thread, as the writer's tests stall it
-    assert executor is not None
-    executor.submit(stall.wait, 30)
+    stall = hang_audit_disk(broker.services.audit)
     try:
         started = time.monotonic()
         status, refused_text, refused = await ask(https, broker, token)

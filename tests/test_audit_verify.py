@@ -45,7 +45,7 @@ async def _write_log(directory: Path, key: Path) -> None:
                 status=200,
             )
         )
-    await log.close()
+    await log.aclose()
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ from metaproxy.errors import ConfigError
 
 CHECKPOINT_DOMAIN: Final = b"metaproxy-audit-checkpoint-v1\x00"
 CHECKPOINT_RE: Final = re.compile(r"^checkpoint-(\d{12})\.json$")
+CHECKPOINT_DIR: Final = "checkpoints"  # beside the segments, one file per checkpoint
 LATEST_NAME: Final = "latest-checkpoint.json"
 PRIVATE_KEY_NAME: Final = "audit-signing.key"
 PUBLIC_KEY_NAME: Final = "audit-signing.pub"

@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from metaproxy.audit.checkpoint import (
+    CHECKPOINT_DIR,
     CHECKPOINT_RE,
     Checkpoint,
     checkpoint_name,
     file_digest,
     parse_checkpoint,
 )
-from metaproxy.audit.layout import CHECKPOINT_DIR, chain_dirs
+from metaproxy.audit.layout import chain_dirs
 from metaproxy.audit.verify import VerifyReport, download_s3, verify_dir
 
 

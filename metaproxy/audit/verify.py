@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from metaproxy.audit import chain
 from metaproxy.audit.checkpoint import (
+    CHECKPOINT_DIR,
     CHECKPOINT_RE,
     LATEST_NAME,
     Checkpoint,
@@ -28,7 +29,6 @@ from metaproxy.audit.checkpoint import (
     signature_problem,
 )
 
-CHECKPOINT_DIR = "checkpoints"
 # A replica's folder in a fleet copy (`prefix/<instance>/`): a name, never a path.
 INSTANCE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

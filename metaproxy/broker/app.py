@@ -366,9 +366,9 @@ async def _audit_and_policies(services: BrokerServices) -> AsyncIterator[None]:
         await watcher
     await services.scheduler.aclose()  # workers stop before the audit log and STS close
     await services.issuer.failures.aclose()  # its last summaries go in before the log closes
-    await services.audit.close()  # closes the segment and hands it to the shipper
+    await services.audit.aclose()  # closes the segment and hands it to the shipper
     if shipper is not None:
-        await shipper.close(drain_seconds=services.config.drain_seconds)
+        await shipper.aclose(drain_seconds=services.config.drain_seconds)
     await services.sts.aclose()
 
 
