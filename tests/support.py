@@ -16,9 +16,10 @@ import aiohttp
 
 from metaproxy.audit.writer import AuditLog
 from metaproxy.broker.config import BrokerConfig
-from metaproxy.config import SidecarConfig, TrustedIssuer
+from metaproxy.config import TrustedIssuer
 from metaproxy.demo.local import AUDIENCE, ISSUER, LocalKeys, make_local_keys
 from metaproxy.demo.processes import Child
+from metaproxy.sidecar.config import SidecarConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
