@@ -405,7 +405,7 @@ def sustained_rate(timeline: Sequence[float], ramp: float = 1.0) -> float:
 
 def best_window_rate(timeline: Sequence[float], window: float = 5.0) -> float:
     """The most calls in any `window` seconds, per second."""
-    from metaproxy.testing.faultproxy import max_calls_in_window
+    from metaproxy.testing.recording import max_calls_in_window
 
     return max_calls_in_window(timeline, window) / window
 

@@ -15,7 +15,8 @@ from metaproxy.broker.circuit import CircuitBreaker
 from metaproxy.broker.scheduler import FairScheduler
 from metaproxy.broker.sts import AsyncSts
 from metaproxy.models import AssumeRoleSpec
-from metaproxy.testing.faultproxy import FaultProxy, max_calls_in_window
+from metaproxy.testing.faultproxy import FaultProxy
+from metaproxy.testing.recording import max_calls_in_window
 
 LIMITS = ScaleLimits(workers_min=2, workers_max=64, budget_per_second=500.0)
 

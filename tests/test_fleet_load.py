@@ -25,7 +25,8 @@ from bench.fleet_harness import (
     stop_replicas,
     sustained_rate,
 )
-from metaproxy.testing.faultproxy import FaultProxy, max_calls_in_window
+from metaproxy.testing.faultproxy import FaultProxy
+from metaproxy.testing.recording import max_calls_in_window
 from metaproxy.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
