@@ -259,7 +259,7 @@ def _ready_file(parser: argparse.ArgumentParser, meaning: str) -> None:
 
 
 def _interpreter(text: str) -> str:
-    from metaproxy.podnet.install import shebang_problem
+    from metaproxy.podnet.plugin_archive import shebang_problem
 
     problem = shebang_problem(text)
     if problem:
