@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import boto3
 
-from metaproxy.audit import chain
+from metaproxy.audit.names import segment_name
 from metaproxy.broker.server import BrokerServer
 from tests.support import Pki, broker_config, hang_audit_disk, issue, run_command
 
@@ -149,7 +149,7 @@ async def test_unwritable_audit_segment_refuses_credentials_then_recovers(
     broker: BrokerServer, https: aiohttp.ClientSession, pki: Pki
 ) -> None:
     """If the audit segment cannot be created, requests get 503 fast; then issuing resumes"""
-    blocker = broker.services.config.audit_dir / chain.segment_name(1)
+    blocker = broker.services.config.audit_dir / segment_name(1)
     blocker.mkdir()  # root ignores permissions, but nobody can open a directory for writing
     token = issue(pki, "fc-unwritable", "acme")
     try:

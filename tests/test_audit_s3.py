@@ -15,10 +15,10 @@ import boto3
 import pytest
 
 from metaproxy.audit import cli as audit_cli
-from metaproxy.audit.checkpoint import write_keypair
 from metaproxy.audit.query import QueryFilter, query_s3
 from metaproxy.audit.record import make_record
 from metaproxy.audit.ship import S3Shipper
+from metaproxy.audit.signing_keys import write_keypair
 from metaproxy.audit.verify import verify_dir, verify_s3
 from metaproxy.audit.writer import AuditLog
 from metaproxy.testing.emulator import free_port

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from metaproxy.audit import chain
-from metaproxy.audit.checkpoint import write_keypair
+from metaproxy.audit.names import segment_name, sorted_segments
 from metaproxy.audit.record import make_record
+from metaproxy.audit.signing_keys import write_keypair
 from metaproxy.audit.verify import verify_dir
 from metaproxy.audit.writer import AuditLog
 from metaproxy.errors import AuditUnavailable
@@ -150,7 +151,7 @@ async def test_unwritable_segment_fails_closed_then_recovers(
     log = AuditLog(tmp_path, log_id="b", signing_key=keys[0], segment_max_bytes=1, write_timeout=1)
     await log.start()
     await log.append(issued(1))
-    blocker = tmp_path / chain.segment_name(2)
+    blocker = tmp_path / segment_name(2)
     blocker.mkdir()  # root ignores chmod, but nobody can open a directory for writing
     started = time.monotonic()
     with pytest.raises(AuditUnavailable, match="audit write failed"):
@@ -202,9 +203,7 @@ async def test_write_that_landed_after_timeout_is_kept_in_the_chain(tmp_path: Pa
     await asyncio.sleep(0.05)
     after = await log.append(issued(3))
     await log.aclose()
-    records = [
-        json.loads(line) for line in (tmp_path / chain.segment_name(1)).read_text().splitlines()
-    ]
+    records = [json.loads(line) for line in (tmp_path / segment_name(1)).read_text().splitlines()]
     assert [r["request_id"] for r in records] == ["req-1", "req-2", "req-3"]
     assert (after["seq"], after["prev"]) == (3, records[1]["hash"])
     report = verify_dir(tmp_path, None, allow_unanchored=True)
@@ -259,7 +258,7 @@ def read_records(directory: Path) -> list[dict[str, object]]:
     """Every record on disk, in file order (segments in chain order)."""
     return [
         json.loads(line)
-        for _, path in chain.sorted_segments(directory)
+        for _, path in sorted_segments(directory)
         for line in path.read_bytes().splitlines()
     ]
 
@@ -293,7 +292,7 @@ async def test_concurrent_appends_share_fsyncs_and_chain_in_arrival_order(
     report = verify_dir(tmp_path, keys[1])
     assert (report.ok, report.records, report.signed) == (True, 2000, True), report.problems
     # Rotation and checkpoints fall between batches exactly where single writes put them.
-    segments = [path for _, path in chain.sorted_segments(tmp_path)]
+    segments = [path for _, path in sorted_segments(tmp_path)]
     assert len(segments) > 3
     assert all(path.stat().st_size < 100_000 + 1000 for path in segments)
     assert all(path.stat().st_size >= 100_000 for path in segments[:-1])
@@ -384,7 +383,7 @@ async def test_partially_written_batch_is_cut_at_its_last_whole_record(tiny_tmpf
         *(log.append(issued(n)) for n in range(1, 201)), return_exceptions=True
     )
     assert all(isinstance(outcome, AuditUnavailable) for outcome in outcomes)
-    segment = tiny_tmpfs / "log" / chain.segment_name(1)
+    segment = tiny_tmpfs / "log" / segment_name(1)
     assert not segment.read_bytes().endswith(b"\n")  # the batch really was torn mid-record
     filler.unlink()
     after = await log.append(issued(999))

@@ -17,16 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from metaproxy.audit.chain import iso_millis
-from metaproxy.audit.checkpoint import (
-    CHECKPOINT_DIR,
-    WitnessedCheckpoint,
-    checkpoint_name,
-    file_digest,
-    load_private_key,
-    sign_checkpoint,
-)
+from metaproxy.audit.checkpoint import WitnessedCheckpoint, file_digest, sign_checkpoint
 from metaproxy.audit.disk import DiskWorker
 from metaproxy.audit.head import ChainHead
+from metaproxy.audit.names import CHECKPOINT_DIR, checkpoint_name
+from metaproxy.audit.signing_keys import load_private_key
 from metaproxy.audit.witness import Witnessing
 from metaproxy.clock import Clock
 from metaproxy.errors import AuditUnavailable

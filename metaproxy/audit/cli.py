@@ -155,7 +155,7 @@ def _add_s3_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from metaproxy.audit.checkpoint import write_keypair
+    from metaproxy.audit.signing_keys import write_keypair
 
     private, public = write_keypair(args.out)
     print(f"wrote {private} (keep secret, mode 0600) and {public}")
@@ -268,7 +268,7 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _tail(args: argparse.Namespace) -> int:
-    from metaproxy.audit.chain import sorted_segments
+    from metaproxy.audit.names import sorted_segments
 
     directory: Path = args.directory
     if not directory.is_dir():

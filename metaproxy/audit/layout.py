@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from metaproxy.audit.chain import segment_first_seq
-from metaproxy.audit.checkpoint import CHECKPOINT_DIR, LATEST_NAME
+from metaproxy.audit.names import CHECKPOINT_DIR, LATEST_NAME, segment_first_seq
 
 
 def is_chain(directory: Path) -> bool:

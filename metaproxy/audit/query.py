@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from metaproxy.audit import chain
 from metaproxy.audit.layout import chain_dirs, is_fleet
+from metaproxy.audit.names import sorted_segments
 from metaproxy.logs import printable
 
 TABLE_COLUMNS: Final = (
@@ -110,7 +110,7 @@ class QueryFilter:
 
 def iter_records(directory: Path) -> Iterator[dict[str, object]]:
     """Records in chain order; lines that are not JSON objects are skipped (verify reports them)."""
-    for _, path in chain.sorted_segments(directory):
+    for _, path in sorted_segments(directory):
         with path.open("rb") as lines:
             for line in lines:
                 try:

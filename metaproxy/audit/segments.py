@@ -3,8 +3,7 @@
 `SegmentFiles` keeps the one segment open for appends: it opens it under its first record's seq,
 says when it is due to rotate (by size or age), appends a batch's bytes with one write and one
 fsync, re-reads its tail after a write whose fate is unknown, and seals it. Every file
-operation runs on the log's `DiskWorker`; the functions below the class are those jobs, plus
-the start-up scan and the pruning of shipped files.
+operation runs on the log's `DiskWorker`; the functions below the class are those jobs.
 
 A new file's name is fsynced into its directory before a record goes in it; a torn last line
 (a crash mid-write, never acknowledged to anyone) is cut off; an empty segment is never left
@@ -14,22 +13,20 @@ behind, so every file on disk holds at least one record its name promises.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, NamedTuple
+from typing import Final
 
-from metaproxy.audit.chain import read_tail, segment_name, sorted_segments
-from metaproxy.audit.checkpoint import CHECKPOINT_DIR
+from metaproxy.audit.chain import parse_line, self_consistent
 from metaproxy.audit.disk import DiskWorker
+from metaproxy.audit.names import segment_name
 from metaproxy.clock import Clock
 from metaproxy.errors import AuditUnavailable
 from metaproxy.fsutil import fsync_dir
 
-log = logging.getLogger("metaproxy.audit")
-
 _OPEN_FLAGS: Final = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+TAIL_BYTES: Final = 1 << 20  # far above the largest record (fields are capped at 2 KiB)
 
 
 @dataclass(slots=True)
@@ -184,71 +181,27 @@ def unlink_if_empty(path: Path) -> None:
             path.unlink()
 
 
+def read_tail(path: Path) -> tuple[dict[str, object] | None, int, int]:
+    """(last complete, valid record or None, offset just past it, file size); missing = empty."""
+    try:
+        with path.open("rb") as file:
+            size = file.seek(0, os.SEEK_END)
+            start = max(0, size - TAIL_BYTES)
+            file.seek(start)
+            data = file.read()
+    except FileNotFoundError:
+        return None, 0, 0
+    cut = data.rfind(b"\n")
+    if cut < 0:
+        return None, 0, size
+    end = start + cut + 1
+    line_start = data.rfind(b"\n", 0, cut) + 1
+    record = parse_line(data[line_start:cut])
+    if record is None or not self_consistent(record):
+        return None, end, size
+    return record, end, size
+
+
 def _close(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
-
-
-class OnDisk(NamedTuple):
-    """What a log directory holds at start-up."""
-
-    last_record: dict[str, object] | None
-    newest_segment: Path | None
-    newest_checkpoint: int  # its seq; 0 for none
-    local_bytes: int  # segments and checkpoints not yet pruned
-
-
-def scan(directory: Path) -> OnDisk:
-    """Create the directory, or find where its chain ends: the newest segment's last record
-    (a torn last line dropped, a never-written newest segment removed) and the newest
-    checkpoint's seq."""
-    try:
-        return _scan(directory)
-    except OSError as exc:
-        raise AuditUnavailable(f"cannot open audit directory: {exc.strerror}") from None
-
-
-def _scan(directory: Path) -> OnDisk:
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    (directory / CHECKPOINT_DIR).mkdir(mode=0o700, exist_ok=True)
-    newest_checkpoint = 0
-    local_bytes = 0
-    for entry in (directory / CHECKPOINT_DIR).iterdir():
-        if entry.name.startswith("checkpoint-") and entry.name.endswith(".json"):
-            local_bytes += entry.stat().st_size
-            with contextlib.suppress(ValueError):
-                newest_checkpoint = max(newest_checkpoint, int(entry.name[11:23]))
-    local_bytes += sum(path.stat().st_size for _, path in sorted_segments(directory))
-    for first_seq, path in reversed(sorted_segments(directory)):
-        last, end, size = read_tail(path)
-        if end != size:
-            # A torn final line was never acknowledged to anyone: drop it.
-            log.warning("audit segment %s: dropping %d torn bytes", path.name, size - end)
-            os.truncate(path, end)
-        if last is None:
-            if end == 0:
-                path.unlink()  # created, never written: a crash right after rotation
-                continue
-            raise AuditUnavailable(f"audit segment {path.name} has a corrupt last record")
-        if int(last["seq"]) < first_seq:  # type: ignore[call-overload]
-            raise AuditUnavailable(f"audit segment {path.name} does not match its name")
-        return OnDisk(last, path, newest_checkpoint, local_bytes)
-    return OnDisk(None, None, newest_checkpoint, local_bytes)
-
-
-def prune(directory: Path, path: Path) -> int:
-    """Unlink `path` unless it is the newest segment or checkpoint; the bytes freed."""
-    if path.parent.name == CHECKPOINT_DIR:
-        newest = max((p.name for p in path.parent.glob("checkpoint-*.json")), default="")
-        if path.name >= newest:
-            return 0
-    else:
-        segments = sorted_segments(directory)
-        if not segments or path.name >= segments[-1][1].name:
-            return 0
-    try:
-        size = path.stat().st_size
-        path.unlink()
-    except FileNotFoundError:
-        return 0
-    return size

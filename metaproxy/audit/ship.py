@@ -18,13 +18,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from metaproxy.audit.chain import segment_first_seq
-from metaproxy.audit.checkpoint import (
-    CHECKPOINT_DIR,
-    CHECKPOINT_RE,
-    LATEST_NAME,
-    parse_checkpoint,
-)
+from metaproxy.audit.checkpoint import parse_checkpoint
+from metaproxy.audit.names import CHECKPOINT_DIR, CHECKPOINT_RE, LATEST_NAME, segment_first_seq
 
 log = logging.getLogger("metaproxy.audit.ship")
 

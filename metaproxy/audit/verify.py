@@ -18,16 +18,16 @@ from typing import Any, Final
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from metaproxy.audit import chain
-from metaproxy.audit.checkpoint import (
+from metaproxy.audit.checkpoint import Checkpoint, parse_checkpoint, signature_problem
+from metaproxy.audit.names import (
     CHECKPOINT_DIR,
     CHECKPOINT_RE,
     LATEST_NAME,
-    Checkpoint,
     checkpoint_name,
-    load_public_key,
-    parse_checkpoint,
-    signature_problem,
+    segment_first_seq,
+    sorted_segments,
 )
+from metaproxy.audit.signing_keys import load_public_key
 
 # A replica's folder in a fleet copy (`prefix/<instance>/`): a name, never a path.
 INSTANCE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -87,7 +87,7 @@ class ChainVerifier:
         """Check `data` (a whole segment file) from byte `offset`, which starts line `line`."""
         # An empty segment (a crash right after rotation) holds nothing to check; what it
         # might have held is caught by the seq gap or the checkpoints.
-        promised = chain.segment_first_seq(name)
+        promised = segment_first_seq(name)
         position = offset
         while position < len(data) and not self.stopped:
             newline = data.find(b"\n", position)
@@ -231,7 +231,7 @@ def _checkpoint_problems(
 ) -> list[str]:
     """A checkpoint's `segment` is where the log continues after its seq: the segment holding
     that seq while it is open, or the next one when written at rotation, close or restart."""
-    continues_at = chain.segment_first_seq(checkpoint.segment) or 0
+    continues_at = segment_first_seq(checkpoint.segment) or 0
     recorded = verifier.heads.get(checkpoint.seq)
     if recorded is not None:
         head, segment = recorded
@@ -262,7 +262,7 @@ def verify_dir(
     """Verify a log directory as the writer (or `verify_s3`'s download) lays it out."""
     key = load_public_key(public_key) if public_key is not None else None
     segments: list[SegmentSource] = [
-        (entry.name, entry.read_bytes) for _, entry in chain.sorted_segments(path)
+        (entry.name, entry.read_bytes) for _, entry in sorted_segments(path)
     ]
     checkpoint_dir = path / CHECKPOINT_DIR
     checkpoint_files = (
@@ -320,7 +320,7 @@ def _is_log_file(relative: str) -> bool:
     """A segment, checkpoint or latest-checkpoint.json, relative to one chain's folder."""
     parts = relative.split("/")
     if len(parts) == 1:
-        return chain.segment_first_seq(parts[0]) is not None or parts[0] == LATEST_NAME
+        return segment_first_seq(parts[0]) is not None or parts[0] == LATEST_NAME
     return len(parts) == 2 and parts[0] == CHECKPOINT_DIR and bool(CHECKPOINT_RE.match(parts[1]))
 
 

@@ -29,9 +29,11 @@ from typing import Final
 
 from metaproxy.audit import chain
 from metaproxy.audit.checkpointer import Checkpointer
+from metaproxy.audit.directory import prune, scan
 from metaproxy.audit.disk import DiskWorker
 from metaproxy.audit.head import Batch, ChainHead, link_batch
-from metaproxy.audit.segments import SegmentFiles, prune, scan
+from metaproxy.audit.names import segment_name
+from metaproxy.audit.segments import SegmentFiles
 from metaproxy.audit.witness import (
     WITNESS_TIMEOUT,
     CheckpointListener,
@@ -149,7 +151,7 @@ class AuditLog:
             # A restart never appends to a file a crashed process may have been writing:
             # pin the old head in a checkpoint, hand the segment to the shipper, open anew.
             async with self._lock:
-                checkpoint = await self._checkpoint(chain.segment_name(self._head.next_seq))
+                checkpoint = await self._checkpoint(segment_name(self._head.next_seq))
             # The segment before the checkpoint naming its successor: a copy never holds that
             # checkpoint without the segment, which would read as a deleted tail.
             self._notify(on_disk.newest_segment)
@@ -339,7 +341,7 @@ class AuditLog:
             return
         # Named after the next segment: a copy holding only closed segments must then contain
         # this one entirely, so deleting the newest closed segment cannot pass for "not shipped".
-        checkpoint = await self._checkpoint(chain.segment_name(self._head.next_seq), deadline)
+        checkpoint = await self._checkpoint(segment_name(self._head.next_seq), deadline)
         self._notify(await self._segments.seal(deadline))
         self._notify(checkpoint)
 
