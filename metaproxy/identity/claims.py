@@ -1,5 +1,4 @@
-"""An identity token's claims: checked for shape, size, issuer, audience and time, then read
-as the `Identity` of a platform task or a Kubernetes service account.
+"""An identity token's claims: checked for shape, size, issuer, audience and time.
 
 Claims are small (strings of at most 256 characters, finite numbers, shallow nests) because
 they reach policies, ARNs and audit records. Only a single audience is accepted, and a platform
@@ -15,7 +14,6 @@ from typing import Any
 from metaproxy.config import TrustedIssuer
 from metaproxy.errors import Unauthenticated
 from metaproxy.identity.names import name_problem
-from metaproxy.models import Identity
 
 MAX_CLAIM_CHARS = 256
 MAX_CLAIM_DEPTH = 4
@@ -53,12 +51,12 @@ def check_claims(
 def _check_times(
     claims: Mapping[str, Any], trust: TrustedIssuer, now: float, leeway: float
 ) -> None:
-    expires, issued = _number(claims, "exp"), _number(claims, "iat")
+    expires, issued = number_claim(claims, "exp"), number_claim(claims, "iat")
     if now > expires + leeway:
         raise Unauthenticated("token expired (exp)", reason="expired")
     if issued > now + leeway:
         raise Unauthenticated("token issued in the future (iat)", reason="not_yet_valid")
-    if "nbf" in claims and _number(claims, "nbf") > now + leeway:
+    if "nbf" in claims and number_claim(claims, "nbf") > now + leeway:
         raise Unauthenticated("token not yet valid (nbf)", reason="not_yet_valid")
     if expires <= issued:
         raise Unauthenticated(
@@ -93,88 +91,24 @@ def _check_value(name: str, value: object, depth: int = 0) -> None:
             _check_value(f"{name}.{key}", item, depth + 1)
 
 
-def _text(claims: Mapping[str, Any], name: str, *, required: bool = True) -> str:
+def text_claim(claims: Mapping[str, Any], name: str, *, required: bool = True) -> str:
     value = claims.get(name, "")
     if not isinstance(value, str) or (required and not value):
         raise Unauthenticated(f"claim {name} must be a non-empty string", reason="invalid_claims")
     return value
 
 
-def _name(claims: Mapping[str, Any], name: str) -> str:
+def name_claim(claims: Mapping[str, Any], name: str) -> str:
     """A claim that policies write into ARNs and resource paths (identity/names.py)."""
-    value = _text(claims, name)
+    value = text_claim(claims, name)
     problem = name_problem(value)
     if problem:
         raise Unauthenticated(f"claim {name} {problem}", reason="invalid_claims")
     return value
 
 
-def _number(claims: Mapping[str, Any], name: str) -> float:
+def number_claim(claims: Mapping[str, Any], name: str) -> float:
     value = claims.get(name)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise Unauthenticated(f"claim {name} must be a number", reason="invalid_claims")
     return float(value)
-
-
-def platform_identity(claims: Mapping[str, Any]) -> Identity:
-    task, tenant = _name(claims, "task"), _name(claims, "tenant")
-    app = _text(claims, "app", required=False)
-    if app:
-        app = _name(claims, "app")
-    subject = _text(claims, "sub")
-    if subject != f"task:{tenant}/{task}":
-        raise Unauthenticated("claim sub does not match task and tenant", reason="invalid_claims")
-    return Identity(
-        kind="platform",
-        issuer=_text(claims, "iss"),
-        subject=subject,
-        task=task,
-        tenant=tenant,
-        app=app,
-        token_id=_text(claims, "jti"),
-        expires_at=_number(claims, "exp"),
-    )
-
-
-def kubernetes_identity(claims: Mapping[str, Any]) -> Identity:
-    k8s = claims.get("kubernetes.io")
-    if not isinstance(k8s, dict):
-        raise Unauthenticated("claim kubernetes.io is missing", reason="invalid_claims")
-    namespace = _text(k8s, "namespace")
-    account = k8s.get("serviceaccount")
-    if not isinstance(account, dict):
-        raise Unauthenticated(
-            "claim kubernetes.io.serviceaccount is missing", reason="invalid_claims"
-        )
-    account_name = _text(account, "name")
-    _text(account, "uid")
-    subject = _text(claims, "sub")
-    if subject != f"system:serviceaccount:{namespace}:{account_name}":
-        raise Unauthenticated(
-            "claim sub does not match namespace and service account", reason="invalid_claims"
-        )
-    task = account_name
-    pod = k8s.get("pod")
-    pod_name = pod_uid = ""
-    if pod is not None:
-        if not isinstance(pod, dict):
-            raise Unauthenticated(
-                "claim kubernetes.io.pod must be an object", reason="invalid_claims"
-            )
-        pod_name = _text(pod, "name", required=False)
-        pod_uid = _text(pod, "uid", required=False)
-        task = pod_name or pod_uid or task
-    return Identity(
-        kind="kubernetes",
-        issuer=_text(claims, "iss"),
-        subject=subject,
-        task=task,
-        tenant="",
-        app=account_name,
-        namespace=namespace,
-        service_account=account_name,
-        token_id=_text(claims, "jti", required=False),
-        expires_at=_number(claims, "exp"),
-        pod_name=pod_name,
-        pod_uid=pod_uid,
-    )

@@ -15,7 +15,8 @@ from typing import Any
 
 from metaproxy.config import TrustedIssuer
 from metaproxy.errors import ConfigError, Unauthenticated
-from metaproxy.identity.keys import PublicKey, VerifyingAlgorithm, load_jwks
+from metaproxy.identity.jwks import load_jwks
+from metaproxy.identity.keys import PublicKey, VerifyingAlgorithm
 
 log = logging.getLogger("metaproxy.identity")
 

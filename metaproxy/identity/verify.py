@@ -3,8 +3,8 @@
 A token is checked from the outside in, and stops at the first failed check: its compact JWS
 shape and header (`jws.py`), its issuer among the trusted ones and the key its `kid` names in
 that issuer's JWKS, which pins the algorithm (`trusted_keys.py`), its signature, then its claims
-(`claims.py`). Rejections raise `Unauthenticated` whose detail names the failed check and never
-the token.
+(`claims.py`); what they say is then read as an `Identity` (`identities.py`). Rejections raise
+`Unauthenticated` whose detail names the failed check and never the token.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import TrustedIssuer
 from metaproxy.errors import ConfigError, Unauthenticated
 from metaproxy.identity import jws
-from metaproxy.identity.claims import check_claims, kubernetes_identity, platform_identity
+from metaproxy.identity.claims import check_claims
+from metaproxy.identity.identities import kubernetes_identity, platform_identity
 from metaproxy.identity.trusted_keys import IssuerKeys
 from metaproxy.models import Identity
 
