@@ -304,7 +304,7 @@ def _installer(args: argparse.Namespace) -> Installer:
 
 
 def _install_cni(args: argparse.Namespace) -> int:
-    from metaproxy.podnet.install import watch
+    from metaproxy.podnet.install_watch import watch
 
     installer = _installer(args)
     if args.once:

@@ -1,33 +1,27 @@
 """The CNI plugin as one executable file: `#!python`, then a zip of the modules
 `metaproxy.podnet.cni` imports (standard library only), run by the node's own `python3`.
 
-Its `__main__` is written in syntax every Python parses, so that an interpreter too old for the
-plugin answers with the spec's error object instead of a SyntaxError, and only for the pods that
-need the plugin. The same sources give the same bytes (fixed member times, checked hash-based
-bytecode), so an unchanged plugin is never rewritten on the node.
+Its `__main__` (`plugin_main.py`) is written in syntax every Python parses. The same sources
+give the same bytes (fixed member times, checked hash-based bytecode), so an unchanged plugin
+is never rewritten on the node.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import io
-import json
 import marshal
 import stat
-import string
 import zipapp
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from metaproxy.errors import StartError
-from metaproxy.podnet import LINK_LOCAL_ANNOTATION, LINK_LOCAL_CNI
-from metaproxy.podnet.cni import ANNOTATIONS_CAPABILITY, MAX_CONFIG_BYTES
+from metaproxy.podnet.plugin_main import main_source
 
 # Linux reads at most 127 bytes of a `#!` line before 5.1 (BINPRM_BUF_SIZE was 128).
 MAX_SHEBANG_BYTES = 127
-MINIMUM_PYTHON = (3, 11)  # metaproxy's requires-python; the plugin uses typing.Self
-TOO_OLD = 103  # the plugin's error code for "this interpreter cannot run the plugin"
 # What the plugin imports, at the top and lazily in `handle`; tests/test_cni_install.py runs the
 # plugin from the zipapp under `python3 -I -S` to prove this is all it needs.
 PLUGIN_MODULES = (
@@ -46,79 +40,6 @@ PLUGIN_MODULES = (
 # unchanged plugin is never rewritten.
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
-# Python 2.7 and every 3.x must parse this: it runs before we know the interpreter can run the
-# plugin. An interpreter that cannot fails only the pods that need the plugin (their ADD and
-# CHECK); every other pod passes through as the plugin itself would pass it, DEL succeeds
-# (nothing was set up), and STATUS succeeds, so one old node does not stop all pods on it.
-_MAIN = string.Template('''\
-# metaproxy-cni, the chained CNI plugin (metaproxy.podnet.cni), as written by
-# `metaproxy link-local install-cni`. Kept in syntax that Python 2.7 and 3.x all parse.
-import json
-import os
-import sys
-
-MINIMUM = $minimum
-TOO_OLD = $too_old
-CAPABILITY = $capability
-ANNOTATION = $annotation
-SELECTED = $selected
-MAX_BYTES = $max_bytes
-
-
-def too_old(version_info):
-    return tuple(version_info[:2]) < MINIMUM
-
-
-def selected(conf):
-    """The plugin's own rule (metaproxy.podnet.cni.selected)."""
-    if conf.get("pods") == "all":
-        return True
-    runtime = conf.get("runtimeConfig")
-    annotations = runtime.get(CAPABILITY) if isinstance(runtime, dict) else None
-    return isinstance(annotations, dict) and annotations.get(ANNOTATION) == SELECTED
-
-
-def refuse():
-    command = os.environ.get("CNI_COMMAND", "")
-    conf = {}
-    try:
-        if not sys.stdin.isatty():
-            conf = json.loads(sys.stdin.read(MAX_BYTES))
-    except Exception:
-        pass
-    if not isinstance(conf, dict):
-        conf = {}
-    version = conf.get("cniVersion") or "1.1.0"
-    chosen = selected(conf)
-    if command in ("DEL", "STATUS", "GC") or (command in ("ADD", "CHECK") and not chosen):
-        if command == "ADD":
-            previous = conf.get("prevResult")
-            if previous is None:
-                previous = {"cniVersion": version, "interfaces": [], "ips": [], "dns": {}}
-            sys.stdout.write(json.dumps(previous) + "\\n")
-        sys.stderr.write("metaproxy-cni %s: untouched (Python %d.%d cannot run the plugin)\\n"
-                         % (command, sys.version_info[0], sys.version_info[1]))
-        return 0
-    msg = "metaproxy-cni needs Python %d.%d or later; %s is Python %d.%d" % (
-        MINIMUM[0], MINIMUM[1], sys.executable or "python3",
-        sys.version_info[0], sys.version_info[1])
-    details = ("install Python %d.%d or later on the node and run metaproxy link-local "
-               "install-cni --python /path/to/it, or inject the init container instead "
-               "(the webhook's --link-local=init-container)" % MINIMUM)
-    error = {"cniVersion": version, "code": TOO_OLD, "msg": msg, "details": details}
-    sys.stdout.write(json.dumps(error) + "\\n")
-    sys.stderr.write("metaproxy-cni %s: error %d: %s: %s\\n" % (command, TOO_OLD, msg, details))
-    return 1
-
-
-if too_old(sys.version_info):
-    sys.exit(refuse())
-
-from metaproxy.podnet.cni import main  # noqa: E402
-
-sys.exit(main())
-''')
-
 
 def shebang_problem(python: str) -> str | None:
     """Why `python` cannot go on a `#!` line, or None."""
@@ -131,17 +52,6 @@ def shebang_problem(python: str) -> str | None:
     if len(b"#!" + python.encode()) > MAX_SHEBANG_BYTES:
         return f"makes a #! line longer than the kernel reads ({MAX_SHEBANG_BYTES} bytes)"
     return None
-
-
-def main_source() -> str:
-    return _MAIN.substitute(
-        minimum=repr(MINIMUM_PYTHON),
-        too_old=TOO_OLD,
-        capability=json.dumps(ANNOTATIONS_CAPABILITY),
-        annotation=json.dumps(LINK_LOCAL_ANNOTATION),
-        selected=json.dumps(LINK_LOCAL_CNI),
-        max_bytes=MAX_CONFIG_BYTES + 1,
-    )
 
 
 def _member(name: str) -> zipfile.ZipInfo:
