@@ -1,20 +1,19 @@
-"""The sidecar process of a task's namespace: the command that starts it there, its readiness
-over the admin socket, and stopping it (SIGTERM, so it drains, then SIGKILL).
+"""The sidecar process of a task's namespace: the command that starts it there, waiting until
+it is ready, and stopping it (SIGTERM, so it drains, then SIGKILL).
 """
 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from metaproxy.podnet import CONTAINER_PORT, IMDS_PORT
+from metaproxy.podnet.admin_socket import probe_ready
 from metaproxy.podnet.task_files import NETNS_DIR, TaskPaths, running_sidecar
 
 POLL_SECONDS = 0.1
@@ -78,32 +77,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state not in ("Z", "X")  # a zombie has exited; its parent just has not reaped it
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(str(self._path))
-        self.sock = sock
-
-
-def probe_ready(admin_socket: Path, timeout: float = 1.0) -> tuple[bool, str]:
-    """GET /readyz over the admin socket: (ready, the sidecar's one-line reason)."""
-    connection = _UnixHTTPConnection(admin_socket, timeout)
-    try:
-        connection.request("GET", "/readyz")
-        response = connection.getresponse()
-        body = response.read(512).decode(errors="replace").strip()
-        return response.status == 200, f"{response.status} {body}"
-    except OSError as exc:
-        return False, f"admin socket: {exc.strerror or type(exc).__name__}"
-    finally:
-        connection.close()
 
 
 def wait_ready(
