@@ -3,23 +3,21 @@
 Each AssumeRole call is kept with its parameters and the access key id that signed it, so a
 test can check what the broker asked STS for, and as whom. So is every request (the latest
 `MAX_RECORDED_REQUESTS`): method, path and signing key, because moto checks no signature, so
-only the proxy can tell which credentials a client used. Nothing secret is kept: no signature,
-no session token.
+only the proxy can tell which credentials a client used (`aws_requests.py`).
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
 from aiohttp import web
 
-_SIGNED_BY = re.compile(r"Credential=([A-Za-z0-9]+)/")
-_SIGNED_V2 = re.compile(r"AWS ([A-Za-z0-9]+):")
+from metaproxy.testing.aws_requests import signing_key, sts_action
+
 # Enough for any test's clients; bounded because benchmarks send millions of requests through.
 MAX_RECORDED_REQUESTS = 10_000
 
@@ -110,28 +108,6 @@ class Recording:
             "requests_held": self.requests_held,
             "max_rate_1s": self.max_rate(1.0),
         }
-
-
-def signing_key(request: web.Request) -> str:
-    """The access key id that signed `request` (SigV4 or S3's SigV2, in the Authorization header
-    or the query of a presigned URL), or ""."""
-    authorization = request.headers.get("Authorization", "")
-    if signed_by := _SIGNED_BY.search(authorization) or _SIGNED_V2.match(authorization):
-        return signed_by.group(1)
-    query = request.query
-    return query.get("X-Amz-Credential", "").partition("/")[0] or query.get("AWSAccessKeyId", "")
-
-
-def sts_action(request: web.Request, body: bytes | None) -> str | None:
-    """The STS action of a query-protocol call: from the query string or the form body."""
-    if action := request.query.get("Action"):
-        return action
-    if not body:
-        return None
-    if "x-www-form-urlencoded" not in request.headers.get("Content-Type", ""):
-        return None
-    values = parse_qs(body.decode("utf-8", "replace")).get("Action")
-    return values[0] if values else None
 
 
 def max_calls_in_window(timestamps: Sequence[float], window: float = 1.0) -> int:
