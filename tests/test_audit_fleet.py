@@ -29,9 +29,10 @@ from metaproxy.audit.checkpoint import (
 from metaproxy.audit.fleet import FleetReport, verify_fleet_dir, verify_fleet_s3
 from metaproxy.audit.query import QueryFilter, query_dir
 from metaproxy.audit.record import make_record
+from metaproxy.audit.s3copy import download_s3
 from metaproxy.audit.ship import S3Shipper
 from metaproxy.audit.signing_keys import write_keypair
-from metaproxy.audit.verify import download_s3, verify_s3
+from metaproxy.audit.verify import verify_s3
 from metaproxy.audit.writer import AuditLog
 
 INSTANCES = ("broker-1", "broker-2", "broker-3")

@@ -151,7 +151,7 @@ _UNDATED: Final = datetime.min.replace(tzinfo=UTC)
 def query_s3(
     url: str, where: QueryFilter, client_factory: Callable[[], Any], *, fleet: bool | None = None
 ) -> list[dict[str, object]]:
-    from metaproxy.audit.verify import download_s3
+    from metaproxy.audit.s3copy import download_s3
 
     with tempfile.TemporaryDirectory(prefix="metaproxy-audit-") as tmp:
         download_s3(url, client_factory, Path(tmp))
