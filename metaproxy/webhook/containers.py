@@ -1,5 +1,5 @@
-"""The containers and volumes the webhook adds to a pod: the native sidecar, the init container
-that sets up the link-local addresses (`init-container` mode), and their volumes."""
+"""The containers the webhook adds to a pod: the native sidecar, and the init container that sets
+up the link-local addresses (`init-container` mode). Their volumes are in `volumes.py`."""
 
 from __future__ import annotations
 
@@ -138,37 +138,3 @@ def link_local_container(settings: InjectionSettings) -> dict[str, Any]:
             "seccompProfile": {"type": "RuntimeDefault"},
         },
     }
-
-
-def pod_volumes(settings: InjectionSettings) -> list[dict[str, Any]]:
-    volumes: list[dict[str, Any]] = [
-        {
-            "name": IDENTITY_VOLUME,
-            "projected": {
-                "sources": [
-                    {
-                        "serviceAccountToken": {
-                            "audience": settings.identity_audience,
-                            "expirationSeconds": settings.identity_expiration_seconds,
-                            "path": "token",
-                        }
-                    }
-                ]
-            },
-        },
-        # In memory and the sidecar's alone: the key that signs the pod's IMDSv2 tokens.
-        {"name": STATE_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
-    ]
-    if settings.link_local == "off":
-        # In memory: the authorization token the apps present must never reach the node's disk.
-        volumes.append({"name": AUTH_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})
-    volumes.append(
-        {
-            "name": CA_VOLUME,
-            "configMap": {
-                "name": settings.broker_ca_configmap,
-                "items": [{"key": "ca.pem", "path": "ca.pem"}],
-            },
-        }
-    )
-    return volumes

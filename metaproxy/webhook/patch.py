@@ -5,9 +5,9 @@ in the list): the kubelet starts it before every other container and waits for i
 so the application only starts once the sidecar holds valid credentials, and the sidecar is
 stopped only after the application has exited.
 
-What goes in is built elsewhere: the containers and volumes (`containers.py`), what every
-application container gets (`app_containers.py`, which also explains the two link-local modes),
-and the settings and names they share (`settings.py`).
+What goes in is built elsewhere: the containers (`containers.py`) and volumes (`volumes.py`),
+what every application container gets (`app_containers.py`, which also explains the two
+link-local modes), and the settings and names they share (`settings.py`).
 """
 
 from __future__ import annotations
@@ -18,12 +18,7 @@ from typing import Any
 
 from metaproxy.podnet import LINK_LOCAL_ANNOTATION, LINK_LOCAL_CNI
 from metaproxy.webhook.app_containers import REGION_VARIABLES, app_environment, pre_stop_hook
-from metaproxy.webhook.containers import (
-    env_var,
-    link_local_container,
-    pod_volumes,
-    sidecar_container,
-)
+from metaproxy.webhook.containers import env_var, link_local_container, sidecar_container
 from metaproxy.webhook.settings import (
     AUTH_DIR,
     AUTH_VOLUME,
@@ -33,6 +28,7 @@ from metaproxy.webhook.settings import (
     PodSecrets,
     random_token,
 )
+from metaproxy.webhook.volumes import pod_volumes
 
 # The settings are part of build_patch's signature: the admission endpoint imports them here.
 __all__ = ["InjectionRefused", "InjectionSettings", "NotAPod", "build_patch"]
