@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from metaproxy.audit import chain
-from metaproxy.audit.names import segment_name, sorted_segments
+from metaproxy.audit.names import CHECKPOINT_DIR, checkpoint_name, segment_name, sorted_segments
 from metaproxy.audit.record import make_record
 from metaproxy.audit.signing_keys import write_keypair
 from metaproxy.audit.verify import verify_dir
@@ -412,3 +412,28 @@ async def test_full_local_buffer_fails_closed_and_evicts_nothing(tmp_path: Path)
     assert verify_dir(tmp_path / "audit", None, allow_unanchored=True).ok
     lines = sum(len(p.read_text().splitlines()) for p in (tmp_path / "audit").glob("segment-*"))
     assert lines == written
+
+
+async def test_a_shipped_file_kept_as_the_newest_is_pruned_once_a_newer_one_exists(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    """A shipper that keeps up prunes each checkpoint while it is the newest: it stays then,
+    and goes at the next prune, after a newer checkpoint exists."""
+    written: asyncio.Queue[Path] = asyncio.Queue()  # what a shipper would upload, in order
+    log = AuditLog(
+        tmp_path,
+        log_id="b",
+        signing_key=keys[0],
+        checkpoint_every_records=1,
+        write_timeout=5,
+        on_segment_closed=written.put_nowait,
+    )
+    await log.start()
+    checkpoints = tmp_path / CHECKPOINT_DIR
+    await log.append(issued(1))
+    await log.prune(await written.get())
+    assert sorted(p.name for p in checkpoints.iterdir()) == [checkpoint_name(1)]
+    await log.append(issued(2))
+    await log.prune(await written.get())
+    assert sorted(p.name for p in checkpoints.iterdir()) == [checkpoint_name(2)]
+    await log.aclose()

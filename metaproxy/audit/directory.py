@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -63,19 +64,26 @@ def _scan(directory: Path) -> OnDisk:
     return OnDisk(None, None, newest_checkpoint, local_bytes)
 
 
-def prune(directory: Path, path: Path) -> int:
-    """Unlink `path` unless it is the newest segment or checkpoint; the bytes freed."""
+def prune(directory: Path, paths: Iterable[Path]) -> tuple[int, list[Path]]:
+    """Unlink each of `paths` (files the sink holds) unless it is the newest segment or the
+    newest checkpoint: the bytes freed, and the paths kept for being the newest."""
+    freed, kept = 0, []
+    for path in paths:
+        if _is_newest(directory, path):
+            kept.append(path)
+            continue
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        freed += size
+    return freed, kept
+
+
+def _is_newest(directory: Path, path: Path) -> bool:
     if path.parent.name == CHECKPOINT_DIR:
         newest = max((p.name for p in path.parent.glob("checkpoint-*.json")), default="")
-        if path.name >= newest:
-            return 0
-    else:
-        segments = sorted_segments(directory)
-        if not segments or path.name >= segments[-1][1].name:
-            return 0
-    try:
-        size = path.stat().st_size
-        path.unlink()
-    except FileNotFoundError:
-        return 0
-    return size
+        return path.name >= newest
+    segments = sorted_segments(directory)
+    return not segments or path.name >= segments[-1][1].name

@@ -112,6 +112,7 @@ class AuditLog:
         # broker refuses to issue (503) rather than fill the volume and get evicted. 0: none.
         self._max_local_bytes = max_local_bytes
         self._local_bytes = 0
+        self._shipped_newest: list[Path] = []  # in the sink, kept here as the newest of their kind
         # Called with every file that became immutable: closed segments and new checkpoints.
         self._on_closed = on_segment_closed
         self._head = ChainHead()
@@ -186,9 +187,13 @@ class AuditLog:
         """Remove the local copy of a file the sink now holds (`S3Shipper(on_uploaded=...)`).
 
         The newest segment and the newest checkpoint stay: a restart resumes the chain from
-        them (with no segment left it would start a new chain at seq 1)."""
+        them (with no segment left it would start a new chain at seq 1). A file kept for that
+        is tried again at each later call, so it goes once a newer one exists (a shipper that
+        keeps up with the writer uploads every file while it is still the newest)."""
+        candidates, self._shipped_newest = [*self._shipped_newest, path], []
         # Not on the disk thread: the shipper keeps uploading (and pruning) after close.
-        freed = await asyncio.to_thread(prune, self.directory, path)
+        freed, kept = await asyncio.to_thread(prune, self.directory, candidates)
+        self._shipped_newest.extend(kept)
         self._local_bytes = max(0, self._local_bytes - freed)
 
     def stats(self) -> dict[str, float]:
