@@ -60,7 +60,7 @@ class Fleet:
             self.replicas.remove(server)
             if self.on_stop is not None:
                 self.on_stop(server)
-            await server.stop()
+            await server.aclose()
 
     async def stop_all(self) -> None:
         for server in list(self.replicas):

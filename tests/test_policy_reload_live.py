@@ -58,12 +58,12 @@ async def test_invalid_edit_is_refused_and_the_fix_is_picked_up(
 
     problems = [r.getMessage() for r in caplog.records if "policy problem" in r.getMessage()]
     assert any(re.search(rf"acme\.toml:{bad_line}: roles\[0\]\.arn: ", p) for p in problems)
-    assert broker.services.policies.generation == 0
+    assert broker.policies.generation == 0
     status, body = await credentials(https, broker, issue(pki, "t-reload-2", "acme"))
     assert (status, body["role_name"]) == (200, "acme-app")  # the last good policy serves
 
     acme.write_text(good.replace("\n" + GOOD_ARN, "\n" + NEW_ARN, 1))
-    await wait_for(lambda: broker.services.policies.generation == 1)
+    await wait_for(lambda: broker.policies.generation == 1)
     status, body = await credentials(https, broker, token)
     assert status == 200
     assert body["role_name"] == "acme-app-v2"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metaproxy.broker.cache import refresh_schedule
+from metaproxy.broker.credentials.local import refresh_schedule
 from metaproxy.policy.load import MAX_DURATION, MIN_POLICY_DURATION
 from metaproxy.sidecar.credentials_cache import JITTER, refresh_delay
 

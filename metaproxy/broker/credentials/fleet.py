@@ -1,7 +1,7 @@
 """Credential sets shared by the replicas, and one STS call per key for the whole fleet.
 
-Under each replica's own `CredentialCache` (which coalesces callers within the replica), this
-layer makes two replicas asked for the same (role, session, scope) at once share one AssumeRole:
+Under each replica's own `LocalCache` (which coalesces callers within the replica), this layer
+makes two replicas asked for the same (role, session, scope) at once share one AssumeRole:
 the first takes a short lease on the key in the store and calls STS; the others wait for the
 lease's release (pushed by the store) and read the set it left. A holder that dies (kill -9)
 stops extending its lease; the lease ends within `LEASE_SECONDS` and a waiter takes over.
@@ -10,6 +10,9 @@ Sets are sealed (AES-GCM, `store/sealing.py`) before they reach the store and ex
 `SERVE_FLOOR_SECONDS` before the credentials do, so the store never holds a secret in the clear
 and never a set a sidecar would refuse. If the store does not answer, the replica calls STS
 itself: the fleet then costs at most one call per replica per key, never a failed request.
+
+A cold request's first question (`claim`) is asked along with its admission where the store
+can (one round trip for both); its answer comes back in the request's `Ticket.look`.
 """
 
 from __future__ import annotations
@@ -19,13 +22,20 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from metaproxy.background import BackgroundTasks
-from metaproxy.broker.store.base import CacheClaim, CacheLook, SharedCache, StoreUnavailable
+from metaproxy.broker.credentials.source import (
+    CredentialSource,
+    Fetch,
+    Fetched,
+    Scope,
+    owner_name,
+)
+from metaproxy.broker.credentials.sts import AssumedRole
+from metaproxy.broker.store.base import CacheClaim, SharedCache, StoreUnavailable
 from metaproxy.broker.store.sealing import SealedValueInvalid, Sealer
-from metaproxy.broker.sts import AssumedRole
 from metaproxy.clock import Clock, iso_z
 from metaproxy.errors import Denied
 from metaproxy.models import Credentials
@@ -43,22 +53,28 @@ MAX_WAIT_SECONDS = 30.0
 # Waiters on other replicas get the set this much later, next to an STS call of ~50-100 ms.
 FILL_AFTER_SECONDS = 0.002
 
-CacheKey = tuple[object, ...]
 
-
-def key_digest(key: CacheKey) -> str:
+def key_digest(key: tuple[object, ...]) -> str:
     """The store's name for a cache key: a digest, so a store dump names no session."""
     return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()
 
 
-def owner_names(tenant: str, task: str) -> list[str]:
-    """The revocation scopes a set belongs to: its tenant, and its task within the tenant."""
-    return [f"{tenant}\x00", f"{tenant}\x00{task}"]
+def owners_of(fetch: Fetch) -> list[str]:
+    """The revocation scopes a set is indexed under: its tenant, and its task in the tenant."""
+    return [owner_name(fetch.tenant, ""), owner_name(fetch.tenant, fetch.task)]
 
 
-class SharedCredentials:
+@dataclass(frozen=True, slots=True)
+class FleetCacheStats:
+    hits: int  # sets another replica fetched
+    waits: int  # waits for another replica's call
+    fallbacks: int  # the store did not answer: this replica called STS itself
+
+
+class FleetCache:
     def __init__(
         self,
+        inner: CredentialSource,
         store: SharedCache,
         sealer: Sealer,
         clock: Clock,
@@ -66,38 +82,58 @@ class SharedCredentials:
         holder: str,
         refresh_fraction: float,
     ) -> None:
+        self._inner = inner
         self._store = store
         self._sealer = sealer
         self._clock = clock
         self._holder = holder
         self._refresh_fraction = refresh_fraction
         self._background = BackgroundTasks("shared-cache fill")
-        self.shared_hits = 0  # sets another replica fetched
-        self.waits = 0
-        self.fallbacks = 0
+        self._hits = 0
+        self._waits = 0
+        self._fallbacks = 0
 
-    def claim_for(self, key: CacheKey) -> CacheClaim:
-        """The question `fetch` asks first, for the store to answer along with the admission."""
-        return CacheClaim(key_digest(key), self._holder, LEASE_SECONDS)
+    def stats(self) -> FleetCacheStats:
+        return FleetCacheStats(self._hits, self._waits, self._fallbacks)
 
-    async def fetch(
-        self,
-        key: CacheKey,
-        owners: list[str],
-        assume_role: Callable[[], Awaitable[AssumedRole]],
-        first: CacheLook | None = None,
-    ) -> AssumedRole:
-        """`first`: the answer to `claim_for(key)` if the admission already brought it."""
-        digest = key_digest(key)
+    def claim(self, fetch: Fetch) -> CacheClaim:
+        return CacheClaim(key_digest(fetch.key), self._holder, LEASE_SECONDS)
+
+    def release(self, fetch: Fetch) -> None:
+        look = fetch.ticket.look
+        if look is not None and look.holding:
+            # Other replicas would otherwise wait the lease out before calling STS themselves.
+            self._background.spawn(self._fill_quietly(key_digest(fetch.key), [], None))
+        self._inner.release(fetch)
+
+    def drop(self, scope: Scope) -> int:
+        """Nothing to drop here: the sets are in the store, purged once by the replica that
+        revoked (`purge`), and by the guard above when it refuses one filled meanwhile."""
+        return self._inner.drop(scope)
+
+    async def purge(self, scope: Scope) -> int:
+        """Delete the store's sets `scope` covers; returns how many went."""
+        return await self._store.drop_owner(scope.owner)
+
+    def purge_later(self, scope: Scope) -> None:
+        self._background.spawn(self._purge_quietly(scope))
+
+    async def _purge_quietly(self, scope: Scope) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            await self.purge(scope)
+
+    async def get(self, fetch: Fetch) -> Fetched:
+        digest = key_digest(fetch.key)
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + MAX_WAIT_SECONDS
         try:
-            look = first or await self._store.get_or_claim(digest, self._holder, LEASE_SECONDS)
+            look = fetch.ticket.look or await self._store.get_or_claim(
+                digest, self._holder, LEASE_SECONDS
+            )
             while True:
                 found, due = self._open(digest, look.value)
                 if found is not None and not due:
-                    self.shared_hits += 1
-                    return found
+                    return self._hit(fetch, found)
                 holding = look.holding
                 if found is not None and not holding:
                     # Due for a refresh: this caller makes it, unless a replica already is;
@@ -106,28 +142,26 @@ class SharedCredentials:
                         digest, self._holder, LEASE_SECONDS, claim_if_present=True
                     )
                     if not refresh.holding:
-                        self.shared_hits += 1
-                        return found
+                        return self._hit(fetch, found)
                     holding = True
                 if holding:
-                    return await self._fetch_as_holder(digest, owners, assume_role, found)
+                    return await self._fetch_as_holder(digest, fetch, found)
                 if loop.time() > give_up_at:
                     log.warning("waited %.0fs for another replica's STS call", MAX_WAIT_SECONDS)
-                    return await assume_role()
-                self.waits += 1
+                    return await self._inner.get(fetch)
+                self._waits += 1
                 await self._store.wait(digest, seconds=LEASE_SECONDS)
                 look = await self._store.get_or_claim(digest, self._holder, LEASE_SECONDS)
         except StoreUnavailable:
-            self.fallbacks += 1
-            return await assume_role()
+            self._fallbacks += 1
+            return await self._inner.get(fetch)
 
-    async def _fetch_as_holder(
-        self,
-        digest: str,
-        owners: list[str],
-        assume_role: Callable[[], Awaitable[AssumedRole]],
-        due: AssumedRole | None,
-    ) -> AssumedRole:
+    def _hit(self, fetch: Fetch, found: Fetched) -> Fetched:
+        self._hits += 1
+        self._inner.release(fetch)  # no call below: a budget slot it brought goes back
+        return found
+
+    async def _fetch_as_holder(self, digest: str, fetch: Fetch, due: Fetched | None) -> Fetched:
         # The lease outlives a fast call without help; only a slow one (STS retrying) needs
         # extending, so the keeper starts when a third of the lease has gone by.
         loop = asyncio.get_running_loop()
@@ -136,10 +170,10 @@ class SharedCredentials:
             LEASE_SECONDS / 3,
             lambda: keeper.append(loop.create_task(self._keep_lease(digest))),
         )
-        role: AssumedRole | None = None
+        fetched: Fetched | None = None
         try:
-            role = await assume_role()
-            return role
+            fetched = await self._inner.get(fetch)
+            return fetched
         except Denied:
             raise  # revoked while it was fetched: nothing is served, and nothing stored
         except Exception:
@@ -156,25 +190,16 @@ class SharedCredentials:
                     await task
             # Storing the set and releasing the lease (which wakes the other replicas'
             # waiters) follow in one round trip, in the background, after the caller's answer.
-            self._background.spawn(self._fill_quietly(digest, owners, role))
-
-    def drop_task(self, tenant: str, task: str) -> None:
-        """Drop a revoked task's sets from the fleet's cache (in the background): one another
-        replica filled after the revocation's own drop, before it heard of it."""
-        self._background.spawn(self._drop_quietly(owner_names(tenant, task)[1 if task else 0]))
-
-    async def _drop_quietly(self, owner: str) -> None:
-        with contextlib.suppress(StoreUnavailable):
-            await self._store.drop_owner(owner)
-
-    def let_go(self, key: CacheKey) -> None:
-        """Give back a lease this replica took for `key` and will not use (in the background)."""
-        self._background.spawn(self._fill_quietly(key_digest(key), [], None))
+            role = fetched.role if fetched is not None else None
+            self._background.spawn(self._fill_quietly(digest, owners_of(fetch), role))
 
     async def _fill_quietly(self, digest: str, owners: list[str], role: AssumedRole | None) -> None:
         await asyncio.sleep(FILL_AFTER_SECONDS)
         with contextlib.suppress(StoreUnavailable):
             await self._fill(digest, owners, role)
+
+    async def start(self) -> None:
+        return None  # nothing runs until a request comes
 
     async def aclose(self) -> None:
         """Let the last fills reach the store (their leases would otherwise run out)."""
@@ -196,7 +221,7 @@ class SharedCredentials:
             with contextlib.suppress(StoreUnavailable):
                 await self._store.extend(digest, self._holder, LEASE_SECONDS)
 
-    def _open(self, digest: str, value: bytes | None) -> tuple[AssumedRole | None, bool]:
+    def _open(self, digest: str, value: bytes | None) -> tuple[Fetched | None, bool]:
         """The set in `value` (None if absent, unopenable or at its floor) and whether it is
         due for a refresh."""
         if value is None:
@@ -212,6 +237,7 @@ class SharedCredentials:
                 ),
                 record["assumed_role_arn"],
             )
+            fetched_at = datetime.fromisoformat(record["fetched_at"])
             refresh_at = datetime.fromisoformat(record["refresh_at"])
         except (SealedValueInvalid, ValueError, KeyError, TypeError) as exc:
             log.warning("ignored a shared credential set that does not open (%s)", exc)
@@ -219,7 +245,7 @@ class SharedCredentials:
         now = self._clock.now()
         if role.credentials.seconds_left(now) <= SERVE_FLOOR_SECONDS:
             return None, False
-        return role, now >= refresh_at
+        return Fetched(role, "fleet", fetched_at), now >= refresh_at
 
     def _seal(self, digest: str, role: AssumedRole) -> bytes:
         now = self._clock.now()
@@ -234,10 +260,3 @@ class SharedCredentials:
             "refresh_at": (now + timedelta(seconds=lifetime * self._refresh_fraction)).isoformat(),
         }
         return self._sealer.seal(json.dumps(record).encode(), bound_to=digest)
-
-    def stats(self) -> dict[str, float]:
-        return {
-            "shared_cache_hit": float(self.shared_hits),
-            "shared_cache_wait": float(self.waits),
-            "shared_cache_fallback": float(self.fallbacks),
-        }
