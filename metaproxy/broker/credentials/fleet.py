@@ -52,6 +52,9 @@ MAX_WAIT_SECONDS = 30.0
 # coroutine resumes, and put ~0.2 ms of sealing and sending in front of every cold answer.
 # Waiters on other replicas get the set this much later, next to an STS call of ~50-100 ms.
 FILL_AFTER_SECONDS = 0.002
+# A set that does not open is logged once in this long (a key rotation done in one step makes
+# every cold request meet one), and counted always.
+WARN_EVERY_SECONDS = 60.0
 
 
 def key_digest(key: tuple[object, ...]) -> str:
@@ -69,6 +72,7 @@ class FleetCacheStats:
     hits: int  # sets another replica fetched
     waits: int  # waits for another replica's call
     fallbacks: int  # the store did not answer: this replica called STS itself
+    unopenable: int  # sets that did not open here (another key, tampering): replaced
 
 
 class FleetCache:
@@ -92,9 +96,11 @@ class FleetCache:
         self._hits = 0
         self._waits = 0
         self._fallbacks = 0
+        self._unopenable = 0
+        self._warned_at = -WARN_EVERY_SECONDS
 
     def stats(self) -> FleetCacheStats:
-        return FleetCacheStats(self._hits, self._waits, self._fallbacks)
+        return FleetCacheStats(self._hits, self._waits, self._fallbacks, self._unopenable)
 
     def claim(self, fetch: Fetch) -> CacheClaim:
         return CacheClaim(key_digest(fetch.key), self._holder, LEASE_SECONDS)
@@ -135,15 +141,17 @@ class FleetCache:
                 if found is not None and not due:
                     return self._hit(fetch, found)
                 holding = look.holding
-                if found is not None and not holding:
-                    # Due for a refresh: this caller makes it, unless a replica already is;
-                    # then the set it found, still well above the floor, is the answer.
+                if look.value is not None and not holding:
+                    # Due for a refresh, or a value this replica cannot use (sealed under a key
+                    # it does not have, tampered with): this caller replaces it, unless a
+                    # replica already is. A set found due, still well above the floor, is the
+                    # answer meanwhile; a value that does not open is a miss, never a wait.
                     refresh = await self._store.get_or_claim(
                         digest, self._holder, LEASE_SECONDS, claim_if_present=True
                     )
-                    if not refresh.holding:
+                    if not refresh.holding and found is not None:
                         return self._hit(fetch, found)
-                    holding = True
+                    holding = refresh.holding
                 if holding:
                     return await self._fetch_as_holder(digest, fetch, found)
                 if loop.time() > give_up_at:
@@ -240,7 +248,16 @@ class FleetCache:
             fetched_at = datetime.fromisoformat(record["fetched_at"])
             refresh_at = datetime.fromisoformat(record["refresh_at"])
         except (SealedValueInvalid, ValueError, KeyError, TypeError) as exc:
-            log.warning("ignored a shared credential set that does not open (%s)", exc)
+            self._unopenable += 1
+            moment = self._clock.monotonic()
+            if moment - self._warned_at > WARN_EVERY_SECONDS:
+                self._warned_at = moment
+                log.warning(
+                    "a shared credential set does not open (%s): fetched again and replaced; "
+                    "a replica without every key of --store-key-file? (%d so far)",
+                    type(exc).__name__,
+                    self._unopenable,
+                )
             return None, False
         now = self._clock.now()
         if role.credentials.seconds_left(now) <= SERVE_FLOOR_SECONDS:
