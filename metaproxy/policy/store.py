@@ -14,15 +14,10 @@ import threading
 from collections.abc import Collection
 from pathlib import Path
 
-from metaproxy.policy.load import (
-    PolicyError,
-    PolicyProblem,
-    PolicySnapshot,
-    load_policy_dir,
-    policy_files,
-    read_policy_dir,
-)
+from metaproxy.policy.load import load_policy_dir
 from metaproxy.policy.model import PolicySet
+from metaproxy.policy.problems import PolicyError, PolicyProblem
+from metaproxy.policy.read import PolicySnapshot, policy_files, read_policy_dir
 
 log = logging.getLogger("metaproxy.policy")
 
