@@ -1,9 +1,9 @@
 """Load a directory of tenant policy files into a PolicySet, or refuse it with every problem.
 
-Each file is read (`read`), decoded and parsed, checked on its own (`check_tenant`, which uses
-`check_roles` and `fields`), then the files are checked against each other (`overlap`). Every
-problem of every file is reported at once (`problems`), and a directory with any problem is
-refused as a whole: the broker keeps the set it has.
+Each file is read (`read`), checked to be complete (`complete`), parsed, checked on its own
+(`check_tenant`, which uses `check_roles` and `fields`), then the files are checked against each
+other (`overlap`). Every problem of every file is reported at once (`problems`), and a
+directory with any problem is refused as a whole: the broker keeps the set it has.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from metaproxy.policy.check_roles import (
     ROLE_ARN,
 )
 from metaproxy.policy.check_tenant import TENANT_NAME, check_tenant
+from metaproxy.policy.complete import END_LINE, completeness_problems
 from metaproxy.policy.fields import FileChecker
 from metaproxy.policy.locate import FieldLocator, format_path
 from metaproxy.policy.model import PolicySet
@@ -29,6 +30,7 @@ from metaproxy.policy.problems import PolicyError, PolicyProblem
 from metaproxy.policy.read import MAX_FILE_BYTES, PolicySnapshot, policy_files, read_policy_dir
 
 __all__ = [
+    "END_LINE",
     "MAX_DURATION",
     "MAX_FILE_BYTES",
     "MIN_DURATION",
@@ -65,17 +67,20 @@ def _load_file(
         return None, [PolicyProblem(display, 0, "", data)]
     if len(data) > MAX_FILE_BYTES:
         return None, [PolicyProblem(display, 0, "", f"larger than {MAX_FILE_BYTES} bytes")]
+    # First, and whatever else is wrong: a file cut short says so before the problems that
+    # follow from the cut (an unterminated string, a role without its `apps`).
+    incomplete = completeness_problems(display, data)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return None, [PolicyProblem(display, 0, "", f"not UTF-8 (byte {exc.start})")]
+        return None, [*incomplete, PolicyProblem(display, 0, "", f"not UTF-8 (byte {exc.start})")]
     try:
         parsed = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        return None, [_syntax_problem(display, text, exc)]
+        return None, [*incomplete, _syntax_problem(display, text, exc)]
     check = FileChecker(display, text, kubernetes_issuers)
     tenant = check_tenant(check, parsed, file, hashlib.sha256(data).hexdigest())
-    problems = sorted(check.problems, key=lambda problem: problem.line)
+    problems = [*incomplete, *sorted(check.problems, key=lambda problem: problem.line)]
     return LoadedFile(display, tenant, check.locator, valid=not problems), problems
 
 
