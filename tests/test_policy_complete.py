@@ -33,8 +33,8 @@ def shipped_files() -> list[Path]:
 
 
 def documented_policies() -> dict[str, str]:
-    """Every policy a reader may copy: the deploy ConfigMap's and the docs' TOML blocks that
-    hold a `[[roles]]` table."""
+    """Every policy a reader may copy whole: the deploy ConfigMap's, and the docs' TOML blocks
+    that are whole files (a `tenant` and a `[[roles]]` table; others are excerpts)."""
     found: dict[str, str] = {}
     config = REPO / "deploy" / "kubernetes" / "broker-config.yaml"
     for document in yaml.safe_load_all(config.read_text()):
@@ -43,7 +43,7 @@ def documented_policies() -> dict[str, str]:
     for page in sorted((REPO / "docs").glob("*.md")):
         blocks = re.findall(r"```toml\n(.*?)```", page.read_text(), re.S)
         for number, block in enumerate(blocks):
-            if "[[roles]]" in block:
+            if "[[roles]]" in block and re.search(r"^tenant = ", block, re.M):
                 found[f"{page.name}#{number}"] = block
     return found
 

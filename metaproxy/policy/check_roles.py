@@ -4,23 +4,19 @@ reached (directly, or by role chaining through `via` with an ExternalId)."""
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from metaproxy.policy import sts_params
 from metaproxy.policy.fields import FileChecker, type_name
 from metaproxy.policy.locate import FieldPath
 from metaproxy.policy.model import RoleRule
+from metaproxy.policy.names import ROLE_ARN
 
 MIN_DURATION, MAX_DURATION = 900, 43_200  # STS's bounds for DurationSeconds
 # Our floor: the broker hands out cached credentials until half their life is gone and sidecars
 # never serve credentials with less than 15 minutes left, so a role needs 2 × 15 minutes or SDKs
 # are served credentials about to expire (896 s and 849 s left were seen) while all is healthy.
 MIN_POLICY_DURATION = 1800
-# arn:PARTITION:iam::ACCOUNT:role/PATH/NAME; path segments are printable ASCII except `/`.
-ROLE_ARN = re.compile(
-    r"^arn:aws[-a-z]*:iam::\d{12}:role/(?:[!-.0-~]{1,512}/)*[\w+=,.@-]{1,64}$", re.ASCII
-)
 ROLE_KEYS = {
     "arn",
     "default",
@@ -124,6 +120,14 @@ def _check_chain(
                 )
             if not external_id.strip():
                 check.problem((*path, "external_id"), "must not be empty")
+            elif "${tenant}" not in external_id:
+                # A role's account checks the ExternalId to know on whose behalf it is
+                # assumed; a fixed one is anyone's to present, and would name no tenant.
+                check.problem(
+                    (*path, "external_id"),
+                    "must contain ${tenant}, so the ExternalId the role's account checks is "
+                    "this tenant's alone",
+                )
     tags_on = entry.get("session_tags", True)
     if not isinstance(tags_on, bool):
         check.problem((*path, "session_tags"), f"must be true or false, not {type_name(tags_on)}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,19 @@ from metaproxy.policy.model import (
     SessionTemplates,
     TenantPolicy,
 )
+from metaproxy.policy.names import NAMESPACE_NAME, TENANT_NAME
+from metaproxy.policy.sharing import check_shared_roles
 
-TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", re.ASCII)
-NAMESPACE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # a DNS-1123 label
-
-TOP_KEYS = {"tenant", "team", "description", "identities", "roles", "session", "limits"}
+TOP_KEYS = {
+    "tenant",
+    "team",
+    "description",
+    "identities",
+    "roles",
+    "session",
+    "limits",
+    "shared_roles",
+}
 IDENTITY_KEYS = {
     "platform": {"kind", "issuer", "tenant", "apps"},
     "kubernetes": {"kind", "issuer", "namespace", "service_accounts"},
@@ -151,15 +158,20 @@ def check_tenant(check: FileChecker, data: dict[str, Any], file: Path, digest: s
     if "team" in data and isinstance(data["team"], str) and not team.strip():
         check.problem(("team",), "must not be empty")
     limits = check.table(data.get("limits", {}), ("limits",), set(LIMIT_TABLES))
+    roles = check_roles(check, data.get("roles"))
+    session = _check_session(check, data.get("session", {}))
     return TenantPolicy(
         tenant=tenant,
         team=team,
         file=file.name,
         digest=digest,
         identities=_check_identities(check, data.get("identities")),
-        roles=check_roles(check, data.get("roles")),
-        session=_check_session(check, data.get("session", {})),
+        roles=roles,
+        session=session,
         sidecar_limits=_check_limits(check, limits.get("sidecar", {}), "sidecar"),
         broker_limits=_check_limits(check, limits.get("broker", {}), "broker"),
         description=check.string(data, ("description",), default=""),
+        shared_roles=check_shared_roles(
+            check, data.get("shared_roles", {}), tenant, roles, session
+        ),
     )

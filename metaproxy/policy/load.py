@@ -1,9 +1,10 @@
 """Load a directory of tenant policy files into a PolicySet, or refuse it with every problem.
 
 Each file is read (`read`), checked to be complete (`complete`), parsed, checked on its own
-(`check_tenant`, which uses `check_roles` and `fields`), then the files are checked against each
-other (`overlap`). Every problem of every file is reported at once (`problems`), and a
-directory with any problem is refused as a whole: the broker keeps the set it has.
+(`check_tenant`, which uses `check_roles`, `sharing` and `fields`), then the files are checked
+against each other (`overlap`: one tenant per file and per identity; `sharing`: one tenant per
+role). Every problem of every file is reported at once (`problems`), and a directory with any
+problem is refused as a whole: the broker keeps the set it has.
 """
 
 from __future__ import annotations
@@ -14,20 +15,17 @@ import tomllib
 from collections.abc import Collection
 from pathlib import Path
 
-from metaproxy.policy.check_roles import (
-    MAX_DURATION,
-    MIN_DURATION,
-    MIN_POLICY_DURATION,
-    ROLE_ARN,
-)
-from metaproxy.policy.check_tenant import TENANT_NAME, check_tenant
+from metaproxy.policy.check_roles import MAX_DURATION, MIN_DURATION, MIN_POLICY_DURATION
+from metaproxy.policy.check_tenant import check_tenant
 from metaproxy.policy.complete import END_LINE, completeness_problems
 from metaproxy.policy.fields import FileChecker
 from metaproxy.policy.locate import FieldLocator, format_path
 from metaproxy.policy.model import PolicySet
+from metaproxy.policy.names import ROLE_ARN, TENANT_NAME
 from metaproxy.policy.overlap import LoadedFile, overlap_problems
 from metaproxy.policy.problems import PolicyError, PolicyProblem
 from metaproxy.policy.read import MAX_FILE_BYTES, PolicySnapshot, policy_files, read_policy_dir
+from metaproxy.policy.sharing import ownership_problems
 
 __all__ = [
     "END_LINE",
@@ -100,6 +98,7 @@ def _load_dir(
         if good is not None:
             loaded.append(good)
     problems.extend(overlap_problems(loaded))
+    problems.extend(ownership_problems(loaded))
     digest = hashlib.sha256()
     valid = [good.tenant for good in loaded if good.valid]
     for tenant in valid:
