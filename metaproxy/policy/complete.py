@@ -30,36 +30,36 @@ def _is_end(line: bytes) -> bool:
 
 def completeness_problems(display: str, data: bytes) -> list[PolicyProblem]:
     """Why `data` is not a complete policy file ([] when it is)."""
-    lines = data.split(b"\n")
     # Every element but the last was followed by a newline; the last is what trails the final
     # newline (b"" in a file that ends with one).
-    ended = lines[:-1]
-    locator = FieldLocator(data.decode("utf-8", "replace"))
+    lines = data.split(b"\n")
+    last = len(lines) - 1 if not lines[-1] else len(lines)  # 1-based number of the last line
     problems: list[PolicyProblem] = []
-    last = len(ended) if not lines[-1] else len(ended) + 1  # 1-based number of the last line
-    for number, line in enumerate(lines, start=1):
-        if _is_end(line) and number != last:
-            more = f"{last - number} more line{'s' if last - number > 1 else ''}"
+    for number, line in enumerate(lines[: last - 1], start=1):
+        if _is_end(line):
+            more = last - number
+            follow = "1 more line follows" if more == 1 else f"{more} more lines follow"
             problems.append(
                 PolicyProblem(
                     display,
                     number,
                     "",
-                    f"`{END_LINE}` must be the last line, and {more} follow it; remove it or "
-                    "what follows (was something appended to the file?)",
+                    f"`{END_LINE}` must be the last line, and {follow} it; remove it or what "
+                    "follows (was something appended to the file?)",
                 )
             )
-    if not (ended and not lines[-1] and _is_end(ended[-1])):
+    if lines[-1] or last == 0 or not _is_end(lines[last - 1]):
         if lines[-1] and _is_end(lines[-1]):
             why = f"`{END_LINE}` has no newline after it"
         else:
             why = f"the last line is not `{END_LINE}`"
         at = max(last, 1)
+        field = FieldLocator(data.decode("utf-8", "replace")).field_at(at)
         problems.append(
             PolicyProblem(
                 display,
                 at,
-                format_path(locator.field_at(at)),
+                format_path(field),
                 f"incomplete file: {why}. A policy file ends with that line and a newline, so a "
                 "file cut short while being written is never loaded; the last good policy set "
                 "stays in force",
