@@ -117,6 +117,9 @@ class BrokerServer:
         self.cache = LocalCache(source, clock, refresh_fraction=config.cache_refresh_fraction)
         self.revocations.when_revoked(self._drop_revoked)
         self.failures = FailedAuthentications(self.audit.log, clock, config.instance)
+        self.control_failures = FailedAuthentications(
+            self.audit.log, clock, config.instance, rule="control-authentication"
+        )
         verifier = IdentityVerifier(
             config.trusted_issuers,
             leeway=config.token_leeway_seconds,
@@ -140,6 +143,7 @@ class BrokerServer:
             audit=trail,
             clock=clock,
             max_staleness=config.revocation_max_staleness,
+            failures=self.control_failures,
         )
         self.revocations.when_lost(self.revoker.restore)
         self.probe = Probe(self.revocations)
@@ -189,6 +193,7 @@ class BrokerServer:
             if self.fleet_cache is not None:
                 await started(stack, self.fleet_cache)  # its last fills, before the store
             await started(stack, self.failures)  # its last summaries, before the log closes
+            await started(stack, self.control_failures)
             watch = self.policies.watch
             reload_seconds = self.config.policy_reload_seconds
             await started(stack, Background("policy-watch", lambda: watch(reload_seconds)))

@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 
 from metaproxy.background import BackgroundTasks
 from metaproxy.broker.credentials.source import (
+    SERVE_FLOOR_SECONDS,
     CredentialSource,
     Fetch,
     Fetched,
@@ -42,8 +43,6 @@ from metaproxy.models import Credentials
 
 log = logging.getLogger("metaproxy.broker.cache")
 
-# Sidecars never hand out credentials with less than 15 minutes left (min_serve_seconds).
-SERVE_FLOOR_SECONDS = 900.0
 LEASE_SECONDS = 5.0
 # A waiter gives up on other replicas after this and calls STS itself.
 MAX_WAIT_SECONDS = 30.0

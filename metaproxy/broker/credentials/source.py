@@ -22,6 +22,9 @@ from metaproxy.broker.store.base import NO_TICKET, CacheClaim, Ticket
 from metaproxy.models import AssumeRoleSpec
 
 Priority = Literal["cold", "refresh"]
+# Sidecars never hand out credentials with less than 15 minutes left (their min_serve_seconds,
+# the SDKs' own "about to expire"): the broker never serves a cached set that close to its end.
+SERVE_FLOOR_SECONDS = 900.0
 # Where a set came from: this replica's cache ("cache"; "stale" while STS fails and the set is
 # still valid), a call in flight for another request ("coalesced"), another replica's call
 # through the fleet's shared cache ("fleet"), or a call of this request's own ("sts").
