@@ -41,16 +41,6 @@ class Scope:
     def covers(self, tenant: str, task: str) -> bool:
         return tenant == self.tenant and (not self.task or task == self.task)
 
-    @property
-    def owner(self) -> str:
-        """The shared cache's index name for what this scope covers."""
-        return owner_name(self.tenant, self.task)
-
-
-def owner_name(tenant: str, task: str) -> str:
-    """How the shared cache indexes a set under its tenant ("t\\0") and its task ("t\\0task")."""
-    return f"{tenant}\x00{task}"
-
 
 @dataclass(frozen=True, slots=True)
 class Fetch:
