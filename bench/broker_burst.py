@@ -75,23 +75,38 @@ class Run:
 
 
 class TimedScheduler:
-    """Wraps a scheduler and records, per tenant, the time from submit to STS answer: the part
-    of a request's latency the scheduler is responsible for (queue, workers, budget, STS)."""
+    """Wraps a scheduler (the bottom of the broker's credential stack) and records, per
+    tenant, the time from its `get` to STS's answer: the part of a request's latency the
+    scheduler is responsible for (queue, workers, budget, STS)."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
+        self.caller = inner.caller
         self.seconds: dict[str, list[float]] = {}
 
-    async def submit(self, spec: Any, *, tenant: str, priority: Any) -> Any:
+    def claim(self, fetch: Any) -> Any:
+        return self.inner.claim(fetch)
+
+    def release(self, fetch: Any) -> None:
+        self.inner.release(fetch)
+
+    def drop(self, scope: Any) -> int:
+        dropped: int = self.inner.drop(scope)
+        return dropped
+
+    async def get(self, fetch: Any) -> Any:
         started = time.monotonic()
         try:
-            return await self.inner.submit(spec, tenant=tenant, priority=priority)
+            return await self.inner.get(fetch)
         finally:
-            self.seconds.setdefault(tenant, []).append(time.monotonic() - started)
+            self.seconds.setdefault(fetch.tenant, []).append(time.monotonic() - started)
 
     def stats(self) -> dict[str, float]:
         stats: dict[str, float] = self.inner.stats()
         return stats
+
+    async def start(self) -> None:
+        await self.inner.start()
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -178,7 +193,7 @@ def workload(requests: int, tenants: int, big_share: float, window: float) -> li
 
 async def measure_sts_ceiling(proxy_url: str, seconds: float = 4.0) -> float:
     """AssumeRole calls per second this machine's STS path sustains with no budget at all."""
-    from metaproxy.broker.sts import AsyncSts
+    from metaproxy.broker.credentials.sts import AsyncSts
     from metaproxy.models import AssumeRoleSpec
 
     sts = AsyncSts(endpoint=proxy_url, max_connections=64)
@@ -346,9 +361,10 @@ async def one_run(
     arrivals: list[tuple[str, str, float]],
 ) -> Run:
     from metaproxy.broker.config import BrokerConfig
-    from metaproxy.broker.scheduler import FairScheduler, FixedPoolScheduler
+    from metaproxy.broker.credentials.fixed_pool import FixedPoolScheduler
+    from metaproxy.broker.credentials.scheduler import FairScheduler
+    from metaproxy.broker.credentials.sts import AsyncSts
     from metaproxy.broker.server import BrokerServer
-    from metaproxy.broker.sts import AsyncSts
     from metaproxy.config import TrustedIssuer
     from metaproxy.process.runtime import settle_gc
 
@@ -385,14 +401,14 @@ async def one_run(
             name, server.url, arrivals, scheduler, args.run_deadline, args.client_timeout, work
         )
     finally:
-        await server.stop()
+        await server.aclose()
         await scheduler.aclose()
     run.scheduler_seconds = timed.seconds
     # The broker runs in this process (with the sampling loop, which costs little).
     run.cpu_seconds["broker"] = round(time.process_time() - broker_cpu_before, 1)
     for name, pid in others.items():
         run.cpu_seconds[name] = round(process_cpu_seconds(pid) - cpu_before[name], 1)
-    run.audit_records = int(server.services.audit.stats()["records"])
+    run.audit_records = int(server.audit.log.stats()["records"])
     proxy_stats = await proxy.stats()
     run.max_sts_rate = float(proxy_stats["max_rate_1s"])
     run.sts_calls_at_proxy = int(proxy_stats["assume_role_calls"])

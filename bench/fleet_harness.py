@@ -97,7 +97,7 @@ def make_fleet_files(
         if limited and tenant in limited:
             head = text.split("[limits.broker]", 1)[0]
             lines = [f"{key} = {value}" for key, value in limited[tenant].items()]
-            text = head + "[limits.broker]\n" + "\n".join(lines) + "\n"
+            text = head + "[limits.broker]\n" + "\n".join(lines) + "\n\n# end of policy\n"
         (policies / f"{tenant}.toml").write_text(text)
     return FleetFiles(work, identity_key, jwks, policies, make_fleet_secrets(work / "secrets"))
 

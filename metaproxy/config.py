@@ -105,6 +105,10 @@ def _convert(raw: str, annotation: Any, name: str) -> Any:  # noqa: PLR0911 - on
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
+        if raw == "" and inner[0] is Path:
+            # An empty path is a template left unfilled, not a choice: taken as unset it would
+            # quietly mean the weaker default (the system's CAs for --broker-ca-file).
+            raise ConfigError(f"{_flag(name)}: empty; name a file, or leave it unset")
         if raw == "":
             return None
         return _convert(raw, inner[0], name)

@@ -53,7 +53,7 @@ tests.support.issue = issue
 
 
 def record_broker_secrets(server: BrokerServer) -> None:
-    for entry in server.services.issuer.cache.entries():
+    for entry in server.cache.entries():
         ISSUED_SECRETS.add(entry.role.credentials.secret_access_key)
         ISSUED_SECRETS.add(entry.role.credentials.session_token)
 
@@ -139,7 +139,7 @@ async def broker(
     server = await BrokerServer.start(broker_config(tmp_path, pki, sts_url, policies_dir))
     yield server
     record_broker_secrets(server)
-    await server.stop()
+    await server.aclose()
 
 
 SidecarFactory = Callable[..., Awaitable[SidecarServer]]

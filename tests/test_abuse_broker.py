@@ -21,7 +21,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from metaproxy.broker.server import ADMIN_LIMITS, BrokerServer
+from metaproxy.broker.listeners import ADMIN_LIMITS, CONTROL_LIMITS
+from metaproxy.broker.server import BrokerServer
 from metaproxy.demo.local import AUDIENCE, ISSUER
 from metaproxy.net.connguard import COURTESY_MAX, FD_RESERVE
 from tests.support import Pki, audit_records, broker_config, issue
@@ -56,7 +57,7 @@ async def tight_broker(
     )
     server = await BrokerServer.start(config)
     yield server
-    await server.stop()
+    await server.aclose()
 
 
 def host_port(url: str) -> tuple[str, int]:
@@ -103,8 +104,8 @@ async def test_connections_past_the_per_client_share_get_429(
     assert head.startswith(b"HTTP/1.1 429 ")
     assert b"Retry-After: 1" in head
     assert json.loads(body)["code"] == "TooManyConnections"
-    assert tight_broker.guard.rejected["per_client"] == 1
-    assert tight_broker.guard.peak == 2
+    assert tight_broker.listeners.guard.rejected["per_client"] == 1
+    assert tight_broker.listeners.guard.peak == 2
     for _, w in [*held, (reader, writer)]:
         w.close()
 
@@ -124,7 +125,7 @@ async def test_slow_headers_and_stalled_handshakes_are_cut(
     assert answers[0].startswith(b"HTTP/1.1 408 ")
     assert answers[1] == b""
     assert elapsed < 1.0 + 1.5
-    assert tight_broker.guard.header_timeouts == 1
+    assert tight_broker.listeners.guard.header_timeouts == 1
     writer.close()
     raw_writer.close()
 
@@ -191,20 +192,20 @@ async def test_silent_connections_are_counted_cut_at_the_deadline_and_do_not_loc
     started = time.monotonic()
     held = [await silent(host, port, f"127.0.4.{i // 2 + 1}") for i in range(8)]
     await asyncio.sleep(0.2)
-    assert tight_broker.guard.open == 8
-    assert tight_broker.guard.by_client() == {f"127.0.4.{i}": 2 for i in range(1, 5)}
+    assert tight_broker.listeners.guard.open == 8
+    assert tight_broker.listeners.guard.by_client() == {f"127.0.4.{i}": 2 for i in range(1, 5)}
     connector = aiohttp.TCPConnector(ssl=client_tls(pki), local_addr=("127.0.4.9", 0))
     async with aiohttp.ClientSession(connector=connector) as session:
         assert await post(session, tight_broker.url, issue(pki, "t-after-silent", "acme")) == 200
     record_secrets(tight_broker)
-    assert tight_broker.guard.evicted == 1  # the oldest silent one of a heaviest address
+    assert tight_broker.listeners.guard.evicted == 1  # the oldest silent one of a heaviest address
     answers = await asyncio.wait_for(
         asyncio.gather(*(reader.read() for reader, _ in held), return_exceptions=True), 5
     )
     assert all(a == b"" or isinstance(a, ConnectionResetError) for a in answers), answers
     assert time.monotonic() - started < 1.0 + 1.5
     await asyncio.sleep(0.1)
-    assert tight_broker.guard.open == 0
+    assert tight_broker.listeners.guard.open == 0
     for _, writer in held:
         writer.close()
 
@@ -293,7 +294,8 @@ async def test_silent_connections_cannot_use_up_the_descriptors_of_a_uvloop_brok
     descriptors, serves another client, reloads its policies on SIGHUP, and cuts every silent
     connection at the handshake deadline — nothing fails with EMFILE."""
     process, urls = await spawn_broker(tmp_path, pki, sts_url, policies_dir)
-    cap = CHILD_NOFILE - (FD_RESERVE + ADMIN_LIMITS.max_connections)
+    reserved = ADMIN_LIMITS.max_connections + CONTROL_LIMITS.max_connections
+    cap = CHILD_NOFILE - (FD_RESERVE + reserved)
     try:
         host, port = host_port(urls["url"])
         started = time.monotonic()

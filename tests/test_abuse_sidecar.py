@@ -44,10 +44,10 @@ async def set_sidecar_limits(broker: BrokerServer, policies_dir: Path, **limits:
     head, _, rest = text.partition("[limits.sidecar]\n")
     _, _, tail = rest.partition("\n\n")
     block = "".join(f"{key} = {value}\n" for key, value in limits.items())
-    generation = broker.services.policies.generation
+    generation = broker.policies.generation
     acme.write_text(f"{head}[limits.sidecar]\n{block}\n{tail}")
     deadline = time.monotonic() + 10
-    while broker.services.policies.generation == generation:
+    while broker.policies.generation == generation:
         assert time.monotonic() < deadline, "policy not reloaded"
         await asyncio.sleep(0.05)
 

@@ -63,7 +63,7 @@ async def test_audit_segments_ship_to_s3_and_verify_and_answer_queries_there(
     assert status == 200
     assert (await ask(https, broker, issue(pki, "s3-other", "globex")))[0] == 200
     record_secrets(broker)
-    await broker.stop()
+    await broker.aclose()
 
     listing = await asyncio.to_thread(
         s3_client(sts_url).list_objects_v2, Bucket=bucket, Prefix="audit/"
@@ -114,7 +114,7 @@ async def test_s3_outage_never_blocks_issuing(
     assert time.monotonic() - started < 2.0
     record_secrets(broker)
     started = time.monotonic()
-    await broker.stop()
+    await broker.aclose()
     assert time.monotonic() - started < config.drain_seconds + 2.0
 
 
@@ -124,7 +124,7 @@ async def test_stalled_audit_writes_refuse_credentials_then_recover(
     """While the audit disk hangs, requests get 503 within a second and no credentials leave."""
     assert (await ask(https, broker, issue(pki, "fc-warm", "acme")))[0] == 200
     token = issue(pki, "fc-cold", "acme")
-    stall = hang_audit_disk(broker.services.audit)
+    stall = hang_audit_disk(broker.audit.log)
     try:
         started = time.monotonic()
         status, refused_text, refused = await ask(https, broker, token)
@@ -149,7 +149,7 @@ async def test_unwritable_audit_segment_refuses_credentials_then_recovers(
     broker: BrokerServer, https: aiohttp.ClientSession, pki: Pki
 ) -> None:
     """If the audit segment cannot be created, requests get 503 fast; then issuing resumes"""
-    blocker = broker.services.config.audit_dir / segment_name(1)
+    blocker = broker.config.audit_dir / segment_name(1)
     blocker.mkdir()  # root ignores permissions, but nobody can open a directory for writing
     token = issue(pki, "fc-unwritable", "acme")
     try:
@@ -179,7 +179,7 @@ async def test_a_full_local_audit_buffer_refuses_credentials(
         statuses = [await ask(https, broker, issue(pki, f"fc-full-{i}", "acme")) for i in range(2)]
         record_secrets(broker)
     finally:
-        await broker.stop()
+        await broker.aclose()
     assert [status for status, _, _ in statuses] == [200, 503]
     assert statuses[1][2]["code"] == "AuditUnavailable"
     assert "credentials" not in statuses[1][2]

@@ -9,11 +9,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from metaproxy.broker.autoscale import Load, ScaleLimits, decide, wanted_workers
-from metaproxy.broker.budget import CallWindow, budget_limiter
-from metaproxy.broker.circuit import CircuitBreaker
-from metaproxy.broker.scheduler import FairScheduler
-from metaproxy.broker.sts import AsyncSts
+from metaproxy.broker.credentials.autoscale import Load, ScaleLimits, decide, wanted_workers
+from metaproxy.broker.credentials.budget import CallWindow, budget_limiter
+from metaproxy.broker.credentials.circuit import CircuitBreaker
+from metaproxy.broker.credentials.scheduler import FairScheduler
+from metaproxy.broker.credentials.sts import AsyncSts
 from metaproxy.models import AssumeRoleSpec
 from metaproxy.testing.faultproxy import FaultProxy
 from metaproxy.testing.recording import max_calls_in_window

@@ -16,7 +16,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from metaproxy.broker.server import ADMIN_LIMITS, BrokerServer
+from metaproxy.broker.listeners import ADMIN_LIMITS
+from metaproxy.broker.server import BrokerServer
 from tests.support import Pki, broker_config, issue
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
@@ -42,7 +43,7 @@ async def tight_broker(
     )
     server = await BrokerServer.start(config)
     yield server
-    await server.stop()
+    await server.aclose()
 
 
 def host_port(url: str) -> tuple[str, int]:
@@ -124,15 +125,15 @@ async def test_health_probes_are_answered_when_other_clients_hold_every_admin_sl
     share = ADMIN_LIMITS.max_per_client
     sources = ["127.0.0.1"] * share + [f"127.0.3.{i + 1}" for i in range(share)]
     holders = [await hold_admin(host, port, source) for source in sources]
-    assert tight_broker.admin_guard.open == ADMIN_LIMITS.max_connections
+    assert tight_broker.listeners.admin_guard.open == ADMIN_LIMITS.max_connections
     healthz, readyz, metrics = [
         await get(host, port, p) for p in ("/healthz", "/readyz", "/metrics")
     ]
     assert healthz.startswith(b"HTTP/1.1 200 ") and healthz.endswith(b"ok")
     assert readyz.startswith(b"HTTP/1.1 200 ") and readyz.endswith(b"ready")
     assert metrics.startswith(b"HTTP/1.1 429 ")
-    assert tight_broker.admin_guard.probes_answered == 2
-    tight_broker.services.draining = True
+    assert tight_broker.listeners.admin_guard.probes_answered == 2
+    tight_broker.probe.draining = True
     assert (await get(host, port, "/readyz")).startswith(b"HTTP/1.1 503 ")
     for writer in holders:
         writer.close()
@@ -156,7 +157,7 @@ async def test_a_unix_socket_broker_counts_connections_from_accept_and_serves(
         try:
             reader, writer = await asyncio.open_unix_connection(path)
             await asyncio.sleep(0.1)
-            assert server.guard.by_client() == {"": 1}
+            assert server.listeners.guard.by_client() == {"": 1}
             token = issue(pki, "t-unix", "acme")
             async with (
                 aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=path)) as session,
@@ -173,4 +174,4 @@ async def test_a_unix_socket_broker_counts_connections_from_accept_and_serves(
             writer.close()
         finally:
             record_secrets(server)
-            await server.stop()
+            await server.aclose()

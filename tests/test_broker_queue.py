@@ -14,10 +14,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.common import write_tenant_policies
-from metaproxy.broker.fairqueue import FairQueue, RetrySlots
-from metaproxy.broker.scheduler import FairScheduler
+from metaproxy.broker.credentials.fairqueue import FairQueue, RetrySlots
+from metaproxy.broker.credentials.scheduler import FairScheduler
+from metaproxy.broker.credentials.sts import AsyncSts
 from metaproxy.broker.server import BrokerServer
-from metaproxy.broker.sts import AsyncSts
 from metaproxy.errors import Overloaded
 from metaproxy.models import AssumeRoleSpec
 from metaproxy.testing.faultproxy import FaultProxy
@@ -257,7 +257,7 @@ async def test_half_throttled_sts_stays_in_budget_and_bounds_and_everything_is_s
             )
     finally:
         watcher.cancel()
-        await server.stop()
+        await server.aclose()
         await scheduler.aclose()
     proxy_stats = throttling_proxy.stats()
     assert statuses[200] == len(TENANTS) * 16

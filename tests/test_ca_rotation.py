@@ -121,7 +121,7 @@ async def test_ca_rotation_under_steady_refreshes(
     finally:
         await sidecar.stop()
         await relay.stop()
-        await new_broker.stop()
+        await new_broker.aclose()
 
 
 async def test_a_broken_bundle_keeps_the_last_good_one(

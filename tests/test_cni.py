@@ -755,7 +755,7 @@ async def test_each_pod_gets_its_own_credentials_at_169_254_169_254(
             finally:
                 record_secrets(broker)
                 node.stop_processes()
-                await broker.stop()
+                await broker.aclose()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     loopback = {f"127.0.0.1:{IMDS_PORT}", f"127.0.0.1:{CONTAINER_PORT}"}

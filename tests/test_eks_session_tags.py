@@ -66,7 +66,7 @@ async def eks_broker(
     server = await BrokerServer.start(config)
     yield server
     record_secrets(server)
-    await server.stop()
+    await server.aclose()
 
 
 def pod_token(key: rsa.RSAPrivateKey, account: str, pod: str, issued: set[str]) -> str:

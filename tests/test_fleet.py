@@ -32,7 +32,7 @@ async def fleet(
 
 
 def records(replica: BrokerServer, event: str) -> list[dict[str, object]]:
-    return [r for r in audit_records(replica.services.config.audit_dir) if r["event"] == event]
+    return [r for r in audit_records(replica.config.audit_dir) if r["event"] == event]
 
 
 async def test_a_revocation_through_one_replica_reaches_every_replica_and_outlives_restarts(

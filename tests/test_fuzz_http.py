@@ -93,7 +93,7 @@ async def servers(
         yield Servers(broker, sidecar, pki)
     finally:
         await sidecar.stop()
-        await broker.stop()
+        await broker.aclose()
 
 
 def unhandled_errors(caplog: pytest.LogCaptureFixture) -> list[str]:

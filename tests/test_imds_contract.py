@@ -565,7 +565,7 @@ async def own_broker_and_sidecar(
         yield sidecar
     finally:
         await sidecar.stop()
-        await broker.stop()
+        await broker.aclose()
 
 
 @pytest.mark.slow

@@ -51,7 +51,7 @@ async def k8s_broker(
     )
     yield server
     record_secrets(server)
-    await server.stop()
+    await server.aclose()
 
 
 @pytest.fixture
@@ -133,7 +133,7 @@ async def test_unmapped_namespace_is_denied_and_audited(
     assert (status, body["code"]) == (403, "AccessDenied")
     records = [
         json.loads(line)
-        for segment in sorted(k8s_broker.services.config.audit_dir.glob("segment-*.jsonl"))
+        for segment in sorted(k8s_broker.config.audit_dir.glob("segment-*.jsonl"))
         for line in segment.read_text().splitlines()
     ]
     denied = [r for r in records if r.get("task") == "intruder"]

@@ -39,7 +39,7 @@ async def plain_broker(
     server = await BrokerServer.start(config)
     yield server
     record_secrets(server)
-    await server.stop()
+    await server.aclose()
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ async def slow_sts_broker(
         server = await BrokerServer.start(config)
         yield server
         record_secrets(server)
-        await server.stop()
+        await server.aclose()
 
 
 async def test_broker_metrics_follow_traffic(
@@ -161,7 +161,7 @@ async def test_broker_counts_sts_throttling(
             assert await ask(https, broker, issue(pki, "m-throttled", "acme")) == 503
             after = await scrape(broker.admin_url)
         finally:
-            await broker.stop()
+            await broker.aclose()
 
     def grew(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)

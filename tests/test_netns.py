@@ -440,7 +440,7 @@ async def _two_tenants_in_their_own_namespaces(
                     assert not (run_dir / ns.netns / "admin.sock").exists()
             finally:
                 platform.detach_all()
-                await broker.stop()
+                await broker.aclose()
     finally:
         lab.teardown()
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -647,7 +647,7 @@ async def test_ipv6_only_namespace_gets_credentials_at_fd00_ec2(
                 assert our_nat(netns, 6) == []
             finally:
                 platform.detach_all()
-                await broker.stop()
+                await broker.aclose()
     finally:
         lab.teardown()
         shutil.rmtree(run_dir, ignore_errors=True)

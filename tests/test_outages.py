@@ -22,9 +22,9 @@ import aiohttp
 import pytest
 
 from bench.common import write_tenant_policies
-from metaproxy.broker.scheduler import FairScheduler
+from metaproxy.broker.credentials.scheduler import FairScheduler
+from metaproxy.broker.credentials.sts import AsyncSts
 from metaproxy.broker.server import BrokerServer
-from metaproxy.broker.sts import AsyncSts
 from metaproxy.sidecar.server import SidecarServer
 from metaproxy.testing.emulator import free_port
 from metaproxy.testing.faultproxy import FaultProxy
@@ -117,7 +117,7 @@ async def test_sts_outage_longer_than_a_refresh_keeps_tasks_served_then_recovers
     finally:
         for sidecar in sidecars:
             await sidecar.stop()
-        await broker.stop()
+        await broker.aclose()
         await scheduler.aclose()
     assert int(str(proxy.stats()["assume_role_forwarded"])) >= len(tasks)
     assert proxy.max_rate(1.0) <= budget

@@ -28,6 +28,8 @@ apps = ["*"]
 
 [session]
 tags = { team = "${team}", task = "${task}", app = "${app}" }
+
+# end of policy
 """
 
 
@@ -44,7 +46,7 @@ async def tagged_broker(tmp_path: Path, pki: Pki, proxy: FaultProxy) -> AsyncIte
     (policies / "tagged.toml").write_text(POLICY)
     server = await BrokerServer.start(broker_config(tmp_path, pki, proxy.url, policies))
     yield server
-    await server.stop()
+    await server.aclose()
 
 
 async def ask(

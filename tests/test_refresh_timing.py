@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metaproxy.broker.cache import refresh_schedule
+from metaproxy.broker.credentials.local import refresh_schedule
 from metaproxy.policy.load import MAX_DURATION, MIN_POLICY_DURATION
 from metaproxy.sidecar.credentials_cache import JITTER, refresh_delay
 
@@ -58,7 +58,7 @@ class Broker:
 @settings(max_examples=400, deadline=None)
 @given(
     duration=st.integers(MIN_POLICY_DURATION, MAX_DURATION),
-    broker_fraction=st.floats(0.1, 0.5),
+    broker_fraction=st.floats(0.1, 0.9),  # the broker's --cache-refresh-fraction bounds
     sidecar_fraction=st.floats(0.1, 0.9),  # the sidecar's --refresh-fraction bounds
     check_seconds=st.sampled_from([0.0, 60.0, 600.0]),  # --revocation-check-seconds (0: off)
     latency=st.floats(0.0, BROKER_TIMEOUT),

@@ -31,7 +31,7 @@ from tests.support import (
 
 async def revoke(broker: BrokerServer, pki: Pki, *argv: str) -> tuple[int, str, str]:
     """`metaproxy revoke ARGV...` against the broker's control API, in its own process."""
-    token_file = broker.services.config.control_token_file
+    token_file = broker.config.control_token_file
     assert token_file is not None
     command = [
         sys.executable,
@@ -86,7 +86,7 @@ async def test_revoked_task_is_cut_off_within_the_check_interval(
         assert r.status == 503  # and the task's readiness says so
     assert await ask(https, broker, issue(pki, "rev-task", "acme")) == 403
 
-    records = audit_records(broker.services.config.audit_dir)
+    records = audit_records(broker.config.audit_dir)
     assert any(r["event"] == "revoked" and r.get("task") == "rev-task" for r in records)
     denied = [r for r in records if r["event"] == "denied" and r.get("task") == "rev-task"]
     assert denied and all(r["status"] == 403 and "revoked" in r["reason"] for r in denied)
@@ -121,7 +121,7 @@ async def test_list_and_lift_are_audited_and_lift_restores_the_task(
 
     events = [
         r["event"]
-        for r in audit_records(broker.services.config.audit_dir)
+        for r in audit_records(broker.config.audit_dir)
         if r["event"] in ("revoked", "listed", "lifted")
     ]
     assert events == ["revoked", "listed", "lifted"]
@@ -133,7 +133,7 @@ async def test_unknown_tenant_is_an_error_not_a_silent_success(
     """A tenant no policy knows is refused (404) and nothing is recorded."""
     rc, _, err = await revoke(broker, pki, "--tenant", "acmee", "--task", "t1")
     assert rc == 1 and "unknown tenant" in err
-    assert broker.services.revocations.entries() == []
+    assert broker.revocations.entries() == []
 
 
 async def test_tenant_revocation_drops_only_its_cache_and_survives_a_restart(
@@ -158,9 +158,9 @@ async def test_tenant_revocation_drops_only_its_cache_and_survives_a_restart(
         body = await answer.json()
     assert body["dropped"] == {"replica": 1, "shared": 0}  # one broker: no shared layer
     assert body["roles"] == ["arn:aws:iam::222222222222:role/globex-app"]
-    assert len(broker.services.issuer.cache) == 1  # acme's set is still cached
+    assert len(broker.cache) == 1  # acme's set is still cached
     record_secrets(broker)
-    await broker.stop()
+    await broker.aclose()
     assert (tmp_path / "state" / "revocations.json").exists()
 
     broker = await BrokerServer.start(config)
@@ -169,7 +169,7 @@ async def test_tenant_revocation_drops_only_its_cache_and_survives_a_restart(
         assert await ask(https, broker, issue(pki, "rt-acme", "acme")) == 200
     finally:
         record_secrets(broker)
-        await broker.stop()
+        await broker.aclose()
 
 
 async def test_control_api_needs_its_token_and_audits_refusals(
@@ -181,10 +181,10 @@ async def test_control_api_needs_its_token_and_audits_refusals(
         async with https.post(url, json={"tenant": "acme"}, headers=headers) as answer:
             assert answer.status == 401
             assert (await answer.json())["code"] == "Unauthenticated"
-    assert broker.services.revocations.entries() == []
+    assert broker.revocations.entries() == []
     refusals = [
         r
-        for r in audit_records(broker.services.config.audit_dir)
+        for r in audit_records(broker.config.audit_dir)
         if r.get("rule") == "control-authentication"
     ]
     assert [r["status"] for r in refusals] == [401, 401]
@@ -210,7 +210,7 @@ async def test_control_api_validates_its_input(
             broker.control_url + "/v1/revocations", json=body, headers=headers
         ) as answer:
             assert answer.status == 400, body
-    assert broker.services.revocations.entries() == []
+    assert broker.revocations.entries() == []
 
 
 async def test_admin_port_changes_nothing(broker: BrokerServer) -> None:
@@ -220,7 +220,7 @@ async def test_admin_port_changes_nothing(broker: BrokerServer) -> None:
         session.post(broker.admin_url + "/v1/revoke", json={"tenant": "acme"}) as answer,
     ):
         assert answer.status in (404, 405)
-    assert broker.services.revocations.entries() == []
+    assert broker.revocations.entries() == []
 
 
 async def test_revoke_cli_reports_errors(tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ async def broker_on_slow_sts(
     server = await BrokerServer.start(config)
     yield server
     record_broker_secrets(server)
-    await server.stop()
+    await server.aclose()
 
 
 async def ask(https: aiohttp.ClientSession, broker: BrokerServer, token: str) -> tuple[int, Any]:
@@ -56,7 +56,7 @@ async def ask(https: aiohttp.ClientSession, broker: BrokerServer, token: str) ->
 
 
 def events(broker: BrokerServer, task: str) -> list[dict[str, Any]]:
-    return [r for r in audit_records(broker.services.config.audit_dir) if r.get("task") == task]
+    return [r for r in audit_records(broker.config.audit_dir) if r.get("task") == task]
 
 
 async def test_a_task_revoked_while_sts_answers_gets_nothing(
@@ -81,7 +81,7 @@ async def test_a_task_revoked_while_sts_answers_gets_nothing(
     recorded = {r["event"]: r for r in events(broker, "in-flight")}
     assert sorted(recorded) == ["denied", "revoked"]  # and never `issued`
     assert "while its credentials were being fetched" in recorded["denied"]["reason"]
-    assert broker.services.issuer.cache.entries() == []
+    assert broker.cache.entries() == []
     cutoff = datetime.strptime(answer["deny_covers_sessions_issued_before"], "%Y-%m-%dT%H:%M:%SZ")
     assert cutoff.replace(tzinfo=UTC) > revoked_wall  # covers what STS minted after it
 
@@ -143,7 +143,7 @@ async def test_no_replica_fills_the_shared_cache_after_the_revocation(
     assert status == 200
     assert (await pending)[0] == 403
     await asyncio.sleep(0.2)  # a fill would have gone out 2 ms after the answer
-    shared = two.services.issuer.shared
+    shared = two.fleet_cache
     assert shared is not None
     # The lifted task's next request must find nothing another replica cached for it.
     await control(https, one, "/v1/revocations/lift", {"tenant": "acme", "task": "fleet-in-flight"})

@@ -59,7 +59,13 @@ async def fleet(
 
 
 async def redis_client(redis_server: RedisServer) -> RedisStore:
-    store = open_store(redis_server.url, state_dir=None, timeout=1.0, sealer=Sealer([b"x" * 32]))
+    store = open_store(
+        redis_server.url,
+        state_dir=None,
+        timeout=1.0,
+        budget_per_second=50.0,
+        sealer=Sealer([b"x" * 32]),
+    )
     assert isinstance(store, RedisStore)
     return store
 
@@ -99,7 +105,7 @@ async def test_a_store_that_loses_everything_lifts_nothing(
     stored = await raw(redis_server, "HLEN", REVOCATIONS_KEY)
     assert stored == 2  # written back
     restored = [
-        r for replica in (one, two) for r in audit_records(replica.services.config.audit_dir)
+        r for replica in (one, two) for r in audit_records(replica.config.audit_dir)
         if r["event"] == "restored"
     ]  # fmt: skip
     assert {r["task"] for r in restored} == {"lost-1", "lost-2"}
@@ -187,13 +193,13 @@ async def test_a_forged_lift_on_the_channel_lifts_nothing(
     token = issue(pki, "forged", "acme")
     status, _ = await control(https, one, "/v1/revocations", {"tenant": "acme", "task": "forged"})
     assert status == 200
-    rejected_before = two.services.revocations.rejected
+    rejected_before = two.revocations.rejected
     text = message if isinstance(message, str) else json.dumps(message)
     await raw(redis_server, "PUBLISH", REVOCATION_CHANNEL, text)
     await asyncio.sleep(0.3)
     for replica in (one, two):
         assert await refuses(https, replica, token)
-    assert two.services.revocations.rejected > rejected_before
+    assert two.revocations.rejected > rejected_before
     # The push channel still works: a real lift reaches the other replica.
     status, _ = await control(
         https, one, "/v1/revocations/lift", {"tenant": "acme", "task": "forged"}
@@ -222,7 +228,6 @@ async def test_planted_and_malformed_values_are_skipped_and_reported(
         SystemClock(),
         max_staleness=10,
         resync_seconds=10,
-        on_revoked=lambda _entry: None,
     )
     await view.resync()
     assert view.check("acme", "real") and not view.check("acme", "planted")
@@ -249,9 +254,8 @@ async def test_a_lift_a_replica_missed_is_honoured_and_a_lost_one_written_back(
         SystemClock(),
         max_staleness=10,
         resync_seconds=10,
-        on_revoked=lambda _entry: None,
-        on_lost=restore,
     )
+    view.when_lost(restore)
     lifted = Revocation("acme", "lifted", "2026-12-05T10:00:00Z", "op")
     lost = Revocation("acme", "lost", "2026-12-05T10:00:00Z", "op")
     for entry in (lifted, lost):
@@ -277,7 +281,6 @@ async def test_a_lift_never_takes_away_a_later_revocation(redis_server: RedisSer
         SystemClock(),
         max_staleness=10,
         resync_seconds=10,
-        on_revoked=lambda _entry: None,
     )
     again = Revocation("acme", "twice", "2026-12-05T11:00:00Z", "op")
     view.apply(RevocationEvent("revoke", again))
@@ -320,7 +323,6 @@ async def test_an_unexpected_error_is_counted_shown_and_survived() -> None:
         SystemClock(),
         max_staleness=0.3,
         resync_seconds=0.05,
-        on_revoked=lambda _entry: None,
     )
     await view.start()
     assert view.check("acme", "t")

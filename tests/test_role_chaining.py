@@ -46,6 +46,8 @@ duration_seconds = {duration}
 name = "${{tenant}}.${{task}}"
 tags = {{ team = "${{team}}", task = "${{task}}" }}
 transitive_tag_keys = ["team"]
+
+# end of policy
 """
 
 
@@ -82,7 +84,7 @@ async def test_chained_cross_account_grant_assumes_via_then_the_role_with_its_cr
     finally:
         if sidecar is not None:
             await sidecar.stop()
-        await broker.stop()
+        await broker.aclose()
 
     assert identity["Arn"] == "arn:aws:sts::333333333333:assumed-role/partner-reader/partner.sync-1"
     first, second = proxy.assume_role_calls()

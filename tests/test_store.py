@@ -10,11 +10,17 @@ import contextlib
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from metaproxy.broker.shared_cache import SharedCredentials
+from metaproxy.broker.credentials.caller import StsCaller
+from metaproxy.broker.credentials.circuit import CircuitBreaker
+from metaproxy.broker.credentials.fixed_pool import FixedPoolScheduler
+from metaproxy.broker.credentials.fleet import FleetCache
+from metaproxy.broker.credentials.source import Fetch
+from metaproxy.broker.credentials.sts import AsyncSts
 from metaproxy.broker.store import open_store
 from metaproxy.broker.store.base import (
     CacheClaim,
@@ -24,15 +30,15 @@ from metaproxy.broker.store.base import (
     StoreUnavailable,
 )
 from metaproxy.broker.store.memory import MemoryStore
+from metaproxy.broker.store.redis_admissions import RELEASE_AFTER_SECONDS
 from metaproxy.broker.store.redis_conn import parse_store_url
 from metaproxy.broker.store.redis_keys import tenant_key
-from metaproxy.broker.store.redis_limits import RELEASE_AFTER_SECONDS
 from metaproxy.broker.store.redis_store import RedisStore
 from metaproxy.broker.store.sealing import SealedValueInvalid, Sealer, generate_key_line
 from metaproxy.clock import SystemClock
 from metaproxy.commands.certs import init_certs
 from metaproxy.errors import ConfigError
-from metaproxy.models import BrokerLimits
+from metaproxy.models import AssumeRoleSpec, BrokerLimits
 from metaproxy.testing.emulator import free_port
 from metaproxy.testing.redis_server import RedisServer
 from tests.conftest import require_redis_server
@@ -135,7 +141,7 @@ def test_store_urls_name_their_topology(
 def test_bad_store_urls_are_one_config_error(url: str) -> None:
     """A store URL that cannot work is refused at start, naming the flag, never its password."""
     with pytest.raises(ConfigError, match=r"^store: ") as raised:
-        open_store(url, state_dir=None, timeout=0.5, sealer=FLEET_KEY)
+        open_store(url, state_dir=None, timeout=0.5, budget_per_second=50.0, sealer=FLEET_KEY)
     assert "secret" not in str(raised.value)
 
 
@@ -163,17 +169,17 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
-async def started(url: str) -> RedisStore:
-    store = open_store(url, state_dir=None, timeout=0.5, sealer=FLEET_KEY)
+async def started(url: str, budget: float = 50.0) -> RedisStore:
+    store = open_store(url, state_dir=None, timeout=0.5, budget_per_second=budget, sealer=FLEET_KEY)
     assert isinstance(store, RedisStore)
     await store.start()
     return store
 
 
 @contextlib.asynccontextmanager
-async def running(url: str) -> AsyncIterator[RedisStore]:
+async def running(url: str, budget: float = 50.0) -> AsyncIterator[RedisStore]:
     """A started store, closed when the block ends."""
-    store = await started(url)
+    store = await started(url, budget)
     try:
         yield store
     finally:
@@ -194,7 +200,7 @@ async def test_the_budget_is_one_timeline_for_every_replica(
 ) -> None:
     """Two replicas taking budget at once get slots spaced for one 50/s budget."""
     one, two = replicas
-    budgets = [one.budget(50.0), two.budget(50.0)]
+    budgets = [one.budget, two.budget]
     loop = asyncio.get_running_loop()
     begin = loop.time()
     times: list[float] = []
@@ -214,10 +220,11 @@ async def test_without_the_store_a_replica_takes_its_share_of_the_budget(
     redis_server: RedisServer, replicas: tuple[RedisStore, RedisStore]
 ) -> None:
     """The store gone, the budget falls back to budget ÷ the live replicas last seen."""
-    one, two = replicas
+    one, _ = replicas
+    two = await started(redis_server.url, budget=40.0)
     await one.replicas.heartbeat("r1", 10)
     assert await two.replicas.heartbeat("r2", 10) == ["r1", "r2"]
-    budget = two.budget(40.0)
+    budget = two.budget
     redis_server.stop()
     loop = asyncio.get_running_loop()
     begin = loop.time()
@@ -228,6 +235,7 @@ async def test_without_the_store_a_replica_takes_its_share_of_the_budget(
     assert elapsed >= 0.45
     assert budget.stats()["budget_fallback"] == 1.0
     assert budget.stats()["budget_share_per_second"] == 20.0
+    await two.aclose()
 
 
 async def test_tenant_rate_and_in_flight_cap_hold_across_replicas(
@@ -245,18 +253,18 @@ async def test_tenant_rate_and_in_flight_cap_hold_across_replicas(
     admitted = []
     for i in range(8):
         store = (one, two)[i % 2]
-        admitted.append(await store.limits.enter("acme", f"id-{i}", limits))
+        admitted.append(await store.admissions.enter("acme", f"id-{i}", limits))
     # Burst 4, but only 3 may be in flight at once: the 4th is refused for the cap.
     assert [a.admitted for a in admitted[:3]] == [True, True, True]
     assert admitted[3].reason == "in-flight"
-    await one.limits.leave("acme", admitted[0].ticket)
-    await one.limits.aclose()  # the slot goes back in the background: wait for it
-    fourth = await two.limits.enter("acme", "id-x", limits)
+    await one.admissions.leave("acme", admitted[0].ticket)
+    await one.admissions.aclose()  # the slot goes back in the background: wait for it
+    fourth = await two.admissions.enter("acme", "id-x", limits)
     assert fourth.admitted
-    refused = await one.limits.enter("acme", "id-y", limits)
+    refused = await one.admissions.enter("acme", "id-y", limits)
     assert (refused.admitted, refused.reason) == (False, "tenant-rate")
     assert refused.retry_after >= 1
-    other = await one.limits.enter("globex", "id-1", limits)
+    other = await one.admissions.enter("globex", "id-1", limits)
     assert other.admitted  # another tenant has its own buckets
 
 
@@ -268,16 +276,16 @@ async def test_an_admitted_cold_request_gets_the_cache_answer_in_the_same_round_
     one, two = replicas
     slow = BrokerLimits(requests_per_second=1, burst=1, per_identity_rps=1, per_identity_burst=1)
     # The first use of a script loads it (NOSCRIPT, SCRIPT LOAD, EVALSHA); count after.
-    await one.limits.enter("initech", "id-0", slow, CacheClaim("warm-up", "r1", 5))
+    await one.admissions.enter("initech", "id-0", slow, CacheClaim("warm-up", "r1", 5))
     calls_before = command_calls(redis_server, "evalsha")
-    first = await one.limits.enter("acme", "id-1", slow, CacheClaim("cold", "r1", 5))
+    first = await one.admissions.enter("acme", "id-1", slow, CacheClaim("cold", "r1", 5))
     assert command_calls(redis_server, "evalsha") - calls_before == 1
-    assert (first.admitted, first.look) == (True, CacheLook(None, True))
-    other = await two.limits.enter("globex", "id-2", slow, CacheClaim("cold", "r2", 5))
-    assert (other.admitted, other.look) == (True, CacheLook(None, False))
+    assert (first.admitted, first.ticket.look) == (True, CacheLook(None, True))
+    other = await two.admissions.enter("globex", "id-2", slow, CacheClaim("cold", "r2", 5))
+    assert (other.admitted, other.ticket.look) == (True, CacheLook(None, False))
 
-    refused = await two.limits.enter("acme", "id-3", slow, CacheClaim("untouched", "r2", 5))
-    assert (refused.admitted, refused.reason, refused.look) == (False, "tenant-rate", None)
+    refused = await two.admissions.enter("acme", "id-3", slow, CacheClaim("untouched", "r2", 5))
+    assert (refused.admitted, refused.reason, refused.ticket.look) == (False, "tenant-rate", None)
     assert await one.cache.get_or_claim("untouched", "r1", 5) == CacheLook(None, True)
 
 
@@ -285,25 +293,41 @@ async def test_a_cold_admission_takes_a_free_budget_slot_along_and_never_one_ahe
     redis_server: RedisServer,
 ) -> None:
     """A claim that leads to an STS call takes the budget's slot in the same script when one
-    is free now; the worker then sends without asking the store. Once the budget's timeline is
-    ahead (a burst), the slot is left for the scheduler to ask for in its fair order."""
-    async with running(redis_server.url) as store:
-        budget = store.budget(50.0)  # 47/s after the margin; a burst of one slot
+    is free now, and its ticket carries it to the STS caller, which then sends without asking
+    the store. Once the budget's timeline is ahead (a burst), no slot is taken: the scheduler
+    asks for one in its fair order."""
+    # 4/s: a slot every ~0.27 s (after the margin) and a burst of one, so the three admissions
+    # below fall inside one slot's time however slow the machine.
+    async with running(redis_server.url, budget=4.0) as store:
+        # Built first: a slot not spent within LATE_SLOT_SECONDS of its admission goes unused.
+        caller = StsCaller(
+            AsyncSts(endpoint="http://127.0.0.1:9"),  # never called here
+            budget_per_second=4.0,
+            breaker=lambda: CircuitBreaker(SystemClock()),
+            clock=SystemClock(),
+            budget=store.budget,
+        )
         limits = BrokerLimits()
-        await store.limits.enter("initech", "id-0", limits)  # loads the scripts
+        await store.admissions.enter("initech", "id-0", limits)  # loads the scripts
+        tickets = []
         for n in range(3):
-            admission = await store.limits.enter(
+            admission = await store.admissions.enter(
                 "acme", f"id-{n}", limits, CacheClaim(f"cold-{n}", "r1", 5)
             )
-            assert admission.look == CacheLook(None, True)
+            assert admission.ticket.look == CacheLook(None, True)
+            tickets.append(admission.ticket)
+        assert [t.budget_due is not None for t in tickets] == [True, True, False]
+        for ticket in tickets:
+            if ticket.budget_due is not None:
+                caller.give_slot(ticket.budget_due)
         calls_before = command_calls(redis_server, "evalsha")
-        await budget.acquire()
-        await budget.acquire()
+        await caller.take_budget()
+        await caller.take_budget()
         assert command_calls(redis_server, "evalsha") == calls_before  # the two given slots
-        assert budget.stats()["budget_given_slots"] == 2
-        await budget.acquire()  # the third claim found the timeline ahead: it asks the store
+        assert caller.stats()["budget_given_slots"] == 2
+        await caller.take_budget()  # no slot came with the third: it asks the store
         assert command_calls(redis_server, "evalsha") > calls_before
-        assert budget.stats()["budget_given_slots"] == 2
+        assert caller.stats()["budget_given_slots"] == 2
 
 
 async def test_ended_requests_give_their_slots_back_with_the_next_admission(
@@ -313,18 +337,18 @@ async def test_ended_requests_give_their_slots_back_with_the_next_admission(
     no next admission it goes back on its own within RELEASE_AFTER_SECONDS."""
     one, two = replicas
     capped = BrokerLimits(max_in_flight=1)
-    first = await one.limits.enter("acme", "id", capped)
-    assert not (await two.limits.enter("acme", "id", capped)).admitted  # the cap is 1
-    await one.limits.leave("acme", first.ticket)
+    first = await one.admissions.enter("acme", "id", capped)
+    assert not (await two.admissions.enter("acme", "id", capped)).admitted  # the cap is 1
+    await one.admissions.leave("acme", first.ticket)
     assert in_flight(redis_server, "acme") == 1  # not given back on its own (yet)
-    second = await one.limits.enter("acme", "id", capped)
+    second = await one.admissions.enter("acme", "id", capped)
     assert second.admitted  # the slot went back inside this admission's script
     assert in_flight(redis_server, "acme") == 1
 
-    await one.limits.leave("acme", second.ticket)
+    await one.admissions.leave("acme", second.ticket)
     await asyncio.sleep(RELEASE_AFTER_SECONDS + 0.2)
     assert in_flight(redis_server, "acme") == 0
-    assert (await two.limits.enter("acme", "id", capped)).admitted
+    assert (await two.admissions.enter("acme", "id", capped)).admitted
 
 
 def in_flight(server: RedisServer, tenant: str) -> int:
@@ -342,14 +366,16 @@ async def test_a_lease_an_admission_took_and_the_request_will_not_use_goes_back_
     meanwhile) lets it go: another replica takes it without waiting out LEASE_SECONDS."""
     one, two = replicas
     sealer = Sealer.from_file(key_file(tmp_path, generate_key_line()))
-    shared = SharedCredentials(one.cache, sealer, SystemClock(), holder="r1", refresh_fraction=0.5)
-    key = ("arn:aws:iam::111111111111:role/app", "acme.t1", "")
-    claim = shared.claim_for(key)
-    admission = await one.limits.enter("acme", "id", BrokerLimits(), claim)
-    assert admission.look == CacheLook(None, True)
+    sts = FixedPoolScheduler(AsyncSts(endpoint="http://127.0.0.1:9"))  # not called
+    fleet = FleetCache(sts, one.cache, sealer, SystemClock(), holder="r1", refresh_fraction=0.5)
+    spec = AssumeRoleSpec("arn:aws:iam::111111111111:role/app", "acme.t1", "acme", 3600)
+    fetch = Fetch(spec, "acme", "t1")
+    claim = fleet.claim(fetch)
+    admission = await one.admissions.enter("acme", "id", BrokerLimits(), claim)
+    assert admission.ticket.look == CacheLook(None, True)
     assert not (await two.cache.get_or_claim(claim.key, "r2", 5)).holding
-    shared.let_go(key)
-    await shared.aclose()  # the release has reached the store
+    fleet.release(replace(fetch, ticket=admission.ticket))
+    await fleet.aclose()  # the release has reached the store
     assert (await two.cache.get_or_claim(claim.key, "r2", 5)).holding
 
 
@@ -404,9 +430,9 @@ async def exercise(store: RedisStore) -> None:
     entry = Revocation("acme", "t1", "2026-01-01T00:00:00Z", "test")
     await store.revocations.add(entry)
     assert entry in (await store.revocations.snapshot()).revocations
-    admission = await store.limits.enter("acme", "id", BrokerLimits())
+    admission = await store.admissions.enter("acme", "id", BrokerLimits())
     assert admission.admitted
-    await store.limits.leave("acme", admission.ticket)
+    await store.admissions.leave("acme", admission.ticket)
     assert await store.cache.get_or_claim("k1", "me", 5) == CacheLook(None, True)
     assert await store.cache.get_or_claim("k1", "you", 5) == CacheLook(None, False)
     await store.cache.fill("k1", "me", b"sealed", 60, ["acme\x00", "acme\x00t1"])
@@ -419,10 +445,12 @@ async def exercise(store: RedisStore) -> None:
     assert await store.cache.get_or_claim("k1", "me", 5) == CacheLook(None, True)
     # A claim sent with an admission is answered (in one script, or one after the other on a
     # Cluster) exactly as get_or_claim would answer it.
-    with_claim = await store.limits.enter("acme", "id", BrokerLimits(), CacheClaim("k1", "you", 5))
+    with_claim = await store.admissions.enter(
+        "acme", "id", BrokerLimits(), CacheClaim("k1", "you", 5)
+    )
     assert with_claim.admitted
-    assert with_claim.look in (None, CacheLook(None, False))
-    await store.limits.leave("acme", with_claim.ticket)
+    assert with_claim.ticket.look in (None, CacheLook(None, False))
+    await store.admissions.leave("acme", with_claim.ticket)
     for _ in range(50):
         if heard:
             break
@@ -529,8 +557,8 @@ def cluster_url(tmp_path: Path) -> Iterator[str]:
 
 async def test_the_store_works_on_a_cluster(cluster_url: str) -> None:
     """redis+cluster://: scripts stay in one slot, pushes reach every node's subscribers."""
-    async with running(cluster_url) as store:
+    async with running(cluster_url, budget=100.0) as store:
         await exercise(store)
-        budget = store.budget(100.0)
+        budget = store.budget
         await budget.acquire()
         assert budget.stats()["budget_fallback"] == 0.0

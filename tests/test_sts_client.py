@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from aiohttp import web
 
-from metaproxy.broker.sts import AsyncSts, StsThrottled
+from metaproxy.broker.credentials.sts import AsyncSts, StsThrottled
 from metaproxy.errors import StsUnavailable, UpstreamError
 from metaproxy.models import AssumeRoleSpec
 from metaproxy.testing.faultproxy import FaultProxy

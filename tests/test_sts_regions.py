@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from metaproxy.broker.config import BrokerConfig
-from metaproxy.broker.regions import region_endpoints
+from metaproxy.broker.credentials.regions import region_endpoints
 from metaproxy.broker.server import BrokerServer
 from metaproxy.config import build_config
 from metaproxy.errors import ConfigError
@@ -87,7 +87,7 @@ class Issuance:
 
 async def opened(broker: BrokerServer, region: str) -> float:
     """When `region`'s circuit was first seen open (polled every 20 ms)."""
-    while broker.services.scheduler.stats()[f"circuit_state.{region}"] != 2.0:
+    while broker.scheduler.stats()[f"circuit_state.{region}"] != 2.0:
         await asyncio.sleep(0.02)
     return time.monotonic()
 
@@ -149,7 +149,7 @@ async def test_blackholed_region_fails_over_to_the_next_and_calls_return_when_it
         await steady.run(1.0)
         assert calls(east) == east_after_return, "calls stayed on the second region"
         assert all(status == 200 for _, _, status in steady.answers)
-        assert broker.services.scheduler.stats()[f"circuit_state.{WEST}"] == 0.0
+        assert broker.scheduler.stats()[f"circuit_state.{WEST}"] == 0.0
 
         async with https.get(broker.admin_url + "/metrics") as answer:
             exposition = await answer.text()
@@ -159,7 +159,7 @@ async def test_blackholed_region_fails_over_to_the_next_and_calls_return_when_it
                 in exposition
             )
     finally:
-        await broker.stop()
+        await broker.aclose()
     # One budget: the two regions' calls together stayed within it.
     both = west.assume_role_timeline() + east.assume_role_timeline()
     assert max_calls_in_window(both, 1.0) <= config.sts_budget_per_second

@@ -59,6 +59,7 @@ class FailedAuthentications:
         clock: Clock,
         instance: str,
         *,
+        rule: str = "authentication",
         window: float = WINDOW_SECONDS,
         burst: int = BURST,
         per_second: float = PER_SECOND,
@@ -66,6 +67,7 @@ class FailedAuthentications:
         self._audit = audit
         self._clock = clock
         self._instance = instance
+        self._rule = rule  # "authentication" (credential requests) or "control-authentication"
         self._window = window
         self._burst = burst
         self._per_second = per_second
@@ -110,7 +112,7 @@ class FailedAuthentications:
                 request_id=request_id,
                 peer=peer,
                 instance=self._instance,
-                rule="authentication",
+                rule=self._rule,
                 reason=exc.detail,
                 status=401,
             )
@@ -165,7 +167,7 @@ class FailedAuthentications:
                 request_id=f"summary-{secrets.token_hex(8)}",
                 peer=peer,
                 instance=self._instance,
-                rule="authentication",
+                rule=self._rule,
                 reason=f"{reason} (repeated)",
                 status=window.status,
             )

@@ -26,7 +26,7 @@ async def _serve(config: BrokerConfig, ready_file: Path | None) -> int:
     server = await BrokerServer.start(config)
     settle_gc()
     lifecycle = Lifecycle()
-    lifecycle.install(on_reload=server.services.policies.reload)
+    lifecycle.install(on_reload=server.policies.reload)
     if ready_file is not None:
         write_ready_file(
             ready_file,
@@ -40,5 +40,5 @@ async def _serve(config: BrokerConfig, ready_file: Path | None) -> int:
         )
     await lifecycle.wait()
     log.info("draining (at most %.0fs)", config.drain_seconds)
-    await server.stop()
+    await server.aclose()
     return 0

@@ -21,10 +21,10 @@ from typing import Any
 
 from aiohttp import web
 
-from metaproxy.audit.record import make_record
-from metaproxy.broker.app import SERVICES, BrokerServices, bearer_token
+from metaproxy.broker.authenticator import RequestContext
+from metaproxy.broker.http_api import bearer_token
 from metaproxy.broker.revocation import revocation_scope
-from metaproxy.broker.revoke import lift, revoke
+from metaproxy.broker.revoke import Revoker
 from metaproxy.errors import BadRequest, ConfigError, NotFound, Unauthenticated
 from metaproxy.logs import request_id_var
 from metaproxy.net.httperrors import Handler, json_errors
@@ -36,19 +36,22 @@ MIN_TOKEN_CHARS = 16
 
 
 class ControlToken:
-    """The control bearer token, re-read when its file changes (a rotated Secret)."""
+    """The control bearer token, re-read when its file changes (a rotated Secret).
+
+    A change is any of mtime, size or inode (Kubernetes swaps a `..data` symlink atomically,
+    possibly within one mtime tick). A file emptied, cut short or removed after the start is an
+    operator taking the token away: from then on every request is refused (fail closed), never
+    answered with the token read before."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._mtime = -1.0
-        self._token = b""
-        self.load()
+        self._state: tuple[int, int, int] | None = None
+        self._token: bytes | None = None
+        self._token, self._state = self._read()  # at start, a problem is a ConfigError
 
-    def load(self) -> None:
+    def _read(self) -> tuple[bytes, tuple[int, int, int]]:
         try:
             stat = self._path.stat()
-            if stat.st_mtime == self._mtime:
-                return
             raw = self._path.read_bytes()[:MAX_TOKEN_BYTES].strip()
         except OSError as exc:
             raise ConfigError(
@@ -58,19 +61,37 @@ class ControlToken:
             raise ConfigError(
                 f"control_token_file: {self._path} holds fewer than {MIN_TOKEN_CHARS} characters"
             )
-        self._token, self._mtime = raw, stat.st_mtime
+        return raw, (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+    def _current(self) -> bytes | None:
+        try:
+            stat = self._path.stat()
+            state = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError:
+            state = None
+        if state is not None and state == self._state:
+            return self._token
+        try:
+            self._token, self._state = self._read()
+        except ConfigError as exc:
+            if self._token is not None:
+                log.error("%s; refusing every control request until it holds a token", exc.detail)
+            self._token, self._state = None, state
+        return self._token
 
     def matches(self, offered: str | None) -> bool:
-        try:
-            self.load()
-        except ConfigError as exc:
-            log.error("%s; keeping the token read before", exc.detail)
-        if not offered:
+        token = self._current()
+        if not offered or token is None:
             return False
-        return hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), self._token)
+        return hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), token)
 
 
 CONTROL_TOKEN = web.AppKey("control_token", ControlToken)
+REVOKER = web.AppKey("revoker", Revoker)
+
+
+def _context(request: web.Request) -> RequestContext:
+    return RequestContext(request_id_var.get(), request.remote or "unix")
 
 
 @web.middleware
@@ -78,20 +99,12 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
     token = bearer_token(request.headers.get("Authorization"))
     if request.app[CONTROL_TOKEN].matches(token):
         return await handler(request)
-    services = request.app[SERVICES]
     reason = "no control token" if token is None else "wrong control token"
-    await services.audit.append(
-        make_record(
-            "denied",
-            request_id=request_id_var.get(),
-            rule="control-authentication",
-            reason=f"{request.method} {request.path[:100]}: {reason}",
-            peer=request.remote or "",
-            instance=services.config.instance,
-            status=401,
-        )
+    refusal = Unauthenticated(
+        f"{request.method} {request.path[:100]}: {reason}", public_message="control token required"
     )
-    raise Unauthenticated(reason, public_message="control token required")
+    await request.app[REVOKER].refused(refusal, _context(request))
+    raise refusal
 
 
 async def _body(request: web.Request) -> tuple[str, str]:
@@ -109,26 +122,21 @@ async def _body(request: web.Request) -> tuple[str, str]:
             raise BadRequest(public_message=f"{field} must be a string of printable characters")
     if not tenant or (task == "" and "task" in body):
         raise BadRequest(public_message="tenant and task must not be empty")
-    services = request.app[SERVICES]
-    if tenant not in services.policies.current.tenants:
+    if not request.app[REVOKER].knows(tenant):
         # A name no policy knows is a typo, not a success: revoking it would protect nothing.
         raise NotFound(f"no policy for tenant {tenant!r}", public_message="unknown tenant")
     return tenant, task
 
 
-def _peer(request: web.Request) -> str:
-    return request.remote or "unix"
-
-
 async def post_revocation(request: web.Request) -> web.Response:
     tenant, task = await _body(request)
-    answer = await revoke(request.app[SERVICES], tenant, task, peer=_peer(request))
+    answer = await request.app[REVOKER].revoke(tenant, task, _context(request))
     return web.json_response(answer)
 
 
 async def post_lift(request: web.Request) -> web.Response:
     tenant, task = await _body(request)
-    answer = await lift(request.app[SERVICES], tenant, task, peer=_peer(request))
+    answer = await request.app[REVOKER].lift(tenant, task, _context(request))
     if answer is None:
         raise NotFound(
             f"{revocation_scope(tenant, task)} is not revoked", public_message="no such revocation"
@@ -137,32 +145,22 @@ async def post_lift(request: web.Request) -> web.Response:
 
 
 async def get_revocations(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
-    entries = services.revocations.entries()
-    await services.audit.append(
-        make_record(
-            "listed",
-            request_id=request_id_var.get(),
-            reason=f"{len(entries)} revocations listed",
-            peer=_peer(request),
-            instance=services.config.instance,
-            status=200,
-        )
-    )
+    listing = await request.app[REVOKER].listing(_context(request))
     return web.json_response(
         {
             "revocations": [
-                {"tenant": e.tenant, "task": e.task, "at": e.at, "by": e.by} for e in entries
+                {"tenant": e.tenant, "task": e.task, "at": e.at, "by": e.by}
+                for e in listing.revocations
             ],
-            "view_age_seconds": round(services.revocations.age(), 3),
-            "stale": services.revocations.stale(),
+            "view_age_seconds": round(listing.view_age_seconds, 3),
+            "stale": listing.stale,
         }
     )
 
 
-def build_control_app(services: BrokerServices, token: ControlToken) -> web.Application:
+def build_control_app(revoker: Revoker, token: ControlToken) -> web.Application:
     app = web.Application(middlewares=[json_errors, require_token], client_max_size=4096)
-    app[SERVICES] = services
+    app[REVOKER] = revoker
     app[CONTROL_TOKEN] = token
     app.router.add_get("/v1/revocations", get_revocations)
     app.router.add_post("/v1/revocations", post_revocation)

@@ -2,7 +2,8 @@
 
 Three kinds of hooks, so the code that decides never has to know about Prometheus:
 - `request_metrics`, an aiohttp middleware inside `json_errors`: it sees the raw error class of
-  every refused request (the reason label) and the outcome the issuer noted (`note_source`).
+  every refused request (the reason label) and where the answer came from, which the handler
+  notes on the request from the issuer's answer (`note_origin`).
 - `TimedAuditLog`, `TimedSts` and `CountedPolicyStore`: thin subclasses/wrappers of the audit
   writer, the STS client and the policy store that time or count each call.
 - `ScrapeState.refresh`, called by `/metrics` before it renders: it reads the scheduler's
@@ -12,7 +13,6 @@ Three kinds of hooks, so the code that decides never has to know about Prometheu
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -22,8 +22,8 @@ from aiohttp import web
 
 from metaproxy.audit.writer import AuditLog
 from metaproxy.broker import metrics
-from metaproxy.broker.regions import RegionalSts
-from metaproxy.broker.sts import AssumedRole, OnSent, StsClient
+from metaproxy.broker.credentials.regions import RegionalSts
+from metaproxy.broker.credentials.sts import AssumedRole, OnSent, StsClient
 from metaproxy.errors import AuditUnavailable, MetaproxyError
 from metaproxy.logs import tenant_var
 from metaproxy.models import AssumeRoleSpec, Credentials
@@ -47,23 +47,23 @@ REJECTION_REASONS: Mapping[str, str] = {
     "RevocationsStale": "revocations_stale",
 }
 
-# Where the issuer found the credentials of this request: "cache" | "stale" | "sts" | "coalesced".
-_source_var: contextvars.ContextVar[str] = contextvars.ContextVar("answer_source", default="")
+# Where the credentials of an answered request came from (`Fetched.origin`), on the request.
+_ORIGIN = web.RequestKey("origin", str)
 
 
-def note_source(source: str) -> None:
-    """Called by the issuer with `CacheResult.source` once it has credentials in hand."""
-    _source_var.set(source)
-    if source in ("cache", "stale"):
+def note_origin(request: web.Request, origin: str) -> None:
+    """Called by the handler with its answer's origin, for `request_metrics` to read."""
+    request[_ORIGIN] = origin
+    if origin in ("cache", "stale"):
         metrics.CACHE_HITS.inc()
-    elif source == "coalesced":
+    elif origin == "coalesced":
         metrics.COALESCED.inc()
 
 
-def _outcome(status: int, source: str) -> str:
+def _outcome(status: int, origin: str) -> str:
     if status != 200:
         return "error"
-    return "cached" if source in ("cache", "stale") else "uncached"
+    return "cached" if origin in ("cache", "stale") else "uncached"
 
 
 @web.middleware
@@ -72,7 +72,6 @@ async def request_metrics(request: web.Request, handler: Handler) -> web.StreamR
     # aiohttp serves a keep-alive connection's requests in one task: reset what the previous
     # request left in the context, or its tenant would be charged with this one.
     tenant_var.set("")
-    _source_var.set("")
     started = time.perf_counter()
     status = 500
     try:
@@ -91,7 +90,7 @@ async def request_metrics(request: web.Request, handler: Handler) -> web.StreamR
     finally:
         tenant = _tenant()
         metrics.REQUESTS.labels(tenant=tenant, status=str(status)).inc()
-        metrics.REQUEST_SECONDS.labels(outcome=_outcome(status, _source_var.get())).observe(
+        metrics.REQUEST_SECONDS.labels(outcome=_outcome(status, request.get(_ORIGIN, ""))).observe(
             time.perf_counter() - started
         )
         if status == 200:

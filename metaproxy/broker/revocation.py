@@ -22,6 +22,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from metaproxy.broker.credentials.source import NOTHING_DROPPED, Dropped
 from metaproxy.broker.store.base import (
     Revocation,
     RevocationEvent,
@@ -43,6 +44,10 @@ async def _nothing_lost(_lost: list[Revocation]) -> None:
     return None
 
 
+def _drop_nothing(_entry: Revocation) -> Dropped:
+    return NOTHING_DROPPED
+
+
 class RevocationView:
     def __init__(
         self,
@@ -51,15 +56,13 @@ class RevocationView:
         *,
         max_staleness: float,
         resync_seconds: float,
-        on_revoked: Callable[[Revocation], None],
-        on_lost: Callable[[list[Revocation]], Awaitable[None]] = _nothing_lost,
     ) -> None:
         self._store = store
         self._clock = clock
         self._max_staleness = max_staleness
         self._resync_seconds = resync_seconds
-        self._on_revoked = on_revoked
-        self._on_lost = on_lost
+        self._on_revoked: Callable[[Revocation], Dropped] = _drop_nothing
+        self._on_lost: Callable[[list[Revocation]], Awaitable[None]] = _nothing_lost
         self._entries: dict[tuple[str, str], Revocation] = {}
         self._synced_at: float | None = None
         # Events that arrive while a snapshot is being read are applied again after it, so
@@ -71,7 +74,18 @@ class RevocationView:
         self.restored = 0  # revocations the store had lost, kept and written back
         self.errors = 0  # unexpected failures of the re-read (a bug, a value we cannot use)
         self.last_error = ""
-        store.subscribe(self._apply)
+        store.subscribe(self._heard)
+
+    def when_revoked(self, drop: Callable[[Revocation], Dropped]) -> None:
+        """Call `drop` for each revocation this view learns of (its own, a push, a resync):
+        the credential stack drops what it covers. Set once, by the broker's root, because the
+        stack's guards ask this view in turn."""
+        self._on_revoked = drop
+
+    def when_lost(self, restore: Callable[[list[Revocation]], Awaitable[None]]) -> None:
+        """Call `restore` with the revocations a re-read found missing from the store without a
+        lift covering them: they stay in force here, and `restore` writes them back."""
+        self._on_lost = restore
 
     async def start(self) -> None:
         """Load once (the replica is not ready until this works), then keep it fresh."""
@@ -170,24 +184,28 @@ class RevocationView:
             self._on_revoked(entry)
         return lost
 
-    def apply(self, event: RevocationEvent) -> None:
-        """Apply a change made through this replica before its push comes back."""
+    def apply(self, event: RevocationEvent) -> Dropped:
+        """Apply a change made through this replica before its push comes back; returns what
+        a revocation dropped here (its push, an echo, then finds it known and drops nothing)."""
+        return self._apply(event)
+
+    def _heard(self, event: RevocationEvent) -> None:
+        """A change pushed by the store (any replica's, this one's own echo included)."""
         self._apply(event)
 
-    def _apply(self, event: RevocationEvent) -> None:
+    def _apply(self, event: RevocationEvent) -> Dropped:
         if self._during_snapshot is not None:
             self._during_snapshot.append(event)
         entry = event.revocation
         if event.action == "revoke":
             known = self._entries.get(entry.key)
             self._entries[entry.key] = entry
-            if known != entry:
-                self._on_revoked(entry)
-            return
+            return self._on_revoked(entry) if known != entry else NOTHING_DROPPED
         held = self._entries.get(entry.key)
         # A lift takes away what it covers: never a revocation made after it.
         if held is not None and (event.lift is None or event.lift.covers(held)):
             del self._entries[entry.key]
+        return NOTHING_DROPPED
 
     async def _resync_loop(self) -> None:
         while True:

@@ -1,204 +1,288 @@
-"""A running broker: its runners, bound URLs and services. Used by the CLI, the demo and tests."""
+"""One broker, composed in one place: its parts built from the frozen config, started in
+order on an `AsyncExitStack`, closed in reverse.
+
+Building checks everything that can be checked before anything starts (TLS pair, control token,
+trusted issuers, policy set, store URL and key) and raises `ConfigError`. Starting then brings
+up, in order: the fleet store (revocations load from it before /readyz says ready), the audit
+chain, the revocation view, the heartbeat, the fleet's shared cache, the authentication-failure
+summaries, the policy watcher, the STS scheduler, the listeners, the certificate reloader.
+Closing drains first (/readyz false, in-flight requests finish, capped by --drain-seconds),
+then stops each part in reverse: workers before the audit log and STS, the last summaries and
+fills before the log and the store.
+
+The credential path is composed here once, top to bottom (`credentials/source.py`):
+
+    LocalCache → RevocationGuard → [FleetCache → RevocationGuard →] Scheduler → STS
+"""
 
 from __future__ import annotations
 
-import logging
+import contextlib
+import os
 import ssl
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from aiohttp import web
-
-from metaproxy.broker.app import (
-    BrokerServices,
-    build_admin_app,
-    build_app,
-    create_services,
-    probe,
-)
+from metaproxy.broker import instrument
+from metaproxy.broker.admin import Probe, build_admin_app
+from metaproxy.broker.answer import Answers
+from metaproxy.broker.audit_trail import AuditTrail
+from metaproxy.broker.auditing import BrokerAudit
+from metaproxy.broker.authenticator import Authenticator
+from metaproxy.broker.authn import FailedAuthentications
 from metaproxy.broker.config import BrokerConfig
+from metaproxy.broker.control import ControlToken, build_control_app
+from metaproxy.broker.credentials.fleet import FleetCache
+from metaproxy.broker.credentials.guard import RevocationGuard
+from metaproxy.broker.credentials.local import LocalCache
+from metaproxy.broker.credentials.regions import regional_sts
+from metaproxy.broker.credentials.scheduler import FairScheduler, Scheduler
+from metaproxy.broker.credentials.source import CredentialSource, Dropped, Scope
+from metaproxy.broker.credentials.sts import StsClient
+from metaproxy.broker.fleet import ReplicaHeartbeat
+from metaproxy.broker.gate import FleetGate
+from metaproxy.broker.http_api import build_public_app
+from metaproxy.broker.issuer import Issuer
+from metaproxy.broker.listeners import Apps, Listeners
+from metaproxy.broker.revocation import RevocationView
+from metaproxy.broker.revoke import Revoker
+from metaproxy.broker.store import FleetStore, open_store
+from metaproxy.broker.store.base import Revocation
+from metaproxy.broker.store.sealing import Sealer
 from metaproxy.broker.tls import CertificateReloader
-from metaproxy.net.connguard import (
-    ConnectionGuard,
-    ConnectionLimits,
-    ProbeAnswer,
-    canned_response,
-)
-from metaproxy.net.webguard import body_deadline, protocol_logger
-from metaproxy.process.runtime import server_tls_context, start_site
-
-if TYPE_CHECKING:
-    from metaproxy.broker.control import ControlToken
-
-log = logging.getLogger("metaproxy.broker")
-
-# Sidecars hold one pooled keep-alive connection or a few; one address holding a quarter of the
-# broker's connections is a leak or an attack. (Behind a Unix socket every peer is one address.)
-CLIENT_SHARE = 4
-# Sidecars keep their connection to the broker between refreshes; reap it if it idles longer.
-KEEPALIVE_SECONDS = 60.0
-# A deployment starts thousands of sidecars at once. Connections past a full accept queue are
-# dropped at the handshake and come back only on TCP's retransmit timer (1, 2, 4 … 32 s), so the
-# queue is as deep as the kernel allows (net.core.somaxconn caps it, 4096 by default).
-LISTEN_BACKLOG = 4096
-# Kubernetes service-account tokens in `Authorization` run to a few KB; 8 KB per line is plenty.
-MAX_HEADER_BYTES = 8190
-MAX_HEADERS = 64
-ADMIN_LIMITS = ConnectionLimits(max_connections=64, max_per_client=32)
-_REJECT = canned_response(
-    429,
-    "Too Many Requests",
-    b'{"code": "TooManyConnections", "message": "too many connections", "request_id": ""}',
-    "application/json",
-)
+from metaproxy.clock import Clock, SystemClock
+from metaproxy.errors import ConfigError
+from metaproxy.identity.verify import IdentityVerifier
+from metaproxy.process.lifetime import Background, started
+from metaproxy.process.runtime import server_tls_context
 
 
-def _reject() -> bytes:
-    return _REJECT
-
-
-def _probe_answers(services: BrokerServices) -> ProbeAnswer:
-    """/healthz and /readyz for connections past the admin cap, as the admin app answers them."""
-
-    def answer(target: bytes) -> bytes | None:
-        found = probe(services, target.decode("latin-1"))
-        if found is None:
-            return None
-        status, text = found
-        reason = "OK" if status == 200 else "Service Unavailable"
-        return canned_response(status, reason, text.encode(), "text/plain; charset=utf-8")
-
-    return answer
-
-
-def build_guards(config: BrokerConfig) -> tuple[ConnectionGuard, ConnectionGuard]:
-    per_client = config.max_connections
-    if config.socket is None:
-        per_client = max(1, config.max_connections // CLIENT_SHARE)
-    public = ConnectionLimits(config.max_connections, per_client)
-    admin = ConnectionGuard(
-        "broker-admin", lambda: ADMIN_LIMITS, header_timeout=config.header_timeout
-    )
-    guard = ConnectionGuard(
-        "broker",
-        lambda: public,
-        header_timeout=config.header_timeout,
-        fd_reserve=admin.fd_reserve + ADMIN_LIMITS.max_connections,
-    )
-    return guard, admin
-
-
-@dataclass
 class BrokerServer:
-    services: BrokerServices
-    url: str
-    admin_url: str
-    control_url: str
-    _runner: web.AppRunner
-    _admin: web.AppRunner
-    _control: web.AppRunner | None
-    guard: ConnectionGuard
-    admin_guard: ConnectionGuard
-    certificate: CertificateReloader | None = None  # reloads a rotated cert/key pair
+    """A running broker: its URLs, and its parts for the CLI, the demo and the tests."""
 
-    @classmethod
-    async def start(cls, config: BrokerConfig, **deps: Any) -> BrokerServer:
-        # First: a half-configured TLS or a bad pair refuses to start.
+    def __init__(
+        self,
+        config: BrokerConfig,
+        *,
+        clock: Clock | None = None,
+        sts: StsClient | None = None,
+        scheduler: Scheduler | None = None,
+    ) -> None:
+        """Build everything; raises ConfigError (e.g. a bad policy set) before anything runs.
+        `sts` and `scheduler` replace the configured ones (tests, benchmarks); the broker
+        closes them."""
+        self.config = config
+        clock = clock or SystemClock()
+        self.clock = clock
+        # First: a half-configured TLS or a bad pair refuses to start, as does the control API
+        # without its token, and a broker that trusts no issuer.
         tls = server_tls_context(config.tls_cert, config.tls_key)
-        certificate = (
+        control_token = _control_token(config, tls)
+        if not config.trusted_issuers:
+            raise ConfigError(
+                "trusted_issuers: at least one --trust ISSUER,AUDIENCE,JWKS is needed"
+            )
+        self.policies = instrument.CountedPolicyStore(
+            config.policies_dir,
+            [i.issuer for i in config.trusted_issuers if i.kind == "kubernetes"],
+        )
+        sealer = Sealer.from_file(config.store_key_file) if config.store_key_file else None
+        self.store: FleetStore = open_store(
+            config.store,
+            state_dir=config.state_dir,
+            timeout=config.store_timeout,
+            budget_per_second=config.sts_budget_per_second,
+            sealer=sealer,
+        )
+        self.audit = BrokerAudit(config, self.store.replicas, clock)
+        trail = AuditTrail(self.audit.log, config.instance)
+        self.revocations = RevocationView(
+            self.store.revocations,
+            clock,
+            max_staleness=config.revocation_max_staleness,
+            resync_seconds=config.revocation_resync_seconds,
+        )
+        self.heartbeat = ReplicaHeartbeat(
+            self.store.replicas, config.instance, config.heartbeat_seconds
+        )
+        self.sts = instrument.timed_regions(sts or regional_sts(config))
+        self.scheduler: Scheduler = scheduler or FairScheduler.from_config(
+            config, self.sts, clock, budget=self.store.budget
+        )
+        source: CredentialSource = RevocationGuard(self.scheduler, self.revocations)
+        self.fleet_cache = _fleet_cache(config, self.store, source, clock, sealer)
+        if self.fleet_cache is not None:
+            source = RevocationGuard(
+                self.fleet_cache, self.revocations, on_refused=self.fleet_cache.purge_later
+            )
+        self.cache = LocalCache(source, clock, refresh_fraction=config.cache_refresh_fraction)
+        self.revocations.when_revoked(self._drop_revoked)
+        self.failures = FailedAuthentications(self.audit.log, clock, config.instance)
+        self.control_failures = FailedAuthentications(
+            self.audit.log, clock, config.instance, rule="control-authentication"
+        )
+        verifier = IdentityVerifier(
+            config.trusted_issuers,
+            leeway=config.token_leeway_seconds,
+            clock=clock,
+            cluster_name=config.cluster_name,
+            cluster_arn=config.cluster_arn,
+        )
+        self.issuer = Issuer(
+            authenticator=Authenticator(verifier, self.failures),
+            policies=self.policies,
+            gate=FleetGate(self.store.admissions),
+            revocations=self.revocations,
+            source=self.cache,
+            audit=trail,
+        )
+        self.revoker = Revoker(
+            self.store.revocations,
+            self.revocations,
+            fleet=self.fleet_cache,
+            policies=self.policies,
+            audit=trail,
+            clock=clock,
+            max_staleness=config.revocation_max_staleness,
+            failures=self.control_failures,
+        )
+        self.revocations.when_lost(self.revoker.restore)
+        self.probe = Probe(self.revocations)
+        self.scrape = instrument.ScrapeState(
+            self.scheduler.stats, open_connections=self._open_connections, fleet=self._fleet_stats
+        )
+        answers = Answers(
+            clock,
+            region=config.region,
+            availability_zone=config.availability_zone,
+            document_key=config.document_key,
+        )
+        apps = Apps(
+            public=build_public_app(
+                self.issuer,
+                answers,
+                max_body_bytes=config.max_body_bytes,
+                header_timeout=config.header_timeout,
+            ),
+            admin=build_admin_app(self.probe, self.scrape, header_timeout=config.header_timeout),
+            control=build_control_app(self.revoker, control_token) if control_token else None,
+        )
+        self.listeners = Listeners(config, apps, self.probe, tls)
+        self.certificate = (
             CertificateReloader(tls, config.tls_cert, config.tls_key)
             if tls is not None and config.tls_cert is not None and config.tls_key is not None
             else None
         )
-        control_token = _control_token(config, tls)  # before anything starts, as TLS above
-        services = create_services(config, **deps)
-        guard, admin_guard = build_guards(config)
-        admin_guard.probes = _probe_answers(services)
-        services.scrape.open_connections = lambda: guard.open + admin_guard.open
-        services.scrape.open_connections = lambda: guard.open
-        handler_args: dict[str, Any] = {
-            "keepalive_timeout": KEEPALIVE_SECONDS,
-            "max_line_size": MAX_HEADER_BYTES,
-            "max_field_size": MAX_HEADER_BYTES,
-            "max_headers": MAX_HEADERS,
-            "lingering_time": config.header_timeout,
-            "logger": protocol_logger(),
-            # Never decode a body: an encoded one is refused (identity_encoding_only).
-            "auto_decompress": False,
-        }
-        app = build_app(services)
-        app.middlewares.append(body_deadline(config.header_timeout))
-        runner = web.AppRunner(
-            app,
-            shutdown_timeout=config.drain_seconds,
-            access_log=None,
-            **handler_args,
-        )
-        admin_app = build_admin_app(services)
-        admin_app.middlewares.append(body_deadline(config.header_timeout))
-        admin = web.AppRunner(admin_app, access_log=None, **handler_args)
-        await runner.setup()
-        try:
-            await admin.setup()
-            address = f"unix:{config.socket}" if config.socket else config.listen
-            _, url = await start_site(
-                runner,
-                address,
-                ssl_context=tls,
-                backlog=LISTEN_BACKLOG,
-                guard=guard,
-                reject=_reject,
-            )
-            _, admin_url = await start_site(
-                admin, config.admin_listen, guard=admin_guard, reject=_reject
-            )
-            control, control_url = await _start_control(
-                config,
-                services,
-                control_token,
-                handler_args=handler_args,
-                guard=admin_guard,
-                tls=tls,
-            )
-        except BaseException:
-            # A busy port, say: close what started (store, audit log) in order, not by the GC.
-            await runner.cleanup()
-            await admin.cleanup()
-            raise
-        log.info("broker listening on %s (admin %s, control %s)", url, admin_url, control_url)
-        if certificate is not None:
-            await certificate.start()
-        return cls(
-            services,
-            url,
-            admin_url,
-            control_url,
-            runner,
-            admin,
-            control,
-            guard,
-            admin_guard,
-            certificate,
-        )
+        self._stack = contextlib.AsyncExitStack()
 
-    async def stop(self) -> None:
+    @classmethod
+    async def start(cls, config: BrokerConfig, **deps: Any) -> BrokerServer:
+        """Build and start a broker (see `__init__` for `deps`)."""
+        server = cls(config, **deps)
+        await server.__aenter__()
+        return server
+
+    async def __aenter__(self) -> BrokerServer:
+        stack = self._stack
+        try:
+            # The store first: revocations load from it before anything is served.
+            await started(stack, self.store)
+            stack.push_async_callback(self.sts.aclose)  # after the workers that call it
+            await started(stack, self.audit)
+            await started(stack, self.revocations)
+            await started(stack, self.heartbeat)
+            if self.fleet_cache is not None:
+                await started(stack, self.fleet_cache)  # its last fills, before the store
+            await started(stack, self.failures)  # its last summaries, before the log closes
+            await started(stack, self.control_failures)
+            watch = self.policies.watch
+            reload_seconds = self.config.policy_reload_seconds
+            await started(stack, Background("policy-watch", lambda: watch(reload_seconds)))
+            await started(stack, self.scheduler)
+            await started(stack, self.listeners)
+            if self.certificate is not None:
+                await started(stack, self.certificate)
+        except BaseException:
+            await stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
         """Drain: /readyz turns false, in-flight requests finish (capped), then close."""
-        self.services.draining = True
-        if self.certificate is not None:
-            await self.certificate.aclose()
-        if self._control is not None:
-            await self._control.cleanup()
-        await self._runner.cleanup()
-        await self._admin.cleanup()
+        self.probe.draining = True
+        await self._stack.aclose()
+
+    @property
+    def url(self) -> str:
+        return self.listeners.url
+
+    @property
+    def admin_url(self) -> str:
+        return self.listeners.admin_url
+
+    @property
+    def control_url(self) -> str:
+        return self.listeners.control_url
+
+    def _drop_revoked(self, entry: Revocation) -> Dropped:
+        return self.cache.forget(Scope(entry.tenant, entry.task))
+
+    def _open_connections(self) -> int:
+        return self.listeners.open_connections
+
+    def _fleet_stats(self) -> dict[str, float]:
+        """For /metrics: the store's reachability, the fleet's size, the revocation view's age."""
+        revocations = self.revocations
+        fleet = self.fleet_cache.stats() if self.fleet_cache is not None else None
+        return {
+            "store_up": 1.0 if self.store.up else 0.0,
+            "live_replicas": float(len(self.heartbeat.live)),
+            "revocation_view_age": revocations.age(),
+            "revocations_restored": float(revocations.restored),
+            "revocations_rejected": float(revocations.rejected),
+            "revocations_error": float(revocations.errors + getattr(self.store, "push_errors", 0)),
+            **(
+                {
+                    "shared_cache_hit": float(fleet.hits),
+                    "shared_cache_wait": float(fleet.waits),
+                    "shared_cache_fallback": float(fleet.fallbacks),
+                }
+                if fleet is not None
+                else {}
+            ),
+        }
+
+
+def _fleet_cache(
+    config: BrokerConfig,
+    store: FleetStore,
+    inner: CredentialSource,
+    clock: Clock,
+    sealer: Sealer | None,
+) -> FleetCache | None:
+    """The cross-replica cache and single flight, where the store is shared. Its sets are
+    sealed under `--store-key-file`, which every replica must have (each opens what another
+    sealed)."""
+    if store.cache is None:
+        return None
+    if sealer is None:
+        raise ConfigError("store_key_file: required with a shared store (--store redis://…)")
+    return FleetCache(
+        inner,
+        store.cache,
+        sealer,
+        clock,
+        holder=f"{config.instance}/{os.getpid()}",
+        refresh_fraction=config.cache_refresh_fraction,
+    )
 
 
 def _control_token(config: BrokerConfig, tls: ssl.SSLContext | None) -> ControlToken | None:
     """The control API's token, checked with the rest of the configuration before any start."""
     if not config.control_listen:
         return None
-    from metaproxy.broker.control import ControlToken
-    from metaproxy.errors import ConfigError
-
     if config.control_token_file is None:
         raise ConfigError("control_token_file: required with --control-listen")
     host = config.control_listen.rpartition(":")[0].strip("[]")
@@ -206,30 +290,3 @@ def _control_token(config: BrokerConfig, tls: ssl.SSLContext | None) -> ControlT
         # A bearer token in the clear on a network is a token for whoever listens.
         raise ConfigError("control_listen: off loopback the control API needs --tls-cert/--tls-key")
     return ControlToken(config.control_token_file)
-
-
-async def _start_control(
-    config: BrokerConfig,
-    services: BrokerServices,
-    token: ControlToken | None,
-    *,
-    handler_args: dict[str, Any],
-    guard: ConnectionGuard,
-    tls: ssl.SSLContext | None,
-) -> tuple[web.AppRunner | None, str]:
-    """The control API on its own listener, or none when `--control-listen` is empty."""
-    if token is None:
-        return None, ""
-    from metaproxy.broker.control import build_control_app
-
-    runner = web.AppRunner(build_control_app(services, token), access_log=None, **handler_args)
-    await runner.setup()
-    try:
-        # Shares the admin listener's guard: both are for operators, a handful of connections.
-        _, url = await start_site(
-            runner, config.control_listen, ssl_context=tls, guard=guard, reject=_reject
-        )
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner, url

@@ -129,7 +129,7 @@ class ConnectionGuard:
         probes: ProbeAnswer | None = None,
     ) -> None:
         self.name = name
-        self.probes = probes  # may be set once the services behind the probes exist
+        self.probes = probes
         self._limits = limits
         # Told every refusal: "total", "per_client", "evicted" or "header_timeout" (metrics).
         self.on_refused = on_refused

@@ -8,7 +8,8 @@ protocol with one concern.
 - `RevocationStore`: durable revocations, pushed to every replica, with a full snapshot as the
   backstop (the broker's `RevocationView` decides staleness from when a snapshot last worked).
 - `StsBudget`: the account's STS call budget, one for the fleet.
-- `TenantLimitStore`: a tenant's request rate and in-flight cap, the same with 1 or 12 replicas.
+- `AdmissionStore`: a tenant's request rate and in-flight cap, the same with 1 or 12 replicas;
+  an admission is a `Ticket`.
 - `SharedCache`: sealed credential sets and the cross-replica single-flight lease (only
   where other processes share the store).
 - `ReplicaRegistry`: heartbeats (how many replicas are live) and each replica's latest audit
@@ -138,27 +139,47 @@ class CacheClaim:
 
 
 @dataclass(frozen=True, slots=True)
+class Ticket:
+    """One admitted request's hold on the fleet, issued by the store with its admission.
+
+    `slot` is the in-flight slot, handed back to `leave` when the request ends. Where the store
+    answers everything in one round trip, the admission also brings `look`, the shared cache's
+    answer to the request's `CacheClaim` (read by the fleet cache layer), and possibly
+    `budget_due`, the event-loop time of an STS budget slot taken for its call (read by the
+    STS caller). Each part is read by the one layer that uses it, and by no other."""
+
+    slot: str
+    look: CacheLook | None = None
+    budget_due: float | None = None
+
+
+NO_TICKET = Ticket("")
+
+
+@dataclass(frozen=True, slots=True)
 class Admission:
     """The outcome of asking to start one request: admitted, or why not and for how long."""
 
     admitted: bool
     reason: str = ""  # "tenant-rate" | "identity-rate" | "in-flight"
     retry_after: float = 0.0
-    ticket: str = ""  # hand back to `leave` when the request ends
-    # The answer to the admission's CacheClaim (only if admitted); None: not asked here.
-    look: CacheLook | None = None
+    ticket: Ticket = NO_TICKET  # an admitted request's hold on the fleet
 
 
-class TenantLimitStore(Protocol):
+class AdmissionStore(Protocol):
     async def enter(
         self, tenant: str, subject: str, limits: BrokerLimits, claim: CacheClaim | None = None
     ) -> Admission:
         """Take one request of the tenant's and the identity's rate, and an in-flight slot.
         With a `claim`, an admitted request may also get the shared cache's answer to it
-        (`Admission.look`); a refused one never touches the cache."""
+        (`Ticket.look`) and a budget slot; a refused one never touches the cache."""
         ...
 
-    async def leave(self, tenant: str, ticket: str) -> None: ...
+    async def leave(self, tenant: str, ticket: Ticket) -> None: ...
+
+    async def aclose(self) -> None:
+        """Hand back the slots of ended requests still on their way to the store."""
+        ...
 
 
 class SharedCache(Protocol):
@@ -224,7 +245,7 @@ class FleetStore(Protocol):
     def revocations(self) -> RevocationStore: ...
 
     @property
-    def limits(self) -> TenantLimitStore: ...
+    def admissions(self) -> AdmissionStore: ...
 
     @property
     def cache(self) -> SharedCache | None:
@@ -240,7 +261,8 @@ class FleetStore(Protocol):
         """Whether the last command reached the store (always true in memory)."""
         ...
 
-    def budget(self, calls_per_second: float) -> StsBudget:
+    @property
+    def budget(self) -> StsBudget:
         """The STS budget shared by every replica on this store."""
         ...
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from metaproxy.audit.checkpoint import WitnessedCheckpoint
-from metaproxy.broker.budget import budget_limiter
+from metaproxy.broker.credentials.budget import budget_limiter
 from metaproxy.broker.store.base import (
     Admission,
     CacheClaim,
@@ -28,6 +28,8 @@ from metaproxy.broker.store.base import (
     RevocationEvent,
     RevocationListener,
     RevocationSnapshot,
+    StoreUnavailable,
+    Ticket,
 )
 from metaproxy.errors import ConfigError
 from metaproxy.fsutil import write_atomically
@@ -87,15 +89,23 @@ class MemoryRevocations:
         self._listeners.append(listener)
 
     def _emit(self, event: RevocationEvent) -> None:
+        # Delivered after the change returns, as a shared store's push is: the replica that
+        # made it applies it to its view first (`Revoker`), and hears it again as an echo.
+        loop = asyncio.get_running_loop()
         for listener in self._listeners:
-            listener(event)
+            loop.call_soon(listener, event)
 
     async def _save(self, entries: dict[tuple[str, str], Revocation]) -> None:
         if self._path is None:
             return
         data = json.dumps([asdict(e) for e in entries.values()], indent=1).encode()
         # Durable before the revocation is acknowledged; on a thread, as fsync blocks.
-        await asyncio.to_thread(write_atomically, self._path, data)
+        try:
+            await asyncio.to_thread(write_atomically, self._path, data)
+        except OSError as exc:
+            # A full or read-only --state-dir: nothing changed, and the caller says so (503,
+            # audited), as it does for a shared store that does not answer.
+            raise StoreUnavailable(f"cannot write {self._path}: {exc.strerror}") from None
 
 
 class LocalBudget:
@@ -114,7 +124,7 @@ class LocalBudget:
         return {"budget_share_per_second": self.calls_per_second, "budget_fallback": 0.0}
 
 
-class LocalLimits:
+class LocalAdmissions:
     """Per-tenant rate and in-flight caps, and a per-identity rate, in this process.
 
     `share` divides every rate and cap: a replica that lost the store holds its part of the
@@ -152,19 +162,22 @@ class LocalLimits:
         slots = self._in_flight[tenant]
         if len(slots) >= max(1, math.floor(limits.max_in_flight * share)):
             return Admission(False, "in-flight", 1.0)
-        ticket = secrets.token_hex(8)
-        slots.add(ticket)
-        return Admission(True, ticket=ticket)
+        slot = secrets.token_hex(8)
+        slots.add(slot)
+        return Admission(True, ticket=Ticket(slot))
 
-    async def leave(self, tenant: str, ticket: str) -> None:
-        self.leave_now(tenant, ticket)
+    async def leave(self, tenant: str, ticket: Ticket) -> None:
+        self.leave_now(tenant, ticket.slot)
 
-    def leave_now(self, tenant: str, ticket: str) -> None:
+    def leave_now(self, tenant: str, slot: str) -> None:
         slots = self._in_flight.get(tenant)
         if slots is not None:
-            slots.discard(ticket)
+            slots.discard(slot)
             if not slots:
                 del self._in_flight[tenant]
+
+    async def aclose(self) -> None:
+        return None  # nothing on its way anywhere: slots are given back as requests end
 
 
 def retry_after(seconds: float) -> float:
@@ -191,17 +204,15 @@ class MemoryRegistry:
 class MemoryStore:
     kind: Literal["memory", "redis"] = "memory"
 
-    def __init__(self, state_dir: Path | None = None) -> None:
+    def __init__(self, state_dir: Path | None = None, *, budget_per_second: float = 50.0) -> None:
         self.revocations = MemoryRevocations(state_dir)
-        self.limits = LocalLimits()
+        self.admissions = LocalAdmissions()
         self.cache = None  # one process: its own credential cache is the fleet's
         self.replicas = MemoryRegistry()
+        self.budget = LocalBudget(budget_per_second)
         self._state_dir = state_dir
 
     up = True
-
-    def budget(self, calls_per_second: float) -> LocalBudget:
-        return LocalBudget(calls_per_second)
 
     async def start(self) -> None:
         if self._state_dir is None:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from dataclasses import dataclass
 
+from metaproxy.broker.credentials.budget import LATE_SLOT_SECONDS
 from metaproxy.broker.store import redis_scripts as scripts
 from metaproxy.broker.store.base import StoreUnavailable
 from metaproxy.broker.store.memory import LocalBudget
@@ -28,11 +29,15 @@ BUDGET_BURST_SHARE = 0.01  # calls that may go at once after a quiet spell, as a
 # long. A blip (a slow command under load) must not: the replica would spend its share on top
 # of the other replicas' use of the whole budget. Until then its calls wait.
 FALLBACK_AFTER_SECONDS = 2.0
-# A budget slot woken up later than this is not used (a call sent late bunches with the calls
-# on time after it). Late calls add at most this share of a second's rate to any one second at
-# STS: with the margin and the burst tolerance, 0.94 + 0.04 + 0.01 of the budget (297 of 300),
-# leaving room for the time between a slot and the call's arrival at STS.
-LATE_SLOT_SECONDS = 0.04
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetTerms:
+    """The budget's timeline and its spacing, for a script that takes a slot of it."""
+
+    timeline: str
+    interval_us: int
+    tolerance_us: int
 
 
 class RedisBudget:
@@ -47,29 +52,15 @@ class RedisBudget:
         self._interval_us = int(1_000_000 / rate)
         self._tolerance_us = int(max(1.0, calls * BUDGET_BURST_SHARE) * self._interval_us)
         self._fallback: LocalBudget | None = None
-        # Slots a cold request's admission took along (ADMIT_AND_CLAIM), by when they were due.
-        self._given: deque[float] = deque()
         self.fallback_calls = 0
         self.late_slots = 0
-        self.given_slots = 0
 
     @property
-    def terms(self) -> tuple[str, int, int]:
-        """The timeline and its interval and tolerance (µs), for a script that takes a slot."""
-        return BUDGET_KEY, self._interval_us, self._tolerance_us
-
-    def give(self, due: float) -> None:
-        """A slot taken for this replica elsewhere (due at event-loop time `due`): the next
-        `acquire` uses it rather than asking the store, unless it has gone late by then."""
-        self._given.append(due)
+    def terms(self) -> BudgetTerms:
+        return BudgetTerms(BUDGET_KEY, self._interval_us, self._tolerance_us)
 
     async def acquire(self) -> None:
         loop = asyncio.get_running_loop()
-        while self._given:
-            if loop.time() - self._given.popleft() <= LATE_SLOT_SECONDS:
-                self.given_slots += 1
-                return
-            self.late_slots += 1
         while True:
             asked_at = loop.time()
             try:
@@ -123,5 +114,4 @@ class RedisBudget:
             "budget_fallback": 0.0 if self._conn.up else 1.0,
             "budget_fallback_calls": float(self.fallback_calls),
             "budget_late_slots": float(self.late_slots),
-            "budget_given_slots": float(self.given_slots),
         }

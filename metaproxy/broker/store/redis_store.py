@@ -3,7 +3,7 @@
 Each part falls back on its own when the store does not answer (see docs/fleet.md): the budget
 and the tenant limits to this replica's share (1 / the live replicas it last saw), the cache to
 this replica's own, the revocation view to what it holds until it is too stale to trust. The
-parts live in their own modules (redis_revocations, redis_budget, redis_limits, redis_cache,
+parts live in their own modules (redis_revocations, redis_budget, redis_admissions, redis_cache,
 redis_registry); this one connects them and carries the store's pushes to them.
 """
 
@@ -15,11 +15,11 @@ import logging
 from typing import Any, Literal
 
 from metaproxy.broker.store.base import StoreUnavailable
+from metaproxy.broker.store.redis_admissions import RedisAdmissions
 from metaproxy.broker.store.redis_budget import RedisBudget
 from metaproxy.broker.store.redis_cache import RedisCache
 from metaproxy.broker.store.redis_conn import StoreUrl
 from metaproxy.broker.store.redis_keys import FLIGHT_CHANNEL, REVOCATION_CHANNEL
-from metaproxy.broker.store.redis_limits import RedisLimits
 from metaproxy.broker.store.redis_link import StoreLink
 from metaproxy.broker.store.redis_registry import RedisRegistry
 from metaproxy.broker.store.redis_revocations import RedisRevocations
@@ -31,12 +31,15 @@ log = logging.getLogger("metaproxy.broker.store")
 class RedisStore:
     kind: Literal["memory", "redis"] = "redis"
 
-    def __init__(self, url: StoreUrl, *, timeout: float, signer: RevocationSigner) -> None:
+    def __init__(
+        self, url: StoreUrl, *, timeout: float, signer: RevocationSigner, budget_per_second: float
+    ) -> None:
         loop_time = lambda: asyncio.get_running_loop().time()  # noqa: E731
         self._conn = StoreLink(url, timeout, loop_time)
         self.revocations = RedisRevocations(self._conn, signer)
         self.replicas = RedisRegistry(self._conn)
-        self.limits = RedisLimits(self._conn, self.replicas)
+        self.budget = RedisBudget(self._conn, self.replicas, budget_per_second)
+        self.admissions = RedisAdmissions(self._conn, self.replicas, self.budget.terms)
         self.cache = RedisCache(self._conn)
         self._listener: asyncio.Task[None] | None = None
         self.push_connected = asyncio.Event()
@@ -45,12 +48,6 @@ class RedisStore:
     @property
     def up(self) -> bool:
         return self._conn.up
-
-    def budget(self, calls_per_second: float) -> RedisBudget:
-        budget = RedisBudget(self._conn, self.replicas, calls_per_second)
-        # A cold request's admission may take a free slot of it along (one round trip less).
-        self.limits.budget = budget
-        return budget
 
     async def start(self) -> None:
         """Connect and subscribe. A store that is down now is not fatal: the replica starts,
@@ -112,7 +109,7 @@ class RedisStore:
             self.cache.deliver(data)
 
     async def aclose(self) -> None:
-        await self.limits.aclose()  # slots handed back in the background reach the store
+        await self.admissions.aclose()  # slots handed back in the background reach the store
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,4 +1,8 @@
-"""Tenant limits in the store: rates and in-flight caps that hold across the fleet."""
+"""Admissions in the store: tenant rates and in-flight caps that hold across the fleet.
+
+A cold request's admission also asks the shared cache its question and may take an STS budget
+slot, in the same script (`ADMIT_AND_CLAIM`): one round trip where three would do. Both answers
+come back in the admission's `Ticket`."""
 
 from __future__ import annotations
 
@@ -8,9 +12,15 @@ import secrets
 
 from metaproxy.background import BackgroundTasks
 from metaproxy.broker.store import redis_scripts as scripts
-from metaproxy.broker.store.base import Admission, CacheClaim, CacheLook, StoreUnavailable
-from metaproxy.broker.store.memory import LocalLimits, retry_after
-from metaproxy.broker.store.redis_budget import RedisBudget
+from metaproxy.broker.store.base import (
+    Admission,
+    CacheClaim,
+    CacheLook,
+    StoreUnavailable,
+    Ticket,
+)
+from metaproxy.broker.store.memory import LocalAdmissions, retry_after
+from metaproxy.broker.store.redis_budget import BudgetTerms
 from metaproxy.broker.store.redis_keys import flight_keys, ms, short_digest, tenant_key
 from metaproxy.broker.store.redis_link import StoreLink
 from metaproxy.broker.store.redis_registry import RedisRegistry
@@ -26,25 +36,24 @@ IN_FLIGHT_LEASE_SECONDS = 30.0
 RELEASE_AFTER_SECONDS = 0.05
 
 
-class RedisLimits:
-    def __init__(self, conn: StoreLink, registry: RedisRegistry) -> None:
+class RedisAdmissions:
+    def __init__(self, conn: StoreLink, registry: RedisRegistry, budget: BudgetTerms) -> None:
         self._conn = conn
         self._registry = registry
         self._admit = conn.script(scripts.ADMIT)
         self._admit_and_claim = conn.script(scripts.ADMIT_AND_CLAIM)
         # A Cluster spreads a tenant's keys and a cache entry's keys over slots: no one script.
         self._claims_with_admission = conn.url.topology != "cluster"
-        # The budget a claim that leads to an STS call may take a free slot of (see
-        # ADMIT_AND_CLAIM): the store's budget, once the broker has asked for it.
-        self.budget: RedisBudget | None = None
-        self._local = LocalLimits()
+        # The budget a claim that leads to an STS call may take a free slot of.
+        self._budget = budget
+        self._local = LocalAdmissions()
         self._ended: dict[str, list[str]] = {}  # tenant -> tickets of its requests that ended
         self._background = BackgroundTasks("in-flight slots given back")
 
     async def enter(
         self, tenant: str, subject: str, limits: BrokerLimits, claim: CacheClaim | None = None
     ) -> Admission:
-        ticket = secrets.token_hex(8)
+        slot = secrets.token_hex(8)
         released = self._ended.pop(tenant, [])
         t_interval = 1_000_000 / limits.requests_per_second
         i_interval = 1_000_000 / limits.per_identity_rps
@@ -59,27 +68,29 @@ class RedisLimits:
             int(i_interval),
             int(i_interval * limits.per_identity_burst),
             limits.max_in_flight,
-            ticket,
+            slot,
             int(IN_FLIGHT_LEASE_SECONDS * 1_000_000),
             " ".join(released),
         ]
         look: CacheLook | None = None
-        budget = self.budget
+        budget_due: float | None = None
         asked_at = asyncio.get_running_loop().time()
         try:
             if claim is not None and self._claims_with_admission:
-                claim_keys = [*keys, *flight_keys(claim.key)]
-                claim_args = [*args, claim.holder, ms(claim.ttl_seconds), "0"]
-                if budget is not None:
-                    timeline, interval_us, tolerance_us = budget.terms
-                    claim_keys.append(timeline)
-                    claim_args += [interval_us, tolerance_us]
-                code, wait_us, value, taken, slot = await self._conn.run(
+                claim_keys = [*keys, *flight_keys(claim.key), self._budget.timeline]
+                claim_args = [
+                    *args,
+                    claim.holder,
+                    ms(claim.ttl_seconds),
+                    "0",
+                    self._budget.interval_us,
+                    self._budget.tolerance_us,
+                ]
+                code, wait_us, value, taken, budget_slot = await self._conn.run(
                     lambda: self._admit_and_claim(keys=claim_keys, args=claim_args)
                 )
                 look = CacheLook(value or None, bool(taken))
-                if int(slot) and budget is not None:
-                    budget.give(asked_at)
+                budget_due = asked_at if int(budget_slot) else None
             else:
                 code, wait_us = await self._conn.run(lambda: self._admit(keys=keys, args=args))
         except StoreUnavailable:
@@ -88,20 +99,20 @@ class RedisLimits:
             share = 1 / max(1, self._registry.last_seen_live())
             admission = self._local.enter_now(tenant, subject, limits, share=share)
             if admission.admitted:
-                return Admission(True, ticket="local:" + admission.ticket)
+                return Admission(True, ticket=Ticket("local:" + admission.ticket.slot))
             return admission
         if int(code) == 0:
-            return Admission(True, ticket=ticket, look=look)
+            return Admission(True, ticket=Ticket(slot, look, budget_due))
         reason = {1: "tenant-rate", 2: "identity-rate"}.get(int(code), "in-flight")
         return Admission(False, reason, retry_after(int(wait_us) / 1_000_000))
 
-    async def leave(self, tenant: str, ticket: str) -> None:
-        if ticket.startswith("local:"):
-            self._local.leave_now(tenant, ticket.removeprefix("local:"))
+    async def leave(self, tenant: str, ticket: Ticket) -> None:
+        if ticket.slot.startswith("local:"):
+            self._local.leave_now(tenant, ticket.slot.removeprefix("local:"))
             return
         # Off the request's path: its answer need not wait for the slot to be given back. If
         # that fails the lease frees the slot (IN_FLIGHT_LEASE_SECONDS).
-        self._release_later(tenant, ticket)
+        self._release_later(tenant, ticket.slot)
 
     def _release_later(self, tenant: str, ticket: str) -> None:
         ended = self._ended.get(tenant)

@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from metaproxy.broker.circuit import STATE_CODES, CircuitBreaker
 from metaproxy.broker.config import BrokerConfig
-from metaproxy.broker.sts import AssumedRole, OnSent, StsClient
+from metaproxy.broker.credentials.circuit import STATE_CODES, CircuitBreaker
+from metaproxy.broker.credentials.sts import AssumedRole, OnSent, StsClient
 from metaproxy.models import AssumeRoleSpec, Credentials
 
 DEFAULT_REGION_LABEL = "default"  # a scheduler given one bare client (tests, benchmarks)
@@ -125,7 +125,7 @@ class RegionRoutes:
 
 def regional_sts(config: BrokerConfig) -> RegionalSts:
     """One AsyncSts per configured region (`--sts-regions`, else `--sts-region`), in order."""
-    from metaproxy.broker.sts import AsyncSts
+    from metaproxy.broker.credentials.sts import AsyncSts
 
     regions = config.sts_regions or (config.sts_region,)
     endpoints = region_endpoints(regions, config.sts_region_endpoints, config.sts_endpoint)

@@ -30,7 +30,7 @@ from xml.etree import ElementTree
 
 import aiohttp
 
-from metaproxy.broker.sigv4 import SigningCredentials, SigV4Signer
+from metaproxy.broker.credentials.sigv4 import SigningCredentials, SigV4Signer
 from metaproxy.errors import PackedPolicyTooLarge, StsUnavailable, UpstreamError
 from metaproxy.models import AssumeRoleSpec, Credentials
 
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from botocore.credentials import Credentials as AwsCredentials
     from botocore.credentials import ReadOnlyCredentials
 
-log = logging.getLogger("metaproxy.broker.sts")
+log = logging.getLogger("metaproxy.broker.credentials.sts")
 
 # STS answers these when the account's request rate is too high; they are worth retrying later.
 THROTTLING_CODES = frozenset(

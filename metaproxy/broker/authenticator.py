@@ -1,0 +1,48 @@
+"""Who is asking: a request's turn at verification, its token verified, its failure accounted.
+
+Verification is the broker's expensive first step, so requests take it in fair turns across
+the tenants their tokens claim (`admission.py`); a token that fails costs its peer a bounded
+number of audit records and log lines (`authn.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from metaproxy.broker.admission import FairAdmission, lane_for
+from metaproxy.broker.authn import FailedAuthentications
+from metaproxy.errors import Unauthenticated
+from metaproxy.identity.verify import IdentityVerifier
+from metaproxy.models import Identity
+
+
+@dataclass(frozen=True, slots=True)
+class RequestContext:
+    """Where a request came from, bound once and carried to every record it causes."""
+
+    request_id: str
+    peer: str
+
+
+class Authenticator:
+    def __init__(
+        self,
+        verifier: IdentityVerifier,
+        failures: FailedAuthentications,
+        turns: FairAdmission | None = None,
+    ) -> None:
+        self._verifier = verifier
+        self.failures = failures
+        self.turns = turns or FairAdmission()
+
+    async def authenticate(self, token: str | None, ctx: RequestContext) -> Identity:
+        """The verified identity, or `Unauthenticated` (or `TooManyRequests` for a peer over
+        its failure budget), with the failure already accounted for."""
+        await self.turns.wait_turn(lane_for(token))
+        try:
+            if not token:
+                raise Unauthenticated("no bearer token", reason="missing")
+            return self._verifier.verify(token)
+        except Unauthenticated as exc:
+            await self.failures.failed(exc, ctx.request_id, ctx.peer)
+            raise
