@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metaproxy.audit import chain
@@ -20,6 +20,9 @@ bodies = st.lists(
     ),
     max_size=40,
 )
+# No per-example deadline: these check values, not speed, and a loaded CI machine can pause any
+# example past hypothesis's default 200 ms.
+unhurried = settings(deadline=None)
 heads = st.builds(
     ChainHead,
     next_seq=st.integers(chain.FIRST_SEQ, 10**9),
@@ -50,6 +53,7 @@ def batches(
     return done
 
 
+@unhurried
 @given(heads, bodies, st.integers(1, 2000), st.one_of(st.none(), st.integers(1, 7)))
 def test_any_batching_links_the_same_chain_as_one_record_at_a_time(
     head: ChainHead, records: list[dict[str, object]], max_bytes: int, every: int | None
@@ -61,6 +65,7 @@ def test_any_batching_links_the_same_chain_as_one_record_at_a_time(
     assert linked == linked_one_by_one(head, records)
 
 
+@unhurried
 @given(heads, bodies, st.integers(1, 2000), st.one_of(st.none(), st.integers(1, 7)))
 def test_every_batch_holds_consecutive_verifiable_records_and_their_exact_lines(
     head: ChainHead, records: list[dict[str, object]], max_bytes: int, every: int | None
@@ -76,6 +81,7 @@ def test_every_batch_holds_consecutive_verifiable_records_and_their_exact_lines(
         assert batch.data == b"".join(chain.record_line(r) for r in batch.records)
 
 
+@unhurried
 @given(heads, bodies, st.integers(1, 2000), st.integers(1, 7))
 def test_a_batch_ends_at_its_byte_bound_and_at_the_checkpoint_seq(
     head: ChainHead, records: list[dict[str, object]], max_bytes: int, every: int
@@ -93,6 +99,7 @@ def test_a_batch_ends_at_its_byte_bound_and_at_the_checkpoint_seq(
             assert sum(map(len, lines)) >= max_bytes or batch.end.next_seq > last_seq
 
 
+@unhurried
 @given(heads, bodies.filter(bool), st.data())
 def test_a_failed_batch_settles_after_its_last_record_on_disk(
     head: ChainHead, records: list[dict[str, object]], data: st.DataObject
@@ -109,6 +116,7 @@ def test_a_failed_batch_settles_after_its_last_record_on_disk(
     assert batch.settled(last) == expected
 
 
+@unhurried
 @given(heads, bodies.filter(bool))
 def test_a_tail_from_another_chain_settles_nowhere(
     head: ChainHead, records: list[dict[str, object]]
