@@ -180,7 +180,7 @@ class BrokerConfig:
             "refresh cached credentials after this fraction of their lifetime (and always "
             "while 16 minutes are left: sidecars refuse sets under 15)",
             unit="fraction",
-            choices="0.1 to 0.9",
+            choices="above 0, at most 0.9",
         ),
     )
     max_connections: int = field(
@@ -288,8 +288,8 @@ def _validate_broker(config: BrokerConfig, given: set[str]) -> None:
             f"--cluster-arn: {config.cluster_arn!r} is not an EKS cluster ARN "
             "(arn:aws:eks:REGION:ACCOUNT:cluster/NAME)"
         )
-    if not 0.1 <= config.cache_refresh_fraction <= 0.9:
-        raise ConfigError("--cache-refresh-fraction: must be between 0.1 and 0.9")
+    if not 0 < config.cache_refresh_fraction <= 0.9:
+        raise ConfigError("--cache-refresh-fraction: must be above 0 and at most 0.9")
     if config.workers_min < 1 or config.workers_max < config.workers_min:
         raise ConfigError("--workers-min/--workers-max: need 1 <= workers-min <= workers-max")
     if config.socket is not None and "listen" in given:
