@@ -148,9 +148,10 @@ def replica_args(
     store: str,
     budget: float,
     workers_max: int = 64,
+    workers_min: int | None = None,
 ) -> list[str]:
     """`metaproxy broker` for one replica: `store` "memory" (its own budget, limits and cache)
-    or a Redis URL shared with the other replicas."""
+    or a Redis URL shared with the other replicas; `workers_min` None is the broker's default."""
     directory = files.work / name
     args = [
         "broker",
@@ -165,6 +166,8 @@ def replica_args(
         *("--control-token-file", str(files.secrets.control_token_file)),
         *("--heartbeat-seconds", "0.5"),
     ]
+    if workers_min is not None:
+        args += ["--workers-min", str(workers_min)]
     if store != "memory":
         args += ["--store", store, "--store-key-file", str(files.secrets.store_key_file)]
     return args
