@@ -60,7 +60,8 @@ from bench.fleet_watch import (
     watch,
 )
 from bench.open_loop import OpenLoopOutcome, run_open_loop
-from metaproxy.testing.faultproxy import FaultProxy, max_calls_in_window
+from metaproxy.testing.faultproxy import FaultProxy
+from metaproxy.testing.recording import max_calls_in_window
 
 TENANTS = tuple(f"t{n}" for n in range(1, 11))  # one policy and one role each
 TARGET_P999 = 0.5
@@ -82,7 +83,7 @@ class Setup:
 
 def broker_timeout() -> float:
     """How long a sidecar waits for the broker before it gives up on an attempt."""
-    from metaproxy.config import SidecarConfig
+    from metaproxy.sidecar.config import SidecarConfig
 
     default = next(
         f.default for f in dataclasses.fields(SidecarConfig) if f.name == "broker_timeout"

@@ -73,7 +73,7 @@ async def probe_sts(url: str, seconds: list[float | None]) -> None:
     """AssumeRole through the fault proxy, one at a time, a few a second, until cancelled: what
     the brokers' calls meet beyond their own event loops (the added latency, moto, and the
     proxy's event loop, which is this process's)."""
-    from metaproxy.broker.sts import AsyncSts
+    from metaproxy.broker.credentials.sts import AsyncSts
     from metaproxy.errors import MetaproxyError
     from metaproxy.models import AssumeRoleSpec
 
