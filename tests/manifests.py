@@ -9,7 +9,8 @@ take their settings, secrets and keys from them rather than from a copy of their
 
 `Rendered.files(...)` and `Rendered.env(...)` give a container's view of them: the files of each
 volume it mounts (Secrets, ConfigMaps; emptyDirs as empty folders) and its environment with
-`valueFrom` resolved, as the kubelet would give them.
+`valueFrom` resolved, as the kubelet would give them; `Rendered.service_account_token(...)` a
+projected token as the kubelet would mint it for a pod, which the rendered broker accepts.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -94,6 +97,39 @@ class Rendered:
     objects: tuple[Object, ...]
     generated: frozenset[str]  # names of generated objects, before their hash suffix
     cluster_key: Path  # signs service-account tokens the broker trusts (the cluster's key)
+
+    def service_account_token(
+        self, namespace: str, account: str, pod: str = "app-0", lifetime: int = 3600
+    ) -> str:
+        """A projected service-account token for a pod, as the kubelet mints it for the
+        injected sidecar: the cluster's issuer and key, the audience the broker trusts."""
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        from metaproxy.identity.keys import jwk_thumbprint, public_jwk
+
+        environ = self.env("Deployment", "metaproxy-broker", "broker", "broker-0")
+        issuer, audience = environ["METAPROXY_TRUST"].split(",")[:2]
+        key = load_pem_private_key(self.cluster_key.read_bytes(), password=None)
+        assert isinstance(key, rsa.RSAPrivateKey)
+        now = int(time.time())
+        claims = {
+            "aud": [audience],
+            "exp": now + lifetime,
+            "iat": now,
+            "nbf": now,
+            "iss": issuer,
+            "jti": str(uuid.uuid4()),
+            "kubernetes.io": {
+                "namespace": namespace,
+                "pod": {"name": pod, "uid": str(uuid.uuid4())},
+                "serviceaccount": {"name": account, "uid": str(uuid.uuid4())},
+            },
+            "sub": f"system:serviceaccount:{namespace}:{account}",
+        }
+        kid = jwk_thumbprint(public_jwk(key.public_key()))
+        return jwt.encode(claims, key, algorithm="RS256", headers={"kid": kid})
 
     @property
     def secrets(self) -> Path:
@@ -227,13 +263,29 @@ def prepare(overlay: str, workdir: Path) -> tuple[Path, Path]:
     directory = tree / "overlays" / overlay
     _run(["sh", str(MAKE_SECRETS), str(directory)], {"METAPROXY": str(METAPROXY)})
     # The cluster's service-account signing key: its JWKS is what the operator fetches with
-    # `kubectl get --raw /openid/v1/jwks`. ES256, one of the algorithms Kubernetes signs with.
-    keys = workdir / f"{overlay}-cluster"
-    keys.mkdir()
-    keygen = [str(METAPROXY), "identity", "keygen", "--out", str(keys), "--name", "cluster"]
-    _run([*keygen, "--alg", "ES256"])
-    shutil.copyfile(keys / "cluster.jwks.json", directory / "cluster-jwks.json")
-    return directory, keys / "cluster.key"
+    # `kubectl get --raw /openid/v1/jwks`. RSA and RS256, as kube-apiserver signs.
+    key_path = workdir / f"{overlay}-cluster.key"
+    (directory / "cluster-jwks.json").write_text(json.dumps(_cluster_key(key_path)))
+    return directory, key_path
+
+
+def _cluster_key(path: Path) -> dict[str, Any]:
+    """Write an RSA private key to `path` (0600); its JWKS as the API server publishes it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from metaproxy.fsutil import write_atomically
+    from metaproxy.identity.keys import jwk_thumbprint, public_jwk
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    write_atomically(path, pem, 0o600)
+    jwk = public_jwk(key.public_key())
+    return {"keys": [{**jwk, "kid": jwk_thumbprint(jwk), "alg": "RS256", "use": "sig"}]}
 
 
 def render_directory(overlay: str, directory: Path, cluster_key: Path) -> Rendered:

@@ -228,6 +228,7 @@ def test_actions_are_those_of_real_operations_and_parameters() -> None:
     for service, operation in ACTION_OF_OPERATION:
         assert operation in session.get_service_model(service).operation_names
     assume_role = session.get_service_model("sts").operation_model("AssumeRole")
+    assert assume_role.input_shape is not None
     members = set(assume_role.input_shape.members)
     assert PLAIN_PARAMETERS | set(ACTION_OF_PARAMETER) <= members
 

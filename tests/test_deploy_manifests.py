@@ -57,7 +57,7 @@ def one(kind: str, name: str) -> dict[str, Any]:
     examples = [d for d in EXAMPLE if d["kind"] == kind and d["metadata"]["name"] == name]
     if examples:
         (example,) = examples
-        return example
+        return dict(example)
     return RENDERED["eks"].one(kind, name)
 
 
@@ -549,6 +549,48 @@ async def test_broker_accepts_what_its_overlay_gives_it(overlay: str, tmp_path: 
     await server.aclose()
     assert config.store == ("memory" if overlay == "single" else environ["METAPROXY_STORE"])
     assert (config.store_key_file is None) == (overlay == "single")
+
+
+@needs_kustomize
+@overlays
+def test_broker_trusts_the_tokens_the_cluster_projects_for_its_pods(
+    overlay: str, tmp_path: Path, issued_secrets: set[str]
+) -> None:
+    """A service-account token signed with the cluster's key (its JWKS is the overlay's
+    cluster-jwks.json) for a pod of namespace shop verifies under the broker's trust and
+    belongs to tenant shop; signed for another audience, it is refused."""
+    from metaproxy.broker.config import BrokerConfig
+    from metaproxy.config import build_config
+    from metaproxy.errors import Unauthenticated
+    from metaproxy.identity.verify import IdentityVerifier
+    from metaproxy.policy.load import load_policy_dir
+
+    rendered = RENDERED[overlay]
+    environ = rendered.materialize("Deployment", "metaproxy-broker", "broker", tmp_path)
+    config = build_config(BrokerConfig, None, environ)
+    verifier = IdentityVerifier(
+        config.trusted_issuers,
+        leeway=config.token_leeway_seconds,
+        cluster_name=config.cluster_name,
+        cluster_arn=config.cluster_arn,
+    )
+    token = rendered.service_account_token("shop", "orders", pod="orders-7f9c")
+    issued_secrets.add(token)
+    identity = verifier.verify(token)
+    assert (identity.kind, identity.namespace, identity.service_account) == (
+        "kubernetes",
+        "shop",
+        "orders",
+    )
+    assert identity.cluster_name == rendered.settings["cluster-name"]
+    issuers = [trusted.issuer for trusted in config.trusted_issuers]
+    policies = load_policy_dir(config.policies_dir, kubernetes_issuers=issuers)
+    assert [t.tenant for t in policies.tenants.values() if t.claims(identity)] == ["shop"]
+
+    environ["METAPROXY_TRUST"] = environ["METAPROXY_TRUST"].replace(",metaproxy-broker,", ",x,")
+    other_audience = build_config(BrokerConfig, None, environ)
+    with pytest.raises(Unauthenticated):
+        IdentityVerifier(other_audience.trusted_issuers).verify(token)
 
 
 def certificate(pem: bytes) -> Any:
