@@ -11,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,13 +32,12 @@ def shipped_files() -> list[Path]:
 
 
 def documented_policies() -> dict[str, str]:
-    """Every policy a reader may copy whole: the deploy ConfigMap's, and the docs' TOML blocks
-    that are whole files (a `tenant` and a `[[roles]]` table; others are excerpts)."""
+    """Every policy a reader may copy whole: the Kubernetes base's (its `metaproxy-policies`
+    ConfigMap), and the docs' TOML blocks that are whole files (a `tenant` and a `[[roles]]`
+    table; others are excerpts)."""
     found: dict[str, str] = {}
-    config = REPO / "deploy" / "kubernetes" / "broker-config.yaml"
-    for document in yaml.safe_load_all(config.read_text()):
-        if document and document["metadata"]["name"] == "metaproxy-policies":
-            found.update({f"{config.name}:{k}": v for k, v in document["data"].items()})
+    for file in sorted((REPO / "deploy" / "kubernetes" / "base" / "policies").glob("*.toml")):
+        found[f"deploy/kubernetes/base/policies/{file.name}"] = file.read_text()
     for page in sorted((REPO / "docs").glob("*.md")):
         blocks = re.findall(r"```toml\n(.*?)```", page.read_text(), re.S)
         for number, block in enumerate(blocks):
