@@ -293,7 +293,7 @@ async def test_audit_shipping_needs_exactly_what_the_broker_policy_grants(
     """The shipper, run as the broker runs it (bucket and prefix from settings.yaml's
     audit-s3-url and the replica's name), makes only calls the policy allows, and the policy's
     S3 actions are exactly those calls'."""
-    from metaproxy.audit.checkpoint import write_keypair
+    from metaproxy.audit.signing_keys import write_keypair
     from metaproxy.audit.record import make_record
     from metaproxy.audit.ship import S3Shipper
     from metaproxy.audit.writer import AuditLog
@@ -335,9 +335,9 @@ async def test_audit_shipping_needs_exactly_what_the_broker_policy_grants(
     await log.start()
     for n in range(20):
         await log.append(make_record("issued", request_id=f"req-{n}", task="t", tenant="shop"))
-    await log.close()
+    await log.aclose()
     await shipper.backfill(tmp_path / "log")  # what the broker does at start: list, then send
-    await shipper.close()
+    await shipper.aclose()
 
     policy = document("broker-policy.json")
     needed = set()

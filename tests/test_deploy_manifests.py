@@ -498,7 +498,7 @@ overlays = pytest.mark.parametrize("overlay", manifests.OVERLAYS)
 
 def test_keygen_commands_write_the_names_the_overlays_read() -> None:
     """The file names of SECRET_FILES are the ones the commands' code writes."""
-    from metaproxy.audit.checkpoint import PRIVATE_KEY_NAME
+    from metaproxy.audit.signing_keys import PRIVATE_KEY_NAME
     from metaproxy.commands.certs import FILES
 
     assert {"ca.pem", "broker.pem", "broker.key"} <= set(FILES)
@@ -525,7 +525,7 @@ def test_secrets_hold_the_files_the_keygen_commands_wrote(overlay: str) -> None:
 async def test_broker_accepts_what_its_overlay_gives_it(overlay: str, tmp_path: Path) -> None:
     """The broker's environment and mounted files, as the kubelet gives them, build a broker:
     TLS pair, keys, store URL and key, control token, the cluster's JWKS and the policies."""
-    from metaproxy.audit.checkpoint import load_private_key as load_audit_key
+    from metaproxy.audit.signing_keys import load_private_key as load_audit_key
     from metaproxy.broker.config import BrokerConfig
     from metaproxy.broker.control import ControlToken
     from metaproxy.broker.server import BrokerServer
