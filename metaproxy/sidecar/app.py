@@ -30,7 +30,7 @@ from metaproxy.sidecar.metrics import SidecarMetrics
 from metaproxy.sidecar.rebinding import HostCheck
 from metaproxy.sidecar.state import PerGrant, SidecarState
 from metaproxy.sidecar.tokens import TokenAuthority, load_or_create_key
-from metaproxy.sidecar.wire import http1
+from metaproxy.sidecar.wire.messages import REASONS, Handler, Request, Response, http_date
 
 log = logging.getLogger("metaproxy.sidecar")
 
@@ -45,7 +45,7 @@ _DEFAULT_LIMITS = SidecarLimits()
 MAX_CACHED_PATHS = 256
 
 
-def data_plane(state: SidecarState, face: Face, listener: str) -> http1.Handler:
+def data_plane(state: SidecarState, face: Face, listener: str) -> Handler:
     """The handler behind one face on one listener: the pod's fair share of its rate, the
     DNS-rebinding check, then the face's own handler, with every answer counted and timed by
     path class and listener. No framework in between: this is the hot path."""
@@ -53,7 +53,7 @@ def data_plane(state: SidecarState, face: Face, listener: str) -> http1.Handler:
     rate_limited = metrics.rejected.labels("rate_limited")
     classes: dict[str, RateClass] = {}  # by request path: an SDK asks the same few paths
 
-    def dispatch(request: http1.Request) -> http1.Response | Awaitable[http1.Response]:
+    def dispatch(request: Request) -> Response | Awaitable[Response]:
         started = time.perf_counter()
         rate_class = classes.get(request.path)
         if rate_class is None:
@@ -78,7 +78,7 @@ def data_plane(state: SidecarState, face: Face, listener: str) -> http1.Handler:
             instrument.count_request(metrics, cls, 403, started, listener)
             return face.refused
         answer = handle(state, request)
-        if isinstance(answer, http1.Response):
+        if isinstance(answer, Response):
             instrument.count_request(metrics, cls, answer.status, started, listener)
             return answer
         return instrument.counted(metrics, answer, cls, started, listener)
@@ -86,7 +86,7 @@ def data_plane(state: SidecarState, face: Face, listener: str) -> http1.Handler:
     return dispatch
 
 
-async def _tarpit(response: http1.Response) -> http1.Response:
+async def _tarpit(response: Response) -> Response:
     await asyncio.sleep(TARPIT_SECONDS)
     return response
 
@@ -118,7 +118,7 @@ def build_state(
         hosts=HostCheck(config.allowed_hosts),
         clock=clock,
         notice=notice,
-        started=http1.http_date(time.time()),
+        started=http_date(time.time()),
         relative_path=config.container_credentials_path.encode(),
     )
     if config.host_metadata_allow:  # no allow-list: the host's IMDS is never even contacted
@@ -137,14 +137,14 @@ def build_state(
     return state
 
 
-def admin_plane(state: SidecarState) -> http1.Handler:
+def admin_plane(state: SidecarState) -> Handler:
     """/healthz, /readyz and /metrics on the same small server as the data plane, and the pod's
     preStop hook (`/lifecycle/terminate`). No rate limit: health probes must never be refused
     because of other clients (its guard caps connections)."""
 
-    def dispatch(request: http1.Request) -> http1.Response | Awaitable[http1.Response]:
+    def dispatch(request: Request) -> Response | Awaitable[Response]:
         started = time.perf_counter()
-        answer: http1.Response | Awaitable[http1.Response]
+        answer: Response | Awaitable[Response]
         if request.method not in ("GET", "HEAD"):
             answer = _plain(405, "method not allowed", ("Allow", "GET, HEAD"))
         elif request.path == "/healthz":
@@ -157,7 +157,7 @@ def admin_plane(state: SidecarState) -> http1.Handler:
             answer = terminate(state, request)
         else:
             answer = _plain(404, "not found")
-        if isinstance(answer, http1.Response):
+        if isinstance(answer, Response):
             instrument.count_request(state.metrics, "admin", answer.status, started, "admin")
             return answer
         return instrument.counted(state.metrics, answer, "admin", started, "admin")
@@ -165,9 +165,7 @@ def admin_plane(state: SidecarState) -> http1.Handler:
     return dispatch
 
 
-def terminate(
-    state: SidecarState, request: http1.Request
-) -> http1.Response | Awaitable[http1.Response]:
+def terminate(state: SidecarState, request: Request) -> Response | Awaitable[Response]:
     """The pod is being deleted (Kubernetes runs the app containers' preStop hooks first, and
     stops a native sidecar only after the apps have exited): announce the task's end now, and
     hold the hook for the notice period, so the apps see `spot/instance-action` before their
@@ -181,20 +179,20 @@ def terminate(
     return _after_notice(state.config.termination_notice_seconds)
 
 
-async def _after_notice(seconds: float) -> http1.Response:
+async def _after_notice(seconds: float) -> Response:
     await asyncio.sleep(seconds)
     return _plain(200, "terminating")
 
 
-def _plain(status: int, text: str, *headers: tuple[str, str]) -> http1.Response:
-    return http1.Response(status, text.encode(), "text/plain; charset=utf-8", headers)
+def _plain(status: int, text: str, *headers: tuple[str, str]) -> Response:
+    return Response(status, text.encode(), "text/plain; charset=utf-8", headers)
 
 
-def admin_error_page(status: int) -> http1.Response:
-    return _plain(status, http1.REASONS.get(status, "error").lower())
+def admin_error_page(status: int) -> Response:
+    return _plain(status, REASONS.get(status, "error").lower())
 
 
-def healthz(state: SidecarState) -> http1.Response:
+def healthz(state: SidecarState) -> Response:
     """Fails when the refresh loop has stopped, or cannot make progress until a file is fixed
     (unreadable CA bundle or identity token): a restart or an operator is needed."""
     problem = state.keeper.health()
@@ -203,7 +201,7 @@ def healthz(state: SidecarState) -> http1.Response:
     return _plain(200, "ok")
 
 
-def readyz(state: SidecarState) -> http1.Response:
+def readyz(state: SidecarState) -> Response:
     """Ready only with valid credentials in hand: the app must not start before that. When not
     ready, the one line says why (the same line the log has)."""
     if state.draining:
@@ -215,6 +213,6 @@ def readyz(state: SidecarState) -> http1.Response:
     return _plain(200, "ready")
 
 
-def metrics(state: SidecarState) -> http1.Response:
+def metrics(state: SidecarState) -> Response:
     instrument.refresh_gauges(state)
-    return http1.Response(200, state.metrics.render(), state.metrics.content_type)
+    return Response(200, state.metrics.render(), state.metrics.content_type)

@@ -28,6 +28,8 @@ from metaproxy.sidecar.face import Face
 from metaproxy.sidecar.guards import admin_reject, build_guards
 from metaproxy.sidecar.state import SidecarState
 from metaproxy.sidecar.wire import http1
+from metaproxy.sidecar.wire.connections import ConnectionTracker
+from metaproxy.sidecar.wire.messages import ServerLimits
 
 log = logging.getLogger("metaproxy.sidecar")
 
@@ -67,7 +69,7 @@ def _listening_socket(host: str, port: int) -> socket.socket | None:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        # asyncio's words, which `servercmd.describe_listen_error` reads the address from.
+        # asyncio's words, which `serve.describe_listen_error` reads the address from.
         reason = (exc.strerror or str(exc)).lower()
         raise OSError(
             exc.errno, f"error while attempting to bind on address {(host, port)!r}: {reason}"
@@ -97,8 +99,8 @@ class SidecarServer:
     admin_url: str
     guard: ConnectionGuard  # IMDS + container: capped, counted, header deadline
     admin_guard: ConnectionGuard
-    tracker: http1.ConnectionTracker
-    admin_tracker: http1.ConnectionTracker
+    tracker: ConnectionTracker
+    admin_tracker: ConnectionTracker
     _servers: list[asyncio.Server] = field(default_factory=list)
     _admin: asyncio.Server | None = None
 
@@ -124,16 +126,16 @@ class SidecarServer:
         guard, admin_guard = build_guards(state)
         state.guards = (guard, admin_guard)
         count_rejection = instrument.rejection_counter(state.metrics)
-        limits = http1.ServerLimits(
+        limits = ServerLimits(
             header_timeout=config.header_timeout,
             keepalive_timeout=config.keepalive_timeout,
             max_header_bytes=config.max_header_bytes,
             max_headers=config.max_headers,
             max_body_bytes=config.max_body_bytes,
         )
-        tracker = http1.ConnectionTracker(limits, on_reject=count_rejection)
-        admin_tracker = http1.ConnectionTracker(
-            http1.ServerLimits(
+        tracker = ConnectionTracker(limits, on_reject=count_rejection)
+        admin_tracker = ConnectionTracker(
+            ServerLimits(
                 header_timeout=config.header_timeout,
                 keepalive_timeout=config.keepalive_timeout,
                 max_body_bytes=config.max_body_bytes,
@@ -202,7 +204,7 @@ class SidecarServer:
         for server in self._servers:
             server.close()
         await self.tracker.drain(max(0.0, deadline - loop.time()))
-        await self.tracker.stop()
+        await self.tracker.aclose()
         if self.state.link_local is not None:
             await self.state.link_local.aclose()
         await self.state.keeper.aclose()
@@ -212,4 +214,4 @@ class SidecarServer:
         if self._admin is not None:
             self._admin.close()
         await self.admin_tracker.drain(0.5)
-        await self.admin_tracker.stop()
+        await self.admin_tracker.aclose()
