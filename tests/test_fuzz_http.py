@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from metaproxy.broker.server import BrokerServer
-from metaproxy.sidecar.server import SidecarServer
+from metaproxy.sidecar.process import Sidecar
 from tests.support import Pki, broker_config, issue, sidecar_config, wait_ready
 
 CORPUS = sorted((Path(__file__).parent / "fuzz_corpus").glob("*.http"))
@@ -48,7 +48,7 @@ class Target:
 @dataclass
 class Servers:
     broker: BrokerServer
-    sidecar: SidecarServer
+    sidecar: Sidecar
     pki: Pki
 
     def target(self, name: str) -> Target:
@@ -78,7 +78,7 @@ async def servers(
     )
     token_file = tmp_path / "fuzz.jwt"
     token_file.write_text(issue(pki, "t-fuzz", "acme"))
-    sidecar = await SidecarServer.start(
+    sidecar = Sidecar(
         sidecar_config(
             tmp_path,
             pki,
@@ -88,11 +88,12 @@ async def servers(
             keepalive_timeout=2.0,
         )
     )
+    await sidecar.start()
     try:
         await wait_ready(sidecar.admin_url)
         yield Servers(broker, sidecar, pki)
     finally:
-        await sidecar.stop()
+        await sidecar.aclose()
         await broker.stop()
 
 

@@ -1,5 +1,5 @@
-"""The sidecar's handlers, wired in one place: the data plane of each face (IMDS, container
-credentials; see `face`) and admin.
+"""The sidecar's handlers: the data plane of each face (IMDS, container credentials; see
+`face`) and admin. `process` builds the parts they share and puts them on listeners.
 
 All are served by `http1` (see why there); admin (health, readiness, metrics) has its own
 listener and connection guard. A client in a tight loop is refused (503, Retry-After) from the
@@ -11,28 +11,16 @@ metadata service looped to death), and inside that bucket the pod's connections 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hmac
-import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 
-from metaproxy.clock import Clock, SystemClock
-from metaproxy.config import SidecarConfig, authorization_token_mode
 from metaproxy.models import SidecarLimits
-from metaproxy.sidecar import container_creds, diagnosis, instrument
-from metaproxy.sidecar.credentials_cache import CredentialKeeper
+from metaproxy.sidecar import diagnosis, instrument
 from metaproxy.sidecar.face import Face, RateClass
 from metaproxy.sidecar.fairness import FairShare
-from metaproxy.sidecar.imds_view import render_view
-from metaproxy.sidecar.lifecycle import TerminationNotice
-from metaproxy.sidecar.metrics import SidecarMetrics
-from metaproxy.sidecar.rebinding import HostCheck
-from metaproxy.sidecar.state import PerGrant, SidecarState
-from metaproxy.sidecar.tokens import TokenAuthority, load_or_create_key
-from metaproxy.sidecar.wire.messages import REASONS, Handler, Request, Response, http_date
-
-log = logging.getLogger("metaproxy.sidecar")
+from metaproxy.sidecar.state import SidecarState
+from metaproxy.sidecar.wire.messages import REASONS, Handler, Request, Response
 
 # A client over its rate gets its refusal (503 + Retry-After, which every SDK retries) this much
 # later. A looping client waits for each answer before it sends again, so this caps what one
@@ -89,52 +77,6 @@ def data_plane(state: SidecarState, face: Face, listener: str) -> Handler:
 async def _tarpit(response: Response) -> Response:
     await asyncio.sleep(TARPIT_SECONDS)
     return response
-
-
-def build_state(
-    config: SidecarConfig,
-    clock: Clock | None = None,
-    on_started: Callable[[], None] | None = None,
-) -> SidecarState:
-    """`on_started`: called once, when the first credentials are in."""
-    clock = clock or SystemClock()
-    metrics = SidecarMetrics()
-    client = instrument.TimedBrokerClient(config, metrics)
-    keeper = CredentialKeeper(
-        client, config, clock, on_grant=instrument.GrantObserver(clock, metrics, on_started)
-    )
-    notice = TerminationNotice()
-    state = SidecarState(
-        config=config,
-        tokens=TokenAuthority(load_or_create_key(config.imds_token_key_file)),
-        keeper=keeper,
-        authorization_token=container_creds.load_or_create_token(
-            config.authorization_token_file, authorization_token_mode(config)
-        ),
-        client=client,
-        metrics=metrics,
-        imds_view=PerGrant(functools.partial(render_view, notice=notice)),
-        container_document=PerGrant(container_creds.render_document),
-        hosts=HostCheck(config.allowed_hosts),
-        clock=clock,
-        notice=notice,
-        started=http_date(time.time()),
-        relative_path=config.container_credentials_path.encode(),
-    )
-    if config.host_metadata_allow:  # no allow-list: the host's IMDS is never even contacted
-        from metaproxy.sidecar.host_metadata import HostMetadata
-
-        state.host_metadata = HostMetadata(
-            config.host_metadata_url,
-            config.host_metadata_allow,
-            interface=config.host_metadata_interface,
-        )
-        client.node_facts = state.host_metadata.facts
-    if config.link_local_check:
-        from metaproxy.sidecar.link_local import LinkLocalCheck
-
-        state.link_local = LinkLocalCheck(state.tokens)
-    return state
 
 
 def admin_plane(state: SidecarState) -> Handler:
