@@ -51,7 +51,7 @@ class Relay:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._pipes.difference_update(tasks)
 
-    async def stop(self) -> None:
+    async def aclose(self) -> None:
         assert self._server is not None
         self._server.close()
         for task in list(self._pipes):
@@ -121,7 +121,7 @@ async def test_ca_rotation_under_steady_refreshes(
         assert len(trust.context().get_ca_certs()) == 1
     finally:
         await sidecar.aclose()
-        await relay.stop()
+        await relay.aclose()
         await new_broker.stop()
 
 

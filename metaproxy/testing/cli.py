@@ -176,7 +176,7 @@ async def _serve_fault_proxy(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await proxy.stop()
+        await proxy.aclose()
     return 0
 
 

@@ -302,7 +302,7 @@ class FaultProxy:
         self._admin_port = self._admin_runner.addresses[0][1]
         return self.url
 
-    async def stop(self) -> None:
+    async def aclose(self) -> None:
         """Stop both listeners, drop held requests and close the upstream session."""
         self._stopping = True
         self._wake_held_requests()
@@ -321,7 +321,7 @@ class FaultProxy:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
+        await self.aclose()
 
     async def _listen(self) -> asyncio.Server:
         assert self._runner is not None and self._runner.server is not None
