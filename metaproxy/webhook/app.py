@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from metaproxy.errors import BadRequest
-from metaproxy.net.httperrors import json_errors
+from metaproxy.net.httperrors import identity_encoding_only, json_errors
 from metaproxy.webhook.config import WebhookConfig
 from metaproxy.webhook.patch import InjectionRefused, InjectionSettings, NotAPod, build_patch
 
@@ -107,7 +107,9 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 def build_app(settings: InjectionSettings) -> web.Application:
-    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=[json_errors, identity_encoding_only], client_max_size=MAX_BODY_BYTES
+    )
     app[SETTINGS] = settings
     app.router.add_post("/mutate", mutate)
     app.router.add_get("/healthz", healthz)
