@@ -585,7 +585,7 @@ def parse_args() -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    import uvloop  # the broker runs on uvloop in production (metaproxy.process.runtime)
+    import uvloop  # the broker runs on uvloop in production (metaproxy.process.serve)
 
     if sys.argv[1:2] == ["--client"]:
         uvloop.run(client_main(Path(sys.argv[2]), Path(sys.argv[3])))

@@ -17,7 +17,7 @@ import pytest
 
 import tests.support
 from metaproxy.broker.server import BrokerServer
-from metaproxy.sidecar.server import SidecarServer
+from metaproxy.sidecar.process import Sidecar
 from metaproxy.testing.redis_server import RedisServer, find_server_binary
 from tests.support import REPO, Pki, broker_config, make_pki, sidecar_config, wait_ready
 
@@ -142,7 +142,7 @@ async def broker(
     await server.aclose()
 
 
-SidecarFactory = Callable[..., Awaitable[SidecarServer]]
+SidecarFactory = Callable[..., Awaitable[Sidecar]]
 
 
 @pytest.fixture
@@ -150,15 +150,16 @@ async def start_sidecar(
     tmp_path: Path, pki: Pki, broker: BrokerServer
 ) -> AsyncIterator[SidecarFactory]:
     """Start a sidecar for a task of a tenant, wait until it is ready; stop them all after."""
-    started: list[SidecarServer] = []
+    started: list[Sidecar] = []
 
     async def start(
         tenant: str, task: str, app: str = "web", ready: bool = True, **overrides: Any
-    ) -> SidecarServer:
+    ) -> Sidecar:
         token_file = tmp_path / f"{tenant}-{task}.jwt"
         token_file.write_text(issue(pki, task, tenant, app))
         config = sidecar_config(tmp_path, pki, broker.url, token_file, **overrides)
-        server = await SidecarServer.start(config)
+        server = Sidecar(config)
+        await server.start()
         started.append(server)
         if ready:
             await wait_ready(server.admin_url)
@@ -166,7 +167,7 @@ async def start_sidecar(
 
     yield start
     for server in started:
-        await server.stop()
+        await server.aclose()
 
 
 @pytest.fixture

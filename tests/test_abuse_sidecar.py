@@ -19,7 +19,7 @@ from metaproxy.broker.server import BrokerServer
 from metaproxy.models import SidecarLimits
 from metaproxy.net.connguard import fd_budget
 from metaproxy.sidecar.guards import SIDECAR_FD_RESERVE
-from metaproxy.sidecar.server import SidecarServer
+from metaproxy.sidecar.process import Sidecar
 from tests.conftest import SidecarFactory
 from tests.support import Pki, issue, start_sidecar_process, wait_ready
 
@@ -75,7 +75,7 @@ def server_side_fds(port: int) -> int:
     return count
 
 
-async def imds_credentials(session: aiohttp.ClientSession, sidecar: SidecarServer) -> int:
+async def imds_credentials(session: aiohttp.ClientSession, sidecar: Sidecar) -> int:
     """A well-behaved IMDSv2 client: token, then the role's credentials."""
     async with session.put(
         sidecar.imds_url + "/latest/api/token",

@@ -12,7 +12,7 @@ from pathlib import Path
 from metaproxy.broker.server import BrokerServer
 from metaproxy.commands.certs import init_certs
 from metaproxy.fsutil import write_atomically
-from metaproxy.sidecar.server import SidecarServer
+from metaproxy.sidecar.process import Sidecar
 from tests.support import Pki, broker_config, issue, sidecar_config, wait_ready
 
 
@@ -51,7 +51,7 @@ class Relay:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._pipes.difference_update(tasks)
 
-    async def stop(self) -> None:
+    async def aclose(self) -> None:
         assert self._server is not None
         self._server.close()
         for task in list(self._pipes):
@@ -95,7 +95,8 @@ async def test_ca_rotation_under_steady_refreshes(
     config = sidecar_config(
         tmp_path, pki, url, token_file, broker_ca_file=bundle, revocation_check_seconds=0.2
     )
-    sidecar = await SidecarServer.start(config)
+    sidecar = Sidecar(config)
+    await sidecar.start()
     keeper, trust = sidecar.state.keeper, sidecar.state.client.trust
     try:
         await wait_ready(sidecar.admin_url)
@@ -119,8 +120,8 @@ async def test_ca_rotation_under_steady_refreshes(
         assert relay.connections.get(address(new_broker.url), 0) >= 1
         assert len(trust.context().get_ca_certs()) == 1
     finally:
-        await sidecar.stop()
-        await relay.stop()
+        await sidecar.aclose()
+        await relay.aclose()
         await new_broker.aclose()
 
 
@@ -136,7 +137,8 @@ async def test_a_broken_bundle_keeps_the_last_good_one(
     config = sidecar_config(
         tmp_path, pki, broker.url, token_file, broker_ca_file=bundle, revocation_check_seconds=0.2
     )
-    sidecar = await SidecarServer.start(config)
+    sidecar = Sidecar(config)
+    await sidecar.start()
     keeper, trust = sidecar.state.keeper, sidecar.state.client.trust
     try:
         await wait_ready(sidecar.admin_url)
@@ -148,4 +150,4 @@ async def test_a_broken_bundle_keeps_the_last_good_one(
         await until(lambda: trust.problem is None and trust.reloads == 1)
         assert keeper.failures == 0
     finally:
-        await sidecar.stop()
+        await sidecar.aclose()

@@ -618,7 +618,7 @@ def unprivileged_python() -> tuple[list[str], dict[str, str]]:
     drop = ["setpriv", f"--reuid={SIDECAR_UID}", f"--regid={SIDECAR_UID}", "--clear-groups"]
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     for python in (f"/usr/bin/{version}", sys.executable):
-        probe = [*drop, python, "-c", "import metaproxy.sidecar.server"]
+        probe = [*drop, python, "-c", "import metaproxy.sidecar.process"]
         if subprocess.run(probe, env=env, capture_output=True, check=False).returncode == 0:
             return [*drop, python], env
     print(f"no python that uid {SIDECAR_UID} can run: the sidecars run as root", file=sys.stderr)

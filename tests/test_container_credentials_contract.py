@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from metaproxy.sidecar.server import SidecarServer
+from metaproxy.sidecar.process import Sidecar
 from tests.conftest import SidecarFactory
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)$")
@@ -28,7 +28,7 @@ async def call(
         return response.status, dict(response.headers), await response.text()
 
 
-def auth_token(sidecar: SidecarServer) -> str:
+def auth_token(sidecar: Sidecar) -> str:
     path = sidecar.state.config.authorization_token_file
     assert path is not None
     return Path(path).read_text()
@@ -48,11 +48,11 @@ SECRET_PATH = "/v2/credentials/" + "Zq3" * 10  # what the webhook would put in R
 
 
 @pytest.fixture
-async def sidecar(start_sidecar: SidecarFactory) -> SidecarServer:
+async def sidecar(start_sidecar: SidecarFactory) -> Sidecar:
     return await start_sidecar("globex", "task-7", container_credentials_path=SECRET_PATH)
 
 
-async def test_secret_relative_path_needs_no_header(sidecar: SidecarServer) -> None:
+async def test_secret_relative_path_needs_no_header(sidecar: Sidecar) -> None:
     """ECS's relative URI: the secret path alone gets the credentials, as ECS's agent writes
     them (compact JSON in its key order, no Server header)."""
     status, headers, body = await call("GET", sidecar.container_url + SECRET_PATH)
@@ -84,7 +84,7 @@ async def test_secret_relative_path_needs_no_header(sidecar: SidecarServer) -> N
     ],
     ids=["truncated", "longer", "slash", "case", "prefix", "bare", "other-version"],
 )
-async def test_anything_but_the_exact_secret_path_is_404(sidecar: SidecarServer, path: str) -> None:
+async def test_anything_but_the_exact_secret_path_is_404(sidecar: Sidecar, path: str) -> None:
     """Near misses of the secret get ECS's JSON 404 and no credentials, token or not."""
     headers = {"Authorization": auth_token(sidecar)}
     status, response_headers, body = await call("GET", sidecar.container_url + path, headers)
@@ -92,7 +92,7 @@ async def test_anything_but_the_exact_secret_path_is_404(sidecar: SidecarServer,
     assert "AccessKeyId" not in body
 
 
-async def test_secret_path_takes_only_get_and_head(sidecar: SidecarServer) -> None:
+async def test_secret_path_takes_only_get_and_head(sidecar: Sidecar) -> None:
     """The secret path is still a credentials document: other methods are 405."""
     status, headers, body = await call("POST", sidecar.container_url + SECRET_PATH)
     assert_json_error(status, headers, body, 405)
@@ -107,7 +107,7 @@ async def test_without_a_configured_path_only_the_token_works(
     assert_json_error(status, headers, body, 404)
 
 
-async def test_credentials_document(sidecar: SidecarServer) -> None:
+async def test_credentials_document(sidecar: Sidecar) -> None:
     """200 application/json with the fields SDKs read, RFC 3339 expiry and the account id."""
     status, headers, body = await call(
         "GET", sidecar.container_url + "/v1/credentials", {"Authorization": auth_token(sidecar)}
@@ -124,7 +124,7 @@ async def test_credentials_document(sidecar: SidecarServer) -> None:
     assert document["RoleArn"] == "arn:aws:iam::222222222222:role/globex-app"
 
 
-async def test_answers_well_inside_one_second(sidecar: SidecarServer) -> None:
+async def test_answers_well_inside_one_second(sidecar: Sidecar) -> None:
     """The JS SDK gives up after 1 s; a warm sidecar answers in a small fraction of that."""
     headers = {"Authorization": auth_token(sidecar)}
     async with aiohttp.ClientSession() as session:
@@ -141,9 +141,7 @@ async def test_answers_well_inside_one_second(sidecar: SidecarServer) -> None:
     [None, "", "Bearer x", "wrong-token", "t\u00e9st"],
     ids=["missing", "empty", "bearer", "wrong", "non-ascii"],
 )
-async def test_wrong_authorization_is_401_json(
-    sidecar: SidecarServer, authorization: str | None
-) -> None:
+async def test_wrong_authorization_is_401_json(sidecar: Sidecar, authorization: str | None) -> None:
     """Without the task's exact token: 401, JSON Code/Message, and no credentials in the body."""
     headers = {"Authorization": authorization} if authorization is not None else {}
     status, response_headers, body = await call(
@@ -154,7 +152,7 @@ async def test_wrong_authorization_is_401_json(
     assert "AccessKeyId" not in body
 
 
-async def test_token_with_appended_text_is_401(sidecar: SidecarServer) -> None:
+async def test_token_with_appended_text_is_401(sidecar: Sidecar) -> None:
     """A prefix match is not enough: the whole header must equal the token."""
     headers = {"Authorization": auth_token(sidecar) + "x"}
     status, response_headers, body = await call(
@@ -163,7 +161,7 @@ async def test_token_with_appended_text_is_401(sidecar: SidecarServer) -> None:
     assert_json_error(status, response_headers, body, 401)
 
 
-async def test_unknown_path_and_method_are_json_errors(sidecar: SidecarServer) -> None:
+async def test_unknown_path_and_method_are_json_errors(sidecar: Sidecar) -> None:
     """Other paths are 404 and other methods 405 with Allow, both as JSON Code/Message."""
     headers = {"Authorization": auth_token(sidecar)}
     status, response_headers, body = await call("GET", sidecar.container_url + "/v2/x", headers)
@@ -175,7 +173,7 @@ async def test_unknown_path_and_method_are_json_errors(sidecar: SidecarServer) -
     assert response_headers["Allow"] == "GET, HEAD"
 
 
-async def test_token_file_has_no_trailing_newline(sidecar: SidecarServer) -> None:
+async def test_token_file_has_no_trailing_newline(sidecar: Sidecar) -> None:
     """botocore refuses a token with CR/LF and Node refuses such a header: the file is bare."""
     token = auth_token(sidecar)
     assert token == token.strip()

@@ -293,9 +293,9 @@ async def test_audit_shipping_needs_exactly_what_the_broker_policy_grants(
     """The shipper, run as the broker runs it (bucket and prefix from settings.yaml's
     audit-s3-url and the replica's name), makes only calls the policy allows, and the policy's
     S3 actions are exactly those calls'."""
-    from metaproxy.audit.signing_keys import write_keypair
     from metaproxy.audit.record import make_record
     from metaproxy.audit.ship import S3Shipper
+    from metaproxy.audit.signing_keys import write_keypair
     from metaproxy.audit.writer import AuditLog
     from metaproxy.broker.auditing import BrokerAudit
     from metaproxy.broker.config import BrokerConfig

@@ -1,6 +1,7 @@
 """Malformed HTTP — a corpus of known-bad requests and hypothesis-generated ones, sent as raw
-bytes — never gets a 5xx, crashes nothing and logs no unhandled error, on every port the sidecar
-and the broker serve; both keep serving afterwards (the `{"env": {"PATH": null}}` lesson)."""
+bytes — never gets a 5xx, crashes nothing and logs no unhandled error, on every port the sidecar,
+the broker and the webhook serve; all keep serving afterwards (the `{"env": {"PATH": null}}`
+lesson)."""
 
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from metaproxy.broker.server import BrokerServer
-from metaproxy.sidecar.server import SidecarServer
+from metaproxy.sidecar.process import Sidecar
+from metaproxy.webhook.config import WebhookConfig
+from metaproxy.webhook.process import Webhook
 from tests.support import Pki, broker_config, issue, sidecar_config, wait_ready
+from tests.test_webhook import labelled_pod, review
 
 CORPUS = sorted((Path(__file__).parent / "fuzz_corpus").glob("*.http"))
 STATUS = re.compile(rb"HTTP/1\.[01] (\d{3}) ")
@@ -34,6 +38,13 @@ WATCHED = ("metaproxy", "aiohttp.server", "aiohttp.web", "aiohttp.access", "asyn
 HEADER_DEADLINE = 1.0
 # 15,000 nested arrays: json.loads raises RecursionError, which must be a 400 too.
 DEEP_JSON = "49-body-json-deeply-nested.http"
+# What the webhook refuses since it has the broker's guard: (corpus case, its one answer).
+WEBHOOK_REFUSALS = {
+    "94-mutate-review-body-never-finishes.http": 408,
+    "95-mutate-chunked-review-stalls.http": 408,
+    "96-mutate-review-content-encoding-gzip.http": 415,
+    "97-mutate-head-never-finishes.http": 408,
+}
 
 
 @dataclass
@@ -48,7 +59,8 @@ class Target:
 @dataclass
 class Servers:
     broker: BrokerServer
-    sidecar: SidecarServer
+    sidecar: Sidecar
+    webhook: Webhook
     pki: Pki
 
     def target(self, name: str) -> Target:
@@ -57,12 +69,15 @@ class Servers:
             "container": self.sidecar.container_url,
             "admin": self.sidecar.admin_url,
             "broker": self.broker.url,
+            "webhook": self.webhook.url,
         }
         scheme, _, rest = urls[name].partition("://")
         host, _, port = rest.rpartition(":")
         tls = ssl.create_default_context(cafile=str(self.pki.ca)) if scheme == "https" else None
         if name == "broker":
             auth = f"Bearer {issue(self.pki, 't-fuzz', 'acme')}".encode()
+        elif name == "webhook":
+            auth = b""  # the API server sends none
         else:
             auth = self.sidecar.state.authorization_token.encode()
         return Target(name, host, int(port), tls, auth)
@@ -72,13 +87,14 @@ class Servers:
 async def servers(
     tmp_path: Path, pki: Pki, sts_url: str, policies_dir: Path
 ) -> AsyncIterator[Servers]:
-    """A broker and a sidecar with a 1 s header deadline, so unfinished requests end quickly."""
+    """A broker, a sidecar and a webhook (on TLS, as deployed) with a 1 s header deadline, so
+    unfinished requests end quickly."""
     broker = await BrokerServer.start(
         broker_config(tmp_path, pki, sts_url, policies_dir, header_timeout=HEADER_DEADLINE)
     )
     token_file = tmp_path / "fuzz.jwt"
     token_file.write_text(issue(pki, "t-fuzz", "acme"))
-    sidecar = await SidecarServer.start(
+    sidecar = Sidecar(
         sidecar_config(
             tmp_path,
             pki,
@@ -88,11 +104,24 @@ async def servers(
             keepalive_timeout=2.0,
         )
     )
+    await sidecar.start()
+    webhook = Webhook(
+        WebhookConfig(
+            listen="127.0.0.1:0",
+            tls_cert=pki.broker_cert,
+            tls_key=pki.broker_key,
+            image="registry.example.com/metaproxy:0.1.0",
+            broker_url="https://metaproxy-broker.metaproxy.svc:8443",
+            header_timeout=HEADER_DEADLINE,
+        )
+    )
+    await webhook.start()
     try:
         await wait_ready(sidecar.admin_url)
-        yield Servers(broker, sidecar, pki)
+        yield Servers(broker, sidecar, webhook, pki)
     finally:
-        await sidecar.stop()
+        await webhook.aclose()
+        await sidecar.aclose()
         await broker.aclose()
 
 
@@ -105,7 +134,8 @@ def unhandled_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 async def still_serving(servers: Servers) -> None:
-    """A real client still gets credentials from the sidecar and from the broker."""
+    """A real client still gets credentials from the sidecar and from the broker, and a review
+    from the webhook."""
     context = ssl.create_default_context(cafile=str(servers.pki.ca))
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
         async with session.get(
@@ -120,6 +150,11 @@ async def still_serving(servers: Servers) -> None:
             headers={"Authorization": f"Bearer {issue(servers.pki, 't-after', 'acme')}"},
         ) as response:
             assert response.status == 200
+        async with session.post(
+            servers.webhook.url + "/mutate", json=review(labelled_pod())
+        ) as response:
+            assert response.status == 200
+            assert (await response.json())["response"]["allowed"] is True
 
 
 async def exchange(target: Target, data: bytes, source: str) -> bytes:
@@ -150,7 +185,7 @@ async def exchange(target: Target, data: bytes, source: str) -> bytes:
     return received
 
 
-@pytest.mark.parametrize("name", ["imds", "container", "admin", "broker"])
+@pytest.mark.parametrize("name", ["imds", "container", "admin", "broker", "webhook"])
 async def test_corpus_of_malformed_requests_never_gets_a_5xx(
     name: str, servers: Servers, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -188,6 +223,17 @@ async def test_deeply_nested_json_body_is_400_at_the_broker(servers: Servers) ->
     assert [int(s) for s in STATUS.findall(answer)] == [400]
 
 
+@pytest.mark.parametrize("case", sorted(WEBHOOK_REFUSALS))
+async def test_the_webhook_refuses_a_review_it_cannot_finish_or_decode(
+    case: str, servers: Servers
+) -> None:
+    """A review whose head or body stops coming is 408 within the header deadline; an encoded
+    one is 415, never decoded."""
+    target = servers.target("webhook")
+    answer = await exchange(target, (CORPUS[0].parent / case).read_bytes(), "127.0.0.1")
+    assert [int(s) for s in STATUS.findall(answer)] == [WEBHOOK_REFUSALS[case]]
+
+
 def _no_newlines(value: bytes) -> bytes:
     return value.replace(b"\r", b"").replace(b"\n", b"")
 
@@ -208,6 +254,7 @@ PATHS = (
             b"/latest/meta-data/",
             b"/latest/meta-data/iam/security-credentials/acme-app",
             b"/v1/credentials",
+            b"/mutate",
             b"/healthz",
             b"/metrics",
         ]
@@ -279,7 +326,8 @@ def blocking_exchange(target: Target, data: bytes) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("name", "examples"), [("imds", 200), ("container", 100), ("admin", 60), ("broker", 100)]
+    ("name", "examples"),
+    [("imds", 200), ("container", 100), ("admin", 60), ("broker", 100), ("webhook", 100)],
 )
 async def test_generated_requests_never_get_a_5xx(
     name: str, examples: int, servers: Servers, caplog: pytest.LogCaptureFixture

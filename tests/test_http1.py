@@ -9,14 +9,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from metaproxy.sidecar.wire.http1 import (
-    ConnectionTracker,
-    HttpProtocol,
-    Request,
-    Response,
-    ServerLimits,
-    protocol_factory,
-)
+from metaproxy.sidecar.wire.connections import ConnectionTracker
+from metaproxy.sidecar.wire.http1 import HttpProtocol, protocol_factory
+from metaproxy.sidecar.wire.messages import Request, Response, ServerLimits
 
 
 @dataclass
@@ -65,7 +60,7 @@ async def server() -> AsyncIterator[Running]:
     port = srv.sockets[0].getsockname()[1]
     yield Running(port, tracker, rejects, seen)
     srv.close()
-    await tracker.stop()
+    await tracker.aclose()
 
 
 async def exchange(port: int, data: bytes, *, read_timeout: float = 3.0) -> bytes:
@@ -275,6 +270,6 @@ def test_date_header_is_the_imf_fixdate(moment: float) -> None:
     """The Date header is exactly what email.utils writes (RFC 9110's IMF-fixdate)."""
     import email.utils
 
-    from metaproxy.sidecar.wire.http1 import http_date
+    from metaproxy.sidecar.wire.messages import http_date
 
     assert http_date(moment) == email.utils.formatdate(moment, usegmt=True)

@@ -28,7 +28,7 @@ from yarl import URL
 from metaproxy.broker.server import BrokerServer
 from metaproxy.identity.document import verify_document
 from metaproxy.metadata_paths import permitted
-from metaproxy.sidecar.server import SidecarServer
+from metaproxy.sidecar.process import Sidecar
 from metaproxy.sidecar.tokens import TokenAuthority
 from tests.conftest import SidecarFactory
 from tests.support import Pki, broker_config, issue, run_command, sidecar_config, wait_ready
@@ -62,13 +62,13 @@ async def call(
     return answer
 
 
-async def token_for(sidecar: SidecarServer, ttl: str = "21600") -> str:
+async def token_for(sidecar: Sidecar, ttl: str = "21600") -> str:
     answer = await call("PUT", sidecar.imds_url + "/latest/api/token", {TTL: ttl})
     assert answer.status == 200
     return answer.body
 
 
-async def get(sidecar: SidecarServer, path: str, token: str | None = None) -> Answer:
+async def get(sidecar: Sidecar, path: str, token: str | None = None) -> Answer:
     token = token if token is not None else await token_for(sidecar)
     return await call("GET", sidecar.imds_url + path, {TOKEN: token})
 
@@ -81,14 +81,14 @@ def assert_aws_error(answer: Answer, status: int, title: str) -> None:
 
 
 @pytest.fixture
-async def sidecar(start_sidecar: SidecarFactory) -> SidecarServer:
+async def sidecar(start_sidecar: SidecarFactory) -> Sidecar:
     return await start_sidecar("acme", "task-1")
 
 
 # --- IMDSv2 session tokens -------------------------------------------------------------------
 
 
-async def test_token_put_returns_plain_token_and_echoes_ttl(sidecar: SidecarServer) -> None:
+async def test_token_put_returns_plain_token_and_echoes_ttl(sidecar: Sidecar) -> None:
     """PUT /latest/api/token with a valid TTL: 200 text/plain token, TTL header echoed."""
     answer = await call("PUT", sidecar.imds_url + "/latest/api/token", {TTL: "300"})
     assert answer.status == 200
@@ -98,27 +98,27 @@ async def test_token_put_returns_plain_token_and_echoes_ttl(sidecar: SidecarServ
 
 
 @pytest.mark.parametrize("ttl", ["1", "21600"])
-async def test_token_ttl_bounds_are_inclusive(sidecar: SidecarServer, ttl: str) -> None:
+async def test_token_ttl_bounds_are_inclusive(sidecar: Sidecar, ttl: str) -> None:
     """TTLs of exactly 1 and 21600 seconds are accepted."""
     answer = await call("PUT", sidecar.imds_url + "/latest/api/token", {TTL: ttl})
     assert (answer.status, answer.headers[TTL]) == (200, ttl)
 
 
 @pytest.mark.parametrize("ttl", [None, "", "abc", "0", "21601", "-1", "1.5", "0x10", "²", "9" * 9])
-async def test_token_put_with_bad_ttl_is_400(sidecar: SidecarServer, ttl: str | None) -> None:
+async def test_token_put_with_bad_ttl_is_400(sidecar: Sidecar, ttl: str | None) -> None:
     """A missing, non-numeric or out-of-range TTL is 400: SDKs give up rather than fall back."""
     headers = {TTL: ttl} if ttl is not None else {}
     answer = await call("PUT", sidecar.imds_url + "/latest/api/token", headers)
     assert_aws_error(answer, 400, "Bad Request")
 
 
-async def test_token_on_versioned_path_is_403(sidecar: SidecarServer) -> None:
+async def test_token_on_versioned_path_is_403(sidecar: Sidecar) -> None:
     """Tokens exist only at /latest/api/token; a dated version path is 403 (SDKs fall back)."""
     answer = await call("PUT", sidecar.imds_url + "/2021-03-23/api/token", {TTL: "60"})
     assert_aws_error(answer, 403, "Forbidden")
 
 
-async def test_token_put_through_a_proxy_is_403(sidecar: SidecarServer) -> None:
+async def test_token_put_through_a_proxy_is_403(sidecar: Sidecar) -> None:
     """A token PUT carrying X-Forwarded-For came through a proxy: 403, so SSRF cannot mint one."""
     headers = {TTL: "60", "X-Forwarded-For": "203.0.113.9"}
     answer = await call("PUT", sidecar.imds_url + "/latest/api/token", headers)
@@ -126,7 +126,7 @@ async def test_token_put_through_a_proxy_is_403(sidecar: SidecarServer) -> None:
 
 
 @pytest.mark.parametrize("method", ["GET", "POST", "DELETE"])
-async def test_non_put_on_token_path_is_405_with_allow(sidecar: SidecarServer, method: str) -> None:
+async def test_non_put_on_token_path_is_405_with_allow(sidecar: Sidecar, method: str) -> None:
     """Any other method on the token path: EC2's 405 (no body, `Allow: OPTIONS, PUT`)."""
     answer = await call(method, sidecar.imds_url + "/latest/api/token", {TTL: "60"})
     assert (answer.status, answer.body) == (405, "")
@@ -139,14 +139,14 @@ async def test_non_put_on_token_path_is_405_with_allow(sidecar: SidecarServer, m
     [None, "", "not-a-token", "A" * 44, TokenAuthority().mint(600)],
     ids=["missing", "empty", "garbage", "right-length", "other-sidecars-key"],
 )
-async def test_get_without_valid_token_is_401(sidecar: SidecarServer, token: str | None) -> None:
+async def test_get_without_valid_token_is_401(sidecar: Sidecar, token: str | None) -> None:
     """With IMDSv1 refused, a GET without a token this sidecar signed is 401."""
     headers = {TOKEN: token} if token is not None else {}
     answer = await call("GET", sidecar.imds_url + "/latest/meta-data/instance-id", headers)
     assert_aws_error(answer, 401, "Unauthorized")
 
 
-async def test_expired_token_is_401(sidecar: SidecarServer) -> None:
+async def test_expired_token_is_401(sidecar: Sidecar) -> None:
     """A token past its TTL is refused."""
     token = await token_for(sidecar, ttl="1")
     assert (await get(sidecar, "/latest/meta-data/instance-id", token)).status == 200
@@ -156,7 +156,7 @@ async def test_expired_token_is_401(sidecar: SidecarServer) -> None:
     )
 
 
-async def test_many_concurrent_tokens_all_work(sidecar: SidecarServer) -> None:
+async def test_many_concurrent_tokens_all_work(sidecar: Sidecar) -> None:
     """Tokens are stateless: forty minted at once are distinct and each one is accepted."""
     tokens = await asyncio.gather(*(token_for(sidecar) for _ in range(40)))
     assert len(set(tokens)) == 40
@@ -181,7 +181,7 @@ async def test_imds_v1_allowed_serves_without_token_but_still_checks_one(
 
 
 @pytest.mark.parametrize("path", [CREDS, CREDS.rstrip("/")])
-async def test_role_listing_is_exactly_one_name(sidecar: SidecarServer, path: str) -> None:
+async def test_role_listing_is_exactly_one_name(sidecar: Sidecar, path: str) -> None:
     """The listing is the bare role name, no newline: botocore uses the whole body as the name."""
     answer = await get(sidecar, path)
     assert (answer.status, answer.body) == (200, ROLE)
@@ -189,7 +189,7 @@ async def test_role_listing_is_exactly_one_name(sidecar: SidecarServer, path: st
 
 
 @pytest.mark.parametrize("suffix", ["", "/"])
-async def test_credentials_document_has_ec2_fields(sidecar: SidecarServer, suffix: str) -> None:
+async def test_credentials_document_has_ec2_fields(sidecar: Sidecar, suffix: str) -> None:
     """The role's document: EC2's fields, `Type` AWS-HMAC, timestamps `YYYY-MM-DDTHH:MM:SSZ`."""
     answer = await get(sidecar, CREDS + ROLE + suffix)
     assert answer.status == 200
@@ -209,7 +209,7 @@ async def test_credentials_document_has_ec2_fields(sidecar: SidecarServer, suffi
 
 
 @pytest.mark.parametrize("role", ["globex-app", "host-role", "ACME-APP"])
-async def test_other_role_is_404(sidecar: SidecarServer, role: str) -> None:
+async def test_other_role_is_404(sidecar: Sidecar, role: str) -> None:
     """Only the task's own role has a document; any other name is EC2's 404 page."""
     assert_aws_error(await get(sidecar, CREDS + role), 404, "Not Found")
 
@@ -218,7 +218,7 @@ EXTENDED = "/latest/meta-data/iam/security-credentials-extended/"
 
 
 @pytest.mark.parametrize("path", [EXTENDED, EXTENDED.rstrip("/")])
-async def test_extended_listing_is_exactly_one_name(sidecar: SidecarServer, path: str) -> None:
+async def test_extended_listing_is_exactly_one_name(sidecar: Sidecar, path: str) -> None:
     """security-credentials-extended/ lists the bare role name, as security-credentials/ does."""
     answer = await get(sidecar, path)
     assert (answer.status, answer.body) == (200, ROLE)
@@ -226,7 +226,7 @@ async def test_extended_listing_is_exactly_one_name(sidecar: SidecarServer, path
 
 
 @pytest.mark.parametrize("suffix", ["", "/"])
-async def test_extended_document_adds_the_account_id(sidecar: SidecarServer, suffix: str) -> None:
+async def test_extended_document_adds_the_account_id(sidecar: Sidecar, suffix: str) -> None:
     """The extended document: the legacy fields, then `AccountId`, the same credentials."""
     answer = await get(sidecar, EXTENDED + ROLE + suffix)
     assert answer.status == 200
@@ -244,24 +244,24 @@ async def test_extended_document_adds_the_account_id(sidecar: SidecarServer, suf
 
 @pytest.mark.parametrize("path", [EXTENDED, EXTENDED + ROLE])
 async def test_extended_path_without_a_token_is_401_when_v1_is_refused(
-    sidecar: SidecarServer, path: str
+    sidecar: Sidecar, path: str
 ) -> None:
     """The extended path keeps the token rules: no token, IMDSv1 refused, 401."""
     assert_aws_error(await call("GET", sidecar.imds_url + path), 401, "Unauthorized")
 
 
 @pytest.mark.parametrize("role", ["globex-app", "host-role", ROLE + "/extra"])
-async def test_extended_other_role_is_404(sidecar: SidecarServer, role: str) -> None:
+async def test_extended_other_role_is_404(sidecar: Sidecar, role: str) -> None:
     """Only the task's own role, under the extended path too; nothing is asked of the host."""
     assert_aws_error(await get(sidecar, EXTENDED + role), 404, "Not Found")
 
 
-async def test_iam_listing_is_unchanged_by_the_extended_path(sidecar: SidecarServer) -> None:
+async def test_iam_listing_is_unchanged_by_the_extended_path(sidecar: Sidecar) -> None:
     """iam/ lists what it listed before: SDKs that do not know the extended path see no change."""
     assert (await get(sidecar, "/latest/meta-data/iam/")).body == "info\nsecurity-credentials/"
 
 
-async def test_iam_info_names_the_instance_profile(sidecar: SidecarServer) -> None:
+async def test_iam_info_names_the_instance_profile(sidecar: Sidecar) -> None:
     """iam/info carries Code, LastUpdated, InstanceProfileArn and InstanceProfileId."""
     answer = await get(sidecar, "/latest/meta-data/iam/info")
     info = json.loads(answer.body)
@@ -275,7 +275,7 @@ async def test_iam_info_names_the_instance_profile(sidecar: SidecarServer) -> No
 # --- the metadata tree -----------------------------------------------------------------------
 
 
-async def test_directories_list_one_entry_per_line(sidecar: SidecarServer) -> None:
+async def test_directories_list_one_entry_per_line(sidecar: Sidecar) -> None:
     """Listings: one entry a line, `/` on directories, none on leaves, no trailing newline."""
     root = (await get(sidecar, "/")).body.split("\n")
     assert "latest" in root
@@ -290,7 +290,7 @@ async def test_directories_list_one_entry_per_line(sidecar: SidecarServer) -> No
     assert (await get(sidecar, "/latest/dynamic/")).body == "instance-identity/"
 
 
-async def test_task_scoped_view(sidecar: SidecarServer) -> None:
+async def test_task_scoped_view(sidecar: Sidecar) -> None:
     """instance-id, placement, addresses and names describe the task, in EC2's formats."""
     token = await token_for(sidecar)
 
@@ -310,13 +310,13 @@ async def test_task_scoped_view(sidecar: SidecarServer) -> None:
     assert re.fullmatch(r"02(:[0-9a-f]{2}){5}", await leaf("mac"))
 
 
-async def test_leaf_paths_accept_a_trailing_slash(sidecar: SidecarServer) -> None:
+async def test_leaf_paths_accept_a_trailing_slash(sidecar: Sidecar) -> None:
     """botocore's region fetcher asks for `placement/availability-zone/` with the slash."""
     answer = await get(sidecar, "/latest/meta-data/placement/availability-zone/")
     assert (answer.status, answer.body) == (200, "us-east-1a")
 
 
-async def test_dated_versions_serve_the_same_tree(sidecar: SidecarServer) -> None:
+async def test_dated_versions_serve_the_same_tree(sidecar: Sidecar) -> None:
     """A dated API version answers like `latest`."""
     assert (await get(sidecar, "/2021-03-23/meta-data/placement/region")).body == "us-east-1"
 
@@ -334,13 +334,13 @@ async def test_dated_versions_serve_the_same_tree(sidecar: SidecarServer) -> Non
         "/latest/meta-data/iam/security-credentials/acme-app/extra",
     ],
 )
-async def test_unknown_and_host_paths_are_404(sidecar: SidecarServer, path: str) -> None:
+async def test_unknown_and_host_paths_are_404(sidecar: Sidecar, path: str) -> None:
     """Unknown paths, user-data and host-revealing paths: EC2's XHTML 404."""
     assert_aws_error(await get(sidecar, path), 404, "Not Found")
 
 
 async def test_identity_document_is_signed_by_the_broker(
-    sidecar: SidecarServer, pki: Pki, tmp_path: Path
+    sidecar: Sidecar, pki: Pki, tmp_path: Path
 ) -> None:
     """The task's identity document verifies against the broker's document key, in Python
     and with `metaproxy identity verify-document`, and describes this task."""
@@ -426,7 +426,7 @@ async def passthrough_sidecar(start_sidecar: SidecarFactory, host_imds: FakeHost
 
 
 async def test_allow_listed_host_path_comes_through_with_a_host_token(
-    passthrough_sidecar: SidecarServer, host_imds: FakeHostImds
+    passthrough_sidecar: Sidecar, host_imds: FakeHostImds
 ) -> None:
     """An allow-listed host path is fetched with an IMDSv2 token and served as text/plain."""
     answer = await get(passthrough_sidecar, "/latest/meta-data/ami-launch-index")
@@ -447,7 +447,7 @@ async def test_allow_listed_host_path_comes_through_with_a_host_token(
     ],
 )
 async def test_host_secrets_never_come_through_even_if_allow_listed(
-    passthrough_sidecar: SidecarServer, host_imds: FakeHostImds, path: str
+    passthrough_sidecar: Sidecar, host_imds: FakeHostImds, path: str
 ) -> None:
     """The host's role credentials and user-data are 404 and never even requested from it."""
     answer = await get(passthrough_sidecar, path)
@@ -458,7 +458,7 @@ async def test_host_secrets_never_come_through_even_if_allow_listed(
 
 
 async def test_encoded_traversal_never_reaches_the_host(
-    passthrough_sidecar: SidecarServer, host_imds: FakeHostImds
+    passthrough_sidecar: Sidecar, host_imds: FakeHostImds
 ) -> None:
     """`..` and percent-encoded slashes cannot walk from an allowed prefix to user-data."""
     token = await token_for(passthrough_sidecar)
@@ -473,7 +473,7 @@ async def test_encoded_traversal_never_reaches_the_host(
 
 
 async def test_host_answers_are_cached_and_capped(
-    passthrough_sidecar: SidecarServer, host_imds: FakeHostImds
+    passthrough_sidecar: Sidecar, host_imds: FakeHostImds
 ) -> None:
     """Repeated reads of a host path ask the host once; an oversized answer is refused."""
     token = await token_for(passthrough_sidecar)
@@ -487,7 +487,7 @@ async def test_host_answers_are_cached_and_capped(
 
 
 async def test_host_token_is_refreshed_after_a_host_401(
-    passthrough_sidecar: SidecarServer, host_imds: FakeHostImds
+    passthrough_sidecar: Sidecar, host_imds: FakeHostImds
 ) -> None:
     """When the host forgets its token (it restarted), the sidecar gets a new one and retries."""
     assert (await get(passthrough_sidecar, "/latest/meta-data/ami-launch-index")).body == "0"
@@ -548,7 +548,7 @@ async def own_broker_and_sidecar(
     policies_dir: Path,
     broker_overrides: dict[str, Any],
     **sidecar_overrides: Any,
-) -> AsyncIterator[SidecarServer]:
+) -> AsyncIterator[Sidecar]:
     """A broker configured for one test (the shared fixture's defaults do not fit), and an
     acme sidecar in front of it."""
     tmp.mkdir(parents=True, exist_ok=True)
@@ -557,14 +557,13 @@ async def own_broker_and_sidecar(
     )
     token_file = tmp / "task.jwt"
     token_file.write_text(issue(pki, "own-1", "acme"))
-    sidecar = await SidecarServer.start(
-        sidecar_config(tmp, pki, broker.url, token_file, **sidecar_overrides)
-    )
+    sidecar = Sidecar(sidecar_config(tmp, pki, broker.url, token_file, **sidecar_overrides))
+    await sidecar.start()
     try:
         await wait_ready(sidecar.admin_url)
         yield sidecar
     finally:
-        await sidecar.stop()
+        await sidecar.aclose()
         await broker.aclose()
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from metaproxy.sidecar.server import SidecarServer
+from metaproxy.sidecar.process import Sidecar
 from tests.conftest import SidecarFactory
 
 DATE = re.compile(
@@ -149,7 +149,7 @@ async def exchange(url: str, request: str) -> Wire:
     return Wire(status_line, headers, body)
 
 
-async def token(sidecar: SidecarServer, ttl: int = 21600) -> str:
+async def token(sidecar: Sidecar, ttl: int = 21600) -> str:
     wire = await exchange(
         sidecar.imds_url,
         f"PUT /latest/api/token HTTP/1.1\nX-aws-ec2-metadata-token-ttl-seconds: {ttl}",
@@ -158,11 +158,11 @@ async def token(sidecar: SidecarServer, ttl: int = 21600) -> str:
 
 
 @pytest.fixture
-async def sidecar(start_sidecar: SidecarFactory) -> SidecarServer:
+async def sidecar(start_sidecar: SidecarFactory) -> Sidecar:
     return await start_sidecar("acme", "wire-1", container_credentials_path=SECRET)
 
 
-async def test_token_put_is_ec2s(sidecar: SidecarServer) -> None:
+async def test_token_put_is_ec2s(sidecar: Sidecar) -> None:
     """The token PUT: EC2's headers (the TTL echoed, text/plain, no Accept-Ranges or
     Last-Modified) and a 56-character token with no newline."""
     wire = await exchange(
@@ -186,7 +186,7 @@ async def test_token_put_is_ec2s(sidecar: SidecarServer) -> None:
 
 
 @pytest.mark.parametrize("path", GOLDEN_GETS)
-async def test_get_with_a_token_is_ec2s(sidecar: SidecarServer, path: str) -> None:
+async def test_get_with_a_token_is_ec2s(sidecar: Sidecar, path: str) -> None:
     """Every GET with a token: EC2's status, header names, order and value shapes, and body."""
     session = await token(sidecar)
     wire = await exchange(
@@ -195,7 +195,7 @@ async def test_get_with_a_token_is_ec2s(sidecar: SidecarServer, path: str) -> No
     GOLDEN_GETS[path].check(wire)
 
 
-async def test_the_ttl_header_counts_down_on_every_answer(sidecar: SidecarServer) -> None:
+async def test_the_ttl_header_counts_down_on_every_answer(sidecar: Sidecar) -> None:
     """The TTL on a GET is what the token has left, as aws-node-termination-handler reads it."""
     session = await token(sidecar, ttl=30)
     path = "GET /latest/meta-data/placement/region HTTP/1.1\nX-aws-ec2-metadata-token: "
@@ -214,7 +214,7 @@ async def test_the_ttl_header_counts_down_on_every_answer(sidecar: SidecarServer
     assert second < first
 
 
-async def test_a_kept_alive_connection_gets_the_ttl_too(sidecar: SidecarServer) -> None:
+async def test_a_kept_alive_connection_gets_the_ttl_too(sidecar: Sidecar) -> None:
     """Kept answers (one write of prepared bytes) still carry the asking token's own TTL."""
     long, short = await token(sidecar, ttl=21600), await token(sidecar, ttl=60)
     host, port = sidecar.imds_url.removeprefix("http://").rsplit(":", 1)
@@ -233,7 +233,7 @@ async def test_a_kept_alive_connection_gets_the_ttl_too(sidecar: SidecarServer) 
     assert ttls[0] > 21000 and ttls[2] > 21000 and ttls[1] <= 60
 
 
-async def test_a_get_of_the_token_path_is_ec2s_405(sidecar: SidecarServer) -> None:
+async def test_a_get_of_the_token_path_is_ec2s_405(sidecar: Sidecar) -> None:
     """GET on the token path: EC2's nginx 405 ("Not Allowed", Allow: OPTIONS, PUT, no body)."""
     wire = await exchange(sidecar.imds_url, "GET /latest/api/token HTTP/1.1")
     assert wire.status_line == "HTTP/1.1 405 Not Allowed"
@@ -243,7 +243,7 @@ async def test_a_get_of_the_token_path_is_ec2s_405(sidecar: SidecarServer) -> No
 
 
 @pytest.mark.parametrize("header", ["", "\nX-aws-ec2-metadata-token: forged"])
-async def test_missing_or_forged_token_is_ec2s_401(sidecar: SidecarServer, header: str) -> None:
+async def test_missing_or_forged_token_is_ec2s_401(sidecar: Sidecar, header: str) -> None:
     """No token (IMDSv1 refused) or a forged one: EC2's XHTML 401 and no TTL header."""
     wire = await exchange(sidecar.imds_url, f"GET /latest/meta-data/ HTTP/1.1{header}")
     assert wire.status_line == "HTTP/1.1 401 Unauthorized"
@@ -252,7 +252,7 @@ async def test_missing_or_forged_token_is_ec2s_401(sidecar: SidecarServer, heade
     assert "x-aws-ec2-metadata-token-ttl-seconds" not in [n.lower() for n, _ in wire.headers]
 
 
-async def test_the_relative_uri_is_ecss(sidecar: SidecarServer) -> None:
+async def test_the_relative_uri_is_ecss(sidecar: Sidecar) -> None:
     """ECS's agent's answer (ecs_credentials recording): compact JSON in its key order,
     `application/json`, no Server header."""
     wire = await exchange(sidecar.container_url, f"GET {SECRET} HTTP/1.1\nAccept: application/json")

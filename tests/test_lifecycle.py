@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from metaproxy.broker.server import BrokerServer
-from metaproxy.sidecar.server import SidecarServer
+from metaproxy.sidecar.process import Sidecar
 from metaproxy.testing.faultproxy import FaultProxy
 from tests.support import AUDIENCE, ISSUER, Pki, broker_config, issue, sidecar_config
 
@@ -84,7 +84,8 @@ async def test_readyz_turns_ready_only_once_credentials_are_cached(
     broker_proxy.set(mode="refuse")
     token_file = tmp_path / "ready.jwt"
     token_file.write_text(issue(pki, "life-ready", "acme"))
-    sidecar = await SidecarServer.start(sidecar_config(tmp_path, pki, broker_proxy.url, token_file))
+    sidecar = Sidecar(sidecar_config(tmp_path, pki, broker_proxy.url, token_file))
+    await sidecar.start()
     try:
         credentials_url = sidecar.container_url + "/v1/credentials"
         auth = {"Authorization": sidecar.state.authorization_token}
@@ -101,7 +102,7 @@ async def test_readyz_turns_ready_only_once_credentials_are_cached(
             await asyncio.sleep(0.2)
         assert await get(sidecar.admin_url + "/readyz") == (200, "ready")
     finally:
-        await sidecar.stop()
+        await sidecar.aclose()
 
 
 async def test_sidecar_sigterm_completes_in_flight_request_then_exits(

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from metaproxy.identity.document import verify_document
-from metaproxy.sidecar.server import SidecarServer
+from metaproxy.sidecar.process import Sidecar
 from metaproxy.testing.ec2_node import SECRET_MARK, Instance, NodeImds
 from metaproxy.webhook.settings import DEFAULT_NODE_METADATA
 from tests.conftest import SidecarFactory
@@ -43,7 +43,7 @@ NODE_B = Instance(
 
 async def pod_on(
     node: Instance, start_sidecar: SidecarFactory, aiohttp_server: Any, task: str
-) -> tuple[SidecarServer, NodeImds]:
+) -> tuple[Sidecar, NodeImds]:
     imds = NodeImds(node)
     server = await aiohttp_server(imds.app())
     sidecar = await start_sidecar(
@@ -58,14 +58,14 @@ async def pod_on(
 @pytest.fixture
 async def pods(
     start_sidecar: SidecarFactory, aiohttp_server: Any
-) -> tuple[tuple[SidecarServer, NodeImds], tuple[SidecarServer, NodeImds]]:
+) -> tuple[tuple[Sidecar, NodeImds], tuple[Sidecar, NodeImds]]:
     return (
         await pod_on(NODE_A, start_sidecar, aiohttp_server, "on-node-a"),
         await pod_on(NODE_B, start_sidecar, aiohttp_server, "on-node-b"),
     )
 
 
-async def leaf(sidecar: SidecarServer, token: str, path: str) -> str:
+async def leaf(sidecar: Sidecar, token: str, path: str) -> str:
     answer = await get(sidecar, "/latest/meta-data/" + path, token)
     assert answer.status == 200, path
     return answer.body

@@ -25,7 +25,7 @@ from bench.common import write_tenant_policies
 from metaproxy.broker.credentials.scheduler import FairScheduler
 from metaproxy.broker.credentials.sts import AsyncSts
 from metaproxy.broker.server import BrokerServer
-from metaproxy.sidecar.server import SidecarServer
+from metaproxy.sidecar.process import Sidecar
 from metaproxy.testing.emulator import free_port
 from metaproxy.testing.faultproxy import FaultProxy
 from tests.support import AUDIENCE, ISSUER, Pki, broker_config, issue, sidecar_config, wait_ready
@@ -44,19 +44,21 @@ async def proxy(sts_url: str) -> AsyncIterator[FaultProxy]:
 
 async def start_sidecars(
     tmp_path: Path, pki: Pki, broker_url: str, tasks: list[tuple[str, str]]
-) -> list[SidecarServer]:
+) -> list[Sidecar]:
     sidecars = []
     for tenant, task in tasks:
         token_file = tmp_path / f"{tenant}-{task}.jwt"
         token_file.write_text(issue(pki, task, tenant))
         config = sidecar_config(tmp_path, pki, broker_url, token_file, **FAST_SIDECAR)
-        sidecars.append(await SidecarServer.start(config))
+        sidecar = Sidecar(config)
+        await sidecar.start()
+        sidecars.append(sidecar)
     for sidecar in sidecars:
         await wait_ready(sidecar.admin_url, timeout=20)
     return sidecars
 
 
-async def served_credentials(session: aiohttp.ClientSession, sidecar: SidecarServer) -> str:
+async def served_credentials(session: aiohttp.ClientSession, sidecar: Sidecar) -> str:
     """What an SDK gets from the sidecar now; asserts it is a valid, unexpired set."""
     token = sidecar.state.authorization_token
     async with session.get(
@@ -90,7 +92,7 @@ async def test_sts_outage_longer_than_a_refresh_keeps_tasks_served_then_recovers
         call_timeout=2.0,
     )
     broker = await BrokerServer.start(config, sts=sts, scheduler=scheduler)  # closes sts
-    sidecars: list[SidecarServer] = []
+    sidecars: list[Sidecar] = []
     try:
         sidecars = await start_sidecars(tmp_path, pki, broker.url, tasks)
         async with aiohttp.ClientSession() as session:
@@ -116,7 +118,7 @@ async def test_sts_outage_longer_than_a_refresh_keeps_tasks_served_then_recovers
             assert all(fresh), "some tasks never got refreshed credentials after STS returned"
     finally:
         for sidecar in sidecars:
-            await sidecar.stop()
+            await sidecar.aclose()
         await broker.aclose()
         await scheduler.aclose()
     assert int(str(proxy.stats()["assume_role_forwarded"])) >= len(tasks)
@@ -168,7 +170,7 @@ async def test_broker_killed_and_restarted_sidecars_keep_serving_and_refresh_fro
     policies = write_tenant_policies(tmp_path / "policies", ["t1"], duration_seconds=1800)
     port = free_port()
     broker = await start_broker_process(tmp_path, pki, port, proxy.url, policies)
-    sidecars: list[SidecarServer] = []
+    sidecars: list[Sidecar] = []
     try:
         sidecars = await start_sidecars(
             tmp_path, pki, f"https://127.0.0.1:{port}", [("t1", "task-1"), ("t1", "task-2")]
@@ -194,7 +196,7 @@ async def test_broker_killed_and_restarted_sidecars_keep_serving_and_refresh_fro
             assert int(str(proxy.stats()["assume_role_calls"])) > int(str(calls_before_restart))
     finally:
         for sidecar in sidecars:
-            await sidecar.stop()
+            await sidecar.aclose()
         if broker.returncode is None:
             broker.terminate()
             with contextlib.suppress(TimeoutError):

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from metaproxy.sidecar.server import SidecarServer
+from metaproxy.sidecar.process import Sidecar
 from tests.conftest import SidecarFactory
 from tests.support import (
     REPO,
@@ -38,11 +38,11 @@ AWS_CLI = Path(sys.executable).with_name("aws")
 needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed (CI always has it)")
 
 
-def imds_env(sidecar: SidecarServer, **extra: str) -> dict[str, str]:
+def imds_env(sidecar: Sidecar, **extra: str) -> dict[str, str]:
     return clean_aws_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=sidecar.imds_url + "/", **extra)
 
 
-def container_env(sidecar: SidecarServer, **extra: str) -> dict[str, str]:
+def container_env(sidecar: Sidecar, **extra: str) -> dict[str, str]:
     token_file = sidecar.state.config.authorization_token_file
     assert token_file is not None
     return clean_aws_env(
@@ -217,13 +217,14 @@ async def test_botocore_recovers_when_the_sidecar_restarts(start_sidecar: Sideca
             stderr=asyncio.subprocess.PIPE,
         )
     )  # fmt: skip
-    second: SidecarServer | None = None
+    second: Sidecar | None = None
     try:
         before = await client.next_line()
-        await first.stop()
+        await first.aclose()
         # The same task on the same port: only the process (and so the token key) is new.
         address = first.imds_url.removeprefix("http://")
-        second = await SidecarServer.start(replace(first.state.config, imds_listen=(address,)))
+        second = Sidecar(replace(first.state.config, imds_listen=(address,)))
+        await second.start()
         await wait_ready(second.admin_url)
         await client.go_on()
         after = await client.next_line()
@@ -235,7 +236,7 @@ async def test_botocore_recovers_when_the_sidecar_restarts(start_sidecar: Sideca
             client.process.kill()
             await client.process.wait()
         if second is not None:
-            await second.stop()
+            await second.aclose()
     assert stale.status == 401
     assert before.startswith("ASIA")
     assert after.startswith("ASIA")

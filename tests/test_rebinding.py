@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 
+from metaproxy.sidecar.process import Sidecar
 from metaproxy.sidecar.rebinding import from_browser_or_foreign_host, host_allowed
-from metaproxy.sidecar.server import SidecarServer
 from tests.conftest import SidecarFactory
 from tests.support import clean_aws_env, run_command
 
@@ -77,7 +77,7 @@ async def raw(sidecar_url: str, head: str) -> tuple[int, dict[str, str], str]:
     return int(lines[0].split()[1]), headers, body.decode()
 
 
-async def imds_fetch(sidecar: SidecarServer, extra: str, host: str = "169.254.169.254") -> int:
+async def imds_fetch(sidecar: Sidecar, extra: str, host: str = "169.254.169.254") -> int:
     """Token PUT then credentials GET, both with `Host: host` and the `extra` header lines."""
     status, _, token = await raw(
         sidecar.imds_url,

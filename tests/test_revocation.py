@@ -16,7 +16,7 @@ import aiohttp
 from metaproxy.broker.server import BrokerServer
 from metaproxy.policy.load import load_policy_dir
 from metaproxy.policy.revoke_deny import deny_policy
-from metaproxy.sidecar.server import SidecarServer
+from metaproxy.sidecar.process import Sidecar
 from tests.conftest import SidecarFactory
 from tests.support import (
     CONTROL_TOKEN,
@@ -49,7 +49,7 @@ async def ask(https: aiohttp.ClientSession, broker: BrokerServer, token: str) ->
         return answer.status
 
 
-async def container_status(sidecar: SidecarServer) -> int:
+async def container_status(sidecar: Sidecar) -> int:
     headers = {"Authorization": sidecar.state.authorization_token}
     async with (
         aiohttp.ClientSession() as session,

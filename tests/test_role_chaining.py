@@ -10,7 +10,7 @@ import pytest
 
 from metaproxy.broker.server import BrokerServer
 from metaproxy.cli import main
-from metaproxy.sidecar.server import SidecarServer
+from metaproxy.sidecar.process import Sidecar
 from metaproxy.testing.faultproxy import FaultProxy
 from tests.support import (
     Pki,
@@ -73,17 +73,18 @@ async def test_chained_cross_account_grant_assumes_via_then_the_role_with_its_cr
     and the audit record names both hops."""
     policies = write_policy(tmp_path / "policies")
     broker = await BrokerServer.start(broker_config(tmp_path, pki, proxy.url, policies))
-    sidecar: SidecarServer | None = None
+    sidecar: Sidecar | None = None
     try:
         token_file = tmp_path / "partner.jwt"
         token_file.write_text(issue(pki, "sync-1", "partner"))
-        sidecar = await SidecarServer.start(sidecar_config(tmp_path, pki, broker.url, token_file))
+        sidecar = Sidecar(sidecar_config(tmp_path, pki, broker.url, token_file))
+        await sidecar.start()
         await wait_ready(sidecar.admin_url)
         env = clean_aws_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=sidecar.imds_url + "/")
         identity = await caller_identity(sts_url, env)
     finally:
         if sidecar is not None:
-            await sidecar.stop()
+            await sidecar.aclose()
         await broker.aclose()
 
     assert identity["Arn"] == "arn:aws:sts::333333333333:assumed-role/partner-reader/partner.sync-1"

@@ -14,7 +14,7 @@ import pytest
 
 from metaproxy.broker.server import BrokerServer
 from metaproxy.commands.certs import init_certs
-from metaproxy.sidecar.server import SidecarServer
+from metaproxy.sidecar.process import Sidecar
 from tests.conftest import SidecarFactory
 from tests.support import Pki, issue, sidecar_config
 
@@ -26,7 +26,7 @@ async def get(url: str) -> tuple[int, str]:
         return response.status, await response.text()
 
 
-async def not_ready_line(sidecar: SidecarServer, pattern: str, timeout: float = 10.0) -> str:
+async def not_ready_line(sidecar: Sidecar, pattern: str, timeout: float = 10.0) -> str:
     """Poll /readyz until its 503 line matches `pattern`; return the line."""
     deadline = time.monotonic() + timeout
     while True:
@@ -53,7 +53,7 @@ def logged_once(caplog: pytest.LogCaptureFixture, pattern: str) -> None:
 
 async def start_broken(
     start_sidecar: SidecarFactory, tmp_path: Path, task: str, **overrides: object
-) -> SidecarServer:
+) -> Sidecar:
     return await start_sidecar("acme", task, ready=False, **overrides)
 
 
@@ -110,7 +110,8 @@ async def test_expired_identity_token_from_the_start(
     issued_at = time.time() - 7200
     token_file.write_text(issue(pki, "t-exp0", "acme", ttl=600, now=issued_at))
     expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(issued_at + 600))
-    sidecar = await SidecarServer.start(sidecar_config(tmp_path, pki, broker.url, token_file))
+    sidecar = Sidecar(sidecar_config(tmp_path, pki, broker.url, token_file))
+    await sidecar.start()
     try:
         line = await not_ready_line(sidecar, "expired")
         assert line == f"not ready: identity token expired at {expiry} (broker answered 401)"
@@ -118,7 +119,7 @@ async def test_expired_identity_token_from_the_start(
         await asyncio.sleep(1.5)
         logged_once(caplog, f"identity token expired at {expiry}")
     finally:
-        await sidecar.stop()
+        await sidecar.aclose()
 
 
 async def test_unreadable_identity_token_file(
@@ -140,14 +141,15 @@ async def test_broker_refusal_shows_its_code(
     caplog.set_level(logging.INFO)
     token_file = tmp_path / "stranger.jwt"
     token_file.write_text(issue(pki, "t-stranger", "no-such-tenant"))
-    sidecar = await SidecarServer.start(sidecar_config(tmp_path, pki, broker.url, token_file))
+    sidecar = Sidecar(sidecar_config(tmp_path, pki, broker.url, token_file))
+    await sidecar.start()
     try:
         line = await not_ready_line(sidecar, "broker (denied|refused)")
         print(line)
         assert re.fullmatch(r"not ready: broker (denied this task: \w+ \(.+\)|refused .+)", line)
         assert (await get(sidecar.admin_url + "/healthz"))[0] == 200
     finally:
-        await sidecar.stop()
+        await sidecar.aclose()
 
 
 async def test_broker_unreachable(tmp_path: Path, pki: Pki) -> None:
@@ -155,13 +157,14 @@ async def test_broker_unreachable(tmp_path: Path, pki: Pki) -> None:
     token_file = tmp_path / "unreach.jwt"
     token_file.write_text(issue(pki, "t-unreach", "acme"))
     config = sidecar_config(tmp_path, pki, "https://127.0.0.1:9", token_file)
-    sidecar = await SidecarServer.start(config)
+    sidecar = Sidecar(config)
+    await sidecar.start()
     try:
         line = await not_ready_line(sidecar, "unreachable")
         assert line.startswith("not ready: broker unreachable at https://127.0.0.1:9: ")
         assert (await get(sidecar.admin_url + "/healthz"))[0] == 200
     finally:
-        await sidecar.stop()
+        await sidecar.aclose()
 
 
 async def test_stopped_refresh_loop_fails_healthz(start_sidecar: SidecarFactory) -> None:

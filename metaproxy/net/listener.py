@@ -123,7 +123,7 @@ class GuardedListener(asyncio.AbstractServer):
                 try:
                     sock.bind(address)
                 except OSError as exc:
-                    # asyncio's wording: servercmd reads the address back out of it.
+                    # asyncio's wording: `serve.describe_listen_error` reads the address back.
                     reason = (exc.strerror or str(exc)).lower()
                     message = f"error while attempting to bind on address {address!r}: {reason}"
                     raise OSError(exc.errno, message) from None

@@ -1,5 +1,6 @@
 """The aiohttp side of the connection guard (`metaproxy.net.connguard`): guarded sites, a body
-deadline middleware, quiet parser-error logging and the `Expect` check. Imported by the broker
+deadline middleware, the per-connection limits, quiet parser-error logging and the `Expect`
+check. Imported by the broker
 and the webhook, never by the sidecar (which serves with `metaproxy.sidecar.wire.http1`)."""
 
 from __future__ import annotations
@@ -43,6 +44,25 @@ class ProtocolLog(logging.LoggerAdapter[logging.Logger]):
 def protocol_logger() -> ProtocolLog:
     """For aiohttp's `logger` handler argument."""
     return ProtocolLog(logging.getLogger("aiohttp.server"), {})
+
+
+def handler_arguments(
+    *, header_timeout: float, keepalive_timeout: float, max_header_bytes: int, max_headers: int
+) -> dict[str, Any]:
+    """aiohttp's per-connection settings (`web.AppRunner(app, **these)`) for a server behind a
+    guard: the longest request line and header, the most headers, how long an idle kept-alive
+    connection stays, how long a closing one waits for the rest of a body, parser refusals
+    logged quietly (`ProtocolLog`), and no body ever decoded (an encoded one is refused:
+    `httperrors.identity_encoding_only`)."""
+    return {
+        "keepalive_timeout": keepalive_timeout,
+        "max_line_size": max_header_bytes,
+        "max_field_size": max_header_bytes,
+        "max_headers": max_headers,
+        "lingering_time": header_timeout,
+        "logger": protocol_logger(),
+        "auto_decompress": False,
+    }
 
 
 def body_deadline(seconds: float) -> Middleware:

@@ -1,2 +1,3 @@
-"""The shape of a long-running process: event loop, TLS context, signals, ready file, drain
-(`runtime`), and the command shape every server shares (`servercmd`)."""
+"""The shape of a long-running process: `serve(root)` runs a composition root with the event
+loop, signals, ready file and drain cap (`serve`); the command every server shares
+(`servercmd`); the aiohttp processes' sites and TLS context (`runtime`)."""

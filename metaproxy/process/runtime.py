@@ -1,35 +1,35 @@
-"""Process plumbing shared by the broker, the sidecar and the webhook: event loop, sites,
-signals, ready files, draining shutdown."""
+"""Plumbing of the aiohttp processes (the broker and the webhook): guarded sites and their bound
+URLs, the one server-side TLS setup, the collector's settings after start-up.
+
+How a process runs (event loop, signals, ready file, drain) is `metaproxy.process.serve`.
+`Lifecycle` and `write_ready_file` are also importable from here until the broker's command
+moves onto `serve()`."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gc
-import json
 import os
-import signal
 import socket
 import ssl
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from metaproxy.config import check_tls_pair, split_host_port
 from metaproxy.net.connguard import ConnectionGuard, RejectResponse, canned_response
+from metaproxy.process.serve import Lifecycle, write_ready_file
+
+__all__ = [
+    "Lifecycle",  # for broker/cli.py, until it uses serve()
+    "bound_url",
+    "server_tls_context",
+    "settle_gc",
+    "start_site",
+    "write_ready_file",  # for broker/cli.py, likewise
+]
 
 if TYPE_CHECKING:  # aiohttp is imported by the processes that serve with it, not the sidecar
     from aiohttp import web
-
-
-def run(main: Coroutine[Any, Any, int]) -> int:
-    """Run on uvloop when available: it halves per-request overhead for small responses."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(main)
-    result: int = uvloop.run(main)
-    return result
 
 
 # Python collects its youngest generation every 700 net allocations; a busy server allocates
@@ -143,27 +143,3 @@ def server_tls_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | 
             f"({exc.reason or exc})"
         ) from None
     return context
-
-
-def write_ready_file(path: Path, data: dict[str, Any]) -> None:
-    """Atomically, so a watcher never reads half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-class Lifecycle:
-    """SIGTERM/SIGINT start a drain; SIGHUP calls a reload hook."""
-
-    def __init__(self) -> None:
-        self.stopping = asyncio.Event()
-
-    def install(self, on_reload: Callable[[], object] | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.stopping.set)
-        if on_reload is not None:
-            loop.add_signal_handler(signal.SIGHUP, on_reload)
-
-    async def wait(self) -> None:
-        await self.stopping.wait()

@@ -1,5 +1,5 @@
-"""The sidecar's handlers, wired in one place: the data plane of each face (IMDS, container
-credentials; see `face`) and admin.
+"""The sidecar's handlers: the data plane of each face (IMDS, container credentials; see
+`face`) and admin. `process` builds the parts they share and puts them on listeners.
 
 All are served by `http1` (see why there); admin (health, readiness, metrics) has its own
 listener and connection guard. A client in a tight loop is refused (503, Retry-After) from the
@@ -11,28 +11,16 @@ metadata service looped to death), and inside that bucket the pod's connections 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hmac
-import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 
-from metaproxy.clock import Clock, SystemClock
 from metaproxy.models import SidecarLimits
-from metaproxy.sidecar import container_creds, diagnosis, instrument
-from metaproxy.sidecar.config import SidecarConfig, authorization_token_mode
-from metaproxy.sidecar.credentials_cache import CredentialKeeper
+from metaproxy.sidecar import diagnosis, instrument
 from metaproxy.sidecar.face import Face, RateClass
 from metaproxy.sidecar.fairness import FairShare
-from metaproxy.sidecar.imds_view import render_view
-from metaproxy.sidecar.lifecycle import TerminationNotice
-from metaproxy.sidecar.metrics import SidecarMetrics
-from metaproxy.sidecar.rebinding import HostCheck
-from metaproxy.sidecar.state import PerGrant, SidecarState
-from metaproxy.sidecar.tokens import TokenAuthority, load_or_create_key
-from metaproxy.sidecar.wire import http1
-
-log = logging.getLogger("metaproxy.sidecar")
+from metaproxy.sidecar.state import SidecarState
+from metaproxy.sidecar.wire.messages import REASONS, Handler, Request, Response
 
 # A client over its rate gets its refusal (503 + Retry-After, which every SDK retries) this much
 # later. A looping client waits for each answer before it sends again, so this caps what one
@@ -45,7 +33,7 @@ _DEFAULT_LIMITS = SidecarLimits()
 MAX_CACHED_PATHS = 256
 
 
-def data_plane(state: SidecarState, face: Face, listener: str) -> http1.Handler:
+def data_plane(state: SidecarState, face: Face, listener: str) -> Handler:
     """The handler behind one face on one listener: the pod's fair share of its rate, the
     DNS-rebinding check, then the face's own handler, with every answer counted and timed by
     path class and listener. No framework in between: this is the hot path."""
@@ -53,7 +41,7 @@ def data_plane(state: SidecarState, face: Face, listener: str) -> http1.Handler:
     rate_limited = metrics.rejected.labels("rate_limited")
     classes: dict[str, RateClass] = {}  # by request path: an SDK asks the same few paths
 
-    def dispatch(request: http1.Request) -> http1.Response | Awaitable[http1.Response]:
+    def dispatch(request: Request) -> Response | Awaitable[Response]:
         started = time.perf_counter()
         rate_class = classes.get(request.path)
         if rate_class is None:
@@ -78,7 +66,7 @@ def data_plane(state: SidecarState, face: Face, listener: str) -> http1.Handler:
             instrument.count_request(metrics, cls, 403, started, listener)
             return face.refused
         answer = handle(state, request)
-        if isinstance(answer, http1.Response):
+        if isinstance(answer, Response):
             instrument.count_request(metrics, cls, answer.status, started, listener)
             return answer
         return instrument.counted(metrics, answer, cls, started, listener)
@@ -86,65 +74,19 @@ def data_plane(state: SidecarState, face: Face, listener: str) -> http1.Handler:
     return dispatch
 
 
-async def _tarpit(response: http1.Response) -> http1.Response:
+async def _tarpit(response: Response) -> Response:
     await asyncio.sleep(TARPIT_SECONDS)
     return response
 
 
-def build_state(
-    config: SidecarConfig,
-    clock: Clock | None = None,
-    on_started: Callable[[], None] | None = None,
-) -> SidecarState:
-    """`on_started`: called once, when the first credentials are in."""
-    clock = clock or SystemClock()
-    metrics = SidecarMetrics()
-    client = instrument.TimedBrokerClient(config, metrics)
-    keeper = CredentialKeeper(
-        client, config, clock, on_grant=instrument.GrantObserver(clock, metrics, on_started)
-    )
-    notice = TerminationNotice()
-    state = SidecarState(
-        config=config,
-        tokens=TokenAuthority(load_or_create_key(config.imds_token_key_file)),
-        keeper=keeper,
-        authorization_token=container_creds.load_or_create_token(
-            config.authorization_token_file, authorization_token_mode(config)
-        ),
-        client=client,
-        metrics=metrics,
-        imds_view=PerGrant(functools.partial(render_view, notice=notice)),
-        container_document=PerGrant(container_creds.render_document),
-        hosts=HostCheck(config.allowed_hosts),
-        clock=clock,
-        notice=notice,
-        started=http1.http_date(time.time()),
-        relative_path=config.container_credentials_path.encode(),
-    )
-    if config.host_metadata_allow:  # no allow-list: the host's IMDS is never even contacted
-        from metaproxy.sidecar.host_metadata import HostMetadata
-
-        state.host_metadata = HostMetadata(
-            config.host_metadata_url,
-            config.host_metadata_allow,
-            interface=config.host_metadata_interface,
-        )
-        client.node_facts = state.host_metadata.facts
-    if config.link_local_check:
-        from metaproxy.sidecar.link_local import LinkLocalCheck
-
-        state.link_local = LinkLocalCheck(state.tokens)
-    return state
-
-
-def admin_plane(state: SidecarState) -> http1.Handler:
+def admin_plane(state: SidecarState) -> Handler:
     """/healthz, /readyz and /metrics on the same small server as the data plane, and the pod's
     preStop hook (`/lifecycle/terminate`). No rate limit: health probes must never be refused
     because of other clients (its guard caps connections)."""
 
-    def dispatch(request: http1.Request) -> http1.Response | Awaitable[http1.Response]:
+    def dispatch(request: Request) -> Response | Awaitable[Response]:
         started = time.perf_counter()
-        answer: http1.Response | Awaitable[http1.Response]
+        answer: Response | Awaitable[Response]
         if request.method not in ("GET", "HEAD"):
             answer = _plain(405, "method not allowed", ("Allow", "GET, HEAD"))
         elif request.path == "/healthz":
@@ -157,7 +99,7 @@ def admin_plane(state: SidecarState) -> http1.Handler:
             answer = terminate(state, request)
         else:
             answer = _plain(404, "not found")
-        if isinstance(answer, http1.Response):
+        if isinstance(answer, Response):
             instrument.count_request(state.metrics, "admin", answer.status, started, "admin")
             return answer
         return instrument.counted(state.metrics, answer, "admin", started, "admin")
@@ -165,9 +107,7 @@ def admin_plane(state: SidecarState) -> http1.Handler:
     return dispatch
 
 
-def terminate(
-    state: SidecarState, request: http1.Request
-) -> http1.Response | Awaitable[http1.Response]:
+def terminate(state: SidecarState, request: Request) -> Response | Awaitable[Response]:
     """The pod is being deleted (Kubernetes runs the app containers' preStop hooks first, and
     stops a native sidecar only after the apps have exited): announce the task's end now, and
     hold the hook for the notice period, so the apps see `spot/instance-action` before their
@@ -181,20 +121,20 @@ def terminate(
     return _after_notice(state.config.termination_notice_seconds)
 
 
-async def _after_notice(seconds: float) -> http1.Response:
+async def _after_notice(seconds: float) -> Response:
     await asyncio.sleep(seconds)
     return _plain(200, "terminating")
 
 
-def _plain(status: int, text: str, *headers: tuple[str, str]) -> http1.Response:
-    return http1.Response(status, text.encode(), "text/plain; charset=utf-8", headers)
+def _plain(status: int, text: str, *headers: tuple[str, str]) -> Response:
+    return Response(status, text.encode(), "text/plain; charset=utf-8", headers)
 
 
-def admin_error_page(status: int) -> http1.Response:
-    return _plain(status, http1.REASONS.get(status, "error").lower())
+def admin_error_page(status: int) -> Response:
+    return _plain(status, REASONS.get(status, "error").lower())
 
 
-def healthz(state: SidecarState) -> http1.Response:
+def healthz(state: SidecarState) -> Response:
     """Fails when the refresh loop has stopped, or cannot make progress until a file is fixed
     (unreadable CA bundle or identity token): a restart or an operator is needed."""
     problem = state.keeper.health()
@@ -203,7 +143,7 @@ def healthz(state: SidecarState) -> http1.Response:
     return _plain(200, "ok")
 
 
-def readyz(state: SidecarState) -> http1.Response:
+def readyz(state: SidecarState) -> Response:
     """Ready only with valid credentials in hand: the app must not start before that. When not
     ready, the one line says why (the same line the log has)."""
     if state.draining:
@@ -215,6 +155,6 @@ def readyz(state: SidecarState) -> http1.Response:
     return _plain(200, "ready")
 
 
-def metrics(state: SidecarState) -> http1.Response:
+def metrics(state: SidecarState) -> Response:
     instrument.refresh_gauges(state)
-    return http1.Response(200, state.metrics.render(), state.metrics.content_type)
+    return Response(200, state.metrics.render(), state.metrics.content_type)

@@ -36,7 +36,7 @@ from metaproxy.fsutil import write_atomically
 from metaproxy.net.connguard import canned_response
 from metaproxy.sidecar.broker_client import Grant
 from metaproxy.sidecar.face import Face, RateClass
-from metaproxy.sidecar.wire.http1 import REASONS, Request, Response
+from metaproxy.sidecar.wire.messages import REASONS, Request, Response
 
 if TYPE_CHECKING:
     from metaproxy.sidecar.state import SidecarState

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from metaproxy.models import SidecarLimits
-from metaproxy.sidecar.wire.http1 import ErrorPage, Request, Response
+from metaproxy.sidecar.wire.messages import ErrorPage, Request, Response
 
 if TYPE_CHECKING:
     from metaproxy.sidecar.state import SidecarState

@@ -39,7 +39,7 @@ from metaproxy.sidecar.imds_view import (
     text,
 )
 from metaproxy.sidecar.tokens import parse_ttl
-from metaproxy.sidecar.wire.http1 import Request, Response
+from metaproxy.sidecar.wire.messages import Request, Response
 
 if TYPE_CHECKING:
     from metaproxy.sidecar.host_metadata import HostMetadata

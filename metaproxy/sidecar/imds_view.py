@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from metaproxy.clock import iso_z
 from metaproxy.sidecar.broker_client import Grant
-from metaproxy.sidecar.wire.http1 import Response, http_date
+from metaproxy.sidecar.wire.messages import Response, http_date
 
 if TYPE_CHECKING:
     from metaproxy.sidecar.lifecycle import TerminationNotice

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from metaproxy.sidecar.host_metadata import HostMetadata
     from metaproxy.sidecar.imds_view import ImdsView
     from metaproxy.sidecar.link_local import LinkLocalCheck
-    from metaproxy.sidecar.wire.http1 import Response
+    from metaproxy.sidecar.wire.messages import Response
 
 T = TypeVar("T")
 

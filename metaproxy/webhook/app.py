@@ -2,23 +2,21 @@
 
 The API server is the only legitimate caller, but the body is still validated field by field:
 anything that is not a well-formed review of a Pod is answered 400 with a JSON error, and the
-webhook keeps serving.
+webhook keeps serving. `process` puts these handlers behind a guarded listener.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
-import ssl
 from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
 
 from metaproxy.errors import BadRequest
-from metaproxy.net.httperrors import json_errors
+from metaproxy.net.httperrors import identity_encoding_only, json_errors
 from metaproxy.webhook.config import WebhookConfig
 from metaproxy.webhook.patch import InjectionRefused, InjectionSettings, NotAPod, build_patch
 
@@ -109,7 +107,9 @@ async def healthz(_request: web.Request) -> web.Response:
 
 
 def build_app(settings: InjectionSettings) -> web.Application:
-    app = web.Application(middlewares=[json_errors], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=[json_errors, identity_encoding_only], client_max_size=MAX_BODY_BYTES
+    )
     app[SETTINGS] = settings
     app.router.add_post("/mutate", mutate)
     app.router.add_get("/healthz", healthz)
@@ -127,51 +127,3 @@ def settings_from_config(config: WebhookConfig) -> InjectionSettings:
         node_metadata=config.node_metadata,
         termination_notice_seconds=config.termination_notice_seconds,
     )
-
-
-class WebhookServer:
-    """The webhook's composition root: its app and site, started in order, closed in reverse."""
-
-    def __init__(self, config: WebhookConfig, runner: web.AppRunner, site: web.BaseSite) -> None:
-        self.config = config
-        self._runner = runner
-        self._site = site
-        self._tls: ssl.SSLContext | None = None
-        self.url = ""
-
-    @classmethod
-    async def start(cls, config: WebhookConfig) -> WebhookServer:
-        from metaproxy.process.runtime import server_tls_context, start_site
-
-        settings = settings_from_config(config)
-        tls = server_tls_context(config.tls_cert, config.tls_key)
-        runner = web.AppRunner(build_app(settings), access_log=None)
-        await runner.setup()
-        try:
-            site, url = await start_site(runner, config.listen, ssl_context=tls)
-        except BaseException:
-            await runner.cleanup()
-            raise
-        server = cls(config, runner, site)
-        server._tls = tls
-        server.url = url
-        log.info("webhook serving on %s (image %s)", url, settings.image)
-        return server
-
-    def reload_certificate(self) -> None:
-        """SIGHUP: cert-manager rotated the certificate; new connections get the new one."""
-        cert, key = self.config.tls_cert, self.config.tls_key
-        if self._tls is None or cert is None or key is None:
-            return
-        try:
-            self._tls.load_cert_chain(cert, key)
-        except (OSError, ssl.SSLError):
-            log.exception("certificate reload failed; keeping the current one")
-        else:
-            log.info("certificate reloaded")
-
-    async def aclose(self) -> None:
-        """The API server retries on another replica; in-flight reviews get the drain time."""
-        log.info("webhook stopping")
-        await self._site.stop()
-        await asyncio.wait_for(self._runner.cleanup(), timeout=self.config.drain_seconds)

@@ -1,41 +1,35 @@
 """`metaproxy webhook`: serve the sidecar-injection admission webhook.
 
-The same process shape as the broker and the sidecar (`metaproxy.process.servercmd`): a frozen
-`WebhookConfig` from flags and `METAPROXY_*` variables, the shared TLS context, and the shared
-lifecycle (SIGTERM/SIGINT drain, SIGHUP reloads the certificate cert-manager rotates).
+The same process shape as the sidecar's (`metaproxy.process.serve`): a frozen `WebhookConfig`
+from flags and `METAPROXY_*` variables, then `serve(Webhook(config))` — SIGTERM/SIGINT drain,
+SIGHUP reloads the certificate cert-manager rotates.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from metaproxy.process.servercmd import register_server
+from metaproxy.process.servercmd import register_process
 from metaproxy.webhook.config import WebhookConfig
+
+if TYPE_CHECKING:
+    from metaproxy.webhook.process import Webhook
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    register_server(
+    register_process(
         subparsers,
         "webhook",
         "mutating admission webhook that injects the sidecar into labelled pods",
         WebhookConfig,
-        _serve,
+        _root,
         description="Serve POST /mutate (AdmissionReview v1) and GET /healthz. Pods labelled or "
         'annotated metaproxy.io/inject: "true" get the metaproxy sidecar.',
     )
 
 
-async def _serve(config: WebhookConfig, ready_file: Path | None) -> int:
-    from metaproxy.process.runtime import Lifecycle, write_ready_file
-    from metaproxy.webhook.app import WebhookServer
+def _root(config: WebhookConfig) -> Webhook:
+    from metaproxy.webhook.process import Webhook
 
-    server = await WebhookServer.start(config)
-    lifecycle = Lifecycle()
-    lifecycle.install(on_reload=server.reload_certificate)
-    if ready_file is not None:
-        write_ready_file(ready_file, {"url": server.url, "pid": os.getpid()})
-    await lifecycle.wait()
-    await server.aclose()
-    return 0
+    return Webhook(config)

@@ -81,6 +81,22 @@ class WebhookConfig:
             choices="0 to 120",
         ),
     )
+    max_connections: int = field(
+        default=512,
+        metadata=doc(
+            "open client connections at most (TLS handshakes included); one client address "
+            "holds a quarter of them at most, and past the cap a client holding few takes the "
+            "oldest connection of the one holding most",
+            unit="connections",
+        ),
+    )
+    header_timeout: float = field(
+        default=5.0,
+        metadata=doc(
+            "deadline for a client to finish the TLS handshake and each request's head and body",
+            unit="seconds",
+        ),
+    )
     drain_seconds: float = field(
         default=5.0,
         metadata=doc(
@@ -99,6 +115,10 @@ class WebhookConfig:
             raise ConfigError("--broker-url: must be an https:// URL (sidecars verify the CA)")
         if self.region and not _REGION.fullmatch(self.region):
             raise ConfigError(f"--region: {self.region!r} is not an AWS region name")
+        if self.max_connections < 1:
+            raise ConfigError("--max-connections: must be at least 1")
+        if self.header_timeout <= 0:
+            raise ConfigError("--header-timeout: must be more than 0")
         if not 0 <= self.termination_notice_seconds <= 120:
             raise ConfigError("--termination-notice-seconds: must be between 0 and 120")
         for path in self.node_metadata:

@@ -11,6 +11,9 @@ Rejecting excess costs one write and a close. Connection admission (caps in tota
 eviction, the descriptor budget) is `metaproxy.net.connguard`, which wraps this protocol; since this
 protocol times every head itself, the guard times only the first (`KeepsHeadDeadlines`).
 
+Beside this module: `messages` (Request, Response, the limits), `connections` (the tracker of
+every connection's deadline, the Date line, the drain) and `flow` (when a connection is read).
+
 The hot path is a cached answer to the same request, over and over: a response's whole bytes
 (status, Server and Date, its headers, its body) are kept for the current second, request
 paths are decoded once, and no per-request object is made that a kept one can stand in for.
@@ -19,207 +22,24 @@ paths are decoded once, and no per-request object is made that a kept one can st
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 import typing
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
 
 import httptools
 
+from metaproxy.sidecar.wire.connections import ConnectionTracker
+from metaproxy.sidecar.wire.flow import FlowControl
+from metaproxy.sidecar.wire.messages import ErrorPage, Handler, Request, Response
+
 log = logging.getLogger("metaproxy.sidecar.http")
 
-REASONS = {
-    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required",
-    413: "Payload Too Large", 414: "URI Too Long", 429: "Too Many Requests",
-    431: "Request Header Fields Too Large", 500: "Internal Server Error",
-    503: "Service Unavailable",
-}  # fmt: skip
 MAX_PIPELINED = 16  # requests queued on one connection before we stop reading from it
 MAX_CACHED_PATHS = 256  # decoded request targets kept (an SDK asks the same few paths)
 _NO_DUPLICATES: frozenset[str] = frozenset()
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS", "PATCH")}
-_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-def http_date(seconds: float) -> str:
-    """RFC 9110's IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`), without `email.utils`: that
-    package is a few megabytes of every pod's memory for one header."""
-    t = time.gmtime(seconds)
-    return (
-        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
-        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
-    )
-
-
-@dataclass(slots=True)
-class Request:
-    method: str
-    path: str
-    headers: dict[str, str]  # lower-case names
-    remote: str
-    duplicate_headers: frozenset[str] = frozenset()
-    connection: int = 0  # which connection of the tracker: fairness is between connections
-    # Header lines the answer to this request carries besides the response's own, set by the
-    # handler: IMDS sends the token's remaining TTL on every answer to a request that has one.
-    extra_head: bytes = b""
-
-
-@dataclass(slots=True)
-class Response:
-    status: int
-    body: bytes = b""
-    content_type: str = "text/plain"
-    headers: tuple[tuple[str, str], ...] = ()
-    reason: str = ""  # the status line's words, when not the usual ones (EC2's "Not Allowed")
-    # The status line and this response's own headers, encoded on its first write: answers
-    # from the credential cache are the same object every time, so they are encoded once.
-    # (Date and Server, the connection's, go after them, as EC2 orders its headers.)
-    head: tuple[bytes, bytes] | None = field(default=None, compare=False, repr=False)
-    # The whole kept-alive answer, for the Date/Server lines and the request's extra lines it
-    # was built with (they change once a second): a cached answer is then one write of bytes
-    # already made.
-    wire: tuple[bytes, bytes, bytes] | None = field(default=None, compare=False, repr=False)
-
-    def encoded_head(self) -> tuple[bytes, bytes]:
-        """(status line, the content type, this response's own headers and the length)."""
-        if self.head is None:
-            lines = [f"Content-Type: {self.content_type}\r\n"]
-            lines += [f"{name}: {value}\r\n" for name, value in self.headers]
-            lines.append(f"Content-Length: {len(self.body)}\r\n")
-            reason = self.reason or REASONS.get(self.status, "")
-            status = f"HTTP/1.1 {self.status} {reason}\r\n"
-            self.head = (status.encode("latin-1"), "".join(lines).encode("latin-1"))
-        return self.head
-
-    def keep_alive_bytes(self, date_and_server: bytes, extra: bytes = b"") -> bytes:
-        """The whole answer on a kept-alive connection: status, `extra` (the request's own
-        lines), this response's headers, Date and Server, body."""
-        wire = self.wire
-        if wire is not None and wire[0] is date_and_server and wire[1] == extra:
-            return wire[2]
-        status, fields = self.encoded_head()
-        data = b"".join((status, extra, fields, date_and_server, b"\r\n", self.body))
-        self.wire = (date_and_server, extra, data)
-        return data
-
-
-Handler = Callable[[Request], "Response | Awaitable[Response]"]
-ErrorPage = Callable[[int], Response]
-
-
-@dataclass(frozen=True, slots=True)
-class ServerLimits:
-    header_timeout: float = 5.0
-    keepalive_timeout: float = 15.0
-    max_url_bytes: int = 4096
-    max_header_bytes: int = 8190
-    max_headers: int = 64
-    max_body_bytes: int = 1024
-
-
-@dataclass
-class ConnectionTracker:
-    """The connections of every data-plane listener of one sidecar, and their deadlines."""
-
-    limits: ServerLimits
-    on_reject: Callable[[str], None] = lambda _reason: None
-    connections: set[HttpProtocol] = field(default_factory=set)
-    date_header: bytes = b""
-    # Server name → its Date and Server lines, as written on every answer ("" → Date only: the
-    # container endpoint, like ECS's, names no server). Remade once a second.
-    date_lines: dict[str, bytes] = field(default_factory=dict)
-    draining: bool = False  # set at shutdown: answer what is in flight, then close
-    accepted: int = 0  # connections so far; each one's number identifies it
-    last_answer: float = float("-inf")  # loop time of the last answer written on any connection
-    paths: dict[bytes, str] = field(default_factory=dict)  # request target → decoded path
-    _quiet: asyncio.Event | None = None
-    _sweeper: asyncio.Task[None] | None = None
-
-    def __post_init__(self) -> None:
-        self._refresh_date()
-
-    def _refresh_date(self) -> None:
-        date = http_date(time.time()).encode("ascii")
-        if date == self.date_header:
-            return  # same second: the kept answers (`Response.keep_alive_bytes`) stay valid
-        self.date_header = date
-        for server in self.date_lines:
-            self.date_lines[server] = self._date_line(server)
-
-    def _date_line(self, server: str) -> bytes:
-        line = b"Date: %s\r\n" % self.date_header
-        return line + b"Server: %s\r\n" % server.encode("latin-1") if server else line
-
-    def date_line(self, server: str) -> bytes:
-        """This second's Date (and Server) lines for `server`."""
-        line = self.date_lines.get(server)
-        if line is None:
-            line = self.date_lines[server] = self._date_line(server)
-        return line
-
-    @property
-    def busy(self) -> int:
-        """Connections with a request being answered (what a drain waits for)."""
-        return sum(1 for conn in self.connections if not conn.idle)
-
-    async def drain(self, cap_seconds: float) -> None:
-        """Stop keeping connections alive; wait (at most `cap_seconds`) for answers in flight."""
-        self.draining = True
-        self._quiet = asyncio.Event()
-        self.close_idle()
-        self.note_progress()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._quiet.wait(), cap_seconds)
-        for conn in list(self.connections):
-            conn.close()
-
-    async def quiet(self, silence: float, deadline: float) -> None:
-        """Wait until no connection owes an answer and none has been written for `silence`
-        seconds, or until `deadline` (loop time)."""
-        loop = asyncio.get_running_loop()
-        while loop.time() < deadline:
-            idle_for = loop.time() - self.last_answer
-            if not self.busy and idle_for >= silence:
-                return
-            await asyncio.sleep(min(max(0.05, silence - idle_for), deadline - loop.time()))
-
-    def note_progress(self) -> None:
-        if self.draining and self._quiet is not None and not self.busy:
-            self._quiet.set()
-
-    def start(self) -> None:
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-
-    async def stop(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
-
-    def close_idle(self) -> None:
-        """At shutdown: close connections that have no request in progress."""
-        for conn in list(self.connections):
-            if conn.idle:
-                conn.close()
-
-    async def _sweep(self) -> None:
-        # One timer for all connections instead of one per request: a deadline is a float
-        # set on the hot path, and this loop enforces it to within a quarter second.
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(0.25)
-            self._refresh_date()
-            now = loop.time()
-            for conn in [c for c in self.connections if c.deadline < now]:
-                conn.time_out()
 
 
 class _Reject(Exception):
@@ -233,11 +53,12 @@ class HttpProtocol(asyncio.Protocol):
 
     # Slots: one of these per open connection, and a pod may hold hundreds.
     __slots__ = (
-        "_answered", "_body_bytes", "_busy", "_client", "_duplicates", "_error_page",
+        "_answered", "_body_bytes", "_busy", "_client", "_duplicates", "_error_page", "_flow",
         "_had_head", "_handler", "_header_bytes", "_headers", "_limits", "_loop", "_parser",
-        "_paused_writing", "_queue", "_server", "_tracker", "_transport", "_url", "deadline",
-        "number", "reading_body", "reading_head",
+        "_queue", "_server", "_tracker", "_transport", "_url", "deadline", "number",
+        "reading_body", "reading_head",
     )  # fmt: skip
+    _flow: FlowControl  # from connection_made on
 
     def __init__(
         self,
@@ -258,7 +79,6 @@ class HttpProtocol(asyncio.Protocol):
         self.number = 0
         self._queue: deque[tuple[Request, bool]] = deque()
         self._busy: asyncio.Task[None] | None = None
-        self._paused_writing = False
         self.deadline = float("inf")
         self._answered = self._loop.time()  # the last answer written (or the connection made)
         self.reading_head = False
@@ -276,6 +96,7 @@ class HttpProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self._client = peer[0] if isinstance(peer, tuple) else "unix"
         self._transport = transport
+        self._flow = FlowControl(transport)
         self._tracker.connections.add(self)
         self._tracker.accepted += 1
         self.number = self._tracker.accepted
@@ -301,14 +122,14 @@ class HttpProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client does not read its answers: stop reading its requests.
-        self._paused_writing = True
         if self._transport is not None:
-            self._transport.pause_reading()
+            self._flow.pause_writing()
 
     def resume_writing(self) -> None:
-        self._paused_writing = False
-        if self._transport is not None and len(self._queue) < MAX_PIPELINED:
-            self._transport.resume_reading()
+        if self._transport is not None:
+            self._flow.resume_writing()
+            if len(self._queue) < MAX_PIPELINED:
+                self._flow.resume_reading()
 
     @property
     def idle(self) -> bool:
@@ -441,7 +262,7 @@ class HttpProtocol(asyncio.Protocol):
         )
         self._queue.append((request, self._parser.should_keep_alive()))
         if len(self._queue) >= MAX_PIPELINED and self._transport is not None:
-            self._transport.pause_reading()
+            self._flow.pause_reading()
         if self._busy is None:
             self._drain_queue()
 
@@ -460,8 +281,8 @@ class HttpProtocol(asyncio.Protocol):
                 continue
             self._busy = self._loop.create_task(self._finish(request, result, keep_alive))
             return
-        if self._transport is not None and not self._paused_writing:
-            self._transport.resume_reading()
+        if self._transport is not None and not self._flow.reading:
+            self._flow.resume_reading()
         if self._transport is not None and not self.reading_head and not self.reading_body:
             if self._tracker.draining:
                 self._transport.close()
