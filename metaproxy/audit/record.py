@@ -1,14 +1,16 @@
 """Audit records: one per broker decision, with who, what, why and where, and never a secret.
 
 `make_record` takes only named, non-secret fields (there is no parameter for a secret key,
-session token or identity token), and still scrubs anything that *looks* like a credential,
-because a `reason` built from an upstream error message could quote one.
+session token or identity token), and still redacts anything that *looks* like a credential
+(by the logs' rule too, `redact.py`), because a `reason` built from an upstream error message
+could quote one.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Final
+
+from metaproxy.redact import redact
 
 EVENTS: Final = (
     "issued",
@@ -23,32 +25,11 @@ EVENTS: Final = (
 )
 
 MAX_FIELD_CHARS: Final = 2048
-REDACTED: Final = "[redacted]"
-
-# A JWT (header.payload.signature, base64url, header starting with '{"'), anywhere in a value.
-_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")
-# STS session tokens and other long opaque blobs: ARNs, ids and digests are far shorter or
-# contain separators, so a 100-character unbroken base64 run is never a legitimate field.
-_LONG_BLOB = re.compile(r"[A-Za-z0-9+/=_-]{100,}")
-# What each pattern cannot match without; checked first, as a plain substring test.
-_JWT_START, _PEM_START, _BLOB_CHARS = "eyJ", "-----BEGIN ", 100
-_PEM = re.compile(
-    r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(-----END [A-Z ]*PRIVATE KEY-----|$)", re.S
-)
 
 
 def scrub(value: str, *, blobs: bool = True) -> str:
-    """Replace anything credential-shaped in `value` and cap its length."""
-    if len(value) < _BLOB_CHARS and _JWT_START not in value and _PEM_START not in value:
-        return value  # none of the patterns can match: most fields, on every record
-    return _scrub_patterns(value, blobs=blobs)
-
-
-def _scrub_patterns(value: str, *, blobs: bool = True) -> str:
-    value = _PEM.sub(REDACTED, value)
-    value = _JWT.sub(REDACTED, value)
-    if blobs:
-        value = _LONG_BLOB.sub(REDACTED, value)
+    """Redact anything credential-shaped in `value` and cap its length."""
+    value = redact(value, blobs=blobs)
     if len(value) > MAX_FIELD_CHARS:
         value = value[:MAX_FIELD_CHARS] + "...[truncated]"
     return value
