@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from metaproxy.audit.record import make_record
+from metaproxy.audit.record import AuditEvent
 from metaproxy.logs import ContextFilter, JsonFormatter, TextFormatter
 from metaproxy.redact import REDACTED, redact, redact_patterns
 
@@ -31,7 +31,7 @@ def test_logs_and_audit_records_redact_the_same_shapes(secret: str) -> None:
     written = [
         json.loads(JsonFormatter().format(record))["message"],
         TextFormatter().format(record),
-        str(make_record("failed", request_id="r1", reason=text)["reason"]),
+        str(AuditEvent(event="failed", request_id="r1", reason=text).record()["reason"]),
     ]
     for line in written:
         assert secret not in line

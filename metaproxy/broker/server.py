@@ -116,7 +116,7 @@ class BrokerServer:
             )
         self.cache = LocalCache(source, clock, refresh_fraction=config.cache_refresh_fraction)
         self.revocations.when_revoked(self._drop_revoked)
-        self.failures = FailedAuthentications(self.audit.log, clock, config.instance)
+        self.failures = FailedAuthentications(trail, clock)
         verifier = IdentityVerifier(
             config.trusted_issuers,
             leeway=config.token_leeway_seconds,
