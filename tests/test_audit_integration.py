@@ -126,7 +126,7 @@ async def test_stalled_audit_writes_refuse_credentials_then_recover(
     assert (await ask(https, broker, issue(pki, "fc-warm", "acme")))[0] == 200
     token = issue(pki, "fc-cold", "acme")
     stall = threading.Event()
-    executor = broker.audit.log._executor  # the disk thread, as the writer's tests stall it
+    executor = broker.audit.writer._executor  # the disk thread, as the writer's tests stall it
     assert executor is not None
     executor.submit(stall.wait, 30)
     try:
