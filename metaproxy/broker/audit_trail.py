@@ -38,8 +38,12 @@ class AuditTrail:
         self.instance = instance
 
     async def append(self, event: AuditEvent) -> None:
-        """Write `event` as this replica's (AuditUnavailable when the log cannot take it)."""
-        await self.log.append(replace(event, instance=self.instance).record())
+        """Write `event`, built elsewhere (authn.py), as this replica's (AuditUnavailable when
+        the log cannot take it)."""
+        await self._write(replace(event, instance=self.instance))
+
+    async def _write(self, event: AuditEvent) -> None:
+        await self.log.append(event.record())
 
     async def decision(
         self,
@@ -57,11 +61,12 @@ class AuditTrail:
         spec = decision.spec if decision else None
         # A chain sets SourceIdentity on its first hop; it persists into the role's session.
         first = spec.via if spec is not None and spec.via is not None else spec
-        await self.append(
+        await self._write(
             AuditEvent(
                 event=event,
                 request_id=ctx.request_id,
                 peer=ctx.peer,
+                instance=self.instance,
                 task=identity.task,
                 tenant=decision.tenant if decision else tenant,
                 team=decision.team if decision else "",
@@ -96,11 +101,12 @@ class AuditTrail:
     ) -> None:
         """An operator's request through the control API, or what the broker did on its own
         account (`rule` says which: control, control-authentication, revocation-integrity)."""
-        await self.append(
+        await self._write(
             AuditEvent(
                 event=event,
                 request_id=ctx.request_id,
                 peer=ctx.peer,
+                instance=self.instance,
                 task=task,
                 tenant=tenant,
                 rule=rule,
