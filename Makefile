@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 JS_STAMP := tests/js/node_modules/.installed
 
-.PHONY: demo test check lint typecheck bench clean system-deps
+.PHONY: demo test check lint typecheck bench clean system-deps prometheus-operator
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 check: lint typecheck test
+
+# prometheus-operator's PrometheusRule and PodMonitors, generated from deploy/prometheus/alerts.yaml
+# and scrape.yaml's jobs (tests/test_deploy_prometheus.py fails while they are out of date).
+prometheus-operator: $(STAMP)
+	$(BIN)/python deploy/prometheus/generate_operator.py
 
 # Load generators and the reference server come from Debian (loopback only).
 bench: $(STAMP)

@@ -37,7 +37,8 @@ from bench.fleet_harness import (
     stop_replicas,
     sustained_rate,
 )
-from metaproxy.testing.faultproxy import FaultProxy, max_calls_in_window
+from metaproxy.testing.faultproxy import FaultProxy
+from metaproxy.testing.recording import max_calls_in_window
 
 TENANTS = ("t1", "t2", "t3")
 MAX_REPLICAS = 12  # the HorizontalPodAutoscaler's maxReplicas the static split divides by

@@ -67,6 +67,8 @@ name = "${{tenant}}.${{task}}"
 
 [limits.broker]
 {limits}
+
+# end of policy
 """
 
 

@@ -97,7 +97,7 @@ def make_fleet_files(
         if limited and tenant in limited:
             head = text.split("[limits.broker]", 1)[0]
             lines = [f"{key} = {value}" for key, value in limited[tenant].items()]
-            text = head + "[limits.broker]\n" + "\n".join(lines) + "\n"
+            text = head + "[limits.broker]\n" + "\n".join(lines) + "\n\n# end of policy\n"
         (policies / f"{tenant}.toml").write_text(text)
     return FleetFiles(work, identity_key, jwks, policies, make_fleet_secrets(work / "secrets"))
 
@@ -148,9 +148,10 @@ def replica_args(
     store: str,
     budget: float,
     workers_max: int = 64,
+    workers_min: int | None = None,
 ) -> list[str]:
     """`metaproxy broker` for one replica: `store` "memory" (its own budget, limits and cache)
-    or a Redis URL shared with the other replicas."""
+    or a Redis URL shared with the other replicas; `workers_min` None is the broker's default."""
     directory = files.work / name
     args = [
         "broker",
@@ -165,6 +166,8 @@ def replica_args(
         *("--control-token-file", str(files.secrets.control_token_file)),
         *("--heartbeat-seconds", "0.5"),
     ]
+    if workers_min is not None:
+        args += ["--workers-min", str(workers_min)]
     if store != "memory":
         args += ["--store", store, "--store-key-file", str(files.secrets.store_key_file)]
     return args
@@ -405,7 +408,7 @@ def sustained_rate(timeline: Sequence[float], ramp: float = 1.0) -> float:
 
 def best_window_rate(timeline: Sequence[float], window: float = 5.0) -> float:
     """The most calls in any `window` seconds, per second."""
-    from metaproxy.testing.faultproxy import max_calls_in_window
+    from metaproxy.testing.recording import max_calls_in_window
 
     return max_calls_in_window(timeline, window) / window
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-SCRIPTS = ("sidecar.py", "broker_burst.py", "broker_fleet.py", "abuse.py")
+SCRIPTS = ("sidecar.py", "broker_burst.py", "broker_fleet.py", "cold_start.py", "abuse.py")
 
 
 def main() -> int:

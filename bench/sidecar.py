@@ -610,11 +610,12 @@ def bench_policies(target: Path) -> Path:
         if policy.stem == FAIRNESS_TENANT:
             continue
         text = policy.read_text()
-        text = re.sub(r"(?ms)^\[limits\.sidecar\].*?(?=^\[|\Z)", "", text)
+        text = re.sub(r"(?ms)^\[limits\.sidecar\].*?(?=^\[|^# end of policy$)", "", text)
+        body = text.removesuffix("# end of policy\n")
         policy.write_text(
-            text + "\n[limits.sidecar]\ntoken_rps = 1000000.0\ncredentials_rps = 1000000.0\n"
+            body + "\n[limits.sidecar]\ntoken_rps = 1000000.0\ncredentials_rps = 1000000.0\n"
             "metadata_rps = 1000000.0\nburst = 1000000\nmax_connections = 1024\n"
-            "max_connections_per_client = 1024\n"
+            "max_connections_per_client = 1024\n\n# end of policy\n"
         )
     return target
 

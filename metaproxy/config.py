@@ -4,30 +4,30 @@ This is the only module that reads environment variables. Every setting has one 
 ways: the dataclass field `broker_url`, the CLI flag `--broker-url`, and the environment variable
 `METAPROXY_BROKER_URL`. Precedence: CLI flag, then environment, then the named default.
 
-Every field documents itself, once, here: `field(default=..., metadata=doc("meaning", unit=...))`.
+Every field documents itself, once, where its class declares it:
+`field(default=..., metadata=doc("meaning", unit=...))`.
 That one source feeds each flag's `--help` (meaning, unit, default, allowed values, environment
 variable) and the generated `docs/configuration.md` (`python -m metaproxy.commands.configdoc`);
 a test fails when a field has no `doc(...)` or when the page is out of date. Allowed values
 come from the field's type (a `Literal` lists them); pass `choices=` only to describe a
 free-form set.
 
-The sidecar's config is here; the broker's and the webhook's are in `metaproxy.broker.config`
-and `metaproxy.webhook.config`, built by the same `build_config`, so that every pod's sidecar
-does not hold two config classes it never uses (a third of a megabyte, issue 13).
+Each process's config class lives beside the process (`metaproxy.sidecar.config`,
+`metaproxy.broker.config`, `metaproxy.webhook.config`), so that every pod's sidecar does not
+hold two config classes it never uses (a third of a megabyte, issue 13). This module keeps what
+they share: how a field is documented (`doc`, `field_docs`), turned into flags, parsed from
+flags and the environment (`build_config`), and checked.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import ipaddress
 import os
-import re
 import types
 import typing
-import urllib.parse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
@@ -80,207 +80,9 @@ _LOG_FORMAT = doc("log output: json for production, text for people; auto picks 
 _LISTEN = "HOST:PORT, [IPv6]:PORT or unix:/path"
 
 
-@dataclass(frozen=True, slots=True)
-class SidecarConfig:
-    broker_url: str = field(
-        default="https://127.0.0.1:8443",
-        metadata=doc(
-            "the broker's URL; https, or http only to a loopback address",
-            metavar="URL",
-        ),
-    )
-    broker_ca_file: Path | None = field(
-        default=None,
-        metadata=doc("PEM CA bundle that verifies the broker's certificate; unset: system CAs"),
-    )
-    broker_socket: Path | None = field(
-        default=None,
-        metadata=doc("reach the broker over this Unix socket on the host instead of TCP+TLS"),
-    )
-    identity_token_file: Path = field(
-        default=Path("/var/run/metaproxy/identity.jwt"),
-        metadata=doc("the task's identity token (JWT); re-read when the platform rotates it"),
-    )
-    role: str = field(
-        default="",
-        metadata=doc("the role to ask the broker for; empty: the policy's default role"),
-    )
-    imds_listen: tuple[str, ...] = field(
-        default=(IMDS_ADDRESS,),
-        metadata=doc(
-            "where to serve the EC2 metadata API (IMDS); comma-separated; "
-            "port 80 needs CAP_NET_BIND_SERVICE",
-            choices=_LISTEN,
-        ),
-    )
-    container_listen: tuple[str, ...] = field(
-        default=(ECS_CREDENTIALS_ADDRESS, CONTAINER_CREDENTIALS_ADDRESS),
-        metadata=doc(
-            "where to serve the container-credentials API (ECS's and EKS Pod Identity's "
-            "addresses by default); comma-separated; empty: not served",
-            choices=_LISTEN,
-        ),
-    )
-    container_credentials_path: str = field(
-        default="",
-        metadata=doc(
-            "also serve credentials at this secret path, with no Authorization header: the "
-            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI every SDK since 2016 follows (and a "
-            "FULL_URI with the same path); empty: only /v1/credentials with the token",
-            choices="/v2/credentials/ then 22 to 128 random letters, digits, '-' or '_'",
-            metavar="PATH",
-        ),
-    )
-    admin_listen: str = field(
-        default="127.0.0.1:9901",
-        metadata=doc("where to serve /healthz, /readyz and /metrics", choices=_LISTEN),
-    )
-    authorization_token_file: Path | None = field(
-        default=None,
-        metadata=doc(
-            "write the container-credentials authorization token here, mode 0600 "
-            "(for AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE); unset: the endpoint asks for none"
-        ),
-    )
-    authorization_token_mode: str = field(
-        default="0600",
-        metadata=doc(
-            "file mode of --authorization-token-file; 0640 lets an app in the file's group read "
-            "it (Kubernetes fsGroup)",
-            choices="octal, at most 0644",
-            metavar="MODE",
-        ),
-    )
-    link_local_check: bool = field(
-        default=False,
-        metadata=doc(
-            "not ready until 169.254.169.254:80 in this network namespace reaches this sidecar "
-            "(the CNI plugin's or init container's redirect): a pod must never start with the "
-            "node's IMDS in its sidecar's place"
-        ),
-    )
-    imds_token_key_file: Path | None = field(
-        default=None,
-        metadata=doc(
-            "keep the key that signs IMDSv2 tokens here (mode 0600, made when absent), on the "
-            "pod's in-memory volume, so tokens stay valid across a sidecar restart; unset: the "
-            "key lives in the process"
-        ),
-    )
-    imds_v1: Literal["allow", "refuse"] = field(
-        default="refuse",
-        metadata=doc("answer IMDSv1 (token-less) requests, or only IMDSv2"),
-    )
-    allowed_hosts: tuple[str, ...] = field(
-        default=(),
-        metadata=doc(
-            "host names IMDS and container-credentials requests may carry in Host, besides IP "
-            "literals and localhost; comma-separated; others are refused (DNS rebinding)"
-        ),
-    )
-    host_metadata_allow: tuple[str, ...] = field(
-        default=(),
-        metadata=doc(
-            "IMDS paths passed through to the host's own metadata service, comma-separated "
-            "(e.g. meta-data/ami-launch-index); empty: the host's IMDS is never contacted"
-        ),
-    )
-    host_metadata_url: str = field(
-        default="http://169.254.169.254",
-        metadata=doc("the host's own metadata service, for --host-metadata-allow", metavar="URL"),
-    )
-    host_metadata_interface: str = field(
-        default="auto",
-        metadata=doc(
-            "reach the host's metadata service through this interface (SO_BINDTODEVICE), past "
-            "the pod's own 169.254.169.254; auto: the default route's interface when that "
-            "address is this namespace's own; none: never bind",
-            choices="auto, none or an interface name",
-            metavar="NAME",
-        ),
-    )
-    refresh_fraction: float = field(
-        default=0.5,
-        metadata=doc(
-            "refresh credentials after this fraction of their lifetime (with jitter)",
-            unit="fraction",
-            choices="0.1 to 0.9",
-        ),
-    )
-    min_serve_seconds: float = field(
-        default=900.0,
-        metadata=doc(
-            "never hand out credentials with less than this left (SDKs refresh at 15 minutes)",
-            unit="seconds",
-        ),
-    )
-    revocation_check_seconds: float = field(
-        default=60.0,
-        metadata=doc(
-            "ask the broker at least this often, so a revoked task stops being served within it",
-            unit="seconds",
-        ),
-    )
-    broker_timeout: float = field(
-        default=5.0, metadata=doc("deadline for one request to the broker", unit="seconds")
-    )
-    header_timeout: float = field(
-        default=5.0,
-        metadata=doc("deadline for a client to send a request's head", unit="seconds"),
-    )
-    keepalive_timeout: float = field(
-        default=15.0,
-        metadata=doc("close an idle kept-alive client connection after this", unit="seconds"),
-    )
-    max_header_bytes: int = field(
-        default=8190, metadata=doc("largest request line or header accepted", unit="bytes")
-    )
-    max_headers: int = field(
-        default=64, metadata=doc("most headers accepted in one request", unit="count")
-    )
-    max_body_bytes: int = field(
-        default=1024, metadata=doc("largest request body accepted", unit="bytes")
-    )
-    drain_seconds: float = field(
-        default=10.0,
-        metadata=doc(
-            "after SIGTERM, keep serving while the task's clients still ask, and let in-flight "
-            "requests finish, for at most this",
-            unit="seconds",
-        ),
-    )
-    lifecycle_token: str = field(
-        default="",
-        metadata=doc(
-            "secret that GET /lifecycle/terminate on the admin port must carry in "
-            "X-Metaproxy-Lifecycle-Token (the webhook's preStop hook on the app containers): "
-            "it starts the task's termination notice before the apps get SIGTERM; empty: that "
-            "path is 404",
-            metavar="TOKEN",
-        ),
-    )
-    termination_notice_seconds: float = field(
-        default=0.0,
-        metadata=doc(
-            "how long GET /lifecycle/terminate holds the app's preStop hook, so spot-aware "
-            "apps see spot/instance-action before their SIGTERM (within the pod's grace period)",
-            unit="seconds",
-            choices="0 to 120",
-        ),
-    )
-    log_format: Literal["auto", "json", "text"] = field(default="auto", metadata=_LOG_FORMAT)
-
-    def check(self, given: set[str]) -> None:
-        if not 0.0 <= self.termination_notice_seconds <= 120.0:
-            raise ConfigError("--termination-notice-seconds: must be between 0 and 120")
-        if not 0.1 <= self.refresh_fraction <= 0.9:
-            raise ConfigError("--refresh-fraction: must be between 0.1 and 0.9")
-        _validate_sidecar(self)
-
-
 class ServerConfig(Protocol):
-    """What every long-running command's config has (`SidecarConfig`, and the broker's and the
-    webhook's in their own packages: a sidecar does not hold their classes in memory)."""
+    """What every long-running command's config has (`SidecarConfig`, `BrokerConfig`,
+    `WebhookConfig`, each in its process's package)."""
 
     __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # a dataclass
 
@@ -303,6 +105,10 @@ def _convert(raw: str, annotation: Any, name: str) -> Any:  # noqa: PLR0911 - on
     args = typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
+        if raw == "" and inner[0] is Path:
+            # An empty path is a template left unfilled, not a choice: taken as unset it would
+            # quietly mean the weaker default (the system's CAs for --broker-ca-file).
+            raise ConfigError(f"{_flag(name)}: empty; name a file, or leave it unset")
         if raw == "":
             return None
         return _convert(raw, inner[0], name)
@@ -491,54 +297,6 @@ def check_tls_pair(cert: Path | None, key: Path | None) -> None:
     if (cert is None) != (key is None):
         missing = "--tls-key" if key is None else "--tls-cert"
         raise ConfigError(f"--tls-cert and --tls-key go together: {missing} is missing")
-
-
-def _validate_sidecar(config: SidecarConfig) -> None:
-    if config.broker_socket is None:
-        # Identity tokens and credentials cross this link: in the clear only on this host.
-        url = urllib.parse.urlsplit(config.broker_url)
-        if not url.hostname or not (
-            url.scheme == "https" or (url.scheme == "http" and _is_loopback(url.hostname))
-        ):
-            raise ConfigError(
-                f"--broker-url: {config.broker_url!r} must be https://, or http:// to a loopback "
-                "address (or use --broker-socket)"
-            )
-    path = config.container_credentials_path
-    if path and not _SECRET_PATH.fullmatch(path):
-        raise ConfigError(
-            "--container-credentials-path: must be /v2/credentials/ then 22 to 128 random "
-            "letters, digits, hyphens or underscores (it is the task's secret)"
-        )
-    interface = config.host_metadata_interface
-    if not _INTERFACE.fullmatch(interface):
-        raise ConfigError(
-            f"--host-metadata-interface: {interface!r} is not auto, none or an interface name"
-        )
-    mode = config.authorization_token_mode
-    if not (len(mode) in (3, 4) and set(mode) <= set("01234567") and int(mode, 8) & ~0o644 == 0):
-        raise ConfigError(
-            f"--authorization-token-mode: {mode!r} must be an octal mode within 0644 "
-            "(no execute bits, nobody but the owner writes)"
-        )
-
-
-# ECS's own shape is /v2/credentials/<uuid>; 22 characters of base64url are 132 bits.
-_SECRET_PATH = re.compile(r"/v2/credentials/[A-Za-z0-9_-]{22,128}")
-_INTERFACE = re.compile(r"[A-Za-z0-9_.:-]{1,15}")  # IFNAMSIZ - 1
-
-
-def authorization_token_mode(config: SidecarConfig) -> int:
-    return int(config.authorization_token_mode, 8)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def readable_paths(config: ServerConfig) -> None:

@@ -64,10 +64,15 @@ class BrokerLimits:
 
 @dataclass(frozen=True, slots=True)
 class AssumeRoleSpec:
-    """Everything STS AssumeRole is called with. Its `cache_key` is (role, session, scope).
+    """Everything STS AssumeRole is called with, and for whom. Its `cache_key` is (role, session,
+    scope, tenant).
 
     `via`: role chaining. The role in `via` is assumed first and this one with its credentials;
     the chain is part of the cache key, so the same role reached another way is another set.
+    `tenant`: whose credentials these are. Never sent to STS, but part of the cache key: two
+    tenants sharing a role whose other parameters render alike (tenant `acme` with task `eu.t1`
+    and tenant `acme.eu` with task `t1` both get session `acme.eu.t1`) are two entries, and
+    one is never served the other's credentials.
     """
 
     role_arn: str
@@ -79,9 +84,11 @@ class AssumeRoleSpec:
     session_policy: str | None = None
     external_id: str | None = None
     via: AssumeRoleSpec | None = None
+    tenant: str = ""
 
     @property
     def cache_key(self) -> tuple[object, ...]:
+        # The role ARN stays first: the broker reads it back from keys it drops on revocation.
         return (
             self.role_arn,
             self.role_session_name,
@@ -92,6 +99,7 @@ class AssumeRoleSpec:
             self.session_policy,
             self.external_id,
             self.via.cache_key if self.via is not None else None,
+            self.tenant,
         )
 
 

@@ -34,8 +34,14 @@ class Fleet:
     replicas: list[BrokerServer] = field(default_factory=list)
     on_stop: Callable[[BrokerServer], None] | None = None
 
-    async def start_replica(self, **overrides: Any) -> BrokerServer:
-        name = f"replica-{len(self.replicas) + 1}"
+    async def start_replica(self, name: str = "", **overrides: Any) -> BrokerServer:
+        """A replica named `name` (its audit chain and directory): a restart when the name was
+        used before; by default the next `replica-N` not in use."""
+        taken = {replica.config.instance for replica in self.replicas}
+        number = len(self.replicas) + 1
+        while not name and f"replica-{number}" in taken:
+            number += 1
+        name = name or f"replica-{number}"
         (self.tmp / name).mkdir(parents=True, exist_ok=True)
         config = broker_config(
             self.tmp / name,

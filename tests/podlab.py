@@ -58,7 +58,7 @@ from typing import Any, TypeVar
 from metaproxy.podnet import LINK_LOCAL_ANNOTATION
 from metaproxy.podnet.namespace import entered
 from metaproxy.testing.ec2_node import Instance
-from metaproxy.webhook.patch import CA_DIR, SIDECAR_NAME
+from metaproxy.webhook.settings import CA_DIR, SIDECAR_NAME
 from tests.support import Samples
 from tests.test_cni import PLUGIN, PLUGINS, SIDECAR_UID, free_subnets, unprivileged_python
 

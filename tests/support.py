@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -13,10 +14,12 @@ from typing import Any
 
 import aiohttp
 
+from metaproxy.audit.writer import AuditLog
 from metaproxy.broker.config import BrokerConfig
-from metaproxy.config import SidecarConfig, TrustedIssuer
+from metaproxy.config import TrustedIssuer
 from metaproxy.demo.local import AUDIENCE, ISSUER, LocalKeys, make_local_keys
 from metaproxy.demo.processes import Child
+from metaproxy.sidecar.config import SidecarConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,6 +117,16 @@ def audit_records(audit_dir: Path) -> list[dict[str, Any]]:
         for segment in sorted(audit_dir.glob("segment-*.jsonl"))
         for line in segment.read_text().splitlines()
     ]
+
+
+def hang_audit_disk(log: AuditLog) -> threading.Event:
+    """Occupy the log's disk thread with a job that hangs until the returned event is set: the
+    log's next write waits behind it, as behind an fsync on a hung disk."""
+    stall = threading.Event()
+    executor = log._disk._executor
+    assert executor is not None
+    executor.submit(stall.wait, 30)
+    return stall
 
 
 def clean_aws_env(**extra: str) -> dict[str, str]:

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from metaproxy.broker.listeners import ADMIN_LIMITS
+from metaproxy.broker.listeners import ADMIN_LIMITS, CONTROL_LIMITS
 from metaproxy.broker.server import BrokerServer
 from metaproxy.demo.local import AUDIENCE, ISSUER
 from metaproxy.net.connguard import COURTESY_MAX, FD_RESERVE
@@ -294,7 +294,8 @@ async def test_silent_connections_cannot_use_up_the_descriptors_of_a_uvloop_brok
     descriptors, serves another client, reloads its policies on SIGHUP, and cuts every silent
     connection at the handshake deadline — nothing fails with EMFILE."""
     process, urls = await spawn_broker(tmp_path, pki, sts_url, policies_dir)
-    cap = CHILD_NOFILE - (FD_RESERVE + ADMIN_LIMITS.max_connections)
+    reserved = ADMIN_LIMITS.max_connections + CONTROL_LIMITS.max_connections
+    cap = CHILD_NOFILE - (FD_RESERVE + reserved)
     try:
         host, port = host_port(urls["url"])
         started = time.monotonic()

@@ -25,13 +25,14 @@ from metaproxy.audit.checkpoint import (
     parse_checkpoint,
     sign_checkpoint,
     signature_problem,
-    write_keypair,
 )
 from metaproxy.audit.fleet import FleetReport, verify_fleet_dir, verify_fleet_s3
 from metaproxy.audit.query import QueryFilter, query_dir
 from metaproxy.audit.record import make_record
+from metaproxy.audit.s3copy import download_s3
 from metaproxy.audit.ship import S3Shipper
-from metaproxy.audit.verify import download_s3, verify_s3
+from metaproxy.audit.signing_keys import write_keypair
+from metaproxy.audit.verify import verify_s3
 from metaproxy.audit.writer import AuditLog
 
 INSTANCES = ("broker-1", "broker-2", "broker-3")
@@ -184,8 +185,8 @@ async def _run_fleet(
         if n == 19:
             await asyncio.sleep(1.2)  # a maintenance tick: later checkpoints witness others
     for log, shipper in replicas:
-        await log.close()
-        await shipper.close()
+        await log.aclose()
+        await shipper.aclose()
         assert shipper.stats()["failures"] == 0
     return registry
 
@@ -347,7 +348,7 @@ async def test_a_failing_witness_source_never_stops_checkpoints(
             await log.start()
             for n in range(12):
                 await log.append(_record(name, n))
-            await asyncio.wait_for(log.close(), timeout=5)
+            await asyncio.wait_for(log.aclose(), timeout=5)
         files = sorted((directory / "checkpoints").iterdir())
         assert [int(path.name[11:23]) for path in files] == [5, 10, 12]
         assert all(parse_checkpoint(path.read_bytes()).witness == {} for path in files)

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -16,9 +15,9 @@ from typing import Any
 import aiohttp
 import boto3
 
-from metaproxy.audit import chain
+from metaproxy.audit.names import segment_name
 from metaproxy.broker.server import BrokerServer
-from tests.support import Pki, broker_config, issue, run_command
+from tests.support import Pki, broker_config, hang_audit_disk, issue, run_command
 
 
 async def ask(
@@ -125,10 +124,7 @@ async def test_stalled_audit_writes_refuse_credentials_then_recover(
     """While the audit disk hangs, requests get 503 within a second and no credentials leave."""
     assert (await ask(https, broker, issue(pki, "fc-warm", "acme")))[0] == 200
     token = issue(pki, "fc-cold", "acme")
-    stall = threading.Event()
-    executor = broker.audit.writer._executor  # the disk thread, as the writer's tests stall it
-    assert executor is not None
-    executor.submit(stall.wait, 30)
+    stall = hang_audit_disk(broker.audit.writer)
     try:
         started = time.monotonic()
         status, refused_text, refused = await ask(https, broker, token)
@@ -153,7 +149,7 @@ async def test_unwritable_audit_segment_refuses_credentials_then_recovers(
     broker: BrokerServer, https: aiohttp.ClientSession, pki: Pki
 ) -> None:
     """If the audit segment cannot be created, requests get 503 fast; then issuing resumes"""
-    blocker = broker.config.audit_dir / chain.segment_name(1)
+    blocker = broker.config.audit_dir / segment_name(1)
     blocker.mkdir()  # root ignores permissions, but nobody can open a directory for writing
     token = issue(pki, "fc-unwritable", "acme")
     try:

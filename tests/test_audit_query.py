@@ -67,7 +67,7 @@ async def log_dir(tmp_path: Path) -> Path:
     ]:
         clock.moment = datetime(2026, 3, 4, 14, minute, tzinfo=UTC)
         await log.append(grant(minute, task, role, key, event))
-    await log.close()
+    await log.aclose()
     return tmp_path / "log"
 
 
@@ -137,7 +137,7 @@ async def test_cli_keygen_verify_and_tail(
     await log.start()
     for minute in range(4):
         await log.append(grant(minute, f"t{minute}", APP, f"ASIAT{minute}"))
-    await log.close()
+    await log.aclose()
     public = str(tmp_path / "keys" / "audit-signing.pub")
     capsys.readouterr()
     assert run_cli(["audit", "verify", str(tmp_path / "log"), "--public-key", public]) == 0
@@ -196,7 +196,7 @@ async def test_cli_tail_follow_prints_new_records_across_rotation(tmp_path: Path
     finally:
         follower.kill()
         await follower.wait()
-        await log.close()
+        await log.aclose()
 
 
 def test_tail_and_query_escape_stored_control_characters(
@@ -212,7 +212,7 @@ def test_tail_and_query_escape_stored_control_characters(
         log = AuditLog(tmp_path / "log", log_id="t")
         await log.start()
         await log.append(make_record("issued", request_id="r1", task=hostile, tenant="acme"))
-        await log.close()
+        await log.aclose()
 
     asyncio.run(write())
     assert run_cli(["audit", "tail", str(tmp_path / "log")]) == 0

@@ -15,10 +15,10 @@ import boto3
 import pytest
 
 from metaproxy.audit import cli as audit_cli
-from metaproxy.audit.checkpoint import write_keypair
 from metaproxy.audit.query import QueryFilter, query_s3
 from metaproxy.audit.record import make_record
 from metaproxy.audit.ship import S3Shipper
+from metaproxy.audit.signing_keys import write_keypair
 from metaproxy.audit.verify import verify_dir, verify_s3
 from metaproxy.audit.writer import AuditLog
 from metaproxy.testing.emulator import free_port
@@ -70,8 +70,8 @@ async def test_shipped_copy_verifies_and_answers_queries(
     """After close, S3 holds every record; verify_s3 passes and query finds an access key."""
     private, public = write_keypair(tmp_path / "keys")
     log, shipper = await _shipped_log(tmp_path / "log", private, bucket, client_factory, 60)
-    await log.close()
-    await shipper.close()
+    await log.aclose()
+    await shipper.aclose()
     url = f"s3://{bucket}/prod/broker-a"
     report = await asyncio.to_thread(verify_s3, url, public, client_factory)
     assert report.problems == []
@@ -90,11 +90,11 @@ async def test_copy_with_an_open_segment_verifies(
     """While the writer runs, checkpoints may name the unshipped open segment: still OK."""
     private, public = write_keypair(tmp_path / "keys")
     log, shipper = await _shipped_log(tmp_path / "log", private, bucket, client_factory, 40)
-    await shipper.close()  # drains what was closed so far
+    await shipper.aclose()  # drains what was closed so far
     report = await asyncio.to_thread(
         verify_s3, f"s3://{bucket}/prod/broker-a", public, client_factory
     )
-    await log.close()
+    await log.aclose()
     assert report.problems == []
     assert report.ok
     assert 0 < report.records < 40
@@ -106,8 +106,8 @@ async def test_tampering_with_the_s3_copy_is_detected(
     """An edited record, a deleted middle segment or a deleted last segment in S3 all fail."""
     private, public = write_keypair(tmp_path / "keys")
     log, shipper = await _shipped_log(tmp_path / "log", private, bucket, client_factory, 60)
-    await log.close()
-    await shipper.close()
+    await log.aclose()
+    await shipper.aclose()
     s3 = client_factory()
     url = f"s3://{bucket}/prod/broker-a"
     keys = sorted(
@@ -166,10 +166,10 @@ async def test_s3_outage_never_blocks_append(tmp_path: Path, bucket: str) -> Non
     for n in range(20):
         await log.append(record(n))
     elapsed = time.monotonic() - started
-    await log.close()
+    await log.aclose()
     await asyncio.sleep(0.5)
     stats = shipper.stats()
-    await shipper.close(drain_seconds=0.1)
+    await shipper.aclose(drain_seconds=0.1)
     assert elapsed < 2.0
     assert stats["failures"] >= 1
     assert stats["pending"] >= 10
@@ -187,11 +187,11 @@ async def test_backfill_uploads_what_a_crash_left_behind(
     await log.start()
     for n in range(30):
         await log.append(record(n))
-    await log.close()
+    await log.aclose()
     shipper = S3Shipper(bucket=bucket, prefix="p", client_factory=client_factory)
     await shipper.start()
     queued = await shipper.backfill(tmp_path / "log")
-    await shipper.close()
+    await shipper.aclose()
     assert queued > 3
     assert shipper.stats()["uploaded"] == queued
     report = await asyncio.to_thread(verify_s3, f"s3://{bucket}/p", public, client_factory)
@@ -212,8 +212,8 @@ async def test_cli_verify_and_query_read_s3_with_env_credentials(
         monkeypatch.setenv(name, value)
     private, public = write_keypair(tmp_path / "keys")
     log, shipper = await _shipped_log(tmp_path / "log", private, bucket, client_factory, 20)
-    await log.close()
-    await shipper.close()
+    await log.aclose()
+    await shipper.aclose()
     parser = argparse.ArgumentParser(prog="metaproxy")
     audit_cli.register(parser.add_subparsers(dest="command", required=True))
     url = f"s3://{bucket}/prod/broker-a"
@@ -257,8 +257,8 @@ async def test_shipped_files_are_pruned_locally_and_the_chain_resumes(
     await log.start()
     for n in range(60):
         await log.append(record(n))
-    await log.close()
-    await shipper.close()
+    await log.aclose()
+    await shipper.aclose()
     local_segments = list((tmp_path / "log").glob("segment-*.jsonl"))
     local_checkpoints = list((tmp_path / "log" / "checkpoints").glob("checkpoint-*.json"))
     assert (len(local_segments), len(local_checkpoints)) == (1, 1)
@@ -269,4 +269,4 @@ async def test_shipped_files_are_pruned_locally_and_the_chain_resumes(
     again = AuditLog(tmp_path / "log", log_id="broker-a", signing_key=private, write_timeout=10)
     await again.start()
     assert (await again.append(record(60)))["seq"] == 61
-    await again.close()
+    await again.aclose()

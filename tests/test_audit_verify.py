@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from metaproxy.audit import chain
-from metaproxy.audit.checkpoint import load_public_key, write_keypair
+from metaproxy.audit.names import segment_first_seq, segment_name, sorted_segments
 from metaproxy.audit.record import make_record
+from metaproxy.audit.signing_keys import load_public_key, write_keypair
 from metaproxy.audit.verify import ChainVerifier, VerifyReport, verify_dir, verify_log
 from metaproxy.audit.writer import AuditLog
 
@@ -45,7 +46,7 @@ async def _write_log(directory: Path, key: Path) -> None:
                 status=200,
             )
         )
-    await log.close()
+    await log.aclose()
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +59,14 @@ def audit_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _load(directory: Path) -> tuple[Segments, Segments]:
-    segments = [(p.name, p.read_bytes()) for _, p in chain.sorted_segments(directory)]
+    segments = [(p.name, p.read_bytes()) for _, p in sorted_segments(directory)]
     checkpoints = [(p.name, p.read_bytes()) for p in sorted((directory / "checkpoints").iterdir())]
     return segments, checkpoints
 
 
 def _verify(segments: Segments, checkpoints: Segments, public: Path, **kw: bytes) -> VerifyReport:
     """Pieces of a log: the tail past the checkpoints given is accepted unless asked."""
-    ordered = sorted(segments, key=lambda item: chain.segment_first_seq(item[0]) or 0)
+    ordered = sorted(segments, key=lambda item: segment_first_seq(item[0]) or 0)
     sources = [(name, lambda data=data: data) for name, data in ordered]
     kw.setdefault("allow_unanchored", True)  # type: ignore[arg-type]
     return verify_log(sources, checkpoints, load_public_key(public), **kw)  # type: ignore[arg-type]
@@ -161,7 +162,7 @@ def test_deleting_reordering_or_duplicating_a_record_is_detected(
 
 
 def _rename(segment: tuple[str, bytes], first_seq: int) -> tuple[str, bytes]:
-    return chain.segment_name(first_seq), segment[1]
+    return segment_name(first_seq), segment[1]
 
 
 @pytest.mark.parametrize(
@@ -184,7 +185,7 @@ def test_segment_level_tampering_is_detected(audit_dir: tuple[Path, Path], opera
     elif operation == "duplicate":
         segments.append(_rename(segments[1], 999))
     elif operation == "rename":
-        segments[1] = _rename(segments[1], (chain.segment_first_seq(segments[1][0]) or 0) + 1)
+        segments[1] = _rename(segments[1], (segment_first_seq(segments[1][0]) or 0) + 1)
     else:
         del segments[-1]  # and its seq is covered by checkpoints that are still there
     report = _verify(segments, checkpoints, public)
@@ -239,7 +240,7 @@ def test_rechained_log_without_checkpoints_fails_unless_allowed(
     shutil.copytree(directory, copy)
     shutil.rmtree(copy / "checkpoints")
     head, seq = chain.ZERO_HASH, chain.FIRST_SEQ
-    for _, segment in chain.sorted_segments(copy):
+    for _, segment in sorted_segments(copy):
         lines = []
         for raw in segment.read_bytes().splitlines():
             record = json.loads(raw)

@@ -1,4 +1,4 @@
-"""The audit writer and records: chaining, fsync'd appends, rotation, restart and fail-closed."""
+"""The audit writer: chaining, fsync'd appends, rotation, restart and fail-closed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import itertools
 import json
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,11 +15,13 @@ from pathlib import Path
 import pytest
 
 from metaproxy.audit import chain
-from metaproxy.audit.checkpoint import write_keypair
-from metaproxy.audit.record import EVENTS, make_record
+from metaproxy.audit.names import CHECKPOINT_DIR, checkpoint_name, segment_name, sorted_segments
+from metaproxy.audit.record import make_record
+from metaproxy.audit.signing_keys import write_keypair
 from metaproxy.audit.verify import verify_dir
 from metaproxy.audit.writer import AuditLog
 from metaproxy.errors import AuditUnavailable
+from tests.support import hang_audit_disk
 
 
 @pytest.fixture
@@ -34,57 +35,13 @@ def issued(n: int, **extra: str) -> dict[str, object]:
     return make_record("issued", request_id=f"req-{n}", **fields)  # type: ignore[arg-type]
 
 
-def test_make_record_rejects_unknown_event() -> None:
-    """Only the documented events can be recorded."""
-    assert EVENTS == (
-        "issued",
-        "refreshed",
-        "denied",
-        "throttled",
-        "failed",
-        "revoked",
-        "lifted",
-        "restored",
-        "listed",
-    )
-    with pytest.raises(ValueError, match="unknown audit event"):
-        make_record("granted", request_id="r1")
-
-
-def test_make_record_redacts_credential_shaped_values() -> None:
-    """A JWT, a long opaque token or a private key never reaches a record, wherever it hides."""
-    jwt = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ0YXNrIn0.c2lnbmF0dXJl"
-    session_token = "IQoJb3JpZ2luX2VjE" + "A" * 300
-    record = make_record(
-        "failed",
-        request_id="r1",
-        reason=f"sts said token {jwt} and {session_token} were bad",
-        subject=jwt,
-        status=502,
-    )
-    text = json.dumps(record)
-    assert jwt not in text
-    assert "IQoJb3JpZ2luX2VjE" not in text
-    assert record["subject"] == "[redacted]"
-    assert record["status"] == 502
-    assert record["event"] == "failed"
-
-
-def test_make_record_validates_field_types() -> None:
-    """Non-string fields and impossible statuses are refused, not stored."""
-    with pytest.raises(ValueError, match="status"):
-        make_record("denied", request_id="r1", status=10_000)
-    with pytest.raises(ValueError, match="request_id"):
-        make_record("denied", request_id="")
-
-
 async def test_appends_form_a_chain_that_verifies(tmp_path: Path, keys: tuple[Path, Path]) -> None:
     """Records get seq 1.., prev links and hashes, and the directory verifies with the key."""
     log = AuditLog(tmp_path / "audit", log_id="broker-a", signing_key=keys[0], write_timeout=5)
     await log.start()
     first = await log.append(issued(1))
     second = await log.append(issued(2))
-    await log.close()
+    await log.aclose()
     assert (first["seq"], first["prev"]) == (1, chain.ZERO_HASH)
     assert (second["seq"], second["prev"]) == (2, first["hash"])
     assert isinstance(first["time"], str) and first["time"].endswith("Z")
@@ -99,7 +56,7 @@ async def test_append_refuses_writer_owned_fields(tmp_path: Path) -> None:
     await log.start()
     with pytest.raises(ValueError, match="must not set"):
         await log.append({**issued(1), "seq": 7})
-    await log.close()
+    await log.aclose()
 
 
 async def test_rotation_by_size_and_checkpoints_every_n(
@@ -119,7 +76,7 @@ async def test_rotation_by_size_and_checkpoints_every_n(
     await log.start()
     for n in range(50):
         await log.append(issued(n))
-    await log.close()
+    await log.aclose()
     segments = sorted(p.name for p in tmp_path.glob("segment-*.jsonl"))
     assert len(segments) > 3
     assert segments[0] == "segment-000000000001.jsonl"
@@ -143,7 +100,7 @@ async def test_restart_continues_the_same_chain(tmp_path: Path, keys: tuple[Path
         await log.start()
         for n in range(5):
             await log.append(issued(round_ * 10 + n))
-        await log.close()
+        await log.aclose()
     records = [
         json.loads(line)
         for path in sorted(tmp_path.glob("segment-*.jsonl"))
@@ -158,14 +115,14 @@ async def test_restart_drops_a_torn_last_line(tmp_path: Path) -> None:
     log = AuditLog(tmp_path, log_id="b", write_timeout=5)
     await log.start()
     await log.append(issued(1))
-    await log.close()
+    await log.aclose()
     segment = next(tmp_path.glob("segment-*.jsonl"))
     with segment.open("ab") as file:
         file.write(b'{"event":"issued","req')
     log = AuditLog(tmp_path, log_id="b", write_timeout=5)
     await log.start()
     record = await log.append(issued(2))
-    await log.close()
+    await log.aclose()
     assert record["seq"] == 2
     assert verify_dir(tmp_path, None, allow_unanchored=True).ok
 
@@ -178,13 +135,13 @@ async def test_refuses_to_start_behind_its_checkpoint(
     await log.start()
     for n in range(3):
         await log.append(issued(n))
-    await log.close()
+    await log.aclose()
     segment = next(tmp_path.glob("segment-*.jsonl"))
     segment.write_bytes(segment.read_bytes().split(b"\n", 1)[0] + b"\n")
     log = AuditLog(tmp_path, log_id="b", signing_key=keys[0], write_timeout=5)
     with pytest.raises(AuditUnavailable, match="checkpoint covers seq 3"):
         await log.start()
-    await log.close()
+    await log.aclose()
 
 
 async def test_unwritable_segment_fails_closed_then_recovers(
@@ -194,7 +151,7 @@ async def test_unwritable_segment_fails_closed_then_recovers(
     log = AuditLog(tmp_path, log_id="b", signing_key=keys[0], segment_max_bytes=1, write_timeout=1)
     await log.start()
     await log.append(issued(1))
-    blocker = tmp_path / chain.segment_name(2)
+    blocker = tmp_path / segment_name(2)
     blocker.mkdir()  # root ignores chmod, but nobody can open a directory for writing
     started = time.monotonic()
     with pytest.raises(AuditUnavailable, match="audit write failed"):
@@ -202,7 +159,7 @@ async def test_unwritable_segment_fails_closed_then_recovers(
     assert time.monotonic() - started < 1.0
     blocker.rmdir()
     record = await log.append(issued(3))
-    await log.close()
+    await log.aclose()
     assert record["seq"] == 2
     assert log.stats()["failures"] == 1
     report = verify_dir(tmp_path, keys[1])
@@ -216,9 +173,7 @@ async def test_stalled_disk_times_out_then_recovers(
     log = AuditLog(tmp_path, log_id="b", signing_key=keys[0], write_timeout=0.3)
     await log.start()
     await log.append(issued(1))
-    stall = threading.Event()
-    assert log._executor is not None
-    log._executor.submit(stall.wait, 30)  # the disk thread is busy with a write that hangs
+    stall = hang_audit_disk(log)  # the disk thread is busy with a write that hangs
     try:
         started = time.monotonic()
         with pytest.raises(AuditUnavailable, match="longer than"):
@@ -230,7 +185,7 @@ async def test_stalled_disk_times_out_then_recovers(
         stall.set()
     await asyncio.sleep(0.05)
     record = await log.append(issued(4))
-    await log.close()
+    await log.aclose()
     assert record["seq"] == 3  # the timed-out write of record 2 landed once the disk returned
     report = verify_dir(tmp_path, keys[1])
     assert (report.ok, report.records) == (True, 3), report.problems
@@ -241,18 +196,14 @@ async def test_write_that_landed_after_timeout_is_kept_in_the_chain(tmp_path: Pa
     log = AuditLog(tmp_path, log_id="b", write_timeout=0.3)
     await log.start()
     await log.append(issued(1))
-    stall = threading.Event()
-    assert log._executor is not None
-    log._executor.submit(stall.wait, 30)
+    stall = hang_audit_disk(log)  # the disk thread is busy with a write that hangs
     with pytest.raises(AuditUnavailable):
         await log.append(issued(2))
     stall.set()  # the disk comes back and the queued write lands after all
     await asyncio.sleep(0.05)
     after = await log.append(issued(3))
-    await log.close()
-    records = [
-        json.loads(line) for line in (tmp_path / chain.segment_name(1)).read_text().splitlines()
-    ]
+    await log.aclose()
+    records = [json.loads(line) for line in (tmp_path / segment_name(1)).read_text().splitlines()]
     assert [r["request_id"] for r in records] == ["req-1", "req-2", "req-3"]
     assert (after["seq"], after["prev"]) == (3, records[1]["hash"])
     report = verify_dir(tmp_path, None, allow_unanchored=True)
@@ -294,7 +245,7 @@ async def test_full_disk_fails_closed_and_recovers_when_space_returns(tiny_tmpfs
             written += 1
     filler.unlink()
     record = await log.append(issued(999))
-    await log.close()
+    await log.aclose()
     assert record["seq"] == written + 1
     report = verify_dir(tiny_tmpfs / "log", None, allow_unanchored=True)
     assert (report.ok, report.records) == (True, written + 1), report.problems
@@ -307,7 +258,7 @@ def read_records(directory: Path) -> list[dict[str, object]]:
     """Every record on disk, in file order (segments in chain order)."""
     return [
         json.loads(line)
-        for _, path in chain.sorted_segments(directory)
+        for _, path in sorted_segments(directory)
         for line in path.read_bytes().splitlines()
     ]
 
@@ -329,7 +280,7 @@ async def test_concurrent_appends_share_fsyncs_and_chain_in_arrival_order(
     await log.start()
     results = await asyncio.gather(*(log.append(issued(n)) for n in range(2000)))
     stats = log.stats()
-    await log.close()
+    await log.aclose()
 
     assert [r["seq"] for r in results] == list(range(1, 2001))  # arrival order is chain order
     on_disk = read_records(tmp_path)
@@ -341,7 +292,7 @@ async def test_concurrent_appends_share_fsyncs_and_chain_in_arrival_order(
     report = verify_dir(tmp_path, keys[1])
     assert (report.ok, report.records, report.signed) == (True, 2000, True), report.problems
     # Rotation and checkpoints fall between batches exactly where single writes put them.
-    segments = [path for _, path in chain.sorted_segments(tmp_path)]
+    segments = [path for _, path in sorted_segments(tmp_path)]
     assert len(segments) > 3
     assert all(path.stat().st_size < 100_000 + 1000 for path in segments)
     assert all(path.stat().st_size >= 100_000 for path in segments[:-1])
@@ -358,9 +309,7 @@ async def test_stalled_batch_fails_every_caller_then_its_records_are_kept(
     log = AuditLog(tmp_path, log_id="b", signing_key=keys[0], write_timeout=0.3)
     await log.start()
     await log.append(issued(0))
-    stall = threading.Event()
-    assert log._executor is not None
-    log._executor.submit(stall.wait, 30)  # the disk thread hangs under the next batch
+    stall = hang_audit_disk(log)  # the disk thread is busy with a write that hangs
 
     async def timed_append(n: int) -> tuple[float, BaseException | None]:
         started = time.monotonic()
@@ -382,7 +331,7 @@ async def test_stalled_batch_fails_every_caller_then_its_records_are_kept(
 
     await asyncio.sleep(0.1)
     after = await log.append(issued(999))
-    await log.close()
+    await log.aclose()
     on_disk = read_records(tmp_path)
     assert after["seq"] == 302  # the 300 refused records landed late and were kept
     assert [r["seq"] for r in on_disk] == list(range(1, 303))
@@ -399,7 +348,7 @@ async def test_cancelled_caller_still_queued_is_not_written(tmp_path: Path) -> N
     await asyncio.sleep(0)  # every task has queued its record; the committer has not run yet
     tasks[4].cancel()
     done = await asyncio.gather(*tasks, return_exceptions=True)
-    await log.close()
+    await log.aclose()
     assert isinstance(done[4], asyncio.CancelledError)
     on_disk = read_records(tmp_path)
     assert [r["request_id"] for r in on_disk] == [f"req-{n}" for n in range(10) if n != 4]
@@ -413,7 +362,7 @@ async def test_close_commits_queued_appends_and_refuses_new_ones(tmp_path: Path)
     await log.start()
     tasks = [asyncio.create_task(log.append(issued(n))) for n in range(50)]
     await asyncio.sleep(0)
-    await log.close()
+    await log.aclose()
     assert [task.result()["seq"] for task in tasks] == list(range(1, 51))
     with pytest.raises(AuditUnavailable, match="not running"):
         await log.append(issued(99))
@@ -434,11 +383,11 @@ async def test_partially_written_batch_is_cut_at_its_last_whole_record(tiny_tmpf
         *(log.append(issued(n)) for n in range(1, 201)), return_exceptions=True
     )
     assert all(isinstance(outcome, AuditUnavailable) for outcome in outcomes)
-    segment = tiny_tmpfs / "log" / chain.segment_name(1)
+    segment = tiny_tmpfs / "log" / segment_name(1)
     assert not segment.read_bytes().endswith(b"\n")  # the batch really was torn mid-record
     filler.unlink()
     after = await log.append(issued(999))
-    await log.close()
+    await log.aclose()
     on_disk = read_records(tiny_tmpfs / "log")
     landed = len(on_disk) - 2
     assert 0 < landed < 200
@@ -458,8 +407,33 @@ async def test_full_local_buffer_fails_closed_and_evicts_nothing(tmp_path: Path)
         for n in range(100):
             await log.append(issued(n))
             written += 1
-    await log.close()
+    await log.aclose()
     assert 0 < written < 100
     assert verify_dir(tmp_path / "audit", None, allow_unanchored=True).ok
     lines = sum(len(p.read_text().splitlines()) for p in (tmp_path / "audit").glob("segment-*"))
     assert lines == written
+
+
+async def test_a_shipped_file_kept_as_the_newest_is_pruned_once_a_newer_one_exists(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    """A shipper that keeps up prunes each checkpoint while it is the newest: it stays then,
+    and goes at the next prune, after a newer checkpoint exists."""
+    written: asyncio.Queue[Path] = asyncio.Queue()  # what a shipper would upload, in order
+    log = AuditLog(
+        tmp_path,
+        log_id="b",
+        signing_key=keys[0],
+        checkpoint_every_records=1,
+        write_timeout=5,
+        on_segment_closed=written.put_nowait,
+    )
+    await log.start()
+    checkpoints = tmp_path / CHECKPOINT_DIR
+    await log.append(issued(1))
+    await log.prune(await written.get())
+    assert sorted(p.name for p in checkpoints.iterdir()) == [checkpoint_name(1)]
+    await log.append(issued(2))
+    await log.prune(await written.get())
+    assert sorted(p.name for p in checkpoints.iterdir()) == [checkpoint_name(2)]
+    await log.aclose()

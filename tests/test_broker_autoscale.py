@@ -9,13 +9,20 @@ from datetime import UTC, datetime
 
 import pytest
 
-from metaproxy.broker.credentials.autoscale import Load, ScaleLimits, decide, wanted_workers
+from metaproxy.broker.credentials.autoscale import (
+    Load,
+    RateMeter,
+    ScaleLimits,
+    decide,
+    wanted_workers,
+)
 from metaproxy.broker.credentials.budget import CallWindow, budget_limiter
 from metaproxy.broker.credentials.circuit import CircuitBreaker
 from metaproxy.broker.credentials.scheduler import FairScheduler
 from metaproxy.broker.credentials.sts import AsyncSts
 from metaproxy.models import AssumeRoleSpec
-from metaproxy.testing.faultproxy import FaultProxy, max_calls_in_window
+from metaproxy.testing.faultproxy import FaultProxy
+from metaproxy.testing.recording import max_calls_in_window
 
 LIMITS = ScaleLimits(workers_min=2, workers_max=64, budget_per_second=500.0)
 
@@ -225,3 +232,24 @@ async def test_call_window_counts_a_call_from_when_it_leaves_not_when_it_was_adm
     third_slot.release()  # after sending, releasing changes nothing
     (await window.admit()).sent()
     assert loop.time() - left_at >= 0.49  # counted from leaving, not from admission
+
+
+def test_a_waiting_backlog_gets_a_worker_each_up_to_what_the_budget_can_use() -> None:
+    """A cold start on an idle broker: the rate still reads low (49/s of a real 200/s), but
+    the 80 waiting tasks and the 7 busy workers get a worker each at once, capped by what a
+    500/s budget can keep busy at 125 ms a call (79) and by the ceiling."""
+    load = Load(depth=80, arrival_rate=49.0, item_seconds=0.125, busy=7)
+    assert wanted_workers(load, LIMITS) == 64  # the ceiling of LIMITS
+    roomy = ScaleLimits(workers_min=2, workers_max=256, budget_per_second=500.0)
+    assert wanted_workers(load, roomy) == 79
+    assert wanted_workers(Load(depth=5, arrival_rate=0.0, item_seconds=0.1, busy=2), roomy) == 7
+
+
+def test_the_arrival_rate_is_seen_at_once_and_forgotten_slowly() -> None:
+    """200/s from nothing reads 200/s on the first tick after it starts (the events before the
+    first tick count from the first of them); a pause decays over the time constant."""
+    meter = RateMeter(time_constant=2.0)
+    for step in range(50):
+        meter.count(now=10.0 + step * 0.005)
+    assert meter.rate(10.25) == pytest.approx(200.0)
+    assert 70.0 < meter.rate(12.25) < 80.0  # 2 s of nothing: e^-1 of it left

@@ -37,7 +37,7 @@ from metaproxy.broker.server import BrokerServer
 from metaproxy.podnet import CONTAINER_PORT
 from metaproxy.testing.faultproxy import FaultProxy
 from metaproxy.webhook.app import build_app
-from metaproxy.webhook.patch import AUTH_VOLUME, InjectionSettings, LinkLocal
+from metaproxy.webhook.settings import AUTH_VOLUME, InjectionSettings, LinkLocal
 from tests.conftest import record_broker_secrets
 from tests.podlab import (
     IN_POD_UPSTREAM,

@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 
 from metaproxy.podnet import CONTAINER_PORT, IMDS_PORT, LINK_LOCAL_ANNOTATION, LINK_LOCAL_CNI
-from metaproxy.podnet.install import PLUGIN_MODULES, TOO_OLD, main_source
+from metaproxy.podnet.plugin_archive import PLUGIN_MODULES
+from metaproxy.podnet.plugin_main import TOO_OLD, main_source
 from tests.support import REPO
 from tests.test_cni import (
     CAPABILITY,

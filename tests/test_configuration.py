@@ -10,8 +10,9 @@ import pytest
 from metaproxy.broker.config import BrokerConfig
 from metaproxy.cli import build_parser
 from metaproxy.commands.configdoc import config_classes, render
-from metaproxy.config import SidecarConfig, build_config, field_docs
+from metaproxy.config import build_config, field_docs
 from metaproxy.errors import ConfigError
+from metaproxy.sidecar.config import SidecarConfig
 from tests.support import REPO
 
 CONFIG_CLASSES = config_classes()

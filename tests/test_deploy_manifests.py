@@ -1,9 +1,16 @@
-"""Kubernetes manifests validate against the API schemas; the Dockerfile has the agreed shape."""
+"""Kubernetes manifests: every overlay, rendered by `kubectl kustomize`, validates against the
+API schemas and agrees with the code (flags, ports, env names, the files the keygen commands
+write); the Dockerfile has the agreed shape."""
 
 from __future__ import annotations
 
+import atexit
+import base64
 import json
 import re
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,32 +19,46 @@ import pytest
 import yaml
 from kubernetes_validate.utils import all_versions
 
+from tests import manifests
+
 ROOT = Path(__file__).resolve().parent.parent
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.30"
 # The example AWS account's AssumeRole budget (calls per second) the broker manifests assume.
 ACCOUNT_STS_BUDGET = 600.0
+PROBLEM = manifests.kustomize_problem()
+needs_kustomize = pytest.mark.skipif(PROBLEM is not None, reason=PROBLEM or "")
 
 
-def load_documents() -> list[tuple[str, dict[str, Any]]]:
-    documents = []
-    for path in sorted(KUBERNETES.rglob("*.yaml")):
-        for index, document in enumerate(yaml.safe_load_all(path.read_text())):
-            if document is not None:
-                documents.append((f"{path.relative_to(KUBERNETES)}#{index}", document))
-    return documents
+def render_overlays() -> dict[str, manifests.Rendered]:
+    """Every overlay, prepared as docs/kubernetes.md says and rendered once for the module."""
+    if PROBLEM is not None:
+        return {}
+    workdir = Path(tempfile.mkdtemp(prefix="metaproxy-manifests-"))
+    atexit.register(shutil.rmtree, workdir, True)
+    return {overlay: manifests.render(overlay, workdir) for overlay in manifests.OVERLAYS}
 
 
-DOCUMENTS = load_documents()
-BY_KIND: dict[str, list[dict[str, Any]]] = {}
-for _, _document in DOCUMENTS:
-    BY_KIND.setdefault(_document["kind"], []).append(_document)
+RENDERED = render_overlays()
+EXAMPLE = [
+    document
+    for document in yaml.safe_load_all((KUBERNETES / "example" / "app.yaml").read_text())
+    if document is not None
+]
+DOCUMENTS = [
+    (f"{overlay}:{d['kind']}/{rendered.base_name(d)}", d)
+    for overlay, rendered in RENDERED.items()
+    for d in rendered.objects
+] + [(f"example/app.yaml#{index}", d) for index, d in enumerate(EXAMPLE)]
 
 
 def one(kind: str, name: str) -> dict[str, Any]:
-    matches = [d for d in BY_KIND.get(kind, []) if d["metadata"]["name"] == name]
-    assert len(matches) == 1, f"expected one {kind} {name}, found {len(matches)}"
-    return matches[0]
+    """The object in the production overlay (eks) or the example app."""
+    examples = [d for d in EXAMPLE if d["kind"] == kind and d["metadata"]["name"] == name]
+    if examples:
+        (example,) = examples
+        return dict(example)
+    return RENDERED["eks"].one(kind, name)
 
 
 def container(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -54,12 +75,13 @@ def test_schemas_for_the_target_version_are_installed() -> None:
 
 @pytest.mark.parametrize(("where", "document"), DOCUMENTS, ids=[w for w, _ in DOCUMENTS])
 def test_manifest_validates_strictly(where: str, document: dict[str, Any]) -> None:
-    """Every document is a valid Kubernetes 1.30 object with no unknown fields."""
+    """Every object of every overlay is a valid Kubernetes 1.30 object with no unknown fields."""
     assert kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
     if document["kind"] not in ("Namespace", "MutatingWebhookConfiguration"):
         assert document["metadata"].get("namespace"), f"{where} names no namespace"
 
 
+@needs_kustomize
 def test_all_agreed_resources_are_present() -> None:
     """The deployment has every piece the design names."""
     expected = {
@@ -82,18 +104,28 @@ def test_all_agreed_resources_are_present() -> None:
         ("NetworkPolicy", "metaproxy-valkey"),
         ("Secret", "metaproxy-store"),
         ("Secret", "metaproxy-broker-fleet"),
+        ("Secret", "metaproxy-broker-keys"),
+        ("Secret", "metaproxy-broker-tls"),
+        ("Secret", "metaproxy-webhook-tls"),
         ("Namespace", "metaproxy-node"),
         ("DaemonSet", "metaproxy-cni"),
     }
-    present = {(d["kind"], d["metadata"]["name"]) for _, d in DOCUMENTS}
+    eks = RENDERED["eks"]
+    present = {(d["kind"], eks.base_name(d)) for d in eks.objects}
+    present |= {(d["kind"], d["metadata"]["name"]) for d in EXAMPLE}
     assert expected <= present
-    assert not BY_KIND.get("Role") and not BY_KIND.get("ClusterRole")  # no API rights needed
+    kinds = {d["kind"] for d in eks.objects}
+    assert not kinds & {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"}  # no API rights
 
 
+@needs_kustomize
 def test_broker_deployment_is_hardened_and_configured() -> None:
-    """Three non-root replicas, read-only root, probes on the admin port, METAPROXY_* config."""
+    """At least three non-root replicas, read-only root, probes on the admin port, METAPROXY_*
+    config, the cluster's issuer from settings.yaml."""
     deployment = one("Deployment", "metaproxy-broker")
-    assert deployment["spec"]["replicas"] == 3
+    # The HPA owns the count: a replicas field would reset it on every `kubectl apply -k`.
+    assert "replicas" not in deployment["spec"]
+    assert one("HorizontalPodAutoscaler", "metaproxy-broker")["spec"]["minReplicas"] == 3
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 10001
@@ -109,9 +141,9 @@ def test_broker_deployment_is_hardened_and_configured() -> None:
     env = {e["name"]: e.get("value") for e in broker["env"]}
     assert env["METAPROXY_LISTEN"] == "0.0.0.0:8443"
     assert env["METAPROXY_ADMIN_LISTEN"] == "0.0.0.0:9902"
+    issuer = RENDERED["eks"].settings["issuer"]
     assert env["METAPROXY_TRUST"] == (
-        "https://kubernetes.default.svc,metaproxy-broker,/etc/metaproxy/jwks/cluster.json,"
-        "kubernetes"
+        f"{issuer},metaproxy-broker,/etc/metaproxy/jwks/cluster.json,kubernetes"
     )
     for name in ("METAPROXY_TLS_CERT", "METAPROXY_TLS_KEY", "METAPROXY_POLICIES_DIR"):
         assert env[name]
@@ -142,22 +174,25 @@ def volume_of(workload: dict[str, Any], path: str) -> dict[str, Any]:
     return dict(volume)
 
 
+@needs_kustomize
 def test_broker_joins_the_fleet_through_secrets_and_volumes() -> None:
     """Store URL from a Secret, key and token as Secret files, state on an emptyDir, control API."""
     deployment = one("Deployment", "metaproxy-broker")
+    eks = RENDERED["eks"]
     store = env_entry(deployment, "METAPROXY_STORE")
     assert "value" not in store, "the store URL carries a password: never inline"
-    assert store["valueFrom"]["secretKeyRef"] == {"name": "metaproxy-store", "key": "url"}
-    secrets = {d["metadata"]["name"]: d for d in BY_KIND["Secret"]}
-    assert "url" in secrets["metaproxy-store"]["stringData"]
-    fleet = secrets["metaproxy-broker-fleet"]["stringData"]
+    reference = store["valueFrom"]["secretKeyRef"]
+    assert reference["key"] == "url"
+    assert eks.base_name(eks.by_name("Secret", reference["name"])) == "metaproxy-store"
+    fleet_secret = eks.one("Secret", "metaproxy-broker-fleet")
     for name, key in (
         ("METAPROXY_STORE_KEY_FILE", "store.key"),
         ("METAPROXY_CONTROL_TOKEN_FILE", "control.token"),
     ):
         path = env_entry(deployment, name)["value"]
-        assert Path(path).name == key and key in fleet
-        assert volume_of(deployment, path)["secret"]["secretName"] == "metaproxy-broker-fleet"
+        assert Path(path).name == key and key in fleet_secret["data"]
+        secret_name = volume_of(deployment, path)["secret"]["secretName"]
+        assert secret_name == fleet_secret["metadata"]["name"]
     assert env_entry(deployment, "METAPROXY_CONTROL_LISTEN")["value"] == "0.0.0.0:9443"
     state_dir = env_entry(deployment, "METAPROXY_STATE_DIR")["value"]
     assert "emptyDir" in volume_of(deployment, state_dir)
@@ -167,6 +202,7 @@ def test_broker_joins_the_fleet_through_secrets_and_volumes() -> None:
     assert service_ports["control"] == 9443
 
 
+@needs_kustomize
 def test_broker_writes_only_to_its_volumes() -> None:
     """Read-only root: every directory the broker writes (audit, state, /tmp) is an emptyDir."""
     deployment = one("Deployment", "metaproxy-broker")
@@ -185,6 +221,7 @@ def quantity_bytes(quantity: str) -> int:
     return int(quantity[:-2]) * units[quantity[-2:]]
 
 
+@needs_kustomize
 def test_audit_buffer_bound_fits_the_audit_volume() -> None:
     """The broker refuses to issue before its unshipped audit log fills the volume (eviction)."""
     deployment = one("Deployment", "metaproxy-broker")
@@ -195,6 +232,7 @@ def test_audit_buffer_bound_fits_the_audit_volume() -> None:
     assert 0 < bound <= size * 0.8
 
 
+@needs_kustomize
 def test_sts_budget_is_the_accounts_whole_budget() -> None:
     """One budget in the store for the fleet: not divided by the HPA's maxReplicas any more."""
     deployment = one("Deployment", "metaproxy-broker")
@@ -204,6 +242,7 @@ def test_sts_budget_is_the_accounts_whole_budget() -> None:
     assert budget != ACCOUNT_STS_BUDGET / max_replicas
 
 
+@needs_kustomize
 def test_valkey_keeps_an_append_only_file_on_a_volume_behind_a_password() -> None:
     """AOF fsynced each second, no RDB, no eviction, data on a PVC, password from a Secret."""
     statefulset = one("StatefulSet", "metaproxy-valkey")
@@ -216,8 +255,10 @@ def test_valkey_keeps_an_append_only_file_on_a_volume_behind_a_password() -> Non
     assert options["--save"] == ""
     assert options["--maxmemory-policy"] == "noeviction"
     assert options["--requirepass"] == "$(VALKEY_PASSWORD)"
-    password = env_entry(statefulset, "VALKEY_PASSWORD")
-    assert password["valueFrom"]["secretKeyRef"] == {"name": "metaproxy-store", "key": "password"}
+    password = env_entry(statefulset, "VALKEY_PASSWORD")["valueFrom"]["secretKeyRef"]
+    assert password["key"] == "password"
+    eks = RENDERED["eks"]
+    assert eks.base_name(eks.by_name("Secret", password["name"])) == "metaproxy-store"
     (claim,) = statefulset["spec"]["volumeClaimTemplates"]
     mounts = {m["mountPath"]: m["name"] for m in valkey["volumeMounts"]}
     assert mounts[options["--dir"]] == claim["metadata"]["name"]
@@ -233,6 +274,7 @@ def test_valkey_keeps_an_append_only_file_on_a_volume_behind_a_password() -> Non
     assert statefulset["spec"]["serviceName"] == "metaproxy-valkey"
 
 
+@needs_kustomize
 def test_only_brokers_reach_valkey() -> None:
     """The store admits broker pods on 6379 and nothing else, and reaches nothing."""
     policy = one("NetworkPolicy", "metaproxy-valkey")["spec"]
@@ -245,13 +287,29 @@ def test_only_brokers_reach_valkey() -> None:
     assert policy["egress"] == []
 
 
-def test_secret_templates_hold_placeholders_and_are_labelled_to_be_skipped() -> None:
-    """Applying the folder with -l '!metaproxy.io/template' never overwrites the real Secrets."""
-    for secret in BY_KIND["Secret"]:
-        assert secret["metadata"]["labels"]["metaproxy.io/template"] == "true"
-        assert all("REPLACE-ME" in value for value in secret["stringData"].values())
+def test_repository_holds_no_secret_material() -> None:
+    """Secrets are generated from the files make-secrets.sh writes into git-ignored folders: the
+    manifests hold no key, password or token, nor a placeholder Secret to apply by mistake."""
+    ignored = (KUBERNETES / "overlays" / ".gitignore").read_text().split()
+    assert {"*/secrets/", "*/cluster-jwks.json"} <= set(ignored)
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z", "deploy/kubernetes"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    paths = [ROOT / name for name in tracked if name]
+    assert paths, "no tracked manifests: not a git checkout?"
+    for path in paths:
+        assert "secrets" not in path.relative_to(KUBERNETES).parts, path
+        assert path.name != "cluster-jwks.json", path
+        if path.suffix == ".yaml":
+            kinds = {d.get("kind") for d in yaml.safe_load_all(path.read_text()) if d}
+            assert "Secret" not in kinds, path
 
 
+@needs_kustomize
 def test_broker_env_names_are_config_fields() -> None:
     """Every METAPROXY_* variable the broker gets is a BrokerConfig field (or TRUST)."""
     import dataclasses
@@ -264,6 +322,7 @@ def test_broker_env_names_are_config_fields() -> None:
     assert env <= fields
 
 
+@needs_kustomize
 def test_autoscaler_uses_cpu_and_queue_depth() -> None:
     """The HPA scales the broker on CPU and on the queue-depth Pods metric."""
     hpa = one("HorizontalPodAutoscaler", "metaproxy-broker")
@@ -274,6 +333,7 @@ def test_autoscaler_uses_cpu_and_queue_depth() -> None:
     assert hpa["spec"]["minReplicas"] >= 3
 
 
+@needs_kustomize
 def test_broker_network_policy_limits_ingress_ports() -> None:
     """8443 (sidecars), 9902 (monitoring), 9443 (operators); egress DNS, 443 and the store."""
     policy = one("NetworkPolicy", "metaproxy-broker")["spec"]
@@ -289,6 +349,7 @@ def test_broker_network_policy_limits_ingress_ports() -> None:
     ]
 
 
+@needs_kustomize
 def test_control_port_is_open_to_operators_only() -> None:
     """9443 admits labelled pods of the operators' namespace, never the monitoring namespace."""
     policy = one("NetworkPolicy", "metaproxy-broker")["spec"]
@@ -306,6 +367,7 @@ def test_control_port_is_open_to_operators_only() -> None:
                 assert source.get("podSelector", {}).get("matchLabels")
 
 
+@needs_kustomize
 def test_webhook_configuration_is_safe() -> None:
     """The webhook fires on labelled pods only, fails closed, and has no side effects."""
     (webhook,) = one("MutatingWebhookConfiguration", "metaproxy-injector")["webhooks"]
@@ -332,6 +394,7 @@ def test_webhook_configuration_is_safe() -> None:
     assert any(a.startswith("--tls-cert=") for a in args)
 
 
+@needs_kustomize
 def test_cni_daemonset_installs_the_plugin_on_every_node() -> None:
     """On every node, before pod networking: install-cni writes the host's CNI dirs as uid 0
     with no capability, holds no API token, and is ready once the plugin is in place."""
@@ -369,6 +432,7 @@ def test_cni_daemonset_installs_the_plugin_on_every_node() -> None:
     assert set(installer["resources"]) == {"requests", "limits"}
 
 
+@needs_kustomize
 def test_cni_daemonset_has_a_namespace_that_admits_node_agents() -> None:
     """`metaproxy` stays restricted, which refuses hostNetwork, hostPath and uid 0; the
     DaemonSet's own namespace allows them and holds nothing else."""
@@ -376,11 +440,13 @@ def test_cni_daemonset_has_a_namespace_that_admits_node_agents() -> None:
     namespace = daemonset["metadata"]["namespace"]
     labels = one("Namespace", namespace)["metadata"]["labels"]
     assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
-    assert [d for _, d in DOCUMENTS if d["metadata"].get("namespace") == namespace] == [daemonset]
+    eks = RENDERED["eks"].objects
+    assert [d for d in eks if d["metadata"].get("namespace") == namespace] == [daemonset]
     restricted = one("Namespace", "metaproxy")["metadata"]["labels"]
     assert restricted["pod-security.kubernetes.io/enforce"] == "restricted"
 
 
+@needs_kustomize
 def test_cni_entry_lets_sidecars_reach_the_node_metadata_the_webhook_grants() -> None:
     """`nodeMetadata` in the plugin's entry exactly when the webhook injects sidecars that answer
     node metadata paths (its --node-metadata, non-empty by default)."""
@@ -396,6 +462,271 @@ def test_example_pod_asks_for_injection() -> None:
     assert pod["metadata"]["labels"]["metaproxy.io/inject"] == "true"
     namespace = one("Namespace", pod["metadata"]["namespace"])
     assert namespace["metadata"]["labels"]["metaproxy.io/enabled"] == "true"
+
+
+# ---- The overlays: one source, the keygen commands' files, settings in one place ---------------
+
+# Each generated Secret's keys and the file make-secrets.sh wrote for each (under the name its
+# keygen command gives it), per overlay.
+SECRET_FILES = {
+    "metaproxy-broker-tls": {
+        "tls.crt": "broker-tls/broker.pem",
+        "tls.key": "broker-tls/broker.key",
+        "ca.crt": "broker-tls/ca.pem",
+    },
+    "metaproxy-webhook-tls": {
+        "tls.crt": "webhook-tls/broker.pem",
+        "tls.key": "webhook-tls/broker.key",
+        "ca.crt": "webhook-tls/ca.pem",
+    },
+    "metaproxy-broker-keys": {
+        "audit-signing.key": "audit-signing.key",
+        "document.key": "document.key",
+    },
+    "metaproxy-broker-fleet": {"store.key": "store.key", "control.token": "control.token"},
+    "metaproxy-store": {"password": "store-password", "url": "store-url"},
+}
+OVERLAY_SECRETS = {
+    "eks": SECRET_FILES,
+    "single": {
+        **{k: v for k, v in SECRET_FILES.items() if k != "metaproxy-store"},
+        "metaproxy-broker-fleet": {"control.token": "control.token"},
+    },
+}
+overlays = pytest.mark.parametrize("overlay", manifests.OVERLAYS)
+
+
+def test_keygen_commands_write_the_names_the_overlays_read() -> None:
+    """The file names of SECRET_FILES are the ones the commands' code writes."""
+    from metaproxy.audit.signing_keys import PRIVATE_KEY_NAME
+    from metaproxy.commands.certs import FILES
+
+    assert {"ca.pem", "broker.pem", "broker.key"} <= set(FILES)
+    assert SECRET_FILES["metaproxy-broker-keys"]["audit-signing.key"] == PRIVATE_KEY_NAME
+
+
+@needs_kustomize
+@overlays
+def test_secrets_hold_the_files_the_keygen_commands_wrote(overlay: str) -> None:
+    """Each Secret holds, byte for byte, the files make-secrets.sh wrote, and nothing else."""
+    rendered = RENDERED[overlay]
+    expected = OVERLAY_SECRETS[overlay]
+    secrets = {rendered.base_name(s) for s in rendered.all("Secret")}
+    assert secrets == set(expected)
+    for name, files in expected.items():
+        secret = rendered.one("Secret", name)
+        data = rendered.data("Secret", secret["metadata"]["name"])
+        assert data == {key: (rendered.secrets / path).read_bytes() for key, path in files.items()}
+        assert secret["metadata"]["namespace"] == "metaproxy"
+
+
+@needs_kustomize
+@overlays
+async def test_broker_accepts_what_its_overlay_gives_it(overlay: str, tmp_path: Path) -> None:
+    """The broker's environment and mounted files, as the kubelet gives them, build a broker:
+    TLS pair, keys, store URL and key, control token, the cluster's JWKS and the policies."""
+    from metaproxy.audit.signing_keys import load_private_key as load_audit_key
+    from metaproxy.broker.config import BrokerConfig
+    from metaproxy.broker.control import ControlToken
+    from metaproxy.broker.server import BrokerServer
+    from metaproxy.config import build_config, readable_paths
+    from metaproxy.identity.keys import load_private_key
+
+    rendered = RENDERED[overlay]
+    environ = rendered.materialize("Deployment", "metaproxy-broker", "broker", tmp_path)
+    config = build_config(BrokerConfig, None, environ)
+    readable_paths(config)
+    (trusted,) = config.trusted_issuers
+    assert (trusted.issuer, trusted.kind) == (rendered.settings["issuer"], "kubernetes")
+    assert config.audit_key is not None and config.document_key is not None
+    load_audit_key(config.audit_key)
+    load_private_key(config.document_key)
+    assert config.control_token_file is not None
+    token = config.control_token_file.read_text()
+    assert ControlToken(config.control_token_file).matches(token)
+    server = BrokerServer(config)  # builds every part, checking it; starts nothing
+    assert set(server.policies.current.tenants) == {"shop"}
+    await server.aclose()
+    assert config.store == ("memory" if overlay == "single" else environ["METAPROXY_STORE"])
+    assert (config.store_key_file is None) == (overlay == "single")
+
+
+@needs_kustomize
+@overlays
+def test_broker_trusts_the_tokens_the_cluster_projects_for_its_pods(
+    overlay: str, tmp_path: Path, issued_secrets: set[str]
+) -> None:
+    """A service-account token signed with the cluster's key (its JWKS is the overlay's
+    cluster-jwks.json) for a pod of namespace shop verifies under the broker's trust and
+    belongs to tenant shop; signed for another audience, it is refused."""
+    from metaproxy.broker.config import BrokerConfig
+    from metaproxy.config import build_config
+    from metaproxy.errors import Unauthenticated
+    from metaproxy.identity.verify import IdentityVerifier
+    from metaproxy.policy.load import load_policy_dir
+
+    rendered = RENDERED[overlay]
+    environ = rendered.materialize("Deployment", "metaproxy-broker", "broker", tmp_path)
+    config = build_config(BrokerConfig, None, environ)
+    verifier = IdentityVerifier(
+        config.trusted_issuers,
+        leeway=config.token_leeway_seconds,
+        cluster_name=config.cluster_name,
+        cluster_arn=config.cluster_arn,
+    )
+    token = rendered.service_account_token("shop", "orders", pod="orders-7f9c")
+    issued_secrets.add(token)
+    identity = verifier.verify(token)
+    assert (identity.kind, identity.namespace, identity.service_account) == (
+        "kubernetes",
+        "shop",
+        "orders",
+    )
+    assert identity.cluster_name == rendered.settings["cluster-name"]
+    issuers = [trusted.issuer for trusted in config.trusted_issuers]
+    policies = load_policy_dir(config.policies_dir, kubernetes_issuers=issuers)
+    assert [t.tenant for t in policies.tenants.values() if t.claims(identity)] == ["shop"]
+
+    environ["METAPROXY_TRUST"] = environ["METAPROXY_TRUST"].replace(",metaproxy-broker,", ",x,")
+    other_audience = build_config(BrokerConfig, None, environ)
+    with pytest.raises(Unauthenticated):
+        IdentityVerifier(other_audience.trusted_issuers).verify(token)
+
+
+def certificate(pem: bytes) -> Any:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(pem)
+
+
+def verify_server_certificate(ca_pem: bytes, leaf_pem: bytes, host: str) -> None:
+    """The leaf is valid for `host` under the CA, as a TLS client checks it."""
+    from cryptography.x509 import DNSName
+    from cryptography.x509.verification import PolicyBuilder, Store
+
+    verifier = (
+        PolicyBuilder().store(Store([certificate(ca_pem)])).build_server_verifier(DNSName(host))
+    )
+    verifier.verify(certificate(leaf_pem), [])
+
+
+@needs_kustomize
+@overlays
+def test_webhook_accepts_its_arguments_and_is_trusted_by_the_api_server(
+    overlay: str, tmp_path: Path
+) -> None:
+    """The webhook's arguments build its config; its certificate is valid for its Service under
+    the caBundle; the sidecars it injects verify the broker's Service under the broker CA."""
+    from metaproxy.cli import build_parser
+    from metaproxy.config import build_config, readable_paths
+    from metaproxy.process.runtime import server_tls_context
+    from metaproxy.webhook.config import WebhookConfig
+
+    rendered = RENDERED[overlay]
+    rendered.materialize("Deployment", "metaproxy-webhook", "webhook", tmp_path)
+    webhook = rendered.container("Deployment", "metaproxy-webhook", "webhook")
+    arguments = [re.sub(r"=/etc/", f"={tmp_path}/etc/", argument) for argument in webhook["args"]]
+    config = build_config(WebhookConfig, build_parser("webhook").parse_args(arguments), {})
+    readable_paths(config)
+    server_tls_context(config.tls_cert, config.tls_key)
+    assert config.image == webhook["image"] == rendered.settings["image"]
+    assert config.region == rendered.settings["region"]
+
+    service = rendered.one("Service", "metaproxy-webhook")["metadata"]
+    (hook,) = rendered.one("MutatingWebhookConfiguration", "metaproxy-injector")["webhooks"]
+    ca_bundle = base64.b64decode(hook["clientConfig"]["caBundle"])
+    assert ca_bundle == (rendered.secrets / "webhook-tls" / "ca.pem").read_bytes()
+    assert config.tls_cert is not None
+    verify_server_certificate(
+        ca_bundle, config.tls_cert.read_bytes(), f"{service['name']}.{service['namespace']}.svc"
+    )
+    broker_tls = rendered.data(
+        "Secret", rendered.one("Secret", "metaproxy-broker-tls")["metadata"]["name"]
+    )
+    host = config.broker_url.split("//", 1)[1].rsplit(":", 1)[0]
+    verify_server_certificate(broker_tls["ca.crt"], broker_tls["tls.crt"], host)
+    assert (
+        broker_tls["ca.crt"] != ca_bundle
+    )  # one CA each: the webhook's key cannot pose as the broker
+
+
+@needs_kustomize
+def test_each_setting_lives_in_one_place(tmp_path: Path) -> None:
+    """Changing a value in settings.yaml changes every field that carries it, and the old value
+    is left nowhere in the rendered manifests."""
+    eks = RENDERED["eks"]
+    tree = tmp_path / "kubernetes"
+    shutil.copytree(eks.directory.parent.parent, tree)
+    directory = tree / "overlays" / "eks"
+    old = eks.settings
+    new = {
+        "image": "registry.test/metaproxy:9.9.9",
+        "issuer": "https://oidc.eks.eu-west-3.amazonaws.com/id/0123456789ABCDEF0123456789ABCDEF",
+        "region": "eu-west-3",
+        "cluster-name": "other-cluster",
+        "cluster-arn": "arn:aws:eks:eu-west-3:444455556666:cluster/other-cluster",
+        "audit-s3-url": "s3://other-audit-bucket/other-cluster/",
+        "broker-role-arn": "arn:aws:iam::444455556666:role/other-broker",
+    }
+    assert set(new) == set(old)
+    text = (directory / "settings.yaml").read_text()
+    for key, value in new.items():
+        text = text.replace(f"  {key}: {old[key]}\n", f"  {key}: {value}\n")
+    (directory / "settings.yaml").write_text(text)
+    changed = manifests.render_directory("eks", directory, eks.cluster_key)
+    assert changed.settings == new
+
+    for key, value in old.items():
+        assert value not in changed.text, f"{key}: {value} is still in the rendered manifests"
+    broker = changed.env("Deployment", "metaproxy-broker", "broker", "pod-0")
+    assert broker["METAPROXY_TRUST"].split(",")[0] == new["issuer"]
+    assert broker["METAPROXY_STS_REGION"] == new["region"]
+    assert broker["METAPROXY_CLUSTER_NAME"] == new["cluster-name"]
+    assert broker["METAPROXY_CLUSTER_ARN"] == new["cluster-arn"]
+    assert broker["METAPROXY_AUDIT_S3_URL"] == new["audit-s3-url"]
+    account = changed.one("ServiceAccount", "metaproxy-broker")["metadata"]["annotations"]
+    assert account["eks.amazonaws.com/role-arn"] == new["broker-role-arn"]
+    webhook = changed.container("Deployment", "metaproxy-webhook", "webhook")
+    assert f"--image={new['image']}" in webhook["args"]
+    assert f"--region={new['region']}" in webhook["args"]
+    images = {
+        c["image"]
+        for d in changed.objects
+        if "template" in d.get("spec", {})
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
+    assert images == {
+        new["image"],
+        container(changed.one("StatefulSet", "metaproxy-valkey"))["image"],
+    }
+    assert all(d["metadata"]["name"] != "metaproxy-settings" for d in changed.objects)
+
+
+@needs_kustomize
+def test_single_overlay_runs_one_broker_on_the_memory_store() -> None:
+    """`single`: one broker replica keeping fleet state in memory; no store, no Valkey, no
+    autoscaler, no store key; everything else as in production."""
+    single = RENDERED["single"]
+    deployment = single.one("Deployment", "metaproxy-broker")
+    assert deployment["spec"]["replicas"] == 1
+    env = single.env("Deployment", "metaproxy-broker", "broker", "pod-0")
+    assert env["METAPROXY_STORE"] == "memory"
+    assert "METAPROXY_STORE_KEY_FILE" not in env
+    kinds = {(d["kind"], single.base_name(d)) for d in single.objects}
+    assert not {k for k in kinds if "valkey" in k[1] or k[0] == "HorizontalPodAutoscaler"}
+    policy = single.one("NetworkPolicy", "metaproxy-broker")["spec"]
+    assert {p["port"] for rule in policy["egress"] for p in rule["ports"]} == {53, 443}
+    eks = RENDERED["eks"]
+    for kind, name in (
+        ("Namespace", "metaproxy"),
+        ("Namespace", "metaproxy-node"),
+        ("Service", "metaproxy-broker"),
+        ("Service", "metaproxy-webhook"),
+        ("PodDisruptionBudget", "metaproxy-broker"),
+        ("NetworkPolicy", "metaproxy-webhook"),
+        ("ConfigMap", "metaproxy-policies"),
+    ):
+        assert single.one(kind, name) == eks.one(kind, name), (kind, name)
 
 
 # ---- Dockerfile --------------------------------------------------------------------------------

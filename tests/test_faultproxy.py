@@ -20,7 +20,8 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from metaproxy.testing.emulator import StsEmulator
-from metaproxy.testing.faultproxy import FaultProxy, max_calls_in_window
+from metaproxy.testing.faultproxy import FaultProxy
+from metaproxy.testing.recording import max_calls_in_window
 
 ROLE_ARN = "arn:aws:iam::123456789012:role/tenant-a/app"
 ASSUMED_ROLE_ARN = "arn:aws:sts::123456789012:assumed-role/app/task-1"

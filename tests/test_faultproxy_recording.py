@@ -12,7 +12,8 @@ import pytest
 from botocore.config import Config
 
 from metaproxy.testing.emulator import StsEmulator
-from metaproxy.testing.faultproxy import FaultProxy, RecordedRequest
+from metaproxy.testing.faultproxy import FaultProxy
+from metaproxy.testing.recording import RecordedRequest
 
 NO_RETRIES = Config(retries={"total_max_attempts": 1, "mode": "standard"})
 SIGV2 = Config(signature_version="s3")  # S3's legacy signature: `AWSAccessKeyId=` in the query

@@ -25,7 +25,8 @@ from bench.fleet_harness import (
     stop_replicas,
     sustained_rate,
 )
-from metaproxy.testing.faultproxy import FaultProxy, max_calls_in_window
+from metaproxy.testing.faultproxy import FaultProxy
+from metaproxy.testing.recording import max_calls_in_window
 from metaproxy.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -82,7 +83,7 @@ async def test_three_replicas_share_one_sts_budget_that_one_replica_alone_can_fi
     # What one replica reaches with the whole budget to itself: its best 3 seconds of calls
     # while the burst is queued (the ramp and the drain's tail left out). The sustained rate
     # over the whole burst is printed too; on a loaded 2-core machine it dips where the
-    # replica's event loop lets budget slots go late (see credentials/budget.LATE_SLOT_SECONDS).
+    # replica's event loop wakes later than the budget's burst tolerance (store/redis_budget).
     alone_rate = best_window_rate(alone_calls, window=3.0)
     print(
         f"fleet: max {max_calls_in_window(fleet_calls)}/s, sustained "

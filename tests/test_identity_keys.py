@@ -12,13 +12,8 @@ import pytest
 
 from metaproxy.errors import BadRequest, ConfigError
 from metaproxy.identity.issue import issue_token
-from metaproxy.identity.keys import (
-    generate_keypair,
-    jwk_thumbprint,
-    load_jwks,
-    load_private_key,
-    public_jwk,
-)
+from metaproxy.identity.jwks import load_jwks
+from metaproxy.identity.keys import generate_keypair, jwk_thumbprint, load_private_key, public_jwk
 
 RFC7638_N = (
     "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSoc_BJECPeb"

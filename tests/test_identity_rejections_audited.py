@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metaproxy.broker.server import BrokerServer
-from metaproxy.identity.keys import load_jwks, load_private_key
+from metaproxy.identity.jwks import load_jwks
+from metaproxy.identity.keys import load_private_key
 from tests.support import AUDIENCE, ISSUER, Pki, audit_records, issue
 
 

@@ -20,12 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from metaproxy.config import TrustedIssuer
 from metaproxy.errors import ConfigError, Unauthenticated
 from metaproxy.identity.issue import issue_token
-from metaproxy.identity.keys import (
-    generate_keypair,
-    jwk_thumbprint,
-    load_private_key,
-    public_jwk,
-)
+from metaproxy.identity.keys import generate_keypair, jwk_thumbprint, load_private_key, public_jwk
 from metaproxy.identity.verify import IdentityVerifier
 
 NOW = 1_700_000_000.0

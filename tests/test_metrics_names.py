@@ -24,7 +24,7 @@ ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
 ALERT_TESTS = ROOT / "deploy" / "prometheus" / "alerts_test.yaml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "metaproxy.json"
 SLO = ROOT / "docs" / "slo.md"
-HPA = ROOT / "deploy" / "kubernetes" / "broker-hpa.yaml"
+HPA = ROOT / "deploy" / "kubernetes" / "components" / "fleet" / "broker-hpa.yaml"
 
 METRIC_NAME = re.compile(r"\bmetaproxy_[a-z0-9_]*[a-z0-9]")
 SELECTOR = re.compile(r"\b(metaproxy_[a-z0-9_]+)\{([^}]*)\}")

@@ -17,7 +17,7 @@ import pytest
 from metaproxy.identity.document import verify_document
 from metaproxy.sidecar.server import SidecarServer
 from metaproxy.testing.ec2_node import SECRET_MARK, Instance, NodeImds
-from metaproxy.webhook.patch import DEFAULT_NODE_METADATA
+from metaproxy.webhook.settings import DEFAULT_NODE_METADATA
 from tests.conftest import SidecarFactory
 from tests.support import Pki
 from tests.test_imds_contract import get, token_for

@@ -28,6 +28,8 @@ apps = ["*"]
 
 [session]
 tags = { team = "${team}", task = "${task}", app = "${app}" }
+
+# end of policy
 """
 
 

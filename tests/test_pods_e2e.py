@@ -38,7 +38,7 @@ from metaproxy.identity.document import verify_document
 from metaproxy.podnet import CONTAINER_PORT
 from metaproxy.testing.ec2_node import SECRET_MARK, Instance
 from metaproxy.testing.faultproxy import FaultProxy
-from metaproxy.webhook.patch import DEFAULT_NODE_METADATA, SIDECAR_NAME
+from metaproxy.webhook.settings import DEFAULT_NODE_METADATA, SIDECAR_NAME
 from tests.conftest import record_broker_secrets
 from tests.podlab import (
     Node,

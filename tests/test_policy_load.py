@@ -17,7 +17,13 @@ from hypothesis import strategies as st
 
 from metaproxy.errors import ConfigError
 from metaproxy.models import BrokerLimits, SidecarLimits
-from metaproxy.policy.load import PolicyError, PolicyProblem, check_policy_dir, load_policy_dir
+from metaproxy.policy.load import (
+    END_LINE,
+    PolicyError,
+    PolicyProblem,
+    check_policy_dir,
+    load_policy_dir,
+)
 from metaproxy.policy.locate import FieldLocator, format_path
 
 SHIPPED = Path(__file__).resolve().parent.parent / "policies"
@@ -344,6 +350,7 @@ def test_any_value_anywhere_is_a_reported_problem_not_a_crash(data: st.DataObjec
         target = target[key]
     target[path[-1]] = data.draw(toml_values)
     body = "\n".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in document.items())
+    body += f"\n{END_LINE}\n"
     with tempfile.TemporaryDirectory() as name:
         directory = Path(name)
         (directory / "acme.toml").write_text(body)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from metaproxy.policy.load import PolicyError
+from metaproxy.policy.load import END_LINE, PolicyError
 from metaproxy.policy.store import PolicyStore
 
 SHIPPED = Path(__file__).resolve().parent.parent / "policies"
@@ -140,12 +140,19 @@ def roles_of(store: PolicyStore) -> dict[str, tuple[str, ...]]:
     return {role.name: role.apps for role in store.current.tenants["globex"].roles}
 
 
+def before_the_end(text: str, addition: str) -> str:
+    """`text` with `addition` just before its `# end of policy` line, which stays last."""
+    body = text.removesuffix(END_LINE + "\n")
+    assert body != text
+    return body + addition + "\n" + END_LINE + "\n"
+
+
 async def test_half_written_role_never_loads_then_the_whole_file_does(directory: Path) -> None:
     """A role table caught before its `apps` line is refused (no default opens it to every app)
     and the old set stays in force; once the file is complete it loads."""
     store = PolicyStore(directory)
     globex = directory / "globex.toml"
-    whole = globex.read_text() + REPORTS_ROLE
+    whole = before_the_end(globex.read_text(), REPORTS_ROLE)
     half = whole[: whole.index('apps = ["reports"]')]
     watcher = asyncio.create_task(store.watch(0.05))
     try:
@@ -162,14 +169,13 @@ async def test_half_written_role_never_loads_then_the_whole_file_does(directory:
             await watcher
 
 
-async def test_a_file_still_being_written_is_not_loaded_until_it_is_stable(
-    directory: Path,
-) -> None:
-    """A slow writer whose every prefix here is a valid policy: the watcher loads nothing while
-    the file keeps changing (two reads a poll apart differ), then the finished file."""
+async def test_a_file_still_changing_is_not_loaded_until_it_is_stable(directory: Path) -> None:
+    """A writer that rewrites the file every 40 ms, each version complete and valid: the
+    watcher loads none of them while the file keeps changing (two reads a poll apart differ),
+    then the version that stays."""
     store = PolicyStore(directory)
     globex = directory / "globex.toml"
-    start = globex.read_text() + REPORTS_ROLE
+    start = globex.read_text()
     seen: list[dict[str, tuple[str, ...]]] = []
 
     async def observe() -> None:
@@ -180,13 +186,10 @@ async def test_a_file_still_being_written_is_not_loaded_until_it_is_stable(
     watcher = asyncio.create_task(store.watch(0.1))
     observer = asyncio.create_task(observe())
     try:
-        with globex.open("w") as writer:
-            writer.write(start)
-            for _ in range(30):  # 1.2 s of a file growing by a comment line every 40 ms
-                writer.write("# still writing\n")
-                writer.flush()
-                await asyncio.sleep(0.04)
-            writer.write("[limits.sidecar]\nburst = 7\n")
+        for version in range(30):  # 1.2 s of versions, each with one more comment line
+            globex.write_text(before_the_end(start, REPORTS_ROLE + "# still writing\n" * version))
+            await asyncio.sleep(0.04)
+        globex.write_text(before_the_end(start, REPORTS_ROLE + "[limits.sidecar]\nburst = 7\n"))
         await wait_for(lambda: store.generation == 1)
     finally:
         for task in (watcher, observer):
@@ -196,4 +199,34 @@ async def test_a_file_still_being_written_is_not_loaded_until_it_is_stable(
     assert store.generation == 1
     assert store.current.tenants["globex"].sidecar_limits.burst == 7
     assert {tuple(roles) for roles in seen} <= {("globex-app",), ("globex-app", "globex-reports")}
-    assert seen.count({"globex-app": ("*",)}) >= 50  # the old set, all through the write
+    assert seen.count({"globex-app": ("*",)}) >= 50  # the old set, all through the writes
+
+
+async def test_a_cut_file_left_on_disk_is_never_loaded(
+    directory: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """acme's file cut before its role's `session_policy` (valid TOML, stable on disk, as a `cp`
+    on a full disk leaves it): refused at every poll, naming where it stops; the set in force
+    keeps acme-app's session policy and tags."""
+    store = PolicyStore(directory)
+    acme = directory / "acme.toml"
+    text = acme.read_text()
+    cut = text[: text.index("session_policy = '''", text.index("\ntenant ="))]
+    watcher = asyncio.create_task(store.watch(0.05))
+    try:
+        with caplog.at_level(logging.ERROR, logger="metaproxy.policy"):
+            acme.write_text(cut)
+            await asyncio.sleep(0.6)  # many polls of a file that no longer changes
+    finally:
+        watcher.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await watcher
+    assert store.generation == 0
+    kept = store.current.tenants["acme"]
+    assert kept.default_role.session_policy is not None
+    assert dict(kept.session.tags)["tenant"] == "${tenant}"
+    line = cut.count("\n")
+    refusals = [r.getMessage() for r in caplog.records if "policy problem" in r.getMessage()]
+    assert any(
+        f"acme.toml:{line}: roles[0].duration_seconds: incomplete file" in r for r in refusals
+    ), refusals

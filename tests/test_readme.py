@@ -17,6 +17,8 @@ from metaproxy.cli import build_parser
 from tests.support import REPO, clean_aws_env
 
 README = REPO / "README.md"
+PACKAGE = REPO / "metaproxy"
+LAYOUT = re.compile(r"## Layout\n.*?```\n(.*?)```", re.S)
 BLOCK = re.compile(r"<!-- readme-test: begin -->\n```sh\n(.*?)```\n<!-- readme-test: end -->", re.S)
 # The fixed loopback ports the README's production-shaped run uses.
 README_PORTS = (5000, 8443, 9902, 8181, 8182, 9901)
@@ -85,3 +87,33 @@ def test_every_metaproxy_command_in_the_readme_exists() -> None:
         nested = _subcommands(commands[command])
         if nested and sub:
             assert sub in nested, f"README names `metaproxy {command} {sub}`"
+
+
+def layout_names() -> set[str]:
+    """The modules the README's layout names, dotted under metaproxy (`audit.writer`, `config`):
+    `pkg/  a, b (a note), c` lines and their continuations, and top-level `name.py`s."""
+    found = LAYOUT.search(README.read_text())
+    assert found, "README.md has a Layout section with a code block"
+    names: set[str] = set()
+    package = ""
+    for line in found.group(1).splitlines()[1:]:  # after `metaproxy/`
+        if not line.startswith("  "):
+            break  # `policies/ tests/ …` stand beside the package
+        text = re.sub(r"\([^)]*\)", "", line)
+        if head := re.match(r"\s+([a-z_/]+)/\s+(.*)", text):
+            package, text = head.group(1).replace("/", "."), head.group(2)
+        for token in re.findall(r"[A-Za-z_]\w*(?:\.py)?", text):
+            names.add(token[:-3] if token.endswith(".py") else f"{package}.{token}")
+    return names
+
+
+def test_the_layout_names_every_module_and_nothing_else() -> None:
+    """The README's layout names each module of metaproxy/ under its package, and none that
+    is gone."""
+    modules = {
+        ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "__init__.py"
+    }
+    named = layout_names()
+    assert (sorted(modules - named), sorted(named - modules)) == ([], [])

@@ -46,6 +46,8 @@ duration_seconds = {duration}
 name = "${{tenant}}.${{task}}"
 tags = {{ team = "${{team}}", task = "${{task}}" }}
 transitive_tag_keys = ["team"]
+
+# end of policy
 """
 
 

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from metaproxy.config import SidecarConfig, build_config
+from metaproxy.config import build_config
 from metaproxy.errors import ConfigError
+from metaproxy.sidecar.config import SidecarConfig
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from metaproxy.config import SidecarConfig, build_config
+from metaproxy.config import build_config
 from metaproxy.errors import ConfigError
+from metaproxy.sidecar.config import SidecarConfig
 from metaproxy.sidecar.container_creds import load_or_create_token
 
 

@@ -19,7 +19,8 @@ from metaproxy.broker.server import BrokerServer
 from metaproxy.config import build_config
 from metaproxy.errors import ConfigError
 from metaproxy.testing.emulator import StsEmulator
-from metaproxy.testing.faultproxy import FaultProxy, max_calls_in_window
+from metaproxy.testing.faultproxy import FaultProxy
+from metaproxy.testing.recording import max_calls_in_window
 from tests.support import Pki, broker_config, issue
 
 WEST, EAST = "us-west-2", "us-east-1"

@@ -32,15 +32,14 @@ from cryptography.x509.oid import NameOID
 
 from metaproxy.podnet import LINK_LOCAL_ANNOTATION
 from metaproxy.webhook.app import build_app
-from metaproxy.webhook.patch import (
+from metaproxy.webhook.patch import INJECTED_ANNOTATION, build_patch
+from metaproxy.webhook.settings import (
     AUTH_DIR,
     DEFAULT_NODE_METADATA,
-    INJECTED_ANNOTATION,
     LINK_LOCAL_CONTAINER,
     SIDECAR_NAME,
     STATE_DIR,
     InjectionSettings,
-    build_patch,
 )
 
 SETTINGS = InjectionSettings(

@@ -1,4 +1,4 @@
-"""The hash chain: canonical encoding, record hashes and segment file names.
+"""The hash chain: canonical encoding, record hashes, and checking a stored record.
 
 Every record's `hash` covers the previous record's hash and the record's own canonical bytes,
 so changing, dropping, duplicating or reordering any record breaks every later link. The
@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Final
 
 RECORD_DOMAIN: Final = b"metaproxy-audit-record-v1\x00"
 ZERO_HASH: Final = "0" * 64
 FIRST_SEQ: Final = 1
 
-SEGMENT_RE: Final = re.compile(r"^segment-(\d{12})\.jsonl$")
 _HEX64: Final = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -50,19 +47,8 @@ def record_line(record: Mapping[str, object]) -> bytes:
     return canonical_json(dict(record)) + b"\n"
 
 
-def segment_name(first_seq: int) -> str:
-    return f"segment-{first_seq:012d}.jsonl"
-
-
-def segment_first_seq(name: str) -> int | None:
-    """The first seq a segment file name promises, or None if it is not a segment name."""
-    match = SEGMENT_RE.match(name)
-    return int(match.group(1)) if match else None
-
-
 # Fields the writer owns; a caller that set them would break the chain's bookkeeping.
 WRITER_FIELDS: Final = frozenset({"seq", "prev", "hash"})
-_TAIL_BYTES: Final = 1 << 20  # far above the largest record (fields are capped at 2 KiB)
 
 
 def iso_millis(moment: datetime) -> str:
@@ -109,34 +95,3 @@ def self_consistent(record: Mapping[str, object], raw: bytes | None = None) -> b
             body = raw.replace(cut, b"", 1)
             return hashlib.sha256(RECORD_DOMAIN + bytes.fromhex(prev) + body).hexdigest() == stored
     return record_hash(prev, record) == stored
-
-
-def read_tail(path: Path) -> tuple[dict[str, object] | None, int, int]:
-    """(last complete, valid record or None, offset just past it, file size); missing = empty."""
-    try:
-        with path.open("rb") as file:
-            size = file.seek(0, os.SEEK_END)
-            start = max(0, size - _TAIL_BYTES)
-            file.seek(start)
-            data = file.read()
-    except FileNotFoundError:
-        return None, 0, 0
-    cut = data.rfind(b"\n")
-    if cut < 0:
-        return None, 0, size
-    end = start + cut + 1
-    line_start = data.rfind(b"\n", 0, cut) + 1
-    record = parse_line(data[line_start:cut])
-    if record is None or not self_consistent(record):
-        return None, end, size
-    return record, end, size
-
-
-def sorted_segments(directory: Path) -> list[tuple[int, Path]]:
-    """Segment files in chain order (by the first seq their names promise)."""
-    found = []
-    for entry in directory.iterdir():
-        first_seq = segment_first_seq(entry.name)
-        if first_seq is not None and entry.is_file():
-            found.append((first_seq, entry))
-    return sorted(found)

@@ -16,25 +16,19 @@ shipped copy is noticed from the chains that remain (see `fleet.py`).
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Final
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from metaproxy.audit.chain import canonical_json, is_hex_hash, segment_first_seq
-from metaproxy.errors import ConfigError
+from metaproxy.audit.chain import canonical_json, is_hex_hash
+from metaproxy.audit.names import segment_first_seq
 
 CHECKPOINT_DOMAIN: Final = b"metaproxy-audit-checkpoint-v1\x00"
-CHECKPOINT_RE: Final = re.compile(r"^checkpoint-(\d{12})\.json$")
-LATEST_NAME: Final = "latest-checkpoint.json"
-PRIVATE_KEY_NAME: Final = "audit-signing.key"
-PUBLIC_KEY_NAME: Final = "audit-signing.pub"
 _SIGNATURE_RE: Final = re.compile(r"^[0-9a-f]{128}$")
 _KEY_ID_RE: Final = re.compile(r"^[0-9a-f]{16}$")
 
@@ -82,10 +76,6 @@ class Checkpoint:
 
     def to_bytes(self) -> bytes:
         return canonical_json({**self.statement(), "key_id": self.key_id, "sig": self.signature})
-
-
-def checkpoint_name(seq: int) -> str:
-    return f"checkpoint-{seq:012d}.json"
 
 
 def signed_bytes(statement: dict[str, object]) -> bytes:
@@ -183,51 +173,6 @@ def signature_problem(checkpoint: Checkpoint, public_key: Ed25519PublicKey) -> s
     except InvalidSignature:
         return "bad signature"
     return None
-
-
-def load_private_key(path: Path) -> Ed25519PrivateKey:
-    try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"cannot load audit signing key {path}: {type(exc).__name__}") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ConfigError(f"audit signing key {path} is not an Ed25519 key")
-    return key
-
-
-def load_public_key(path: Path) -> Ed25519PublicKey:
-    try:
-        key = serialization.load_pem_public_key(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load audit public key {path}: {type(exc).__name__}") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise ConfigError(f"audit public key {path} is not an Ed25519 key")
-    return key
-
-
-def write_keypair(out_dir: Path) -> tuple[Path, Path]:
-    """Create `audit-signing.key` (PKCS8 PEM, 0600) and `audit-signing.pub`; never overwrite."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    key = Ed25519PrivateKey.generate()
-    private_path, public_path = out_dir / PRIVATE_KEY_NAME, out_dir / PUBLIC_KEY_NAME
-    private_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    public_pem = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    # O_EXCL: refusing to replace an existing key keeps old checkpoints verifiable.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-    try:
-        fd = os.open(private_path, flags, 0o600)
-    except FileExistsError:
-        raise ConfigError(f"{private_path} already exists; not overwriting a signing key") from None
-    with os.fdopen(fd, "wb") as private_file:
-        private_file.write(private_pem)
-    public_path.write_bytes(public_pem)
-    return private_path, public_path
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from metaproxy.audit.record import EVENTS
@@ -155,7 +154,7 @@ def _add_s3_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from metaproxy.audit.checkpoint import write_keypair
+    from metaproxy.audit.signing_keys import write_keypair
 
     private, public = write_keypair(args.out)
     print(f"wrote {private} (keep secret, mode 0600) and {public}")
@@ -165,7 +164,7 @@ def _keygen(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     import tempfile
 
-    from metaproxy.audit.verify import download_s3
+    from metaproxy.audit.s3copy import download_s3
 
     target: str = args.target
     if target.startswith("s3://"):
@@ -268,51 +267,6 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _tail(args: argparse.Namespace) -> int:
-    from metaproxy.audit.chain import sorted_segments
+    from metaproxy.audit.tail import tail
 
-    directory: Path = args.directory
-    if not directory.is_dir():
-        print(f"metaproxy audit tail: {directory} is not a directory", file=sys.stderr)
-        return 2
-    segments = sorted_segments(directory)
-    recent: list[bytes] = []
-    for _, path in reversed(segments):
-        recent = path.read_bytes().splitlines() + recent
-        if len(recent) >= args.lines:
-            break
-    for line in recent[-args.lines :] if args.lines > 0 else []:
-        print(_terminal_line(line), flush=True)
-    if not args.follow:
-        return 0
-    # Poll: segments are append-only and rotation creates files with higher names.
-    current = segments[-1][1] if segments else None
-    position = current.stat().st_size if current else 0
-    while True:
-        for _, path in sorted_segments(directory):
-            if current is None or path.name > current.name:
-                if current is not None:
-                    _print_from(current, position)  # the rest of the segment just closed
-                current, position = path, 0
-        if current is not None:
-            position = _print_from(current, position)
-        time.sleep(0.5)
-
-
-def _print_from(path: Path, position: int) -> int:
-    """Print complete lines after `position`; returns the offset after the last one printed."""
-    with path.open("rb") as file:
-        file.seek(position)
-        data = file.read()
-    end = data.rfind(b"\n") + 1
-    for line in data[:end].splitlines():
-        print(_terminal_line(line), flush=True)
-    return position + end
-
-
-def _terminal_line(line: bytes) -> str:
-    """A stored record as the operator's terminal may show it: records carry client strings
-    (task names, reasons), and canonical JSON keeps C1 controls (U+009B is CSI) and bidi
-    overrides raw, so they are escaped here."""
-    from metaproxy.logs import printable
-
-    return printable(line.decode("utf-8", "replace"))
+    return tail(args.directory, args.lines, follow=args.follow)

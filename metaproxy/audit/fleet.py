@@ -15,15 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metaproxy.audit.checkpoint import (
-    CHECKPOINT_RE,
-    Checkpoint,
-    checkpoint_name,
-    file_digest,
-    parse_checkpoint,
-)
-from metaproxy.audit.layout import CHECKPOINT_DIR, chain_dirs
-from metaproxy.audit.verify import VerifyReport, download_s3, verify_dir
+from metaproxy.audit.checkpoint import Checkpoint, file_digest, parse_checkpoint
+from metaproxy.audit.layout import chain_dirs
+from metaproxy.audit.names import CHECKPOINT_DIR, CHECKPOINT_RE, checkpoint_name
+from metaproxy.audit.s3copy import download_s3
+from metaproxy.audit.verify import VerifyReport, verify_dir
 
 
 @dataclass

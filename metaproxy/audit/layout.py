@@ -8,12 +8,8 @@ under `prefix/<instance>/`: one chain per subfolder, nothing of a chain at the t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Final
 
-from metaproxy.audit.chain import segment_first_seq
-from metaproxy.audit.checkpoint import LATEST_NAME
-
-CHECKPOINT_DIR: Final = "checkpoints"
+from metaproxy.audit.names import CHECKPOINT_DIR, LATEST_NAME, segment_first_seq
 
 
 def is_chain(directory: Path) -> bool:

@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from metaproxy.audit import chain
 from metaproxy.audit.layout import chain_dirs, is_fleet
+from metaproxy.audit.names import sorted_segments
 from metaproxy.logs import printable
 
 TABLE_COLUMNS: Final = (
@@ -110,7 +110,7 @@ class QueryFilter:
 
 def iter_records(directory: Path) -> Iterator[dict[str, object]]:
     """Records in chain order; lines that are not JSON objects are skipped (verify reports them)."""
-    for _, path in chain.sorted_segments(directory):
+    for _, path in sorted_segments(directory):
         with path.open("rb") as lines:
             for line in lines:
                 try:
@@ -151,7 +151,7 @@ _UNDATED: Final = datetime.min.replace(tzinfo=UTC)
 def query_s3(
     url: str, where: QueryFilter, client_factory: Callable[[], Any], *, fleet: bool | None = None
 ) -> list[dict[str, object]]:
-    from metaproxy.audit.verify import download_s3
+    from metaproxy.audit.s3copy import download_s3
 
     with tempfile.TemporaryDirectory(prefix="metaproxy-audit-") as tmp:
         download_s3(url, client_factory, Path(tmp))

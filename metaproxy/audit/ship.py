@@ -16,14 +16,12 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
-from metaproxy.audit.chain import segment_first_seq
-from metaproxy.audit.checkpoint import CHECKPOINT_RE, LATEST_NAME, parse_checkpoint
+from metaproxy.audit.checkpoint import parse_checkpoint
+from metaproxy.audit.names import CHECKPOINT_DIR, CHECKPOINT_RE, LATEST_NAME, segment_first_seq
 
 log = logging.getLogger("metaproxy.audit.ship")
-
-CHECKPOINT_DIR: Final = "checkpoints"
 
 
 class S3Shipper:
@@ -91,7 +89,7 @@ class S3Shipper:
         )
         self._task = asyncio.create_task(self._run(), name="audit-shipper")
 
-    async def close(self, drain_seconds: float = 10.0) -> None:
+    async def aclose(self, drain_seconds: float = 10.0) -> None:
         """Give the queue up to `drain_seconds` to empty, then stop."""
         if self._task is None:
             return

@@ -8,29 +8,26 @@ record gives one problem, not a cascade.
 
 from __future__ import annotations
 
-import re
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from metaproxy.audit import chain
-from metaproxy.audit.checkpoint import (
+from metaproxy.audit.checkpoint import Checkpoint, parse_checkpoint, signature_problem
+from metaproxy.audit.names import (
+    CHECKPOINT_DIR,
     CHECKPOINT_RE,
     LATEST_NAME,
-    Checkpoint,
     checkpoint_name,
-    load_public_key,
-    parse_checkpoint,
-    signature_problem,
+    segment_first_seq,
+    sorted_segments,
 )
-
-CHECKPOINT_DIR = "checkpoints"
-# A replica's folder in a fleet copy (`prefix/<instance>/`): a name, never a path.
-INSTANCE_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+from metaproxy.audit.s3copy import download_s3
+from metaproxy.audit.signing_keys import load_public_key
 
 
 @dataclass
@@ -87,7 +84,7 @@ class ChainVerifier:
         """Check `data` (a whole segment file) from byte `offset`, which starts line `line`."""
         # An empty segment (a crash right after rotation) holds nothing to check; what it
         # might have held is caught by the seq gap or the checkpoints.
-        promised = chain.segment_first_seq(name)
+        promised = segment_first_seq(name)
         position = offset
         while position < len(data) and not self.stopped:
             newline = data.find(b"\n", position)
@@ -231,7 +228,7 @@ def _checkpoint_problems(
 ) -> list[str]:
     """A checkpoint's `segment` is where the log continues after its seq: the segment holding
     that seq while it is open, or the next one when written at rotation, close or restart."""
-    continues_at = chain.segment_first_seq(checkpoint.segment) or 0
+    continues_at = segment_first_seq(checkpoint.segment) or 0
     recorded = verifier.heads.get(checkpoint.seq)
     if recorded is not None:
         head, segment = recorded
@@ -262,7 +259,7 @@ def verify_dir(
     """Verify a log directory as the writer (or `verify_s3`'s download) lays it out."""
     key = load_public_key(public_key) if public_key is not None else None
     segments: list[SegmentSource] = [
-        (entry.name, entry.read_bytes) for _, entry in chain.sorted_segments(path)
+        (entry.name, entry.read_bytes) for _, entry in sorted_segments(path)
     ]
     checkpoint_dir = path / CHECKPOINT_DIR
     checkpoint_files = (
@@ -281,55 +278,6 @@ def verify_dir(
         anchor=anchor.read_bytes() if anchor is not None else None,
         unshipped_tail_ok=unshipped_tail_ok,
         allow_unanchored=allow_unanchored,
-    )
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """`s3://bucket/prefix` as (bucket, prefix without trailing slash)."""
-    if not url.startswith("s3://"):
-        raise ValueError(f"not an s3:// URL: {url!r}")
-    bucket, _, prefix = url[5:].partition("/")
-    if not bucket:
-        raise ValueError(f"no bucket in {url!r}")
-    return bucket, prefix.strip("/")
-
-
-def download_s3(url: str, client_factory: Callable[[], Any], into: Path) -> int:
-    """Copy segments and checkpoints under an s3:// prefix into `into`; returns objects copied.
-
-    Both layouts come down as they are: one chain's files, or a fleet's `<instance>/` folders.
-    """
-    bucket, prefix = parse_s3_url(url)
-    client = client_factory()
-    base = f"{prefix}/" if prefix else ""
-    copied = 0
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
-        for item in page.get("Contents", []):
-            relative = item["Key"][len(base) :]
-            # Only names we produce are fetched: a key like "../x" can never leave `into`.
-            if _is_log_file(relative) or _is_fleet_file(relative):
-                target = into / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
-                target.write_bytes(body)
-                copied += 1
-    return copied
-
-
-def _is_log_file(relative: str) -> bool:
-    """A segment, checkpoint or latest-checkpoint.json, relative to one chain's folder."""
-    parts = relative.split("/")
-    if len(parts) == 1:
-        return chain.segment_first_seq(parts[0]) is not None or parts[0] == LATEST_NAME
-    return len(parts) == 2 and parts[0] == CHECKPOINT_DIR and bool(CHECKPOINT_RE.match(parts[1]))
-
-
-def _is_fleet_file(relative: str) -> bool:
-    instance, _, rest = relative.partition("/")
-    return (
-        instance != CHECKPOINT_DIR
-        and INSTANCE_RE.match(instance) is not None
-        and _is_log_file(rest)
     )
 
 

@@ -16,8 +16,8 @@ import logging
 from pathlib import Path
 
 from metaproxy.audit.checkpoint import WitnessedCheckpoint
+from metaproxy.audit.s3copy import parse_s3_url
 from metaproxy.audit.ship import S3Shipper, s3_client_factory
-from metaproxy.audit.verify import parse_s3_url
 from metaproxy.audit.writer import AuditLog
 from metaproxy.broker import instrument
 from metaproxy.broker.config import BrokerConfig
@@ -104,6 +104,6 @@ class BrokerAudit:
             log.info("audit backfill: %d files queued for S3", queued)
 
     async def aclose(self) -> None:
-        await self.writer.close()  # closes the segment and hands it to the shipper
+        await self.writer.aclose()  # closes the segment and hands it to the shipper
         if self.shipper is not None:
-            await self.shipper.close(drain_seconds=self._config.drain_seconds)
+            await self.shipper.aclose(drain_seconds=self._config.drain_seconds)

@@ -64,12 +64,14 @@ class FailedAuthentications:
         audit: EventLog,
         clock: Clock,
         *,
+        rule: str = "authentication",
         window: float = WINDOW_SECONDS,
         burst: int = BURST,
         per_second: float = PER_SECOND,
     ) -> None:
         self._audit = audit
         self._clock = clock
+        self._rule = rule  # "authentication" (credential requests) or "control-authentication"
         self._window = window
         self._burst = burst
         self._per_second = per_second
@@ -113,7 +115,7 @@ class FailedAuthentications:
                 event="denied",
                 request_id=request_id,
                 peer=peer,
-                rule="authentication",
+                rule=self._rule,
                 reason=exc.detail,
                 status=401,
             )
@@ -167,7 +169,7 @@ class FailedAuthentications:
                 event="denied",
                 request_id=f"summary-{secrets.token_hex(8)}",
                 peer=peer,
-                rule="authentication",
+                rule=self._rule,
                 reason=f"{reason} (repeated)",
                 status=window.status,
                 count=window.repeats,  # how many answered failures this one record stands for

@@ -177,9 +177,10 @@ class BrokerConfig:
     cache_refresh_fraction: float = field(
         default=0.5,
         metadata=doc(
-            "refresh cached credentials after this fraction of their lifetime",
+            "refresh cached credentials after this fraction of their lifetime (and always "
+            "while 16 minutes are left: sidecars refuse sets under 15)",
             unit="fraction",
-            choices="0 to 1",
+            choices="above 0, at most 0.9",
         ),
     )
     max_connections: int = field(
@@ -287,6 +288,8 @@ def _validate_broker(config: BrokerConfig, given: set[str]) -> None:
             f"--cluster-arn: {config.cluster_arn!r} is not an EKS cluster ARN "
             "(arn:aws:eks:REGION:ACCOUNT:cluster/NAME)"
         )
+    if not 0 < config.cache_refresh_fraction <= 0.9:
+        raise ConfigError("--cache-refresh-fraction: must be above 0 and at most 0.9")
     if config.workers_min < 1 or config.workers_max < config.workers_min:
         raise ConfigError("--workers-min/--workers-max: need 1 <= workers-min <= workers-max")
     if config.socket is not None and "listen" in given:

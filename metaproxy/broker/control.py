@@ -36,19 +36,22 @@ MIN_TOKEN_CHARS = 16
 
 
 class ControlToken:
-    """The control bearer token, re-read when its file changes (a rotated Secret)."""
+    """The control bearer token, re-read when its file changes (a rotated Secret).
+
+    A change is any of mtime, size or inode (Kubernetes swaps a `..data` symlink atomically,
+    possibly within one mtime tick). A file emptied, cut short or removed after the start is an
+    operator taking the token away: from then on every request is refused (fail closed), never
+    answered with the token read before."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._mtime = -1.0
-        self._token = b""
-        self.load()
+        self._state: tuple[int, int, int] | None = None
+        self._token: bytes | None = None
+        self._token, self._state = self._read()  # at start, a problem is a ConfigError
 
-    def load(self) -> None:
+    def _read(self) -> tuple[bytes, tuple[int, int, int]]:
         try:
             stat = self._path.stat()
-            if stat.st_mtime == self._mtime:
-                return
             raw = self._path.read_bytes()[:MAX_TOKEN_BYTES].strip()
         except OSError as exc:
             raise ConfigError(
@@ -58,16 +61,29 @@ class ControlToken:
             raise ConfigError(
                 f"control_token_file: {self._path} holds fewer than {MIN_TOKEN_CHARS} characters"
             )
-        self._token, self._mtime = raw, stat.st_mtime
+        return raw, (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+    def _current(self) -> bytes | None:
+        try:
+            stat = self._path.stat()
+            state = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError:
+            state = None
+        if state is not None and state == self._state:
+            return self._token
+        try:
+            self._token, self._state = self._read()
+        except ConfigError as exc:
+            if self._token is not None:
+                log.error("%s; refusing every control request until it holds a token", exc.detail)
+            self._token, self._state = None, state
+        return self._token
 
     def matches(self, offered: str | None) -> bool:
-        try:
-            self.load()
-        except ConfigError as exc:
-            log.error("%s; keeping the token read before", exc.detail)
-        if not offered:
+        token = self._current()
+        if not offered or token is None:
             return False
-        return hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), self._token)
+        return hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), token)
 
 
 CONTROL_TOKEN = web.AppKey("control_token", ControlToken)
@@ -84,10 +100,11 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
     if request.app[CONTROL_TOKEN].matches(token):
         return await handler(request)
     reason = "no control token" if token is None else "wrong control token"
-    await request.app[REVOKER].refused(
-        f"{request.method} {request.path[:100]}: {reason}", _context(request)
+    refusal = Unauthenticated(
+        f"{request.method} {request.path[:100]}: {reason}", public_message="control token required"
     )
-    raise Unauthenticated(reason, public_message="control token required")
+    await request.app[REVOKER].refused(refusal, _context(request))
+    raise refusal
 
 
 async def _body(request: web.Request) -> tuple[str, str]:

@@ -40,6 +40,9 @@ LISTEN_BACKLOG = 4096
 MAX_HEADER_BYTES = 8190
 MAX_HEADERS = 64
 ADMIN_LIMITS = ConnectionLimits(max_connections=64, max_per_client=32)
+# The control API is its own listener with its own cap: scrapers holding every admin connection
+# must not keep an operator from revoking a task. A handful of operators, a CLI each.
+CONTROL_LIMITS = ConnectionLimits(max_connections=16, max_per_client=8)
 _REJECT = canned_response(
     429,
     "Too Many Requests",
@@ -66,7 +69,14 @@ def probe_answers(probe: Probe) -> ProbeAnswer:
     return answer
 
 
-def build_guards(config: BrokerConfig, probe: Probe) -> tuple[ConnectionGuard, ConnectionGuard]:
+@dataclass(frozen=True, slots=True)
+class Guards:
+    public: ConnectionGuard
+    admin: ConnectionGuard
+    control: ConnectionGuard
+
+
+def build_guards(config: BrokerConfig, probe: Probe) -> Guards:
     per_client = config.max_connections
     if config.socket is None:
         per_client = max(1, config.max_connections // CLIENT_SHARE)
@@ -77,13 +87,19 @@ def build_guards(config: BrokerConfig, probe: Probe) -> tuple[ConnectionGuard, C
         header_timeout=config.header_timeout,
         probes=probe_answers(probe),
     )
+    control = ConnectionGuard(
+        "broker-control",
+        lambda: CONTROL_LIMITS,
+        header_timeout=config.header_timeout,
+        fd_reserve=admin.fd_reserve + ADMIN_LIMITS.max_connections,
+    )
     guard = ConnectionGuard(
         "broker",
         lambda: public,
         header_timeout=config.header_timeout,
-        fd_reserve=admin.fd_reserve + ADMIN_LIMITS.max_connections,
+        fd_reserve=control.fd_reserve + CONTROL_LIMITS.max_connections,
     )
-    return guard, admin
+    return Guards(guard, admin, control)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +119,12 @@ class Listeners:
         self._config = config
         self._apps = apps
         self._tls = tls
-        self.guard, self.admin_guard = build_guards(config, probe)
+        guards = build_guards(config, probe)
+        self.guard, self.admin_guard, self.control_guard = (
+            guards.public,
+            guards.admin,
+            guards.control,
+        )
         self._runners: list[web.AppRunner] = []
         self.url = self.admin_url = self.control_url = ""
 
@@ -148,12 +169,11 @@ class Listeners:
             if apps.control is not None:
                 control = self._runner(apps.control)
                 await self._setup(control)
-                # Shares the admin listener's guard: both are for operators, a few connections.
                 _, self.control_url = await start_site(
                     control,
                     config.control_listen,
                     ssl_context=self._tls,
-                    guard=self.admin_guard,
+                    guard=self.control_guard,
                     reject=_reject,
                 )
         except BaseException:

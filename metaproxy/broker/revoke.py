@@ -14,6 +14,7 @@ from typing import Any
 
 from metaproxy.broker.audit_trail import AuditTrail
 from metaproxy.broker.authenticator import RequestContext
+from metaproxy.broker.authn import FailedAuthentications
 from metaproxy.broker.credentials.fleet import FleetCache
 from metaproxy.broker.credentials.source import Scope
 from metaproxy.broker.issuer import Policies
@@ -26,7 +27,7 @@ from metaproxy.broker.store.base import (
     StoreUnavailable,
 )
 from metaproxy.clock import Clock, iso_z
-from metaproxy.errors import Unavailable
+from metaproxy.errors import Unauthenticated, Unavailable
 from metaproxy.net.httperrors import new_request_id
 from metaproxy.policy.revoke_deny import deny_policy
 
@@ -65,6 +66,7 @@ class Revoker:
         audit: AuditTrail,
         clock: Clock,
         max_staleness: float,
+        failures: FailedAuthentications,
     ) -> None:
         self._store = store
         self._view = view
@@ -73,6 +75,7 @@ class Revoker:
         self._audit = audit
         self._clock = clock
         self._max_staleness = max_staleness
+        self._failures = failures
 
     def knows(self, tenant: str) -> bool:
         """Whether a policy names `tenant` (a name none does is a typo, not a success)."""
@@ -84,13 +87,13 @@ class Revoker:
         scope = revocation_scope(tenant, task)
         try:
             await self._store.add(entry)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             await self._audit.operator(
                 "failed",
                 ctx,
                 tenant=tenant,
                 task=task,
-                reason=f"revoke {scope}: store down",
+                reason=f"revoke {scope}: store down ({exc})",
                 status=503,
             )
             raise StoreDown(f"revoke {scope}: store unreachable") from None
@@ -131,13 +134,13 @@ class Revoker:
         scope = revocation_scope(tenant, task)
         try:
             lifted = await self._store.remove(lift)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             await self._audit.operator(
                 "failed",
                 ctx,
                 tenant=tenant,
                 task=task,
-                reason=f"lift {scope}: store down",
+                reason=f"lift {scope}: store down ({exc})",
                 status=503,
             )
             raise StoreDown(f"lift {scope}: store unreachable") from None
@@ -181,9 +184,8 @@ class Revoker:
                 status=200,
             )
 
-    async def refused(self, reason: str, ctx: RequestContext) -> None:
+    async def refused(self, refusal: Unauthenticated, ctx: RequestContext) -> None:
         """A control request without the right token: audited (an operator's credential, and
-        its misuse must show)."""
-        await self._audit.operator(
-            "denied", ctx, reason=reason, status=401, rule="control-authentication"
-        )
+        its misuse must show), a peer's repeats summarised, a peer over its budget refused
+        with 429 before it costs a record (`authn.FailedAuthentications`)."""
+        await self._failures.failed(refusal, ctx.request_id, ctx.peer)

@@ -125,6 +125,7 @@ class BrokerServer:
         self.cache = LocalCache(source, clock, refresh_fraction=config.cache_refresh_fraction)
         self.revocations.when_revoked(self._drop_revoked)
         self.failures = FailedAuthentications(trail, clock)
+        self.control_failures = FailedAuthentications(trail, clock, rule="control-authentication")
         verifier = IdentityVerifier(
             config.trusted_issuers,
             leeway=config.token_leeway_seconds,
@@ -148,6 +149,7 @@ class BrokerServer:
             audit=trail,
             clock=clock,
             max_staleness=config.revocation_max_staleness,
+            failures=self.control_failures,
         )
         self.revocations.when_lost(self.revoker.restore)
         self.probe = Probe(self.revocations)
@@ -195,6 +197,7 @@ class BrokerServer:
             if self.fleet_cache is not None:
                 await started(stack, self.fleet_cache)  # its last fills, before the store
             await started(stack, self.failures)  # its last summaries, before the log closes
+            await started(stack, self.control_failures)
             watch = self.policies.watch
             reload_seconds = self.config.policy_reload_seconds
             await started(stack, Background("policy-watch", lambda: watch(reload_seconds)))

@@ -15,7 +15,7 @@ from typing import Any
 
 from metaproxy.cli import build_parser
 from metaproxy.clihelp import expanded_help, walk
-from metaproxy.config import ENV_PREFIX, FieldDoc, SidecarConfig, field_docs
+from metaproxy.config import ENV_PREFIX, FieldDoc, field_docs
 
 HEADER = f"""# Configuration
 
@@ -33,9 +33,10 @@ the environment unsets it.
 
 
 def config_classes() -> dict[str, type[Any]]:
-    """Each server command's config class, by command (imports the broker's and the webhook's:
-    this module is a command of its own, above them)."""
+    """Each server command's config class, by command (imported here, not at the top: this
+    module is a command of its own, above the three processes)."""
     from metaproxy.broker.config import BrokerConfig
+    from metaproxy.sidecar.config import SidecarConfig
     from metaproxy.webhook.config import WebhookConfig
 
     return {"sidecar": SidecarConfig, "broker": BrokerConfig, "webhook": WebhookConfig}

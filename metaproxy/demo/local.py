@@ -33,7 +33,7 @@ class LocalKeys:
 def make_local_keys(directory: Path) -> LocalKeys:
     """Identity, document, TLS and audit keys in `directory`: fresh ones each run, except the
     audit signing key, which is reused if present."""
-    from metaproxy.audit.checkpoint import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, write_keypair
+    from metaproxy.audit.signing_keys import PRIVATE_KEY_NAME, PUBLIC_KEY_NAME, write_keypair
     from metaproxy.commands.certs import init_certs
     from metaproxy.identity.keys import generate_keypair
 

@@ -138,3 +138,14 @@ def wait_ready(admin_url: str, timeout: float = 30.0, poll: float = 0.01) -> flo
         if time.monotonic() > deadline:
             raise TimeoutError(f"{admin_url} not ready after {timeout:.0f}s")
         time.sleep(poll)
+
+
+def stop_step(name: str, stop: Callable[[], None]) -> Callable[[], None]:
+    """An exit-stack step that stops a service and says how long it took."""
+
+    def stopped() -> None:
+        started = time.monotonic()
+        stop()
+        print(f"stopped {name} ({time.monotonic() - started:.1f}s)")
+
+    return stopped

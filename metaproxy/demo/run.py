@@ -17,13 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from metaproxy.demo.brokers import describe_broker, start_brokers, start_store
 from metaproxy.demo.local import (
     AUDIENCE,
-    EMULATOR_CREDENTIALS,
     ISSUER,
-    FleetSecrets,
-    LocalKeys,
-    broker_args,
     make_fleet_secrets,
     make_local_keys,
     sidecar_args,
@@ -33,6 +30,7 @@ from metaproxy.demo.processes import (
     children_ignore_interrupt,
     start_metaproxy,
     stop_all,
+    stop_step,
     wait_for_stop,
     wait_ready,
 )
@@ -93,89 +91,6 @@ def _role_arn(container_url: str, token_file: Path) -> str:
         return str(json.load(response)["RoleArn"])
 
 
-@dataclass(frozen=True)
-class Replica:
-    instance: str
-    child: Child
-
-
-@dataclass(frozen=True)
-class Store:
-    url: str  # "memory" for a single broker
-    pid: int | None
-
-
-def _start_store(options: DemoOptions, state_dir: Path, stack: ExitStack) -> Store:
-    """A single broker keeps its state in process; replicas share a Valkey/Redis under the state
-    dir. No password: like the STS emulator it listens on loopback only, for this demo."""
-    if options.replicas < 2:
-        return Store("memory", None)
-    from metaproxy.testing.redis_server import RedisServer
-
-    server = RedisServer(state_dir / "redis")
-    url = server.start()
-    stack.callback(_stop_service("store", server.stop))
-    print(f"store (redis)     {url}   (AOF in {server.directory})")
-    return Store(url, server.pid)
-
-
-def _start_brokers(
-    options: DemoOptions,
-    *,
-    keys: LocalKeys,
-    fleet: FleetSecrets,
-    store: Store,
-    sts_endpoint: str,
-    started: list[Child],
-) -> list[Replica]:
-    """One broker as always, or `replicas` of them, each with its own instance name, audit
-    chain and state dir (the audit chains are per replica; the store is what they share)."""
-    state_dir = options.state_dir.resolve()
-    single = options.replicas < 2
-    brokers = []
-    for i in range(1, options.replicas + 1):
-        instance = "demo-broker" if single else f"demo-broker-{i}"
-        name = "broker" if single else f"broker-{i}"
-        child = start_metaproxy(
-            name,
-            [
-                *broker_args(
-                    keys,
-                    policies_dir=options.policies_dir.resolve(),
-                    audit_dir=state_dir / "audit" if single else state_dir / "audit" / instance,
-                    sts_endpoint=sts_endpoint,
-                    instance=instance,
-                    fleet=fleet,
-                    state_dir=state_dir / ("state" if single else f"state-{i}"),
-                    store=store.url,
-                ),
-                "--drain-seconds",
-                str(options.drain_seconds),
-            ],
-            ready_file=state_dir / f"{name}.ready.json",
-            log_file=state_dir / "logs" / f"{name}.log",
-            env=EMULATOR_CREDENTIALS,
-        )
-        started.append(child)
-        brokers.append(Replica(instance, child))
-        control = child.ready.get("control_url", "")
-        extra = f", control {control}" if control else ""
-        print(f"{name:<17} {child.ready['url']}  (admin {child.ready['admin_url']}{extra})")
-    return brokers
-
-
-def _describe_broker(broker: Replica) -> dict[str, Any]:
-    ready = broker.child.ready
-    return {
-        "url": ready["url"],
-        "admin_url": ready["admin_url"],
-        # The broker's ready file names its control API once the broker serves one.
-        "control_url": ready.get("control_url", ""),
-        "instance": broker.instance,
-        "pid": broker.child.process.pid,
-    }
-
-
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM during start-up: stop what runs, in order, and exit 130."""
 
@@ -195,15 +110,6 @@ def _stage(name: str, children: list[Child], timeout: float) -> Callable[[], Non
             print(f"stopped {name} (drained in {took:.1f}s)")
 
     return stop
-
-
-def _stop_service(name: str, stop: Callable[[], None]) -> Callable[[], None]:
-    def stopped() -> None:
-        started = time.monotonic()
-        stop()
-        print(f"stopped {name} ({time.monotonic() - started:.1f}s)")
-
-    return stopped
 
 
 def _write_token(path: Path, token: str) -> None:
@@ -264,14 +170,17 @@ def _run_demo(options: DemoOptions, stop_requested: Callable[[], bool]) -> int: 
     with ExitStack() as stack:
         emulator = StsEmulator(log_path=logs / "sts-emulator.log")
         sts_endpoint = emulator.start()
-        stack.callback(_stop_service("local STS", emulator.stop))
+        stack.callback(stop_step("local STS", emulator.stop))
         print(f"local STS (moto)  {sts_endpoint}")
         check()
-        store = _start_store(options, state_dir, stack)
+        store = start_store(options.replicas, state_dir, stack)
         broker_children: list[Child] = []
         stack.callback(_stage("brokers", broker_children, stage_timeout))
-        brokers = _start_brokers(
-            options,
+        brokers = start_brokers(
+            replicas=options.replicas,
+            policies_dir=policies_dir,
+            state_dir=state_dir,
+            drain_seconds=drain,
             keys=keys,
             fleet=fleet,
             store=store,
@@ -346,8 +255,8 @@ def _run_demo(options: DemoOptions, stop_requested: Callable[[], bool]) -> int: 
             "ca_file": str(keys.ca),
             "control_token_file": str(fleet.control_token_file),
             "store": {"url": store.url, "pid": store.pid},
-            "broker": _describe_broker(brokers[0]),
-            "brokers": [_describe_broker(b) for b in brokers],
+            "broker": describe_broker(brokers[0]),
+            "brokers": [describe_broker(b) for b in brokers],
             "sidecars": described,
             "audit_dir": str(audit_dir),
             "policies_dir": str(policies_dir),

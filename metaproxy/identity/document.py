@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from metaproxy.clock import iso_z
 from metaproxy.errors import BadRequest, ConfigError
-from metaproxy.identity.keys import PrivateKey, PublicKey, load_jwks, load_private_key
+from metaproxy.identity.jwks import load_jwks
+from metaproxy.identity.keys import PrivateKey, PublicKey, load_private_key
 
 # AWS's own keys in AWS's order, then the task-scoped additions.
 DOCUMENT_KEYS = (

@@ -1,4 +1,4 @@
-"""Signing keys for identity tokens and documents, and the JWKS files that publish them.
+"""Signing keys for identity tokens and documents, and the public JWK that names each one.
 
 Private keys are PKCS8 PEM files readable only by their owner. Public keys travel as a JWKS whose
 `kid` is the RFC 7638 thumbprint, so a key's id is derived from the key and cannot be reused for a
@@ -13,7 +13,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -26,13 +26,6 @@ SigningAlgorithm = Literal["EdDSA", "ES256"]
 VerifyingAlgorithm = Literal["EdDSA", "ES256", "RS256"]
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
-
-# A JWKS is tiny; anything bigger is a misconfiguration (or someone pointing us at the wrong file).
-MAX_JWKS_BYTES = 256 * 1024
-MAX_JWKS_KEYS = 64
-MIN_RSA_BITS = 2048
-# Members that only a private JWK carries; a published JWKS holding them leaks the signing key.
-PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 
 
 def b64url(data: bytes) -> str:
@@ -99,15 +92,6 @@ def jwk_thumbprint(jwk: Mapping[str, str]) -> str:
     return b64url(hashlib.sha256(canonical).digest())
 
 
-def algorithm_for(key: PublicKey) -> VerifyingAlgorithm:
-    """The one algorithm each key type may be used with (pinning defeats algorithm confusion)."""
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return "EdDSA"
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        return "ES256"
-    return "RS256"
-
-
 def generate_keypair(
     out_dir: Path, name: str = "identity", algorithm: SigningAlgorithm = "EdDSA"
 ) -> tuple[Path, Path]:
@@ -150,89 +134,3 @@ def load_private_key(path: Path) -> tuple[PrivateKey, str, SigningAlgorithm]:
     else:
         raise ConfigError(f"private key {path}: only Ed25519 and P-256 keys can sign")
     return key, jwk_thumbprint(public_jwk(key.public_key())), alg
-
-
-def _member(jwk: Mapping[str, Any], name: str, where: str) -> str:
-    value = jwk.get(name)
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where}: member {name!r} must be a non-empty string")
-    return value
-
-
-def _decode_member(jwk: Mapping[str, Any], name: str, where: str) -> bytes:
-    try:
-        return b64url_decode(_member(jwk, name, where))
-    except ValueError:
-        raise ConfigError(f"{where}: member {name!r} is not base64url") from None
-
-
-def jwk_to_public_key(jwk: Mapping[str, Any], where: str = "jwk") -> PublicKey:
-    """Build a public key from a JWK, accepting only Ed25519, P-256 and RSA (>= 2048 bits)."""
-    kty = _member(jwk, "kty", where)
-    key: PublicKey
-    try:
-        if kty == "OKP":
-            if _member(jwk, "crv", where) != "Ed25519":
-                raise ConfigError(f"{where}: OKP keys must use crv Ed25519")
-            key = ed25519.Ed25519PublicKey.from_public_bytes(_decode_member(jwk, "x", where))
-        elif kty == "EC":
-            if _member(jwk, "crv", where) != "P-256":
-                raise ConfigError(f"{where}: EC keys must use crv P-256")
-            x, y = _decode_member(jwk, "x", where), _decode_member(jwk, "y", where)
-            if len(x) != 32 or len(y) != 32:
-                raise ConfigError(f"{where}: P-256 coordinates must be 32 bytes")
-            point = b"\x04" + x + y  # uncompressed point; cryptography checks it is on the curve
-            key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
-        elif kty == "RSA":
-            n = int.from_bytes(_decode_member(jwk, "n", where), "big")
-            e = int.from_bytes(_decode_member(jwk, "e", where), "big")
-            if n.bit_length() < MIN_RSA_BITS:
-                raise ConfigError(f"{where}: RSA keys must have at least {MIN_RSA_BITS} bits")
-            key = rsa.RSAPublicNumbers(e, n).public_key()
-        else:
-            raise ConfigError(f"{where}: kty {kty!r} is not supported")
-    except ValueError:
-        raise ConfigError(f"{where}: not a valid {kty} public key") from None
-    return key
-
-
-def load_jwks(path: Path) -> dict[str, tuple[PublicKey, VerifyingAlgorithm]]:
-    """Public keys by kid, each with the one algorithm it may verify. Refuses malformed files."""
-    where = str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read JWKS {where}: {exc.strerror}") from None
-    if len(raw) > MAX_JWKS_BYTES:
-        raise ConfigError(f"JWKS {where} is larger than {MAX_JWKS_BYTES} bytes")
-    try:
-        document = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise ConfigError(f"JWKS {where} is not valid JSON") from None
-    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
-        raise ConfigError(f"JWKS {where} must be an object with a 'keys' list")
-    entries: list[Any] = document["keys"]
-    if not 1 <= len(entries) <= MAX_JWKS_KEYS:
-        raise ConfigError(f"JWKS {where} must hold between 1 and {MAX_JWKS_KEYS} keys")
-    keys: dict[str, tuple[PublicKey, VerifyingAlgorithm]] = {}
-    for index, jwk in enumerate(entries):
-        at = f"JWKS {where} key {index}"
-        if not isinstance(jwk, dict):
-            raise ConfigError(f"{at}: must be an object")
-        if PRIVATE_JWK_MEMBERS & jwk.keys():
-            raise ConfigError(f"{at}: holds private or symmetric key material; publish public keys")
-        key = jwk_to_public_key(jwk, at)
-        alg = algorithm_for(key)
-        if "alg" in jwk and jwk["alg"] != alg:
-            raise ConfigError(
-                f"{at}: alg {jwk['alg']!r} does not fit the key type (expected {alg})"
-            )
-        if "use" in jwk and jwk["use"] != "sig":
-            raise ConfigError(f"{at}: use must be 'sig'")
-        kid = jwk.get("kid", jwk_thumbprint(public_jwk(key)))
-        if not isinstance(kid, str) or not kid or len(kid) > 256 or not kid.isprintable():
-            raise ConfigError(f"{at}: kid must be a printable string of at most 256 characters")
-        if kid in keys:
-            raise ConfigError(f"{at}: duplicate kid {kid!r}")
-        keys[kid] = (key, alg)
-    return keys

@@ -5,79 +5,44 @@ container-credentials addresses on the namespace's loopback, redirects their por
 sidecar's loopback ports with NAT (`podnet.addresses`, the same code as the CNI plugin and
 `metaproxy link-local`) and starts the sidecar in it, so an unconfigured SDK in the task finds
 169.254.169.254 with no environment at all, and the task keeps port 80 for itself. The
-sidecar's admin endpoint is a Unix socket on the host's file system: sockets are named by path,
-not by network namespace, so the platform polls `/readyz` from the host. `detach` stops the
-sidecar (if it still runs) and removes what `attach` added. The ordering is in docs/netns.md.
+sidecar's admin endpoint is a Unix socket on the host's file system (`task_files.py`), so the
+platform polls `/readyz` from the host. `detach` stops the sidecar (if it still runs,
+`task_sidecar.py`) and removes what `attach` added. The ordering is in docs/netns.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import http.client
 import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from metaproxy.clihelp import add_flag
 from metaproxy.errors import ConfigError
-from metaproxy.podnet import CONTAINER_PORT, IMDS_PORT
+from metaproxy.podnet.task_files import (
+    DEFAULT_RUNTIME_DIR,
+    NETNS_DIR,
+    TaskPaths,
+    running_sidecar,
+    write_state,
+)
+from metaproxy.podnet.task_sidecar import sidecar_command, stop_sidecar, wait_ready
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-NETNS_DIR = Path("/run/netns")  # where `ip netns add` bind-mounts named namespaces
-DEFAULT_RUNTIME_DIR = Path("/run/metaproxy")
 # Listen addresses and the ready file are what make a sidecar "attached"; letting the caller
 # change them would silently break the SDK's defaults or the host's readiness probe.
 OWNED_SIDECAR_FLAGS = ("--imds-listen", "--container-listen", "--admin-listen", "--ready-file")
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
-POLL_SECONDS = 0.1
 MAX_WAIT_SECONDS = 3600
 
 
 class NetnsError(Exception):
     """Attaching or detaching failed; the message is for the operator and holds no secrets."""
-
-
-@dataclass(frozen=True, slots=True)
-class TaskPaths:
-    """Per-namespace files on the host: admin socket, sidecar state, ready file, log."""
-
-    directory: Path
-
-    @classmethod
-    def for_namespace(cls, runtime_dir: Path, name: str) -> TaskPaths:
-        return cls(runtime_dir / name)
-
-    @property
-    def admin_socket(self) -> Path:
-        return self.directory / "admin.sock"
-
-    @property
-    def state_file(self) -> Path:
-        return self.directory / "sidecar.json"
-
-    @property
-    def pid_file(self) -> Path:
-        """Plain pid, for supervisors (systemd `PIDFile=`); `state_file` is what detach trusts."""
-        return self.directory / "sidecar.pid"
-
-    @property
-    def ready_file(self) -> Path:
-        return self.directory / "ready.json"
-
-    @property
-    def log_file(self) -> Path:
-        return self.directory / "sidecar.log"
 
 
 def validate_name(name: str) -> str:
@@ -225,11 +190,11 @@ def _run_attach(args: argparse.Namespace) -> int:
     paths.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     paths.ready_file.unlink(missing_ok=True)
     ipv6 = add_task_addresses(name)
-    command = sidecar_command(name, paths, sidecar_args, ipv6=ipv6)
+    command = sidecar_command(_tool("nsenter"), name, paths, sidecar_args, ipv6=ipv6)
     if not args.wait_ready:
         # Foreground: this process becomes the sidecar (nsenter execs without forking), so a
         # supervisor's SIGTERM reaches the sidecar itself and starts its drain.
-        _write_state(paths, os.getpid(), name)
+        write_state(paths, os.getpid(), name)
         sys.stdout.flush()
         os.execv(command[0], command)  # noqa: S606 - fixed program, validated arguments
     with paths.log_file.open("ab") as log:
@@ -240,7 +205,7 @@ def _run_attach(args: argparse.Namespace) -> int:
             stderr=log,
             start_new_session=True,  # outlives this command, which returns once ready
         )
-    _write_state(paths, process.pid, name)
+    write_state(paths, process.pid, name)
     ready, detail = wait_ready(paths.admin_socket, process, args.ready_timeout)
     if not ready:
         # A half-started sidecar must not linger: the platform will not start the task anyway.
@@ -272,32 +237,6 @@ def release(name: str, paths: TaskPaths, stop_timeout: float) -> int | None:
     return stopped
 
 
-def sidecar_command(
-    name: str, paths: TaskPaths, sidecar_args: list[str], *, ipv6: bool
-) -> list[str]:
-    """`nsenter --net=… python -m metaproxy sidecar …` on the loopback ports the namespace's
-    redirect sends the SDKs' default addresses to (127.0.0.1, and ::1 where the namespace has
-    IPv6): IMDS on `IMDS_PORT`, container credentials on `CONTAINER_PORT`. Never port 80: the
-    task's own `0.0.0.0:80` must stay free."""
-    hosts = ["127.0.0.1", "[::1]"] if ipv6 else ["127.0.0.1"]
-    imds = [f"{host}:{IMDS_PORT}" for host in hosts]
-    container = [f"{host}:{CONTAINER_PORT}" for host in hosts]
-    return [
-        _tool("nsenter"),
-        f"--net={NETNS_DIR / name}",
-        "--",
-        sys.executable,
-        "-m",
-        "metaproxy",
-        "sidecar",
-        *sidecar_args,
-        f"--imds-listen={','.join(imds)}",
-        f"--container-listen={','.join(container)}",
-        f"--admin-listen=unix:{paths.admin_socket}",
-        f"--ready-file={paths.ready_file}",
-    ]
-
-
 def add_task_addresses(name: str) -> bool:
     """`lo` up with the task addresses and their redirect to `IMDS_PORT` and `CONTAINER_PORT`;
     True if they include IPv6 (the namespace has it)."""
@@ -317,109 +256,3 @@ def remove_task_addresses(name: str) -> None:
         addresses.release(NETNS_DIR / name)  # `lo` stays up: a down `lo` breaks the task
     except OSError as exc:
         raise NetnsError(f"removing the addresses and redirect from {name!r}: {exc}") from None
-
-
-def _start_time(pid: int) -> int | None:
-    """Clock ticks since boot when `pid` started: with the pid, it names one process for good."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Field 22; the command name (field 2) may hold spaces, so split after its closing paren.
-    return int(stat.rpartition(")")[2].split()[19])
-
-
-def _write_state(paths: TaskPaths, pid: int, name: str) -> None:
-    state = {"pid": pid, "start_time": _start_time(pid), "netns": name}
-    tmp = paths.state_file.with_name(paths.state_file.name + ".tmp")
-    tmp.write_text(json.dumps(state))
-    tmp.chmod(0o600)
-    os.replace(tmp, paths.state_file)
-    paths.pid_file.write_text(f"{pid}\n")
-
-
-def running_sidecar(paths: TaskPaths) -> int | None:
-    """The attached sidecar's pid if it is still the same process; a recycled pid is not it."""
-    try:
-        state: dict[str, Any] = json.loads(paths.state_file.read_text())
-        pid = int(state["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if pid <= 1 or state.get("start_time") is None or _start_time(pid) != state["start_time"]:
-        return None
-    return pid
-
-
-def stop_sidecar(paths: TaskPaths, timeout: float) -> int | None:
-    """SIGTERM (the sidecar drains), SIGKILL after `timeout`. Returns the pid it stopped."""
-    pid = running_sidecar(paths)
-    if pid is None:
-        return None
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return None
-    deadline = time.monotonic() + timeout
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            break
-        time.sleep(POLL_SECONDS)
-    return pid
-
-
-def _alive(pid: int) -> bool:
-    try:
-        # Reap it if it is our child (attach's rollback); otherwise it is reparented elsewhere.
-        reaped, _ = os.waitpid(pid, os.WNOHANG)
-        if reaped == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")  # a zombie has exited; its parent just has not reaped it
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(str(self._path))
-        self.sock = sock
-
-
-def probe_ready(admin_socket: Path, timeout: float = 1.0) -> tuple[bool, str]:
-    """GET /readyz over the admin socket: (ready, the sidecar's one-line reason)."""
-    connection = _UnixHTTPConnection(admin_socket, timeout)
-    try:
-        connection.request("GET", "/readyz")
-        response = connection.getresponse()
-        body = response.read(512).decode(errors="replace").strip()
-        return response.status == 200, f"{response.status} {body}"
-    except OSError as exc:
-        return False, f"admin socket: {exc.strerror or type(exc).__name__}"
-    finally:
-        connection.close()
-
-
-def wait_ready(
-    admin_socket: Path, process: subprocess.Popen[bytes], timeout: float
-) -> tuple[bool, str]:
-    deadline = time.monotonic() + timeout
-    detail = "not started"
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return False, f"sidecar exited with status {process.returncode}"
-        ready, detail = probe_ready(admin_socket)
-        if ready:
-            return True, detail
-        time.sleep(POLL_SECONDS)
-    return False, f"timed out after {timeout:g}s, last /readyz: {detail}"

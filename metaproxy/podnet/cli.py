@@ -259,7 +259,7 @@ def _ready_file(parser: argparse.ArgumentParser, meaning: str) -> None:
 
 
 def _interpreter(text: str) -> str:
-    from metaproxy.podnet.install import shebang_problem
+    from metaproxy.podnet.plugin_archive import shebang_problem
 
     problem = shebang_problem(text)
     if problem:
@@ -304,7 +304,7 @@ def _installer(args: argparse.Namespace) -> Installer:
 
 
 def _install_cni(args: argparse.Namespace) -> int:
-    from metaproxy.podnet.install import watch
+    from metaproxy.podnet.install_watch import watch
 
     installer = _installer(args)
     if args.once:

@@ -19,6 +19,16 @@ DEFAULT_SOURCE_IDENTITY = "${tenant}.${task}"
 DEFAULT_DURATION_SECONDS = 3600
 
 
+def role_identity(arn: str) -> tuple[str, str, str]:
+    """(partition, account, name) of a role ARN: what IAM tells roles apart by. Role names are
+    unique in an account whatever their path and case, so `role/App` and `role/team/app` are
+    one role to IAM and one role to the ownership rule."""
+    parts = arn.split(":", 5)
+    if len(parts) < 6:
+        return ("", "", arn.lower())
+    return (parts[1], parts[4], parts[5].rsplit("/", 1)[-1].lower())
+
+
 def matches_any(value: str, globs: tuple[str, ...]) -> bool:
     # fnmatchcase, not fnmatch: fnmatch folds case on some platforms, and `Web` is not `web`.
     return any(glob == "*" or fnmatchcase(value, glob) for glob in globs)
@@ -102,6 +112,8 @@ class TenantPolicy:
     sidecar_limits: SidecarLimits = field(default_factory=SidecarLimits)
     broker_limits: BrokerLimits = field(default_factory=BrokerLimits)
     description: str = ""
+    # `[shared_roles]`: (role ARN, the other tenants that may name it too; "*": any tenant).
+    shared_roles: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def default_role(self) -> RoleRule:
@@ -112,6 +124,14 @@ class TenantPolicy:
         """A role by full ARN or by name (the ARN's last path segment)."""
         key = "arn" if requested.startswith("arn:") else "name"
         return next((role for role in self.roles if getattr(role, key) == requested), None)
+
+    def shares(self, arn: str, tenant: str) -> bool:
+        """True if this tenant's `[shared_roles]` lets `tenant` name the role `arn` too."""
+        wanted = role_identity(arn)
+        return any(
+            role_identity(shared) == wanted and (tenant in tenants or "*" in tenants)
+            for shared, tenants in self.shared_roles
+        )
 
     def claims(self, identity: Identity) -> bool:
         return any(rule.matches(identity) for rule in self.identities)

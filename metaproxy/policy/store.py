@@ -3,7 +3,8 @@
 A control plane that dropped its known-good state on a bad update took traffic down with it,
 so a reload that finds any problem logs every one of them and keeps serving the previous set.
 A file caught mid-write once loaded because its first half parsed (and a `web` task got
-`acme-reports`), so the watcher loads only a directory that read the same twice, a poll apart.
+`acme-reports`), so the watcher loads only a directory that read the same twice, a poll apart;
+a file cut short that stays so is refused by its missing end line (`complete.py`).
 """
 
 from __future__ import annotations
@@ -14,15 +15,10 @@ import threading
 from collections.abc import Collection
 from pathlib import Path
 
-from metaproxy.policy.load import (
-    PolicyError,
-    PolicyProblem,
-    PolicySnapshot,
-    load_policy_dir,
-    policy_files,
-    read_policy_dir,
-)
+from metaproxy.policy.load import load_policy_dir
 from metaproxy.policy.model import PolicySet
+from metaproxy.policy.problems import PolicyError, PolicyProblem
+from metaproxy.policy.read import PolicySnapshot, policy_files, read_policy_dir
 
 log = logging.getLogger("metaproxy.policy")
 

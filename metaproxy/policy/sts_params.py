@@ -220,6 +220,7 @@ def build_spec(tenant: TenantPolicy, role: RoleRule, identity: Identity) -> Assu
             transitive_tag_keys=transitive,
             session_policy=policy,
             external_id=external,
+            tenant=tenant.tenant,
         )
     # A chain: what AWS carries along it is set on the first hop. SourceIdentity and transitive
     # tags persist into the second session, where setting a transitive key again fails the
@@ -232,6 +233,7 @@ def build_spec(tenant: TenantPolicy, role: RoleRule, identity: Identity) -> Assu
         duration_seconds=CHAIN_FIRST_HOP_SECONDS,
         tags=tags,
         transitive_tag_keys=transitive,
+        tenant=tenant.tenant,
     )
     carried = {key.lower() for key in transitive}
     return AssumeRoleSpec(
@@ -243,4 +245,5 @@ def build_spec(tenant: TenantPolicy, role: RoleRule, identity: Identity) -> Assu
         session_policy=policy,
         external_id=external,
         via=first,
+        tenant=tenant.tenant,
     )

@@ -18,9 +18,9 @@ import time
 from collections.abc import Awaitable, Callable
 
 from metaproxy.clock import Clock, SystemClock
-from metaproxy.config import SidecarConfig, authorization_token_mode
 from metaproxy.models import SidecarLimits
 from metaproxy.sidecar import container_creds, diagnosis, instrument
+from metaproxy.sidecar.config import SidecarConfig, authorization_token_mode
 from metaproxy.sidecar.credentials_cache import CredentialKeeper
 from metaproxy.sidecar.face import Face, RateClass
 from metaproxy.sidecar.fairness import FairShare

@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from metaproxy.config import SidecarConfig
 from metaproxy.models import Credentials, NodeFacts, SidecarLimits
+from metaproxy.sidecar.config import SidecarConfig
 from metaproxy.sidecar.trust import CaBundle, CaProblem
 from metaproxy.sidecar.wire.httpclient import Endpoint, HttpClient, HttpClientError
 

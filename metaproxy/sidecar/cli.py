@@ -6,8 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
-from metaproxy.config import SidecarConfig
 from metaproxy.process.servercmd import register_server
+from metaproxy.sidecar.config import SidecarConfig
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -22,9 +22,9 @@ import os
 from collections.abc import Callable
 
 from metaproxy.clock import Clock
-from metaproxy.config import SidecarConfig
 from metaproxy.sidecar import diagnosis
 from metaproxy.sidecar.broker_client import BrokerClient, BrokerError, Grant
+from metaproxy.sidecar.config import SidecarConfig
 
 log = logging.getLogger("metaproxy.sidecar.credentials")
 

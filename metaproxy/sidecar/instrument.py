@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from metaproxy.clock import Clock
-from metaproxy.config import SidecarConfig
 from metaproxy.sidecar.broker_client import BrokerClient, BrokerError, Grant
+from metaproxy.sidecar.config import SidecarConfig
 from metaproxy.sidecar.metrics import SidecarMetrics
 
 if TYPE_CHECKING:

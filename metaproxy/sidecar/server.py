@@ -20,10 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from metaproxy.clock import Clock
-from metaproxy.config import SidecarConfig, split_host_port
+from metaproxy.config import split_host_port
 from metaproxy.net.connguard import ACCEPT_BACKLOG, ConnectionGuard
 from metaproxy.sidecar import container_creds, imds, instrument
 from metaproxy.sidecar.app import admin_error_page, admin_plane, build_state, data_plane
+from metaproxy.sidecar.config import SidecarConfig
 from metaproxy.sidecar.face import Face
 from metaproxy.sidecar.guards import admin_reject, build_guards
 from metaproxy.sidecar.state import SidecarState

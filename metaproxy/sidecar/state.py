@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from metaproxy.clock import Clock
-from metaproxy.config import SidecarConfig
 from metaproxy.sidecar.broker_client import BrokerClient, Grant
+from metaproxy.sidecar.config import SidecarConfig
 from metaproxy.sidecar.credentials_cache import CredentialKeeper
 from metaproxy.sidecar.fairness import FairShare
 from metaproxy.sidecar.lifecycle import TerminationNotice

@@ -143,7 +143,7 @@ def run_sts_emulator(args: argparse.Namespace) -> int:
 
 
 def run_fault_proxy(args: argparse.Namespace) -> int:
-    from metaproxy.testing.faultproxy import validate_faults
+    from metaproxy.testing.faults import validate_faults
 
     try:
         faults = validate_faults(
@@ -176,7 +176,7 @@ async def _serve_fault_proxy(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await proxy.stop()
+        await proxy.aclose()
     return 0
 
 

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 from metaproxy.testing.emulator import free_port
 
-# Valkey is the open-source fork the deployment runs (deploy/kubernetes/valkey-statefulset.yaml);
+# Valkey is the open-source fork the deployment runs (deploy/kubernetes/components/valkey);
 # Debian's redis-server speaks the same protocol and is what most machines already have.
 SERVER_BINARIES = ("valkey-server", "redis-server")
 CONFIG_NAME = "redis.conf"

@@ -11,7 +11,7 @@ from typing import Literal
 from metaproxy.config import _LISTEN, _LOG_FORMAT, check_tls_pair, doc
 from metaproxy.errors import ConfigError
 from metaproxy.metadata_paths import normalise
-from metaproxy.webhook.patch import DEFAULT_NODE_METADATA
+from metaproxy.webhook.settings import DEFAULT_NODE_METADATA
 
 
 @dataclass(frozen=True, slots=True)

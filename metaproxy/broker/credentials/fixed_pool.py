@@ -70,4 +70,4 @@ class FixedPoolScheduler(QueuedSource):
         )
 
     async def aclose(self) -> None:
-        await self.pool.close()
+        await self.pool.aclose()

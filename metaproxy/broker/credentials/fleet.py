@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 from dataclasses import dataclass
@@ -27,11 +28,11 @@ from datetime import datetime, timedelta
 
 from metaproxy.background import BackgroundTasks
 from metaproxy.broker.credentials.source import (
+    SERVE_FLOOR_SECONDS,
     CredentialSource,
     Fetch,
     Fetched,
     Scope,
-    owner_name,
 )
 from metaproxy.broker.credentials.sts import AssumedRole
 from metaproxy.broker.store.base import CacheClaim, SharedCache, StoreUnavailable
@@ -42,8 +43,6 @@ from metaproxy.models import Credentials
 
 log = logging.getLogger("metaproxy.broker.cache")
 
-# Sidecars never hand out credentials with less than 15 minutes left (min_serve_seconds).
-SERVE_FLOOR_SECONDS = 900.0
 LEASE_SECONDS = 5.0
 # A waiter gives up on other replicas after this and calls STS itself.
 MAX_WAIT_SECONDS = 30.0
@@ -52,16 +51,38 @@ MAX_WAIT_SECONDS = 30.0
 # coroutine resumes, and put ~0.2 ms of sealing and sending in front of every cold answer.
 # Waiters on other replicas get the set this much later, next to an STS call of ~50-100 ms.
 FILL_AFTER_SECONDS = 0.002
+# A set that does not open is logged once in this long (a key rotation done in one step makes
+# every cold request meet one), and counted always.
+WARN_EVERY_SECONDS = 60.0
 
 
-def key_digest(key: tuple[object, ...]) -> str:
-    """The store's name for a cache key: a digest, so a store dump names no session."""
-    return hashlib.sha256(json.dumps(key, default=str).encode()).hexdigest()
+NAMES_PURPOSE = "cache-names"
 
 
-def owners_of(fetch: Fetch) -> list[str]:
-    """The revocation scopes a set is indexed under: its tenant, and its task in the tenant."""
-    return [owner_name(fetch.tenant, ""), owner_name(fetch.tenant, fetch.task)]
+class StoreNames:
+    """What the store files sets and their owners under: keyed digests (HMAC-SHA256 under a
+    subkey of the store key), so a store dump names no session, and a store reader cannot test
+    a guess ("is acme's app role cached for task 7?") by hashing it.
+
+    The first key of --store-key-file names, as it seals: while a rotation's second phase rolls
+    out, replicas that disagree on the first line file under different names (each fetches its
+    own, once per key), never under the same name with different contents."""
+
+    def __init__(self, sealer: Sealer) -> None:
+        self._key = sealer.derive(NAMES_PURPOSE)[0]
+
+    def _digest(self, text: str) -> str:
+        return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()
+
+    def of(self, fetch: Fetch) -> str:
+        return self._digest(json.dumps(fetch.key, default=str))
+
+    def owner(self, tenant: str, task: str) -> str:
+        """The index a set is filed under for its tenant (task "") or one task of it."""
+        return self._digest(f"{tenant}\x00{task}")
+
+    def owners_of(self, fetch: Fetch) -> list[str]:
+        return [self.owner(fetch.tenant, ""), self.owner(fetch.tenant, fetch.task)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +90,7 @@ class FleetCacheStats:
     hits: int  # sets another replica fetched
     waits: int  # waits for another replica's call
     fallbacks: int  # the store did not answer: this replica called STS itself
+    unopenable: int  # sets that did not open here (another key, tampering): replaced
 
 
 class FleetCache:
@@ -85,6 +107,7 @@ class FleetCache:
         self._inner = inner
         self._store = store
         self._sealer = sealer
+        self._names = StoreNames(sealer)
         self._clock = clock
         self._holder = holder
         self._refresh_fraction = refresh_fraction
@@ -92,18 +115,20 @@ class FleetCache:
         self._hits = 0
         self._waits = 0
         self._fallbacks = 0
+        self._unopenable = 0
+        self._warned_at = -WARN_EVERY_SECONDS
 
     def stats(self) -> FleetCacheStats:
-        return FleetCacheStats(self._hits, self._waits, self._fallbacks)
+        return FleetCacheStats(self._hits, self._waits, self._fallbacks, self._unopenable)
 
     def claim(self, fetch: Fetch) -> CacheClaim:
-        return CacheClaim(key_digest(fetch.key), self._holder, LEASE_SECONDS)
+        return CacheClaim(self._names.of(fetch), self._holder, LEASE_SECONDS)
 
     def release(self, fetch: Fetch) -> None:
         look = fetch.ticket.look
         if look is not None and look.holding:
             # Other replicas would otherwise wait the lease out before calling STS themselves.
-            self._background.spawn(self._fill_quietly(key_digest(fetch.key), [], None))
+            self._background.spawn(self._fill_quietly(self._names.of(fetch), [], None))
         self._inner.release(fetch)
 
     def drop(self, scope: Scope) -> int:
@@ -113,7 +138,7 @@ class FleetCache:
 
     async def purge(self, scope: Scope) -> int:
         """Delete the store's sets `scope` covers; returns how many went."""
-        return await self._store.drop_owner(scope.owner)
+        return await self._store.drop_owner(self._names.owner(scope.tenant, scope.task))
 
     def purge_later(self, scope: Scope) -> None:
         self._background.spawn(self._purge_quietly(scope))
@@ -123,7 +148,7 @@ class FleetCache:
             await self.purge(scope)
 
     async def get(self, fetch: Fetch) -> Fetched:
-        digest = key_digest(fetch.key)
+        digest = self._names.of(fetch)
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + MAX_WAIT_SECONDS
         try:
@@ -135,15 +160,17 @@ class FleetCache:
                 if found is not None and not due:
                     return self._hit(fetch, found)
                 holding = look.holding
-                if found is not None and not holding:
-                    # Due for a refresh: this caller makes it, unless a replica already is;
-                    # then the set it found, still well above the floor, is the answer.
+                if look.value is not None and not holding:
+                    # Due for a refresh, or a value this replica cannot use (sealed under a key
+                    # it does not have, tampered with): this caller replaces it, unless a
+                    # replica already is. A set found due, still well above the floor, is the
+                    # answer meanwhile; a value that does not open is a miss, never a wait.
                     refresh = await self._store.get_or_claim(
                         digest, self._holder, LEASE_SECONDS, claim_if_present=True
                     )
-                    if not refresh.holding:
+                    if not refresh.holding and found is not None:
                         return self._hit(fetch, found)
-                    holding = True
+                    holding = refresh.holding
                 if holding:
                     return await self._fetch_as_holder(digest, fetch, found)
                 if loop.time() > give_up_at:
@@ -191,7 +218,7 @@ class FleetCache:
             # Storing the set and releasing the lease (which wakes the other replicas'
             # waiters) follow in one round trip, in the background, after the caller's answer.
             role = fetched.role if fetched is not None else None
-            self._background.spawn(self._fill_quietly(digest, owners_of(fetch), role))
+            self._background.spawn(self._fill_quietly(digest, self._names.owners_of(fetch), role))
 
     async def _fill_quietly(self, digest: str, owners: list[str], role: AssumedRole | None) -> None:
         await asyncio.sleep(FILL_AFTER_SECONDS)
@@ -240,7 +267,16 @@ class FleetCache:
             fetched_at = datetime.fromisoformat(record["fetched_at"])
             refresh_at = datetime.fromisoformat(record["refresh_at"])
         except (SealedValueInvalid, ValueError, KeyError, TypeError) as exc:
-            log.warning("ignored a shared credential set that does not open (%s)", exc)
+            self._unopenable += 1
+            moment = self._clock.monotonic()
+            if moment - self._warned_at > WARN_EVERY_SECONDS:
+                self._warned_at = moment
+                log.warning(
+                    "a shared credential set does not open (%s): fetched again and replaced; "
+                    "a replica without every key of --store-key-file? (%d so far)",
+                    type(exc).__name__,
+                    self._unopenable,
+                )
             return None, False
         now = self._clock.now()
         if role.credentials.seconds_left(now) <= SERVE_FLOOR_SECONDS:

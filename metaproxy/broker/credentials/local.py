@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from metaproxy.broker.credentials.source import (
+    SERVE_FLOOR_SECONDS,
     CredentialSource,
     Dropped,
     Fetch,
@@ -39,6 +40,8 @@ log = logging.getLogger("metaproxy.broker.cache")
 
 Key = tuple[object, ...]
 REVALIDATE_SHARE = 0.9  # of the way from fetch to refresh_at, background refresh starts
+# Beyond the serve floor, for the answer's way to the sidecar and the clocks' disagreement.
+FLOOR_MARGIN_SECONDS = 60.0
 MAX_TRACKED_OWNERS = 200_000  # twice the cache's own bound; the oldest owners go first
 
 
@@ -59,7 +62,12 @@ class CacheEntry:
 def refresh_schedule(lifetime: float, refresh_fraction: float) -> tuple[float, float]:
     """Seconds after a fetch of credentials with `lifetime` seconds to go when a background
     refresh starts (callers still get the cached set) and when callers wait for a new one."""
-    refresh_in = lifetime * refresh_fraction
+    refresh_in = min(
+        lifetime * refresh_fraction,
+        # Whatever the fraction (0.9 of an hour once served sets with 6 minutes left), a cached
+        # set is served only while it has the sidecars' floor left, and a margin.
+        max(0.0, lifetime - SERVE_FLOOR_SECONDS - FLOOR_MARGIN_SECONDS),
+    )
     return refresh_in * REVALIDATE_SHARE, refresh_in
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 from typing import Protocol
@@ -166,7 +167,7 @@ class FairScheduler(QueuedSource):
             )
             raise
         self.submitted += 1
-        self._arrivals.count()
+        self._arrivals.count(now=time.monotonic())
         self._scale_up_now()
         if shed is not None and not shed.item.future.done():
             shed.item.future.set_exception(
@@ -175,10 +176,17 @@ class FairScheduler(QueuedSource):
         self._available.set()
         return await await_job(job)
 
+    async def start(self) -> None:
+        self._ensure_running()
+
     def _ensure_running(self) -> None:
         if self._supervisor is None or self._supervisor.done():
             self.pool.resize(self.limits.workers_min)
-            self._supervisor = asyncio.create_task(self._autoscale(), name="sts-autoscaler")
+            # In a context of its own: started by a request, it would log that request's id,
+            # tenant and task on every "STS workers a -> b" line ever after.
+            self._supervisor = asyncio.create_task(
+                self._autoscale(), name="sts-autoscaler", context=contextvars.Context()
+            )
 
     def _scale_up_now(self) -> None:
         """Grow the pool on arrival when the backlog needs it: during a burst the event loop is
@@ -285,7 +293,7 @@ class FairScheduler(QueuedSource):
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
-        await self.pool.close()
+        await self.pool.aclose()
         while (entry := self.queue.pop()) is not None:
             if not entry.item.future.done():
                 entry.item.future.set_exception(StsUnavailable("broker is shutting down"))

@@ -22,6 +22,9 @@ from metaproxy.broker.store.base import NO_TICKET, CacheClaim, Ticket
 from metaproxy.models import AssumeRoleSpec
 
 Priority = Literal["cold", "refresh"]
+# Sidecars never hand out credentials with less than 15 minutes left (their min_serve_seconds,
+# the SDKs' own "about to expire"): the broker never serves a cached set that close to its end.
+SERVE_FLOOR_SECONDS = 900.0
 # Where a set came from: this replica's cache ("cache"; "stale" while STS fails and the set is
 # still valid), a call in flight for another request ("coalesced"), another replica's call
 # through the fleet's shared cache ("fleet"), or a call of this request's own ("sts").
@@ -37,16 +40,6 @@ class Scope:
 
     def covers(self, tenant: str, task: str) -> bool:
         return tenant == self.tenant and (not self.task or task == self.task)
-
-    @property
-    def owner(self) -> str:
-        """The shared cache's index name for what this scope covers."""
-        return owner_name(self.tenant, self.task)
-
-
-def owner_name(tenant: str, task: str) -> str:
-    """How the shared cache indexes a set under its tenant ("t\\0") and its task ("t\\0task")."""
-    return f"{tenant}\x00{task}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,7 +117,7 @@ class BudgetStats:
     share_per_second: float  # AssumeRole calls per second this replica may make now
     fallback: bool = False  # the store is unreachable: this replica spends its share alone
     fallback_calls: int = 0  # calls made on the share
-    late_slots: int = 0  # store slots let go because the event loop woke past them
+    store_asks: int = 0  # commands to the store for a slot, granted or told to wait
 
 
 class StsBudget(Protocol):

@@ -29,6 +29,7 @@ from metaproxy.broker.store.base import (
     RevocationEvent,
     RevocationListener,
     RevocationSnapshot,
+    StoreUnavailable,
     Ticket,
 )
 from metaproxy.errors import ConfigError
@@ -100,7 +101,12 @@ class MemoryRevocations:
             return
         data = json.dumps([asdict(e) for e in entries.values()], indent=1).encode()
         # Durable before the revocation is acknowledged; on a thread, as fsync blocks.
-        await asyncio.to_thread(write_atomically, self._path, data)
+        try:
+            await asyncio.to_thread(write_atomically, self._path, data)
+        except OSError as exc:
+            # A full or read-only --state-dir: nothing changed, and the caller says so (503,
+            # audited), as it does for a shared store that does not answer.
+            raise StoreUnavailable(f"cannot write {self._path}: {exc.strerror}") from None
 
 
 class LocalBudget:

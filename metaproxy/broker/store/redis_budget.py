@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
+from collections import deque
 from dataclasses import dataclass
 
-from metaproxy.broker.credentials.budget import LATE_SLOT_SECONDS
 from metaproxy.broker.store import redis_scripts as scripts
 from metaproxy.broker.store.base import BudgetStats, StoreUnavailable
 from metaproxy.broker.store.memory import LocalBudget
@@ -16,15 +18,18 @@ from metaproxy.broker.store.redis_registry import RedisRegistry
 
 log = logging.getLogger("metaproxy.broker.store")
 
-# Budget slots further ahead than this are not reserved (a worker scaled down while it waited
-# would waste it): the caller waits a little and asks again.
-MAX_RESERVE_AHEAD_SECONDS = 2.0
+# The pump sleeps at most this long between asks (a slot further off is asked about again).
+MAX_SLEEP_SECONDS = 0.25
 # Kept back for the time between a slot and STS's count of the call (the replica's event loop,
 # its connection to STS, the network): more than a single broker's call window keeps, because
 # the slots of several replicas interleave and each replica's lateness adds to the others'
 # (a 3,000-task burst over three replicas measured 308/s at the fault proxy with 5% kept back).
 BUDGET_MARGIN = 0.06
-BUDGET_BURST_SHARE = 0.01  # calls that may go at once after a quiet spell, as a share of 1 s
+# Calls that may go at once after a quiet spell, as a share of a second's budget. A slot is
+# only ever taken when free now, so this is also how late a replica's event loop may wake
+# without losing slots: at 0.05, a loop 50 ms late still takes every slot it was due. The
+# busiest second at STS stays within 0.94 + 0.05 of the budget.
+BUDGET_BURST_SHARE = 0.05
 # The budget falls back to this replica's share only once the store has been unreachable this
 # long. A blip (a slow command under load) must not: the replica would spend its share on top
 # of the other replicas' use of the whole budget. Until then its calls wait.
@@ -41,7 +46,16 @@ class BudgetTerms:
 
 
 class RedisBudget:
-    """One GCRA timeline in the store for every replica's AssumeRole calls."""
+    """One GCRA timeline in the store for every replica's AssumeRole calls.
+
+    This replica's calls queue here and one pump asks the store for a slot *free now* at a
+    time, handing each to the longest waiter (who sends at once); told to wait, it sleeps until
+    the next slot is due and asks again. Slots were once reserved up to 2 s ahead and dropped
+    when the event loop woke their caller more than 40 ms late (a late call bunches with the
+    calls on time after it); with the loop ~150 ms late under load, most reserved slots were
+    dropped, each still spent on the shared timeline, and three replicas used 40% of a 500/s
+    budget while their queues grew (bench/cold_start.py). A slot taken only when free now is
+    never late and never wasted: a late pump asks late, and the timeline has not moved."""
 
     def __init__(self, conn: StoreLink, registry: RedisRegistry, calls: float) -> None:
         self.calls_per_second = calls
@@ -52,49 +66,73 @@ class RedisBudget:
         self._interval_us = int(1_000_000 / rate)
         self._tolerance_us = int(max(1.0, calls * BUDGET_BURST_SHARE) * self._interval_us)
         self._fallback: LocalBudget | None = None
+        self._waiters: deque[asyncio.Future[bool]] = deque()
+        self._pump: asyncio.Task[None] | None = None
         self.fallback_calls = 0
-        self.late_slots = 0
+        self.asks = 0  # commands to the store, granted or told to wait
 
     @property
     def terms(self) -> BudgetTerms:
         return BudgetTerms(BUDGET_KEY, self._interval_us, self._tolerance_us)
 
     async def acquire(self) -> None:
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        if self._pump is None or self._pump.done():
+            # Its own context: the first caller's request id must not stick to its log lines.
+            self._pump = asyncio.create_task(
+                self._run(), name="sts-budget", context=contextvars.Context()
+            )
+        try:
+            granted = await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self._hand_on()  # a slot handed to a caller that left goes to the next one
+            raise
+        if not granted:  # the store has been down too long: this replica's share
+            await self._local_share().acquire()
+            self.fallback_calls += 1
+
+    async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            asked_at = loop.time()
+        args = [self._interval_us, self._tolerance_us, 0]  # 0: only a slot free now
+        while self._waiters:
             try:
-                wait_us = await self._conn.run(
-                    lambda: self._reserve(
-                        keys=[BUDGET_KEY],
-                        args=[
-                            self._interval_us,
-                            self._tolerance_us,
-                            int(MAX_RESERVE_AHEAD_SECONDS * 1_000_000),
-                        ],
-                    )
+                self.asks += 1
+                wait_us = int(
+                    await self._conn.run(lambda: self._reserve(keys=[BUDGET_KEY], args=args))
                 )
             except StoreUnavailable:
                 down_since = self._conn.down_since
-                if down_since is not None and loop.time() - down_since < FALLBACK_AFTER_SECONDS:
-                    await asyncio.sleep(0.1)
-                    continue
-                await self._local_share().acquire()
-                self.fallback_calls += 1
-                return
-            wait = int(wait_us) / 1_000_000
-            if wait >= 0:
-                slot = asked_at + wait  # at the latest: the store reserved it after we asked
-                await asyncio.sleep(max(0.0, slot - loop.time()))
-                if loop.time() - slot <= LATE_SLOT_SECONDS:
+                if down_since is not None and loop.time() - down_since >= FALLBACK_AFTER_SECONDS:
+                    self._release_all(granted=False)
                     return
-                # The event loop was busy past our slot (and past the slots of the calls it
-                # held up with ours). Sent now, they would all reach STS at once, on top of the
-                # other replicas' calls on time: 346 calls in one second of a 300/s budget, at
-                # the fault proxy. A late slot is let go; a fresh one comes after the others.
-                self.late_slots += 1
+                await asyncio.sleep(0.1)
                 continue
-            await asyncio.sleep(min(-wait - MAX_RESERVE_AHEAD_SECONDS, 0.25) + 0.01)
+            if wait_us >= 0:
+                self._hand_on()
+            else:
+                await asyncio.sleep(min(-wait_us / 1_000_000, MAX_SLEEP_SECONDS))
+
+    def _hand_on(self) -> None:
+        """The slot just taken goes to the longest waiter still waiting."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(True)
+                return
+
+    def _release_all(self, *, granted: bool) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(granted)
+
+    async def aclose(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
 
     def _local_share(self) -> LocalBudget:
         """Budget ÷ the live replicas last seen, never above: every replica that lost the store
@@ -112,5 +150,5 @@ class RedisBudget:
             share_per_second=self.calls_per_second if up else self.calls_per_second / live,
             fallback=not up,
             fallback_calls=self.fallback_calls,
-            late_slots=self.late_slots,
+            store_asks=self.asks,
         )

@@ -110,6 +110,7 @@ class RedisStore:
 
     async def aclose(self) -> None:
         await self.admissions.aclose()  # slots handed back in the background reach the store
+        await self.budget.aclose()
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
