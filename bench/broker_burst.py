@@ -68,7 +68,7 @@ class Run:
     sts_calls_at_proxy: int = 0
     scheduler_seconds: dict[str, list[float]] = field(default_factory=dict)
     audit_records: int = 0
-    scheduler_stats: dict[str, float] = field(default_factory=dict)
+    scheduler_stats: Any = None  # the scheduler's SchedulerStats at the end of the run
     max_sts_rate: float = 0.0
     cpu_seconds: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds
     client_errors: dict[str, int] = field(default_factory=dict)  # exception name -> count
@@ -101,9 +101,8 @@ class TimedScheduler:
         finally:
             self.seconds.setdefault(fetch.tenant, []).append(time.monotonic() - started)
 
-    def stats(self) -> dict[str, float]:
-        stats: dict[str, float] = self.inner.stats()
-        return stats
+    def stats(self) -> Any:
+        return self.inner.stats()
 
     async def start(self) -> None:
         await self.inner.start()
@@ -329,9 +328,9 @@ async def drive(
         run.samples.append(
             (
                 time.monotonic(),
-                stats["queue_depth"],
-                stats["workers"],
-                stats["sts_calls"],
+                float(stats.queue_depth),
+                float(stats.workers),
+                float(stats.sts.calls),
                 time.process_time(),
             )
         )
@@ -408,7 +407,7 @@ async def one_run(
     run.cpu_seconds["broker"] = round(time.process_time() - broker_cpu_before, 1)
     for name, pid in others.items():
         run.cpu_seconds[name] = round(process_cpu_seconds(pid) - cpu_before[name], 1)
-    run.audit_records = int(server.audit.log.stats()["records"])
+    run.audit_records = int(server.audit.writer.stats()["records"])
     proxy_stats = await proxy.stats()
     run.max_sts_rate = float(proxy_stats["max_rate_1s"])
     run.sts_calls_at_proxy = int(proxy_stats["assume_role_calls"])

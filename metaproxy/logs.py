@@ -1,8 +1,9 @@
 """Logging: one named logger per subsystem, JSON lines in production, text on a terminal.
 
-Request id, tenant and task are bound in context variables and added to every record. A final
-filter scrubs anything shaped like a JWT or a session token: secrets are never passed to a
-logger in the first place, and this makes a mistake visible as `[redacted]` instead of a leak.
+Request id, tenant and task are bound in context variables and added to every record. The
+formatters redact anything shaped like a secret (`redact.py`, the audit records' rule too):
+secrets are never passed to a logger in the first place, and this makes a mistake visible as
+`[redacted]` instead of a leak.
 """
 
 from __future__ import annotations
@@ -15,19 +16,11 @@ import sys
 import time
 from typing import Literal
 
+from metaproxy.redact import redact
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 tenant_var: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="")
 task_var: contextvars.ContextVar[str] = contextvars.ContextVar("task", default="")
-
-# JWTs (three base64url parts) and long base64 blobs such as STS session tokens.
-_SECRET_SHAPES = re.compile(
-    r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*|[A-Za-z0-9+/=]{120,}"
-)
-
-
-def scrub(text: str) -> str:
-    return _SECRET_SHAPES.sub("[redacted]", text)
-
 
 # C0 and C1 controls, DEL, and the characters that reorder or break lines on a terminal (bidi
 # overrides and isolates, line and paragraph separators).
@@ -62,14 +55,14 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": scrub(record.getMessage()),
+            "message": redact(record.getMessage()),
         }
         for key in ("request_id", "tenant", "task"):
             value = getattr(record, key, "")
             if value:
                 entry[key] = value
         if record.exc_info:
-            entry["exception"] = scrub(self.formatException(record.exc_info))
+            entry["exception"] = redact(self.formatException(record.exc_info))
         return json.dumps(entry, ensure_ascii=False)
 
 
@@ -80,7 +73,7 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         parts = [f"{k}={getattr(record, k)}" for k in ("request_id", "tenant", "task")]
         record.context = " ".join(p for p in parts if not p.endswith("=")) + " "
-        return scrub(super().format(record))
+        return redact(super().format(record))
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         # One record, one line: request strings in a message cannot forge another record. (The

@@ -1,24 +1,22 @@
-"""The sample names a set of prometheus-client metrics exports, for checking alert rules and
-dashboards against the code. Holds no metrics itself, so the sidecar's and the broker's metric
-modules can both use it without registering each other's metrics."""
+"""The sample names a metric exports in the Prometheus text format, for checking alert rules and
+dashboards against the code. Imports no metrics library, so any process's metrics may use it."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import Literal
 
-from prometheus_client.metrics import MetricWrapperBase
+Kind = Literal["counter", "gauge", "histogram"]
 
-# The sample names each metric type produces in the text exposition format.
-SUFFIXES = {
+# The sample names each kind of metric produces, after its family's name.
+SUFFIXES: dict[Kind, tuple[str, ...]] = {
     "counter": ("_total", "_created"),
     "histogram": ("_bucket", "_sum", "_count", "_created"),
     "gauge": ("",),
 }
 
 
-def sample_names(metrics: Iterable[MetricWrapperBase]) -> set[str]:
-    names: set[str] = set()
-    for metric in metrics:
-        for family in metric.describe():
-            names.update(family.name + suffix for suffix in SUFFIXES[family.type])
-    return names
+def sample_names(name: str, kind: Kind) -> set[str]:
+    """The samples of the metric `name` (as queried: a counter's ends in `_total`)."""
+    # prometheus-client's naming: a counter's family drops `_total`, its samples add it back.
+    family = name.removesuffix("_total") if kind == "counter" else name
+    return {family + suffix for suffix in SUFFIXES[kind]}

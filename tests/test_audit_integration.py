@@ -124,7 +124,7 @@ async def test_stalled_audit_writes_refuse_credentials_then_recover(
     """While the audit disk hangs, requests get 503 within a second and no credentials leave."""
     assert (await ask(https, broker, issue(pki, "fc-warm", "acme")))[0] == 200
     token = issue(pki, "fc-cold", "acme")
-    stall = hang_audit_disk(broker.audit.log)
+    stall = hang_audit_disk(broker.audit.writer)
     try:
         started = time.monotonic()
         status, refused_text, refused = await ask(https, broker, token)

@@ -60,4 +60,4 @@ async def test_requests_that_went_away_while_waiting_do_not_use_a_turn() -> None
     await asyncio.sleep(0)
     gone.cancel()
     await asyncio.wait_for(kept, timeout=1.0)
-    assert admission.stats()["admission_waiting"] == 0
+    assert admission.stats().waiting == 0

@@ -166,7 +166,7 @@ async def test_pool_grows_under_a_burst_within_the_budget_then_shrinks(
     async def watch() -> None:
         nonlocal peak
         while True:
-            peak = max(peak, scheduler.stats()["workers"])
+            peak = max(peak, scheduler.stats().workers)
             await asyncio.sleep(0.05)
 
     watcher = asyncio.create_task(watch())
@@ -183,10 +183,10 @@ async def test_pool_grows_under_a_burst_within_the_budget_then_shrinks(
         assert peak >= 8  # 40/s x ~0.2 s: the floor of 1 could never have kept up
         assert peak <= 32
         for _ in range(100):
-            if scheduler.stats()["workers"] <= 2:
+            if scheduler.stats().workers <= 2:
                 break
             await asyncio.sleep(0.1)
-        assert scheduler.stats()["workers"] <= 2
+        assert scheduler.stats().workers <= 2
     finally:
         watcher.cancel()
         await scheduler.aclose()

@@ -62,7 +62,7 @@ async def test_200_concurrent_identical_cold_requests_make_one_assume_role(
     assert {status for status, _ in answers} == {200}
     assert len({key for _, key in answers}) == 1
     assert slow_proxy.stats()["assume_role_calls"] == 1
-    assert scheduler.stats()["sts_calls"] == 1
+    assert scheduler.stats().sts.calls == 1
 
 
 class FunctionSts:

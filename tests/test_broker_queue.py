@@ -219,13 +219,13 @@ async def test_half_throttled_sts_stays_in_budget_and_bounds_and_everything_is_s
         max_attempts=6,
     )
     server = await BrokerServer.start(config, sts=sts, scheduler=scheduler)  # closes sts
-    depths: list[float] = []
+    depths: list[int] = []
     statuses: Counter[int] = Counter()
     retry_afters: list[str] = []
 
     async def watch_depth() -> None:
         while True:
-            depths.append(scheduler.stats()["queue_depth"])
+            depths.append(scheduler.stats().queue_depth)
             await asyncio.sleep(0.02)
 
     async def cold_start(session: aiohttp.ClientSession, tenant: str, task: str) -> None:
@@ -265,4 +265,4 @@ async def test_half_throttled_sts_stays_in_budget_and_bounds_and_everything_is_s
     assert max(depths) <= queue_max
     assert int(str(proxy_stats["assume_role_throttled"])) > 0
     assert throttling_proxy.max_rate(1.0) <= budget
-    assert scheduler.stats()["throttles"] == int(str(proxy_stats["assume_role_throttled"]))
+    assert scheduler.stats().sts.throttles == int(str(proxy_stats["assume_role_throttled"]))

@@ -170,3 +170,39 @@ async def test_broker_counts_sts_throttling(
     assert grew("metaproxy_broker_sts_calls_total", result="ok") == 0
     assert grew("metaproxy_broker_requests_total", tenant="acme", status="503") == 1
     assert grew("metaproxy_broker_request_seconds_count", outcome="error") == 1
+
+
+async def test_two_brokers_in_one_process_each_show_only_their_own_figures(
+    tmp_path: Path,
+    pki: Pki,
+    sts_url: str,
+    policies_dir: Path,
+    https: aiohttp.ClientSession,
+    record_secrets: Callable[[BrokerServer], None],
+) -> None:
+    """Credentials issued by one broker show in its /metrics only; the other's stay at zero,
+    and each one's STS counter is its own scheduler's total."""
+    brokers = []
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        config = broker_config(tmp_path / name, pki, sts_url, policies_dir, instance=name)
+        brokers.append(await BrokerServer.start(config))
+    one, two = brokers
+    try:
+        tokens = [issue(pki, f"m-own-{n}", "acme") for n in range(3)]
+        assert [await ask(https, one, token) for token in tokens] == [200] * 3
+        assert await ask(https, two, "not-a-token") == 401
+        seen_by_one, seen_by_two = await scrape(one.admin_url), await scrape(two.admin_url)
+    finally:
+        for broker in brokers:
+            record_secrets(broker)
+            await broker.aclose()
+
+    issued, sts_ok = "metaproxy_broker_credentials_issued_total", "metaproxy_broker_sts_calls_total"
+    assert value(seen_by_one, issued, tenant="acme") == 3
+    assert value(seen_by_two, issued, tenant="acme") == 0
+    assert value(seen_by_one, sts_ok, result="ok") == one.scheduler.stats().sts.ok == 3
+    assert value(seen_by_two, sts_ok, result="ok") == two.scheduler.stats().sts.ok == 0
+    unauthenticated = {"tenant": "unknown", "status": "401"}
+    assert value(seen_by_one, "metaproxy_broker_requests_total", **unauthenticated) == 0
+    assert value(seen_by_two, "metaproxy_broker_requests_total", **unauthenticated) == 1

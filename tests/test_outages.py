@@ -102,8 +102,8 @@ async def test_sts_outage_longer_than_a_refresh_keeps_tasks_served_then_recovers
                 for sidecar in sidecars:
                     held[sidecar.admin_url] = await served_credentials(session, sidecar)
                 await asyncio.sleep(0.5)
-            assert scheduler.stats()["circuit_opened"] >= 1
-            assert scheduler.stats()["fast_failures"] > 0
+            assert scheduler.stats().sts.circuit_opened >= 1
+            assert scheduler.stats().sts.fast_failures > 0
 
             proxy.set(mode="pass")
             proxy.reset_counters()
@@ -123,7 +123,7 @@ async def test_sts_outage_longer_than_a_refresh_keeps_tasks_served_then_recovers
         await scheduler.aclose()
     assert int(str(proxy.stats()["assume_role_forwarded"])) >= len(tasks)
     assert proxy.max_rate(1.0) <= budget
-    assert scheduler.stats()["circuit_open"] == 0
+    assert not scheduler.stats().sts.circuit_open
 
 
 async def start_broker_process(

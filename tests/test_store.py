@@ -233,8 +233,8 @@ async def test_without_the_store_a_replica_takes_its_share_of_the_budget(
     elapsed = loop.time() - begin
     # 20/s (40 ÷ 2) less the margin: 12 calls take about half a second; at 40/s, a quarter.
     assert elapsed >= 0.45
-    assert budget.stats()["budget_fallback"] == 1.0
-    assert budget.stats()["budget_share_per_second"] == 20.0
+    assert budget.stats().fallback
+    assert budget.stats().share_per_second == 20.0
     await two.aclose()
 
 
@@ -324,10 +324,10 @@ async def test_a_cold_admission_takes_a_free_budget_slot_along_and_never_one_ahe
         await caller.take_budget()
         await caller.take_budget()
         assert command_calls(redis_server, "evalsha") == calls_before  # the two given slots
-        assert caller.stats()["budget_given_slots"] == 2
+        assert caller.stats().given_slots == 2
         await caller.take_budget()  # no slot came with the third: it asks the store
         assert command_calls(redis_server, "evalsha") > calls_before
-        assert caller.stats()["budget_given_slots"] == 2
+        assert caller.stats().given_slots == 2
 
 
 async def test_ended_requests_give_their_slots_back_with_the_next_admission(
@@ -561,4 +561,4 @@ async def test_the_store_works_on_a_cluster(cluster_url: str) -> None:
         await exercise(store)
         budget = store.budget
         await budget.acquire()
-        assert budget.stats()["budget_fallback"] == 0.0
+        assert not budget.stats().fallback

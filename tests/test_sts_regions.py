@@ -87,7 +87,7 @@ class Issuance:
 
 async def opened(broker: BrokerServer, region: str) -> float:
     """When `region`'s circuit was first seen open (polled every 20 ms)."""
-    while broker.scheduler.stats()[f"circuit_state.{region}"] != 2.0:
+    while broker.scheduler.stats().sts.region(region).circuit != "open":
         await asyncio.sleep(0.02)
     return time.monotonic()
 
@@ -149,7 +149,7 @@ async def test_blackholed_region_fails_over_to_the_next_and_calls_return_when_it
         await steady.run(1.0)
         assert calls(east) == east_after_return, "calls stayed on the second region"
         assert all(status == 200 for _, _, status in steady.answers)
-        assert broker.scheduler.stats()[f"circuit_state.{WEST}"] == 0.0
+        assert broker.scheduler.stats().sts.region(WEST).circuit == "closed"
 
         async with https.get(broker.admin_url + "/metrics") as answer:
             exposition = await answer.text()

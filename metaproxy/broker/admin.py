@@ -10,7 +10,8 @@ from typing import Protocol
 
 from aiohttp import web
 
-from metaproxy.broker import instrument
+from metaproxy.broker.instrument import METRICS
+from metaproxy.broker.metrics import BrokerMetrics
 from metaproxy.net.httperrors import identity_encoding_only, json_errors
 from metaproxy.net.webguard import body_deadline
 
@@ -42,7 +43,6 @@ class Probe:
 
 
 PROBE = web.AppKey("probe", Probe)
-SCRAPE = web.AppKey("scrape", instrument.ScrapeState)
 
 
 async def probe(request: web.Request) -> web.Response:
@@ -52,20 +52,21 @@ async def probe(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    request.app[SCRAPE].refresh()
-    body, content_type = instrument.exposition()
-    return web.Response(body=body, headers={"Content-Type": content_type})
+    broker_metrics = request.app[METRICS]
+    return web.Response(
+        body=broker_metrics.render(), headers={"Content-Type": broker_metrics.content_type}
+    )
 
 
 def build_admin_app(
-    probe_: Probe, scrape: instrument.ScrapeState, *, header_timeout: float
+    probe_: Probe, metrics_: BrokerMetrics, *, header_timeout: float
 ) -> web.Application:
     app = web.Application(
         middlewares=[json_errors, identity_encoding_only, body_deadline(header_timeout)],
         client_max_size=4096,
     )
     app[PROBE] = probe_
-    app[SCRAPE] = scrape
+    app[METRICS] = metrics_
     app.router.add_get("/healthz", probe)
     app.router.add_get("/readyz", probe)
     app.router.add_get("/metrics", metrics)

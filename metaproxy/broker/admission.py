@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import OrderedDict, deque
+from dataclasses import dataclass
 
 from metaproxy.identity.keys import b64url_decode
 
@@ -45,6 +46,13 @@ def lane_for(token: str | None) -> str:
     if not isinstance(tenant, str) or not tenant:
         return UNKNOWN_LANE
     return tenant[:MAX_LANE_CHARS]
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionStats:
+    waiting: int  # requests waiting for their turn now
+    lanes: int  # tenants (claimed) among them
+    waited: int  # requests that had to wait, since the start
 
 
 class FairAdmission:
@@ -98,9 +106,5 @@ class FairAdmission:
         if self._waiting or self._granted:
             self._schedule_dispatch()
 
-    def stats(self) -> dict[str, float]:
-        return {
-            "admission_waiting": float(self._waiting),
-            "admission_lanes": float(len(self._lanes)),
-            "admission_waited": float(self.waited),
-        }
+    def stats(self) -> AdmissionStats:
+        return AdmissionStats(self._waiting, len(self._lanes), self.waited)

@@ -1,16 +1,17 @@
 """The broker's audit records, built in one place from the values a decision already has.
 
-Every record carries the replica (`instance`), bound once here, and its request's context
-(`RequestContext`: request id and peer); `make_record` (audit/record.py) validates each field
-and scrubs anything credential-shaped before it reaches the log.
+Each is an `AuditEvent` (audit/record.py: checked when built, redacted when written). The
+replica's name (`instance`) is bound once here, for every event; a request's context
+(`RequestContext`: request id and peer) once per event, by `decision` and `operator`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Protocol
 
-from metaproxy.audit.record import make_record
-from metaproxy.audit.writer import AuditLog
+from metaproxy.audit.record import AuditEvent, EventName
 from metaproxy.broker.authenticator import RequestContext
 from metaproxy.clock import iso_z
 from metaproxy.models import Credentials, Decision, Identity
@@ -25,14 +26,28 @@ class Grant:
     packed_policy_size: int | None = None
 
 
+class AuditSink(Protocol):
+    """Where records go: the audit chain's writer (`AuditLog`), or a wrapper of it."""
+
+    async def append(self, record: Mapping[str, object]) -> dict[str, object]: ...
+
+
 class AuditTrail:
-    def __init__(self, log: AuditLog, instance: str) -> None:
+    def __init__(self, log: AuditSink, instance: str) -> None:
         self.log = log
         self.instance = instance
 
+    async def append(self, event: AuditEvent) -> None:
+        """Write `event`, built elsewhere (authn.py), as this replica's (AuditUnavailable when
+        the log cannot take it)."""
+        await self._write(replace(event, instance=self.instance))
+
+    async def _write(self, event: AuditEvent) -> None:
+        await self.log.append(event.record())
+
     async def decision(
         self,
-        event: str,
+        event: EventName,
         ctx: RequestContext,
         identity: Identity,
         decision: Decision | None,
@@ -46,10 +61,12 @@ class AuditTrail:
         spec = decision.spec if decision else None
         # A chain sets SourceIdentity on its first hop; it persists into the role's session.
         first = spec.via if spec is not None and spec.via is not None else spec
-        await self.log.append(
-            make_record(
-                event,
+        await self._write(
+            AuditEvent(
+                event=event,
                 request_id=ctx.request_id,
+                peer=ctx.peer,
+                instance=self.instance,
                 task=identity.task,
                 tenant=decision.tenant if decision else tenant,
                 team=decision.team if decision else "",
@@ -66,8 +83,6 @@ class AuditTrail:
                 policy_digest=decision.policy_digest if decision else "",
                 rule=decision.rule if decision else "limits",
                 reason=reason,
-                peer=ctx.peer,
-                instance=self.instance,
                 status=status,
                 packed_policy_size=grant.packed_policy_size if grant else None,
             )
@@ -75,7 +90,7 @@ class AuditTrail:
 
     async def operator(
         self,
-        event: str,
+        event: EventName,
         ctx: RequestContext,
         *,
         reason: str,
@@ -86,16 +101,16 @@ class AuditTrail:
     ) -> None:
         """An operator's request through the control API, or what the broker did on its own
         account (`rule` says which: control, control-authentication, revocation-integrity)."""
-        await self.log.append(
-            make_record(
-                event,
+        await self._write(
+            AuditEvent(
+                event=event,
                 request_id=ctx.request_id,
+                peer=ctx.peer,
+                instance=self.instance,
                 task=task,
                 tenant=tenant,
                 rule=rule,
                 reason=reason,
-                peer=ctx.peer,
-                instance=self.instance,
                 status=status,
             )
         )

@@ -1,5 +1,8 @@
 """The broker's audit chain as one component: the writer, its S3 copy, and its witnesses.
 
+`writer` is the chain itself; `log` is what the broker appends to (the writer, timed and its
+refusals counted in the broker's metrics).
+
 The writer hands each closed segment to the shipper; the shipper hands each uploaded file back
 for pruning, so the local directory stays a small buffer. Each checkpoint also pins the other
 replicas' latest ones, through the store's replica registry (docs/audit.md). Files an earlier
@@ -18,6 +21,7 @@ from metaproxy.audit.ship import S3Shipper, s3_client_factory
 from metaproxy.audit.writer import AuditLog
 from metaproxy.broker import instrument
 from metaproxy.broker.config import BrokerConfig
+from metaproxy.broker.metrics import BrokerMetrics
 from metaproxy.broker.store.base import ReplicaRegistry
 from metaproxy.clock import Clock
 from metaproxy.errors import ConfigError
@@ -28,12 +32,18 @@ BACKFILL_SECONDS = 5.0  # listing the S3 copy at start-up must not hold the brok
 
 
 class BrokerAudit:
-    def __init__(self, config: BrokerConfig, registry: ReplicaRegistry, clock: Clock) -> None:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        registry: ReplicaRegistry,
+        clock: Clock,
+        metrics: BrokerMetrics,
+    ) -> None:
         self._config = config
         self._registry = registry
         config.audit_dir.mkdir(parents=True, exist_ok=True)
         self.shipper = self._shipper(config)
-        self.log: AuditLog = instrument.TimedAuditLog(
+        self.writer = AuditLog(
             config.audit_dir,
             log_id=f"broker-{config.instance}",
             signing_key=config.audit_key,
@@ -45,6 +55,7 @@ class BrokerAudit:
             on_checkpoint=self._publish,
             max_local_bytes=config.audit_max_local_bytes,  # pruned once shipped
         )
+        self.log = instrument.TimedAuditLog(self.writer, metrics)
 
     def _shipper(self, config: BrokerConfig) -> S3Shipper | None:
         """Ships closed segments and checkpoints under `prefix/<instance>/`: each replica
@@ -63,7 +74,7 @@ class BrokerAudit:
         )
 
     async def _uploaded(self, path: Path) -> None:
-        await self.log.prune(path)
+        await self.writer.prune(path)
 
     async def _others(self) -> dict[str, WitnessedCheckpoint]:
         """The other replicas' latest checkpoints, by log id (the writer leaves its own out)."""
@@ -78,7 +89,7 @@ class BrokerAudit:
             await self.shipper.start()
             # Before the writer starts, so files left by an earlier run go first.
             await self._backfill(self.shipper)
-        await self.log.start()
+        await self.writer.start()
 
     async def _backfill(self, shipper: S3Shipper) -> None:
         try:
@@ -93,6 +104,6 @@ class BrokerAudit:
             log.info("audit backfill: %d files queued for S3", queued)
 
     async def aclose(self) -> None:
-        await self.log.aclose()  # closes the segment and hands it to the shipper
+        await self.writer.aclose()  # closes the segment and hands it to the shipper
         if self.shipper is not None:
             await self.shipper.aclose(drain_seconds=self._config.drain_seconds)

@@ -24,9 +24,9 @@ import logging
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Protocol
 
-from metaproxy.audit.record import make_record
-from metaproxy.audit.writer import AuditLog
+from metaproxy.audit.record import AuditEvent
 from metaproxy.clock import Clock
 from metaproxy.errors import AuditUnavailable, TooManyRequests, Unauthenticated
 
@@ -52,12 +52,17 @@ class _Bucket:
     updated: float
 
 
+class EventLog(Protocol):
+    """Where the events go: the broker's `AuditTrail`, which adds the replica's name."""
+
+    async def append(self, event: AuditEvent) -> None: ...
+
+
 class FailedAuthentications:
     def __init__(
         self,
-        audit: AuditLog,
+        audit: EventLog,
         clock: Clock,
-        instance: str,
         *,
         rule: str = "authentication",
         window: float = WINDOW_SECONDS,
@@ -66,7 +71,6 @@ class FailedAuthentications:
     ) -> None:
         self._audit = audit
         self._clock = clock
-        self._instance = instance
         self._rule = rule  # "authentication" (credential requests) or "control-authentication"
         self._window = window
         self._burst = burst
@@ -107,11 +111,10 @@ class FailedAuthentications:
             refused.quiet = True
             raise refused from None
         await self._audit.append(
-            make_record(
-                "denied",
+            AuditEvent(
+                event="denied",
                 request_id=request_id,
                 peer=peer,
-                instance=self._instance,
                 rule=self._rule,
                 reason=exc.detail,
                 status=401,
@@ -162,18 +165,16 @@ class FailedAuthentications:
         written = 0
         while self._closed:
             (peer, reason), window = self._closed[0]
-            record = make_record(
-                "denied",
+            summary = AuditEvent(
+                event="denied",
                 request_id=f"summary-{secrets.token_hex(8)}",
                 peer=peer,
-                instance=self._instance,
                 rule=self._rule,
                 reason=f"{reason} (repeated)",
                 status=window.status,
+                count=window.repeats,  # how many answered failures this one record stands for
             )
-            # How many answered failures this one record stands for.
-            record["count"] = window.repeats
-            await self._audit.append(record)  # AuditUnavailable: kept for the next flush
+            await self._audit.append(summary)  # AuditUnavailable: kept for the next flush
             self._closed.pop(0)
             written += 1
         return written

@@ -14,6 +14,7 @@ from metaproxy.broker import instrument
 from metaproxy.broker.answer import Answers
 from metaproxy.broker.authenticator import RequestContext
 from metaproxy.broker.issuer import CredentialRequest, Issuer
+from metaproxy.broker.metrics import BrokerMetrics
 from metaproxy.errors import BadRequest
 from metaproxy.logs import request_id_var
 from metaproxy.net.httperrors import identity_encoding_only, json_errors
@@ -51,7 +52,12 @@ async def post_credentials(request: web.Request) -> web.Response:
 
 
 def build_public_app(
-    issuer: Issuer, answers: Answers, *, max_body_bytes: int, header_timeout: float
+    issuer: Issuer,
+    answers: Answers,
+    metrics: BrokerMetrics,
+    *,
+    max_body_bytes: int,
+    header_timeout: float,
 ) -> web.Application:
     app = web.Application(
         middlewares=[
@@ -64,5 +70,6 @@ def build_public_app(
     )
     app[ISSUER] = issuer
     app[ANSWERS] = answers
+    app[instrument.METRICS] = metrics
     app.router.add_post("/v1/credentials", post_credentials)
     return app

@@ -34,7 +34,7 @@ from metaproxy.errors import (
 from metaproxy.logs import task_var, tenant_var
 from metaproxy.models import BrokerLimits, Decision, Identity, NodeFacts
 from metaproxy.policy.evaluate import evaluate, tenant_for
-from metaproxy.policy.store import PolicyStore
+from metaproxy.policy.model import PolicySet
 
 _ROLE_REQUEST = re.compile(r"^(arn:aws[a-z-]*:iam::\d{12}:role/)?[\w+=,.@/-]{1,128}$")
 
@@ -68,6 +68,13 @@ class CredentialRequest:
         return cls(role or None, refresh, node)
 
 
+class Policies(Protocol):
+    """The policy set in force (the store's, reloaded on change)."""
+
+    @property
+    def current(self) -> PolicySet: ...
+
+
 class Revocations(RevocationCheck, Protocol):
     """The revocation view as the issuer asks it: revoked? can it tell? how old is it?"""
 
@@ -79,7 +86,7 @@ class Issuer:
         self,
         *,
         authenticator: Authenticator,
-        policies: PolicyStore,
+        policies: Policies,
         gate: FleetGate,
         revocations: Revocations,
         source: CredentialSource,

@@ -17,6 +17,7 @@ from metaproxy.broker.authenticator import RequestContext
 from metaproxy.broker.authn import FailedAuthentications
 from metaproxy.broker.credentials.fleet import FleetCache
 from metaproxy.broker.credentials.source import Scope
+from metaproxy.broker.issuer import Policies
 from metaproxy.broker.revocation import RevocationView, revocation_scope
 from metaproxy.broker.store.base import (
     Lift,
@@ -29,7 +30,6 @@ from metaproxy.clock import Clock, iso_z
 from metaproxy.errors import Unauthenticated, Unavailable
 from metaproxy.net.httperrors import new_request_id
 from metaproxy.policy.revoke_deny import deny_policy
-from metaproxy.policy.store import PolicyStore
 
 # Between the broker's clock and STS's, and for an STS call under way when a replica learns.
 DENY_MARGIN_SECONDS = 60.0
@@ -62,7 +62,7 @@ class Revoker:
         view: RevocationView,
         *,
         fleet: FleetCache | None,
-        policies: PolicyStore,
+        policies: Policies,
         audit: AuditTrail,
         clock: Clock,
         max_staleness: float,

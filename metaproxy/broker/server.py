@@ -38,11 +38,13 @@ from metaproxy.broker.credentials.regions import regional_sts
 from metaproxy.broker.credentials.scheduler import FairScheduler, Scheduler
 from metaproxy.broker.credentials.source import CredentialSource, Dropped, Scope
 from metaproxy.broker.credentials.sts import StsClient
+from metaproxy.broker.figures import BrokerFigures, FiguresCollector, FleetFigures
 from metaproxy.broker.fleet import ReplicaHeartbeat
 from metaproxy.broker.gate import FleetGate
 from metaproxy.broker.http_api import build_public_app
 from metaproxy.broker.issuer import Issuer
 from metaproxy.broker.listeners import Apps, Listeners
+from metaproxy.broker.metrics import BrokerMetrics
 from metaproxy.broker.revocation import RevocationView
 from metaproxy.broker.revoke import Revoker
 from metaproxy.broker.store import FleetStore, open_store
@@ -52,6 +54,7 @@ from metaproxy.broker.tls import CertificateReloader
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.errors import ConfigError
 from metaproxy.identity.verify import IdentityVerifier
+from metaproxy.policy.store import PolicyStore
 from metaproxy.process.lifetime import Background, started
 from metaproxy.process.runtime import server_tls_context
 
@@ -81,9 +84,14 @@ class BrokerServer:
             raise ConfigError(
                 "trusted_issuers: at least one --trust ISSUER,AUDIENCE,JWKS is needed"
             )
+        # Its own metrics: the figures are read from the parts below when /metrics is scraped.
+        self.metrics = BrokerMetrics(FiguresCollector(self._figures))
         self.policies = instrument.CountedPolicyStore(
-            config.policies_dir,
-            [i.issuer for i in config.trusted_issuers if i.kind == "kubernetes"],
+            PolicyStore(
+                config.policies_dir,
+                [i.issuer for i in config.trusted_issuers if i.kind == "kubernetes"],
+            ),
+            self.metrics,
         )
         sealer = Sealer.from_file(config.store_key_file) if config.store_key_file else None
         self.store: FleetStore = open_store(
@@ -93,7 +101,7 @@ class BrokerServer:
             budget_per_second=config.sts_budget_per_second,
             sealer=sealer,
         )
-        self.audit = BrokerAudit(config, self.store.replicas, clock)
+        self.audit = BrokerAudit(config, self.store.replicas, clock, self.metrics)
         trail = AuditTrail(self.audit.log, config.instance)
         self.revocations = RevocationView(
             self.store.revocations,
@@ -104,7 +112,7 @@ class BrokerServer:
         self.heartbeat = ReplicaHeartbeat(
             self.store.replicas, config.instance, config.heartbeat_seconds
         )
-        self.sts = instrument.timed_regions(sts or regional_sts(config))
+        self.sts = instrument.timed_regions(sts or regional_sts(config), self.metrics)
         self.scheduler: Scheduler = scheduler or FairScheduler.from_config(
             config, self.sts, clock, budget=self.store.budget
         )
@@ -116,10 +124,8 @@ class BrokerServer:
             )
         self.cache = LocalCache(source, clock, refresh_fraction=config.cache_refresh_fraction)
         self.revocations.when_revoked(self._drop_revoked)
-        self.failures = FailedAuthentications(self.audit.log, clock, config.instance)
-        self.control_failures = FailedAuthentications(
-            self.audit.log, clock, config.instance, rule="control-authentication"
-        )
+        self.failures = FailedAuthentications(trail, clock)
+        self.control_failures = FailedAuthentications(trail, clock, rule="control-authentication")
         verifier = IdentityVerifier(
             config.trusted_issuers,
             leeway=config.token_leeway_seconds,
@@ -147,9 +153,6 @@ class BrokerServer:
         )
         self.revocations.when_lost(self.revoker.restore)
         self.probe = Probe(self.revocations)
-        self.scrape = instrument.ScrapeState(
-            self.scheduler.stats, open_connections=self._open_connections, fleet=self._fleet_stats
-        )
         answers = Answers(
             clock,
             region=config.region,
@@ -160,10 +163,11 @@ class BrokerServer:
             public=build_public_app(
                 self.issuer,
                 answers,
+                self.metrics,
                 max_body_bytes=config.max_body_bytes,
                 header_timeout=config.header_timeout,
             ),
-            admin=build_admin_app(self.probe, self.scrape, header_timeout=config.header_timeout),
+            admin=build_admin_app(self.probe, self.metrics, header_timeout=config.header_timeout),
             control=build_control_app(self.revoker, control_token) if control_token else None,
         )
         self.listeners = Listeners(config, apps, self.probe, tls)
@@ -229,30 +233,22 @@ class BrokerServer:
     def _drop_revoked(self, entry: Revocation) -> Dropped:
         return self.cache.forget(Scope(entry.tenant, entry.task))
 
-    def _open_connections(self) -> int:
-        return self.listeners.open_connections
-
-    def _fleet_stats(self) -> dict[str, float]:
-        """For /metrics: the store's reachability, the fleet's size, the revocation view's age."""
+    def _figures(self) -> BrokerFigures:
+        """For /metrics: what the scheduler, the listeners and the fleet's parts count."""
         revocations = self.revocations
-        fleet = self.fleet_cache.stats() if self.fleet_cache is not None else None
-        return {
-            "store_up": 1.0 if self.store.up else 0.0,
-            "live_replicas": float(len(self.heartbeat.live)),
-            "revocation_view_age": revocations.age(),
-            "revocations_restored": float(revocations.restored),
-            "revocations_rejected": float(revocations.rejected),
-            "revocations_error": float(revocations.errors + getattr(self.store, "push_errors", 0)),
-            **(
-                {
-                    "shared_cache_hit": float(fleet.hits),
-                    "shared_cache_wait": float(fleet.waits),
-                    "shared_cache_fallback": float(fleet.fallbacks),
-                }
-                if fleet is not None
-                else {}
+        return BrokerFigures(
+            scheduler=self.scheduler.stats(),
+            open_connections=self.listeners.open_connections,
+            fleet=FleetFigures(
+                store_up=self.store.up,
+                live_replicas=len(self.heartbeat.live),
+                revocation_view_age=revocations.age(),
+                revocations_restored=revocations.restored,
+                revocations_rejected=revocations.rejected,
+                revocation_errors=revocations.errors + self.store.push_errors,
+                shared_cache=self.fleet_cache.stats() if self.fleet_cache is not None else None,
             ),
-        }
+        )
 
 
 def _fleet_cache(

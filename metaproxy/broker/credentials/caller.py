@@ -14,13 +14,14 @@ import logging
 import random
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from metaproxy.broker.credentials.autoscale import Ewma
 from metaproxy.broker.credentials.budget import LATE_SLOT_SECONDS, CallWindow
-from metaproxy.broker.credentials.circuit import STATE_CODES, CircuitBreaker
-from metaproxy.broker.credentials.regions import RegionRoutes, Route
+from metaproxy.broker.credentials.circuit import CircuitBreaker, CircuitState
+from metaproxy.broker.credentials.regions import RegionRoutes, RegionStats, Route
 from metaproxy.broker.credentials.sts import AssumedRole, StsClient, StsThrottled
-from metaproxy.broker.store.base import StsBudget
+from metaproxy.broker.store.base import BudgetStats, StsBudget
 from metaproxy.broker.store.memory import LocalBudget
 from metaproxy.clock import Clock
 from metaproxy.errors import MetaproxyError, StsUnavailable, UpstreamError
@@ -32,6 +33,35 @@ log = logging.getLogger("metaproxy.broker.scheduler")
 def full_jitter_backoff(attempt: int, *, base: float = 0.1, cap: float = 5.0) -> float:
     """AWS's "full jitter": uniform over [0, min(cap, base * 2**attempt)]."""
     return random.uniform(0, min(cap, base * (2**attempt)))  # noqa: S311 - jitter, not crypto
+
+
+@dataclass(frozen=True, slots=True)
+class CallerStats:
+    """What the STS calls came to, with the budget and every region's circuit."""
+
+    calls: int  # attempts
+    ok: int
+    throttles: int
+    errors: int  # STS unreachable or failing (timeouts included)
+    timeouts: int
+    refused: int  # 4xx from STS: it answered no (e.g. the role does not trust us)
+    fast_failures: int  # failed by an open circuit without calling STS
+    latency_seconds: float  # moving average of one attempt
+    circuit: CircuitState  # the best region's: open only when every region is
+    circuit_opened: int  # times any region's circuit opened
+    budget_per_second: float
+    window_waits: int  # calls the call window held back
+    given_slots: int  # budget slots an admission brought along, spent
+    late_slots: int  # ... and let go, late
+    budget: BudgetStats
+    regions: tuple[RegionStats, ...]
+
+    @property
+    def circuit_open(self) -> bool:
+        return self.circuit == "open"
+
+    def region(self, name: str) -> RegionStats:
+        return next(region for region in self.regions if region.region == name)
 
 
 class StsCaller:
@@ -180,15 +210,17 @@ class StsCaller:
         breaker = route.breaker
         if isinstance(outcome, AssumedRole):
             self.ok += 1
-            route.results["ok"] += 1
+            route.ok += 1
             breaker.record_success()
             self.latency.update(seconds, self._clock.monotonic())
             return
-        route.results["throttled" if isinstance(outcome, StsThrottled) else "error"] += 1
         if isinstance(outcome, StsThrottled):
             self.throttles += 1
+            route.throttled += 1
             breaker.record_neutral()  # STS answered; it is busy, not down
-        elif isinstance(outcome, StsUnavailable):
+            return
+        route.error += 1
+        if isinstance(outcome, StsUnavailable):
             self.errors += 1
             breaker.record_failure()
         elif isinstance(outcome, UpstreamError):
@@ -198,24 +230,22 @@ class StsCaller:
             self.errors += 1
             breaker.record_neutral()
 
-    def stats(self) -> dict[str, float]:
-        return {
-            "sts_calls": float(self.calls),
-            "sts_ok": float(self.ok),
-            "throttles": float(self.throttles),
-            "errors": float(self.errors),
-            "timeouts": float(self.timeouts),
-            "sts_refused": float(self.refused),
-            "fast_failures": float(self.fast_failures),
-            "sts_latency_seconds": self.latency.value,
-            # With several regions: the best of them; open only when every region is.
-            "circuit_state": self.routes.state_code,
-            "circuit_open": 1.0 if self.routes.state_code == STATE_CODES["open"] else 0.0,
-            "circuit_opened": float(self.routes.opened),
-            "budget_per_second": self.budget_per_second,
-            "budget_window_waits": float(self._window.waits),
-            "budget_given_slots": float(self.given_slots),
-            "budget_late_slots": float(self.late_slots),
-            **self._budget.stats(),
-            **self.routes.stats(),
-        }
+    def stats(self) -> CallerStats:
+        return CallerStats(
+            calls=self.calls,
+            ok=self.ok,
+            throttles=self.throttles,
+            errors=self.errors,
+            timeouts=self.timeouts,
+            refused=self.refused,
+            fast_failures=self.fast_failures,
+            latency_seconds=self.latency.value,
+            circuit=self.routes.state,
+            circuit_opened=self.routes.opened,
+            budget_per_second=self.budget_per_second,
+            window_waits=self._window.waits,
+            given_slots=self.given_slots,
+            late_slots=self.late_slots,
+            budget=self._budget.stats(),
+            regions=self.routes.stats(),
+        )

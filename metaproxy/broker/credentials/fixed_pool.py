@@ -8,7 +8,13 @@ import asyncio
 from metaproxy.broker.credentials.autoscale import WorkerPool
 from metaproxy.broker.credentials.caller import StsCaller
 from metaproxy.broker.credentials.circuit import CircuitBreaker
-from metaproxy.broker.credentials.jobs import Job, QueuedSource, await_job, settle
+from metaproxy.broker.credentials.jobs import (
+    Job,
+    QueuedSource,
+    SchedulerStats,
+    await_job,
+    settle,
+)
 from metaproxy.broker.credentials.source import Priority
 from metaproxy.broker.credentials.sts import AssumedRole, StsClient
 from metaproxy.clock import Clock, SystemClock
@@ -51,14 +57,17 @@ class FixedPoolScheduler(QueuedSource):
     async def _handle(self, job: Job) -> None:
         await settle(job, self.caller)
 
-    def stats(self) -> dict[str, float]:
-        return {
-            "queue_depth": float(self._queue.qsize()),
-            "queue_cold": float(self._queue.qsize()),
-            "queue_refresh": 0.0,
-            "workers": float(self.pool.size),
-            **self.caller.stats(),
-        }
+    def stats(self) -> SchedulerStats:
+        waiting = self._queue.qsize()
+        return SchedulerStats(
+            queue_depth=waiting,
+            queue_cold=waiting,  # one queue: every job counts as cold
+            queue_refresh=0,
+            workers=self.pool.size,
+            sts=self.caller.stats(),
+            workers_target=self.pool.target,
+            workers_busy=self.pool.busy,
+        )
 
     async def aclose(self) -> None:
         await self.pool.aclose()

@@ -1,5 +1,6 @@
 """What both schedulers share: a job (one AssumeRole and the future its caller awaits), how
-a worker settles one, and what a scheduler answers as the bottom of the credential stack."""
+a worker settles one, what a scheduler answers as the bottom of the credential stack, and its
+figures."""
 
 from __future__ import annotations
 
@@ -7,13 +8,35 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from metaproxy.broker.credentials.caller import StsCaller
+from metaproxy.broker.credentials.caller import CallerStats, StsCaller
 from metaproxy.broker.credentials.source import Fetch, Fetched, Scope
 from metaproxy.broker.credentials.sts import AssumedRole
 from metaproxy.broker.store.base import CacheClaim
 from metaproxy.clock import Clock
 from metaproxy.errors import MetaproxyError
 from metaproxy.models import AssumeRoleSpec
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    """A scheduler's figures: its queue, its workers, and its STS calls (`sts`). The
+    baseline (`FixedPoolScheduler`) has one FIFO queue and a fixed pool, and leaves the
+    figures it has no use for at zero."""
+
+    queue_depth: int  # waiting, both priorities
+    queue_cold: int
+    queue_refresh: int
+    workers: int  # running
+    sts: CallerStats
+    queue_tenants: int = 0  # tenants with work waiting
+    queue_max: int = 0
+    queue_rejected: int = 0  # refused by a full queue (503 with Retry-After)
+    queue_shed: int = 0  # refreshes pushed out by cold starts
+    submitted: int = 0
+    workers_target: int = 0  # what the autoscaler asked for
+    workers_busy: int = 0
+    arrival_rate: float = 0.0  # per second, moving average
+    item_seconds: float = 0.0  # one job's time in a worker, moving average
 
 
 class QueuedSource:

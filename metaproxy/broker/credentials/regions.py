@@ -14,10 +14,10 @@ never how many go.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from metaproxy.broker.config import BrokerConfig
-from metaproxy.broker.credentials.circuit import STATE_CODES, CircuitBreaker
+from metaproxy.broker.credentials.circuit import STATE_CODES, CircuitBreaker, CircuitState
 from metaproxy.broker.credentials.sts import AssumedRole, OnSent, StsClient
 from metaproxy.models import AssumeRoleSpec, Credentials
 
@@ -65,14 +65,30 @@ def region_endpoints(
     return [(region, by_region.get(region, "")) for region in regions]
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, slots=True)
+class RegionStats:
+    """One region's circuit, and what its calls came to."""
+
+    region: str
+    circuit: CircuitState
+    ok: int
+    throttled: int
+    error: int
+
+
+@dataclass(eq=False, slots=True)
 class Route:
     """One region: its client, its circuit, and what its calls came to."""
 
     region: str
     client: StsClient
     breaker: CircuitBreaker
-    results: dict[str, int] = field(default_factory=lambda: {"ok": 0, "throttled": 0, "error": 0})
+    ok: int = 0
+    throttled: int = 0
+    error: int = 0
+
+    def stats(self) -> RegionStats:
+        return RegionStats(self.region, self.breaker.state, self.ok, self.throttled, self.error)
 
 
 class RegionRoutes:
@@ -105,22 +121,16 @@ class RegionRoutes:
         return min(route.breaker.retry_after() for route in self.routes)
 
     @property
-    def state_code(self) -> float:
-        """The best state of any region: 0 closed, 1 half-open, 2 open (every region open)."""
-        return min(STATE_CODES[route.breaker.state] for route in self.routes)
+    def state(self) -> CircuitState:
+        """The best state of any region: open only when every region is."""
+        return min((route.breaker.state for route in self.routes), key=STATE_CODES.__getitem__)
 
     @property
     def opened(self) -> int:
         return sum(route.breaker.opened for route in self.routes)
 
-    def stats(self) -> dict[str, float]:
-        """Per region: `circuit_state.REGION` and `sts_calls.REGION.RESULT`."""
-        found: dict[str, float] = {}
-        for route in self.routes:
-            found[f"circuit_state.{route.region}"] = STATE_CODES[route.breaker.state]
-            for result, count in route.results.items():
-                found[f"sts_calls.{route.region}.{result}"] = float(count)
-        return found
+    def stats(self) -> tuple[RegionStats, ...]:
+        return tuple(route.stats() for route in self.routes)
 
 
 def regional_sts(config: BrokerConfig) -> RegionalSts:

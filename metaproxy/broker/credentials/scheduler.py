@@ -35,7 +35,13 @@ from metaproxy.broker.credentials.autoscale import (
 from metaproxy.broker.credentials.caller import StsCaller
 from metaproxy.broker.credentials.circuit import CircuitBreaker
 from metaproxy.broker.credentials.fairqueue import FairQueue, QueueFull, RetrySlots
-from metaproxy.broker.credentials.jobs import Job, QueuedSource, await_job, settle
+from metaproxy.broker.credentials.jobs import (
+    Job,
+    QueuedSource,
+    SchedulerStats,
+    await_job,
+    settle,
+)
 from metaproxy.broker.credentials.source import Fetch, Fetched, Priority, Scope
 from metaproxy.broker.credentials.sts import AssumedRole, StsClient
 from metaproxy.broker.store.base import CacheClaim, StsBudget
@@ -59,7 +65,7 @@ class Scheduler(Protocol):
 
     def drop(self, scope: Scope) -> int: ...
 
-    def stats(self) -> dict[str, float]: ...
+    def stats(self) -> SchedulerStats: ...
 
     async def start(self) -> None: ...
 
@@ -262,28 +268,23 @@ class FairScheduler(QueuedSource):
                 self.pool.resize(decision.workers)
             self._update_drain_rate(now)
 
-    def stats(self) -> dict[str, float]:
-        """For /metrics: queue_depth, queue_cold, queue_refresh (waiting, by priority),
-        queue_rejected (overflow 503s), queue_shed, workers, workers_target, workers_busy,
-        sts_calls (attempts), sts_ok, throttles, errors, timeouts, sts_refused (4xx),
-        fast_failures (failed by the open circuit), circuit_state (0 closed, 1 half-open,
-        2 open), circuit_open, circuit_opened (times), sts_latency_seconds, arrival_rate."""
-        return {
-            "queue_depth": float(len(self.queue)),
-            "queue_cold": float(self.queue.depth("cold")),
-            "queue_refresh": float(self.queue.depth("refresh")),
-            "queue_tenants": float(self.queue.tenants()),
-            "queue_max": float(self.queue.max_depth),
-            "queue_rejected": float(self.queue.rejected),
-            "queue_shed": float(self.queue.shed),
-            "submitted": float(self.submitted),
-            "workers": float(self.pool.size),
-            "workers_target": float(self.pool.target),
-            "workers_busy": float(self.pool.busy),
-            "arrival_rate": self._arrivals.value,
-            "item_seconds": self._item_seconds.value,
-            **self.caller.stats(),
-        }
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            queue_depth=len(self.queue),
+            queue_cold=self.queue.depth("cold"),
+            queue_refresh=self.queue.depth("refresh"),
+            workers=self.pool.size,
+            sts=self.caller.stats(),
+            queue_tenants=self.queue.tenants(),
+            queue_max=self.queue.max_depth,
+            queue_rejected=self.queue.rejected,
+            queue_shed=self.queue.shed,
+            submitted=self.submitted,
+            workers_target=self.pool.target,
+            workers_busy=self.pool.busy,
+            arrival_rate=self._arrivals.value,
+            item_seconds=self._item_seconds.value,
+        )
 
     async def aclose(self) -> None:
         """Stop the autoscaler and the workers; waiting callers get StsUnavailable."""

@@ -112,12 +112,20 @@ class RevocationStore(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class BudgetStats:
+    share_per_second: float  # AssumeRole calls per second this replica may make now
+    fallback: bool = False  # the store is unreachable: this replica spends its share alone
+    fallback_calls: int = 0  # calls made on the share
+    store_asks: int = 0  # commands to the store for a slot, granted or told to wait
+
+
 class StsBudget(Protocol):
     async def acquire(self) -> None:
         """Return when one AssumeRole call may be sent (the caller sends right after)."""
         ...
 
-    def stats(self) -> dict[str, float]: ...
+    def stats(self) -> BudgetStats: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +267,11 @@ class FleetStore(Protocol):
     @property
     def up(self) -> bool:
         """Whether the last command reached the store (always true in memory)."""
+        ...
+
+    @property
+    def push_errors(self) -> int:
+        """Pushed messages that could not be handled (none in memory: nothing is pushed)."""
         ...
 
     @property

@@ -22,6 +22,7 @@ from metaproxy.audit.checkpoint import WitnessedCheckpoint
 from metaproxy.broker.credentials.budget import budget_limiter
 from metaproxy.broker.store.base import (
     Admission,
+    BudgetStats,
     CacheClaim,
     Lift,
     Revocation,
@@ -120,8 +121,8 @@ class LocalBudget:
         await self._limiter.acquire()
         self.acquired += 1
 
-    def stats(self) -> dict[str, float]:
-        return {"budget_share_per_second": self.calls_per_second, "budget_fallback": 0.0}
+    def stats(self) -> BudgetStats:
+        return BudgetStats(share_per_second=self.calls_per_second)
 
 
 class LocalAdmissions:
@@ -213,6 +214,7 @@ class MemoryStore:
         self._state_dir = state_dir
 
     up = True
+    push_errors = 0
 
     async def start(self) -> None:
         if self._state_dir is None:

@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from metaproxy.broker.store import redis_scripts as scripts
-from metaproxy.broker.store.base import StoreUnavailable
+from metaproxy.broker.store.base import BudgetStats, StoreUnavailable
 from metaproxy.broker.store.memory import LocalBudget
 from metaproxy.broker.store.redis_keys import BUDGET_KEY
 from metaproxy.broker.store.redis_link import StoreLink
@@ -143,13 +143,12 @@ class RedisBudget:
             self._fallback = LocalBudget(share)
         return self._fallback
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> BudgetStats:
+        up = self._conn.up
         live = max(1, self._registry.last_seen_live())
-        return {
-            "budget_share_per_second": (
-                self.calls_per_second if self._conn.up else self.calls_per_second / live
-            ),
-            "budget_fallback": 0.0 if self._conn.up else 1.0,
-            "budget_fallback_calls": float(self.fallback_calls),
-            "budget_store_asks": float(self.asks),
-        }
+        return BudgetStats(
+            share_per_second=self.calls_per_second if up else self.calls_per_second / live,
+            fallback=not up,
+            fallback_calls=self.fallback_calls,
+            store_asks=self.asks,
+        )
