@@ -34,8 +34,19 @@ system-deps:
 		  iptables >/dev/null; \
 	fi
 
+# Two passes: most tests side by side on $(TEST_WORKERS) workers (they mostly wait on servers
+# and child processes, so more workers than the 2 cores CI has pay off), then alone the ones
+# marked `serial`, which assert latencies or rates that the other tests' load would skew. The
+# second pass runs even when the first fails, so one run reports every failure. The client
+# matrix (`clients`) is `make e2e`'s.
+TEST_WORKERS ?= 4
+PYTEST := $(BIN)/pytest -p no:cacheprovider
+
 test: $(STAMP) $(JS_STAMP) system-deps
-	$(BIN)/pytest -p no:cacheprovider
+	status=0; \
+	$(PYTEST) -n $(TEST_WORKERS) -m "not serial and not clients" || status=$$?; \
+	$(PYTEST) -m "serial and not clients" || status=$$?; \
+	exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check metaproxy tests bench
@@ -115,4 +126,4 @@ clients: $(CLIENT_STAMPS)
 
 # The slow end-to-end suite, run apart from `make test` (which skips it).
 e2e: $(STAMP) $(JS_STAMP) clients
-	$(BIN)/pytest -p no:cacheprovider -m clients
+	$(PYTEST) -m clients

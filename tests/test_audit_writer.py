@@ -189,6 +189,7 @@ async def test_refuses_to_start_behind_its_checkpoint(
     await log.close()
 
 
+@pytest.mark.serial  # asserts a failure within 1 s
 async def test_unwritable_segment_fails_closed_then_recovers(
     tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:
@@ -211,6 +212,7 @@ async def test_unwritable_segment_fails_closed_then_recovers(
     assert (report.ok, report.records) == (True, 2), report.problems
 
 
+@pytest.mark.serial  # asserts failures within 1 s
 async def test_stalled_disk_times_out_then_recovers(
     tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:
@@ -352,6 +354,7 @@ async def test_concurrent_appends_share_fsyncs_and_chain_in_arrival_order(
     assert all(0 < b - a <= 100 for a, b in itertools.pairwise(checkpoint_seqs))
 
 
+@pytest.mark.serial  # asserts failures within 1 s
 async def test_stalled_batch_fails_every_caller_then_its_records_are_kept(
     tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:

@@ -35,6 +35,7 @@ def records(replica: BrokerServer, event: str) -> list[dict[str, object]]:
     return [r for r in audit_records(replica.services.config.audit_dir) if r["event"] == event]
 
 
+@pytest.mark.serial  # asserts the revocation reaches the others within 1 s
 async def test_a_revocation_through_one_replica_reaches_every_replica_and_outlives_restarts(
     fleet: Fleet, redis_server: RedisServer, https: aiohttp.ClientSession, pki: Pki
 ) -> None:
@@ -133,6 +134,7 @@ async def fleet_gauges(replica: BrokerServer) -> dict[str, float]:
     return {name: value(samples, f"metaproxy_broker_{name}") for name in names}
 
 
+@pytest.mark.serial  # asserts 200 requests must all arrive within one 0.3 s STS call
 async def test_identical_cold_requests_across_replicas_are_one_sts_call(
     fleet: Fleet, sts_url: str, https: aiohttp.ClientSession, pki: Pki, redis_server: RedisServer
 ) -> None:

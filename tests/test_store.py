@@ -189,6 +189,7 @@ async def replicas(redis_server: RedisServer) -> AsyncIterator[tuple[RedisStore,
     await two.aclose()
 
 
+@pytest.mark.serial  # asserts when each slot comes, to within 0.2 s
 async def test_the_budget_is_one_timeline_for_every_replica(
     replicas: tuple[RedisStore, RedisStore],
 ) -> None:
