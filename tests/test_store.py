@@ -33,8 +33,7 @@ from metaproxy.clock import SystemClock
 from metaproxy.commands.certs import init_certs
 from metaproxy.errors import ConfigError
 from metaproxy.models import BrokerLimits
-from metaproxy.testing.emulator import free_port
-from metaproxy.testing.redis_server import RedisServer
+from metaproxy.testing.redis_server import RedisServer, free_port
 from tests.conftest import require_redis_server
 
 FLEET_KEY = Sealer([b"fleet-key-for-the-store-tests-32"])  # seals and signs, as --store-key-file
