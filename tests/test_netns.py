@@ -140,13 +140,17 @@ def require_netns() -> None:
 
 
 def free_subnets(count: int) -> list[ipaddress.IPv4Network]:
-    """/30s in 10.200.0.0/16 that no host route overlaps, so the test shadows nothing."""
+    """/30s in 10.200.0.0/16 that no host route overlaps, so the test shadows nothing. Under
+    xdist each worker draws from its own third octets: two workers reading the routes at the
+    same moment would otherwise be free to pick the same /30."""
     taken = [
         ipaddress.ip_network(route["dst"], strict=False)
         for route in ip_json("-4", "route", "show", "table", "all")
         if route["dst"] != "default"
     ]
-    octets = random.sample(range(1, 255), 254)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    octets = [n for n in random.sample(range(1, 255), 254) if n % workers == worker % workers]
     subnets = [ipaddress.IPv4Network(f"10.200.{n}.0/30") for n in octets]
     free = [s for s in subnets if not any(s.overlaps(t) for t in taken)]
     return free[:count]
