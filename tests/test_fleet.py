@@ -160,6 +160,13 @@ async def test_identical_cold_requests_across_replicas_are_one_sts_call(
         assert secret.encode() not in dump
 
 
+def as_bytes(reply: object) -> bytes:
+    """redis-py types its replies as unions of every shape a command may take; a client without
+    decode_responses gets bytes for keys, values and members."""
+    assert isinstance(reply, bytes), reply
+    return reply
+
+
 async def _dump_store(url: str) -> bytes:
     """Every key and value in the store, as bytes (strings, hashes, sets, sorted sets)."""
     from redis.asyncio import Redis
@@ -168,17 +175,17 @@ async def _dump_store(url: str) -> bytes:
     parts: list[bytes] = []
     try:
         async for key in client.scan_iter(count=1000):
-            parts.append(key)
-            kind = (await client.type(key)).decode()
+            parts.append(as_bytes(key))
+            kind = as_bytes(await client.type(key)).decode()
             if kind == "string":
-                parts.append(await client.get(key) or b"")
+                parts.append(as_bytes(await client.get(key) or b""))
             elif kind == "hash":
                 for field, value in (await client.hgetall(key)).items():
-                    parts += [field, value]
+                    parts += [as_bytes(field), as_bytes(value)]
             elif kind == "set":
-                parts += list(await client.smembers(key))
+                parts += [as_bytes(member) for member in await client.smembers(key)]
             elif kind == "zset":
-                parts += [m for m, _ in await client.zrange(key, 0, -1, withscores=True)]
+                parts += [as_bytes(member) for member in await client.zrange(key, 0, -1)]
     finally:
         await client.aclose()
     assert parts, "the store is empty: nothing was checked"

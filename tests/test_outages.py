@@ -26,9 +26,10 @@ from bench.common import write_tenant_policies
 from metaproxy.broker.scheduler import FairScheduler
 from metaproxy.broker.server import BrokerServer
 from metaproxy.broker.sts import AsyncSts
+from metaproxy.demo.local import AUDIENCE, ISSUER
 from metaproxy.sidecar.server import SidecarServer
 from metaproxy.testing.faultproxy import FaultProxy
-from tests.support import AUDIENCE, ISSUER, Pki, broker_config, issue, sidecar_config, wait_ready
+from tests.support import Pki, broker_config, issue, sidecar_config, wait_ready
 
 # Sidecars ask the broker about once a second: 1800 s credentials are always "within
 # min_serve_seconds + 60 s" of their end, so the keeper's refresh delay is its 1 s floor.
