@@ -18,7 +18,15 @@ import tests.support
 from metaproxy.broker.server import BrokerServer
 from metaproxy.sidecar.server import SidecarServer
 from metaproxy.testing.redis_server import RedisServer, find_server_binary
-from tests.support import REPO, Pki, broker_config, make_pki, sidecar_config, wait_ready
+from tests.support import (
+    REPO,
+    Pki,
+    broker_config,
+    cannot_run,
+    make_pki,
+    sidecar_config,
+    wait_ready,
+)
 
 # The broker (in this process) signs its STS calls to the local emulator with moto's fake
 # credentials. Clients under test run in their own processes with `clean_aws_env()`, so they
@@ -155,13 +163,9 @@ def require_redis_server() -> str:
     """The valkey-server or redis-server binary; a skip without one, but a failure in CI, which
     installs redis-server (`make system-deps`) so the fleet's tests always run there."""
     binary = find_server_binary()
-    if binary is not None:
-        return binary
-    reason = "neither valkey-server nor redis-server is on PATH (make system-deps installs it)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"store test cannot run in CI: {reason}")
-    print(f"skipping: {reason}")
-    pytest.skip(reason)
+    if binary is None:
+        cannot_run("neither valkey-server nor redis-server is on PATH (make system-deps)")
+    return binary
 
 
 @pytest.fixture

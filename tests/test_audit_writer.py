@@ -23,6 +23,7 @@ from metaproxy.audit.record import EVENTS, _scrub_patterns, make_record, scrub
 from metaproxy.audit.verify import verify_dir
 from metaproxy.audit.writer import AuditLog
 from metaproxy.errors import AuditUnavailable
+from tests.support import cannot_run
 
 
 @pytest.fixture
@@ -269,14 +270,14 @@ def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
     mountpoint = tmp_path / "tiny"
     mountpoint.mkdir()
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+        cannot_run("mounting a tmpfs needs root")
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mountpoint)],
         capture_output=True,
         check=False,
     )
     if mounted.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
+        cannot_run(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         yield mountpoint
     finally:

@@ -41,7 +41,7 @@ import pytest
 
 from metaproxy.broker.server import BrokerServer
 from metaproxy.cli import main
-from tests.support import REPO, Pki, broker_config, issue, run_command
+from tests.support import REPO, Pki, broker_config, cannot_run, issue, require_tool, run_command
 
 ROUTE_KEYS = ("type", "dst", "gateway", "dev", "table", "protocol", "scope", "prefsrc", "metric")
 CHAIN = "METAPROXY-LINK-LOCAL"  # the redirect's nat chain, in task namespaces only
@@ -132,11 +132,8 @@ def netns_unavailable() -> str | None:
 def require_netns() -> None:
     """Skip where namespaces are unavailable, but never in CI: CI runs as root on purpose."""
     reason = netns_unavailable()
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"netns test cannot run in CI: {reason}")
-    pytest.skip(reason)
+    if reason is not None:
+        cannot_run(reason)
 
 
 def free_subnets(count: int) -> list[ipaddress.IPv4Network]:
@@ -521,9 +518,13 @@ async def test_attach_without_root_says_it_needs_root() -> None:
     """An unprivileged caller gets exit status 1 and a one-line reason, before anything changes."""
     argv = [sys.executable, "-m", "metaproxy", "netns", "attach", "--netns", "acme"]
     if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("setpriv is not installed")
-        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+        argv = [
+            require_tool("setpriv", "util-linux"),
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            *argv,
+        ]
     rc, _, err = await run_command(*argv, env=dict(os.environ), cwd=REPO)
     assert rc == 1
     assert "needs root" in err
