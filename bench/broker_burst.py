@@ -116,26 +116,26 @@ class RemoteFaultProxy:
     take the broker's CPU; driven through its admin API."""
 
     def __init__(self, upstream: str) -> None:
-        from metaproxy.testing.emulator import free_port
-
         self._upstream = upstream
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.admin_url = f"http://127.0.0.1:{free_port()}"
+        self.url = ""
+        self.admin_url = ""
         self._process: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> RemoteFaultProxy:
-        port, admin_port = self.url.rsplit(":", 1)[1], self.admin_url.rsplit(":", 1)[1]
+        # Ports 0: once both listen it prints their URLs, `fault-proxy: URL -> upstream` and
+        # `fault-proxy admin: URL/_fault`, and nothing else.
         self._process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "metaproxy", "fault-proxy", "--upstream", self._upstream,
-            "--port", port, "--admin-port", admin_port, stdout=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
         )  # fmt: skip
-        for _ in range(200):
-            try:
-                await self.stats()
-                return self
-            except aiohttp.ClientError:
-                await asyncio.sleep(0.05)
-        raise RuntimeError("fault proxy did not start")
+        assert self._process.stdout is not None
+        async with asyncio.timeout(20):
+            proxy = (await self._process.stdout.readline()).decode().split()
+            admin = (await self._process.stdout.readline()).decode().split()
+        if proxy[:1] != ["fault-proxy:"] or admin[:2] != ["fault-proxy", "admin:"]:
+            raise RuntimeError(f"fault proxy did not start: {proxy} {admin}")
+        self.url, self.admin_url = proxy[1], admin[2].removesuffix("/_fault")
+        return self
 
     @property
     def pid(self) -> int:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 import os
 import shutil
 import ssl
@@ -15,11 +13,20 @@ from typing import Any
 import aiohttp
 import pytest
 
+import tests.secret_scan
 import tests.support
 from metaproxy.broker.server import BrokerServer
 from metaproxy.sidecar.process import Sidecar
 from metaproxy.testing.redis_server import RedisServer, find_server_binary
-from tests.support import REPO, Pki, broker_config, make_pki, sidecar_config, wait_ready
+from tests.support import (
+    REPO,
+    Pki,
+    broker_config,
+    cannot_run,
+    make_pki,
+    sidecar_config,
+    wait_ready,
+)
 
 # The broker (in this process) signs its STS calls to the local emulator with moto's fake
 # credentials. Clients under test run in their own processes with `clean_aws_env()`, so they
@@ -33,12 +40,11 @@ os.environ.update(
 )
 
 
-# -- what the secret scan (tests/test_zz_secret_scan.py) looks for ---------------------------
+# -- what the secret scan (tests/secret_scan.py) looks for ----------------------------------
 # Every identity token `issue()` makes and every secret key and session token a broker fixture
 # cached, recorded as they are made so the scan can look for the exact values.
-ISSUED_SECRETS: set[str] = set()
-SECRETS_FILE = "issued-secrets.json"  # under the base temp dir; the scan skips it
-SESSION_LOG = "session.log"
+pytest_plugins = ["tests.secret_scan", "pytester"]
+ISSUED_SECRETS = tests.secret_scan.ISSUED
 _issue_token = tests.support.issue
 
 
@@ -58,34 +64,10 @@ def record_broker_secrets(server: BrokerServer) -> None:
         ISSUED_SECRETS.add(entry.role.credentials.session_token)
 
 
-@pytest.fixture(scope="session")
-def issued_secrets(tmp_path_factory: pytest.TempPathFactory) -> Iterator[set[str]]:
-    """The live set of secrets issued during the run; also written to issued-secrets.json."""
-    yield ISSUED_SECRETS
-    path = tmp_path_factory.getbasetemp() / SECRETS_FILE
-    path.write_text(json.dumps(sorted(ISSUED_SECRETS)))
-
-
 @pytest.fixture
 def record_secrets() -> Callable[[BrokerServer], None]:
     """For tests that start their own brokers: call it with each before stopping it."""
     return record_broker_secrets
-
-
-@pytest.fixture(scope="session", autouse=True)
-def session_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Every log record the run emits, unscrubbed, in <basetemp>/session.log for the scan."""
-    path = tmp_path_factory.getbasetemp() / SESSION_LOG
-    handler = logging.FileHandler(path, encoding="utf-8")
-    # Plain format, no scrubbing filter: a secret passed to a logger must show up here. The
-    # root level stays as it is (tests assert on what caplog sees), so this holds warnings and
-    # errors, which are where error details, and so accidental secrets, end up.
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    yield path
-    root.removeHandler(handler)
-    handler.close()
 
 
 @pytest.fixture(scope="session")
@@ -182,13 +164,9 @@ def require_redis_server() -> str:
     """The valkey-server or redis-server binary; a skip without one, but a failure in CI, which
     installs redis-server (`make system-deps`) so the fleet's tests always run there."""
     binary = find_server_binary()
-    if binary is not None:
-        return binary
-    reason = "neither valkey-server nor redis-server is on PATH (make system-deps installs it)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"store test cannot run in CI: {reason}")
-    print(f"skipping: {reason}")
-    pytest.skip(reason)
+    if binary is None:
+        cannot_run("neither valkey-server nor redis-server is on PATH (make system-deps)")
+    return binary
 
 
 @pytest.fixture

@@ -48,8 +48,9 @@ def main() -> None:
     deadline = started + SETTLE_SECONDS
     while pending.get_map() and time.monotonic() < deadline:
         for key, _ in pending.select(timeout=0.1):
-            sock = key.fileobj
-            assert isinstance(sock, socket.socket)
+            ready = key.fileobj
+            assert isinstance(ready, socket.socket)
+            sock = ready
             pending.unregister(sock)
             if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0:
                 continue

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import sys
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
+import pytest
 
 from metaproxy.audit.writer import AuditLog
 from metaproxy.broker.config import BrokerConfig
@@ -29,6 +31,22 @@ Pki = LocalKeys
 
 def make_pki(directory: Path) -> Pki:
     return make_local_keys(directory)
+
+
+def cannot_run(reason: str) -> NoReturn:
+    """A test that needs what this machine lacks: outside CI it skips and says why; in CI
+    (CI=true, as root, after `make system-deps`) it fails, because nothing may skip there."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"cannot run in CI: {reason}")
+    pytest.skip(reason)
+
+
+def require_tool(name: str, package: str) -> str:
+    """The path of a command the test runs (`package`: the Debian package that has it)."""
+    path = shutil.which(name, path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+    if path is None:
+        cannot_run(f"{name} is not installed (Debian: {package}; `make system-deps` installs it)")
+    return path
 
 
 CONTROL_TOKEN = "test-control-token-0123456789abcdef"

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import boto3
+import pytest
 
 from metaproxy.audit.names import segment_name
 from metaproxy.broker.server import BrokerServer
@@ -90,6 +91,7 @@ async def test_audit_segments_ship_to_s3_and_verify_and_answer_queries_there(
     ]
 
 
+@pytest.mark.serial  # asserts an answer within 2 s
 async def test_s3_outage_never_blocks_issuing(
     tmp_path: Path,
     pki: Pki,
@@ -118,6 +120,7 @@ async def test_s3_outage_never_blocks_issuing(
     assert time.monotonic() - started < config.drain_seconds + 2.0
 
 
+@pytest.mark.serial  # asserts a refusal within 1 s
 async def test_stalled_audit_writes_refuse_credentials_then_recover(
     broker: BrokerServer, https: aiohttp.ClientSession, pki: Pki
 ) -> None:
@@ -145,6 +148,7 @@ async def test_stalled_audit_writes_refuse_credentials_then_recover(
     assert body["credentials"]["access_key_id"] not in refused_text
 
 
+@pytest.mark.serial  # asserts a refusal within 1 s
 async def test_unwritable_audit_segment_refuses_credentials_then_recovers(
     broker: BrokerServer, https: aiohttp.ClientSession, pki: Pki
 ) -> None:

@@ -168,7 +168,10 @@ async def test_cli_tail_follow_prints_new_records_across_rotation(tmp_path: Path
     """`audit tail --follow` prints records appended later, including in new segments."""
     log = AuditLog(tmp_path, log_id="b", segment_max_bytes=600, write_timeout=5)
     await log.start()
-    await log.append(grant(0, "before", APP, "ASIA0"))
+    # A full first segment: later records go to new ones, so the end of this one, where the
+    # follower starts, stays put however late it gets there.
+    while sum(p.stat().st_size for p in tmp_path.glob("segment-*.jsonl")) < 600:
+        await log.append(grant(0, "before", APP, "ASIA0"))
     follower = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -177,17 +180,19 @@ async def test_cli_tail_follow_prints_new_records_across_rotation(tmp_path: Path
         "tail",
         str(tmp_path),
         "-n",
-        "0",
+        "1",
         "--follow",
         stdout=asyncio.subprocess.PIPE,
         cwd=Path(__file__).resolve().parents[1],
     )
     try:
-        await asyncio.sleep(1.0)  # let it start and take its position at the end
+        assert follower.stdout is not None
+        # The last record, printed once it has started and found the end.
+        async with asyncio.timeout(30):
+            assert json.loads(await follower.stdout.readline())["task"] == "before"
         for minute in range(1, 6):
             await log.append(grant(minute, f"t{minute}", APP, f"ASIA{minute}"))
         assert len(list(tmp_path.glob("segment-*.jsonl"))) > 2
-        assert follower.stdout is not None
         seen: list[str] = []
         async with asyncio.timeout(10):
             while len(seen) < 5:

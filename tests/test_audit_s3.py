@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,6 @@ from metaproxy.audit.ship import S3Shipper
 from metaproxy.audit.signing_keys import write_keypair
 from metaproxy.audit.verify import verify_dir, verify_s3
 from metaproxy.audit.writer import AuditLog
-from metaproxy.testing.emulator import free_port
 
 FAKE_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -138,13 +138,22 @@ async def test_tampering_with_the_s3_copy_is_detected(
     assert any("records deleted from the tail" in problem for problem in report.problems)
 
 
-async def test_s3_outage_never_blocks_append(tmp_path: Path, bucket: str) -> None:
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """A loopback URL that refuses connections: its port is bound, never listened on, and held
+    for the test, so no other process can start listening there meanwhile."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+async def test_s3_outage_never_blocks_append(tmp_path: Path, bucket: str, refused_url: str) -> None:
     """With S3 unreachable, appends still succeed promptly and the shipper only counts failures."""
 
     def unreachable() -> Any:
         return boto3.client(
             "s3",
-            endpoint_url=f"http://127.0.0.1:{free_port()}",
+            endpoint_url=refused_url,
             region_name="us-east-1",
             aws_access_key_id="testing",
             aws_secret_access_key="testing",
@@ -167,12 +176,12 @@ async def test_s3_outage_never_blocks_append(tmp_path: Path, bucket: str) -> Non
         await log.append(record(n))
     elapsed = time.monotonic() - started
     await log.aclose()
-    await asyncio.sleep(0.5)
-    stats = shipper.stats()
+    deadline = time.monotonic() + 10
+    while (stats := shipper.stats())["failures"] < 1 or stats["pending"] < 10:
+        assert time.monotonic() < deadline, stats
+        await asyncio.sleep(0.02)
     await shipper.aclose(drain_seconds=0.1)
     assert elapsed < 2.0
-    assert stats["failures"] >= 1
-    assert stats["pending"] >= 10
     assert stats["uploaded"] == 0
 
 

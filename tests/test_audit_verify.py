@@ -72,6 +72,7 @@ def _verify(segments: Segments, checkpoints: Segments, public: Path, **kw: bytes
     return verify_log(sources, checkpoints, load_public_key(public), **kw)  # type: ignore[arg-type]
 
 
+@pytest.mark.serial  # asserts verification within 0.5 s
 def test_untouched_log_verifies_in_milliseconds(audit_dir: tuple[Path, Path]) -> None:
     """The whole untouched log verifies, signatures included, well under a second."""
     directory, public = audit_dir

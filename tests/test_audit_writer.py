@@ -21,7 +21,7 @@ from metaproxy.audit.signing_keys import write_keypair
 from metaproxy.audit.verify import verify_dir
 from metaproxy.audit.writer import AuditLog
 from metaproxy.errors import AuditUnavailable
-from tests.support import hang_audit_disk
+from tests.support import cannot_run, hang_audit_disk
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def keys(tmp_path: Path) -> tuple[Path, Path]:
 def issued(n: int, **extra: str) -> dict[str, object]:
     fields = {"task": f"task-{n}", "tenant": "acme", "role_arn": "arn:aws:iam::1:role/app"}
     fields.update(extra)
-    return make_record("issued", request_id=f"req-{n}", **fields)  # type: ignore[arg-type]
+    return make_record("issued", request_id=f"req-{n}", **fields)
 
 
 async def test_appends_form_a_chain_that_verifies(tmp_path: Path, keys: tuple[Path, Path]) -> None:
@@ -144,6 +144,7 @@ async def test_refuses_to_start_behind_its_checkpoint(
     await log.aclose()
 
 
+@pytest.mark.serial  # asserts a failure within 1 s
 async def test_unwritable_segment_fails_closed_then_recovers(
     tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:
@@ -166,6 +167,7 @@ async def test_unwritable_segment_fails_closed_then_recovers(
     assert (report.ok, report.records) == (True, 2), report.problems
 
 
+@pytest.mark.serial  # asserts failures within 1 s
 async def test_stalled_disk_times_out_then_recovers(
     tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:
@@ -216,14 +218,14 @@ def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
     mountpoint = tmp_path / "tiny"
     mountpoint.mkdir()
     if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
+        cannot_run("mounting a tmpfs needs root")
     mounted = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mountpoint)],
         capture_output=True,
         check=False,
     )
     if mounted.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
+        cannot_run(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         yield mountpoint
     finally:
@@ -301,6 +303,7 @@ async def test_concurrent_appends_share_fsyncs_and_chain_in_arrival_order(
     assert all(0 < b - a <= 100 for a, b in itertools.pairwise(checkpoint_seqs))
 
 
+@pytest.mark.serial  # asserts failures within 1 s
 async def test_stalled_batch_fails_every_caller_then_its_records_are_kept(
     tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:

@@ -125,6 +125,7 @@ def test_throttling_does_not_open_the_circuit() -> None:
     assert breaker.state == "closed"
 
 
+@pytest.mark.serial  # asserts a rate the limiter must reach
 async def test_budget_limiter_never_lets_a_full_window_exceed_the_budget() -> None:
     """Even from a full bucket (STS back after an outage), no 1 s window exceeds the budget."""
     limiter = budget_limiter(40.0)

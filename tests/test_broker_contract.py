@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ import aiohttp
 import pytest
 
 from metaproxy.broker.server import BrokerServer
+from metaproxy.demo.local import AUDIENCE, ISSUER
 from metaproxy.errors import ConfigError
-from tests.support import AUDIENCE, ISSUER, Pki, audit_records, broker_config, issue
+from tests.support import Pki, audit_records, broker_config, issue
 
 
 async def post(
@@ -83,7 +85,7 @@ def issue_with(key: Path, task: str, tenant: str, **kwargs: Any) -> str:
     )
 
 
-BAD_TOKENS = {
+BAD_TOKENS: dict[str, Callable[[Pki, Path], str | None]] = {  # None: no Authorization
     "forged": _forged,
     "expired": lambda pki, tmp: issue(pki, "t-1", "acme", ttl=60, now=1_000_000_000),
     "other-audience": lambda pki, tmp: issue_with(

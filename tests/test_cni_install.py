@@ -28,7 +28,7 @@ import pytest
 from metaproxy.podnet import CONTAINER_PORT, IMDS_PORT, LINK_LOCAL_ANNOTATION, LINK_LOCAL_CNI
 from metaproxy.podnet.plugin_archive import PLUGIN_MODULES
 from metaproxy.podnet.plugin_main import TOO_OLD, main_source
-from tests.support import REPO
+from tests.support import REPO, cannot_run, require_tool
 from tests.test_cni import (
     CAPABILITY,
     TASK,
@@ -393,10 +393,7 @@ def test_a_mistake_is_one_line_naming_the_flag(
 
 def node_python() -> Path:
     if not NODE_PYTHON.exists():
-        reason = f"{NODE_PYTHON} is missing (the node's interpreter in these tests)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        cannot_run(f"{NODE_PYTHON} is missing (the node's interpreter in these tests)")
     return NODE_PYTHON
 
 
@@ -551,7 +548,7 @@ def test_a_real_older_interpreter_gets_the_cni_error(host: Host) -> None:
     `__main__` and answers with the error instead of a SyntaxError or an ImportError."""
     interpreter = older_interpreter()
     if interpreter is None:
-        pytest.skip("no Python older than 3.11 installed (apt-get install pypy3)")
+        cannot_run("no Python older than 3.11 installed (Debian: pypy3; make system-deps)")
     found = subprocess.run(
         [interpreter, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
         capture_output=True,
@@ -567,12 +564,9 @@ def test_a_real_older_interpreter_gets_the_cni_error(host: Host) -> None:
 
 
 def require_root() -> None:
-    if os.geteuid() == 0 and shutil.which("setpriv"):
-        return
-    reason = "needs root and setpriv (util-linux)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
+    if os.geteuid() != 0:
+        cannot_run("needs root")
+    require_tool("setpriv", "util-linux")
 
 
 @pytest.mark.netns

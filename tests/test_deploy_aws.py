@@ -299,6 +299,7 @@ async def test_audit_shipping_needs_exactly_what_the_broker_policy_grants(
     from metaproxy.audit.writer import AuditLog
     from metaproxy.broker.auditing import BrokerAudit
     from metaproxy.broker.config import BrokerConfig
+    from metaproxy.broker.metrics import BrokerMetrics
     from metaproxy.broker.store.memory import MemoryStore
     from metaproxy.clock import SystemClock
     from metaproxy.config import build_config
@@ -309,7 +310,8 @@ async def test_audit_shipping_needs_exactly_what_the_broker_policy_grants(
         "METAPROXY_INSTANCE": "metaproxy-broker-6d9f8-x2x4q",
     }
     config = build_config(BrokerConfig, None, environ)
-    broker = BrokerAudit(config, MemoryStore(None, budget_per_second=1.0).replicas, SystemClock())
+    store = MemoryStore(None, budget_per_second=1.0)
+    broker = BrokerAudit(config, store.replicas, SystemClock(), BrokerMetrics())
     assert broker.shipper is not None
     calls = Calls()
 

@@ -76,7 +76,8 @@ def test_prometheus_rule_holds_the_alerts_yaml_groups() -> None:
 def test_pod_monitors_scrape_the_ports_the_manifests_and_webhook_name() -> None:
     """The broker monitor selects the broker pods of their namespace on their admin port; the
     sidecar monitor selects the pods the webhook injects, on the port it gives the sidecar."""
-    from metaproxy.webhook.patch import InjectionSettings, PodSecrets, sidecar_container
+    from metaproxy.webhook.containers import sidecar_container
+    from metaproxy.webhook.settings import InjectionSettings, PodSecrets
 
     monitors = {d["metadata"]["name"]: d for d in documents("podmonitors.yaml")}
     assert set(monitors) == {"metaproxy-broker", "metaproxy-sidecar"}

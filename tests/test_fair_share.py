@@ -95,6 +95,7 @@ def enough_file_descriptors() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
+@pytest.mark.serial  # asserts p99 latency of the SDK's fetches
 async def test_same_pod_looper_and_leaks_do_not_starve_an_sdk(
     broker: BrokerServer, pki: Pki, tmp_path: Path, start_sidecar: SidecarFactory
 ) -> None:

@@ -35,6 +35,7 @@ def records(replica: BrokerServer, event: str) -> list[dict[str, object]]:
     return [r for r in audit_records(replica.config.audit_dir) if r["event"] == event]
 
 
+@pytest.mark.serial  # asserts the revocation reaches the others within 1 s
 async def test_a_revocation_through_one_replica_reaches_every_replica_and_outlives_restarts(
     fleet: Fleet, redis_server: RedisServer, https: aiohttp.ClientSession, pki: Pki
 ) -> None:
@@ -133,6 +134,7 @@ async def fleet_gauges(replica: BrokerServer) -> dict[str, float]:
     return {name: value(samples, f"metaproxy_broker_{name}") for name in names}
 
 
+@pytest.mark.serial  # asserts 200 requests must all arrive within one 0.3 s STS call
 async def test_identical_cold_requests_across_replicas_are_one_sts_call(
     fleet: Fleet, sts_url: str, https: aiohttp.ClientSession, pki: Pki, redis_server: RedisServer
 ) -> None:
@@ -158,6 +160,13 @@ async def test_identical_cold_requests_across_replicas_are_one_sts_call(
         assert secret.encode() not in dump
 
 
+def as_bytes(reply: object) -> bytes:
+    """redis-py types its replies as unions of every shape a command may take; a client without
+    decode_responses gets bytes for keys, values and members."""
+    assert isinstance(reply, bytes), reply
+    return reply
+
+
 async def _dump_store(url: str) -> bytes:
     """Every key and value in the store, as bytes (strings, hashes, sets, sorted sets)."""
     from redis.asyncio import Redis
@@ -166,17 +175,17 @@ async def _dump_store(url: str) -> bytes:
     parts: list[bytes] = []
     try:
         async for key in client.scan_iter(count=1000):
-            parts.append(key)
-            kind = (await client.type(key)).decode()
+            parts.append(as_bytes(key))
+            kind = as_bytes(await client.type(key)).decode()
             if kind == "string":
-                parts.append(await client.get(key) or b"")
+                parts.append(as_bytes(await client.get(key) or b""))
             elif kind == "hash":
                 for field, value in (await client.hgetall(key)).items():
-                    parts += [field, value]
+                    parts += [as_bytes(field), as_bytes(value)]
             elif kind == "set":
-                parts += list(await client.smembers(key))
+                parts += [as_bytes(member) for member in await client.smembers(key)]
             elif kind == "zset":
-                parts += [m for m, _ in await client.zrange(key, 0, -1, withscores=True)]
+                parts += [as_bytes(member) for member in await client.zrange(key, 0, -1)]
     finally:
         await client.aclose()
     assert parts, "the store is empty: nothing was checked"

@@ -57,6 +57,7 @@ def spread(files: FleetFiles, count: int, prefix: str, replicas: int) -> list[tu
     ]
 
 
+@pytest.mark.serial  # asserts a rate one replica must reach
 async def test_three_replicas_share_one_sts_budget_that_one_replica_alone_can_fill(
     tmp_path: Path, redis_server: RedisServer, fast_sts: str
 ) -> None:

@@ -19,9 +19,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from metaproxy.broker.server import BrokerServer
+from metaproxy.demo.local import AUDIENCE, ISSUER
 from metaproxy.identity.jwks import load_jwks
 from metaproxy.identity.keys import load_private_key
-from tests.support import AUDIENCE, ISSUER, Pki, audit_records, issue
+from tests.support import Pki, audit_records, issue
 
 
 def b64(data: bytes) -> str:

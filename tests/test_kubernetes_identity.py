@@ -16,9 +16,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from metaproxy.broker.server import BrokerServer
 from metaproxy.config import TrustedIssuer
+from metaproxy.demo.local import AUDIENCE, ISSUER
 from metaproxy.identity.keys import jwk_thumbprint, public_jwk
 from metaproxy.policy.load import PolicyError
-from tests.support import AUDIENCE, ISSUER, Pki, broker_config
+from tests.support import Pki, broker_config
 
 K8S_ISSUER = "https://kubernetes.default.svc"
 

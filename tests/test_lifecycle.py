@@ -19,9 +19,10 @@ import aiohttp
 import pytest
 
 from metaproxy.broker.server import BrokerServer
+from metaproxy.demo.local import AUDIENCE, ISSUER
 from metaproxy.sidecar.process import Sidecar
 from metaproxy.testing.faultproxy import FaultProxy
-from tests.support import AUDIENCE, ISSUER, Pki, broker_config, issue, sidecar_config
+from tests.support import Pki, broker_config, issue, sidecar_config
 
 DRAIN_SECONDS = 3.0
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import yaml
 from metaproxy.broker import metrics as broker_metrics
 from metaproxy.broker.server import BrokerServer
 from metaproxy.sidecar import metrics as sidecar_metrics
-from tests.support import Pki, issue
+from tests.support import Pki, issue, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"
@@ -240,9 +239,9 @@ def test_slo_doc_gives_promql_for_each_objective() -> None:
             assert anchor in slugs, f"{rule['alert']} links to a missing section {anchor}"
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_promtool_checks_and_unit_tests_pass() -> None:
     """`promtool check rules` accepts alerts.yaml and its unit tests (alerts_test.yaml) pass."""
+    require_tool("promtool", "prometheus")
     check = subprocess.run(
         ["promtool", "check", "rules", str(ALERTS)], capture_output=True, text=True, check=False
     )

@@ -41,7 +41,7 @@ import pytest
 
 from metaproxy.broker.server import BrokerServer
 from metaproxy.cli import main
-from tests.support import REPO, Pki, broker_config, issue, run_command
+from tests.support import REPO, Pki, broker_config, cannot_run, issue, require_tool, run_command
 
 ROUTE_KEYS = ("type", "dst", "gateway", "dev", "table", "protocol", "scope", "prefsrc", "metric")
 CHAIN = "METAPROXY-LINK-LOCAL"  # the redirect's nat chain, in task namespaces only
@@ -132,21 +132,22 @@ def netns_unavailable() -> str | None:
 def require_netns() -> None:
     """Skip where namespaces are unavailable, but never in CI: CI runs as root on purpose."""
     reason = netns_unavailable()
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"netns test cannot run in CI: {reason}")
-    pytest.skip(reason)
+    if reason is not None:
+        cannot_run(reason)
 
 
 def free_subnets(count: int) -> list[ipaddress.IPv4Network]:
-    """/30s in 10.200.0.0/16 that no host route overlaps, so the test shadows nothing."""
+    """/30s in 10.200.0.0/16 that no host route overlaps, so the test shadows nothing. Under
+    xdist each worker draws from its own third octets: two workers reading the routes at the
+    same moment would otherwise be free to pick the same /30."""
     taken = [
         ipaddress.ip_network(route["dst"], strict=False)
         for route in ip_json("-4", "route", "show", "table", "all")
         if route["dst"] != "default"
     ]
-    octets = random.sample(range(1, 255), 254)
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+    octets = [n for n in random.sample(range(1, 255), 254) if n % workers == worker % workers]
     subnets = [ipaddress.IPv4Network(f"10.200.{n}.0/30") for n in octets]
     free = [s for s in subnets if not any(s.overlaps(t) for t in taken)]
     return free[:count]
@@ -517,9 +518,13 @@ async def test_attach_without_root_says_it_needs_root() -> None:
     """An unprivileged caller gets exit status 1 and a one-line reason, before anything changes."""
     argv = [sys.executable, "-m", "metaproxy", "netns", "attach", "--netns", "acme"]
     if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("setpriv is not installed")
-        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+        argv = [
+            require_tool("setpriv", "util-linux"),
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            *argv,
+        ]
     rc, _, err = await run_command(*argv, env=dict(os.environ), cwd=REPO)
     assert rc == 1
     assert "needs root" in err

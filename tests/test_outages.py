@@ -17,6 +17,7 @@ import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -25,10 +26,10 @@ from bench.common import write_tenant_policies
 from metaproxy.broker.credentials.scheduler import FairScheduler
 from metaproxy.broker.credentials.sts import AsyncSts
 from metaproxy.broker.server import BrokerServer
+from metaproxy.demo.local import AUDIENCE, ISSUER
 from metaproxy.sidecar.process import Sidecar
-from metaproxy.testing.emulator import free_port
 from metaproxy.testing.faultproxy import FaultProxy
-from tests.support import AUDIENCE, ISSUER, Pki, broker_config, issue, sidecar_config, wait_ready
+from tests.support import Pki, broker_config, issue, sidecar_config, wait_ready
 
 # Sidecars ask the broker about once a second: 1800 s credentials are always "within
 # min_serve_seconds + 60 s" of their end, so the keeper's refresh delay is its 1 s floor.
@@ -128,7 +129,8 @@ async def test_sts_outage_longer_than_a_refresh_keeps_tasks_served_then_recovers
 
 async def start_broker_process(
     tmp_path: Path, pki: Pki, port: int, sts_endpoint: str, policies: Path
-) -> asyncio.subprocess.Process:
+) -> tuple[asyncio.subprocess.Process, int]:
+    """`metaproxy broker` on `port` (0: one the kernel picks); the process and its port."""
     ready = tmp_path / "broker.ready.json"
     ready.unlink(missing_ok=True)
     process = await asyncio.create_subprocess_exec(
@@ -153,7 +155,7 @@ async def start_broker_process(
     )  # fmt: skip
     for _ in range(400):
         if ready.exists() and ready.read_text().strip():
-            return process
+            return process, urlsplit(json.loads(ready.read_text())["url"]).port or 0
         if process.returncode is not None:
             break
         await asyncio.sleep(0.05)
@@ -168,8 +170,7 @@ async def test_broker_killed_and_restarted_sidecars_keep_serving_and_refresh_fro
     """SIGKILL the broker process: the sidecar keeps serving its cached, valid credentials;
     a new broker on the same port is used for the next refresh."""
     policies = write_tenant_policies(tmp_path / "policies", ["t1"], duration_seconds=1800)
-    port = free_port()
-    broker = await start_broker_process(tmp_path, pki, port, proxy.url, policies)
+    broker, port = await start_broker_process(tmp_path, pki, 0, proxy.url, policies)
     sidecars: list[Sidecar] = []
     try:
         sidecars = await start_sidecars(
@@ -186,7 +187,7 @@ async def test_broker_killed_and_restarted_sidecars_keep_serving_and_refresh_fro
             assert all(s.state.keeper.last_error for s in sidecars)  # they did notice
 
             calls_before_restart = proxy.stats()["assume_role_calls"]
-            broker = await start_broker_process(tmp_path, pki, port, proxy.url, policies)
+            broker, _ = await start_broker_process(tmp_path, pki, port, proxy.url, policies)
             for _ in range(60):
                 after = {s.admin_url: await served_credentials(session, s) for s in sidecars}
                 if all(after[url] != before[url] for url in after):

@@ -142,7 +142,7 @@ async def e2e(
         recorder = await stack.enter_async_context(FaultProxy(sts_url))
         config = broker_config(tmp_path, pki, sts_url, policies, socket=broker_socket)
         broker = await BrokerServer.start(replace(config, tls_cert=None, tls_key=None))
-        stack.push_async_callback(broker.stop)
+        stack.push_async_callback(broker.aclose)
         stack.callback(record_broker_secrets, broker)
         os.chown(broker_socket, 0, SIDECAR_UID)
         broker_socket.chmod(0o660)

@@ -60,9 +60,11 @@ async def test_invalid_edit_is_refused_and_the_fix_is_picked_up(
     good = acme.read_text()
     bad_line = good.splitlines().index(GOOD_ARN) + 1
     acme.write_text(good.replace("\n" + GOOD_ARN, "\n" + BAD_ARN, 1))
-    # The problems, not "reload refused": the watcher's thread logs them just after it.
-    where = rf"acme\.toml:{bad_line}: roles\[0\]\.arn: "
-    await wait_for(lambda: any(re.search(where, p) for p in problem_lines(caplog)))
+    # The reload runs on a worker thread and logs "reload refused" before each problem: wait
+    # for the problem itself, not for the first line.
+    problem = re.compile(rf"policy problem: .*acme\.toml:{bad_line}: roles\[0\]\.arn: ")
+    await wait_for(lambda: any(problem.search(r.getMessage()) for r in caplog.records))
+    assert any("reload refused" in r.getMessage() for r in caplog.records)
     assert broker.policies.generation == 0
     status, body = await credentials(https, broker, issue(pki, "t-reload-2", "acme"))
     assert (status, body["role_name"]) == (200, "acme-app")  # the last good policy serves

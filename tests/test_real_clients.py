@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from tests.support import (
     Pki,
     caller_identity,
     clean_aws_env,
+    require_tool,
     run_command,
     run_python,
     wait_ready,
@@ -32,10 +32,7 @@ from tests.test_imds_contract import call, own_broker_and_sidecar, token_for
 ACME_ARN = "arn:aws:sts::111111111111:assumed-role/acme-app/acme.{task}"
 GLOBEX_ARN = "arn:aws:sts::222222222222:assumed-role/globex-app/globex.{task}"
 JS_DIR = REPO / "tests" / "js"
-NODE = shutil.which("node")
 AWS_CLI = Path(sys.executable).with_name("aws")
-
-needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed (CI always has it)")
 
 
 def imds_env(sidecar: Sidecar, **extra: str) -> dict[str, str]:
@@ -275,16 +272,15 @@ async def test_aws_cli_through_container_credentials(
 
 
 async def node_identity(script: str, env: dict[str, str], *args: str) -> dict[str, Any]:
-    assert NODE is not None
+    node = require_tool("node", "nodejs")
     if not (JS_DIR / "node_modules" / "@aws-sdk" / "client-sts").is_dir():
         pytest.fail("tests/js/node_modules is missing: run `make test` (it runs `npm ci` there)")
-    rc, out, err = await run_command(NODE, str(JS_DIR / script), *args, env=env, cwd=JS_DIR)
+    rc, out, err = await run_command(node, str(JS_DIR / script), *args, env=env, cwd=JS_DIR)
     assert rc == 0, err
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
 
 
-@needs_node
 async def test_js_sdk_through_imds(start_sidecar: SidecarFactory, sts_url: str) -> None:
     """fromInstanceMetadata() with AWS_EC2_METADATA_SERVICE_ENDPOINT gets the tenant's role."""
     sidecar = await start_sidecar("acme", "js-imds")
@@ -292,7 +288,6 @@ async def test_js_sdk_through_imds(start_sidecar: SidecarFactory, sts_url: str) 
     assert identity["Arn"] == ACME_ARN.format(task="js-imds")
 
 
-@needs_node
 async def test_js_sdk_from_http_with_token_file(
     start_sidecar: SidecarFactory, sts_url: str
 ) -> None:
@@ -302,7 +297,6 @@ async def test_js_sdk_from_http_with_token_file(
     assert identity["Arn"] == GLOBEX_ARN.format(task="js-http")
 
 
-@needs_node
 async def test_js_sdk_from_container_metadata_with_token(
     start_sidecar: SidecarFactory, sts_url: str
 ) -> None:

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 
 import pytest
 
 from metaproxy.sidecar.process import Sidecar
 from metaproxy.sidecar.rebinding import from_browser_or_foreign_host, host_allowed
 from tests.conftest import SidecarFactory
-from tests.support import clean_aws_env, run_command
+from tests.support import clean_aws_env, require_tool, run_command
 
 CREDS = "/latest/meta-data/iam/security-credentials/acme-app"
 TTL = "X-aws-ec2-metadata-token-ttl-seconds"
@@ -172,12 +171,10 @@ async def test_real_client_request_heads_are_served(
     assert await imds_fetch(sidecar, extra, host) == 200
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 async def test_curl_gets_token_and_credentials(start_sidecar: SidecarFactory) -> None:
     """curl, as the IMDS documentation shows it, gets the credentials."""
+    curl = require_tool("curl", "curl")
     sidecar = await start_sidecar("acme", "t-curl")
-    curl = shutil.which("curl")
-    assert curl is not None
     env = clean_aws_env()
     rc, token, err = await run_command(
         curl,

@@ -86,6 +86,7 @@ async def test_a_task_revoked_while_sts_answers_gets_nothing(
     assert cutoff.replace(tzinfo=UTC) > revoked_wall  # covers what STS minted after it
 
 
+@pytest.mark.serial  # asserts a refusal within 1 s
 async def test_a_queued_call_of_a_revoked_task_is_never_sent(
     broker_on_slow_sts: BrokerServer,
     slow_sts: FaultProxy,

@@ -12,6 +12,7 @@ import asyncio
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -76,7 +77,8 @@ async def raw(redis_server: RedisServer, *command: str) -> object:
 
     client = redis.asyncio.Redis.from_url(redis_server.url)
     try:
-        return await client.execute_command(*command)
+        # Any raw command is the point here; redis-py leaves execute_command unannotated.
+        return await client.execute_command(*command)  # type: ignore[no-untyped-call]
     finally:
         await client.aclose()
 
@@ -92,27 +94,34 @@ async def test_a_store_that_loses_everything_lifts_nothing(
     store, and is reported: an audit record, the metric, and the alert (promtool on the real
     exposition)."""
     one, two = await fleet.start_replica(), await fleet.start_replica()
+    replicas = (one, two)
     tokens = [issue(pki, task, "acme") for task in ("lost-1", "lost-2")]
-    before = await scrape(one.admin_url)
+    before = [await scrape(replica.admin_url) for replica in replicas]
     for task in ("lost-1", "lost-2"):
         status, _ = await control(https, one, "/v1/revocations", {"tenant": "acme", "task": task})
         assert status == 200
     assert await raw(redis_server, "FLUSHALL") in (b"OK", True, "OK")
-    await asyncio.sleep(1.5)  # three re-reads (revocation_resync_seconds=0.5)
-    for replica in (one, two):
+
+    def restored_tasks() -> set[str]:
+        records = [audit_records(r.config.audit_dir) for r in replicas]
+        return {r["task"] for each in records for r in each if r["event"] == "restored"}
+
+    # Replicas re-read the store every 0.5 s (later on a loaded machine): whichever does first
+    # finds the loss, writes it back and reports it; the other then finds the set complete.
+    deadline = time.monotonic() + 10
+    while restored_tasks() != {"lost-1", "lost-2"} or (
+        await raw(redis_server, "HLEN", REVOCATIONS_KEY) != 2  # written back
+    ):
+        assert time.monotonic() < deadline, "the lost revocations were not restored"
+        await asyncio.sleep(0.05)
+    for replica in replicas:
         for token in tokens:
             assert await refuses(https, replica, token)
-    stored = await raw(redis_server, "HLEN", REVOCATIONS_KEY)
-    assert stored == 2  # written back
-    restored = [
-        r for replica in (one, two) for r in audit_records(replica.config.audit_dir)
-        if r["event"] == "restored"
-    ]  # fmt: skip
-    assert {r["task"] for r in restored} == {"lost-1", "lost-2"}
-    after = await scrape(one.admin_url)
-    grew = value(after, INTEGRITY, event="restored") - value(before, INTEGRITY, event="restored")
+    after = [await scrape(replica.admin_url) for replica in replicas]
+    counts = [value(samples, INTEGRITY, event="restored") for samples in after]
+    grew = sum(counts) - sum(value(samples, INTEGRITY, event="restored") for samples in before)
     assert grew >= 2
-    assert_alert_fires(tmp_path, "restored", value(after, INTEGRITY, event="restored"))
+    assert_alert_fires(tmp_path, "restored", max(counts))
 
 
 def assert_alert_fires(tmp_path: Path, event: str, scraped: float) -> None:

@@ -4,9 +4,9 @@ and the same signature (the broker signs with its own for speed; botocore is the
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from unittest import mock
 from urllib.parse import urlencode
 
-import botocore.auth
 import pytest
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -35,12 +35,10 @@ def botocore_headers(
     url: str, body: bytes, credentials: ReadOnlyCredentials, region: str, moment: datetime
 ) -> dict[str, str]:
     request = AWSRequest("POST", url, data=body, headers={"Content-Type": CONTENT_TYPE})
-    original = botocore.auth.get_current_datetime
-    botocore.auth.get_current_datetime = lambda *args, **kwargs: moment.replace(tzinfo=None)
-    try:
+    # botocore signs at get_current_datetime(), a module global its stubs do not declare.
+    frozen = moment.replace(tzinfo=None)
+    with mock.patch("botocore.auth.get_current_datetime", lambda *args, **kwargs: frozen):
         SigV4Auth(credentials, "sts", region).add_auth(request)
-    finally:
-        botocore.auth.get_current_datetime = original
     return dict(request.headers.items())
 
 

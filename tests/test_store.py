@@ -39,8 +39,7 @@ from metaproxy.clock import SystemClock
 from metaproxy.commands.certs import init_certs
 from metaproxy.errors import ConfigError
 from metaproxy.models import AssumeRoleSpec, BrokerLimits
-from metaproxy.testing.emulator import free_port
-from metaproxy.testing.redis_server import RedisServer
+from metaproxy.testing.redis_server import RedisServer, free_port
 from tests.conftest import require_redis_server
 
 FLEET_KEY = Sealer([b"fleet-key-for-the-store-tests-32"])  # seals and signs, as --store-key-file
@@ -195,6 +194,7 @@ async def replicas(redis_server: RedisServer) -> AsyncIterator[tuple[RedisStore,
     await two.aclose()
 
 
+@pytest.mark.serial  # asserts when each slot comes, to within 0.2 s
 async def test_the_budget_is_one_timeline_for_every_replica(
     replicas: tuple[RedisStore, RedisStore],
 ) -> None:

@@ -168,7 +168,7 @@ async def redis_keys(server: RedisServer) -> list[str]:
 
     client = redis.Redis.from_url(server.url)
     try:
-        return [key.decode() for key in await client.keys("*")]
+        return [key.decode() if isinstance(key, bytes) else key for key in await client.keys("*")]
     finally:
         await client.aclose()
 

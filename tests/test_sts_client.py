@@ -4,11 +4,12 @@ back as one of our error classes, never as STS's or the proxy's text."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from aiohttp import web
+from pytest_aiohttp import AiohttpServer
 
 from metaproxy.broker.credentials.sts import AsyncSts, StsThrottled
 from metaproxy.errors import StsUnavailable, UpstreamError
@@ -33,7 +34,7 @@ async def test_assume_role_returns_credentials_that_expire_when_sts_says(proxy: 
     calls_seen_at_sending: list[int] = []
     try:
         role = await sts.assume_role(
-            spec(), on_sent=lambda: calls_seen_at_sending.append(proxy.stats()["assume_role_calls"])
+            spec(), on_sent=lambda: calls_seen_at_sending.append(len(proxy.assume_role_timeline()))
         )
     finally:
         await sts.aclose()
@@ -115,7 +116,7 @@ SUCCESS_MISSING_SECRET = (
     ],
 )
 async def test_odd_answers_become_our_errors(
-    aiohttp_server: Callable[..., object],
+    aiohttp_server: AiohttpServer,
     status: int,
     body: str,
     expected: type[Exception],
@@ -126,7 +127,7 @@ async def test_odd_answers_become_our_errors(
 
     app = web.Application()
     app.router.add_post("/", answer)
-    server = await aiohttp_server(app)  # type: ignore[operator]
+    server = await aiohttp_server(app)
     sts = AsyncSts(endpoint=str(server.make_url("/")))
     try:
         with pytest.raises(expected, match=message) as caught:

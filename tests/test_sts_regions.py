@@ -96,6 +96,7 @@ def calls(proxy: FaultProxy) -> int:
     return len(proxy.assume_role_calls())
 
 
+@pytest.mark.serial  # asserts how long calls wait, to within 0.5 s
 async def test_blackholed_region_fails_over_to_the_next_and_calls_return_when_it_recovers(
     tmp_path: Path,
     pki: Pki,

@@ -11,12 +11,12 @@ import json
 import os
 import re
 import signal
-import socket
 import ssl
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
@@ -505,13 +505,6 @@ async def test_healthz(client: Any) -> None:
     assert await response.json() == {"status": "ok"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 CLI = (
     "import argparse, sys\n"
     "from metaproxy.webhook import cli\n"
@@ -523,20 +516,25 @@ CLI = (
 
 
 @contextlib.contextmanager
-def running_webhook(*extra: str) -> Iterator[tuple[subprocess.Popen[str], int, list[str]]]:
-    """`metaproxy webhook` as a real process on a free loopback port; SIGTERM at the end.
+def running_webhook(
+    work: Path, *extra: str
+) -> Iterator[tuple[subprocess.Popen[str], int, list[str]]]:
+    """`metaproxy webhook` as a real process on a loopback port the kernel picks (its ready
+    file says which); SIGTERM at the end.
 
     The process's stderr is appended to the yielded list once it has exited.
     """
     stderr: list[str] = []
-    port = _free_port()
+    ready = work / "webhook.ready.json"
     command = [
         sys.executable,
         "-c",
         CLI,
         "webhook",
         "--listen",
-        f"127.0.0.1:{port}",
+        "127.0.0.1:0",
+        "--ready-file",
+        str(ready),
         "--image",
         SETTINGS.image,
         "--broker-url",
@@ -549,14 +547,12 @@ def running_webhook(*extra: str) -> Iterator[tuple[subprocess.Popen[str], int, l
     with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as process:
         try:
             deadline = time.monotonic() + 20
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    assert process.poll() is None, "webhook exited early"
-                    assert time.monotonic() < deadline, "webhook did not start"
-                    time.sleep(0.1)
+            while not ready.exists():
+                assert process.poll() is None, "webhook exited early"
+                assert time.monotonic() < deadline, "webhook did not start"
+                time.sleep(0.05)
+            port = urllib.parse.urlsplit(json.loads(ready.read_text())["url"]).port
+            assert port is not None
             yield process, port, stderr
         finally:
             process.terminate()
@@ -574,9 +570,9 @@ def post_review_sync(url: str, context: ssl.SSLContext | None = None) -> dict[st
         return result
 
 
-def test_cli_serves_until_sigterm() -> None:
+def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
     """`metaproxy webhook` as a real process answers reviews and exits 0 on SIGTERM."""
-    with running_webhook() as (process, port, stderr):
+    with running_webhook(tmp_path) as (process, port, stderr):
         response = post_review_sync(f"http://127.0.0.1:{port}")
         assert response["allowed"] is True
         assert response["patchType"] == "JSONPatch"
@@ -620,7 +616,7 @@ def test_cli_serves_tls_and_reloads_certificate_on_sighup(tmp_path: Path) -> Non
     """With --tls-cert/--tls-key it serves HTTPS, and SIGHUP picks up a rotated certificate."""
     cert_file, key_file = write_certificate(tmp_path, "first")
     first = ssl.create_default_context(cafile=str(cert_file))
-    with running_webhook("--tls-cert", str(cert_file), "--tls-key", str(key_file)) as (
+    with running_webhook(tmp_path, "--tls-cert", str(cert_file), "--tls-key", str(key_file)) as (
         process,
         port,
         _,

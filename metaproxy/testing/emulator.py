@@ -24,23 +24,12 @@ FAKE_CREDENTIALS_ENV = {
     "AWS_SECRET_ACCESS_KEY": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-# A port freed by `free_port()` can be taken by someone else before moto binds it; a child that
-# exits during start-up is most likely that race, so it is retried on a fresh port.
-START_ATTEMPTS = 3
 STOP_GRACE_SECONDS = 5.0
 POLL_INTERVAL_SECONDS = 0.05
 
 
 class EmulatorError(RuntimeError):
     """The emulator could not be started."""
-
-
-def free_port() -> int:
-    """A loopback port that was free a moment ago (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _answers_http(url: str) -> bool:
@@ -95,42 +84,39 @@ class StsEmulator:
         if self._process is not None:
             return self.url
         deadline = time.monotonic() + timeout
-        attempts = 1 if self._fixed_port is not None else START_ATTEMPTS
-        for _ in range(attempts):
-            port = self._fixed_port if self._fixed_port is not None else free_port()
-            if self._launch_and_wait(port, deadline):
-                return self.url
-            if time.monotonic() >= deadline:
+        # Bound and listening here, then inherited: the port is moto's before moto starts.
+        address = ("127.0.0.1", self._fixed_port or 0)
+        with socket.create_server(address, backlog=socket.SOMAXCONN) as listener:
+            self._process = process = self._launch(listener)
+            self._port = listener.getsockname()[1]
+        url = f"http://127.0.0.1:{self._port}/"
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
                 break
+            if _answers_http(url):
+                return self.url
+            time.sleep(POLL_INTERVAL_SECONDS)
+        self.stop()
         raise EmulatorError(
             f"moto server did not answer on 127.0.0.1 within {timeout:g}s"
             + (f" (log: {self._log_path})" if self._log_path else "")
         )
 
-    def _launch_and_wait(self, port: int, deadline: float) -> bool:
-        """Launch moto on `port`; True once it answers, False (and cleaned up) if it exits."""
+    def _launch(self, listener: socket.socket) -> subprocess.Popen[bytes]:
         env = {**os.environ, **FAKE_CREDENTIALS_ENV}
         if self._log_path is not None:
             self._log = self._log_path.open("ab")
         output: IO[bytes] | int = self._log if self._log is not None else subprocess.DEVNULL
-        if self._sts_only:
-            cmd = [sys.executable, "-m", "metaproxy.testing.moto_sts", "--port", str(port)]
-        else:
-            cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-        self._process = subprocess.Popen(  # noqa: S603 - our own interpreter, fixed arguments
-            cmd, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=output
+        server = "metaproxy.testing.moto_sts" if self._sts_only else "metaproxy.testing.moto_server"
+        fd = listener.fileno()
+        return subprocess.Popen(  # noqa: S603 - our own interpreter, fixed arguments
+            [sys.executable, "-m", server, "--fd", str(fd)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+            pass_fds=(fd,),
         )
-        self._port = port
-        url = f"http://127.0.0.1:{port}/"
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                self.stop()
-                return False
-            if _answers_http(url):
-                return True
-            time.sleep(POLL_INTERVAL_SECONDS)
-        self.stop()
-        return False
 
     def stop(self) -> None:
         """Terminate moto, wait for it, and kill it if it does not exit in time."""

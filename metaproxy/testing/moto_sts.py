@@ -8,7 +8,10 @@ the 500/s budget the burst benchmark is about. moto's STS application is used un
 the routing in front of it and the HTTP server differ: waitress keeps connections alive and
 answers on a fixed pool of threads.
 
-    python -m metaproxy.testing.moto_sts --port PORT
+    python -m metaproxy.testing.moto_sts --fd FD
+
+Like `moto_server`, it serves on a bound, listening socket its parent hands down (`StsEmulator`
+binds port 0), so no other process can take the port between the choice and the start.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import sys
 from types import FrameType
 
@@ -32,7 +36,7 @@ def _stop(signum: int, frame: FrameType | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="moto's STS on 127.0.0.1, served by waitress")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--fd", type=int, required=True, help="a bound, listening TCP socket")
     args = parser.parse_args(argv)
 
     import waitress
@@ -42,8 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _stop)
     waitress.serve(
         create_backend_app("sts"),
-        host="127.0.0.1",
-        port=args.port,
+        sockets=[socket.socket(fileno=args.fd)],
         threads=THREADS,
         connection_limit=CONNECTION_LIMIT,
         channel_timeout=120,

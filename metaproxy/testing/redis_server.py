@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import quote
 
-from metaproxy.testing.emulator import free_port
-
 # Valkey is the open-source fork the deployment runs (deploy/kubernetes/components/valkey);
 # Debian's redis-server speaks the same protocol and is what most machines already have.
 SERVER_BINARIES = ("valkey-server", "redis-server")
@@ -30,6 +28,14 @@ START_ATTEMPTS = 3
 STOP_GRACE_SECONDS = 10.0
 POLL_INTERVAL_SECONDS = 0.02
 LOG_TAIL_CHARS = 2000
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 class RedisServerError(RuntimeError):
