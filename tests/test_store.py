@@ -391,14 +391,40 @@ async def test_a_lease_release_is_published_only_when_a_replica_waits(
 
     assert (await one.cache.get_or_claim("shared", "r1", 5)).holding
     assert not (await two.cache.get_or_claim("shared", "r2", 5)).holding
-    waiter = asyncio.create_task(two.cache.wait("shared", seconds=5))
+    waiter = asyncio.create_task(two.cache.wait("shared", seconds=5, after=two.cache.releases.seen))
     await asyncio.sleep(0.05)
     begin = time.monotonic()
     await one.cache.fill("shared", "r1", b"sealed", 60, ["acme\x00"])
     await waiter
     assert time.monotonic() - begin < 1  # woken by the push, not by its 5 s timeout
     assert command_calls(redis_server, "publish") == publishes + 1
-    assert await two.cache.get_or_claim("shared", "r2", 5) == CacheLook(b"sealed", False)
+    look = await two.cache.get_or_claim("shared", "r2", 5)
+    assert (look.value, look.holding) == (b"sealed", False)
+
+
+async def test_a_release_pushed_before_the_wait_began_is_not_waited_out(
+    replicas: tuple[RedisStore, RedisStore],
+) -> None:
+    """The push of a release can be read before the reply to the look that saw the lease held
+    (two connections), or come while an admission's look waits in the queue: the wait after
+    that look returns at once instead of sitting out the lease."""
+    one, two = replicas
+    assert (await one.cache.get_or_claim("raced", "r1", 5)).holding
+    look = await two.cache.get_or_claim("raced", "r2", 5)
+    assert not look.holding
+    await one.cache.fill("raced", "r1", b"sealed", 60, ["acme\x00"])
+    deadline = time.monotonic() + 5
+    while not two.cache.releases.since("raced", look.releases_seen):  # the push arrives
+        assert time.monotonic() < deadline, "the release was never pushed"
+        await asyncio.sleep(0.01)
+    begin = time.monotonic()
+    await two.cache.wait("raced", seconds=5, after=look.releases_seen)
+    assert time.monotonic() - begin < 1  # not the 5 s lease
+    later = await two.cache.get_or_claim("raced", "r2", 5)
+    waiter = asyncio.create_task(two.cache.wait("raced", seconds=0.3, after=later.releases_seen))
+    await asyncio.sleep(0.1)
+    assert not waiter.done()  # a release before the look does not end a later wait
+    await waiter
 
 
 def command_calls(server: RedisServer, command: str) -> int:

@@ -177,7 +177,7 @@ class FleetCache:
                     log.warning("waited %.0fs for another replica's STS call", MAX_WAIT_SECONDS)
                     return await self._inner.get(fetch)
                 self._waits += 1
-                await self._store.wait(digest, seconds=LEASE_SECONDS)
+                await self._store.wait(digest, seconds=LEASE_SECONDS, after=look.releases_seen)
                 look = await self._store.get_or_claim(digest, self._holder, LEASE_SECONDS)
         except StoreUnavailable:
             self._fallbacks += 1

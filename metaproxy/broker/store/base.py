@@ -22,7 +22,7 @@ docs/fleet.md for what each part does then).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from metaproxy.audit.checkpoint import WitnessedCheckpoint
@@ -130,10 +130,12 @@ class StsBudget(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class CacheLook:
-    """What the shared cache holds under a key, and whether the asker now holds its lease."""
+    """What the shared cache holds under a key, whether the asker now holds its lease, and how
+    many lease releases this replica had been told of when it asked (`SharedCache.wait`)."""
 
     value: bytes | None
     holding: bool
+    releases_seen: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,8 +221,10 @@ class SharedCache(Protocol):
 
     async def extend(self, key: str, holder: str, ttl_seconds: float) -> bool: ...
 
-    async def wait(self, key: str, seconds: float) -> None:
-        """Return when the lease on `key` is released (or after `seconds`)."""
+    async def wait(self, key: str, seconds: float, *, after: int) -> None:
+        """Return when the lease on `key` is released (or after `seconds`), at once if it was
+        released after the look whose `releases_seen` is `after`: the push of a release can be
+        read before the reply to the look that saw the lease held."""
         ...
 
     async def drop_owner(self, owner: str) -> int:

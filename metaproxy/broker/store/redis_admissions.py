@@ -21,6 +21,7 @@ from metaproxy.broker.store.base import (
 )
 from metaproxy.broker.store.memory import LocalAdmissions, retry_after
 from metaproxy.broker.store.redis_budget import BudgetTerms
+from metaproxy.broker.store.redis_cache import Releases
 from metaproxy.broker.store.redis_keys import flight_keys, ms, short_digest, tenant_key
 from metaproxy.broker.store.redis_link import StoreLink
 from metaproxy.broker.store.redis_registry import RedisRegistry
@@ -37,7 +38,9 @@ RELEASE_AFTER_SECONDS = 0.05
 
 
 class RedisAdmissions:
-    def __init__(self, conn: StoreLink, registry: RedisRegistry, budget: BudgetTerms) -> None:
+    def __init__(
+        self, conn: StoreLink, registry: RedisRegistry, budget: BudgetTerms, releases: Releases
+    ) -> None:
         self._conn = conn
         self._registry = registry
         self._admit = conn.script(scripts.ADMIT)
@@ -46,6 +49,7 @@ class RedisAdmissions:
         self._claims_with_admission = conn.url.topology != "cluster"
         # The budget a claim that leads to an STS call may take a free slot of.
         self._budget = budget
+        self._releases = releases  # numbers the look a claim brings back (`CacheLook`)
         self._local = LocalAdmissions()
         self._ended: dict[str, list[str]] = {}  # tenant -> tickets of its requests that ended
         self._background = BackgroundTasks("in-flight slots given back")
@@ -75,6 +79,7 @@ class RedisAdmissions:
         look: CacheLook | None = None
         budget_due: float | None = None
         asked_at = asyncio.get_running_loop().time()
+        releases_seen = self._releases.seen
         try:
             if claim is not None and self._claims_with_admission:
                 claim_keys = [*keys, *flight_keys(claim.key), self._budget.timeline]
@@ -89,7 +94,7 @@ class RedisAdmissions:
                 code, wait_us, value, taken, budget_slot = await self._conn.run(
                     lambda: self._admit_and_claim(keys=claim_keys, args=claim_args)
                 )
-                look = CacheLook(value or None, bool(taken))
+                look = CacheLook(value or None, bool(taken), releases_seen)
                 budget_due = asked_at if int(budget_slot) else None
             else:
                 code, wait_us = await self._conn.run(lambda: self._admit(keys=keys, args=args))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import OrderedDict
 
 from metaproxy.broker.store import redis_scripts as scripts
 from metaproxy.broker.store.base import CacheLook
@@ -17,6 +18,29 @@ from metaproxy.broker.store.redis_keys import (
 )
 from metaproxy.broker.store.redis_link import StoreLink
 
+# Releases remembered per key for `wait`'s `after`; a look older than this many releases of
+# other keys waits for its push like any other.
+REMEMBERED_RELEASES = 4096
+
+
+class Releases:
+    """The lease releases this replica has been pushed, numbered: a look records the number it
+    was asked at, and a wait after it returns at once for a key released since."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self._last: OrderedDict[str, int] = OrderedDict()
+
+    def record(self, key: str) -> None:
+        self.seen += 1
+        self._last[key] = self.seen
+        self._last.move_to_end(key)
+        if len(self._last) > REMEMBERED_RELEASES:
+            self._last.popitem(last=False)
+
+    def since(self, key: str, after: int) -> bool:
+        return self._last.get(key, 0) > after
+
 
 class RedisCache:
     def __init__(self, conn: StoreLink) -> None:
@@ -26,17 +50,19 @@ class RedisCache:
         self._fill_indexed = conn.script(scripts.FILL_INDEXED)
         self._extend = conn.script(scripts.EXTEND_LEASE)
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self.releases = Releases()
 
     async def get_or_claim(
         self, key: str, holder: str, ttl_seconds: float, *, claim_if_present: bool = False
     ) -> CacheLook:
+        seen = self.releases.seen
         value, taken = await self._conn.run(
             lambda: self._get_or_claim(
                 keys=flight_keys(key),
                 args=[holder, ms(ttl_seconds), "1" if claim_if_present else "0"],
             )
         )
-        return CacheLook(value or None, bool(taken))
+        return CacheLook(value or None, bool(taken), seen)
 
     async def fill(
         self,
@@ -91,7 +117,9 @@ class RedisCache:
         )
         return bool(done)
 
-    async def wait(self, key: str, seconds: float) -> None:
+    async def wait(self, key: str, seconds: float, *, after: int) -> None:
+        if self.releases.since(key, after):
+            return
         future = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, []).append(future)
         try:
@@ -108,6 +136,8 @@ class RedisCache:
                     del self._waiters[key]
 
     def deliver(self, data: bytes) -> None:
-        for future in self._waiters.pop(data.decode(errors="replace"), []):
+        key = data.decode(errors="replace")
+        self.releases.record(key)
+        for future in self._waiters.pop(key, []):
             if not future.done():
                 future.set_result(None)

@@ -39,8 +39,10 @@ class RedisStore:
         self.revocations = RedisRevocations(self._conn, signer)
         self.replicas = RedisRegistry(self._conn)
         self.budget = RedisBudget(self._conn, self.replicas, budget_per_second)
-        self.admissions = RedisAdmissions(self._conn, self.replicas, self.budget.terms)
         self.cache = RedisCache(self._conn)
+        self.admissions = RedisAdmissions(
+            self._conn, self.replicas, self.budget.terms, self.cache.releases
+        )
         self._listener: asyncio.Task[None] | None = None
         self.push_connected = asyncio.Event()
         self.push_errors = 0
