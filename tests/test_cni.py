@@ -722,11 +722,16 @@ async def test_each_pod_gets_its_own_credentials_at_169_254_169_254(
     try:
         _, sts_host = node.link_to_host()
         with moto_in(node, sts_host, tmp_path / "moto.log") as sts_url:
-            config = broker_config(tmp_path, pki, sts_url, policies_dir, socket=broker_socket)
+            config = broker_config(
+                tmp_path,
+                pki,
+                sts_url,
+                policies_dir,
+                socket=broker_socket,
+                socket_group=str(SIDECAR_UID),
+            )
             broker = await BrokerServer.start(replace(config, tls_cert=None, tls_key=None))
             try:
-                os.chown(broker_socket, 0, SIDECAR_UID)
-                broker_socket.chmod(0o660)
                 sidecars = []
                 for pod, tenant, uri in zip(pods, ("acme", "globex"), relative_uris, strict=True):
                     log = tmp_path / f"{pod.name}-sidecar.log"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
 import shutil
 import sys
@@ -140,12 +139,12 @@ async def e2e(
     async with AsyncExitStack() as stack:
         stack.callback(shutil.rmtree, work, ignore_errors=True)
         recorder = await stack.enter_async_context(FaultProxy(sts_url))
-        config = broker_config(tmp_path, pki, sts_url, policies, socket=broker_socket)
+        config = broker_config(
+            tmp_path, pki, sts_url, policies, socket=broker_socket, socket_group=str(SIDECAR_UID)
+        )
         broker = await BrokerServer.start(replace(config, tls_cert=None, tls_key=None))
         stack.push_async_callback(broker.aclose)
         stack.callback(record_broker_secrets, broker)
-        os.chown(broker_socket, 0, SIDECAR_UID)
-        broker_socket.chmod(0o660)
         port = int(recorder.url.rsplit(":", 1)[1])
         lab = PodLab(work, tmp_path, broker_socket, ("127.0.0.1", port), tag=tag)
         stack.push_async_callback(lab.aclose)

@@ -4,6 +4,7 @@ single field can make. Built like every config by `metaproxy.config.build_config
 
 from __future__ import annotations
 
+import grp
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,6 +24,24 @@ class BrokerConfig:
     socket: Path | None = field(
         default=None,
         metadata=doc("serve sidecars on this Unix socket instead of --listen (not both)"),
+    )
+    socket_mode: str = field(
+        default="0660",
+        metadata=doc(
+            "permission bits of --socket, octal; a sidecar must be able to write the socket to "
+            "connect, whatever the broker's umask",
+            choices="0000-0777",
+            metavar="MODE",
+        ),
+    )
+    socket_group: str = field(
+        default="",
+        metadata=doc(
+            "group given --socket, so sidecars of another user can reach it (the image's "
+            "sidecar runs as uid and gid 10001); empty: the broker's own group",
+            choices="a group name or a numeric gid",
+            metavar="GROUP",
+        ),
     )
     admin_listen: str = field(
         default="127.0.0.1:9902",
@@ -294,3 +313,20 @@ def _validate_broker(config: BrokerConfig, given: set[str]) -> None:
         raise ConfigError("--workers-min/--workers-max: need 1 <= workers-min <= workers-max")
     if config.socket is not None and "listen" in given:
         raise ConfigError("--socket and --listen conflict: the broker serves one or the other")
+    socket_permissions(config)
+
+
+def socket_permissions(config: BrokerConfig) -> tuple[int, int | None]:
+    """--socket-mode and --socket-group as the mode bits and the gid (None: leave it)."""
+    if not re.fullmatch(r"0?[0-7]{3}", config.socket_mode):
+        raise ConfigError(f"--socket-mode: {config.socket_mode!r} is not octal 0000-0777")
+    mode = int(config.socket_mode, 8)
+    group = config.socket_group
+    if not group:
+        return mode, None
+    if group.isdigit():
+        return mode, int(group)
+    try:
+        return mode, grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"--socket-group: no group named {group!r} on this machine") from None

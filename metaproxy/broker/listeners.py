@@ -8,6 +8,7 @@ health probe is still answered (from the guard, by the same `Probe`): probes are
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from metaproxy.broker.admin import Probe
-from metaproxy.broker.config import BrokerConfig
+from metaproxy.broker.config import BrokerConfig, socket_permissions
 from metaproxy.net.connguard import (
     ConnectionGuard,
     ConnectionLimits,
@@ -161,6 +162,13 @@ class Listeners:
                 guard=self.guard,
                 reject=_reject,
             )
+            if config.socket is not None:
+                mode, gid = socket_permissions(config)
+                # connect() needs write permission, which the umask (root's 022, say) leaves
+                # to the owner alone: a non-root sidecar (the image's uid 10001) was refused.
+                if gid is not None:
+                    os.chown(config.socket, -1, gid)
+                os.chmod(config.socket, mode)
             admin = self._runner(apps.admin)
             await self._setup(admin)
             _, self.admin_url = await start_site(
