@@ -148,10 +148,11 @@ e2e: $(STAMP) system-deps $(JS_STAMP) clients
 # --- `make image-test`: the image built with podman, the eks overlay run as pods (tests/cluster/)
 # podman with runc and the CNI plugins, catatonit (the pods' infra containers), mmdebstrap (the
 # base image when no registry answers), iptables and iproute2 (the node's network namespace and
-# metaproxy-cni in it), from Debian, as root. kubectl renders the overlay (kustomize 5, kubectl
-# 1.27 or later: Debian bookworm's kubernetes-client is 1.20, too old, so it is not installed
-# here; tests/cluster/conftest.py fails in CI without it). Images are cached in
-# ~/.cache/metaproxy-image, keyed by what went into them.
+# metaproxy-cni in it), from Debian, as root. kubectl renders the overlay the pods play
+# (kustomize 5, kubectl 1.27 or later): the machine's own (1.32) does; Debian bookworm's
+# kubernetes-client is 1.20, too old, so it is not installed here, and tests/cluster/conftest.py
+# fails in CI without a kubectl that can. Images are cached in ~/.cache/metaproxy-image, keyed by
+# what went into them.
 IMAGE_DEBS := podman runc catatonit containernetworking-plugins mmdebstrap iptables iproute2
 
 .PHONY: image-deps image image-test

@@ -2,8 +2,10 @@
 
 The suite is `make image-test`'s alone (`pytest -m image`): building the images takes minutes
 on a fresh machine, which `make test` has no room for. It needs root, network namespaces,
-iptables, podman, runc and mmdebstrap: without them it skips and says why, except in CI
-(CI=true), where `make image-deps` has installed them and a skip would hide a failure.
+iptables, podman, runc and mmdebstrap, and for the pods kubectl with kustomize 5 (it renders
+the overlay they play): without them it skips and says why, except in CI (CI=true), where
+`make image-deps` has installed them (kubectl comes with the machine) and a skip would hide a
+failure.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest
 
 from tests.cluster.images import Images, build_all
 from tests.cluster.podman import Podman, missing_tools
+from tests.manifests import kustomize_problem
 from tests.test_netns import netns_unavailable
 
 
@@ -29,18 +32,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def require_image_lab() -> None:
-    """Root, namespaces and the container tools: a skip outside CI (printed), a failure in CI."""
-    reason = netns_unavailable()
-    missing = missing_tools()
-    if reason is None and missing:
-        reason = f"{', '.join(missing)} not installed (make image-deps)"
-    if reason is None:
-        return
+def unavailable(reason: str) -> None:
+    """A skip outside CI (printed), a failure in CI."""
     if os.environ.get("CI") == "true":
         pytest.fail(f"the image suite cannot run in CI: {reason}")
     print(f"skipping: {reason}")
     pytest.skip(reason)
+
+
+def require_image_lab() -> None:
+    """Root, namespaces and the container tools."""
+    reason = netns_unavailable()
+    missing = missing_tools()
+    if reason is None and missing:
+        reason = f"{', '.join(missing)} not installed (make image-deps)"
+    if reason is not None:
+        unavailable(reason)
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +63,14 @@ def images(podman: Podman) -> Images:
     built = build_all(podman)
     print(built.describe())
     return built
+
+
+@pytest.fixture(scope="session")
+def kustomize_ready() -> None:
+    """kubectl able to render the overlays (kustomize 5, kubectl 1.27 or later)."""
+    problem = kustomize_problem()
+    if problem is not None:
+        unavailable(problem)
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ from tests.cluster.images import Images
 from tests.cluster.kubelet import PlayedPod
 from tests.cluster.node import Node
 from tests.cluster.podman import Podman
-from tests.manifests import kustomize, kustomize_problem, render
+from tests.manifests import kustomize, render
 from tests.podlab import process_status, root_mount_options
 from tests.support import Samples, value
 from tests.test_webhook import apply_patch, decoded_patch
@@ -112,14 +112,17 @@ class App:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def cluster(
-    podman: Podman, images: Images, lab: Path, sts_url: str, issued_secrets: set[str]
+    podman: Podman,
+    images: Images,
+    kustomize_ready: None,
+    lab: Path,
+    sts_url: str,
+    issued_secrets: set[str],
 ) -> AsyncIterator[Cluster]:
     """The rendered overlay's Valkey, two brokers and the webhook, ready; torn down with the
     node."""
     import boto3
 
-    problem = kustomize_problem()
-    assert problem is None, f"the pod test plays the rendered overlay: {problem}"
     rendered = render(OVERLAY, lab / "manifests")
     api = ClusterApi(rendered, issued_secrets)
     broker = rendered.container("Deployment", "metaproxy-broker", "broker")
