@@ -121,11 +121,14 @@ def _run_logged(argv: list[str], log: Path, env: dict[str, str] | None = None) -
 
 
 def _prune_older(podman: Podman, repository: str, keep: str) -> None:
+    """Untag the repository's other tags, then remove every image no tag names: those and the
+    builder stages, so the cache holds one build of each image, not one per change."""
     listed = json.loads(podman.out("images", "--format=json", f"--filter=reference={repository}"))
     for image in listed:
         for name in image.get("Names") or []:
             if name != keep:
                 podman.run("untag", image["Id"], name, check=False)
+    podman.run("image", "prune", "--force", check=False, timeout=300)
 
 
 def debian_base(podman: Podman) -> Built:
