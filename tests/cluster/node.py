@@ -171,7 +171,9 @@ class Node:
             sock.close()
 
     def close(self) -> None:
-        ip("netns", "del", self.name)
+        """Delete the namespace (its bridges and veths with it), if it was made."""
+        if self.netns.exists():
+            ip("netns", "del", self.name)
 
 
 def unverified_tls() -> ssl.SSLContext:

@@ -2,7 +2,7 @@
 `kubectl kustomize` renders it (Valkey, two broker replicas, the webhook), and the shipped
 example app pod as the webhook mutated it (a real AdmissionReview over HTTPS, the JSON Patch
 applied), on a pod network that chains metaproxy-cni, so the app reaches 169.254.169.254 in its
-own pod.
+own pod. The last test checks that those pods are the rendered overlay's, and nothing else.
 
 The app container is `deploy/kubernetes/example/app.yaml`'s, with its command replaced: the
 example calls AWS's own STS, this one calls moto's (`--endpoint-url`), then asks with boto3 and
@@ -10,9 +10,9 @@ with a raw IMDSv2 fetch. It has no AWS setting of its own: what it gets, it gets
 webhook's `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI` and the link-local addresses.
 
 One change to the webhook's output: the sidecar asks the broker twice a second
-(`METAPROXY_REVOCATION_CHECK_SECONDS=0.5`, 60 by default), so that the broker roll (the last
-test) is crossed by a refresh every half second, each of which must succeed. (Ten a second is
-more than the broker allows one task: it answers 429, as it should.)
+(`METAPROXY_REVOCATION_CHECK_SECONDS=0.5`, 60 by default), so that the broker roll is crossed
+by a refresh every half second, each of which must succeed. (Ten a second is more than the
+broker allows one task: it answers 429, as it should.)
 
 Marker `image`: `make image-test` (tests/cluster/conftest.py says why and what it needs).
 """
@@ -130,13 +130,14 @@ async def cluster(
     assert bucket is not None
     s3 = boto3.client("s3", endpoint_url=sts_url, region_name="us-east-1")
     s3.create_bucket(Bucket=bucket)
-    node = Node(podman, lab / "node")
-    install_cni = rendered.one("DaemonSet", "metaproxy-cni")["spec"]["template"]["spec"]
-    node.start(container_of({"spec": install_cni}, "install-cni")["args"])
     moto = urlsplit(sts_url)
     assert moto.hostname is not None and moto.port is not None
-    cluster = Cluster(node, images, api, lab, (moto.hostname, moto.port))
+    install_cni = rendered.one("DaemonSet", "metaproxy-cni")["spec"]["template"]["spec"]
+    node = Node(podman, lab / "node")
+    cluster: Cluster | None = None
     try:
+        node.start(container_of({"spec": install_cni}, "install-cni")["args"])
+        cluster = Cluster(node, images, api, lab, (moto.hostname, moto.port))
         started = time.monotonic()
         await cluster.start()
         print(
@@ -145,7 +146,8 @@ async def cluster(
         )
         yield cluster
     finally:
-        await cluster.aclose()
+        if cluster is not None:
+            await cluster.aclose()
         node.close()
 
 
