@@ -4,9 +4,14 @@
 #   docker run IMAGE broker          # the credential broker
 #   docker run IMAGE webhook --image IMAGE --broker-url https://...   # the injection webhook
 # The sidecar never imports boto3, so carrying the broker's extra costs it disk, not memory.
+#
+# BASE is any image with Python 3.11 (`python` and its `venv` module) on Debian: the official
+# python:3.11-slim by default; where no registry is reachable, `make image` builds the same from
+# Debian's packages (tests/cluster/images.py).
+ARG BASE=python:3.11-slim
 
 # ---- builder: compilers and pip live here only --------------------------------------------
-FROM python:3.11-slim AS builder
+FROM ${BASE} AS builder
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -16,15 +21,16 @@ COPY pyproject.toml README.md ./
 COPY metaproxy ./metaproxy
 
 # Wheels for metaproxy and every dependency, then an offline install from exactly those wheels
-# into a self-contained venv that the final stage copies whole.
-RUN pip wheel --wheel-dir /wheels ".[broker]" \
- && python -m venv /opt/venv \
+# into a self-contained venv that the final stage copies whole. The venv's own pip makes the
+# wheels: Debian's python3.11 has no `pip` command of its own, only the venv module's.
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip wheel --wheel-dir /wheels ".[broker]" \
  && /opt/venv/bin/pip install --no-index --find-links /wheels "metaproxy[broker]" \
  && /opt/venv/bin/pip uninstall --yes pip setuptools wheel
 # pip has compiled every module to .pyc: keep them, the sidecar's start-up time depends on it.
 
 # ---- final: the interpreter and the venv, nothing else ------------------------------------
-FROM python:3.11-slim
+FROM ${BASE}
 
 # The .pyc files were compiled in the builder; at run time the root filesystem is read-only.
 ENV PATH=/opt/venv/bin:$PATH \

@@ -47,14 +47,14 @@ system-deps:
 # and child processes, so more workers than the 2 cores CI has pay off), then alone the ones
 # marked `serial`, which assert latencies or rates that the other tests' load would skew. The
 # second pass runs even when the first fails, so one run reports every failure. The client
-# matrix (`clients`) is `make e2e`'s.
+# matrix (`clients`) is `make e2e`'s, the image and its pods (`image`) `make image-test`'s.
 TEST_WORKERS ?= 4
 PYTEST := $(BIN)/pytest -p no:cacheprovider
 
 test: $(STAMP) system-deps $(JS_STAMP)
 	status=0; \
-	$(PYTEST) -n $(TEST_WORKERS) -m "not serial and not clients" || status=$$?; \
-	$(PYTEST) -m "serial and not clients" || status=$$?; \
+	$(PYTEST) -n $(TEST_WORKERS) -m "not serial and not clients and not image" || status=$$?; \
+	$(PYTEST) -m "serial and not clients and not image" || status=$$?; \
 	exit $$status
 
 lint: $(STAMP)
@@ -144,3 +144,36 @@ clients: $(CLIENT_STAMPS)
 # The slow end-to-end suite, run apart from `make test` (which skips it).
 e2e: $(STAMP) system-deps $(JS_STAMP) clients
 	$(PYTEST) -m clients
+
+# --- `make image-test`: the image built with podman, the eks overlay run as pods (tests/cluster/)
+# podman with runc and the CNI plugins, catatonit (the pods' infra containers), mmdebstrap (the
+# base image when no registry answers), iptables and iproute2 (the node's network namespace and
+# metaproxy-cni in it), from Debian, as root. kubectl renders the overlay the pods play
+# (kustomize 5, kubectl 1.27 or later): the machine's own (1.32) does; Debian bookworm's
+# kubernetes-client is 1.20, too old, so it is not installed here, and tests/cluster/conftest.py
+# fails in CI without a kubectl that can. Images are cached in ~/.cache/metaproxy-image, keyed by
+# what went into them.
+IMAGE_DEBS := podman runc catatonit containernetworking-plugins mmdebstrap iptables iproute2
+
+.PHONY: image-deps image image-test
+
+image-deps:
+	@missing=$$(for p in $(IMAGE_DEBS); do \
+		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; \
+	done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+			echo "make image-deps: install these Debian packages as root:" $$missing >&2; exit 1; \
+		fi; \
+		echo "apt-get install" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends $$missing >/dev/null; \
+	fi
+
+# Builds (or finds in the cache) the image from the Dockerfile, its base and the workloads'
+# image, and prints their sizes and build times.
+image: $(STAMP) image-deps
+	$(BIN)/python -m tests.cluster.images
+
+image-test: image
+	$(PYTEST) -m image tests/cluster
