@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     check.add_argument(
         "--trust",
         action="append",
-        metavar="ISSUER,AUDIENCE,JWKS_FILE[,KIND]",
+        metavar="ISSUER,AUDIENCE,KEYS[,KIND]",
         help="an issuer the broker trusts, as its --trust (repeatable); with more than one "
         "Kubernetes issuer every Kubernetes rule must name its own. Env: METAPROXY_TRUST",
     )
