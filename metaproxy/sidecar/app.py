@@ -150,9 +150,15 @@ def readyz(state: SidecarState) -> Response:
         return _plain(503, "not ready: draining")
     if state.keeper.current() is None:
         return _plain(503, f"not ready: {state.keeper.problem or diagnosis.WAITING}")
+    # Cached credentials are still served, but the task can no longer be checked for long.
+    identity = state.client.identity
+    now = state.clock.now()
+    if identity is not None and (expired := identity.expired_line(now)):
+        return _plain(503, f"not ready: {expired}")
     if state.link_local is not None and state.link_local.problem:
         return _plain(503, f"not ready: {state.link_local.problem}")
-    return _plain(200, "ready")
+    expiring = identity.expiring_line(now) if identity is not None else ""
+    return _plain(200, f"ready; {expiring}" if expiring else "ready")
 
 
 def metrics(state: SidecarState) -> Response:

@@ -9,6 +9,10 @@
 - It asks the broker at least every `revocation_check_seconds` (the broker answers a warm
   refresh from its cache, without STS), so a revoked task stops being served within that
   interval plus one broker round trip (see docs/revocation.md).
+- It stops serving once the broker has refused the task's identity (401: an expired token that
+  was never rotated, say) for longer than `revocation_max_staleness` since the last answer: a
+  task the broker cannot check could be revoked unseen (a broker that cannot be reached is an
+  outage, not a verdict, and what is held stays served until it expires).
 - It says why it has no credentials (`problem`, one line, logged once per change) and whether
   its loop can make progress at all (`health`): /readyz and /healthz read these.
 """
@@ -90,6 +94,7 @@ class CredentialKeeper:
         self.problem = diagnosis.WAITING  # one line: why there are no credentials (or "")
         self._broker = str(config.broker_socket or config.broker_url)
         self._last_attempt = float("-inf")
+        self._answered_at = float("-inf")  # monotonic: the broker's last 200
         self._task: asyncio.Task[None] | None = None
         self.refreshes = 0
         self.failures = 0
@@ -193,7 +198,7 @@ class CredentialKeeper:
                 self.failures += 1
                 self.last_error = f"{exc.status} {exc.code}"
                 self._failed(exc)
-                if exc.revoked_or_denied:
+                if exc.revoked_or_denied or self._refused_too_long(exc):
                     await self._set(None)
                 delay = retry_delay(exc.retry_after, backoff)
                 backoff = min(MAX_BACKOFF, backoff * 2)
@@ -202,6 +207,7 @@ class CredentialKeeper:
                 await self._sleep(min(delay, self._until_expiry_or(delay)))
                 continue
             backoff = 1.0
+            self._answered_at = self._clock.monotonic()
             self.refreshes += 1
             self.last_error = ""
             if self.error is not None:
@@ -235,6 +241,20 @@ class CredentialKeeper:
             log.warning("credential refresh failed, serving cached credentials: %s", line)
         else:
             log.warning("not ready: %s", line)
+
+    def _refused_too_long(self, error: BrokerError) -> bool:
+        if error.status != 401 or self._grant is None:
+            return False
+        unchecked = self._clock.monotonic() - self._answered_at
+        if unchecked <= self._config.revocation_max_staleness:
+            return False
+        log.warning(
+            "the broker has refused this task's identity for %.0fs, past "
+            "--revocation-max-staleness: no longer serving credentials (%s)",
+            unchecked,
+            self.problem,
+        )
+        return True
 
     def _until_expiry_or(self, default: float) -> float:
         left = self.seconds_left()
