@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -76,7 +77,7 @@ class TrustedIssuer:
     issuer: str
     audience: str
     jwks_file: Path | None
-    kind: Literal["platform", "kubernetes"] = "platform"
+    kind: Literal["platform", "kubernetes", "spiffe"] = "platform"
     jwks_url: str = ""
 
 
@@ -234,7 +235,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> Non
 
 
 DISCOVERY_PATH = "/.well-known/openid-configuration"
-TRUST_KINDS = ("platform", "kubernetes")
+TRUST_KINDS = ("platform", "kubernetes", "spiffe")
 
 
 def parse_trust(spec: str) -> TrustedIssuer:
@@ -246,7 +247,10 @@ def parse_trust(spec: str) -> TrustedIssuer:
     issuer, audience, keys = parts[:3]
     kind = parts[3] if len(parts) == 4 else "platform"
     if kind not in TRUST_KINDS:
-        raise ConfigError(f"--trust: kind {kind!r} must be platform or kubernetes")
+        raise ConfigError(f"--trust: kind {kind!r} must be platform, kubernetes or spiffe")
+    if kind == "spiffe" and not re.fullmatch(r"spiffe://[a-z0-9._-]+", issuer):
+        # A SPIFFE issuer is a trust domain: its JWT-SVIDs may carry no `iss` at all.
+        raise ConfigError(f"--trust: {issuer!r}: a spiffe issuer is spiffe://TRUST_DOMAIN")
     if keys == "discover":
         if not issuer.startswith("https://"):
             raise ConfigError(f"--trust: {issuer!r} is not an https:// issuer to discover")

@@ -12,6 +12,7 @@ from typing import Literal
 
 from metaproxy.config import _LISTEN, _LOG_FORMAT, TrustedIssuer, check_tls_pair, doc
 from metaproxy.errors import ConfigError
+from metaproxy.identity.spiffe import DEFAULT_PATHS, parse_rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,8 +51,18 @@ class BrokerConfig:
             "trust identity tokens from this issuer (repeatable flag; the environment variable "
             "takes ';'-separated entries); KEYS is a JWKS file, an https:// URL of a JWKS or "
             "of an OIDC discovery document, or `discover` (the issuer's own "
-            "/.well-known/openid-configuration); KIND is platform (default) or kubernetes",
+            "/.well-known/openid-configuration); KIND is platform (default), kubernetes or "
+            "spiffe (ISSUER is then spiffe://TRUST_DOMAIN, KEYS its bundle endpoint)",
             metavar="ISSUER,AUDIENCE,KEYS[,KIND]",
+        ),
+    )
+    spiffe_paths: tuple[str, ...] = field(
+        default=DEFAULT_PATHS,
+        metadata=doc(
+            "how a JWT-SVID's SPIFFE ID path names its app and task, for spiffe issuers: "
+            "templates of literal segments, {app}, {task} and {*} (any one segment), tried in "
+            "order; without {task} the task is the app",
+            metavar="TEMPLATE[,TEMPLATE...]",
         ),
     )
     jwks_ca_file: Path | None = field(
@@ -312,6 +323,7 @@ _CLUSTER_ARN = re.compile(r"^arn:aws[-a-z]*:eks:[a-z0-9-]+:\d{12}:cluster/[A-Za-
 
 def _validate_broker(config: BrokerConfig, given: set[str]) -> None:
     _validate_sts_regions(config)
+    parse_rules(config.spiffe_paths)
     if config.jwks_refresh_seconds <= 0 or config.jwks_unknown_kid_interval <= 0:
         raise ConfigError("--jwks-refresh-seconds, --jwks-unknown-kid-interval: must be above 0")
     if config.jwks_fetch_timeout <= 0:

@@ -139,6 +139,7 @@ class BrokerServer:
                 timeout=config.jwks_fetch_timeout,
             ),
             jwks_ca_file=config.jwks_ca_file,
+            spiffe_paths=config.spiffe_paths,
         )
         self.verifier = verifier
         self.issuer = Issuer(

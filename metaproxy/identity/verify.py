@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.config import TrustedIssuer
@@ -26,6 +27,13 @@ from metaproxy.identity.claims import check_claims
 from metaproxy.identity.identities import kubernetes_identity, platform_identity
 from metaproxy.identity.jwks_fetch import JwksClient
 from metaproxy.identity.remote_keys import Fetching, KeySetStats, RemoteKeys
+from metaproxy.identity.spiffe import (
+    DEFAULT_PATHS,
+    SCHEME,
+    parse_rules,
+    spiffe_identity,
+    trust_domain_of,
+)
 from metaproxy.identity.trusted_keys import IssuerKeys, UnknownKid
 from metaproxy.models import Identity
 
@@ -43,15 +51,18 @@ class IdentityVerifier:
         cluster_arn: str = "",
         fetching: Fetching | None = None,
         jwks_ca_file: Path | None = None,
+        spiffe_paths: Sequence[str] = DEFAULT_PATHS,
     ) -> None:
         """`cluster_name`, `cluster_arn`: the cluster Kubernetes identities come from, for
         EKS Pod Identity-compatible session tags (`${cluster_name}`, `${cluster_arn}`).
-        `fetching`, `jwks_ca_file`: how keys of issuers given by URL are fetched."""
+        `fetching`, `jwks_ca_file`: how keys of issuers given by URL are fetched.
+        `spiffe_paths`: how SPIFFE ID paths name an app and a task (`spiffe.py`)."""
         if not 0 <= leeway <= 300:
             raise ConfigError("token leeway must be between 0 and 300 seconds")
         self._leeway = leeway
         self._clock: Clock = clock or SystemClock()
         self._cluster = (cluster_name, cluster_arn)
+        self._spiffe_paths = parse_rules(spiffe_paths)
         self._issuers: dict[str, IssuerKeys | RemoteKeys] = {}
         self._remote: list[RemoteKeys] = []
         fetching = fetching or Fetching()
@@ -99,10 +110,7 @@ class IdentityVerifier:
         """The identity a token proves, or `Unauthenticated` naming the failed check."""
         header, claims = jws.parse(token)
         jws.check_header(header)
-        issuer = claims.get("iss")
-        if not isinstance(issuer, str) or issuer not in self._issuers:
-            raise Unauthenticated("untrusted issuer (iss)", reason="unknown_issuer")
-        keys = self._issuers[issuer]
+        keys = self._keys_for(claims)
         keys.refresh()
         key, alg = keys.select(header)
         if header["alg"] != alg:
@@ -111,15 +119,32 @@ class IdentityVerifier:
                 reason="bad_signature",
             )
         trust = keys.trust
-        if alg == "RS256" and trust.kind != "kubernetes":
+        if alg == "RS256" and trust.kind == "platform":
             raise Unauthenticated(
-                "RS256 is accepted only from kubernetes issuers", reason="bad_signature"
+                "RS256 is accepted only from kubernetes issuers (and spiffe ones)",
+                reason="bad_signature",
             )
         jws.check_signature(token, key, alg)
         check_claims(claims, trust, now=self._clock.now().timestamp(), leeway=self._leeway)
+        if trust.kind == "spiffe":
+            return spiffe_identity(claims, self._spiffe_paths)
         if trust.kind == "kubernetes":
             cluster_name, cluster_arn = self._cluster
             return dataclasses.replace(
                 kubernetes_identity(claims), cluster_name=cluster_name, cluster_arn=cluster_arn
             )
         return platform_identity(claims)
+
+    def _keys_for(self, claims: Mapping[str, Any]) -> IssuerKeys | RemoteKeys:
+        """The trusted issuer's keys: by `iss`, or for a JWT-SVID by its `sub`'s trust domain."""
+        issuer = claims.get("iss")
+        if isinstance(issuer, str):
+            keys = self._issuers.get(issuer)
+            if keys is not None and keys.trust.kind != "spiffe":
+                return keys
+        domain = trust_domain_of(claims)
+        if domain is not None:
+            keys = self._issuers.get(SCHEME + domain)
+            if keys is not None and keys.trust.kind == "spiffe":
+                return keys
+        raise Unauthenticated("untrusted issuer (iss)", reason="unknown_issuer")
