@@ -30,12 +30,14 @@ async def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str
         return answer.status, await answer.text()
 
 
+@pytest.mark.parametrize("broker_after", ["refusing", "gone"])
 async def test_an_expired_identity_turns_readyz_and_serving_off(
-    tmp_path: Path, pki: Pki, sts_url: str, policies_dir: Path
+    tmp_path: Path, pki: Pki, sts_url: str, policies_dir: Path, broker_after: str
 ) -> None:
     """A token with seconds to live: /readyz is 200 naming its expiry, then 503 'expired at'
     within one refresh period of it; past the staleness limit credentials are no longer
-    served; the gauge, labelled with the task, goes negative and the alert fires (promtool)."""
+    served, whether the broker refuses the token or cannot be reached; the gauge, labelled
+    with the task, goes negative and the alert fires (promtool)."""
     config = broker_config(tmp_path, pki, sts_url, policies_dir, token_leeway_seconds=0)
     broker = await BrokerServer.start(config)
     token = issue(pki, "fading-task", "acme", ttl=60, now=time.time() - 54)  # ~6 s to live
@@ -64,6 +66,8 @@ async def test_an_expired_identity_turns_readyz_and_serving_off(
         assert auth_file is not None
         auth = {"Authorization": auth_file.read_text().strip()}
         assert (await get(sidecar.container_url + "/v1/credentials", auth))[0] == 200
+        if broker_after == "gone":
+            await broker.aclose()
 
         await asyncio.sleep(max(0.0, expiry.timestamp() - time.time()))
         await asyncio.sleep(period)  # one refresh period
