@@ -32,6 +32,7 @@ class LocalIssuer:
         self.discovery_fetches = 0
         self.issuer_override: str | None = None  # a discovery document naming someone else
         self.spiffe_bundle = False  # serve SPIRE's bundle format (x509-svid entries too)
+        self.padding = 0  # bytes of an extra member: a JWKS too large to accept
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -89,7 +90,7 @@ class LocalIssuer:
             keys = [{**jwk, "use": "jwt-svid"} for jwk in keys]
             keys.append(_x509_svid_entry())
             return web.json_response({"keys": keys, "spiffe_sequence": 1})
-        return web.json_response({"keys": keys})
+        return web.json_response({"keys": keys, "padding": "x" * self.padding})
 
 
 def _x509_svid_entry() -> dict[str, Any]:

@@ -309,3 +309,23 @@ def assert_stale_keys_alert_fires(tmp_path: Path, issuer_url: str, scraped_age: 
         [promtool, "test", "rules", str(path)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_a_refused_document_keeps_the_last_good_keys(issuer: LocalIssuer) -> None:
+    """A JWKS over 256 KiB (read in chunks, never whole) is refused: the keys fetched before
+    keep verifying, the new key stays unknown, the failure is counted."""
+    old, new = issuer.new_key("old"), issuer.new_key("new")
+    issuer.publish(old)
+    verifier = verifier_for(issuer, issuer.jwks_url, unknown_kid_interval=0.01)
+    await verifier.start()
+    try:
+        issuer.publish(new)
+        issuer.padding = 2 * 1024 * 1024
+        await asyncio.sleep(0.02)
+        with pytest.raises(Unauthenticated, match="unknown kid"):
+            await verifier.verify_fetching(token(issuer, new))
+        assert (await verifier.verify_fetching(token(issuer, old))).task == "t-1"
+        (stats,) = verifier.key_sets()
+        assert (stats.keys, stats.fetches, stats.failures) == (1, 1, 1)
+    finally:
+        await verifier.aclose()

@@ -1,9 +1,10 @@
 """SPIFFE JWT-SVIDs: keys from the trust domain's bundle endpoint, the trust domain to a tenant,
 the SPIFFE ID's path to an app and a task; the wrong audience, trust domain or path is refused
-(401, audited)."""
+(401, audited); SPIFFE IDs and path templates are read strictly."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -15,9 +16,14 @@ import jwt
 import pytest
 
 from metaproxy.broker.server import BrokerServer
+from metaproxy.cli import main
 from metaproxy.config import TrustedIssuer, parse_trust
-from metaproxy.errors import ConfigError
+from metaproxy.errors import ConfigError, Unauthenticated
 from metaproxy.identity.keys import load_private_key
+from metaproxy.identity.spiffe import DEFAULT_PATHS, PathRule, parse_rules, spiffe_identity
+from metaproxy.policy.evaluate import evaluate
+from metaproxy.policy.load import load_policy_dir
+from metaproxy.policy.problems import PolicyError
 from tests.oidc_issuer import LocalIssuer
 from tests.secret_scan import ISSUED
 from tests.support import Pki, audit_records, broker_config
@@ -129,3 +135,93 @@ async def test_a_jwt_svid_outside_the_rules_is_refused_and_audited(
     assert await ask(https, broker, svid(key, sub, audience)) == 401
     denied = [r for r in audit_records(broker.config.audit_dir) if r["event"] == "denied"]
     assert denied and denied[-1]["status"] == 401 and reason in denied[-1]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("spiffe_id", "expected"),
+    [
+        ("spiffe://acme.example/app/web/task/t-1", ("web", "t-1")),
+        ("spiffe://acme.example/ns/payments/sa/ledger", ("ledger", "ledger")),
+    ],
+)
+def test_the_default_rules_read_app_and_task(spiffe_id: str, expected: tuple[str, str]) -> None:
+    """`/app/{app}/task/{task}` and SPIRE's Kubernetes `/ns/{*}/sa/{app}` (task = app)."""
+    claims = {"sub": spiffe_id, "exp": 2_000_000_000}
+    identity = spiffe_identity(claims, parse_rules(DEFAULT_PATHS))
+    assert (identity.kind, identity.issuer, identity.subject) == (
+        "spiffe",
+        "spiffe://acme.example",
+        spiffe_id,
+    )
+    assert (identity.app, identity.task) == expected
+
+
+@pytest.mark.parametrize(
+    "spiffe_id",
+    [
+        "spiffe://Acme.example/app/web/task/t",  # upper case in the trust domain
+        "spiffe://acme.example",  # the trust domain itself, no workload
+        "spiffe://acme.example/app//task/t",
+        "spiffe://acme.example/app/web/task/t/",
+        "spiffe://acme.example/app/./task/t",
+        "spiffe://acme.example/app/web/task/t?x=1",
+        "spiffe://acme.example:8443/app/web/task/t",
+        "spiffe://user@acme.example/app/web/task/t",
+        "https://acme.example/app/web/task/t",
+        "spiffe://acme.example/app/w%2Fb/task/t",
+        "spiffe://acme.example/" + "a" * 2048,
+    ],
+)
+def test_malformed_spiffe_ids_are_refused(spiffe_id: str) -> None:
+    """The SPIFFE ID rules: lower-case trust domain, plain segments, nothing else."""
+    with pytest.raises(Unauthenticated) as refused:
+        spiffe_identity({"sub": spiffe_id, "exp": 2_000_000_000}, parse_rules(DEFAULT_PATHS))
+    assert refused.value.reason == "invalid_claims"
+
+
+def test_a_captured_segment_must_be_a_valid_name() -> None:
+    """A path segment that could not be a task name (a leading dot) never reaches a template."""
+    claims = {"sub": "spiffe://acme.example/app/.hidden/task/t", "exp": 2_000_000_000}
+    with pytest.raises(Unauthenticated, match="app must start with a letter or digit"):
+        spiffe_identity(claims, parse_rules(DEFAULT_PATHS))
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["app/{app}", "/app/{app}/", "/app/{task}", "/{app}/{app}", "/a*/{app}", "/{app}/{role}"],
+)
+def test_bad_path_templates_refuse_to_start(template: str) -> None:
+    """A template must start with /, hold {app} once, and only names or placeholders."""
+    with pytest.raises(ConfigError, match="--spiffe-paths"):
+        PathRule.parse(template)
+
+
+def test_a_policy_claims_a_trust_domain(tmp_path: Path, policies_dir: Path) -> None:
+    """`kind = "spiffe"` with a trust domain claims its workloads; a bad trust domain is a
+    policy problem with its line."""
+    spiffe_policy(policies_dir)
+    policies = load_policy_dir(policies_dir)
+    claims = {"sub": "spiffe://acme.example/app/web/task/t-1", "exp": 2_000_000_000}
+    identity = spiffe_identity(claims, parse_rules(DEFAULT_PATHS))
+    decision = evaluate(policies, identity, None)
+    assert (decision.allowed, decision.tenant) == (True, "acme")
+    elsewhere = {**claims, "sub": "spiffe://globex.example/app/web/task/t-1"}
+    other = spiffe_identity(elsewhere, parse_rules(DEFAULT_PATHS))
+    assert evaluate(policies, other, None).rule == "no-tenant"
+    path = policies_dir / "acme.toml"
+    path.write_text(path.read_text().replace(f'"{DOMAIN}"', '"Acme.Example"'))
+    with pytest.raises(PolicyError, match="trust_domain"):
+        load_policy_dir(policies_dir)
+
+
+def test_policy_explain_takes_a_spiffe_identity(
+    policies_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`policy explain --kind spiffe --issuer spiffe://DOMAIN --app --task` shows the grant."""
+    spiffe_policy(policies_dir)
+    argv = ["policy", "explain", str(policies_dir), "--kind", "spiffe", "--task", "t-1"]
+    status = main([*argv, "--issuer", f"spiffe://{DOMAIN}", "--app", "web"])
+    report = json.loads(capsys.readouterr().out)
+    assert (status, report["tenant"]) == (0, "acme")
+    assert report["assume_role"]["RoleSessionName"] == "acme.t-1"
+    assert main(argv) == 2

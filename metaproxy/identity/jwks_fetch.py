@@ -78,9 +78,13 @@ class JwksClient:
             async with self._session.get(url, allow_redirects=False) as answer:
                 if answer.status != 200:
                     raise Unavailable(f"{url} answered HTTP {answer.status}")
-                body = await answer.content.read(MAX_JWKS_BYTES + 1)
+                body = bytearray()
+                # Read by chunks and stop past the cap: a huge (or endless) answer is never
+                # held whole.
+                async for chunk in answer.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > MAX_JWKS_BYTES:
+                        raise ConfigError(f"{url} sent more than {MAX_JWKS_BYTES} bytes")
         except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
             raise Unavailable(f"{url} unreachable: {type(exc).__name__}") from None
-        if len(body) > MAX_JWKS_BYTES:
-            raise ConfigError(f"{url} sent more than {MAX_JWKS_BYTES} bytes")
-        return body
+        return bytes(body)
