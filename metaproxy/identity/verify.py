@@ -3,7 +3,8 @@
 A token is checked from the outside in, and stops at the first failed check: its compact JWS
 shape and header (`jws.py`), its issuer among the trusted ones and the key its `kid` names in
 that issuer's JWKS, which pins the algorithm (`trusted_keys.py`), its signature, then its claims
-(`claims.py`); what they say is then read as an `Identity` (`identities.py`). Rejections raise
+(`claims.py`); what they say is then read as an `Identity` (`identities.py`, `spiffe.py`: a
+JWT-SVID's issuer is the trust domain its `sub` names). Rejections raise
 `Unauthenticated` whose detail names the failed check and never the token.
 
 An issuer's keys come from its JWKS file, or from a URL (`remote_keys.py`): the verifier is then
@@ -39,7 +40,8 @@ from metaproxy.models import Identity
 
 
 class IdentityVerifier:
-    """Verifies platform and Kubernetes identity tokens against the trusted issuers' keys."""
+    """Verifies platform, Kubernetes and SPIFFE identity tokens against the trusted issuers'
+    keys."""
 
     def __init__(
         self,
@@ -98,12 +100,15 @@ class IdentityVerifier:
     async def verify_fetching(self, token: str) -> Identity:
         """`verify`, fetching the issuer's keys again (rate-limited) when the token names a key
         its set lacks: the issuer may have published it since the last fetch."""
-        try:
-            return self.verify(token)
-        except UnknownKid as exc:
-            keys = self._issuers.get(exc.issuer)
-            if not isinstance(keys, RemoteKeys) or not await keys.fetch_for_unknown_kid():
-                raise
+        # Twice: a fetch joined in flight may have left before the key was published; the
+        # second asks for a fetch of its own (still at most one per interval).
+        for _ in range(2):
+            try:
+                return self.verify(token)
+            except UnknownKid as exc:
+                keys = self._issuers.get(exc.issuer)
+                if not isinstance(keys, RemoteKeys) or not await keys.fetch_for_unknown_kid():
+                    raise
         return self.verify(token)
 
     def verify(self, token: str) -> Identity:
