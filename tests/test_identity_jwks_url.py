@@ -28,7 +28,7 @@ from metaproxy.identity.remote_keys import Fetching
 from metaproxy.identity.verify import IdentityVerifier
 from tests.oidc_issuer import LocalIssuer
 from tests.secret_scan import ISSUED
-from tests.support import Pki, audit_records, broker_config, scrape, value
+from tests.support import Pki, audit_records, broker_config, issue, scrape, value
 
 AUDIENCE = "metaproxy-broker"
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,3 +329,48 @@ async def test_a_refused_document_keeps_the_last_good_keys(issuer: LocalIssuer) 
         assert (stats.keys, stats.fetches, stats.failures) == (1, 1, 1)
     finally:
         await verifier.aclose()
+
+
+async def test_a_broker_starts_while_an_issuer_is_unreachable(
+    issuer: LocalIssuer,
+    tmp_path: Path,
+    pki: Pki,
+    sts_url: str,
+    policies_dir: Path,
+    https: aiohttp.ClientSession,
+) -> None:
+    """An issuer down at start does not stop the broker: other issuers' tasks are served, its
+    own are refused (401) until a fetch succeeds, and its key set shows as never fetched."""
+    key = issuer.new_key("first")
+    issuer.publish(key)
+    await issuer.aclose()
+    url_policy(policies_dir, issuer.url)
+    config = broker_config(tmp_path, pki, sts_url, policies_dir)
+    config = replace(
+        config,
+        trusted_issuers=(
+            *config.trusted_issuers,
+            TrustedIssuer(issuer.url, AUDIENCE, None, jwks_url=issuer.jwks_url),
+        ),
+        jwks_ca_file=issuer.ca_file,
+        jwks_refresh_seconds=0.2,
+    )
+    broker = await BrokerServer.start(config)
+    try:
+
+        async def ask(bearer: str) -> int:
+            headers = {"Authorization": f"Bearer {bearer}"}
+            async with https.post(broker.url + "/v1/credentials", json={}, headers=headers) as r:
+                return r.status
+
+        assert await ask(issue(pki, "platform-task", "acme")) == 200
+        assert await ask(token(issuer, key, "url-task")) == 401
+        samples = await scrape(broker.admin_url)
+        assert value(samples, AGE, issuer=issuer.url) == 1e9
+        await issuer.start()  # back on its port: the next scheduled fetch finds it
+        deadline = time.monotonic() + 10
+        while await ask(token(issuer, key, "url-task")) != 200:
+            assert time.monotonic() < deadline, "the issuer's keys were never fetched"
+            await asyncio.sleep(0.1)
+    finally:
+        await broker.aclose()

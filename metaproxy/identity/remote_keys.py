@@ -135,10 +135,10 @@ class RemoteKeys:
             keys = await asyncio.wait_for(
                 self._source.keys(self.trust), self._fetching.timeout + 1.0
             )
-        except (MetaproxyError, TimeoutError) as exc:
+        except Exception as exc:  # what an issuer sends must never fail a request (no 5xx)
             self.failures += 1
             self._failing = True
-            detail = exc.detail if isinstance(exc, MetaproxyError) else "timed out"
+            detail = exc.detail if isinstance(exc, MetaproxyError) else type(exc).__name__
             kept = f"keeping the last good {len(self.keys)}" if self.keys else "no keys yet"
             log.warning("JWKS fetch for %s failed (%s): %s", self.trust.issuer, kept, detail)
             return False
