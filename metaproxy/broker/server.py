@@ -127,7 +127,7 @@ class BrokerServer:
         self.revocations.when_revoked(self._drop_revoked)
         self.failures = FailedAuthentications(trail, clock)
         self.control_failures = FailedAuthentications(trail, clock, rule="control-authentication")
-        verifier = IdentityVerifier(
+        self.verifier = verifier = IdentityVerifier(
             config.trusted_issuers,
             leeway=config.token_leeway_seconds,
             clock=clock,
@@ -141,7 +141,6 @@ class BrokerServer:
             jwks_ca_file=config.jwks_ca_file,
             spiffe_paths=config.spiffe_paths,
         )
-        self.verifier = verifier
         self.issuer = Issuer(
             authenticator=Authenticator(verifier, self.failures),
             policies=self.policies,
