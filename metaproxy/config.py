@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -68,12 +69,16 @@ def doc(
 
 @dataclass(frozen=True, slots=True)
 class TrustedIssuer:
-    """An identity-token issuer the broker trusts: its JWKS, the audience it must name."""
+    """An identity-token issuer the broker trusts: its JWKS, the audience it must name.
+
+    The keys come from `jwks_file`, or from `jwks_url` over HTTPS (`metaproxy.identity.
+    remote_keys`): a JWKS, or an OIDC discovery document naming one (`DISCOVERY_PATH`)."""
 
     issuer: str
     audience: str
-    jwks_file: Path
-    kind: Literal["platform", "kubernetes"] = "platform"
+    jwks_file: Path | None
+    kind: Literal["platform", "kubernetes", "spiffe"] = "platform"
+    jwks_url: str = ""
 
 
 _LOG_FORMAT = doc("log output: json for production, text for people; auto picks by terminal")
@@ -229,14 +234,33 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> Non
         )
 
 
+DISCOVERY_PATH = "/.well-known/openid-configuration"
+TRUST_KINDS = ("platform", "kubernetes", "spiffe")
+
+
 def parse_trust(spec: str) -> TrustedIssuer:
+    """`ISSUER,AUDIENCE,KEYS[,KIND]`; KEYS is a JWKS file, an https:// URL of a JWKS or of an
+    OIDC discovery document, or `discover` (the issuer's own discovery document)."""
     parts = [p.strip() for p in spec.split(",")]
     if len(parts) not in (3, 4) or not all(parts):
-        raise ConfigError(f"--trust: {spec!r} must be ISSUER,AUDIENCE,JWKS_FILE[,KIND]")
+        raise ConfigError(f"--trust: {spec!r} must be ISSUER,AUDIENCE,KEYS[,KIND]")
+    issuer, audience, keys = parts[:3]
     kind = parts[3] if len(parts) == 4 else "platform"
-    if kind not in ("platform", "kubernetes"):
-        raise ConfigError(f"--trust: kind {kind!r} must be platform or kubernetes")
-    return TrustedIssuer(parts[0], parts[1], Path(parts[2]), kind)  # type: ignore[arg-type]
+    if kind not in TRUST_KINDS:
+        raise ConfigError(f"--trust: kind {kind!r} must be platform, kubernetes or spiffe")
+    if kind == "spiffe" and not re.fullmatch(r"spiffe://[a-z0-9._-]+", issuer):
+        # A SPIFFE issuer is a trust domain: its JWT-SVIDs may carry no `iss` at all.
+        raise ConfigError(f"--trust: {issuer!r}: a spiffe issuer is spiffe://TRUST_DOMAIN")
+    if keys == "discover":
+        if not issuer.startswith("https://"):
+            raise ConfigError(f"--trust: {issuer!r} is not an https:// issuer to discover")
+        keys = issuer.rstrip("/") + DISCOVERY_PATH
+    if keys.startswith("http://"):
+        # Keys fetched in the clear are keys anyone on the path may replace.
+        raise ConfigError(f"--trust: {keys!r}: keys are fetched over https:// only")
+    if keys.startswith("https://"):
+        return TrustedIssuer(issuer, audience, None, kind, jwks_url=keys)  # type: ignore[arg-type]
+    return TrustedIssuer(issuer, audience, Path(keys), kind)  # type: ignore[arg-type]
 
 
 def trusted_issuers(
@@ -308,7 +332,8 @@ def readable_paths(config: ServerConfig) -> None:
         if f.metadata.get("reads") and value is not None:
             checks.append((_flag(f.name), value))
     for issuer in getattr(config, "trusted_issuers", ()):
-        checks.append(("--trust", issuer.jwks_file))
+        if issuer.jwks_file is not None:
+            checks.append(("--trust", issuer.jwks_file))
     for flag, path in checks:
         check_readable(flag, path)
 

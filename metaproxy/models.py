@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any, Literal
 
-IdentityKind = Literal["platform", "kubernetes"]
+IdentityKind = Literal["platform", "kubernetes", "spiffe"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ class Authenticator:
         try:
             if not token:
                 raise Unauthenticated("no bearer token", reason="missing")
-            return self._verifier.verify(token)
+            return await self._verifier.verify_fetching(token)
         except Unauthenticated as exc:
             await self.failures.failed(exc, ctx.request_id, ctx.peer)
             raise

@@ -13,6 +13,7 @@ from typing import Literal
 
 from metaproxy.config import _LISTEN, _LOG_FORMAT, TrustedIssuer, check_tls_pair, doc
 from metaproxy.errors import ConfigError
+from metaproxy.identity.spiffe import DEFAULT_PATHS, parse_rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,9 +68,48 @@ class BrokerConfig:
         default=(),
         metadata=doc(
             "trust identity tokens from this issuer (repeatable flag; the environment variable "
-            "takes ';'-separated entries); KIND is platform (default) or kubernetes",
-            metavar="ISSUER,AUDIENCE,JWKS_FILE[,KIND]",
+            "takes ';'-separated entries); KEYS is a JWKS file, an https:// URL of a JWKS or "
+            "of an OIDC discovery document, or `discover` (the issuer's own "
+            "/.well-known/openid-configuration); KIND is platform (default), kubernetes or "
+            "spiffe (ISSUER is then spiffe://TRUST_DOMAIN, KEYS its bundle endpoint)",
+            metavar="ISSUER,AUDIENCE,KEYS[,KIND]",
         ),
+    )
+    spiffe_paths: tuple[str, ...] = field(
+        default=DEFAULT_PATHS,
+        metadata=doc(
+            "how a JWT-SVID's SPIFFE ID path names its app and task, for spiffe issuers: "
+            "templates of literal segments, {app}, {task} and {*} (any one segment), tried in "
+            "order; without {task} the task is the app",
+            metavar="TEMPLATE[,TEMPLATE...]",
+        ),
+    )
+    jwks_ca_file: Path | None = field(
+        default=None,
+        metadata=doc(
+            "CA bundle that verifies the issuers' HTTPS servers, for keys given by URL; "
+            "unset: the system's CAs",
+            reads=True,
+        ),
+    )
+    jwks_refresh_seconds: float = field(
+        default=300.0,
+        metadata=doc(
+            "how often keys given by URL are fetched again (publish a key this long before "
+            "signing with it)",
+            unit="seconds",
+        ),
+    )
+    jwks_unknown_kid_interval: float = field(
+        default=10.0,
+        metadata=doc(
+            "a token naming an unknown key fetches its issuer's keys at once, at most once "
+            "per this interval however many arrive",
+            unit="seconds",
+        ),
+    )
+    jwks_fetch_timeout: float = field(
+        default=5.0, metadata=doc("deadline for one fetch of an issuer's keys", unit="seconds")
     )
     token_leeway_seconds: int = field(
         default=30,
@@ -302,6 +342,11 @@ _CLUSTER_ARN = re.compile(r"^arn:aws[-a-z]*:eks:[a-z0-9-]+:\d{12}:cluster/[A-Za-
 
 def _validate_broker(config: BrokerConfig, given: set[str]) -> None:
     _validate_sts_regions(config)
+    parse_rules(config.spiffe_paths)
+    if config.jwks_refresh_seconds <= 0 or config.jwks_unknown_kid_interval <= 0:
+        raise ConfigError("--jwks-refresh-seconds, --jwks-unknown-kid-interval: must be above 0")
+    if config.jwks_fetch_timeout <= 0:
+        raise ConfigError("--jwks-fetch-timeout: must be above 0")
     if config.cluster_arn and not _CLUSTER_ARN.match(config.cluster_arn):
         raise ConfigError(
             f"--cluster-arn: {config.cluster_arn!r} is not an EKS cluster ARN "

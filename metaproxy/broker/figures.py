@@ -18,6 +18,7 @@ from metaproxy.broker import metrics as m
 from metaproxy.broker.credentials.circuit import STATE_CODES
 from metaproxy.broker.credentials.fleet import FleetCacheStats
 from metaproxy.broker.credentials.jobs import SchedulerStats
+from metaproxy.identity.remote_keys import KeySetStats
 
 log = logging.getLogger("metaproxy.broker.metrics")
 
@@ -43,6 +44,7 @@ class BrokerFigures:
     scheduler: SchedulerStats
     open_connections: int
     fleet: FleetFigures
+    key_sets: tuple[KeySetStats, ...] = ()  # issuers whose keys are fetched from a URL
 
 
 Sample = tuple[tuple[str, ...], float]  # label values (in the family's label order), value
@@ -104,6 +106,9 @@ def families(figures: BrokerFigures) -> Iterator[Metric]:
         (("rejected",), fleet.revocations_rejected),
         (("error",), fleet.revocation_errors),
     )
+    sets = figures.key_sets
+    yield gauge(m.JWKS_AGE, *(((k.issuer,), min(k.age, MAX_AGE_SECONDS)) for k in sets))
+    yield counter(m.JWKS_FETCH_FAILURES, *(((k.issuer,), k.failures) for k in sets))
     shared = fleet.shared_cache
     if shared is not None:
         yield counter(

@@ -224,6 +224,21 @@ SHARED_CACHE = Family(
     labels=("result",),
 )
 
+JWKS_AGE = Family(
+    "metaproxy_broker_jwks_age_seconds",
+    "Seconds since the keys of an issuer given by URL were last fetched (1e9: never); the "
+    "last good keys stay in force meanwhile.",
+    "gauge",
+    labels=("issuer",),
+)
+
+JWKS_FETCH_FAILURES = Family(
+    "metaproxy_broker_jwks_fetch_failures_total",
+    "Fetches of an issuer's keys that failed (unreachable, TLS, a refused document).",
+    "counter",
+    labels=("issuer",),
+)
+
 MOVED: tuple[Family, ...] = (
     REQUESTS,
     REQUEST_SECONDS,
@@ -251,6 +266,8 @@ SCRAPED: tuple[Family, ...] = (
     REVOCATION_VIEW_AGE,
     REVOCATION_INTEGRITY,
     SHARED_CACHE,
+    JWKS_AGE,
+    JWKS_FETCH_FAILURES,
 )
 FAMILIES: tuple[Family, ...] = (*MOVED, *SCRAPED)
 

@@ -53,6 +53,7 @@ from metaproxy.broker.store.sealing import Sealer
 from metaproxy.broker.tls import CertificateReloader
 from metaproxy.clock import Clock, SystemClock
 from metaproxy.errors import ConfigError
+from metaproxy.identity.remote_keys import Fetching
 from metaproxy.identity.verify import IdentityVerifier
 from metaproxy.policy.store import PolicyStore
 from metaproxy.process.lifetime import Background, started
@@ -126,12 +127,19 @@ class BrokerServer:
         self.revocations.when_revoked(self._drop_revoked)
         self.failures = FailedAuthentications(trail, clock)
         self.control_failures = FailedAuthentications(trail, clock, rule="control-authentication")
-        verifier = IdentityVerifier(
+        self.verifier = verifier = IdentityVerifier(
             config.trusted_issuers,
             leeway=config.token_leeway_seconds,
             clock=clock,
             cluster_name=config.cluster_name,
             cluster_arn=config.cluster_arn,
+            fetching=Fetching(
+                refresh_seconds=config.jwks_refresh_seconds,
+                unknown_kid_interval=config.jwks_unknown_kid_interval,
+                timeout=config.jwks_fetch_timeout,
+            ),
+            jwks_ca_file=config.jwks_ca_file,
+            spiffe_paths=config.spiffe_paths,
         )
         self.issuer = Issuer(
             authenticator=Authenticator(verifier, self.failures),
@@ -197,6 +205,7 @@ class BrokerServer:
             if self.fleet_cache is not None:
                 await started(stack, self.fleet_cache)  # its last fills, before the store
             await started(stack, self.failures)  # its last summaries, before the log closes
+            await started(stack, self.verifier)  # issuers' keys by URL, before any request
             await started(stack, self.control_failures)
             watch = self.policies.watch
             reload_seconds = self.config.policy_reload_seconds
@@ -248,6 +257,7 @@ class BrokerServer:
                 revocation_errors=revocations.errors + self.store.push_errors,
                 shared_cache=self.fleet_cache.stats() if self.fleet_cache is not None else None,
             ),
+            key_sets=self.verifier.key_sets(),
         )
 
 

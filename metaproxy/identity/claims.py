@@ -27,10 +27,12 @@ def check_claims(
 ) -> None:
     """The registered claims are there and match `trust`; every value is small; the token is
     within its lifetime (with `leeway` seconds either side)."""
-    for name in ("exp", "iat", "iss", "aud"):
+    # A JWT-SVID names its issuer by its `sub`'s trust domain (`spiffe.py`); `iss` is optional.
+    spiffe = trust.kind == "spiffe"
+    for name in ("exp", "iat", "aud") if spiffe else ("exp", "iat", "iss", "aud"):
         if name not in claims:
             raise Unauthenticated(f"missing required claim {name}", reason="invalid_claims")
-    if claims["iss"] != trust.issuer:
+    if not spiffe and claims["iss"] != trust.issuer:
         raise Unauthenticated("issuer (iss) does not match", reason="unknown_issuer")
     for name, value in claims.items():
         _check_value(name, value)

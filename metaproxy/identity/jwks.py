@@ -1,9 +1,13 @@
-"""Reading a JWKS file: the public keys an issuer publishes, each pinned to its one algorithm.
+"""Reading a JWKS (a file, or a document fetched from the issuer): the public keys an issuer
+publishes, each pinned to its one algorithm.
 
 Only Ed25519, P-256 and RSA keys of at least 2048 bits are accepted, RSA only because
 Kubernetes signs service-account tokens with RS256. A file holding private key material, an
 `alg` that does not fit its key, or anything malformed is refused with one line naming the file
 and the key, never with the file's content.
+
+SPIRE's bundle endpoint is a JWKS too, with `use` naming what each key is for: `jwt-svid` keys
+verify tokens like `sig` ones; `x509-svid` entries are CA certificates for mTLS, skipped.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ MAX_JWKS_KEYS = 64
 MIN_RSA_BITS = 2048
 # Members that only a private JWK carries; a published JWKS holding them leaks the signing key.
 PRIVATE_JWK_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
+SIGNING_USES = frozenset({"sig", "jwt-svid"})
+SKIPPED_USES = frozenset({"x509-svid"})  # not a token-signing key (SPIFFE bundle format)
 
 
 def algorithm_for(key: PublicKey) -> VerifyingAlgorithm:
@@ -92,6 +98,11 @@ def load_jwks(path: Path) -> dict[str, tuple[PublicKey, VerifyingAlgorithm]]:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read JWKS {where}: {exc.strerror}") from None
+    return parse_jwks(raw, where)
+
+
+def parse_jwks(raw: bytes, where: str) -> dict[str, tuple[PublicKey, VerifyingAlgorithm]]:
+    """The keys of a JWKS document read from `where` (a file or a URL, for the messages)."""
     if len(raw) > MAX_JWKS_BYTES:
         raise ConfigError(f"JWKS {where} is larger than {MAX_JWKS_BYTES} bytes")
     try:
@@ -108,20 +119,28 @@ def load_jwks(path: Path) -> dict[str, tuple[PublicKey, VerifyingAlgorithm]]:
         at = f"JWKS {where} key {index}"
         if not isinstance(jwk, dict):
             raise ConfigError(f"{at}: must be an object")
-        if PRIVATE_JWK_MEMBERS & jwk.keys():
-            raise ConfigError(f"{at}: holds private or symmetric key material; publish public keys")
-        key = jwk_to_public_key(jwk, at)
-        alg = algorithm_for(key)
-        if "alg" in jwk and jwk["alg"] != alg:
-            raise ConfigError(
-                f"{at}: alg {jwk['alg']!r} does not fit the key type (expected {alg})"
-            )
-        if "use" in jwk and jwk["use"] != "sig":
-            raise ConfigError(f"{at}: use must be 'sig'")
-        kid = jwk.get("kid", jwk_thumbprint(public_jwk(key)))
-        if not isinstance(kid, str) or not kid or len(kid) > 256 or not kid.isprintable():
-            raise ConfigError(f"{at}: kid must be a printable string of at most 256 characters")
+        if jwk.get("use") in SKIPPED_USES:
+            continue
+        kid, key, alg = _signing_key(jwk, at)
         if kid in keys:
             raise ConfigError(f"{at}: duplicate kid {kid!r}")
         keys[kid] = (key, alg)
+    if not keys:
+        raise ConfigError(f"JWKS {where} holds no token-signing key")
     return keys
+
+
+def _signing_key(jwk: Mapping[str, Any], at: str) -> tuple[str, PublicKey, VerifyingAlgorithm]:
+    """One entry's kid, key and pinned algorithm, or ConfigError naming the entry."""
+    if PRIVATE_JWK_MEMBERS & jwk.keys():
+        raise ConfigError(f"{at}: holds private or symmetric key material; publish public keys")
+    key = jwk_to_public_key(jwk, at)
+    alg = algorithm_for(key)
+    if "alg" in jwk and jwk["alg"] != alg:
+        raise ConfigError(f"{at}: alg {jwk['alg']!r} does not fit the key type (expected {alg})")
+    if "use" in jwk and jwk["use"] not in SIGNING_USES:
+        raise ConfigError(f"{at}: use must be 'sig' (or SPIFFE's 'jwt-svid')")
+    kid = jwk.get("kid", jwk_thumbprint(public_jwk(key)))
+    if not isinstance(kid, str) or not kid or len(kid) > 256 or not kid.isprintable():
+        raise ConfigError(f"{at}: kid must be a printable string of at most 256 characters")
+    return kid, key, alg

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from metaproxy.identity.spiffe import trust_domain_problem
 from metaproxy.models import BrokerLimits, SidecarLimits
 from metaproxy.policy import sts_params
 from metaproxy.policy.check_roles import check_roles
@@ -35,6 +36,7 @@ TOP_KEYS = {
 IDENTITY_KEYS = {
     "platform": {"kind", "issuer", "tenant", "apps"},
     "kubernetes": {"kind", "issuer", "namespace", "service_accounts"},
+    "spiffe": {"kind", "trust_domain", "apps"},
 }
 SESSION_KEYS = {"name", "source_identity", "tags", "transitive_tag_keys"}
 LIMIT_TABLES: dict[str, type[SidecarLimits] | type[BrokerLimits]] = {
@@ -48,15 +50,17 @@ def _check_identity(check: FileChecker, raw: object, index: int) -> IdentityRule
     kind = raw.get("kind") if isinstance(raw, dict) else None
     known_kind = kind if isinstance(kind, str) and kind in IDENTITY_KEYS else None
     # With an unknown kind, still report keys that no kind accepts.
-    any_kind = IDENTITY_KEYS["platform"] | IDENTITY_KEYS["kubernetes"]
+    any_kind = set().union(*IDENTITY_KEYS.values())
     entry = check.table(raw, path, IDENTITY_KEYS[known_kind] if known_kind else any_kind)
     if not isinstance(raw, dict):
         return None
     if "kind" not in entry:
-        check.problem((*path, "kind"), "missing; must be 'platform' or 'kubernetes'")
+        check.problem((*path, "kind"), "missing; must be 'platform', 'kubernetes' or 'spiffe'")
         return None
     if known_kind is None:
-        check.problem((*path, "kind"), f"must be 'platform' or 'kubernetes', not {kind!r}")
+        check.problem(
+            (*path, "kind"), f"must be 'platform', 'kubernetes' or 'spiffe', not {kind!r}"
+        )
         return None
     issuer = check.string(entry, (*path, "issuer"), default="")
     if kind == "platform":
@@ -65,6 +69,12 @@ def _check_identity(check: FileChecker, raw: object, index: int) -> IdentityRule
             check.problem((*path, "tenant"), "must not be empty")
         apps = check.globs(entry, (*path, "apps"))
         return IdentityRule(index, "platform", issuer, tenant_claim=claim, apps=apps)
+    if kind == "spiffe":
+        domain = check.string(entry, (*path, "trust_domain"))
+        if "trust_domain" in entry and trust_domain_problem(domain):
+            check.problem((*path, "trust_domain"), f"{domain!r} {trust_domain_problem(domain)}")
+        apps = check.globs(entry, (*path, "apps"))
+        return IdentityRule(index, "spiffe", trust_domain=domain, apps=apps)
     namespace = check.string(entry, (*path, "namespace"))
     if "namespace" in entry and not NAMESPACE_NAME.match(namespace):
         check.problem((*path, "namespace"), f"{namespace!r} is not a Kubernetes namespace name")

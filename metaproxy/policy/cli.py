@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     check.add_argument(
         "--trust",
         action="append",
-        metavar="ISSUER,AUDIENCE,JWKS_FILE[,KIND]",
+        metavar="ISSUER,AUDIENCE,KEYS[,KIND]",
         help="an issuer the broker trusts, as its --trust (repeatable); with more than one "
         "Kubernetes issuer every Kubernetes rule must name its own. Env: METAPROXY_TRUST",
     )
@@ -41,9 +41,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_flag(
         explain,
         "--kind",
-        choices=("platform", "kubernetes"),
+        choices=("platform", "kubernetes", "spiffe"),
         default="platform",
-        help="the kind of identity token: the platform's own, or a Kubernetes service account's",
+        help="the kind of identity token: the platform's own, a Kubernetes service account's, "
+        "or a SPIFFE JWT-SVID (--issuer spiffe://TRUST_DOMAIN, --app and --task as its path "
+        "names them)",
     )
     add_flag(
         explain, "--tenant", default="", help="the `tenant` claim, which platform tokens must carry"
@@ -109,13 +111,20 @@ def _explain(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if args.kind == "spiffe" and not (args.issuer.startswith("spiffe://") and args.app):
+        print(
+            "metaproxy policy explain: --issuer spiffe://TRUST_DOMAIN and --app are required "
+            "for a spiffe identity",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     identity = Identity(
         kind=args.kind,
         issuer=args.issuer or (PLATFORM_ISSUER if args.kind == "platform" else KUBERNETES_ISSUER),
         subject="policy-explain",
         task=args.task,
         tenant=args.tenant if args.kind == "platform" else "",
-        app=args.app if args.kind == "platform" else args.service_account,
+        app=args.service_account if args.kind == "kubernetes" else args.app,
         namespace=args.namespace,
         service_account=args.service_account,
     )

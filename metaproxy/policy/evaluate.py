@@ -17,6 +17,8 @@ def _describe(identity: Identity) -> str:
             f"kubernetes identity {identity.namespace}/{identity.service_account} "
             f"from {identity.issuer!r}"
         )
+    if identity.kind == "spiffe":
+        return f"spiffe identity {identity.subject!r} (app {identity.app!r})"
     claims = f"tenant={identity.tenant!r} app={identity.app!r}"
     return f"platform identity {claims} from {identity.issuer!r}"
 

@@ -45,6 +45,7 @@ class IdentityRule:
     apps: tuple[str, ...] = ("*",)  # platform tokens: globs on the `app` claim
     namespace: str = ""  # kubernetes tokens: exact namespace
     service_accounts: tuple[str, ...] = ("*",)  # kubernetes tokens: globs on the SA name
+    trust_domain: str = ""  # spiffe tokens: the SPIFFE ID's exact trust domain
 
     @property
     def label(self) -> str:
@@ -55,6 +56,10 @@ class IdentityRule:
             return False
         if self.kind == "platform":
             return identity.tenant == self.tenant_claim and matches_any(identity.app, self.apps)
+        if self.kind == "spiffe":
+            return identity.issuer == "spiffe://" + self.trust_domain and matches_any(
+                identity.app, self.apps
+            )
         return identity.namespace == self.namespace and matches_any(
             identity.service_account, self.service_accounts
         )
@@ -143,9 +148,16 @@ def _index_key(kind: IdentityKind, exact: str) -> tuple[IdentityKind, str]:
     return (kind, exact)
 
 
+def _rule_key(rule: IdentityRule) -> tuple[IdentityKind, str]:
+    exact = {"platform": rule.tenant_claim, "spiffe": rule.trust_domain}.get(rule.kind)
+    return _index_key(rule.kind, rule.namespace if exact is None else exact)
+
+
 def _identity_key(identity: Identity) -> tuple[IdentityKind, str]:
-    exact = identity.tenant if identity.kind == "platform" else identity.namespace
-    return _index_key(identity.kind, exact)
+    # A SPIFFE identity's issuer is `spiffe://TRUST_DOMAIN`: its trust domain is the exact value.
+    spiffe = identity.issuer.removeprefix("spiffe://")
+    exact = {"platform": identity.tenant, "spiffe": spiffe}.get(identity.kind)
+    return _index_key(identity.kind, identity.namespace if exact is None else exact)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,12 +177,7 @@ class PolicySet:
         object.__setattr__(self, "tenants", MappingProxyType(dict(self.tenants)))
         candidates: dict[tuple[IdentityKind, str], list[TenantPolicy]] = {}
         for tenant in self.tenants.values():
-            keys = {
-                _index_key(
-                    rule.kind, rule.tenant_claim if rule.kind == "platform" else rule.namespace
-                )
-                for rule in tenant.identities
-            }
+            keys = {_rule_key(rule) for rule in tenant.identities}
             for key in keys:
                 candidates.setdefault(key, []).append(tenant)
         frozen = {key: tuple(tenants) for key, tenants in candidates.items()}

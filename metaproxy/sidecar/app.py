@@ -148,11 +148,23 @@ def readyz(state: SidecarState) -> Response:
     ready, the one line says why (the same line the log has)."""
     if state.draining:
         return _plain(503, "not ready: draining")
+    identity = state.client.identity
+    now = state.clock.now()
+    expired = identity.expired_line(now) if identity is not None else ""
     if state.keeper.current() is None:
-        return _plain(503, f"not ready: {state.keeper.problem or diagnosis.WAITING}")
+        # The broker's own 401 line names the expiry too; another failure (the broker
+        # unreachable) is not why this task has no credentials once its token has expired.
+        error = state.keeper.error
+        unrelated = error is not None and error.status != 401
+        line = expired if expired and unrelated else state.keeper.problem or diagnosis.WAITING
+        return _plain(503, f"not ready: {line}")
+    if expired:
+        # Cached credentials are still served, but the task can no longer be checked for long.
+        return _plain(503, f"not ready: {expired}")
     if state.link_local is not None and state.link_local.problem:
         return _plain(503, f"not ready: {state.link_local.problem}")
-    return _plain(200, "ready")
+    expiring = identity.expiring_line(now) if identity is not None else ""
+    return _plain(200, f"ready; {expiring}" if expiring else "ready")
 
 
 def metrics(state: SidecarState) -> Response:

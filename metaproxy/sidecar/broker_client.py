@@ -22,6 +22,7 @@ from typing import Any
 
 from metaproxy.models import Credentials, NodeFacts, SidecarLimits
 from metaproxy.sidecar.config import SidecarConfig
+from metaproxy.sidecar.identity_token import TokenFacts, token_facts
 from metaproxy.sidecar.trust import CaBundle, CaProblem
 from metaproxy.sidecar.wire.httpclient import Endpoint, HttpClient, HttpClientError
 
@@ -128,6 +129,7 @@ class BrokerClient:
         # Where the task runs, from the node's IMDS (`HostMetadata.facts`), sent with every
         # request so the broker's view and identity document name the node.
         self.node_facts: Callable[[], Awaitable[NodeFacts | None]] | None = None
+        self.identity: TokenFacts | None = None  # the token file's, as last read
         self._generation = -1
         if config.broker_socket is not None:
             self._http = HttpClient(Endpoint("broker", 0, socket=config.broker_socket))
@@ -148,6 +150,7 @@ class BrokerClient:
             raise BrokerError(0, "IdentityTokenUnreadable", f"{path}: {detail}") from None
         if not token:
             raise BrokerError(0, "IdentityTokenEmpty", f"{path} is empty")
+        self.identity = token_facts(token)
         return token
 
     def _tls(self) -> ssl.SSLContext | None:

@@ -167,6 +167,15 @@ class SidecarConfig:
             unit="seconds",
         ),
     )
+    revocation_max_staleness: float = field(
+        default=120.0,
+        metadata=doc(
+            "stop serving cached credentials once the broker has refused this task's identity "
+            "token (401) for this long since its last answer: a task it cannot check could be "
+            "revoked unseen",
+            unit="seconds",
+        ),
+    )
     broker_timeout: float = field(
         default=5.0, metadata=doc("deadline for one request to the broker", unit="seconds")
     )
@@ -221,6 +230,8 @@ class SidecarConfig:
             raise ConfigError("--termination-notice-seconds: must be between 0 and 120")
         if not 0.1 <= self.refresh_fraction <= 0.9:
             raise ConfigError("--refresh-fraction: must be between 0.1 and 0.9")
+        if self.revocation_max_staleness <= 0:
+            raise ConfigError("--revocation-max-staleness: must be above 0")
         _validate_sidecar(self)
 
 

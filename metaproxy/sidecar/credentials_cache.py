@@ -9,6 +9,11 @@
 - It asks the broker at least every `revocation_check_seconds` (the broker answers a warm
   refresh from its cache, without STS), so a revoked task stops being served within that
   interval plus one broker round trip (see docs/revocation.md).
+- It stops serving once its credentials cannot be refreshed, because the broker refuses the
+  task's identity (401) or the token file's token has expired, for longer than
+  `revocation_max_staleness` since the broker's last answer: a task the broker cannot check
+  could be revoked unseen. (A broker merely unreachable, with a valid token, is an outage, not
+  a verdict: what is held stays served until it nears expiry.)
 - It says why it has no credentials (`problem`, one line, logged once per change) and whether
   its loop can make progress at all (`health`): /readyz and /healthz read these.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 from collections.abc import Callable
 
@@ -90,6 +96,7 @@ class CredentialKeeper:
         self.problem = diagnosis.WAITING  # one line: why there are no credentials (or "")
         self._broker = str(config.broker_socket or config.broker_url)
         self._last_attempt = float("-inf")
+        self._answered_at = float("-inf")  # monotonic: the broker's last 200
         self._task: asyncio.Task[None] | None = None
         self.refreshes = 0
         self.failures = 0
@@ -193,15 +200,16 @@ class CredentialKeeper:
                 self.failures += 1
                 self.last_error = f"{exc.status} {exc.code}"
                 self._failed(exc)
-                if exc.revoked_or_denied:
+                if exc.revoked_or_denied or self._unrefreshable_too_long(exc):
                     await self._set(None)
                 delay = retry_delay(exc.retry_after, backoff)
                 backoff = min(MAX_BACKOFF, backoff * 2)
                 if self._grant is not None and self.current() is None:
                     await self._set(None)  # expired while the broker was away
-                await self._sleep(min(delay, self._until_expiry_or(delay)))
+                await self._sleep(min(delay, self._until_expiry_or(delay), self._until_stale()))
                 continue
             backoff = 1.0
+            self._answered_at = self._clock.monotonic()
             self.refreshes += 1
             self.last_error = ""
             if self.error is not None:
@@ -235,6 +243,35 @@ class CredentialKeeper:
             log.warning("credential refresh failed, serving cached credentials: %s", line)
         else:
             log.warning("not ready: %s", line)
+
+    def _unrefreshable_too_long(self, error: BrokerError) -> bool:
+        if self._grant is None:
+            return False
+        identity = self._client.identity
+        expired = identity is not None and identity.expired_line(self._clock.now()) != ""
+        if error.status != 401 and not expired:
+            return False
+        unchecked = self._clock.monotonic() - self._answered_at
+        if unchecked <= self._config.revocation_max_staleness:
+            return False
+        log.warning(
+            "credentials not refreshed for %.0fs (identity %s), past "
+            "--revocation-max-staleness: no longer serving them (%s)",
+            unchecked,
+            "expired" if expired else "refused",
+            self.problem,
+        )
+        return True
+
+    def _until_stale(self) -> float:
+        """Seconds until the credentials held would be dropped as unrefreshable (the token
+        expired and the staleness limit passed), so a backoff does not sleep past it."""
+        identity = self._client.identity
+        left = identity.left(self._clock.now()) if identity is not None else None
+        if self._grant is None or left is None:
+            return math.inf
+        unchecked = self._clock.monotonic() - self._answered_at
+        return max(0.05, left, self._config.revocation_max_staleness - unchecked + 0.05)
 
     def _until_expiry_or(self, default: float) -> float:
         left = self.seconds_left()

@@ -146,7 +146,13 @@ def refresh_gauges(state: SidecarState) -> None:
     metrics, keeper = state.metrics, state.keeper
     grant = keeper.current()
     metrics.credentials_remaining.set(keeper.seconds_left())
-    metrics.ready.set(1 if grant is not None and not state.draining else 0)
+    now = state.clock.now()
+    identity = state.client.identity
+    left = identity.left(now) if identity is not None else None
+    expired = identity is not None and identity.expired_line(now) != ""
+    metrics.ready.set(1 if grant is not None and not state.draining and not expired else 0)
+    if identity is not None and left is not None:
+        metrics.identity_remaining.labels(identity.task).value = left
     fds = open_fds()
     if fds is not None:
         metrics.open_fds.set(fds)

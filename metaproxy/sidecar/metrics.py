@@ -65,6 +65,12 @@ class SidecarMetrics:
             "metaproxy_sidecar_credentials_remaining_seconds",
             "Seconds until the cached credentials expire (0 when none are cached).",
         )
+        self.identity_remaining = r.gauge(
+            "metaproxy_sidecar_identity_remaining_seconds",
+            "Seconds until the task's identity token expires, negative past it, as the token "
+            "file read at the last broker call says (the task from its claims).",
+            ["task"],
+        )
         self.refreshes = r.counter(
             "metaproxy_sidecar_refreshes_total",
             "Credential fetches from the broker, by result (ok, error).",

@@ -205,8 +205,8 @@ class Registry:
     def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Counter:
         return self._add(Counter(name, documentation, labelnames))
 
-    def gauge(self, name: str, documentation: str) -> Gauge:
-        return self._add(Gauge(name, documentation))
+    def gauge(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Gauge:
+        return self._add(Gauge(name, documentation, labelnames))
 
     def histogram(
         self,
