@@ -247,7 +247,21 @@ class BrokerConfig:
         metadata=doc("where to serve the authenticated control API; empty: none", choices=_LISTEN),
     )
     control_token_file: Path | None = field(
-        default=None, metadata=doc("bearer token for the control API", reads=True)
+        default=None,
+        metadata=doc(
+            "bearer token for the control API, shared by every operator (audited as operator "
+            "'shared'); re-read when the file changes",
+            reads=True,
+        ),
+    )
+    control_tokens: Path | None = field(
+        default=None,
+        metadata=doc(
+            "one control API token per operator, audited by name: a file of NAME:TOKEN lines, "
+            "or a directory of files named after their operators (a mounted Secret); re-read "
+            "when it changes, so a token removed stops working without a restart",
+            metavar="PATH",
+        ),
     )
 
     def check(self, given: set[str]) -> None:
