@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -240,3 +241,71 @@ async def test_tail_and_query_read_a_fleet_shipped_to_s3(
     assert len(table) == 3  # task-2 on broker-1, task-5 on broker-2
     assert "no-matching-rule" in table[1] and "policy denies the role" in table[1]
     assert "broker-1" in table[1] and "broker-2" in table[2]
+
+
+FOLLOW = """
+import argparse, sys
+from metaproxy.audit import cli
+parser = argparse.ArgumentParser()
+cli.register(parser.add_subparsers(dest="command", required=True))
+args = parser.parse_args(sys.argv[1:])
+sys.exit(args.func(args))
+"""
+
+
+async def test_tail_follow_on_a_fleet_follows_every_replica_and_one_that_joins(
+    tmp_path: Path,
+) -> None:
+    """`audit tail --follow` on a fleet folder prints what each replica writes after it
+    started, a replica that appears later included."""
+    fleet = tmp_path / "fleet"
+    await _write(fleet / "broker-1", None, 1)
+    follower = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-c", FOLLOW, "audit", "tail", str(fleet), "-n", "1", "--follow"),
+        stdout=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        assert follower.stdout is not None
+        async with asyncio.timeout(30):
+            assert json.loads(await follower.stdout.readline())["task"] == "task-0"
+        await _write(fleet / "broker-1", None, 1, first=1)
+        await _write(fleet / "broker-2", None, 1, first=2)
+        seen: set[tuple[str, str]] = set()
+        async with asyncio.timeout(15):
+            while len(seen) < 2:
+                record = json.loads(await follower.stdout.readline())
+                seen.add((record["instance"], record["task"]))
+        assert seen == {("broker-1", "task-1"), ("broker-2", "task-2")}
+    finally:
+        follower.kill()
+        await follower.wait()
+
+
+async def test_a_mixed_s3_prefix_is_an_error_naming_the_url(
+    tmp_path: Path,
+    bucket: str,
+    sts_url: str,
+    client_factory: Callable[[], Any],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """One broker shipped to `prefix/` and a replica to `prefix/broker-1/`: verify and query
+    refuse the prefix, naming it and what it holds."""
+    for prefix, name in (("mixed", "single"), ("mixed/broker-1", "broker-1")):
+        shipper = S3Shipper(bucket=bucket, prefix=prefix, client_factory=client_factory)
+        await shipper.start()
+        log = AuditLog(
+            tmp_path / name, log_id=name, write_timeout=10, on_segment_closed=shipper.enqueue
+        )
+        await log.start()
+        await log.append(_record(0, name))
+        await log.aclose()
+        await shipper.aclose()
+    url = f"s3://{bucket}/mixed"
+    for command in ("verify", "query"):
+        argv = ["audit", command, url, "--s3-endpoint", sts_url]
+        assert await asyncio.to_thread(run_cli, argv) == 2
+        err = capsys.readouterr().err
+        assert f"{url} holds one broker's chain" in err, err
+        assert "1 replica chain(s) (broker-1/)" in err

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from metaproxy.audit.layout import chain_dirs, resolve_layout
+from metaproxy.audit.layout import MixedLayout, chain_dirs, resolve_layout
 from metaproxy.audit.names import sorted_segments
 from metaproxy.logs import printable
 
@@ -159,7 +159,10 @@ def query_s3(
 
     with tempfile.TemporaryDirectory(prefix="metaproxy-audit-") as tmp:
         download_s3(url, client_factory, Path(tmp))
-        return query_dir(Path(tmp), where, fleet=fleet)
+        try:
+            return query_dir(Path(tmp), where, fleet=fleet)
+        except MixedLayout as exc:
+            raise MixedLayout(str(exc).replace(tmp, url, 1)) from None
 
 
 def format_table(records: list[dict[str, object]]) -> str:
