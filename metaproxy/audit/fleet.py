@@ -22,10 +22,11 @@ from metaproxy.audit.checkpoint import (
     file_digest,
     parse_checkpoint,
 )
+from metaproxy.audit.checkpoint_keys import KeyFiles
 from metaproxy.audit.layout import chain_dirs
 from metaproxy.audit.names import CHECKPOINT_DIR, CHECKPOINT_RE, checkpoint_name
 from metaproxy.audit.s3copy import download_s3
-from metaproxy.audit.verify import KeyFiles, VerifyReport, verify_dir
+from metaproxy.audit.verify import VerifyReport, verify_dir
 
 
 @dataclass

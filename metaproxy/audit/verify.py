@@ -15,36 +15,34 @@ mismatch, said once, not a missing checkpoint.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from metaproxy.audit import chain
 from metaproxy.audit.checkpoint import (
     CHECKPOINT_EVERY_SECONDS,
     LIVE_TAIL_SLACK_SECONDS,
     Checkpoint,
-    key_id,
-    parse_checkpoint,
-    signature_problem,
+)
+from metaproxy.audit.checkpoint_keys import (
+    KeyFiles,
+    PublicKeys,
+    key_mismatches,
+    keys_by_id,
+    load_public_keys,
+    read_checkpoints,
 )
 from metaproxy.audit.names import (
     CHECKPOINT_DIR,
     CHECKPOINT_RE,
     LATEST_NAME,
-    checkpoint_name,
     segment_first_seq,
     sorted_segments,
 )
 from metaproxy.audit.s3copy import download_s3
-from metaproxy.audit.signing_keys import load_public_key
-
-PublicKeys = Ed25519PublicKey | Sequence[Ed25519PublicKey] | None
-KeyFiles = Path | Sequence[Path] | None
 
 
 @dataclass
@@ -177,13 +175,13 @@ def verify_log(
     `LIVE_TAIL_SLACK_SECONDS` before `now` (a live log's tail); `allow_unanchored` accepts them
     whatever their age (a log written without a key) and says so in `notes`.
     """
-    keys = _keys_by_id(public_key)
+    keys = keys_by_id(public_key)
     notes: list[str] = []
     named = [(name, data) for name, data in checkpoints]
     if anchor is not None:
         named.append(("anchor", anchor))
-    valid, problems, unknown_keys = _read_checkpoints(named, keys)
-    problems += _key_mismatches(unknown_keys, keys)
+    valid, problems, unknown_keys = read_checkpoints(named, keys)
+    problems += key_mismatches(unknown_keys, keys)
     log_ids = {checkpoint.log_id for _, checkpoint in valid}
     if len(log_ids) > 1:
         problems.append(f"checkpoints belong to different logs: {sorted(log_ids)}")
@@ -223,35 +221,6 @@ def verify_log(
     )
 
 
-def _read_checkpoints(
-    named: list[tuple[str, bytes]], keys: dict[str, Ed25519PublicKey]
-) -> tuple[list[tuple[str, Checkpoint]], list[str], dict[str, list[str]]]:
-    """The checkpoints whose form and signature check out, the problems of the others, and
-    the files signed by each key that was not given (key id -> file names)."""
-    valid: list[tuple[str, Checkpoint]] = []
-    problems: list[str] = []
-    unknown_keys: dict[str, list[str]] = {}
-    for name, data in named:
-        try:
-            checkpoint = parse_checkpoint(data)
-        except ValueError as exc:
-            problems.append(f"{name}: not a valid checkpoint ({exc})")
-            continue
-        if name not in ("anchor", LATEST_NAME) and name != checkpoint_name(checkpoint.seq):
-            problems.append(f"{name}: names seq {checkpoint.seq} (renamed)")
-            continue
-        if keys:
-            if checkpoint.key_id not in keys:
-                unknown_keys.setdefault(checkpoint.key_id, []).append(name)
-                continue
-            bad_signature = signature_problem(checkpoint, keys[checkpoint.key_id])
-            if bad_signature:
-                problems.append(f"{name}: {bad_signature}")
-                continue
-        valid.append((name, checkpoint))
-    return valid, problems, unknown_keys
-
-
 def _tail_verdict(unanchored: str, age: float | None, interval: float) -> str:
     """A note ("live tail: ...") when the oldest unanchored record is younger than a
     checkpoint would be due, else the problem."""
@@ -267,27 +236,6 @@ def _tail_verdict(unanchored: str, age: float | None, interval: float) -> str:
         "deleted, or the log rewritten; --allow-unanchored accepts it (a log written without "
         "a key)"
     )
-
-
-def _keys_by_id(public_key: PublicKeys) -> dict[str, Ed25519PublicKey]:
-    if public_key is None:
-        return {}
-    keys = [public_key] if isinstance(public_key, Ed25519PublicKey) else list(public_key)
-    return {key_id(key): key for key in keys}
-
-
-def _key_mismatches(unknown: dict[str, list[str]], keys: dict[str, Ed25519PublicKey]) -> list[str]:
-    """One problem per key that signed checkpoints but was not given, named by its first file."""
-    given = ", ".join(sorted(keys))
-    problems = []
-    for signer, names in sorted(unknown.items()):
-        others = f", as are {len(names) - 1} more checkpoint(s)" if len(names) > 1 else ""
-        problems.append(
-            f"{names[0]}: key mismatch: signed by key {signer}, not by the public key(s) given "
-            f"({given}){others}: the wrong --public-key, or the audit key was rotated (give "
-            "each key, old and new)"
-        )
-    return problems
 
 
 def _age_seconds(time: str, now: datetime) -> float | None:
@@ -376,13 +324,6 @@ def verify_dir(
         checkpoint_interval=checkpoint_interval,
         now=now,
     )
-
-
-def load_public_keys(files: KeyFiles) -> list[Ed25519PublicKey]:
-    """The keys in one PEM file, or in each of several (a rotation's old and new keys)."""
-    if files is None:
-        return []
-    return [load_public_key(path) for path in ([files] if isinstance(files, Path) else files)]
 
 
 def verify_s3(
