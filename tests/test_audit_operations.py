@@ -236,7 +236,7 @@ async def test_tail_and_query_read_a_fleet_shipped_to_s3(
     assert await asyncio.to_thread(run_cli, query) == 0
     table = capsys.readouterr().out.splitlines()
     header = table[0].split()
-    for column in ("rule", "reason", "instance"):
+    for column in ("rule", "reason", "instance", "operator"):
         assert column in header
     assert len(table) == 3  # task-2 on broker-1, task-5 on broker-2
     assert "no-matching-rule" in table[1] and "policy denies the role" in table[1]

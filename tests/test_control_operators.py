@@ -3,6 +3,9 @@ record (and the revocation itself) names the operator whose token asked."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -10,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from metaproxy.audit import cli as audit_cli
 from metaproxy.broker.control_tokens import ControlToken, ControlTokens
 from metaproxy.broker.server import BrokerServer
 from metaproxy.errors import ConfigError
@@ -33,6 +37,17 @@ async def revoke(https: aiohttp.ClientSession, broker: BrokerServer, token: str,
     async with https.post(url, json={"tenant": "acme", "task": task}, headers=headers) as answer:
         await answer.read()
         return answer.status
+
+
+def query_table(audit_dir: Path, event: str) -> list[str]:
+    """`metaproxy audit query DIR --event EVENT` as the security team reads it: the table."""
+    parser = argparse.ArgumentParser(prog="metaproxy")
+    audit_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["audit", "query", str(audit_dir), "--event", event])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert args.func(args) == 0
+    return out.getvalue().splitlines()
 
 
 async def start_broker(
@@ -72,6 +87,9 @@ async def test_revocations_by_two_operators_are_audited_under_each_name(
     by = {entry["task"]: entry["by"] for entry in listing}
     assert by["by-alice"].startswith("alice (127.0.0.1 via ")
     assert by["by-bob"].startswith("bob (127.0.0.1 via ")
+    table = query_table(tmp_path / "audit", "revoked")
+    assert table[0].split()[-2:] == ["operator", "request_id"]
+    assert [line.split()[-2] for line in table[1:]] == ["alice", "bob"]
     text = b"".join(p.read_bytes() for p in (tmp_path / "audit").glob("segment-*.jsonl"))
     assert ALICE.encode() not in text and BOB.encode() not in text
 

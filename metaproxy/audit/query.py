@@ -33,6 +33,7 @@ TABLE_COLUMNS: Final = (
     "rule",
     "reason",
     "instance",
+    "operator",
     "request_id",
 )
 GRANTING_EVENTS: Final = frozenset({"issued", "refreshed"})
