@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -97,8 +98,15 @@ def test_running_it_for_real_works_as_written_and_a_second_run_keeps_the_keys(
     """Keys, certificates, policies, the local STS and S3, Valkey, a broker with its control
     API and S3 shipping, and a sidecar from the README's commands; the AWS CLI gets the task's
     role through both endpoints; an operator's revoke is audited under her name; the local log
-    and its S3 copy verify. Run again, it refuses before touching the keys."""
-    run = run_readme(clone)
+    and its S3 copy verify, with port 5000 taken as macOS's AirPlay takes it. Run again, it
+    refuses before touching the keys."""
+    with contextlib.ExitStack() as held:
+        airplay = held.enter_context(socket.socket())
+        with contextlib.suppress(OSError):  # taken already: all the better
+            airplay.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            airplay.bind(("127.0.0.1", 5000))
+            airplay.listen()
+        run = run_readme(clone)
     assert run.returncode == 0, run.out + run.err + run.logs
     out = run.out
     assert out.count("assumed-role/acme-app/acme.web-1") == 2, out
