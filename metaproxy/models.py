@@ -36,16 +36,44 @@ class Identity:
     cluster_arn: str = ""
 
 
+def limit(default: float, unit: str, meaning: str) -> Any:
+    """A policy limit field: its default, and the unit and meaning the configuration reference
+    (`metaproxy.commands.configdoc`) prints, so the page cannot drift from the field."""
+    return field(default=default, metadata={"unit": unit, "doc": meaning})
+
+
 @dataclass(frozen=True, slots=True)
 class SidecarLimits:
     """Per-task limits the tenant's policy sets; delivered to the sidecar with its credentials."""
 
-    token_rps: float = 20.0
-    credentials_rps: float = 50.0
-    metadata_rps: float = 100.0
-    burst: int = 50
-    max_connections: int = 256
-    max_connections_per_client: int = 64
+    token_rps: float = limit(
+        20.0,
+        "per second",
+        "IMDSv2 token requests (PUT /latest/api/token) one task's sidecar answers",
+    )
+    credentials_rps: float = limit(
+        50.0,
+        "per second",
+        "credential requests (IMDS security-credentials and the container endpoint) one "
+        "task's sidecar answers",
+    )
+    metadata_rps: float = limit(
+        100.0, "per second", "other metadata requests (meta-data/*, dynamic/*) one sidecar answers"
+    )
+    burst: int = limit(
+        50,
+        "requests",
+        "how far above those rates a sidecar answers for a moment (each rate's bucket); past "
+        "it, 503 with Retry-After, shared fairly between the pod's connections",
+    )
+    max_connections: int = limit(
+        256,
+        "connections",
+        "open connections one sidecar keeps; past it new ones are refused or idle ones closed",
+    )
+    max_connections_per_client: int = limit(
+        64, "connections", "open connections one client address may hold at a sidecar"
+    )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,11 +83,22 @@ class SidecarLimits:
 class BrokerLimits:
     """What one tenant may ask of the broker, so a flooding tenant cannot starve the others."""
 
-    requests_per_second: float = 50.0
-    burst: int = 100
-    max_in_flight: int = 64
-    per_identity_rps: float = 5.0
-    per_identity_burst: int = 20
+    requests_per_second: float = limit(
+        50.0,
+        "per second",
+        "credential requests the whole tenant may make of the broker fleet (split between "
+        "live replicas when the store is down); past it, 429 with Retry-After",
+    )
+    burst: int = limit(100, "requests", "how far above requests_per_second, for a moment")
+    max_in_flight: int = limit(
+        64, "requests", "the tenant's requests the fleet works on at once (queued or at STS)"
+    )
+    per_identity_rps: float = limit(
+        5.0, "per second", "requests one identity (one task's token subject) may make"
+    )
+    per_identity_burst: int = limit(
+        20, "requests", "how far above per_identity_rps one identity may go, for a moment"
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ import bisect
 import json
 import shutil
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,13 @@ from metaproxy.audit.verify import ChainVerifier, VerifyReport, verify_dir, veri
 from metaproxy.audit.writer import AuditLog
 
 RECORDS = 1000
+
+
+def _an_hour_later() -> datetime:
+    """When a check finds the log's unanchored records older than the checkpoint interval."""
+    return datetime.now(UTC) + timedelta(hours=1)
+
+
 Segments = list[tuple[str, bytes]]
 
 
@@ -209,7 +217,9 @@ def test_truncated_tail_is_detected_against_the_anchored_checkpoint(
     last_segment.write_bytes(b"".join(lines[:-5]))
     assert not verify_dir(copy, public).ok  # the newest local checkpoint still names seq 1000
     newest.unlink()  # a careful attacker removes it too
-    assert not verify_dir(copy, public).ok  # the tail it left is covered by no checkpoint
+    # The tail it left is covered by no checkpoint: a live tail right after it was written,
+    # a failure once older than the checkpoint interval.
+    assert not verify_dir(copy, public, now=_an_hour_later()).ok
     assert verify_dir(copy, public, allow_unanchored=True).ok
     report = verify_dir(copy, public, anchor=anchor)
     assert not report.ok
@@ -253,9 +263,9 @@ def test_rechained_log_without_checkpoints_fails_unless_allowed(
             lines.append(chain.record_line(record))
             seq += 1
         segment.write_bytes(b"".join(lines))
-    report = verify_dir(copy, public)
+    report = verify_dir(copy, public, now=_an_hour_later())
     assert not report.ok
     assert "covered by no checkpoint" in report.problems[0]
-    relaxed = verify_dir(copy, public, allow_unanchored=True)
+    relaxed = verify_dir(copy, public, allow_unanchored=True, now=_an_hour_later())
     assert relaxed.ok
     assert any("unanchored" in note for note in relaxed.notes)

@@ -227,7 +227,8 @@ def test_demo_ctrl_c_drains_every_child_in_order_and_closes_the_audit_log(
         order.insert(2, "stopped store")
     positions = [out.index(step) for step in order]
     assert positions == sorted(positions), out
-    audit_dirs = [state_dir / "audit"] if replicas == 1 else sorted((state_dir / "audit").iterdir())
+    fleet_dir = state_dir / "audit-fleet"
+    audit_dirs = [state_dir / "audit"] if replicas == 1 else sorted(fleet_dir.iterdir())
     public_key = state_dir / "keys" / "audit-keys" / "audit-signing.pub"
     for audit_dir in audit_dirs:
         verify = [sys.executable, "-m", "metaproxy", "audit", "verify", str(audit_dir)]

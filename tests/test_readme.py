@@ -3,24 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from metaproxy.cli import build_parser
+from tests.conftest import require_redis_server
 from tests.support import REPO, cannot_run, clean_aws_env
 
 README = REPO / "README.md"
 PACKAGE = REPO / "metaproxy"
 LAYOUT = re.compile(r"## Layout\n.*?```\n(.*?)```", re.S)
 BLOCK = re.compile(r"<!-- readme-test: begin -->\n```sh\n(.*?)```\n<!-- readme-test: end -->", re.S)
-# The fixed loopback ports the README's production-shaped run uses.
-README_PORTS = (5000, 8443, 9902, 8181, 8182, 9901)
+PORT = re.compile(r"\b([A-Z_]+_PORT)=(\d+)")
+# Stopped and waited for, so the next run finds the ports free.
+HARNESS = "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true; wait' EXIT\n"
+WAIT_LIMIT = 30.0  # seconds: every wait in the block, and so a failing run
 
 
 def readme_script() -> str:
@@ -29,42 +36,138 @@ def readme_script() -> str:
     return scripts[0]
 
 
+def readme_ports() -> dict[str, int]:
+    """The fixed loopback ports the README's production-shaped run uses, by variable."""
+    return {name: int(port) for name, port in PORT.findall(readme_script())}
+
+
 def _port_in_use(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.mark.timeout(180)
-def test_running_it_for_real_works_as_written(tmp_path: Path) -> None:
-    """Keys, certificates, policies, the local STS, a broker and a sidecar from the README's
-    commands; the AWS CLI gets the task's role through both endpoints; the audit log verifies."""
-    busy = [port for port in README_PORTS if _port_in_use(port)]
+@dataclass
+class Run:
+    returncode: int
+    out: str
+    err: str
+    seconds: float
+    logs: str
+
+
+def run_readme(cwd: Path, *, held: int = 0) -> Run:
+    """The README's block under `bash -euo pipefail` in `cwd`, a clone's root (the harness,
+    not the README, kills what it left running when it stops); `held`: a port the test holds."""
+    busy = [port for port in readme_ports().values() if port != held and _port_in_use(port)]
     if busy:
         cannot_run(f"ports the README uses are busy on this machine: {busy}")
-    shutil.copytree(REPO / "policies", tmp_path / "policies")  # as in a clone
+    require_redis_server()
     bin_dir = Path(sys.executable).parent
-    env = clean_aws_env(PATH=f"{bin_dir}:/usr/local/bin:/usr/bin:/bin")
-    # The harness, not the README: stop on the first failing command, and never leave a
-    # background server behind when one does.
-    harness = "set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n"
+    env = clean_aws_env(PATH=f"{bin_dir}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin")
+    started = time.monotonic()
     result = subprocess.run(
-        ["bash", "-c", harness + readme_script()],
-        cwd=tmp_path,
+        ["bash", "-c", HARNESS + readme_script()],
+        cwd=cwd,
         env=env,
         capture_output=True,
         text=True,
         timeout=170,
         check=False,
     )
+    seconds = time.monotonic() - started
     logs = "".join(
         f"\n--- {log.name}\n{log.read_text()[-2000:]}"
-        for log in sorted((tmp_path / "metaproxy-real" / "run").glob("*.log"))
+        for log in sorted((cwd / "metaproxy-real" / "run").glob("*.log"))
     )
-    assert result.returncode == 0, result.stdout + result.stderr + logs
-    out = result.stdout
+    return Run(result.returncode, result.stdout, result.stderr, seconds, logs)
+
+
+@pytest.fixture
+def clone(tmp_path: Path) -> Path:
+    """What the block needs of a clone: the sample policies."""
+    shutil.copytree(REPO / "policies", tmp_path / "policies")
+    return tmp_path
+
+
+# Serial: the block's ports are fixed, host-wide; two runs at once would take each other's.
+@pytest.mark.serial
+@pytest.mark.timeout(360)
+def test_running_it_for_real_works_as_written_and_a_second_run_keeps_the_keys(
+    clone: Path,
+) -> None:
+    """Keys, certificates, policies, the local STS and S3, Valkey, a broker with its control
+    API and S3 shipping, and a sidecar from the README's commands; the AWS CLI gets the task's
+    role through both endpoints; an operator's revoke is audited under her name; the local log
+    and its S3 copy verify, with port 5000 taken as macOS's AirPlay takes it. Run again, it
+    refuses before touching the keys."""
+    with contextlib.ExitStack() as held:
+        airplay = held.enter_context(socket.socket())
+        with contextlib.suppress(OSError):  # taken already: all the better
+            airplay.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            airplay.bind(("127.0.0.1", 5000))
+            airplay.listen()
+        run = run_readme(clone)
+    assert run.returncode == 0, run.out + run.err + run.logs
+    out = run.out
     assert out.count("assumed-role/acme-app/acme.web-1") == 2, out
     assert '"taskId" : "web-1"' in out, out  # the instance-identity document is signed and served
-    assert "OK:" in out and "checkpoints (signed)" in out, out
+    assert out.count("checkpoints (signed)") == 2, out  # the local log, and its copy in S3
+    assert "OK: 1 replicas" in out, out  # the S3 copy: one chain under prefix/<instance>/
+    revoked = [json.loads(line) for line in out.splitlines() if '"event": "revoked"' in line]
+    assert [(r["operator"], r["task"]) for r in revoked] == [("alice", "web-2")], out
+
+    keys = {path: path.read_bytes() for path in (clone / "metaproxy-real" / "keys").iterdir()}
+    again = run_readme(clone)
+    assert again.returncode != 0
+    assert "metaproxy-real exists: refusing to overwrite its keys" in again.err, again.err
+    assert {path: path.read_bytes() for path in keys} == keys
+
+
+@pytest.mark.serial
+@pytest.mark.timeout(120)
+def test_a_taken_port_stops_the_run_within_30_s_printing_the_failing_log_line(
+    clone: Path,
+) -> None:
+    """The broker's port held by someone else: the run stops within 30 s and prints the
+    broker's own line saying so, not a silent wait."""
+    port = readme_ports()["BROKER_PORT"]
+    with socket.socket() as taken:
+        # A run just before (the test above) leaves connections to the port in TIME_WAIT.
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        run = run_readme(clone, held=port)
+    assert run.returncode != 0
+    assert run.seconds < WAIT_LIMIT, run.seconds
+    assert f"cannot listen on 127.0.0.1:{port}: address already in use" in run.err, run.err
+    assert "broker.log" in run.err, run.err
+
+
+@pytest.mark.serial
+@pytest.mark.timeout(120)
+def test_a_broken_policy_stops_the_run_within_30_s_printing_the_problem(clone: Path) -> None:
+    """A policy cut short: `metaproxy policy check`, before any server starts, stops the run
+    within 30 s on the line naming the file and the problem."""
+    policy = clone / "policies" / "acme.toml"
+    policy.write_text(policy.read_text().replace("# end of policy", ""))
+    run = run_readme(clone)
+    assert run.returncode != 0
+    assert run.seconds < WAIT_LIMIT, run.seconds
+    assert "metaproxy-real/policies/acme.toml" in run.out, run.out + run.err
+    assert "never loaded" in run.out, run.out
+    assert not (clone / "metaproxy-real" / "run" / "broker.log").exists()
+
+
+def test_the_working_directory_is_ignored_by_git() -> None:
+    """`metaproxy-real/` (private keys among it) is never offered to a commit."""
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", "metaproxy-real/keys/identity.key"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert ignored.returncode == 0, ignored.stderr
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -29,6 +29,11 @@ from metaproxy.audit.chain import canonical_json, is_hex_hash
 from metaproxy.audit.names import segment_first_seq
 
 CHECKPOINT_DOMAIN: Final = b"metaproxy-audit-checkpoint-v1\x00"
+# The writer's default: verification takes younger unanchored records for a live log's tail.
+CHECKPOINT_EVERY_SECONDS: Final = 60.0
+# Beyond the interval: the writer's maintenance tick, a slow disk, and the clocks of the broker
+# and of the host running the check disagreeing by a few seconds.
+LIVE_TAIL_SLACK_SECONDS: Final = 30.0
 _SIGNATURE_RE: Final = re.compile(r"^[0-9a-f]{128}$")
 _KEY_ID_RE: Final = re.compile(r"^[0-9a-f]{16}$")
 

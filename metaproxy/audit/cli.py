@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from metaproxy.audit.checkpoint import CHECKPOINT_EVERY_SECONDS, LIVE_TAIL_SLACK_SECONDS
 from metaproxy.audit.record import EVENTS
 from metaproxy.audit.ship import s3_client_factory
 from metaproxy.clihelp import add_flag
@@ -35,8 +36,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         verify,
         "--public-key",
         type=Path,
+        action="append",
         metavar="FILE",
-        help="PEM public key of the checkpoint signing key; unset: signatures are not checked",
+        help="PEM public key of the checkpoint signing key; repeat it for a log that spans an "
+        "audit key rotation (the old key and the new); unset: signatures are not checked",
     )
     add_flag(
         verify,
@@ -49,8 +52,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         verify,
         "--allow-unanchored",
         action="store_true",
-        help="accept records no checkpoint covers yet (a live log's tail, a log without a key); "
-        "without it they fail verification",
+        help="accept records no checkpoint covers, however old (a log written without a key); "
+        "without it only a live tail passes, younger than --checkpoint-interval plus "
+        f"{LIVE_TAIL_SLACK_SECONDS:g} s",
+    )
+    add_flag(
+        verify,
+        "--checkpoint-interval",
+        type=float,
+        default=CHECKPOINT_EVERY_SECONDS,
+        metavar="SECONDS",
+        unit="seconds",
+        help="how often the writer checkpoints (the broker's is fixed at this default): "
+        "records after the last checkpoint that are younger pass as a live tail, with a note",
     )
     _add_fleet_option(verify)
     _add_s3_options(verify)
@@ -111,7 +125,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     query.set_defaults(func=_query)
 
     tail = commands.add_parser("tail", help="print the newest records")
-    add_flag(tail, "directory", type=Path, metavar="DIR", help="the log directory")
+    add_flag(tail, "target", metavar="TARGET", help=TARGET_HELP)
     add_flag(
         tail,
         "-n",
@@ -126,19 +140,35 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         tail,
         "--follow",
         action="store_true",
-        help="keep printing new records as they are written, across segment rotations",
+        help="keep printing new records as they are written, across segment rotations "
+        "(a directory only: an s3:// copy holds closed segments)",
     )
+    _add_fleet_option(tail)
+    _add_s3_options(tail)
     tail.set_defaults(func=_tail)
 
 
 def _add_fleet_option(parser: argparse.ArgumentParser) -> None:
     # Auto-detection reads a folder (or prefix) with no chain left in it as one empty chain,
     # which passes; a check of a known fleet copy should say so and get "no replica chains".
+    # A folder holding both layouts is an error unless one of these says which to read.
+    layout = parser.add_mutually_exclusive_group()
     add_flag(
-        parser,
+        layout,
         "--fleet",
-        action="store_true",
-        help="the target holds one chain per replica (<instance>/); detected when omitted",
+        dest="fleet",
+        action="store_const",
+        const=True,
+        help="read the target as one chain per replica (<instance>/), skipping any chain at "
+        "its top; detected when neither this nor --single is given",
+    )
+    add_flag(
+        layout,
+        "--single",
+        dest="fleet",
+        action="store_const",
+        const=False,
+        help="read the target as one broker's chain, skipping any replica folders in it",
     )
 
 
@@ -171,30 +201,45 @@ def _verify(args: argparse.Namespace) -> int:
         factory = s3_client_factory(args.s3_endpoint, args.region)
         with tempfile.TemporaryDirectory(prefix="metaproxy-audit-") as tmp:
             copied = download_s3(target, factory, Path(tmp))
-            code = _verify_dir(args, Path(tmp), shipped=True)
+            code = _verify_dir(args, Path(tmp), target, shipped=True)
         if copied == 0 and code == 0:
             print(f"FAILED: 1 problem(s); first bad: {target}\n  {target}: no audit objects found")
             return 1
         return code
     if Path(target).is_dir():
-        return _verify_dir(args, Path(target), shipped=False)
+        return _verify_dir(args, Path(target), target, shipped=False)
     print(f"metaproxy audit verify: {target} is not a directory", file=sys.stderr)
     return 2
 
 
-def _verify_dir(args: argparse.Namespace, directory: Path, *, shipped: bool) -> int:
+def _layout(command: str, directory: Path, shown: str, fleet: bool | None) -> str | None:
+    """The layout to read, or None after printing why the target is ambiguous."""
+    from metaproxy.audit.layout import MixedLayout, resolve_layout
+
+    try:
+        return resolve_layout(directory, fleet)
+    except MixedLayout as exc:
+        message = str(exc).replace(str(directory), shown, 1)
+        print(f"metaproxy audit {command}: {message}", file=sys.stderr)
+        return None
+
+
+def _verify_dir(args: argparse.Namespace, directory: Path, shown: str, *, shipped: bool) -> int:
     """Verify one chain or a fleet; a shipped copy may lack the segments still open."""
     from metaproxy.audit.fleet import verify_fleet_dir
-    from metaproxy.audit.layout import is_fleet
     from metaproxy.audit.verify import verify_dir
 
-    if args.fleet or is_fleet(directory):
+    layout = _layout("verify", directory, shown, args.fleet)
+    if layout is None:
+        return 2
+    if layout == "fleet":
         fleet = verify_fleet_dir(
             directory,
             args.public_key,
             anchor=args.anchor,
             unshipped_tail_ok=shipped,
             allow_unanchored=args.allow_unanchored,
+            checkpoint_interval=args.checkpoint_interval,
         )
         ok, problems, first_bad, notes = fleet.ok, fleet.problems, fleet.first_bad, fleet.notes
         summary = (
@@ -213,6 +258,7 @@ def _verify_dir(args: argparse.Namespace, directory: Path, *, shipped: bool) -> 
             anchor=args.anchor,
             unshipped_tail_ok=shipped,
             allow_unanchored=args.allow_unanchored,
+            checkpoint_interval=args.checkpoint_interval,
         )
         ok, problems, first_bad, notes = report.ok, report.problems, report.first_bad, report.notes
         summary = (
@@ -233,6 +279,7 @@ def _verify_dir(args: argparse.Namespace, directory: Path, *, shipped: bool) -> 
 
 
 def _query(args: argparse.Namespace) -> int:
+    from metaproxy.audit.layout import MixedLayout
     from metaproxy.audit.query import QueryFilter, format_table, parse_time, query_dir, query_s3
 
     try:
@@ -250,13 +297,17 @@ def _query(args: argparse.Namespace) -> int:
         print(f"metaproxy audit query: {exc}", file=sys.stderr)
         return 2
     target: str = args.target
-    if target.startswith("s3://"):
-        factory = s3_client_factory(args.s3_endpoint, args.region)
-        records = query_s3(target, where, factory, fleet=args.fleet or None)
-    elif Path(target).is_dir():
-        records = query_dir(Path(target), where, fleet=args.fleet or None)
-    else:
-        print(f"metaproxy audit query: {target} is not a directory", file=sys.stderr)
+    try:
+        if target.startswith("s3://"):
+            factory = s3_client_factory(args.s3_endpoint, args.region)
+            records = query_s3(target, where, factory, fleet=args.fleet)
+        elif Path(target).is_dir():
+            records = query_dir(Path(target), where, fleet=args.fleet)
+        else:
+            print(f"metaproxy audit query: {target} is not a directory", file=sys.stderr)
+            return 2
+    except MixedLayout as exc:
+        print(f"metaproxy audit query: {exc}", file=sys.stderr)
         return 2
     if args.json:
         for record in records:
@@ -267,6 +318,31 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _tail(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from metaproxy.audit.s3copy import download_s3
     from metaproxy.audit.tail import tail
 
-    return tail(args.directory, args.lines, follow=args.follow)
+    target: str = args.target
+    if not target.startswith("s3://"):
+        directory = Path(target)
+        if not directory.is_dir():
+            print(f"metaproxy audit tail: {target} is not a directory", file=sys.stderr)
+            return 2
+        layout = _layout("tail", directory, target, args.fleet)
+        if layout is None:
+            return 2
+        return tail(directory, args.lines, follow=args.follow, fleet=layout == "fleet")
+    if args.follow:
+        print(
+            "metaproxy audit tail: --follow needs a directory (an s3:// copy gets closed "
+            "segments only, minutes apart)",
+            file=sys.stderr,
+        )
+        return 2
+    with tempfile.TemporaryDirectory(prefix="metaproxy-audit-") as tmp:
+        download_s3(target, s3_client_factory(args.s3_endpoint, args.region), Path(tmp))
+        layout = _layout("tail", Path(tmp), target, args.fleet)
+        if layout is None:
+            return 2
+        return tail(Path(tmp), args.lines, follow=False, fleet=layout == "fleet")

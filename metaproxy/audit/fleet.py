@@ -12,10 +12,17 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from metaproxy.audit.checkpoint import Checkpoint, file_digest, parse_checkpoint
+from metaproxy.audit.checkpoint import (
+    CHECKPOINT_EVERY_SECONDS,
+    Checkpoint,
+    file_digest,
+    parse_checkpoint,
+)
+from metaproxy.audit.checkpoint_keys import KeyFiles
 from metaproxy.audit.layout import chain_dirs
 from metaproxy.audit.names import CHECKPOINT_DIR, CHECKPOINT_RE, checkpoint_name
 from metaproxy.audit.s3copy import download_s3
@@ -67,15 +74,18 @@ class _Statement:
 
 def verify_fleet_dir(
     path: Path,
-    public_key: Path | None,
+    public_key: KeyFiles,
     *,
     anchor: Path | None = None,
     unshipped_tail_ok: bool = False,
     allow_unanchored: bool = False,
+    checkpoint_interval: float = CHECKPOINT_EVERY_SECONDS,
+    now: datetime | None = None,
 ) -> FleetReport:
     """Verify each `<instance>/` chain under `path`, then the witness statements between them.
 
-    `anchor`, a checkpoint kept outside the copy, is checked against the chain of its log_id.
+    `anchor`, a checkpoint kept outside the copy, is checked against the chain of its log_id;
+    `checkpoint_interval` and `now` tell each chain's live tail from an unanchored past.
     """
     anchor_log = parse_checkpoint(anchor.read_bytes()).log_id if anchor is not None else None
     replicas: list[ReplicaReport] = []
@@ -87,6 +97,8 @@ def verify_fleet_dir(
             anchor=anchor if log_id == anchor_log else None,
             unshipped_tail_ok=unshipped_tail_ok,
             allow_unanchored=allow_unanchored,
+            checkpoint_interval=checkpoint_interval,
+            now=now,
         )
         replicas.append(ReplicaReport(directory.name, log_id, report, _digests(directory)))
     problems: list[str] = []
@@ -125,7 +137,7 @@ def verify_fleet_dir(
 
 def verify_fleet_s3(
     url: str,
-    public_key: Path | None,
+    public_key: KeyFiles,
     client_factory: Callable[[], Any],
     *,
     anchor: Path | None = None,

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-from metaproxy.audit.layout import chain_dirs, is_fleet
+from metaproxy.audit.layout import MixedLayout, chain_dirs, resolve_layout
 from metaproxy.audit.names import sorted_segments
 from metaproxy.logs import printable
 
@@ -30,6 +30,10 @@ TABLE_COLUMNS: Final = (
     "session_name",
     "access_key_id",
     "expiration",
+    "rule",
+    "reason",
+    "instance",
+    "operator",
     "request_id",
 )
 GRANTING_EVENTS: Final = frozenset({"issued", "refreshed"})
@@ -126,10 +130,11 @@ def query_dir(
 ) -> list[dict[str, object]]:
     """Matching records of one chain in chain order, or of a fleet in time order.
 
-    `fleet=None` tells the layouts apart (`layout.is_fleet`). In a fleet a record without an
-    `instance` gets its replica's folder name, so every answer says which broker decided.
+    `fleet=None` tells the layouts apart, and raises `layout.MixedLayout` for a folder holding
+    both. In a fleet a record without an `instance` gets its replica's folder name, so every
+    answer says which broker decided.
     """
-    if not (is_fleet(directory) if fleet is None else fleet):
+    if resolve_layout(directory, fleet) == "chain":
         return [record for record in iter_records(directory) if where.matches(record)]
     found: list[tuple[datetime, str, int, dict[str, object]]] = []
     for replica in chain_dirs(directory):
@@ -155,7 +160,10 @@ def query_s3(
 
     with tempfile.TemporaryDirectory(prefix="metaproxy-audit-") as tmp:
         download_s3(url, client_factory, Path(tmp))
-        return query_dir(Path(tmp), where, fleet=fleet)
+        try:
+            return query_dir(Path(tmp), where, fleet=fleet)
+        except MixedLayout as exc:
+            raise MixedLayout(str(exc).replace(tmp, url, 1)) from None
 
 
 def format_table(records: list[dict[str, object]]) -> str:

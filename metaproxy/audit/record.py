@@ -56,6 +56,7 @@ class AuditEvent:
     rule: str = ""
     reason: str = ""
     peer: str = ""
+    operator: str = ""  # whose control token a control request carried
     instance: str = ""
     status: int = 0
     packed_policy_size: int | None = None

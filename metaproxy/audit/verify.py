@@ -4,6 +4,12 @@ Checks are done in chain order by `ChainVerifier`, whose state is a few fields, 
 resume from any line (the tamper tests use that to try every byte of a log in seconds). A
 problem is reported once where it happens and the check resynchronises after it, so one edited
 record gives one problem, not a cascade.
+
+Records after the newest checkpoint are either a live log's tail (the writer checkpoints every
+`checkpoint_interval` seconds, so the oldest of them is younger than that, give or take the
+slack) or a past nobody can vouch for: checkpoints deleted, the log rewritten. The first passes
+with a note, the second fails. A checkpoint signed by a key that was not given is a key
+mismatch, said once, not a missing checkpoint.
 """
 
 from __future__ import annotations
@@ -11,23 +17,32 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from metaproxy.audit import chain
-from metaproxy.audit.checkpoint import Checkpoint, parse_checkpoint, signature_problem
+from metaproxy.audit.checkpoint import (
+    CHECKPOINT_EVERY_SECONDS,
+    LIVE_TAIL_SLACK_SECONDS,
+    Checkpoint,
+)
+from metaproxy.audit.checkpoint_keys import (
+    KeyFiles,
+    PublicKeys,
+    key_mismatches,
+    keys_by_id,
+    load_public_keys,
+    read_checkpoints,
+)
 from metaproxy.audit.names import (
     CHECKPOINT_DIR,
     CHECKPOINT_RE,
     LATEST_NAME,
-    checkpoint_name,
     segment_first_seq,
     sorted_segments,
 )
 from metaproxy.audit.s3copy import download_s3
-from metaproxy.audit.signing_keys import load_public_key
 
 
 @dataclass
@@ -58,6 +73,8 @@ class ChainVerifier:
     heads: dict[int, tuple[str, str]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     first_bad: str = ""
+    time_of_seq: int = 0  # the record whose time `seq_time` keeps (the first unanchored one)
+    seq_time: str = ""
 
     def resumable_copy(self) -> ChainVerifier:
         """The same position in the chain, with no problems recorded yet."""
@@ -123,6 +140,8 @@ class ChainVerifier:
             self.next_seq, self.prev_hash = seq + 1, str(record["hash"])
             if seq in self.wanted_heads:
                 self.heads[seq] = (self.prev_hash, name)
+            if seq == self.time_of_seq and isinstance(record.get("time"), str):
+                self.seq_time = str(record["time"])
         else:
             self.next_seq, self.prev_hash = self.next_seq + 1, None
 
@@ -133,48 +152,43 @@ SegmentSource = tuple[str, Callable[[], bytes]]
 def verify_log(
     segments: Iterable[SegmentSource],
     checkpoints: Iterable[tuple[str, bytes]],
-    public_key: Ed25519PublicKey | None,
+    public_key: PublicKeys,
     *,
     anchor: bytes | None = None,
     unshipped_tail_ok: bool = False,
     allow_unanchored: bool = False,
     max_problems: int = 100,
+    checkpoint_interval: float = CHECKPOINT_EVERY_SECONDS,
+    now: datetime | None = None,
 ) -> VerifyReport:
     """Verify segments (in chain order) and checkpoint files, optionally against an anchor.
+
+    `public_key`: one key, or every key the log was signed with across a rotation.
 
     `unshipped_tail_ok`: a copy shipped elsewhere holds closed segments only, so a checkpoint
     may name a segment that is still open; the copy must then end exactly before that segment.
 
     Every record must be covered by a checkpoint (or the anchor): a chain is only as good as
     the signed heads that pin it, and a log rewritten and re-chained after `checkpoints/` was
-    deleted is otherwise perfectly consistent. `allow_unanchored` accepts records after the
-    last checkpoint (a live log's tail, a log written without a key) and says so in `notes`.
+    deleted is otherwise perfectly consistent. Records after the last checkpoint pass, with a
+    note, when the oldest of them was written less than `checkpoint_interval` plus
+    `LIVE_TAIL_SLACK_SECONDS` before `now` (a live log's tail); `allow_unanchored` accepts them
+    whatever their age (a log written without a key) and says so in `notes`.
     """
-    problems: list[str] = []
+    keys = keys_by_id(public_key)
     notes: list[str] = []
-    valid: list[tuple[str, Checkpoint]] = []
     named = [(name, data) for name, data in checkpoints]
     if anchor is not None:
         named.append(("anchor", anchor))
-    for name, data in named:
-        try:
-            checkpoint = parse_checkpoint(data)
-        except ValueError as exc:
-            problems.append(f"{name}: not a valid checkpoint ({exc})")
-            continue
-        if name not in ("anchor", LATEST_NAME) and name != checkpoint_name(checkpoint.seq):
-            problems.append(f"{name}: names seq {checkpoint.seq} (renamed)")
-            continue
-        if public_key is not None:
-            bad_signature = signature_problem(checkpoint, public_key)
-            if bad_signature:
-                problems.append(f"{name}: {bad_signature}")
-                continue
-        valid.append((name, checkpoint))
+    valid, problems, unknown_keys = read_checkpoints(named, keys)
+    problems += key_mismatches(unknown_keys, keys)
     log_ids = {checkpoint.log_id for _, checkpoint in valid}
     if len(log_ids) > 1:
         problems.append(f"checkpoints belong to different logs: {sorted(log_ids)}")
-    verifier = ChainVerifier(frozenset(cp.seq for _, cp in valid), max_problems)
+    anchored = max((checkpoint.seq for _, checkpoint in valid), default=0)
+    verifier = ChainVerifier(
+        frozenset(cp.seq for _, cp in valid), max_problems, time_of_seq=anchored + 1
+    )
     for name, load in segments:
         verifier.feed_segment(name, load())
     last_seq = verifier.next_seq - 1
@@ -182,15 +196,16 @@ def verify_log(
         problems.extend(
             _checkpoint_problems(name, checkpoint, verifier, last_seq, unshipped_tail_ok)
         )
-    unanchored = _unanchored(valid, verifier.records, last_seq)
-    if unanchored and allow_unanchored:
+    unanchored = _unanchored(anchored, verifier.records, last_seq)
+    if unanchored and unknown_keys and not valid:
+        pass  # every checkpoint is there, signed by a key not given: said once, above
+    elif unanchored and allow_unanchored:
         notes.append(f"unanchored: {unanchored}, accepted (--allow-unanchored)")
     elif unanchored:
-        problems.append(
-            f"{unanchored} (checkpoints deleted, or the log rewritten); "
-            "--allow-unanchored accepts a tail not checkpointed yet"
-        )
-    notes += _signing_notes(public_key, bool(valid))
+        age = _age_seconds(verifier.seq_time, now or datetime.now(UTC))
+        verdict = _tail_verdict(unanchored, age, checkpoint_interval)
+        (notes if verdict.startswith("live tail") else problems).append(verdict)
+    notes += _signing_notes(bool(keys), bool(valid), bool(named))
     all_problems = verifier.problems + problems
     return VerifyReport(
         ok=not all_problems,
@@ -198,7 +213,7 @@ def verify_log(
         checkpoints=len(valid),
         problems=all_problems,
         first_bad=verifier.first_bad or (problems[0].split(":", 1)[0] if problems else ""),
-        signed=public_key is not None and bool(valid),
+        signed=bool(keys) and bool(valid),
         last_seq=last_seq,
         head=verifier.prev_hash or "",
         notes=notes,
@@ -206,17 +221,43 @@ def verify_log(
     )
 
 
-def _signing_notes(public_key: Ed25519PublicKey | None, any_valid: bool) -> list[str]:
-    if public_key is None:
+def _tail_verdict(unanchored: str, age: float | None, interval: float) -> str:
+    """A note ("live tail: ...") when the oldest unanchored record is younger than a
+    checkpoint would be due, else the problem."""
+    limit = interval + LIVE_TAIL_SLACK_SECONDS
+    allowance = f"the checkpoint interval ({interval:g} s + {LIVE_TAIL_SLACK_SECONDS:g} s)"
+    if age is not None and -LIVE_TAIL_SLACK_SECONDS < age < limit:
+        return (
+            f"live tail: {unanchored} yet, the oldest written {age:.0f} s ago, within {allowance}"
+        )
+    written = "at an unknown time" if age is None else f"{age:.0f} s before now"
+    return (
+        f"{unanchored}, the oldest written {written}, longer than {allowance}: checkpoints "
+        "deleted, or the log rewritten; --allow-unanchored accepts it (a log written without "
+        "a key)"
+    )
+
+
+def _age_seconds(time: str, now: datetime) -> float | None:
+    try:
+        written = datetime.fromisoformat(time)
+    except ValueError:
+        return None
+    if written.tzinfo is None:
+        written = written.replace(tzinfo=UTC)
+    return (now - written).total_seconds()
+
+
+def _signing_notes(keyed: bool, any_valid: bool, any_checkpoint: bool) -> list[str]:
+    if not keyed:
         if any_valid:
             return ["unsigned: checkpoint signatures not checked (no public key given)"]
         return ["unsigned: no checkpoints, chain only"]
-    return [] if any_valid else ["unsigned: no checkpoints found"]
+    return [] if any_checkpoint else ["unsigned: no checkpoints found"]
 
 
-def _unanchored(valid: list[tuple[str, Checkpoint]], records: int, last_seq: int) -> str:
+def _unanchored(anchored: int, records: int, last_seq: int) -> str:
     """The records no checkpoint covers, described, or "" when every one is covered."""
-    anchored = max((checkpoint.seq for _, checkpoint in valid), default=0)
     if not records or last_seq <= anchored:
         return ""
     span = f"seq {anchored + 1}..{last_seq}" if anchored + 1 < last_seq else f"seq {last_seq}"
@@ -250,14 +291,16 @@ def _checkpoint_problems(
 
 def verify_dir(
     path: Path,
-    public_key: Path | None,
+    public_key: KeyFiles,
     *,
     anchor: Path | None = None,
     unshipped_tail_ok: bool = False,
     allow_unanchored: bool = False,
+    checkpoint_interval: float = CHECKPOINT_EVERY_SECONDS,
+    now: datetime | None = None,
 ) -> VerifyReport:
     """Verify a log directory as the writer (or `verify_s3`'s download) lays it out."""
-    key = load_public_key(public_key) if public_key is not None else None
+    key = load_public_keys(public_key)
     segments: list[SegmentSource] = [
         (entry.name, entry.read_bytes) for _, entry in sorted_segments(path)
     ]
@@ -278,12 +321,14 @@ def verify_dir(
         anchor=anchor.read_bytes() if anchor is not None else None,
         unshipped_tail_ok=unshipped_tail_ok,
         allow_unanchored=allow_unanchored,
+        checkpoint_interval=checkpoint_interval,
+        now=now,
     )
 
 
 def verify_s3(
     url: str,
-    public_key: Path | None,
+    public_key: KeyFiles,
     client_factory: Callable[[], Any],
     *,
     anchor: Path | None = None,

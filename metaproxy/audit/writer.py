@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Final
 
 from metaproxy.audit import chain
+from metaproxy.audit.checkpoint import CHECKPOINT_EVERY_SECONDS
 from metaproxy.audit.checkpointer import Checkpointer
 from metaproxy.audit.directory import prune, scan
 from metaproxy.audit.disk import DiskWorker
@@ -69,7 +70,7 @@ class AuditLog:
         segment_max_bytes: int = 8 << 20,
         segment_max_seconds: float = 3600,
         checkpoint_every_records: int = 1000,
-        checkpoint_every_seconds: float = 60,
+        checkpoint_every_seconds: float = CHECKPOINT_EVERY_SECONDS,
         write_timeout: float = 0.5,
         clock: Clock | None = None,
         on_segment_closed: Callable[[Path], None] | None = None,

@@ -106,6 +106,7 @@ class AuditTrail:
                 event=event,
                 request_id=ctx.request_id,
                 peer=ctx.peer,
+                operator=ctx.operator,
                 instance=self.instance,
                 task=task,
                 tenant=tenant,

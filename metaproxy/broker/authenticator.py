@@ -18,10 +18,12 @@ from metaproxy.models import Identity
 
 @dataclass(frozen=True, slots=True)
 class RequestContext:
-    """Where a request came from, bound once and carried to every record it causes."""
+    """Where a request came from, bound once and carried to every record it causes;
+    `operator`: whose control token a control request carried."""
 
     request_id: str
     peer: str
+    operator: str = ""
 
 
 class Authenticator:

@@ -5,13 +5,21 @@ single field can make. Built like every config by `metaproxy.config.build_config
 from __future__ import annotations
 
 import grp
+import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from metaproxy.config import _LISTEN, _LOG_FORMAT, TrustedIssuer, check_tls_pair, doc
+from metaproxy.config import (
+    _LISTEN,
+    _LOG_FORMAT,
+    TrustedIssuer,
+    check_tls_pair,
+    doc,
+    split_host_port,
+)
 from metaproxy.errors import ConfigError
 from metaproxy.identity.spiffe import DEFAULT_PATHS, parse_rules
 
@@ -20,7 +28,11 @@ from metaproxy.identity.spiffe import DEFAULT_PATHS, parse_rules
 class BrokerConfig:
     listen: str = field(
         default="127.0.0.1:8443",
-        metadata=doc("where to serve sidecars (POST /v1/credentials)", choices=_LISTEN),
+        metadata=doc(
+            "where to serve sidecars (POST /v1/credentials); off loopback it needs --tls-cert "
+            "and --tls-key, or --behind-tls-terminator",
+            choices=_LISTEN,
+        ),
     )
     socket: Path | None = field(
         default=None,
@@ -54,6 +66,15 @@ class BrokerConfig:
     )
     tls_key: Path | None = field(
         default=None, metadata=doc("PEM private key for --listen (with --tls-cert)", reads=True)
+    )
+    behind_tls_terminator: bool = field(
+        default=False,
+        metadata=doc(
+            "serve --listen in plain HTTP off loopback, because a TLS proxy in front of the "
+            "broker (a service mesh, a load balancer) terminates TLS for it; without this or "
+            "--tls-cert the broker refuses a non-loopback --listen: identity tokens and "
+            "credentials would cross the network in the clear"
+        ),
     )
     policies_dir: Path = field(
         default=Path("policies"),
@@ -306,7 +327,21 @@ class BrokerConfig:
         metadata=doc("where to serve the authenticated control API; empty: none", choices=_LISTEN),
     )
     control_token_file: Path | None = field(
-        default=None, metadata=doc("bearer token for the control API", reads=True)
+        default=None,
+        metadata=doc(
+            "bearer token for the control API, shared by every operator (audited as operator "
+            "'shared'); re-read when the file changes",
+            reads=True,
+        ),
+    )
+    control_tokens: Path | None = field(
+        default=None,
+        metadata=doc(
+            "one control API token per operator, audited by name: a file of NAME:TOKEN lines, "
+            "or a directory of files named after their operators (a mounted Secret); re-read "
+            "when it changes, so a token removed stops working without a restart",
+            metavar="PATH",
+        ),
     )
 
     def check(self, given: set[str]) -> None:
@@ -337,6 +372,15 @@ def _validate_sts_regions(config: BrokerConfig) -> None:
         )
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: whatever it resolves to, it is not known to be this host
+
+
 _CLUSTER_ARN = re.compile(r"^arn:aws[-a-z]*:eks:[a-z0-9-]+:\d{12}:cluster/[A-Za-z0-9][\w-]*$")
 
 
@@ -358,6 +402,13 @@ def _validate_broker(config: BrokerConfig, given: set[str]) -> None:
         raise ConfigError("--workers-min/--workers-max: need 1 <= workers-min <= workers-max")
     if config.socket is not None and "listen" in given:
         raise ConfigError("--socket and --listen conflict: the broker serves one or the other")
+    if config.socket is None and config.tls_cert is None and not config.behind_tls_terminator:
+        host = split_host_port(config.listen, "--listen")[0]
+        if not _is_loopback(host):
+            raise ConfigError(
+                f"--listen: {config.listen} is off loopback and has no TLS: give --tls-cert and "
+                "--tls-key, or --behind-tls-terminator if a proxy in front terminates TLS"
+            )
     socket_permissions(config)
 
 

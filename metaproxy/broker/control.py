@@ -1,8 +1,10 @@
 """The control API: the only HTTP surface that changes the broker's state (revocations).
 
-Its own listener (`--control-listen`), TLS with the broker's certificate, and a bearer token
-read from `--control-token-file`, compared in constant time. Every request, refused ones
-included, is audited: a control token is an operator's credential and its misuse must show.
+Its own listener (`--control-listen`), TLS with the broker's certificate, and bearer tokens
+read from `--control-tokens` (one per operator) or `--control-token-file` (one shared),
+compared in constant time (`control_tokens.py`). Every request, refused ones included, is
+audited, with the operator whose token it carried: a control token is an operator's
+credential and its misuse must show.
 The admin port (`/healthz`, `/readyz`, `/metrics`) changes nothing, so the NetworkPolicy that
 opens it to the monitoring namespace no longer opens a way to revoke (or un-revoke) anyone.
 
@@ -13,91 +15,42 @@ opens it to the monitoring namespace no longer opens a way to revoke (or un-revo
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from metaproxy.broker.authenticator import RequestContext
+from metaproxy.broker.control_tokens import ControlToken, ControlTokens
 from metaproxy.broker.http_api import bearer_token
 from metaproxy.broker.revocation import revocation_scope
 from metaproxy.broker.revoke import Revoker
-from metaproxy.errors import BadRequest, ConfigError, NotFound, Unauthenticated
+from metaproxy.errors import BadRequest, NotFound, Unauthenticated
 from metaproxy.logs import request_id_var
 from metaproxy.net.httperrors import Handler, json_errors
 
 log = logging.getLogger("metaproxy.broker.control")
 
-MAX_TOKEN_BYTES = 4096
-MIN_TOKEN_CHARS = 16
+__all__ = ["ControlToken", "ControlTokens", "build_control_app"]
 
-
-class ControlToken:
-    """The control bearer token, re-read when its file changes (a rotated Secret).
-
-    A change is any of mtime, size or inode (Kubernetes swaps a `..data` symlink atomically,
-    possibly within one mtime tick). A file emptied, cut short or removed after the start is an
-    operator taking the token away: from then on every request is refused (fail closed), never
-    answered with the token read before."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._state: tuple[int, int, int] | None = None
-        self._token: bytes | None = None
-        self._token, self._state = self._read()  # at start, a problem is a ConfigError
-
-    def _read(self) -> tuple[bytes, tuple[int, int, int]]:
-        try:
-            stat = self._path.stat()
-            raw = self._path.read_bytes()[:MAX_TOKEN_BYTES].strip()
-        except OSError as exc:
-            raise ConfigError(
-                f"control_token_file: cannot read {self._path}: {exc.strerror}"
-            ) from None
-        if len(raw) < MIN_TOKEN_CHARS:
-            raise ConfigError(
-                f"control_token_file: {self._path} holds fewer than {MIN_TOKEN_CHARS} characters"
-            )
-        return raw, (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-
-    def _current(self) -> bytes | None:
-        try:
-            stat = self._path.stat()
-            state = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        except OSError:
-            state = None
-        if state is not None and state == self._state:
-            return self._token
-        try:
-            self._token, self._state = self._read()
-        except ConfigError as exc:
-            if self._token is not None:
-                log.error("%s; refusing every control request until it holds a token", exc.detail)
-            self._token, self._state = None, state
-        return self._token
-
-    def matches(self, offered: str | None) -> bool:
-        token = self._current()
-        if not offered or token is None:
-            return False
-        return hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), token)
-
-
-CONTROL_TOKEN = web.AppKey("control_token", ControlToken)
+CONTROL_TOKEN = web.AppKey("control_token", ControlTokens)
 REVOKER = web.AppKey("revoker", Revoker)
+OPERATOR = web.RequestKey("operator", str)  # the name the request's token carried
 
 
 def _context(request: web.Request) -> RequestContext:
-    return RequestContext(request_id_var.get(), request.remote or "unix")
+    return RequestContext(
+        request_id_var.get(), request.remote or "unix", operator=request.get(OPERATOR, "")
+    )
 
 
 @web.middleware
 async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = bearer_token(request.headers.get("Authorization"))
-    if request.app[CONTROL_TOKEN].matches(token):
+    operator = request.app[CONTROL_TOKEN].operator(token)
+    if operator is not None:
+        request[OPERATOR] = operator
         return await handler(request)
     reason = "no control token" if token is None else "wrong control token"
     refusal = Unauthenticated(
@@ -158,7 +111,7 @@ async def get_revocations(request: web.Request) -> web.Response:
     )
 
 
-def build_control_app(revoker: Revoker, token: ControlToken) -> web.Application:
+def build_control_app(revoker: Revoker, token: ControlTokens) -> web.Application:
     app = web.Application(middlewares=[json_errors, require_token], client_max_size=4096)
     app[REVOKER] = revoker
     app[CONTROL_TOKEN] = token

@@ -48,6 +48,12 @@ def deny_cutoff(revoked_at: datetime, max_staleness: float) -> str:
     return iso_z(revoked_at + timedelta(seconds=max_staleness + DENY_MARGIN_SECONDS))
 
 
+def _by(ctx: RequestContext, instance: str) -> str:
+    """Who asked, as a revocation records it: the operator, from where, through which replica."""
+    where = f"{ctx.peer} via {instance}"
+    return f"{ctx.operator} ({where})" if ctx.operator else where
+
+
 @dataclass(frozen=True, slots=True)
 class Listing:
     revocations: list[Revocation]
@@ -82,7 +88,7 @@ class Revoker:
         return tenant in self._policies.current.tenants
 
     async def revoke(self, tenant: str, task: str, ctx: RequestContext) -> dict[str, Any]:
-        by = f"{ctx.peer} via {self._audit.instance}"
+        by = _by(ctx, self._audit.instance)
         entry = Revocation(tenant=tenant, task=task, at=iso_z(self._clock.now()), by=by)
         scope = revocation_scope(tenant, task)
         try:
@@ -129,7 +135,7 @@ class Revoker:
         }
 
     async def lift(self, tenant: str, task: str, ctx: RequestContext) -> dict[str, Any] | None:
-        by = f"{ctx.peer} via {self._audit.instance}"
+        by = _by(ctx, self._audit.instance)
         lift = Lift(tenant, task, at=iso_z(self._clock.now()), by=by)
         scope = revocation_scope(tenant, task)
         try:

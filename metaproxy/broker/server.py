@@ -30,7 +30,7 @@ from metaproxy.broker.auditing import BrokerAudit
 from metaproxy.broker.authenticator import Authenticator
 from metaproxy.broker.authn import FailedAuthentications
 from metaproxy.broker.config import BrokerConfig
-from metaproxy.broker.control import ControlToken, build_control_app
+from metaproxy.broker.control import ControlToken, ControlTokens, build_control_app
 from metaproxy.broker.credentials.fleet import FleetCache
 from metaproxy.broker.credentials.guard import RevocationGuard
 from metaproxy.broker.credentials.local import LocalCache
@@ -285,14 +285,22 @@ def _fleet_cache(
     )
 
 
-def _control_token(config: BrokerConfig, tls: ssl.SSLContext | None) -> ControlToken | None:
-    """The control API's token, checked with the rest of the configuration before any start."""
+def _control_token(config: BrokerConfig, tls: ssl.SSLContext | None) -> ControlTokens | None:
+    """The control API's tokens, checked with the rest of the configuration before any start."""
     if not config.control_listen:
         return None
-    if config.control_token_file is None:
-        raise ConfigError("control_token_file: required with --control-listen")
+    if config.control_token_file is not None and config.control_tokens is not None:
+        raise ConfigError("control_tokens: give it or --control-token-file, not both")
+    if config.control_token_file is None and config.control_tokens is None:
+        raise ConfigError(
+            "control_tokens: --control-tokens or --control-token-file required with "
+            "--control-listen"
+        )
     host = config.control_listen.rpartition(":")[0].strip("[]")
     if tls is None and host not in ("127.0.0.1", "::1", "localhost"):
         # A bearer token in the clear on a network is a token for whoever listens.
         raise ConfigError("control_listen: off loopback the control API needs --tls-cert/--tls-key")
+    if config.control_tokens is not None:
+        return ControlTokens(config.control_tokens, named=True)
+    assert config.control_token_file is not None
     return ControlToken(config.control_token_file)

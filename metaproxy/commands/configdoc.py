@@ -99,6 +99,43 @@ def _other_commands() -> list[str]:
     return parts
 
 
+LIMITS_HEADER = """
+## Per-tenant limits (policy files)
+
+Each tenant's policy file may set its own limits in `[limits.sidecar]` (per task, enforced by
+the task's sidecar, delivered with its credentials) and `[limits.broker]` (per tenant, enforced
+by the broker fleet); a field left out has the default below, and `metaproxy policy check`
+refuses an unknown field or a value of the wrong type. A change takes effect when the broker
+reloads the policies (the sidecars' with their next credentials).
+
+```toml
+[limits.sidecar]
+credentials_rps = 50
+burst = 50
+
+[limits.broker]
+requests_per_second = 50
+burst = 100
+```
+"""
+
+
+def _limit_rows() -> list[str]:
+    from dataclasses import MISSING, fields
+
+    from metaproxy.models import BrokerLimits, SidecarLimits
+
+    rows = ["| Table | Field | Default | Unit | Meaning |", "|---|---|---|---|---|"]
+    for table, cls in (("limits.sidecar", SidecarLimits), ("limits.broker", BrokerLimits)):
+        for f in fields(cls):
+            default = "" if f.default is MISSING else f"`{f.default}`"
+            rows.append(
+                f"| `[{table}]` | `{f.name}` | {default} | {f.metadata.get('unit', '')} | "
+                f"{_cell(f.metadata.get('doc', ''))} |"
+            )
+    return rows
+
+
 def render() -> str:
     parts = [HEADER]
     for command, cls in config_classes().items():
@@ -106,6 +143,8 @@ def render() -> str:
         parts.append("| Flag | Environment | Default | Unit | Allowed | Meaning |")
         parts.append("|---|---|---|---|---|---|")
         parts.extend(_row(d) for d in field_docs(cls))
+    parts.append(LIMITS_HEADER)
+    parts.extend(_limit_rows())
     parts.extend(_other_commands())
     return "\n".join(parts) + "\n"
 

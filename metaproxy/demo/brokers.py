@@ -25,6 +25,13 @@ class Store:
     pid: int | None
 
 
+def audit_home(state_dir: Path, replicas: int) -> Path:
+    """One broker's chain, or the fleet's folder of chains (`<instance>/`): apart, so that a
+    single demo and a fleet demo run in one state directory never mix their logs in a folder
+    `audit verify` would have to refuse."""
+    return state_dir / ("audit" if replicas < 2 else "audit-fleet")
+
+
 def start_store(replicas: int, state_dir: Path, stack: ExitStack) -> Store:
     """A single broker keeps its state in process; replicas share a Valkey/Redis under the state
     dir. No password: like the STS emulator it listens on loopback only, for this demo."""
@@ -64,7 +71,7 @@ def start_brokers(
                 *broker_args(
                     keys,
                     policies_dir=policies_dir,
-                    audit_dir=state_dir / "audit" if single else state_dir / "audit" / instance,
+                    audit_dir=audit_home(state_dir, replicas) / ("" if single else instance),
                     sts_endpoint=sts_endpoint,
                     instance=instance,
                     fleet=fleet,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from metaproxy.demo.brokers import describe_broker, start_brokers, start_store
+from metaproxy.demo.brokers import audit_home, describe_broker, start_brokers, start_store
 from metaproxy.demo.local import (
     AUDIENCE,
     ISSUER,
@@ -161,7 +161,7 @@ def _run_demo(options: DemoOptions, stop_requested: Callable[[], bool]) -> int: 
     tenants = _tenants(policies_dir)
     keys = make_local_keys(state_dir / "keys")
     fleet = make_fleet_secrets(state_dir / "keys")
-    audit_dir = state_dir / "audit"
+    audit_dir = audit_home(state_dir, options.replicas)
     drain = options.drain_seconds
     # A child that drained has exited; one more second covers interpreter shutdown.
     stage_timeout = drain + 1.0
@@ -264,8 +264,8 @@ def _run_demo(options: DemoOptions, stop_requested: Callable[[], bool]) -> int: 
         if options.state_file is not None:
             options.state_file.write_text(json.dumps(state, indent=2))
         if len(brokers) > 1:
-            # One chain per replica under audit/<instance>/: `audit verify` and `query` read the
-            # folder as a fleet.
+            # One chain per replica under audit-fleet/<instance>/: `audit verify` and `query`
+            # read the folder as a fleet.
             print(f"audit logs        {audit_dir}   (metaproxy audit query --fleet {audit_dir})")
         else:
             print(f"audit log         {audit_dir}   (metaproxy audit query {audit_dir})")

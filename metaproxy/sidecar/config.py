@@ -63,7 +63,9 @@ class SidecarConfig:
         default=(ECS_CREDENTIALS_ADDRESS, CONTAINER_CREDENTIALS_ADDRESS),
         metadata=doc(
             "where to serve the container-credentials API (ECS's and EKS Pod Identity's "
-            "addresses by default); comma-separated; empty: not served",
+            "addresses by default); comma-separated; empty: not served. Served only with a "
+            "token the app can read (--authorization-token-file or --container-credentials-"
+            "path): without one it is not started, and the sidecar logs why",
             choices=_LISTEN,
         ),
     )
@@ -85,7 +87,9 @@ class SidecarConfig:
         default=None,
         metadata=doc(
             "write the container-credentials authorization token here, mode 0600 "
-            "(for AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE); unset: the endpoint asks for none"
+            "(for AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE); every request to /v1/credentials "
+            "must carry it. Unset, and no --container-credentials-path: the container-"
+            "credentials API is not started (no app could read its token)"
         ),
     )
     authorization_token_mode: str = field(
@@ -268,6 +272,12 @@ def _validate_sidecar(config: SidecarConfig) -> None:
 # ECS's own shape is /v2/credentials/<uuid>; 22 characters of base64url are 132 bits.
 _SECRET_PATH = re.compile(r"/v2/credentials/[A-Za-z0-9_-]{22,128}")
 _INTERFACE = re.compile(r"[A-Za-z0-9_.:-]{1,15}")  # IFNAMSIZ - 1
+
+
+def container_token_source(config: SidecarConfig) -> bool:
+    """Whether an app can learn how to pass the container endpoint's check: a token file it
+    reads, or the secret path it is given. Without either the token is one nobody can read."""
+    return config.authorization_token_file is not None or bool(config.container_credentials_path)
 
 
 def authorization_token_mode(config: SidecarConfig) -> int:

@@ -32,7 +32,11 @@ from metaproxy.net.connguard import ConnectionGuard
 from metaproxy.process.serve import started
 from metaproxy.sidecar import container_creds, imds, instrument
 from metaproxy.sidecar.app import admin_error_page, admin_plane, data_plane
-from metaproxy.sidecar.config import SidecarConfig, authorization_token_mode
+from metaproxy.sidecar.config import (
+    SidecarConfig,
+    authorization_token_mode,
+    container_token_source,
+)
 from metaproxy.sidecar.credentials_cache import CredentialKeeper
 from metaproxy.sidecar.face import Face
 from metaproxy.sidecar.guards import admin_reject, build_guards
@@ -149,7 +153,7 @@ class Sidecar:
         log.info(
             "sidecar serving IMDS on %s, container credentials on %s",
             ", ".join(self.imds_urls),
-            ", ".join(self.container_urls),
+            ", ".join(self.container_urls) or "none",
         )
 
         if state.link_local is not None:
@@ -159,7 +163,16 @@ class Sidecar:
         """One listener per IMDS and container address, each with its face's handler."""
         config, state = self.config, self.state
         faces: list[tuple[Face, str]] = [(imds.FACE, a) for a in config.imds_listen]
-        faces += [(container_creds.FACE, a) for a in config.container_listen]
+        if container_token_source(config):
+            faces += [(container_creds.FACE, a) for a in config.container_listen]
+        elif config.container_listen:
+            # The token it would check would be one nobody can read: every request refused.
+            log.error(
+                "not serving container credentials on %s: no token the app can read; give "
+                "--authorization-token-file or --container-credentials-path "
+                "(or --container-listen '' to silence this)",
+                ", ".join(config.container_listen),
+            )
         urls = {imds.FACE.name: self.imds_urls, container_creds.FACE.name: self.container_urls}
         for face, address in faces:
             protocol = http1.protocol_factory(
