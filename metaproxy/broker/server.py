@@ -6,9 +6,11 @@ trusted issuers, policy set, store URL and key) and raises `ConfigError`. Starti
 up, in order: the fleet store (revocations load from it before /readyz says ready), the audit
 chain, the revocation view, the heartbeat, the fleet's shared cache, the authentication-failure
 summaries, the policy watcher, the STS scheduler, the listeners, the certificate reloader.
-Closing drains first (/readyz false, in-flight requests finish, capped by --drain-seconds),
-then stops each part in reverse: workers before the audit log and STS, the last summaries and
-fills before the log and the store.
+
+`metaproxy broker` runs it through `serve()` (`metaproxy.process.serve`): SIGTERM drains
+(/readyz false, the public port stops accepting, in-flight requests finish, capped by
+--drain-seconds), SIGHUP reloads the policy set. Closing then stops each part in reverse:
+workers before the audit log and STS, the last summaries and fills before the log and the store.
 
 The credential path is composed here once, top to bottom (`credentials/source.py`):
 
@@ -17,9 +19,12 @@ The credential path is composed here once, top to bottom (`credentials/source.py
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import ssl
+from collections.abc import Callable, Mapping
+from types import TracebackType
 from typing import Any
 
 from metaproxy.broker import instrument
@@ -55,8 +60,9 @@ from metaproxy.clock import Clock, SystemClock
 from metaproxy.errors import ConfigError
 from metaproxy.identity.verify import IdentityVerifier
 from metaproxy.policy.store import PolicyStore
-from metaproxy.process.lifetime import Background, started
+from metaproxy.process.lifetime import Background
 from metaproxy.process.runtime import server_tls_context
+from metaproxy.process.serve import started
 
 
 class BrokerServer:
@@ -69,11 +75,13 @@ class BrokerServer:
         clock: Clock | None = None,
         sts: StsClient | None = None,
         scheduler: Scheduler | None = None,
+        on_started: Callable[[], None] | None = None,
     ) -> None:
         """Build everything; raises ConfigError (e.g. a bad policy set) before anything runs.
         `sts` and `scheduler` replace the configured ones (tests, benchmarks); the broker
-        closes them."""
+        closes them. `on_started` is called once every part has started."""
         self.config = config
+        self._on_started = on_started
         clock = clock or SystemClock()
         self.clock = clock
         # First: a half-configured TLS or a bad pair refuses to start, as does the control API
@@ -208,14 +216,45 @@ class BrokerServer:
         except BaseException:
             await stack.aclose()
             raise
+        if self._on_started is not None:
+            self._on_started()
         return self
 
-    async def __aexit__(self, *_exc: object) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         await self.aclose()
 
-    async def aclose(self) -> None:
-        """Drain: /readyz turns false, in-flight requests finish (capped), then close."""
+    def ready(self) -> Mapping[str, object]:
+        """What the ready file says besides the pid."""
+        return {
+            "url": self.url,
+            "admin_url": self.admin_url,
+            "control_url": self.control_url,
+            "instance": self.config.instance,
+        }
+
+    def reload(self) -> None:
+        """SIGHUP: read the policy set again now rather than at the next poll."""
+        self.policies.reload()
+
+    async def drain(self, deadline: float) -> None:
+        """SIGTERM: /readyz turns false, the public port stops accepting, and the requests in
+        flight finish by `deadline` (loop time); the admin port answers "draining" meanwhile."""
         self.probe.draining = True
+        await self.listeners.drain(deadline)
+
+    async def aclose(self) -> None:
+        """Close every part in the reverse of its start; a broker closed without a drain (the
+        tests, the demo) drains first, capped at --drain-seconds."""
+        if not self.probe.draining:
+            deadline = asyncio.get_running_loop().time() + self.config.drain_seconds
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self.drain(deadline)
         await self._stack.aclose()
 
     @property
