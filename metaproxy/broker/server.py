@@ -4,8 +4,9 @@ order on an `AsyncExitStack`, closed in reverse.
 Building checks everything that can be checked before anything starts (TLS pair, control token,
 trusted issuers, policy set, store URL and key) and raises `ConfigError`. Starting then brings
 up, in order: the fleet store (revocations load from it before /readyz says ready), the audit
-chain, the revocation view, the heartbeat, the fleet's shared cache, the authentication-failure
-summaries, the policy watcher, the STS scheduler, the listeners, the certificate reloader.
+chain, the revocation view, the heartbeat, the fleet's shared cache, the summaries of failed
+authentications and of refusals, the policy watcher, the STS scheduler, the listeners, the
+certificate reloader.
 
 `metaproxy broker` runs it through `serve()` (`metaproxy.process.serve`): SIGTERM drains
 (/readyz false, the public port stops accepting, in-flight requests finish, capped by
@@ -50,6 +51,7 @@ from metaproxy.broker.http_api import build_public_app
 from metaproxy.broker.issuer import Issuer
 from metaproxy.broker.listeners import Apps, Listeners
 from metaproxy.broker.metrics import BrokerMetrics
+from metaproxy.broker.refusals import RefusalSummaries
 from metaproxy.broker.revocation import RevocationView
 from metaproxy.broker.revoke import Revoker
 from metaproxy.broker.store import FleetStore, open_store
@@ -134,6 +136,7 @@ class BrokerServer:
         self.revocations.when_revoked(self._drop_revoked)
         self.failures = FailedAuthentications(trail, clock)
         self.control_failures = FailedAuthentications(trail, clock, rule="control-authentication")
+        self.refusals = RefusalSummaries(trail, clock)
         verifier = IdentityVerifier(
             config.trusted_issuers,
             leeway=config.token_leeway_seconds,
@@ -147,7 +150,7 @@ class BrokerServer:
             gate=FleetGate(self.store.admissions),
             revocations=self.revocations,
             source=self.cache,
-            audit=trail,
+            audit=self.refusals,
         )
         self.revoker = Revoker(
             self.store.revocations,
@@ -206,6 +209,7 @@ class BrokerServer:
                 await started(stack, self.fleet_cache)  # its last fills, before the store
             await started(stack, self.failures)  # its last summaries, before the log closes
             await started(stack, self.control_failures)
+            await started(stack, self.refusals)
             watch = self.policies.watch
             reload_seconds = self.config.policy_reload_seconds
             await started(stack, Background("policy-watch", lambda: watch(reload_seconds)))
