@@ -134,9 +134,9 @@ class FailedAuthentications:
         )
 
     def _over_budget(self, network: str) -> tuple[str, str] | None:
-        """None and one token taken from the network's bucket and the global one; or which
-        bucket is empty (the network's first: a flood from one network never drains the
-        budget every other network shares)."""
+        """None, with a token taken from the network's bucket and from the shared one; or
+        which of them is empty, the network's looked at first: a network past its own budget
+        takes nothing more from the one every network shares."""
         now = self._clock.monotonic()
         bucket = self._buckets.get(network)
         if bucket is None:
