@@ -22,7 +22,17 @@ from metaproxy.broker.authn import (
     peer_network,
 )
 from metaproxy.broker.server import BrokerServer
-from tests.support import CONTROL_TOKEN, Pki, audit_records, broker_config, issue
+from tests.support import (
+    CONTROL_TOKEN,
+    Pki,
+    audit_records,
+    broker_config,
+    issue,
+    scrape,
+    value,
+)
+
+SUMMARISED = "metaproxy_broker_audit_summarised_total"
 
 
 def records_of(broker: BrokerServer, **match: object) -> list[dict[str, Any]]:
@@ -90,6 +100,7 @@ async def test_a_looping_caller_refused_by_policy_then_revocation_costs_a_record
     assert [r["count"] for r in summaries] == [79, 79]
     assert all(r["reason"].endswith("(repeated)") for r in summaries)
     assert {(r["tenant"], r["subject"]) for r in records} == {("acme", "task:acme/looper")}
+    assert value(await scrape(broker.admin_url), SUMMARISED, kind="refusal") == 158
 
 
 async def test_a_caller_over_its_tenants_rate_costs_one_throttled_record_and_a_summary(
@@ -176,6 +187,8 @@ async def test_rotating_addresses_within_one_slash_24_share_one_failure_budget(
     )
     assert summary["count"] == statuses.count(429)
     assert answered(records) == len(sources)
+    samples = await scrape(plain_broker.admin_url)
+    assert value(samples, SUMMARISED, kind="authentication") == statuses.count(429)
 
 
 async def test_the_global_budget_bounds_a_flood_from_many_networks(

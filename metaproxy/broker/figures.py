@@ -39,10 +39,20 @@ class FleetFigures:
 
 
 @dataclass(frozen=True, slots=True)
+class SummarisedFigures:
+    """Refusals counted into audit summaries rather than recorded one by one."""
+
+    authentication: int
+    control_authentication: int
+    refusal: int
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerFigures:
     scheduler: SchedulerStats
     open_connections: int
     fleet: FleetFigures
+    summarised: SummarisedFigures
 
 
 Sample = tuple[tuple[str, ...], float]  # label values (in the family's label order), value
@@ -103,6 +113,13 @@ def families(figures: BrokerFigures) -> Iterator[Metric]:
         (("restored",), fleet.revocations_restored),
         (("rejected",), fleet.revocations_rejected),
         (("error",), fleet.revocation_errors),
+    )
+    summarised = figures.summarised
+    yield counter(
+        m.AUDIT_SUMMARISED,
+        (("authentication",), summarised.authentication),
+        (("control-authentication",), summarised.control_authentication),
+        (("refusal",), summarised.refusal),
     )
     shared = fleet.shared_cache
     if shared is not None:

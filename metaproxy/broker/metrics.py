@@ -224,6 +224,15 @@ SHARED_CACHE = Family(
     labels=("result",),
 )
 
+AUDIT_SUMMARISED = Family(
+    "metaproxy_broker_audit_summarised_total",
+    "Refusals answered without an audit record of their own, counted in their window's summary "
+    "record instead (docs/audit.md): authentication and control-authentication (failed "
+    "tokens, per peer), refusal (403 and 429 to a valid token, per task).",
+    "counter",
+    labels=("kind",),
+)
+
 MOVED: tuple[Family, ...] = (
     REQUESTS,
     REQUEST_SECONDS,
@@ -251,6 +260,7 @@ SCRAPED: tuple[Family, ...] = (
     REVOCATION_VIEW_AGE,
     REVOCATION_INTEGRITY,
     SHARED_CACHE,
+    AUDIT_SUMMARISED,
 )
 FAMILIES: tuple[Family, ...] = (*MOVED, *SCRAPED)
 

@@ -44,7 +44,12 @@ from metaproxy.broker.credentials.regions import regional_sts
 from metaproxy.broker.credentials.scheduler import FairScheduler, Scheduler
 from metaproxy.broker.credentials.source import CredentialSource, Dropped, Scope
 from metaproxy.broker.credentials.sts import StsClient
-from metaproxy.broker.figures import BrokerFigures, FiguresCollector, FleetFigures
+from metaproxy.broker.figures import (
+    BrokerFigures,
+    FiguresCollector,
+    FleetFigures,
+    SummarisedFigures,
+)
 from metaproxy.broker.fleet import ReplicaHeartbeat
 from metaproxy.broker.gate import FleetGate
 from metaproxy.broker.http_api import build_public_app
@@ -290,6 +295,11 @@ class BrokerServer:
                 revocations_rejected=revocations.rejected,
                 revocation_errors=revocations.errors + self.store.push_errors,
                 shared_cache=self.fleet_cache.stats() if self.fleet_cache is not None else None,
+            ),
+            summarised=SummarisedFigures(
+                authentication=self.failures.summarised,
+                control_authentication=self.control_failures.summarised,
+                refusal=self.refusals.summarised,
             ),
         )
 
