@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -112,7 +114,7 @@ async def test_demo_with_two_replicas_shares_a_redis_store_and_spreads_the_sidec
     assert "assumed-role/globex-app/globex.demo-globex-1 (broker demo-broker-2)" in out
     state = json.loads(state_file.read_text())
     assert set(state) == STATE_KEYS
-    assert state["store"]["url"].startswith("redis://127.0.0.1:")
+    assert state["store"]["url"].startswith("redis://:***@127.0.0.1:")
     assert isinstance(state["store"]["pid"], int)
     assert [b["instance"] for b in state["brokers"]] == ["demo-broker-1", "demo-broker-2"]
     assert all(set(b) == BROKER_KEYS for b in state["brokers"])
@@ -125,6 +127,17 @@ async def test_demo_with_two_replicas_shares_a_redis_store_and_spreads_the_sidec
     store_key = base64.b64decode((keys / "store.key").read_text().strip(), validate=True)
     assert len(store_key) == 32
     assert (keys / "store.key").stat().st_mode & 0o777 == 0o600
+    password_file = keys / "store.password"
+    assert password_file.stat().st_mode & 0o777 == 0o600
+    password = password_file.read_bytes()
+    assert len(password) >= 32
+    holding = [
+        path.name
+        for path in (tmp_path / "demo").rglob("*")
+        if path.is_file() and password in path.read_bytes()
+    ]
+    assert sorted(holding) == ["redis.conf", "store.password"]  # both 0600; no log, no state
+    assert password.decode() not in out + err
     assert all(b["control_url"].startswith("https://127.0.0.1:") for b in state["brokers"])
     for instance in ("demo-broker-1", "demo-broker-2"):
         assert list((Path(state["audit_dir"]) / instance).glob("segment-*.jsonl"))
@@ -137,6 +150,24 @@ async def test_demo_with_two_replicas_shares_a_redis_store_and_spreads_the_sidec
     )  # fmt: skip
     assert rc == 0, out + err
     assert "2 replicas" in out
+
+
+def _store_asks_for_its_password(printed: str, state_dir: Path, members: set[int]) -> None:
+    """The demo's store refuses a client without the password, which nothing printed and no
+    process's command line holds (the brokers have it in their environment)."""
+    password = (state_dir / "keys" / "store.password").read_bytes()
+    assert password.decode() not in printed
+    found = re.search(r"store \(redis\) +redis://:\*\*\*@127\.0\.0\.1:(\d+)", printed)
+    assert found is not None, printed
+    with socket.create_connection(("127.0.0.1", int(found.group(1))), timeout=5) as store:
+        store.sendall(b"*1\r\n$4\r\nPING\r\n")
+        assert store.recv(256).startswith(b"-NOAUTH")
+    for pid in members:
+        try:
+            command_line = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except FileNotFoundError:
+            continue
+        assert password not in command_line, pid
 
 
 def _group_members(pgid: int) -> set[int]:
@@ -207,6 +238,8 @@ def test_demo_ctrl_c_drains_every_child_in_order_and_closes_the_audit_log(
                 assert f"assumed-role/{tenant}-app/" in json.loads(result.stdout)["Arn"]
         members = _group_members(process.pid)
         assert len(members) >= 3 + replicas + (replicas > 1), members  # demo, STS, sidecars…
+        if replicas > 1:
+            _store_asks_for_its_password(printed, state_dir, members)
         started = time.monotonic()
         os.killpg(process.pid, signal.SIGINT)
         assert process.wait(timeout=60) == 0

@@ -1,7 +1,8 @@
 """Malformed HTTP — a corpus of known-bad requests and hypothesis-generated ones, sent as raw
 bytes — never gets a 5xx, crashes nothing and logs no unhandled error, on every port the sidecar,
-the broker and the webhook serve; all keep serving afterwards (the `{"env": {"PATH": null}}`
-lesson)."""
+the broker and the webhook serve (the broker's control API, the sidecar's preStop hook and its
+passthrough to the node's IMDS included); all keep serving afterwards (the
+`{"env": {"PATH": null}}` lesson)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -24,9 +26,11 @@ from hypothesis import strategies as st
 
 from metaproxy.broker.server import BrokerServer
 from metaproxy.sidecar.process import Sidecar
+from metaproxy.testing.ec2_node import SECRET_MARK, Instance, NodeImds
 from metaproxy.webhook.config import WebhookConfig
 from metaproxy.webhook.process import Webhook
-from tests.support import Pki, broker_config, issue, sidecar_config, wait_ready
+from metaproxy.webhook.settings import DEFAULT_NODE_METADATA
+from tests.support import CONTROL_TOKEN, Pki, broker_config, issue, sidecar_config, wait_ready
 from tests.test_webhook import labelled_pod, review
 
 CORPUS = sorted((Path(__file__).parent / "fuzz_corpus").glob("*.http"))
@@ -45,6 +49,43 @@ WEBHOOK_REFUSALS = {
     "96-mutate-review-content-encoding-gzip.http": 415,
     "97-mutate-head-never-finishes.http": 408,
 }
+# What the broker's control API answers each malformed revocation (and none revokes anything).
+CONTROL_ANSWERS = {
+    "100-control-revoke-body-not-object.http": 400,
+    "101-control-revoke-unknown-field.http": 400,
+    "102-control-revoke-task-not-a-string.http": 400,
+    "103-control-revoke-tenant-huge.http": 413,  # its body cap is 4 KiB
+    "104-control-revoke-control-characters.http": 400,
+    "105-control-revoke-empty-task.http": 400,
+    "106-control-lift-unknown-tenant.http": 404,
+    "107-control-revoke-json-deeply-nested.http": 400,
+    "108-control-revoke-text-plain.http": 400,
+    "109-control-list-with-a-body.http": 200,
+    "110-control-revoke-lone-surrogate.http": 400,
+    "111-control-revoke-chunked-json-number.http": 400,
+    "112-control-revoke-bearer-twice.http": 401,
+    "113-control-revoke-invalid-utf8.http": 400,
+}
+# What the sidecar answers tricks on its node passthrough and its preStop hook.
+SIDECAR_ANSWERS = {
+    ("imds", "117-node-metadata-traversal-to-the-nodes-role.http"): 404,
+    ("imds", "118-node-metadata-encoded-traversal.http"): 404,
+    ("imds", "119-node-metadata-query-and-fragment.http"): 200,
+    ("imds", "120-node-metadata-huge-path-under-events.http"): 414,
+    ("admin", "114-lifecycle-terminate-wrong-token.http"): 403,
+    ("admin", "115-lifecycle-terminate-token-not-latin1.http"): 403,
+    ("admin", "116-lifecycle-terminate-post-with-body.http"): 405,
+}
+NODE = Instance(
+    instance_id="i-0f0f0f0f0f0f0f0f0",
+    instance_type="m6i.large",
+    zone="us-east-1a",
+    zone_id="use1-az6",
+    local_ipv4="10.0.1.17",
+    mac="0e:aa:00:00:00:01",
+    spot_action={"action": "terminate", "time": "2026-12-05T22:00:00Z"},
+)
+LIFECYCLE_TOKEN = "fuzz-lifecycle-token-0123456789abcdef"
 
 
 @dataclass
@@ -61,7 +102,9 @@ class Servers:
     broker: BrokerServer
     sidecar: Sidecar
     webhook: Webhook
+    node: NodeImds  # the sidecar's node, for the metadata it passes through
     pki: Pki
+    imds_token: str  # an IMDSv2 session token, so requests reach the metadata tree
 
     def target(self, name: str) -> Target:
         urls = {
@@ -69,6 +112,7 @@ class Servers:
             "container": self.sidecar.container_url,
             "admin": self.sidecar.admin_url,
             "broker": self.broker.url,
+            "control": self.broker.control_url,
             "webhook": self.webhook.url,
         }
         scheme, _, rest = urls[name].partition("://")
@@ -76,19 +120,25 @@ class Servers:
         tls = ssl.create_default_context(cafile=str(self.pki.ca)) if scheme == "https" else None
         if name == "broker":
             auth = f"Bearer {issue(self.pki, 't-fuzz', 'acme')}".encode()
+        elif name == "control":
+            auth = f"Bearer {CONTROL_TOKEN}".encode()
         elif name == "webhook":
             auth = b""  # the API server sends none
-        else:
+        elif name == "imds":
+            auth = self.imds_token.encode()
+        else:  # the container endpoint's token; on the admin port, never the preStop hook's
             auth = self.sidecar.state.authorization_token.encode()
         return Target(name, host, int(port), tls, auth)
 
 
 @pytest.fixture
 async def servers(
-    tmp_path: Path, pki: Pki, sts_url: str, policies_dir: Path
+    tmp_path: Path, pki: Pki, sts_url: str, policies_dir: Path, aiohttp_server: Any
 ) -> AsyncIterator[Servers]:
-    """A broker, a sidecar and a webhook (on TLS, as deployed) with a 1 s header deadline, so
-    unfinished requests end quickly."""
+    """A broker, a sidecar on a node and a webhook (on TLS, as deployed) with a 1 s header
+    deadline, so unfinished requests end quickly."""
+    node = NodeImds(NODE)
+    node_server = await aiohttp_server(node.app())
     broker = await BrokerServer.start(
         broker_config(tmp_path, pki, sts_url, policies_dir, header_timeout=HEADER_DEADLINE)
     )
@@ -102,6 +152,9 @@ async def servers(
             token_file,
             header_timeout=HEADER_DEADLINE,
             keepalive_timeout=2.0,
+            host_metadata_url=str(node_server.make_url("/")).rstrip("/"),
+            host_metadata_allow=DEFAULT_NODE_METADATA,
+            lifecycle_token=LIFECYCLE_TOKEN,
         )
     )
     await sidecar.start()
@@ -118,7 +171,15 @@ async def servers(
     await webhook.start()
     try:
         await wait_ready(sidecar.admin_url)
-        yield Servers(broker, sidecar, webhook, pki)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.put(
+                sidecar.imds_url + "/latest/api/token",
+                headers={"X-aws-ec2-metadata-token-ttl-seconds": "21600"},
+            ) as answer,
+        ):
+            imds_token = await answer.text()
+        yield Servers(broker, sidecar, webhook, node, pki, imds_token)
     finally:
         await webhook.aclose()
         await sidecar.aclose()
@@ -185,14 +246,14 @@ async def exchange(target: Target, data: bytes, source: str) -> bytes:
     return received
 
 
-@pytest.mark.parametrize("name", ["imds", "container", "admin", "broker", "webhook"])
+@pytest.mark.parametrize("name", ["imds", "container", "admin", "broker", "control", "webhook"])
 async def test_corpus_of_malformed_requests_never_gets_a_5xx(
     name: str, servers: Servers, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Every corpus request gets a 4xx/2xx answer or a closed connection, nothing logged."""
     assert len(CORPUS) >= 30
     target = servers.target(name)
-    gate = asyncio.Semaphore(12)  # the admin port allows 32 connections; stay well under
+    gate = asyncio.Semaphore(12)  # the control port allows 16 connections; stay under
 
     async def one(index: int, case: Path) -> tuple[str, list[int]]:
         async with gate:
@@ -234,6 +295,30 @@ async def test_the_webhook_refuses_a_review_it_cannot_finish_or_decode(
     assert [int(s) for s in STATUS.findall(answer)] == [WEBHOOK_REFUSALS[case]]
 
 
+@pytest.mark.parametrize("case", sorted(CONTROL_ANSWERS))
+async def test_the_control_api_refuses_a_malformed_revocation(case: str, servers: Servers) -> None:
+    """Each malformed control request gets its one 4xx (a listing, 200), and none of them
+    revokes anything."""
+    target = servers.target("control")
+    answer = await exchange(target, (CORPUS[0].parent / case).read_bytes(), "127.0.0.1")
+    assert [int(s) for s in STATUS.findall(answer)] == [CONTROL_ANSWERS[case]]
+    assert servers.broker.revocations.entries() == []
+
+
+@pytest.mark.parametrize(("name", "case"), sorted(SIDECAR_ANSWERS))
+async def test_the_sidecar_keeps_the_nodes_secrets_and_its_hook_from_tricks(
+    name: str, case: str, servers: Servers
+) -> None:
+    """Traversals through the node passthrough are 404 (the node is never asked for what it
+    keeps to itself), and the preStop hook refuses a wrong token or method."""
+    target = servers.target(name)
+    answer = await exchange(target, (CORPUS[0].parent / case).read_bytes(), "127.0.0.1")
+    assert [int(s) for s in STATUS.findall(answer)] == [SIDECAR_ANSWERS[(name, case)]]
+    assert SECRET_MARK.encode() not in answer
+    assert [path for path in servers.node.asked if ".." in path or "iam" in path] == []
+    assert servers.sidecar.state.notice.termination is None  # the hook did not start it
+
+
 def _no_newlines(value: bytes) -> bytes:
     return value.replace(b"\r", b"").replace(b"\n", b"")
 
@@ -257,6 +342,12 @@ PATHS = (
             b"/mutate",
             b"/healthz",
             b"/metrics",
+            b"/v1/revocations",
+            b"/v1/revocations/lift",
+            b"/lifecycle/terminate",
+            b"/latest/meta-data/placement/availability-zone",
+            b"/latest/meta-data/spot/instance-action",
+            b"/latest/meta-data/events/maintenance/scheduled",
         ]
     )
     | st.lists(
@@ -277,6 +368,7 @@ HEADER_NAMES = st.sampled_from(
         b"X-Forwarded-For",
         b"Expect",
         b"Host",
+        b"X-Metaproxy-Lifecycle-Token",
     ]
 ) | st.binary(min_size=1, max_size=16).map(_no_newlines)
 HEADER_VALUES = st.sampled_from(
@@ -327,7 +419,14 @@ def blocking_exchange(target: Target, data: bytes) -> list[int]:
 
 @pytest.mark.parametrize(
     ("name", "examples"),
-    [("imds", 200), ("container", 100), ("admin", 60), ("broker", 100), ("webhook", 100)],
+    [
+        ("imds", 200),
+        ("container", 100),
+        ("admin", 60),
+        ("broker", 100),
+        ("control", 100),
+        ("webhook", 100),
+    ],
 )
 async def test_generated_requests_never_get_a_5xx(
     name: str, examples: int, servers: Servers, caplog: pytest.LogCaptureFixture

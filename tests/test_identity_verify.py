@@ -363,7 +363,8 @@ def test_kubernetes_token_verifies_to_kubernetes_identity(
     assert identity.issuer == K8S_ISSUER
     assert identity.subject == "system:serviceaccount:team-a:web"
     assert (identity.namespace, identity.service_account) == ("team-a", "web")
-    assert (identity.task, identity.app, identity.tenant) == ("web-7d9f8-abcde", "web", "")
+    pod = "web-7d9f8-abcde.8e1f2a3b-4c5d-6e7f-8a9b-0c1d2e3f4a5b"  # a reused name has a new UID
+    assert (identity.task, identity.app, identity.tenant) == (pod, "web", "")
     assert identity.token_id == "5b5b6a4e-0d0b-4f8e-9a57-3e3c8b1f2a10"
     assert identity.expires_at == NOW + 3600
 

@@ -19,7 +19,7 @@ from metaproxy.config import TrustedIssuer
 from metaproxy.demo.local import AUDIENCE, ISSUER
 from metaproxy.identity.keys import jwk_thumbprint, public_jwk
 from metaproxy.policy.load import PolicyError
-from tests.support import Pki, broker_config
+from tests.support import CONTROL_TOKEN, Pki, broker_config
 
 K8S_ISSUER = "https://kubernetes.default.svc"
 
@@ -67,6 +67,7 @@ def service_account_token(
         pod: str = "web-7d9f8-abcde",
         key: rsa.RSAPrivateKey | None = None,
         lifetime: int = 3600,
+        uid: str = "",
     ) -> str:
         now = int(time.time())
         claims: dict[str, Any] = {
@@ -78,7 +79,7 @@ def service_account_token(
             "jti": str(uuid.uuid4()),
             "kubernetes.io": {
                 "namespace": namespace,
-                "pod": {"name": pod, "uid": str(uuid.uuid4())},
+                "pod": {"name": pod, "uid": uid or str(uuid.uuid4())},
                 "serviceaccount": {"name": account, "uid": str(uuid.uuid4())},
             },
             "sub": f"system:serviceaccount:{namespace}:{account}",
@@ -116,10 +117,37 @@ async def test_service_account_of_a_mapped_namespace_gets_its_tenants_role(
     role_arn: str,
 ) -> None:
     """A pod's token from a namespace a policy maps gets that tenant's default role."""
-    status, body = await ask(https, k8s_broker, service_account_token(namespace, pod="api-0"))
+    uid = str(uuid.uuid4())
+    status, body = await ask(
+        https, k8s_broker, service_account_token(namespace, "web", "api-0", uid=uid)
+    )
     assert status == 200
-    assert (body["tenant"], body["task"], body["role_arn"]) == (namespace, "api-0", role_arn)
+    assert (body["tenant"], body["task"], body["role_arn"]) == (namespace, f"api-0.{uid}", role_arn)
     assert body["credentials"]["access_key_id"].startswith("ASIA")
+
+
+async def test_a_pod_name_reused_under_a_new_uid_is_not_the_revoked_task(
+    k8s_broker: BrokerServer,
+    https: aiohttp.ClientSession,
+    service_account_token: Callable[..., str],
+) -> None:
+    """Revoking pod web-0 (its name and UID) refuses that pod; the next pod named web-0, a new
+    UID, is served: the task id carries the UID."""
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    control = k8s_broker.control_url + "/v1/revocations"
+    headers = {"Authorization": f"Bearer {CONTROL_TOKEN}"}
+    body = {"tenant": "acme", "task": f"web-0.{first}"}
+    async with https.post(control, json=body, headers=headers) as answer:
+        assert answer.status == 200
+
+    status, refused = await ask(
+        https, k8s_broker, service_account_token("acme", pod="web-0", uid=first)
+    )
+    assert (status, refused["code"]) == (403, "AccessDenied")
+    status, served = await ask(
+        https, k8s_broker, service_account_token("acme", pod="web-0", uid=second)
+    )
+    assert (status, served["task"]) == (200, f"web-0.{second}")
 
 
 async def test_unmapped_namespace_is_denied_and_audited(
@@ -137,7 +165,7 @@ async def test_unmapped_namespace_is_denied_and_audited(
         for segment in sorted(k8s_broker.config.audit_dir.glob("segment-*.jsonl"))
         for line in segment.read_text().splitlines()
     ]
-    denied = [r for r in records if r.get("task") == "intruder"]
+    denied = [r for r in records if r.get("task", "").startswith("intruder.")]
     assert [(r["event"], r["status"]) for r in denied] == [("denied", 403)]
     assert denied[0]["subject"] == "system:serviceaccount:kube-system:web"
 

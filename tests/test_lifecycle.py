@@ -7,6 +7,7 @@ when the test needs the broker unreachable (`refuse`) or a request held (`blackh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -219,6 +220,36 @@ async def test_broker_sigterm_completes_in_flight_request_then_exits(
     )
     assert code == 0
     assert exited < DRAIN_SECONDS + 1.5
+
+
+async def test_broker_drain_cut_at_its_cap_still_exits_promptly(
+    tmp_path: Path, pki: Pki, sts_url: str, policies_dir: Path
+) -> None:
+    """A request STS holds past --drain-seconds does not hold the broker: /readyz says draining
+    while it drains, and it exits soon after the cap."""
+    async with FaultProxy(sts_url) as slow_sts:
+        slow_sts.set(latency=DRAIN_SECONDS + 5)
+        process = await spawn(
+            tmp_path / "broker-child.log", *broker_argv(tmp_path, pki, slow_sts.url, policies_dir)
+        )
+        try:
+            urls = await wait_for_file(tmp_path / "broker-ready.json", process)
+            in_flight = asyncio.create_task(
+                post_credentials(urls["url"], issue(pki, "life-slow", "acme"))
+            )
+            await asyncio.sleep(0.5)  # the STS call is under way
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.5)
+            assert await get(urls["admin_url"] + "/readyz") == (503, "draining")
+            code = await asyncio.wait_for(process.wait(), DRAIN_SECONDS + 5)
+            exited = time.monotonic() - signalled
+            with contextlib.suppress(aiohttp.ClientError):
+                await in_flight  # cut: the broker's answer, if any, is not the test's concern
+        finally:
+            await stop_process(process)
+    assert code == 0
+    assert DRAIN_SECONDS - 0.5 < exited < DRAIN_SECONDS + 2.0
 
 
 async def test_broker_sighup_reloads_policies(

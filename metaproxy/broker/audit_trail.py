@@ -58,34 +58,58 @@ class AuditTrail:
         grant: Grant | None = None,
     ) -> None:
         """A credential request's outcome: issued, refreshed, denied, throttled or failed."""
+        await self._write(
+            self.decision_event(
+                event,
+                ctx,
+                identity,
+                decision,
+                reason=reason,
+                status=status,
+                tenant=tenant,
+                grant=grant,
+            )
+        )
+
+    def decision_event(
+        self,
+        event: EventName,
+        ctx: RequestContext,
+        identity: Identity,
+        decision: Decision | None,
+        *,
+        reason: str,
+        status: int,
+        tenant: str = "",
+        grant: Grant | None = None,
+    ) -> AuditEvent:
+        """The record of a credential request's outcome, as `decision` writes it."""
         spec = decision.spec if decision else None
         # A chain sets SourceIdentity on its first hop; it persists into the role's session.
         first = spec.via if spec is not None and spec.via is not None else spec
-        await self._write(
-            AuditEvent(
-                event=event,
-                request_id=ctx.request_id,
-                peer=ctx.peer,
-                instance=self.instance,
-                task=identity.task,
-                tenant=decision.tenant if decision else tenant,
-                team=decision.team if decision else "",
-                subject=identity.subject,
-                issuer=identity.issuer,
-                token_id=identity.token_id,
-                role_arn=decision.role_arn if decision else "",
-                via_role_arn=spec.via.role_arn if spec and spec.via else "",
-                via_access_key_id=grant.via_access_key_id if grant else "",
-                session_name=spec.role_session_name if spec else "",
-                source_identity=first.source_identity if first else "",
-                access_key_id=grant.credentials.access_key_id if grant else "",
-                expiration=iso_z(grant.credentials.expiration) if grant else "",
-                policy_digest=decision.policy_digest if decision else "",
-                rule=decision.rule if decision else "limits",
-                reason=reason,
-                status=status,
-                packed_policy_size=grant.packed_policy_size if grant else None,
-            )
+        return AuditEvent(
+            event=event,
+            request_id=ctx.request_id,
+            peer=ctx.peer,
+            instance=self.instance,
+            task=identity.task,
+            tenant=decision.tenant if decision else tenant,
+            team=decision.team if decision else "",
+            subject=identity.subject,
+            issuer=identity.issuer,
+            token_id=identity.token_id,
+            role_arn=decision.role_arn if decision else "",
+            via_role_arn=spec.via.role_arn if spec and spec.via else "",
+            via_access_key_id=grant.via_access_key_id if grant else "",
+            session_name=spec.role_session_name if spec else "",
+            source_identity=first.source_identity if first else "",
+            access_key_id=grant.credentials.access_key_id if grant else "",
+            expiration=iso_z(grant.credentials.expiration) if grant else "",
+            policy_digest=decision.policy_digest if decision else "",
+            rule=decision.rule if decision else "limits",
+            reason=reason,
+            status=status,
+            packed_policy_size=grant.packed_policy_size if grant else None,
         )
 
     async def operator(

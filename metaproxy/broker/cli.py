@@ -1,44 +1,30 @@
-"""`metaproxy broker`: serve credential requests until SIGTERM, then drain."""
+"""`metaproxy broker`: serve credential requests until SIGTERM, then drain (`serve(root)`)."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 from metaproxy.broker.config import BrokerConfig
-from metaproxy.process.servercmd import register_server
+from metaproxy.process.servercmd import register_process
 
-log = logging.getLogger("metaproxy.broker")
+if TYPE_CHECKING:
+    from metaproxy.broker.server import BrokerServer
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    register_server(
-        subparsers, "broker", "run the multi-tenant credential broker", BrokerConfig, _serve
+    register_process(
+        subparsers, "broker", "run the multi-tenant credential broker", BrokerConfig, _root
     )
 
 
-async def _serve(config: BrokerConfig, ready_file: Path | None) -> int:
+def _root(config: BrokerConfig) -> BrokerServer:
     from metaproxy.broker.server import BrokerServer
-    from metaproxy.process.runtime import Lifecycle, settle_gc, write_ready_file
+    from metaproxy.config import readable_paths
+    from metaproxy.process.runtime import settle_gc
 
-    server = await BrokerServer.start(config)
-    settle_gc()
-    lifecycle = Lifecycle()
-    lifecycle.install(on_reload=server.policies.reload)
-    if ready_file is not None:
-        write_ready_file(
-            ready_file,
-            {
-                "url": server.url,
-                "admin_url": server.admin_url,
-                "control_url": server.control_url,
-                "instance": config.instance,
-                "pid": os.getpid(),
-            },
-        )
-    await lifecycle.wait()
-    log.info("draining (at most %.0fs)", config.drain_seconds)
-    await server.aclose()
-    return 0
+    # Building the broker reads its files (TLS pair, policies, keys): a missing one is named by
+    # its flag first, as `serve` would name it.
+    readable_paths(config)
+    # A process-wide step, so here and not in the root (the tests run many in one process).
+    return BrokerServer(config, on_started=settle_gc)

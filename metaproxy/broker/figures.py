@@ -40,10 +40,20 @@ class FleetFigures:
 
 
 @dataclass(frozen=True, slots=True)
+class SummarisedFigures:
+    """Refusals counted into audit summaries rather than recorded one by one."""
+
+    authentication: int
+    control_authentication: int
+    refusal: int
+
+
+@dataclass(frozen=True, slots=True)
 class BrokerFigures:
     scheduler: SchedulerStats
     open_connections: int
     fleet: FleetFigures
+    summarised: SummarisedFigures
     key_sets: tuple[KeySetStats, ...] = ()  # issuers whose keys are fetched from a URL
 
 
@@ -109,6 +119,13 @@ def families(figures: BrokerFigures) -> Iterator[Metric]:
     sets = figures.key_sets
     yield gauge(m.JWKS_AGE, *(((k.issuer,), min(k.age, MAX_AGE_SECONDS)) for k in sets))
     yield counter(m.JWKS_FETCH_FAILURES, *(((k.issuer,), k.failures) for k in sets))
+    summarised = figures.summarised
+    yield counter(
+        m.AUDIT_SUMMARISED,
+        (("authentication",), summarised.authentication),
+        (("control-authentication",), summarised.control_authentication),
+        (("refusal",), summarised.refusal),
+    )
     shared = fleet.shared_cache
     if shared is not None:
         yield counter(

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Literal, NoReturn, Protocol
 
+from metaproxy.audit.record import EventName
 from metaproxy.broker.answer import Issued
-from metaproxy.broker.audit_trail import AuditTrail, Grant
+from metaproxy.broker.audit_trail import Grant
 from metaproxy.broker.authenticator import Authenticator, RequestContext
 from metaproxy.broker.credentials.guard import RevocationCheck
 from metaproxy.broker.credentials.local import FetchCancelled
@@ -81,6 +82,36 @@ class Revocations(RevocationCheck, Protocol):
     def age(self) -> float: ...
 
 
+class Decisions(Protocol):
+    """The audit trail as the issuer writes to it (`refusals.RefusalSummaries`): outcomes as
+    they happen; refusals in full once per identity, cause and window, then counted."""
+
+    async def decision(
+        self,
+        event: EventName,
+        ctx: RequestContext,
+        identity: Identity,
+        decision: Decision | None,
+        *,
+        reason: str,
+        status: int,
+        tenant: str = "",
+        grant: Grant | None = None,
+    ) -> None: ...
+
+    async def refused(
+        self,
+        event: Literal["denied", "throttled"],
+        ctx: RequestContext,
+        identity: Identity,
+        decision: Decision | None,
+        *,
+        reason: str,
+        status: int,
+        tenant: str = "",
+    ) -> bool: ...
+
+
 class Issuer:
     def __init__(
         self,
@@ -90,7 +121,7 @@ class Issuer:
         gate: FleetGate,
         revocations: Revocations,
         source: CredentialSource,
-        audit: AuditTrail,
+        audit: Decisions,
     ) -> None:
         self.authenticator = authenticator
         self.policies = policies
@@ -121,7 +152,7 @@ class Issuer:
                     fetch = replace(fetch, ticket=ticket)
                 return await self._issue_admitted(identity, decision, request, ctx, fetch)
         except TooManyRequests as exc:
-            await self.audit.decision(
+            exc.quiet = await self.audit.refused(
                 "throttled", ctx, identity, None, reason=exc.detail, status=429, tenant=tenant
             )
             raise
@@ -201,13 +232,9 @@ class Issuer:
             raise RevocationsStale(detail, retry_after=5.0)
         revoked = self.revocations.check(decision.tenant, identity.task)
         if revoked:
-            await self.audit.decision("denied", ctx, identity, decision, reason=revoked, status=403)
-            raise Denied(revoked)
+            await self._deny(identity, decision, ctx, revoked)
         if not decision.allowed or decision.spec is None:
-            await self.audit.decision(
-                "denied", ctx, identity, decision, reason=decision.reason, status=403
-            )
-            raise Denied(decision.reason)
+            await self._deny(identity, decision, ctx, decision.reason)
 
     async def _refuse_if_revoked_since(
         self, identity: Identity, decision: Decision, ctx: RequestContext, *, fetched: bool
@@ -220,8 +247,17 @@ class Issuer:
         self.source.drop(Scope(decision.tenant, identity.task))
         if revoked or not fetched:
             reason = f"{revoked or 'revoked'} while its credentials were being fetched"
-            await self.audit.decision("denied", ctx, identity, decision, reason=reason, status=403)
-            raise Denied(reason)
+            await self._deny(identity, decision, ctx, reason)
         detail = f"revocation view {self.revocations.age():.0f}s old at the answer; refusing"
         await self.audit.decision("failed", ctx, identity, decision, reason=detail, status=503)
         raise RevocationsStale(detail, retry_after=5.0)
+
+    async def _deny(
+        self, identity: Identity, decision: Decision, ctx: RequestContext, reason: str
+    ) -> NoReturn:
+        """403, audited in full or counted in its identity's window (then logged quietly)."""
+        refused = Denied(reason)
+        refused.quiet = await self.audit.refused(
+            "denied", ctx, identity, decision, reason=reason, status=403
+        )
+        raise refused

@@ -7,11 +7,11 @@ health probe is still answered (from the guard, by the same `Probe`): probes are
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import ssl
 from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import web
 
@@ -40,6 +40,8 @@ LISTEN_BACKLOG = 4096
 # Kubernetes service-account tokens in `Authorization` run to a few KB; 8 KB per line is plenty.
 MAX_HEADER_BYTES = 8190
 MAX_HEADERS = 64
+# What in-flight requests get when a listener closes after the drain (or after one was cut).
+CLOSE_GRACE_SECONDS = 0.5
 ADMIN_LIMITS = ConnectionLimits(max_connections=64, max_per_client=32)
 # The control API is its own listener with its own cap: scrapers holding every admin connection
 # must not keep an operator from revoking a task. A handful of operators, a CLI each.
@@ -111,8 +113,8 @@ class Apps:
 
 
 class Listeners:
-    """The three listeners, started together; closing drains the public one (capped at
-    `--drain-seconds`) before the others."""
+    """The three listeners, started together; `drain` stops the public one taking work and
+    waits for what it holds, and closing closes the public one first."""
 
     def __init__(
         self, config: BrokerConfig, apps: Apps, probe: Probe, tls: ssl.SSLContext | None
@@ -127,13 +129,14 @@ class Listeners:
             guards.control,
         )
         self._runners: list[web.AppRunner] = []
+        self._public: web.AppRunner | None = None
         self.url = self.admin_url = self.control_url = ""
 
     @property
     def open_connections(self) -> int:
         return self.guard.open
 
-    def _runner(self, app: web.Application, **extra: Any) -> web.AppRunner:
+    def _runner(self, app: web.Application) -> web.AppRunner:
         return web.AppRunner(
             app,
             access_log=None,
@@ -142,16 +145,16 @@ class Listeners:
             max_field_size=MAX_HEADER_BYTES,
             max_headers=MAX_HEADERS,
             lingering_time=self._config.header_timeout,
+            shutdown_timeout=CLOSE_GRACE_SECONDS,
             logger=protocol_logger(),
             # Never decode a body: an encoded one is refused (identity_encoding_only).
             auto_decompress=False,
-            **extra,
         )
 
     async def start(self) -> None:
         config, apps = self._config, self._apps
         try:
-            public = self._runner(apps.public, shutdown_timeout=config.drain_seconds)
+            public = self._public = self._runner(apps.public)
             await self._setup(public)
             address = f"unix:{config.socket}" if config.socket else config.listen
             _, self.url = await start_site(
@@ -198,8 +201,21 @@ class Listeners:
         await runner.setup()
         self._runners.append(runner)
 
+    async def drain(self, deadline: float) -> None:
+        """The public port stops accepting, its idle connections close, and the requests in
+        flight finish by `deadline` (loop time); admin and control keep serving."""
+        server = self._public.server if self._public is not None else None
+        if self._public is None or server is None:
+            return
+        for site in list(self._public.sites):
+            await site.stop()
+        server.pre_shutdown()
+        await server.shutdown(max(0.0, deadline - asyncio.get_running_loop().time()))
+
     async def aclose(self) -> None:
-        """In-flight requests finish (capped), control and admin after the public port."""
+        """The public port first, then admin and control; what a drain left in flight gets
+        `CLOSE_GRACE_SECONDS`."""
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        self._public = None

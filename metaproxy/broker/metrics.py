@@ -239,6 +239,15 @@ JWKS_FETCH_FAILURES = Family(
     labels=("issuer",),
 )
 
+AUDIT_SUMMARISED = Family(
+    "metaproxy_broker_audit_summarised_total",
+    "Refusals answered without an audit record of their own, counted in their window's summary "
+    "record instead (docs/audit.md): authentication and control-authentication (failed "
+    "tokens, per peer), refusal (403 and 429 to a valid token, per task).",
+    "counter",
+    labels=("kind",),
+)
+
 MOVED: tuple[Family, ...] = (
     REQUESTS,
     REQUEST_SECONDS,
@@ -268,6 +277,7 @@ SCRAPED: tuple[Family, ...] = (
     SHARED_CACHE,
     JWKS_AGE,
     JWKS_FETCH_FAILURES,
+    AUDIT_SUMMARISED,
 )
 FAMILIES: tuple[Family, ...] = (*MOVED, *SCRAPED)
 

@@ -4,11 +4,14 @@ order on an `AsyncExitStack`, closed in reverse.
 Building checks everything that can be checked before anything starts (TLS pair, control token,
 trusted issuers, policy set, store URL and key) and raises `ConfigError`. Starting then brings
 up, in order: the fleet store (revocations load from it before /readyz says ready), the audit
-chain, the revocation view, the heartbeat, the fleet's shared cache, the authentication-failure
-summaries, the policy watcher, the STS scheduler, the listeners, the certificate reloader.
-Closing drains first (/readyz false, in-flight requests finish, capped by --drain-seconds),
-then stops each part in reverse: workers before the audit log and STS, the last summaries and
-fills before the log and the store.
+chain, the revocation view, the heartbeat, the fleet's shared cache, the summaries of failed
+authentications and of refusals, the policy watcher, the STS scheduler, the listeners, the
+certificate reloader.
+
+`metaproxy broker` runs it through `serve()` (`metaproxy.process.serve`): SIGTERM drains
+(/readyz false, the public port stops accepting, in-flight requests finish, capped by
+--drain-seconds), SIGHUP reloads the policy set. Closing then stops each part in reverse:
+workers before the audit log and STS, the last summaries and fills before the log and the store.
 
 The credential path is composed here once, top to bottom (`credentials/source.py`):
 
@@ -17,9 +20,12 @@ The credential path is composed here once, top to bottom (`credentials/source.py
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import ssl
+from collections.abc import Callable, Mapping
+from types import TracebackType
 from typing import Any
 
 from metaproxy.broker import instrument
@@ -38,13 +44,19 @@ from metaproxy.broker.credentials.regions import regional_sts
 from metaproxy.broker.credentials.scheduler import FairScheduler, Scheduler
 from metaproxy.broker.credentials.source import CredentialSource, Dropped, Scope
 from metaproxy.broker.credentials.sts import StsClient
-from metaproxy.broker.figures import BrokerFigures, FiguresCollector, FleetFigures
+from metaproxy.broker.figures import (
+    BrokerFigures,
+    FiguresCollector,
+    FleetFigures,
+    SummarisedFigures,
+)
 from metaproxy.broker.fleet import ReplicaHeartbeat
 from metaproxy.broker.gate import FleetGate
 from metaproxy.broker.http_api import build_public_app
 from metaproxy.broker.issuer import Issuer
 from metaproxy.broker.listeners import Apps, Listeners
 from metaproxy.broker.metrics import BrokerMetrics
+from metaproxy.broker.refusals import RefusalSummaries
 from metaproxy.broker.revocation import RevocationView
 from metaproxy.broker.revoke import Revoker
 from metaproxy.broker.store import FleetStore, open_store
@@ -56,8 +68,9 @@ from metaproxy.errors import ConfigError
 from metaproxy.identity.remote_keys import Fetching
 from metaproxy.identity.verify import IdentityVerifier
 from metaproxy.policy.store import PolicyStore
-from metaproxy.process.lifetime import Background, started
+from metaproxy.process.lifetime import Background
 from metaproxy.process.runtime import server_tls_context
+from metaproxy.process.serve import started
 
 
 class BrokerServer:
@@ -70,11 +83,13 @@ class BrokerServer:
         clock: Clock | None = None,
         sts: StsClient | None = None,
         scheduler: Scheduler | None = None,
+        on_started: Callable[[], None] | None = None,
     ) -> None:
         """Build everything; raises ConfigError (e.g. a bad policy set) before anything runs.
         `sts` and `scheduler` replace the configured ones (tests, benchmarks); the broker
-        closes them."""
+        closes them. `on_started` is called once every part has started."""
         self.config = config
+        self._on_started = on_started
         clock = clock or SystemClock()
         self.clock = clock
         # First: a half-configured TLS or a bad pair refuses to start, as does the control API
@@ -127,6 +142,7 @@ class BrokerServer:
         self.revocations.when_revoked(self._drop_revoked)
         self.failures = FailedAuthentications(trail, clock)
         self.control_failures = FailedAuthentications(trail, clock, rule="control-authentication")
+        self.refusals = RefusalSummaries(trail, clock)
         self.verifier = verifier = IdentityVerifier(
             config.trusted_issuers,
             leeway=config.token_leeway_seconds,
@@ -147,7 +163,7 @@ class BrokerServer:
             gate=FleetGate(self.store.admissions),
             revocations=self.revocations,
             source=self.cache,
-            audit=trail,
+            audit=self.refusals,
         )
         self.revoker = Revoker(
             self.store.revocations,
@@ -207,6 +223,7 @@ class BrokerServer:
             await started(stack, self.failures)  # its last summaries, before the log closes
             await started(stack, self.verifier)  # issuers' keys by URL, before any request
             await started(stack, self.control_failures)
+            await started(stack, self.refusals)
             watch = self.policies.watch
             reload_seconds = self.config.policy_reload_seconds
             await started(stack, Background("policy-watch", lambda: watch(reload_seconds)))
@@ -217,14 +234,45 @@ class BrokerServer:
         except BaseException:
             await stack.aclose()
             raise
+        if self._on_started is not None:
+            self._on_started()
         return self
 
-    async def __aexit__(self, *_exc: object) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
         await self.aclose()
 
-    async def aclose(self) -> None:
-        """Drain: /readyz turns false, in-flight requests finish (capped), then close."""
+    def ready(self) -> Mapping[str, object]:
+        """What the ready file says besides the pid."""
+        return {
+            "url": self.url,
+            "admin_url": self.admin_url,
+            "control_url": self.control_url,
+            "instance": self.config.instance,
+        }
+
+    def reload(self) -> None:
+        """SIGHUP: read the policy set again now rather than at the next poll."""
+        self.policies.reload()
+
+    async def drain(self, deadline: float) -> None:
+        """SIGTERM: /readyz turns false, the public port stops accepting, and the requests in
+        flight finish by `deadline` (loop time); the admin port answers "draining" meanwhile."""
         self.probe.draining = True
+        await self.listeners.drain(deadline)
+
+    async def aclose(self) -> None:
+        """Close every part in the reverse of its start; a broker closed without a drain (the
+        tests, the demo) drains first, capped at --drain-seconds."""
+        if not self.probe.draining:
+            deadline = asyncio.get_running_loop().time() + self.config.drain_seconds
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self.drain(deadline)
         await self._stack.aclose()
 
     @property
@@ -258,6 +306,11 @@ class BrokerServer:
                 shared_cache=self.fleet_cache.stats() if self.fleet_cache is not None else None,
             ),
             key_sets=self.verifier.key_sets(),
+            summarised=SummarisedFigures(
+                authentication=self.failures.summarised,
+                control_authentication=self.control_failures.summarised,
+                refusal=self.refusals.summarised,
+            ),
         )
 
 

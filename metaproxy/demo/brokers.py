@@ -5,11 +5,17 @@ process)."""
 from __future__ import annotations
 
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metaproxy.demo.local import EMULATOR_CREDENTIALS, FleetSecrets, LocalKeys, broker_args
+from metaproxy.demo.local import (
+    EMULATOR_CREDENTIALS,
+    FleetSecrets,
+    LocalKeys,
+    broker_args,
+    store_env,
+)
 from metaproxy.demo.processes import Child, start_metaproxy, stop_step
 
 
@@ -21,7 +27,8 @@ class Replica:
 
 @dataclass(frozen=True)
 class Store:
-    url: str  # "memory" for a single broker
+    url: str = field(repr=False)  # "memory" for a single broker; else it holds the password
+    shown: str  # the URL for the terminal and the state file: its password as ***
     pid: int | None
 
 
@@ -32,18 +39,21 @@ def audit_home(state_dir: Path, replicas: int) -> Path:
     return state_dir / ("audit" if replicas < 2 else "audit-fleet")
 
 
-def start_store(replicas: int, state_dir: Path, stack: ExitStack) -> Store:
+def start_store(replicas: int, state_dir: Path, stack: ExitStack, password: str) -> Store:
     """A single broker keeps its state in process; replicas share a Valkey/Redis under the state
-    dir. No password: like the STS emulator it listens on loopback only, for this demo."""
+    dir, which asks for `password`: loopback is every local user's, and whoever reaches the store
+    can lift revocations and read who holds which role."""
     if replicas < 2:
-        return Store("memory", None)
+        return Store("memory", "memory", None)
+    from metaproxy.broker.store.redis_conn import parse_store_url
     from metaproxy.testing.redis_server import RedisServer
 
-    server = RedisServer(state_dir / "redis")
+    server = RedisServer(state_dir / "redis", password=password)
     url = server.start()
     stack.callback(stop_step("store", server.stop))
-    print(f"store (redis)     {url}   (AOF in {server.directory})")
-    return Store(url, server.pid)
+    shown = parse_store_url(url).redacted()
+    print(f"store (redis)     {shown}   (AOF in {server.directory})")
+    return Store(url, shown, server.pid)
 
 
 def start_brokers(
@@ -76,14 +86,14 @@ def start_brokers(
                     instance=instance,
                     fleet=fleet,
                     state_dir=state_dir / ("state" if single else f"state-{i}"),
-                    store=store.url,
+                    store=not single,
                 ),
                 "--drain-seconds",
                 str(drain_seconds),
             ],
             ready_file=state_dir / f"{name}.ready.json",
             log_file=state_dir / "logs" / f"{name}.log",
-            env=EMULATOR_CREDENTIALS,
+            env={**EMULATOR_CREDENTIALS, **({} if single else store_env(store.url))},
         )
         started.append(child)
         brokers.append(Replica(instance, child))

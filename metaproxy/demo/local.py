@@ -63,15 +63,21 @@ def make_local_keys(directory: Path) -> LocalKeys:
 class FleetSecrets:
     store_key_file: Path  # AES-GCM keys sealing credentials in the store, one base64 key a line
     control_token_file: Path  # the control API's bearer token
+    store_password_file: Path  # the shared store's password (a fleet of replicas only)
+
+    @property
+    def store_password(self) -> str:
+        return self.store_password_file.read_text().strip()
 
 
 CONTROL_TOKEN_BYTES = 32
+STORE_PASSWORD_BYTES = 32
 
 
 def make_fleet_secrets(directory: Path) -> FleetSecrets:
-    """The store key and the control token in `directory` (mode 0600), reused if present: the
-    store and the revocations in the same state directory outlive a run, and credentials sealed
-    under the old key would only be misses under a new one."""
+    """The store key, the control token and the store's password in `directory` (mode 0600),
+    reused if present: the store and the revocations in the same state directory outlive a run,
+    and credentials sealed under the old key would only be misses under a new one."""
     from metaproxy.broker.store.sealing import generate_key_line
     from metaproxy.fsutil import write_atomically
 
@@ -84,7 +90,16 @@ def make_fleet_secrets(directory: Path) -> FleetSecrets:
         # No newline: it goes into an Authorization header as the file holds it.
         token = secrets.token_urlsafe(CONTROL_TOKEN_BYTES)
         write_atomically(control_token, token.encode("ascii"), 0o600)
-    return FleetSecrets(store_key_file=store_key, control_token_file=control_token)
+    store_password = directory / "store.password"
+    if not store_password.exists():
+        # URL-safe, so it goes into a redis:// URL and a Redis config line as it is.
+        password = secrets.token_urlsafe(STORE_PASSWORD_BYTES)
+        write_atomically(store_password, password.encode("ascii"), 0o600)
+    return FleetSecrets(
+        store_key_file=store_key,
+        control_token_file=control_token,
+        store_password_file=store_password,
+    )
 
 
 def broker_args(
@@ -96,12 +111,13 @@ def broker_args(
     instance: str,
     fleet: FleetSecrets | None = None,
     state_dir: Path | None = None,
-    store: str = "memory",
+    store: bool = False,
 ) -> list[str]:
     """`metaproxy broker` on loopback ports chosen by the kernel, TLS, trusting `keys`.
 
-    With `fleet`, also the control API on a kernel-chosen loopback port; a `store` other than
-    "memory" is shared with the other replicas and sealed with the fleet's store key."""
+    With `fleet`, also the control API on a kernel-chosen loopback port; a shared store
+    (`store=True`) is sealed with the fleet's store key, and its URL, which holds the store's
+    password, is for the environment (`store_env`), not the command line every user can read."""
     args = [
         "broker",
         *("--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"),
@@ -114,11 +130,19 @@ def broker_args(
     if fleet is not None:
         args += ["--control-listen", "127.0.0.1:0"]
         args += ["--control-token-file", str(fleet.control_token_file)]
-        if store != "memory":
-            args += ["--store", store, "--store-key-file", str(fleet.store_key_file)]
+        if store:
+            args += ["--store-key-file", str(fleet.store_key_file)]
     if state_dir is not None:
         args += ["--state-dir", str(state_dir)]
     return args
+
+
+def store_env(url: str) -> dict[str, str]:
+    """The broker's `--store` as its environment holds it (METAPROXY_STORE): a URL with the
+    store's password stays out of `ps` and /proc/PID/cmdline."""
+    from metaproxy.config import env_name
+
+    return {env_name("store"): url}
 
 
 def sidecar_args(

@@ -173,7 +173,7 @@ def _run_demo(options: DemoOptions, stop_requested: Callable[[], bool]) -> int: 
         stack.callback(stop_step("local STS", emulator.stop))
         print(f"local STS (moto)  {sts_endpoint}")
         check()
-        store = start_store(options.replicas, state_dir, stack)
+        store = start_store(options.replicas, state_dir, stack, fleet.store_password)
         broker_children: list[Child] = []
         stack.callback(_stage("brokers", broker_children, stage_timeout))
         brokers = start_brokers(
@@ -254,7 +254,7 @@ def _run_demo(options: DemoOptions, stop_requested: Callable[[], bool]) -> int: 
             "sts_endpoint": sts_endpoint,
             "ca_file": str(keys.ca),
             "control_token_file": str(fleet.control_token_file),
-            "store": {"url": store.url, "pid": store.pid},
+            "store": {"url": store.shown, "pid": store.pid},
             "broker": describe_broker(brokers[0]),
             "brokers": [describe_broker(b) for b in brokers],
             "sidecars": described,

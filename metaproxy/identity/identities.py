@@ -58,7 +58,9 @@ def kubernetes_identity(claims: Mapping[str, Any]) -> Identity:
             )
         pod_name = text_claim(pod, "name", required=False)
         pod_uid = text_claim(pod, "uid", required=False)
-        task = pod_name or pod_uid or task
+        # A StatefulSet's pod comes back under the same name; its UID is new. A task revoked as
+        # `web-0.<uid>` must not be served again as the next `web-0` (nor the next refused).
+        task = ".".join(part for part in (pod_name, pod_uid) if part) or task
     return Identity(
         kind="kubernetes",
         issuer=text_claim(claims, "iss"),

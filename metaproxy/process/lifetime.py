@@ -1,9 +1,7 @@
-"""Lifetimes: a component starts, and closes with one word; a root closes in reverse order.
+"""A loop that lives as a component: started with its root, cancelled when the root closes.
 
-Every long-lived part of a process (a store connection, a background loop, a listener) is a
-`Component`. A process's composition root enters them in start order on an `AsyncExitStack`
-(`started`), so they close in reverse, whatever failed: no order held in comments, no part
-closed by the garbage collector.
+A root enters its parts with `metaproxy.process.serve.started`; a watcher or poller that is only
+a coroutine becomes such a part through `Background`.
 """
 
 from __future__ import annotations
@@ -11,23 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Coroutine
-from typing import Any, Protocol, TypeVar
-
-
-class Component(Protocol):
-    async def start(self) -> None: ...
-
-    async def aclose(self) -> None: ...
-
-
-C = TypeVar("C", bound=Component)
-
-
-async def started(stack: contextlib.AsyncExitStack, component: C) -> C:
-    """Start `component` and have `stack` close it (only once it has started)."""
-    await component.start()
-    stack.push_async_callback(component.aclose)
-    return component
+from typing import Any
 
 
 class Background:

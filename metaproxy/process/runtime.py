@@ -1,9 +1,7 @@
 """Plumbing of the aiohttp processes (the broker and the webhook): guarded sites and their bound
 URLs, the one server-side TLS setup, the collector's settings after start-up.
 
-How a process runs (event loop, signals, ready file, drain) is `metaproxy.process.serve`.
-`Lifecycle` and `write_ready_file` are also importable from here until the broker's command
-moves onto `serve()`."""
+How a process runs (event loop, signals, ready file, drain) is `metaproxy.process.serve`."""
 
 from __future__ import annotations
 
@@ -17,16 +15,6 @@ from typing import TYPE_CHECKING
 
 from metaproxy.config import check_tls_pair, split_host_port
 from metaproxy.net.connguard import ConnectionGuard, RejectResponse, canned_response
-from metaproxy.process.serve import Lifecycle, write_ready_file
-
-__all__ = [
-    "Lifecycle",  # for broker/cli.py, until it uses serve()
-    "bound_url",
-    "server_tls_context",
-    "settle_gc",
-    "start_site",
-    "write_ready_file",  # for broker/cli.py, likewise
-]
 
 if TYPE_CHECKING:  # aiohttp is imported by the processes that serve with it, not the sidecar
     from aiohttp import web

@@ -2,10 +2,11 @@
 
 A process's command is: parse the flags, build the frozen config, `serve(root)`, where `root` is
 the process's composition root (`metaproxy.sidecar.process.Sidecar`,
-`metaproxy.webhook.process.Webhook`). `serve` owns what every process shares and none should
-copy: the event loop (uvloop), SIGTERM/SIGINT → drain → close, SIGHUP → reload, the ready file,
-the drain cap, and one line instead of a traceback for ordinary mistakes (a file that cannot be
-read, a port in use: `--admin-listen: cannot listen on 127.0.0.1:9902: address already in use`).
+`metaproxy.webhook.process.Webhook`, `metaproxy.broker.server.BrokerServer`). `serve` owns what
+every process shares and none should copy: the event loop (uvloop), SIGTERM/SIGINT → drain →
+close, SIGHUP → reload, the ready file, the drain cap, and one line instead of a traceback for
+ordinary mistakes (a file that cannot be read, a port in use: `--admin-listen: cannot listen on
+127.0.0.1:9902: address already in use`).
 
 The protocol a root keeps (`Root`), in the order `serve` uses it:
 

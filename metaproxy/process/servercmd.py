@@ -6,17 +6,12 @@ naming the flag (see `metaproxy.cli.main`)."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from metaproxy.clihelp import HelpFormatter, add_flag
 from metaproxy.config import C, add_config_arguments
 from metaproxy.process.serve import Root
-
-# What the broker's command still passes (a coroutine that serves until a signal), until it has
-# a composition root of its own and uses `register_process`.
-Serve = Callable[[C, Path | None], Coroutine[Any, Any, int]]
 
 
 def register_process(
@@ -34,32 +29,6 @@ def register_process(
         from metaproxy.process.serve import serve
 
         return serve(root(config), ready_file=ready_file)
-
-    _add_command(subparsers, name, help_text, config_class, run_command, description=description)
-
-
-def register_server(
-    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
-    name: str,
-    help_text: str,
-    config_class: type[C],
-    serve: Serve[C],
-    *,
-    description: str | None = None,
-) -> None:
-    """The broker's command until it moves onto `register_process`: `serve(config, ready_file)`
-    handles its own signals, ready file and drain."""
-
-    def run_command(config: C, ready_file: Path | None) -> int:
-        from metaproxy.config import readable_paths
-        from metaproxy.process.runtime import server_tls_context
-        from metaproxy.process.serve import run_process
-
-        # Load a server's TLS pair once here, so a bad certificate or key names its flags (its
-        # files first, so a missing one is named as every other file is).
-        readable_paths(config)
-        server_tls_context(getattr(config, "tls_cert", None), getattr(config, "tls_key", None))
-        return run_process(config, lambda: serve(config, ready_file))
 
     _add_command(subparsers, name, help_text, config_class, run_command, description=description)
 
