@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from metaproxy.broker.attest.rules import parse_rule
 from metaproxy.config import _LISTEN, _LOG_FORMAT, TrustedIssuer, check_tls_pair, doc
 from metaproxy.errors import ConfigError
 
@@ -249,6 +250,40 @@ class BrokerConfig:
     control_token_file: Path | None = field(
         default=None, metadata=doc("bearer token for the control API", reads=True)
     )
+    # AWS attestation (docs/ecs.md): a task proves its role with a signed GetCallerIdentity.
+    aws_attest_audience: str = field(
+        default="",
+        metadata=doc(
+            "this broker's name in AWS attestations (the signed X-Metaproxy-Audience header); "
+            "empty: AWS attestation is off",
+            metavar="NAME",
+        ),
+    )
+    aws_attest_sts_endpoint: str = field(
+        default="",
+        metadata=doc(
+            "the STS endpoint attestations must be signed for and are sent to; empty: "
+            "--sts-endpoint, else https://sts.REGION.amazonaws.com of the first STS region",
+            metavar="URL",
+        ),
+    )
+    aws_attest_max_age: float = field(
+        default=300.0,
+        metadata=doc(
+            "refuse an AWS attestation signed longer ago than this",
+            unit="seconds",
+            choices="1 to 900",
+        ),
+    )
+    aws_attest_rules: tuple[str, ...] = field(
+        default=(),
+        metadata=doc(
+            "which attested roles are which tenant's, comma-separated, first match wins: ROLE "
+            "is a role name or PREFIX*, APP a name or {role} (the default); the task is the "
+            "role's session name (ECS: the task ID)",
+            metavar="ACCOUNT:ROLE:TENANT[:APP][,...]",
+        ),
+    )
 
     def check(self, given: set[str]) -> None:
         check_tls_pair(self.tls_cert, self.tls_key)
@@ -292,5 +327,27 @@ def _validate_broker(config: BrokerConfig, given: set[str]) -> None:
         raise ConfigError("--cache-refresh-fraction: must be above 0 and at most 0.9")
     if config.workers_min < 1 or config.workers_max < config.workers_min:
         raise ConfigError("--workers-min/--workers-max: need 1 <= workers-min <= workers-max")
+    _validate_attestation(config)
     if config.socket is not None and "listen" in given:
         raise ConfigError("--socket and --listen conflict: the broker serves one or the other")
+
+
+def _validate_attestation(config: BrokerConfig) -> None:
+    audience = config.aws_attest_audience
+    if not audience:
+        if config.aws_attest_rules:
+            raise ConfigError("--aws-attest-rules: needs --aws-attest-audience")
+        return
+    if len(audience) > 128 or not (audience.isascii() and audience.isprintable()):
+        raise ConfigError("--aws-attest-audience: at most 128 printable ASCII characters")
+    if not config.aws_attest_rules:
+        raise ConfigError(
+            "--aws-attest-audience: needs --aws-attest-rules (no role maps to a tenant)"
+        )
+    for spec in config.aws_attest_rules:
+        parse_rule(spec)
+    if not 1 <= config.aws_attest_max_age <= 900:
+        raise ConfigError("--aws-attest-max-age: must be between 1 and 900 seconds")
+    endpoint = config.aws_attest_sts_endpoint
+    if endpoint and not endpoint.startswith(("https://", "http://")):
+        raise ConfigError(f"--aws-attest-sts-endpoint: {endpoint!r} is not an http(s) URL")

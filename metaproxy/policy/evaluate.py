@@ -18,6 +18,8 @@ def _describe(identity: Identity) -> str:
             f"from {identity.issuer!r}"
         )
     claims = f"tenant={identity.tenant!r} app={identity.app!r}"
+    if identity.kind == "aws":
+        return f"aws identity {identity.subject} ({claims})"
     return f"platform identity {claims} from {identity.issuer!r}"
 
 

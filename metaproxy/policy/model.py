@@ -41,8 +41,8 @@ class IdentityRule:
     index: int
     kind: IdentityKind
     issuer: str = ""  # empty: any trusted issuer of this kind
-    tenant_claim: str = ""  # platform tokens: the verified `tenant` claim
-    apps: tuple[str, ...] = ("*",)  # platform tokens: globs on the `app` claim
+    tenant_claim: str = ""  # platform tokens: the verified `tenant` claim (aws: the mapped one)
+    apps: tuple[str, ...] = ("*",)  # platform tokens: globs on the `app` claim (aws: mapped)
     namespace: str = ""  # kubernetes tokens: exact namespace
     service_accounts: tuple[str, ...] = ("*",)  # kubernetes tokens: globs on the SA name
 
@@ -53,7 +53,7 @@ class IdentityRule:
     def matches(self, identity: Identity) -> bool:
         if identity.kind != self.kind or (self.issuer and identity.issuer != self.issuer):
             return False
-        if self.kind == "platform":
+        if self.kind != "kubernetes":
             return identity.tenant == self.tenant_claim and matches_any(identity.app, self.apps)
         return identity.namespace == self.namespace and matches_any(
             identity.service_account, self.service_accounts
@@ -144,7 +144,7 @@ def _index_key(kind: IdentityKind, exact: str) -> tuple[IdentityKind, str]:
 
 
 def _identity_key(identity: Identity) -> tuple[IdentityKind, str]:
-    exact = identity.tenant if identity.kind == "platform" else identity.namespace
+    exact = identity.namespace if identity.kind == "kubernetes" else identity.tenant
     return _index_key(identity.kind, exact)
 
 
@@ -167,7 +167,7 @@ class PolicySet:
         for tenant in self.tenants.values():
             keys = {
                 _index_key(
-                    rule.kind, rule.tenant_claim if rule.kind == "platform" else rule.namespace
+                    rule.kind, rule.namespace if rule.kind == "kubernetes" else rule.tenant_claim
                 )
                 for rule in tenant.identities
             }

@@ -1,0 +1,290 @@
+"""AWS attestation against moto's STS: an ECS task's sidecar proves its task role with a signed
+GetCallerIdentity and gets its tenant's scoped role; a signed call replayed late, meant for
+another broker, or altered is refused (401, audited) and never reaches STS.
+
+The ECS agent is stood in for by a small server on loopback that serves one task role's
+credentials (moto's AssumeRole answer) the way the agent does at its FULL_URI, Authorization
+token and all. A fault proxy in front of moto counts every request each key signed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import aiohttp
+import boto3
+import pytest
+from aiohttp import web
+
+from metaproxy.aws_attestation import SignedCall, decode, encode, sign_attestation
+from metaproxy.broker.server import BrokerServer
+from metaproxy.demo.processes import start_metaproxy
+from metaproxy.testing.faultproxy import FaultProxy
+from tests.conftest import ISSUED_SECRETS, record_broker_secrets
+from tests.support import Pki, audit_records, broker_config, clean_aws_env, wait_ready
+
+ACCOUNT = "123456789012"
+TASK_ROLE = f"arn:aws:iam::{ACCOUNT}:role/orders-task"
+AUDIENCE = "metaproxy-test-broker"
+MAX_AGE = 60.0
+AWS_IDENTITY = '\n[[identities]]\nkind = "aws"\ntenant = "acme"\napps = ["orders"]\n'
+
+
+class TaskRole(NamedTuple):
+    """The task role's credentials as ECS's agent holds them, and the ARN STS will name."""
+
+    access_key: str
+    secret_key: str
+    token: str
+    expiration: str
+    arn: str
+    task_id: str
+
+
+class EcsAgent:
+    """ECS's agent for one task: its role's credentials at one path, for one token."""
+
+    def __init__(self, role: TaskRole) -> None:
+        self.role = role
+        self.path = f"/v2/credentials/{secrets.token_hex(16)}"
+        self.token = secrets.token_urlsafe(24)
+        self.served = 0
+        self.refused = 0
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def _credentials(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != self.token:
+            self.refused += 1
+            return web.json_response({"code": "AccessDenied", "message": "no"}, status=401)
+        self.served += 1
+        return web.json_response(
+            {
+                "RoleArn": TASK_ROLE,
+                "AccessKeyId": self.role.access_key,
+                "SecretAccessKey": self.role.secret_key,
+                "Token": self.role.token,
+                "Expiration": self.role.expiration,
+            }
+        )
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get(self.path, self._credentials)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}{self.path}"
+
+    async def aclose(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def assume_task_role(sts_url: str) -> TaskRole:
+    """What ECS's agent would hold for a task: the task role, its session named by task ID."""
+    task_id = secrets.token_hex(16)
+    answer = boto3.client("sts", endpoint_url=sts_url).assume_role(
+        RoleArn=TASK_ROLE, RoleSessionName=task_id
+    )
+    credentials = answer["Credentials"]
+    return TaskRole(
+        credentials["AccessKeyId"],
+        credentials["SecretAccessKey"],
+        credentials["SessionToken"],
+        credentials["Expiration"].astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        answer["AssumedRoleUser"]["Arn"],
+        task_id,
+    )
+
+
+class Stack(NamedTuple):
+    broker: BrokerServer
+    proxy: FaultProxy
+    role: TaskRole
+    audit_dir: Path
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, pki: Pki, sts_url: str, policies_dir: Path) -> AsyncIterator[Stack]:
+    """A broker that accepts AWS attestations for `AUDIENCE`, with STS behind a fault proxy."""
+    role = await asyncio.to_thread(assume_task_role, sts_url)
+    # The secret scan looks for the attestation credentials in every log, audit and store file.
+    ISSUED_SECRETS.update([role.secret_key, role.token])
+    acme = policies_dir / "acme.toml"
+    text = acme.read_text()
+    acme.write_text(text.replace("# end of policy\n", AWS_IDENTITY + "# end of policy\n"))
+    async with FaultProxy(sts_url) as proxy:
+        config = broker_config(
+            tmp_path,
+            pki,
+            proxy.url,
+            policies_dir,
+            aws_attest_audience=AUDIENCE,
+            aws_attest_rules=(f"{ACCOUNT}:orders-task:acme:orders",),
+            aws_attest_max_age=MAX_AGE,
+        )
+        broker = await BrokerServer.start(config)
+        try:
+            yield Stack(broker, proxy, role, tmp_path / "audit")
+        finally:
+            record_broker_secrets(broker)
+            await broker.aclose()
+
+
+def signed_by_task_role(stack: Stack, **overrides: Any) -> str:
+    return sign_attestation(
+        url=overrides.get("url", stack.proxy.url),
+        region="us-east-1",
+        audience=overrides.get("audience", AUDIENCE),
+        credentials=stack.role,
+        now=overrides.get("now"),
+    )
+
+
+def calls_signed_by(proxy: FaultProxy, access_key: str) -> int:
+    return sum(1 for request in proxy.recorded_requests() if request.access_key_id == access_key)
+
+
+async def test_an_ecs_task_attests_and_gets_its_tenants_scoped_role(
+    stack: Stack, pki: Pki, tmp_path: Path
+) -> None:
+    """A sidecar with only ECS's credentials endpoint attests; the app gets acme's role for
+    the task, and the audit record names the attested ARN."""
+    agent = EcsAgent(stack.role)
+    await agent.start()
+    token_file = tmp_path / "ecs-agent.token"
+    token_file.write_text(agent.token)
+    auth_file = tmp_path / "app.auth"
+    args = ["sidecar", "--broker-url", stack.broker.url, "--broker-ca-file", str(pki.ca)]
+    args += ["--identity-source", "aws-ecs", "--aws-attest-audience", AUDIENCE]
+    args += ["--aws-attest-sts-endpoint", stack.proxy.url, "--aws-attest-region", "us-east-1"]
+    args += ["--imds-listen", "127.0.0.1:0", "--container-listen", "127.0.0.1:0"]
+    args += ["--admin-listen", "127.0.0.1:0", "--authorization-token-file", str(auth_file)]
+    # Only what ECS's agent gives a container; no AWS credentials of any other kind.
+    env = clean_aws_env(
+        AWS_ACCESS_KEY_ID="",
+        AWS_SECRET_ACCESS_KEY="",
+        AWS_CONTAINER_CREDENTIALS_FULL_URI=agent.url,
+        AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE=str(token_file),
+    )
+    child = await asyncio.to_thread(
+        start_metaproxy,
+        "sidecar",
+        args,
+        ready_file=tmp_path / "sidecar.ready",
+        log_file=tmp_path / "sidecar.log",
+        env=env,
+    )
+    try:
+        await wait_ready(child.ready["admin_url"])
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(
+                child.ready["container_urls"][0] + "/v1/credentials",
+                headers={"Authorization": auth_file.read_text()},
+            ) as response,
+        ):
+            assert response.status == 200
+            served = await response.json()
+    finally:
+        await asyncio.to_thread(child.stop)
+        await agent.aclose()
+    assert agent.served >= 1 and agent.refused == 0
+    # The app got the broker's credentials for acme's role, not the task role's own.
+    assert served["AccessKeyId"] != stack.role.access_key
+    assert stack.role.secret_key not in json.dumps(served)
+    ISSUED_SECRETS.update([served["SecretAccessKey"], served["Token"]])
+    assume_roles = stack.proxy.assume_role_calls()
+    assert [(c.params["RoleArn"], c.params["RoleSessionName"]) for c in assume_roles] == [
+        ("arn:aws:iam::111111111111:role/acme-app", f"acme.{stack.role.task_id}")
+    ]
+    assert calls_signed_by(stack.proxy, stack.role.access_key) >= 1  # the GetCallerIdentity
+    issued = [r for r in audit_records(stack.audit_dir) if r["event"] == "issued"]
+    assert [(r["subject"], r["tenant"], r["task"], r["issuer"]) for r in issued] == [
+        (stack.role.arn, "acme", stack.role.task_id, f"aws:{ACCOUNT}")
+    ]
+    assert issued[0]["token_id"] == stack.role.access_key  # joins CloudTrail's record
+
+
+async def post(https: aiohttp.ClientSession, stack: Stack, token: str) -> tuple[int, Any]:
+    async with https.post(
+        stack.broker.url + "/v1/credentials",
+        json={},
+        headers={"Authorization": f"Bearer {token}"},
+    ) as response:
+        return response.status, await response.json()
+
+
+async def test_a_fresh_attestation_is_forwarded_once_and_issued(
+    stack: Stack, https: aiohttp.ClientSession
+) -> None:
+    """The control for the refusals below: a fresh signed call reaches STS once and is served."""
+    status, body = await post(https, stack, signed_by_task_role(stack))
+    assert status == 200, body
+    assert (body["tenant"], body["task"]) == ("acme", stack.role.task_id)
+    assert calls_signed_by(stack.proxy, stack.role.access_key) == 1
+
+
+def altered(token: str, *, body: bytes | None = None, **headers: str) -> str:
+    call = decode(token)
+    changed = {**call.headers, **{k.replace("_", "-"): v for k, v in headers.items()}}
+    return encode(SignedCall(call.url, changed, call.body if body is None else body))
+
+
+REFUSALS: dict[str, tuple[Callable[[Stack], str], str]] = {
+    "replayed-after-the-bound": (
+        lambda s: signed_by_task_role(s, now=datetime.now(UTC) - timedelta(seconds=MAX_AGE + 30)),
+        "expired",
+    ),
+    "meant-for-another-broker": (
+        lambda s: signed_by_task_role(s, audience="another-broker"),
+        "wrong_audience",
+    ),
+    "signed-for-another-sts": (
+        lambda s: signed_by_task_role(s, url="https://sts.us-east-1.amazonaws.com"),
+        "wrong_audience",
+    ),
+    "action-rewritten-to-assume-role": (
+        lambda s: altered(
+            signed_by_task_role(s),
+            body=b"Action=AssumeRole&Version=2011-06-15&RoleArn=arn:aws:iam::1:role/x",
+        ),
+        "invalid_claims",
+    ),
+    "host-rewritten": (
+        lambda s: altered(signed_by_task_role(s), Host="sts.amazonaws.com"),
+        "wrong_audience",
+    ),
+    "unsigned-header-added": (
+        lambda s: altered(signed_by_task_role(s), X_Forwarded_For="10.0.0.1"),
+        "malformed",
+    ),
+}
+
+
+@pytest.mark.parametrize("how", list(REFUSALS))
+async def test_a_replayed_misdirected_or_altered_attestation_is_refused_and_never_forwarded(
+    how: str, stack: Stack, https: aiohttp.ClientSession
+) -> None:
+    """401 with the check's reason, one `denied` record, and no request of that key at STS."""
+    make, reason = REFUSALS[how]
+    token = make(stack)
+    status, body = await post(https, stack, token)
+    assert (status, body["reason"]) == (401, reason), body
+    records = [r for r in audit_records(stack.audit_dir) if r["request_id"] == body["request_id"]]
+    assert [(r["event"], r["status"], r["rule"]) for r in records] == [
+        ("denied", 401, "authentication")
+    ]
+    assert "AWS attestation" in records[0]["reason"]
+    assert token not in json.dumps(records)
+    assert calls_signed_by(stack.proxy, stack.role.access_key) == 0
+    assert stack.broker.attestor is not None and stack.broker.attestor.forwarded == 0

@@ -1,0 +1,294 @@
+"""What the broker checks of a signed GetCallerIdentity before STS sees it, and how the ARN STS
+answers with becomes a tenant, app and task: pure checks, no network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
+from unittest import mock
+
+import pytest
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import ReadOnlyCredentials
+
+from metaproxy.aws_attestation import (
+    AUDIENCE_HEADER,
+    FORM_CONTENT_TYPE,
+    GET_CALLER_IDENTITY,
+    TOKEN_PREFIX,
+    SignedCall,
+    decode,
+    encode,
+    sign_attestation,
+)
+from metaproxy.broker.attest.check import Expected, check_call
+from metaproxy.broker.attest.rules import AttestRule, attested_identity, parse_rule
+from metaproxy.errors import ConfigError, Unauthenticated
+from metaproxy.models import Identity
+
+STS = "https://sts.eu-west-1.amazonaws.com"
+NOW = datetime(2026, 12, 6, 1, 0, 0, tzinfo=UTC)
+EXPECTED = Expected(STS, "eu-west-1", "metaproxy-prod", 300.0)
+ARN = "arn:aws:sts::123456789012:assumed-role/orders-task/0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+
+
+class Keys(NamedTuple):
+    access_key: str = "ASIAEXAMPLEKEY123456"
+    secret_key: str = "attestation-secret-never-leaves-the-sidecar"
+    token: str = "attestation-session-token-example"
+
+
+def signed(*, at: datetime = NOW, audience: str = "metaproxy-prod", **kwargs: str) -> SignedCall:
+    token = sign_attestation(
+        url=kwargs.get("url", STS),
+        region=kwargs.get("region", "eu-west-1"),
+        audience=audience,
+        credentials=Keys(),
+        now=at,
+    )
+    return decode(token)
+
+
+def with_headers(call: SignedCall, **changes: str | None) -> SignedCall:
+    headers = dict(call.headers)
+    for key, value in changes.items():
+        name = key.replace("_", "-")
+        if value is None:
+            headers.pop(name, None)
+        else:
+            headers[name] = value
+    return SignedCall(call.url, headers, call.body)
+
+
+def test_a_call_signed_for_this_broker_now_passes() -> None:
+    """Signed for our STS endpoint, region and audience, just now: forwarded as signed."""
+    call = signed()
+    checked = check_call(call, EXPECTED, NOW + timedelta(seconds=5))
+    assert checked.access_key_id == Keys().access_key
+    assert checked.signed_at == NOW
+    assert checked.headers["x-metaproxy-audience"] == "metaproxy-prod"
+    assert checked.headers["host"] == "sts.eu-west-1.amazonaws.com"
+
+
+def test_our_signature_is_botocores_with_the_audience_header() -> None:
+    """The sidecar's signed GetCallerIdentity is the one botocore's signer makes."""
+    call = signed()
+    request = AWSRequest(
+        "POST",
+        STS + "/",
+        data=GET_CALLER_IDENTITY,
+        headers={"Content-Type": FORM_CONTENT_TYPE, AUDIENCE_HEADER: "metaproxy-prod"},
+    )
+    keys = Keys()
+    with mock.patch(
+        "botocore.auth.get_current_datetime", lambda *args, **kwargs: NOW.replace(tzinfo=None)
+    ):
+        SigV4Auth(
+            ReadOnlyCredentials(keys.access_key, keys.secret_key, keys.token), "sts", "eu-west-1"
+        ).add_auth(request)
+    assert call.headers["Authorization"] == request.headers["Authorization"]
+
+
+def refused(call: SignedCall, now: datetime = NOW) -> Unauthenticated:
+    with pytest.raises(Unauthenticated) as caught:
+        check_call(call, EXPECTED, now)
+    return caught.value
+
+
+ALTERED: dict[str, tuple[Callable[[], SignedCall], str, str]] = {
+    "another-sts-endpoint": (
+        lambda: signed(url="https://sts.us-east-1.amazonaws.com"),
+        "wrong_audience",
+        "another STS endpoint",
+    ),
+    "host-changed": (
+        lambda: with_headers(signed(), Host="attacker.example"),
+        "wrong_audience",
+        "another host",
+    ),
+    "another-region": (lambda: signed(region="us-east-1"), "wrong_audience", "region"),
+    "another-audience": (
+        lambda: signed(audience="another-broker"),
+        "wrong_audience",
+        "another audience",
+    ),
+    "audience-header-dropped": (
+        lambda: with_headers(signed(), X_Metaproxy_Audience=None),
+        "malformed",
+        "exactly the headers",
+    ),
+    "unsigned-header-added": (
+        lambda: with_headers(signed(), X_Amz_Target="sts.AssumeRole"),
+        "malformed",
+        "not accepted",
+    ),
+    "body-calls-assume-role": (
+        lambda: SignedCall(STS, signed().headers, b"Action=AssumeRole&Version=2011-06-15"),
+        "invalid_claims",
+        "other than GetCallerIdentity",
+    ),
+    "body-adds-a-parameter": (
+        lambda: SignedCall(STS, signed().headers, GET_CALLER_IDENTITY + b"&RoleArn=x"),
+        "invalid_claims",
+        "other than GetCallerIdentity",
+    ),
+    "date-changed-out-of-scope": (
+        lambda: with_headers(signed(), X_Amz_Date="20261207T010000Z"),
+        "malformed",
+        "scope date",
+    ),
+    "no-authorization": (
+        lambda: with_headers(signed(), Authorization=None),
+        "malformed",
+        "Authorization",
+    ),
+    "signed-headers-without-audience": (
+        lambda: with_headers(
+            with_headers(signed(), X_Metaproxy_Audience=None),
+            Authorization=signed().headers["Authorization"].replace(";x-metaproxy-audience", ""),
+        ),
+        "malformed",
+        "does not sign x-metaproxy-audience",
+    ),
+}
+
+
+@pytest.mark.parametrize("alteration", list(ALTERED))
+def test_a_call_altered_in_a_signed_part_is_refused(alteration: str) -> None:
+    """Each signed part that names where, what or for whom is checked before any forwarding."""
+    make, reason, words = ALTERED[alteration]
+    error = refused(make())
+    assert (error.reason, words in error.detail) == (reason, True), error.detail
+
+
+def test_a_call_older_than_the_bound_is_refused_as_expired() -> None:
+    """A signature from 301 s ago with a 300 s bound is a replay."""
+    error = refused(signed(), NOW + timedelta(seconds=301))
+    assert error.reason == "expired"
+
+
+def test_a_call_signed_in_the_future_is_refused() -> None:
+    """A sidecar clock more than a minute ahead cannot sign for later."""
+    error = refused(signed(at=NOW + timedelta(minutes=5)))
+    assert error.reason == "not_yet_valid"
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        TOKEN_PREFIX + "not base64 !",
+        TOKEN_PREFIX + "e30",  # {}
+        TOKEN_PREFIX + "x" * 20_000,
+        encode(SignedCall(STS, {"Host": "h"}, b"x" * 300)),
+        encode(SignedCall(STS, {f"X-H-{n}": "v" for n in range(20)}, GET_CALLER_IDENTITY)),
+        encode(SignedCall(STS, {"Host": "a\nb"}, GET_CALLER_IDENTITY)),
+    ],
+    ids=["not-base64", "no-fields", "too-long", "body-too-large", "too-many-headers", "newline"],
+)
+def test_a_token_not_shaped_like_a_signed_call_does_not_decode(token: str) -> None:
+    """Anything but a bounded object of url, printable headers and a small body is refused."""
+    with pytest.raises(ValueError, match=r"^[^=]*$"):  # the message quotes nothing of it
+        decode(token)
+
+
+def test_the_signed_calls_repr_holds_no_session_token() -> None:
+    """The session token rides in the headers; repr leaves them out."""
+    assert Keys().token not in repr(signed())
+
+
+RULES = [
+    parse_rule("123456789012:orders-task:acme:orders"),
+    parse_rule("123456789012:batch-*:acme"),
+    parse_rule("210987654321:*:globex"),
+]
+
+
+def identity_for(arn: str, account: str = "123456789012") -> Identity:
+    return attested_identity(arn, account, RULES, access_key_id="ASIAX", expires_at=1.0)
+
+
+def test_an_exact_rule_maps_role_to_tenant_and_app_and_session_to_task() -> None:
+    """ECS's session name is the task ID: it becomes the task."""
+    identity = attested_identity(ARN, "123456789012", RULES, access_key_id="ASIAX", expires_at=1)
+    assert (identity.kind, identity.tenant, identity.app, identity.task, identity.subject) == (
+        "aws",
+        "acme",
+        "orders",
+        "0f1e2d3c4b5a69788796a5b4c3d2e1f0",
+        ARN,
+    )
+    assert identity.issuer == "aws:123456789012"
+
+
+def test_a_prefix_rule_takes_the_role_name_as_app() -> None:
+    """`batch-*` with no APP: the app is the role's name."""
+    identity = attested_identity(
+        "arn:aws:sts::123456789012:assumed-role/batch-nightly/i-0abc1234def567890",
+        "123456789012",
+        RULES,
+        access_key_id="ASIAX",
+        expires_at=1,
+    )
+    assert (identity.tenant, identity.app, identity.task) == (
+        "acme",
+        "batch-nightly",
+        "i-0abc1234def567890",
+    )
+
+
+@pytest.mark.parametrize(
+    ("arn", "account", "words"),
+    [
+        ("arn:aws:iam::123456789012:user/alice", "123456789012", "not by an assumed role"),
+        ("arn:aws:sts::123456789012:assumed-role/other/t1", "123456789012", "matches no rule"),
+        ("arn:aws:sts::999999999999:assumed-role/orders-task/t1", "999999999999", "no rule"),
+        (ARN, "210987654321", "two accounts"),
+        ("arn:aws:sts::123456789012:assumed-role/orders-task/.hidden", "123456789012", "session"),
+        ("arn:aws:sts::123456789012:assumed-role/orders-task/a/b", "123456789012", "assumed"),
+    ],
+    ids=[
+        "iam-user",
+        "unmapped-role",
+        "unmapped-account",
+        "account-mismatch",
+        "bad-session",
+        "path",
+    ],
+)
+def test_an_arn_no_rule_places_is_refused(arn: str, account: str, words: str) -> None:
+    """Users, unmapped roles and accounts, and names unfit for templates are 401s."""
+    with pytest.raises(Unauthenticated) as caught:
+        identity_for(arn, account)
+    assert words in caught.value.detail
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "12345:orders:acme",
+        "123456789012:orders",
+        "123456789012:or/ders:acme",
+        "123456789012:orders:ac/me",
+        "123456789012:orders:acme:${task}",
+        "123456789012:orders::app",
+    ],
+)
+def test_a_malformed_rule_is_a_config_error(spec: str) -> None:
+    """A rule that is not ACCOUNT:ROLE:TENANT[:APP] of valid names stops the broker at start."""
+    with pytest.raises(ConfigError, match="--aws-attest-rules"):
+        parse_rule(spec)
+
+
+def test_rules_are_taken_first_match_first() -> None:
+    """The first rule that matches decides, as written."""
+    rules = [AttestRule("123456789012", "*", "first"), AttestRule("123456789012", "a", "second")]
+    identity = attested_identity(
+        "arn:aws:sts::123456789012:assumed-role/a/t1",
+        "123456789012",
+        rules,
+        access_key_id="k",
+        expires_at=0,
+    )
+    assert identity.tenant == "first"
