@@ -119,7 +119,7 @@ class AwsAttestation:
             return self._held
         try:
             async with asyncio.timeout(self._config.broker_timeout):
-                if self._source == "aws-ec2" and not self._config.aws_credentials_url:
+                if self._source == "aws-ec2":
                     raw = await self._from_imds()
                 else:
                     raw = await self._get(self._path, self._authorization())

@@ -76,9 +76,10 @@ class SidecarConfig:
     aws_credentials_url: str = field(
         default="",
         metadata=doc(
-            "where the platform serves this container's own credentials, for attestation; "
-            "empty: aws-ecs reads AWS_CONTAINER_CREDENTIALS_FULL_URI or _RELATIVE_URI (at "
-            "169.254.170.2) as the SDKs do, aws-ec2 asks http://169.254.169.254",
+            "where the platform serves this container's own credentials, for attestation: "
+            "aws-ecs, their URL (empty: AWS_CONTAINER_CREDENTIALS_FULL_URI or _RELATIVE_URI at "
+            "169.254.170.2, as the SDKs read them); aws-ec2, the IMDS (empty: "
+            "http://169.254.169.254)",
             metavar="URL",
         ),
     )
