@@ -27,8 +27,9 @@ TOKEN_PREFIX = "metaproxy-aws-v1."  # noqa: S105 - a format tag, not a secret
 AUDIENCE_HEADER = "X-Metaproxy-Audience"
 GET_CALLER_IDENTITY = b"Action=GetCallerIdentity&Version=2011-06-15"
 FORM_CONTENT_TYPE = "application/x-www-form-urlencoded; charset=utf-8"
-# A session token is about 1 KB (ECS's are up to 2 KB); base64 of base64 adds a third.
-MAX_TOKEN_CHARS = 12_288
+# A session token is 1 to 2 KB; base64 of it in JSON adds a third. The broker's HTTP server
+# takes header lines up to 8190 bytes, so a longer token could not arrive anyway.
+MAX_TOKEN_CHARS = 8_000
 MAX_BODY_BYTES = 256
 MAX_HEADERS = 12
 MAX_HEADER_CHARS = 4096

@@ -183,7 +183,8 @@ class Stack(NamedTuple):
 
 @pytest.fixture
 async def stack(tmp_path: Path, pki: Pki, sts_url: str, policies_dir: Path) -> AsyncIterator[Stack]:
-    """A broker that accepts AWS attestations for `AUDIENCE`, with STS behind a fault proxy."""
+    """A broker that trusts AWS attestations for `AUDIENCE` and no token issuer, with STS
+    behind a fault proxy."""
     role = await asyncio.to_thread(assume_task_role, sts_url)
     # The secret scan looks for the attestation credentials in every log, audit and store file.
     ISSUED_SECRETS.update([role.secret_key, role.token])
@@ -199,6 +200,7 @@ async def stack(tmp_path: Path, pki: Pki, sts_url: str, policies_dir: Path) -> A
             aws_attest_audience=AUDIENCE,
             aws_attest_rules=(f"{ACCOUNT}:orders-task:acme:orders",),
             aws_attest_max_age=MAX_AGE,
+            trusted_issuers=(),
         )
         broker = await BrokerServer.start(config)
         try:

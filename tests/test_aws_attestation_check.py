@@ -180,7 +180,7 @@ def test_a_call_signed_in_the_future_is_refused() -> None:
     [
         TOKEN_PREFIX + "not base64 !",
         TOKEN_PREFIX + "e30",  # {}
-        TOKEN_PREFIX + "x" * 20_000,
+        TOKEN_PREFIX + "x" * 8_001,
         encode(SignedCall(STS, {"Host": "h"}, b"x" * 300)),
         encode(SignedCall(STS, {f"X-H-{n}": "v" for n in range(20)}, GET_CALLER_IDENTITY)),
         encode(SignedCall(STS, {"Host": "a\nb"}, GET_CALLER_IDENTITY)),
@@ -292,3 +292,25 @@ def test_rules_are_taken_first_match_first() -> None:
         expires_at=0,
     )
     assert identity.tenant == "first"
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"AUDIENCE": "prod"}, "needs --aws-attest-rules"),
+        ({"RULES": "123456789012:a:b"}, "needs --aws-attest-audience"),
+        ({"AUDIENCE": "prod", "RULES": "1234:a:b"}, "12-digit account"),
+        ({"AUDIENCE": "prod", "RULES": "123456789012:a:b", "MAX_AGE": "901"}, "900 seconds"),
+        ({"AUDIENCE": "pr\tod", "RULES": "123456789012:a:b"}, "printable ASCII"),
+    ],
+)
+def test_the_brokers_attestation_settings_are_checked_before_it_starts(
+    environ: dict[str, str], message: str
+) -> None:
+    """An audience without rules, rules without an audience, a bad rule or bound: ConfigError."""
+    from metaproxy.broker.config import BrokerConfig
+    from metaproxy.config import build_config
+
+    named = {f"METAPROXY_AWS_ATTEST_{key}": value for key, value in environ.items()}
+    with pytest.raises(ConfigError, match=message):
+        build_config(BrokerConfig, None, named)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from metaproxy.aws_attestation import sign_attestation
 from metaproxy.config import IMDS_ADDRESS, ecs_credentials_endpoint
+from metaproxy.errors import StartError
 from metaproxy.sidecar.config import SidecarConfig
 from metaproxy.sidecar.host_metadata import resolve_interface
 from metaproxy.sidecar.wire.httpclient import Endpoint, HttpClient, HttpClientError
@@ -79,7 +80,7 @@ class AwsAttestation:
         if not url and self._source == "aws-ecs":
             url, token_file = ecs_credentials_endpoint()
             if not url:
-                raise AttestationUnavailable(
+                raise StartError(
                     "--identity-source aws-ecs: no AWS_CONTAINER_CREDENTIALS_RELATIVE_URI or "
                     "_FULL_URI in this container's environment (does the task have a role?)"
                 )
@@ -87,7 +88,8 @@ class AwsAttestation:
             url = f"http://{IMDS_ADDRESS.removesuffix(':80')}"
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
-            raise AttestationUnavailable("the platform's credentials URL must be http://")
+            # ECS's agent and IMDS are plain HTTP on link-local or loopback addresses.
+            raise StartError("--aws-credentials-url: the platform's endpoint must be http://")
         self._where = parts.hostname  # for messages: never the path
         self._path = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
         self._token_file = Path(token_file) if token_file else None
