@@ -110,7 +110,10 @@ class AwsAttestor:
         self.forwarded += 1
         try:
             # The Host header goes as signed: the URL's own may differ only by a default port.
-            async with self._http.post(self._url, data=body, headers=headers) as response:
+            # Never a redirect: the signed headers (session token included) go to STS alone.
+            async with self._http.post(
+                self._url, data=body, headers=headers, allow_redirects=False
+            ) as response:
                 return response.status, await response.content.read(MAX_ANSWER_BYTES)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise StsUnavailable(f"GetCallerIdentity: {type(exc).__name__}") from None
