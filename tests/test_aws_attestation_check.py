@@ -314,3 +314,41 @@ def test_the_brokers_attestation_settings_are_checked_before_it_starts(
     named = {f"METAPROXY_AWS_ATTEST_{key}": value for key, value in environ.items()}
     with pytest.raises(ConfigError, match=message):
         build_config(BrokerConfig, None, named)
+
+
+def test_an_aws_identity_rule_claims_attested_tasks_and_not_platform_tokens() -> None:
+    """`kind = "aws"` in a tenant's policy matches what the rules made of an attestation, and
+    a platform token claiming the same tenant and app is another kind: not matched."""
+    from pathlib import Path
+
+    from metaproxy.policy.evaluate import evaluate
+    from metaproxy.policy.load import load_policy_dir
+
+    policies = load_policy_dir(Path(__file__).parent.parent / "policies" / "examples" / "ecs")
+    rules = [parse_rule("111122223333:shop-*:shop")]
+    attested = attested_identity(
+        "arn:aws:sts::111122223333:assumed-role/shop-orders-task/0f1e2d3c4b5a69788796a5b4c3d2e1f0",
+        "111122223333",
+        rules,
+        access_key_id="ASIAX",
+        expires_at=0,
+    )
+    decision = evaluate(policies, attested, None)
+    assert (decision.allowed, decision.tenant, decision.role_name) == (True, "shop", "shop-orders")
+    assert decision.spec is not None
+    assert decision.spec.role_session_name == "shop.0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+    platform = Identity(
+        kind="platform",
+        issuer="metaproxy-platform",
+        subject="task:shop/t1",
+        task="t1",
+        tenant="shop",
+        app="shop-orders-task",
+    )
+    assert (
+        evaluate(policies, platform, None).allowed,
+        evaluate(policies, platform, None).rule,
+    ) == (
+        False,
+        "no-tenant",
+    )

@@ -64,7 +64,7 @@ def _check_identity(check: FileChecker, raw: object, index: int) -> IdentityRule
         check.problem((*path, "kind"), f"must be {KINDS}, not {kind!r}")
         return None
     issuer = check.string(entry, (*path, "issuer"), default="")
-    if known_kind != "kubernetes":
+    if known_kind in ("platform", "aws"):
         claim = check.string(entry, (*path, "tenant"))
         if "tenant" in entry and not claim:
             check.problem((*path, "tenant"), "must not be empty")

@@ -53,7 +53,7 @@ class IdentityRule:
     def matches(self, identity: Identity) -> bool:
         if identity.kind != self.kind or (self.issuer and identity.issuer != self.issuer):
             return False
-        if self.kind != "kubernetes":
+        if self.kind in ("platform", "aws"):
             return identity.tenant == self.tenant_claim and matches_any(identity.app, self.apps)
         return identity.namespace == self.namespace and matches_any(
             identity.service_account, self.service_accounts
@@ -144,7 +144,7 @@ def _index_key(kind: IdentityKind, exact: str) -> tuple[IdentityKind, str]:
 
 
 def _identity_key(identity: Identity) -> tuple[IdentityKind, str]:
-    exact = identity.namespace if identity.kind == "kubernetes" else identity.tenant
+    exact = identity.tenant if identity.kind in ("platform", "aws") else identity.namespace
     return _index_key(identity.kind, exact)
 
 
@@ -167,7 +167,8 @@ class PolicySet:
         for tenant in self.tenants.values():
             keys = {
                 _index_key(
-                    rule.kind, rule.namespace if rule.kind == "kubernetes" else rule.tenant_claim
+                    rule.kind,
+                    rule.tenant_claim if rule.kind in ("platform", "aws") else rule.namespace,
                 )
                 for rule in tenant.identities
             }
