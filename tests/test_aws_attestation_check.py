@@ -352,3 +352,37 @@ def test_an_aws_identity_rule_claims_attested_tasks_and_not_platform_tokens() ->
         False,
         "no-tenant",
     )
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        (
+            {"AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": "/v2/credentials/abc"},
+            ("http://169.254.170.2/v2/credentials/abc", ""),
+        ),
+        (
+            {
+                "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": "/v2/credentials/abc",
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI": "http://127.0.0.1:9/creds",
+            },
+            ("http://169.254.170.2/v2/credentials/abc", ""),
+        ),
+        (
+            {
+                "AWS_CONTAINER_CREDENTIALS_FULL_URI": "http://169.254.170.23/v1/credentials",
+                "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE": "/var/run/token",
+            },
+            ("http://169.254.170.23/v1/credentials", "/var/run/token"),
+        ),
+        ({}, ("", "")),
+    ],
+    ids=["ecs-agent", "relative-wins-as-in-botocore", "full-uri-with-token", "none"],
+)
+def test_the_sidecar_finds_ecs_credentials_where_the_sdks_do(
+    environ: dict[str, str], expected: tuple[str, str]
+) -> None:
+    """ECS's agent at 169.254.170.2 + the relative URI first, else the FULL_URI and its token."""
+    from metaproxy.config import ecs_credentials_endpoint
+
+    assert ecs_credentials_endpoint(environ) == expected
