@@ -12,6 +12,8 @@ import pytest
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import ReadOnlyCredentials
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from metaproxy.aws_attestation import (
     AUDIENCE_HEADER,
@@ -386,3 +388,33 @@ def test_the_sidecar_finds_ecs_credentials_where_the_sdks_do(
     from metaproxy.config import ecs_credentials_endpoint
 
     assert ecs_credentials_endpoint(environ) == expected
+
+
+SIGNED_NAMES = ["Authorization", "Host", "X-Amz-Date", "Content-Type", "X-Amz-Security-Token"]
+header_names = st.sampled_from([*SIGNED_NAMES, AUDIENCE_HEADER, "HOST", "X-Other", "h\r\nX-I"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    url=st.sampled_from([STS, STS + "/", "https://elsewhere.example/"]),
+    changes=st.dictionaries(header_names, st.text(max_size=80), max_size=4),
+    drop=st.lists(header_names, max_size=3),
+    body=st.binary(max_size=80),
+)
+def test_any_signed_call_is_passed_or_refused_with_a_401_and_nothing_else(
+    url: str, changes: dict[str, str], drop: list[str], body: bytes
+) -> None:
+    """Whatever a token carries, decoding and checking end in ValueError (a 401 malformed),
+    Unauthenticated, or a call to forward that names our host, audience and action: never
+    another exception, which would be a 500."""
+    headers = {**signed().headers, **changes}
+    for name in drop:
+        headers.pop(name, None)
+    token = encode(SignedCall(url, headers, body or GET_CALLER_IDENTITY))
+    try:
+        checked = check_call(decode(token), EXPECTED, NOW)
+    except (ValueError, Unauthenticated):
+        return
+    assert checked.headers["host"] == "sts.eu-west-1.amazonaws.com"
+    assert checked.headers[AUDIENCE_HEADER.lower()] == "metaproxy-prod"
+    assert body in (b"", GET_CALLER_IDENTITY)
