@@ -418,3 +418,16 @@ def test_any_signed_call_is_passed_or_refused_with_a_401_and_nothing_else(
     assert checked.headers["host"] == "sts.eu-west-1.amazonaws.com"
     assert checked.headers[AUDIENCE_HEADER.lower()] == "metaproxy-prod"
     assert body in (b"", GET_CALLER_IDENTITY)
+
+
+def test_attestations_wait_for_verification_in_a_lane_of_their_own() -> None:
+    """Their tenant is unknown until STS answers, so they share a lane, apart from the
+    unreadable tokens a flood of garbage would fill."""
+    from metaproxy.broker.admission import AWS_LANE, UNKNOWN_LANE, lane_for
+
+    token = encode(signed())
+    assert (lane_for(token), lane_for("garbage"), AWS_LANE != UNKNOWN_LANE) == (
+        AWS_LANE,
+        UNKNOWN_LANE,
+        True,
+    )
