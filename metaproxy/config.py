@@ -359,3 +359,17 @@ def split_host_port(address: str, flag: str = "listen address") -> tuple[str, in
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{flag}: {address!r} must be HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def ecs_credentials_endpoint(environ: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """ECS's credentials endpoint for this container, as the ECS agent tells every SDK:
+    (URL, the file of the Authorization token it wants, or ""), or ("", "") when there is
+    none. `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI` wins over `_FULL_URI`, as in botocore."""
+    environ = os.environ if environ is None else environ
+    relative = environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "")
+    if relative:
+        return f"http://{ECS_CREDENTIALS_ADDRESS.removesuffix(':80')}{relative}", ""
+    return (
+        environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI", ""),
+        environ.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", ""),
+    )

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any, Literal
 
-IdentityKind = Literal["platform", "kubernetes", "spiffe"]
+# "aws": a signed sts:GetCallerIdentity, mapped to tenant and app by the broker's rules.
+IdentityKind = Literal["platform", "kubernetes", "spiffe", "aws"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +23,7 @@ class Identity:
     issuer: str
     subject: str
     task: str
-    tenant: str = ""  # claimed by platform tokens; Kubernetes tokens map by namespace instead
+    tenant: str = ""  # platform tokens claim it, AWS attestations map to it; Kubernetes: namespace
     app: str = ""
     namespace: str = ""
     service_account: str = ""

@@ -32,6 +32,8 @@ BASETEMP = pytest.StashKey[Path]()  # this process's, once the session fixture h
 
 
 def kind_of(secret: str) -> str:
+    if secret.startswith("metaproxy-aws-v1."):
+        return "AWS attestation"  # a signed GetCallerIdentity, session token inside
     return "identity token" if secret.startswith("eyJ") else "STS secret"
 
 

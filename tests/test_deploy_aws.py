@@ -1,6 +1,6 @@
 """The IAM documents in deploy/aws: well formed, granting exactly the calls the broker makes, and
 accepting exactly what the broker sends (ExternalId, SourceIdentity, session tags) for the
-shipped policies, hop by hop for a chain.
+shipped policies, hop by hop for a chain; and the ECS task definition, run by our own parser.
 
 IAM itself cannot run here, so `allowed` evaluates the one slice of IAM these documents use:
 Allow statements, exact or wildcard actions and resources, and the condition operators below,
@@ -41,6 +41,8 @@ TRUST_POLICIES = (
     "tenant-role-trust-policy.json",
     "hub-role-trust-policy.json",
     "chained-role-trust-policy.json",
+    "ecs-tenant-role-trust-policy.json",
+    "ecs-task-role-trust-policy.json",
 )
 IDENTITY_POLICIES = (
     "broker-policy.json",
@@ -69,9 +71,17 @@ PLAIN_PARAMETERS = frozenset(
     {"RoleArn", "RoleSessionName", "DurationSeconds", "Policy", "ExternalId"}
 )
 KNOWN_ACTIONS = frozenset(ACTION_OF_OPERATION.values()) | frozenset(ACTION_OF_PARAMETER.values())
-OPERATORS = frozenset({"StringEquals", "StringLike", "ForAllValues:StringEquals"})
+OPERATORS = frozenset({"StringEquals", "StringLike", "ArnLike", "ForAllValues:StringEquals"})
 CONDITION_KEYS = frozenset(
-    {"sts:ExternalId", "sts:SourceIdentity", "sts:RoleSessionName", "aws:TagKeys", "s3:prefix"}
+    {
+        "sts:ExternalId",
+        "sts:SourceIdentity",
+        "sts:RoleSessionName",
+        "aws:TagKeys",
+        "s3:prefix",
+        "aws:SourceAccount",
+        "aws:SourceArn",
+    }
 )
 TAG_KEY = re.compile(r"aws:(RequestTag|PrincipalTag)/[\w.:/=+@-]{1,128}")
 OIDC_KEY = re.compile(r"oidc\.eks\.[a-z0-9-]+\.amazonaws\.com/id/[A-Z0-9]+:(sub|aud)")
@@ -106,7 +116,7 @@ def conditions_hold(conditions: Mapping[str, Mapping[str, Any]], context: Contex
             value = context.get(key)
             if operator == "StringEquals":
                 ok = isinstance(value, str) and value in wanted
-            elif operator == "StringLike":
+            elif operator in ("StringLike", "ArnLike"):  # alike for ARNs without variables
                 ok = isinstance(value, str) and any(fnmatchcase(value, w) for w in wanted)
             elif operator == "ForAllValues:StringEquals":
                 ok = value is None or all(v in wanted for v in value)
@@ -439,3 +449,130 @@ def test_chain_is_trusted_hop_by_hop() -> None:
     assert not allowed(document("chained-role-trust-policy.json"), other_cluster)
     from_broker = Request(BROKER_ROLE, assume.action, assume.resource, assume.context)
     assert not allowed(document("chained-role-trust-policy.json"), from_broker)
+
+
+# ---- ECS (docs/ecs.md) --------------------------------------------------------------------------
+
+ECS_POLICIES = ROOT / "policies" / "examples" / "ecs"
+ECS_TASK_DEFINITION = AWS / "ecs-task-definition.json"
+ECS_ACCOUNT = "111122223333"
+# The broker's rule for the example (docs/ecs.md): shop's task roles, the role's name as the app.
+ECS_RULE = f"{ECS_ACCOUNT}:shop-*:shop"
+ECS_TASK_ID = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
+
+
+def ecs_identity(task_role: str) -> Identity:
+    """What the broker makes of an attestation by `task_role` (the name) for one ECS task."""
+    from metaproxy.broker.attest.rules import attested_identity, parse_rule
+
+    arn = f"arn:aws:sts::{ECS_ACCOUNT}:assumed-role/{task_role}/{ECS_TASK_ID}"
+    return attested_identity(
+        arn, ECS_ACCOUNT, [parse_rule(ECS_RULE)], access_key_id="ASIAEXAMPLE", expires_at=0
+    )
+
+
+def ecs_requests(role_name: str) -> list[Request]:
+    tenant = load(ECS_POLICIES).tenants["shop"]
+    role = tenant.find_role(role_name)
+    assert role is not None
+    identity = ecs_identity(role.apps[0])
+    assert tenant.claims(identity)
+    return requests(build_spec(tenant, role, identity), BROKER_ROLE)
+
+
+@pytest.mark.parametrize("role_name", ["shop-orders", "shop-reports"])
+def test_ecs_tenant_role_trusts_the_broker_for_its_tenants_tasks_only(role_name: str) -> None:
+    """For an attested ECS task of tenant shop, every authorization of the broker's call passes
+    the broker's policy and the role's trust; another tenant's ExternalId, tags or
+    SourceIdentity, an unknown tag key, and any other caller are refused."""
+    trust = document("ecs-tenant-role-trust-policy.json")
+    calls = ecs_requests(role_name)
+    assert {r.action for r in calls} == {
+        "sts:AssumeRole",
+        "sts:TagSession",
+        "sts:SetSourceIdentity",
+    }
+    for request in calls:
+        assert allowed(trust, request), request
+        assert allowed(document("broker-policy.json"), request), request
+    by_action = {r.action: r for r in calls}
+    assert by_action["sts:AssumeRole"].context["sts:RoleSessionName"] == f"shop.{ECS_TASK_ID}"
+    refused = [
+        with_context(by_action["sts:AssumeRole"], sts_ExternalId="globex"),
+        with_context(by_action["sts:AssumeRole"], sts_ExternalId=None),
+        with_context(by_action["sts:TagSession"], aws_RequestTag__tenant="globex"),
+        with_context(by_action["sts:TagSession"], aws_TagKeys=("tenant", "app", "task", "x")),
+        with_context(by_action["sts:SetSourceIdentity"], sts_SourceIdentity="globex.web"),
+        *(
+            Request(f"arn:aws:iam::{ECS_ACCOUNT}:role/other", r.action, r.resource, r.context)
+            for r in calls
+        ),
+    ]
+    for request in refused:
+        assert not allowed(trust, request), request
+
+
+def test_ecs_task_role_is_given_to_this_accounts_tasks_only() -> None:
+    """ECS may give the task role to tasks of this account's clusters; not to another
+    account's, nor to another service."""
+    trust = document("ecs-task-role-trust-policy.json")
+    task_role = json.loads(ECS_TASK_DEFINITION.read_text())["taskRoleArn"]
+    context = {
+        "aws:SourceAccount": ECS_ACCOUNT,
+        "aws:SourceArn": f"arn:aws:ecs:us-east-1:{ECS_ACCOUNT}:task/prod/{ECS_TASK_ID}",
+    }
+    request = Request("ecs-tasks.amazonaws.com", "sts:AssumeRole", task_role, context)
+    assert allowed(trust, request)
+    other = {"aws:SourceAccount": "999999999999", "aws:SourceArn": "arn:aws:ecs:us-east-1:9:x"}
+    assert not allowed(trust, Request(request.principal, request.action, task_role, other))
+    assert not allowed(trust, Request("ec2.amazonaws.com", request.action, task_role, context))
+
+
+def test_ecs_task_role_may_do_nothing_but_attest() -> None:
+    """The task role's only policy denies everything: GetCallerIdentity needs no permission and
+    no deny stops it, so an app that goes around the sidecar to ECS's agent gets nothing."""
+    policy = document("ecs-task-role-deny-all.json")
+    assert policy["Version"] == "2012-10-17"
+    assert [(s["Effect"], s["Action"], s["Resource"]) for s in policy["Statement"]] == [
+        ("Deny", "*", "*")
+    ]
+
+
+def test_ecs_task_definition_runs_the_sidecar_first_and_gives_the_app_only_its_endpoint() -> None:
+    """awsvpc; the sidecar is essential, attests with the task role, and is healthy when its
+    /readyz is; the app starts once it is, reads the sidecar's token from the shared volume,
+    reaches it at its own FULL_URI, and drops the agent's RELATIVE_URI that SDKs prefer."""
+    from metaproxy.cli import build_parser
+    from metaproxy.config import build_config
+    from metaproxy.sidecar.config import SidecarConfig
+
+    task = json.loads(ECS_TASK_DEFINITION.read_text())
+    assert task["networkMode"] == "awsvpc"
+    sidecar, app = task["containerDefinitions"]
+    config = build_config(SidecarConfig, build_parser().parse_args(sidecar["command"]), {})
+    assert sidecar["essential"] is True
+    assert config.identity_source == "aws-ecs" and config.aws_attest_audience
+    health = " ".join(sidecar["healthCheck"]["command"])
+    assert f"http://{config.admin_listen}/readyz" in health
+    assert app["dependsOn"] == [{"containerName": sidecar["name"], "condition": "HEALTHY"}]
+    env = {entry["name"]: entry["value"] for entry in app["environment"]}
+    assert env["AWS_CONTAINER_CREDENTIALS_FULL_URI"] == (
+        f"http://{config.container_listen[0]}/v1/credentials"
+    )
+    assert env["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"] == str(config.authorization_token_file)
+    assert env["AWS_EC2_METADATA_SERVICE_ENDPOINT"] == f"http://{config.imds_listen[0]}"
+    assert "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI" not in env
+    assert app["entryPoint"] == ["env", "-u", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI"]
+    (shared,) = [m for m in app["mountPoints"] if m["readOnly"]]
+    assert str(config.authorization_token_file).startswith(shared["containerPath"] + "/")
+    # The task role is one the broker's rule places, in a tenant the example policy claims.
+    task_role = task["taskRoleArn"].rsplit("/", 1)[1]
+    assert load(ECS_POLICIES).tenants["shop"].claims(ecs_identity(task_role))
+
+
+def test_ecs_doc_shows_the_shipped_task_definition() -> None:
+    """docs/ecs.md's task definition is deploy/aws/ecs-task-definition.json."""
+    text = (ROOT / "docs" / "ecs.md").read_text()
+    blocks = re.findall(r"```json\n(.*?)```", text, re.S)
+    shown = [json.loads(block) for block in blocks if '"containerDefinitions"' in block]
+    assert shown == [json.loads(ECS_TASK_DEFINITION.read_text())]

@@ -14,7 +14,7 @@ from botocore.credentials import ReadOnlyCredentials
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from metaproxy.broker.credentials.sigv4 import SigV4Signer, host_header
+from metaproxy.sigv4 import SigV4Signer, host_header
 
 CONTENT_TYPE = "application/x-www-form-urlencoded; charset=utf-8"
 

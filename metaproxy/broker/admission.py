@@ -13,7 +13,8 @@ The lane a request waits in is its token's tenant claim, read *before* verificat
 claim decides only the order of verification, never an answer: a forged token claiming tenant
 X waits in X's lane and is then refused like any other. Its worst effect is to share X's lane
 with X's own requests; the other tenants' lanes are untouched. (Kubernetes tokens use their
-namespace claim; anything unreadable shares one lane.)
+namespace claim; AWS attestations, whose tenant only STS's answer tells, share one lane of
+their own; anything unreadable shares another.)
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ import json
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
+from metaproxy.aws_attestation import TOKEN_PREFIX as AWS_ATTESTATION
 from metaproxy.identity.keys import b64url_decode
 
 UNKNOWN_LANE = "?"
+AWS_LANE = "aws:"  # no tenant name has a colon
 MAX_LANE_CHARS = 64
 
 
 def lane_for(token: str | None) -> str:
     """The tenant (or Kubernetes namespace) a token *claims*, unverified; for ordering only."""
+    if token and token.startswith(AWS_ATTESTATION):
+        return AWS_LANE
     if not token or token.count(".") != 2 or len(token) > 8192:
         return UNKNOWN_LANE
     try:

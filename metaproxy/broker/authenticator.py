@@ -8,6 +8,7 @@ number of audit records and log lines (`authn.py`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from metaproxy.broker.admission import FairAdmission, lane_for
 from metaproxy.broker.authn import FailedAuthentications
@@ -26,16 +27,26 @@ class RequestContext:
     operator: str = ""
 
 
+class Attestor(Protocol):
+    """Another kind of proof than a JWT (`attest/attestor.py`: a signed GetCallerIdentity)."""
+
+    def claims(self, token: str) -> bool: ...
+
+    async def attest(self, token: str) -> Identity: ...
+
+
 class Authenticator:
     def __init__(
         self,
         verifier: IdentityVerifier,
         failures: FailedAuthentications,
         turns: FairAdmission | None = None,
+        attestor: Attestor | None = None,
     ) -> None:
         self._verifier = verifier
         self.failures = failures
         self.turns = turns or FairAdmission()
+        self._attestor = attestor
 
     async def authenticate(self, token: str | None, ctx: RequestContext) -> Identity:
         """The verified identity, or `Unauthenticated` (or `TooManyRequests` for a peer over
@@ -44,6 +55,8 @@ class Authenticator:
         try:
             if not token:
                 raise Unauthenticated("no bearer token", reason="missing")
+            if self._attestor is not None and self._attestor.claims(token):
+                return await self._attestor.attest(token)
             return await self._verifier.verify_fetching(token)
         except Unauthenticated as exc:
             await self.failures.failed(exc, ctx.request_id, ctx.peer)

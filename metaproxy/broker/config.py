@@ -1,17 +1,25 @@
 """The broker's configuration (`metaproxy broker`): its fields, documented, and the checks no
 single field can make. Built like every config by `metaproxy.config.build_config`; kept out of
-`metaproxy.config` so that a sidecar, one per task, does not hold this class in memory."""
+`metaproxy.config` so that a sidecar, one per task, does not hold this class in memory.
+
+Over 400 lines because every broker setting is one field of one frozen dataclass: each flag, its
+environment variable, `--help` and docs/configuration.md are generated from that one place.
+The checks of values with a grammar of their own are in `config_values`."""
 
 from __future__ import annotations
 
-import grp
-import ipaddress
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from metaproxy.broker.config_values import (
+    check_attestation,
+    check_cluster_arn,
+    check_sts_regions,
+    is_loopback,
+    socket_permissions,
+)
 from metaproxy.config import (
     _LISTEN,
     _LOG_FORMAT,
@@ -343,86 +351,75 @@ class BrokerConfig:
             metavar="PATH",
         ),
     )
+    # AWS attestation (docs/ecs.md): a task proves its role with a signed GetCallerIdentity.
+    aws_attest_audience: str = field(
+        default="",
+        metadata=doc(
+            "this broker's name in AWS attestations (the signed X-Metaproxy-Audience header); "
+            "empty: AWS attestation is off",
+            metavar="NAME",
+        ),
+    )
+    aws_attest_sts_endpoint: str = field(
+        default="",
+        metadata=doc(
+            "the STS endpoint attestations must be signed for and are sent to; empty: "
+            "--sts-endpoint, else https://sts.REGION.amazonaws.com of the first STS region",
+            metavar="URL",
+        ),
+    )
+    aws_attest_max_age: float = field(
+        default=300.0,
+        metadata=doc(
+            "refuse an AWS attestation signed longer ago than this",
+            unit="seconds",
+            choices="1 to 900",
+        ),
+    )
+    aws_attest_rules: tuple[str, ...] = field(
+        default=(),
+        metadata=doc(
+            "which attested roles are which tenant's, comma-separated, first match wins: ROLE "
+            "is a role name or PREFIX*, APP a name or {role} (the default); the task is the "
+            "role's session name (ECS: the task ID)",
+            metavar="ACCOUNT:ROLE:TENANT[:APP][,...]",
+        ),
+    )
 
     def check(self, given: set[str]) -> None:
         check_tls_pair(self.tls_cert, self.tls_key)
         _validate_broker(self, given)
 
 
-_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d{1,2}$")
-
-
-def _validate_sts_regions(config: BrokerConfig) -> None:
-    regions = config.sts_regions or (config.sts_region,)
-    for region in regions:
-        if not _REGION.match(region):
-            raise ConfigError(f"--sts-regions: {region!r} is not a region name (e.g. us-west-2)")
-        if regions.count(region) > 1:
-            raise ConfigError(f"--sts-regions: {region} is listed twice")
-    for entry in config.sts_region_endpoints:
-        region, sep, url = entry.partition("=")
-        if not sep or not url.startswith(("https://", "http://")):
-            raise ConfigError(f"--sts-region-endpoints: {entry!r} must be REGION=URL")
-        if region not in regions:
-            raise ConfigError(f"--sts-region-endpoints: {region!r} is not one of the STS regions")
-    if len(regions) > 1 and config.sts_endpoint:
-        raise ConfigError(
-            "--sts-endpoint names one endpoint for several --sts-regions; "
-            "give each region its own with --sts-region-endpoints"
-        )
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a name: whatever it resolves to, it is not known to be this host
-
-
-_CLUSTER_ARN = re.compile(r"^arn:aws[-a-z]*:eks:[a-z0-9-]+:\d{12}:cluster/[A-Za-z0-9][\w-]*$")
-
-
 def _validate_broker(config: BrokerConfig, given: set[str]) -> None:
-    _validate_sts_regions(config)
+    check_sts_regions(
+        config.sts_regions or (config.sts_region,),
+        config.sts_region_endpoints,
+        config.sts_endpoint,
+    )
     parse_rules(config.spiffe_paths)
     if config.jwks_refresh_seconds <= 0 or config.jwks_unknown_kid_interval <= 0:
         raise ConfigError("--jwks-refresh-seconds, --jwks-unknown-kid-interval: must be above 0")
     if config.jwks_fetch_timeout <= 0:
         raise ConfigError("--jwks-fetch-timeout: must be above 0")
-    if config.cluster_arn and not _CLUSTER_ARN.match(config.cluster_arn):
-        raise ConfigError(
-            f"--cluster-arn: {config.cluster_arn!r} is not an EKS cluster ARN "
-            "(arn:aws:eks:REGION:ACCOUNT:cluster/NAME)"
-        )
+    check_cluster_arn(config.cluster_arn)
     if not 0 < config.cache_refresh_fraction <= 0.9:
         raise ConfigError("--cache-refresh-fraction: must be above 0 and at most 0.9")
     if config.workers_min < 1 or config.workers_max < config.workers_min:
         raise ConfigError("--workers-min/--workers-max: need 1 <= workers-min <= workers-max")
+    check_attestation(
+        config.aws_attest_audience,
+        config.aws_attest_rules,
+        config.aws_attest_max_age,
+        config.aws_attest_sts_endpoint,
+    )
     if config.socket is not None and "listen" in given:
         raise ConfigError("--socket and --listen conflict: the broker serves one or the other")
     if config.socket is None and config.tls_cert is None and not config.behind_tls_terminator:
         host = split_host_port(config.listen, "--listen")[0]
-        if not _is_loopback(host):
+        if not is_loopback(host):
             raise ConfigError(
                 f"--listen: {config.listen} is off loopback and has no TLS: give --tls-cert and "
                 "--tls-key, or --behind-tls-terminator if a proxy in front terminates TLS"
             )
-    socket_permissions(config)
-
-
-def socket_permissions(config: BrokerConfig) -> tuple[int, int | None]:
-    """--socket-mode and --socket-group as the mode bits and the gid (None: leave it)."""
-    if not re.fullmatch(r"0?[0-7]{3}", config.socket_mode):
-        raise ConfigError(f"--socket-mode: {config.socket_mode!r} is not octal 0000-0777")
-    mode = int(config.socket_mode, 8)
-    group = config.socket_group
-    if not group:
-        return mode, None
-    if group.isdigit():
-        return mode, int(group)
-    try:
-        return mode, grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ConfigError(f"--socket-group: no group named {group!r} on this machine") from None
+    socket_permissions(config.socket_mode, config.socket_group)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from metaproxy.broker.admin import Probe
-from metaproxy.broker.config import BrokerConfig, socket_permissions
+from metaproxy.broker.config import BrokerConfig
+from metaproxy.broker.config_values import socket_permissions
 from metaproxy.net.connguard import (
     ConnectionGuard,
     ConnectionLimits,
@@ -166,7 +167,7 @@ class Listeners:
                 reject=_reject,
             )
             if config.socket is not None:
-                mode, gid = socket_permissions(config)
+                mode, gid = socket_permissions(config.socket_mode, config.socket_group)
                 # connect() needs write permission, which the umask (root's 022, say) leaves
                 # to the owner alone: a non-root sidecar (the image's uid 10001) was refused.
                 if gid is not None:

@@ -31,6 +31,7 @@ from typing import Any
 from metaproxy.broker import instrument
 from metaproxy.broker.admin import Probe, build_admin_app
 from metaproxy.broker.answer import Answers
+from metaproxy.broker.attest.attestor import AwsAttestor
 from metaproxy.broker.audit_trail import AuditTrail
 from metaproxy.broker.auditing import BrokerAudit
 from metaproxy.broker.authenticator import Authenticator
@@ -96,7 +97,7 @@ class BrokerServer:
         # without its token, and a broker that trusts no issuer.
         tls = server_tls_context(config.tls_cert, config.tls_key)
         control_token = _control_token(config, tls)
-        if not config.trusted_issuers:
+        if not config.trusted_issuers and not config.aws_attest_audience:
             raise ConfigError(
                 "trusted_issuers: at least one --trust ISSUER,AUDIENCE,JWKS is needed"
             )
@@ -157,8 +158,9 @@ class BrokerServer:
             jwks_ca_file=config.jwks_ca_file,
             spiffe_paths=config.spiffe_paths,
         )
+        self.attestor = AwsAttestor.from_config(config, clock)
         self.issuer = Issuer(
-            authenticator=Authenticator(verifier, self.failures),
+            authenticator=Authenticator(verifier, self.failures, attestor=self.attestor),
             policies=self.policies,
             gate=FleetGate(self.store.admissions),
             revocations=self.revocations,
@@ -224,6 +226,8 @@ class BrokerServer:
             await started(stack, self.verifier)  # issuers' keys by URL, before any request
             await started(stack, self.control_failures)
             await started(stack, self.refusals)
+            if self.attestor is not None:
+                await started(stack, self.attestor)
             watch = self.policies.watch
             reload_seconds = self.config.policy_reload_seconds
             await started(stack, Background("policy-watch", lambda: watch(reload_seconds)))

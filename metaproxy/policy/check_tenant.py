@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from metaproxy.identity.spiffe import trust_domain_problem
-from metaproxy.models import BrokerLimits, SidecarLimits
+from metaproxy.models import BrokerLimits, IdentityKind, SidecarLimits
 from metaproxy.policy import sts_params
 from metaproxy.policy.check_roles import check_roles
 from metaproxy.policy.fields import FileChecker, type_name
@@ -37,7 +37,10 @@ IDENTITY_KEYS = {
     "platform": {"kind", "issuer", "tenant", "apps"},
     "kubernetes": {"kind", "issuer", "namespace", "service_accounts"},
     "spiffe": {"kind", "trust_domain", "apps"},
+    # The broker's --aws-attest-rules name the tenant and app an attested role maps to.
+    "aws": {"kind", "issuer", "tenant", "apps"},
 }
+KINDS = "'platform', 'kubernetes', 'spiffe' or 'aws'"
 SESSION_KEYS = {"name", "source_identity", "tags", "transitive_tag_keys"}
 LIMIT_TABLES: dict[str, type[SidecarLimits] | type[BrokerLimits]] = {
     "sidecar": SidecarLimits,
@@ -48,27 +51,27 @@ LIMIT_TABLES: dict[str, type[SidecarLimits] | type[BrokerLimits]] = {
 def _check_identity(check: FileChecker, raw: object, index: int) -> IdentityRule | None:
     path: FieldPath = ("identities", index)
     kind = raw.get("kind") if isinstance(raw, dict) else None
-    known_kind = kind if isinstance(kind, str) and kind in IDENTITY_KEYS else None
+    known_kind = (
+        cast(IdentityKind, kind) if isinstance(kind, str) and kind in IDENTITY_KEYS else None
+    )
     # With an unknown kind, still report keys that no kind accepts.
     any_kind = set().union(*IDENTITY_KEYS.values())
     entry = check.table(raw, path, IDENTITY_KEYS[known_kind] if known_kind else any_kind)
     if not isinstance(raw, dict):
         return None
     if "kind" not in entry:
-        check.problem((*path, "kind"), "missing; must be 'platform', 'kubernetes' or 'spiffe'")
+        check.problem((*path, "kind"), f"missing; must be {KINDS}")
         return None
     if known_kind is None:
-        check.problem(
-            (*path, "kind"), f"must be 'platform', 'kubernetes' or 'spiffe', not {kind!r}"
-        )
+        check.problem((*path, "kind"), f"must be {KINDS}, not {kind!r}")
         return None
     issuer = check.string(entry, (*path, "issuer"), default="")
-    if kind == "platform":
+    if known_kind in ("platform", "aws"):
         claim = check.string(entry, (*path, "tenant"))
         if "tenant" in entry and not claim:
             check.problem((*path, "tenant"), "must not be empty")
         apps = check.globs(entry, (*path, "apps"))
-        return IdentityRule(index, "platform", issuer, tenant_claim=claim, apps=apps)
+        return IdentityRule(index, known_kind, issuer, tenant_claim=claim, apps=apps)
     if kind == "spiffe":
         domain = check.string(entry, (*path, "trust_domain"))
         if "trust_domain" in entry and trust_domain_problem(domain):

@@ -20,6 +20,8 @@ def _describe(identity: Identity) -> str:
     if identity.kind == "spiffe":
         return f"spiffe identity {identity.subject!r} (app {identity.app!r})"
     claims = f"tenant={identity.tenant!r} app={identity.app!r}"
+    if identity.kind == "aws":
+        return f"aws identity {identity.subject} ({claims})"
     return f"platform identity {claims} from {identity.issuer!r}"
 
 

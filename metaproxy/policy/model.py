@@ -41,8 +41,8 @@ class IdentityRule:
     index: int
     kind: IdentityKind
     issuer: str = ""  # empty: any trusted issuer of this kind
-    tenant_claim: str = ""  # platform tokens: the verified `tenant` claim
-    apps: tuple[str, ...] = ("*",)  # platform tokens: globs on the `app` claim
+    tenant_claim: str = ""  # platform tokens: the verified `tenant` claim (aws: the mapped one)
+    apps: tuple[str, ...] = ("*",)  # platform tokens: globs on the `app` claim (aws: mapped)
     namespace: str = ""  # kubernetes tokens: exact namespace
     service_accounts: tuple[str, ...] = ("*",)  # kubernetes tokens: globs on the SA name
     trust_domain: str = ""  # spiffe tokens: the SPIFFE ID's exact trust domain
@@ -54,7 +54,7 @@ class IdentityRule:
     def matches(self, identity: Identity) -> bool:
         if identity.kind != self.kind or (self.issuer and identity.issuer != self.issuer):
             return False
-        if self.kind == "platform":
+        if self.kind in ("platform", "aws"):
             return identity.tenant == self.tenant_claim and matches_any(identity.app, self.apps)
         if self.kind == "spiffe":
             return identity.issuer == "spiffe://" + self.trust_domain and matches_any(
@@ -149,14 +149,17 @@ def _index_key(kind: IdentityKind, exact: str) -> tuple[IdentityKind, str]:
 
 
 def _rule_key(rule: IdentityRule) -> tuple[IdentityKind, str]:
-    exact = {"platform": rule.tenant_claim, "spiffe": rule.trust_domain}.get(rule.kind)
+    by_kind = {"platform": rule.tenant_claim, "aws": rule.tenant_claim, "spiffe": rule.trust_domain}
+    exact = by_kind.get(rule.kind)
     return _index_key(rule.kind, rule.namespace if exact is None else exact)
 
 
 def _identity_key(identity: Identity) -> tuple[IdentityKind, str]:
     # A SPIFFE identity's issuer is `spiffe://TRUST_DOMAIN`: its trust domain is the exact value.
     spiffe = identity.issuer.removeprefix("spiffe://")
-    exact = {"platform": identity.tenant, "spiffe": spiffe}.get(identity.kind)
+    exact = {"platform": identity.tenant, "aws": identity.tenant, "spiffe": spiffe}.get(
+        identity.kind
+    )
     return _index_key(identity.kind, identity.namespace if exact is None else exact)
 
 

@@ -25,7 +25,7 @@ class LoadedFile:
 def _claims_overlap(a: IdentityRule, b: IdentityRule) -> bool:
     if a.kind != b.kind or (a.issuer and b.issuer and a.issuer != b.issuer):
         return False
-    if a.kind == "platform":
+    if a.kind in ("platform", "aws"):
         key_a, key_b, globs_a, globs_b = a.tenant_claim, b.tenant_claim, a.apps, b.apps
     else:
         key_a, key_b = a.namespace, b.namespace

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from metaproxy.models import Credentials, NodeFacts, SidecarLimits
+from metaproxy.sidecar.attest import AttestationUnavailable, AwsAttestation
 from metaproxy.sidecar.config import SidecarConfig
 from metaproxy.sidecar.identity_token import TokenFacts, token_facts
 from metaproxy.sidecar.trust import CaBundle, CaProblem
@@ -31,9 +32,9 @@ class BrokerError(Exception):
     """The broker said no, or could not be reached. Never carries secrets.
 
     `status` is the broker's HTTP status, 0 when there was no answer; `code` the broker's code or
-    ours (IdentityTokenUnreadable, IdentityTokenEmpty, CaUnreadable, CaInvalid,
-    TlsVerificationFailed, TlsFailed, BrokerUnreachable, BadBrokerReply); `reason` the broker's
-    category for a 401 (expired, bad_signature, …), safe to show the task."""
+    ours (IdentityTokenUnreadable, IdentityTokenEmpty, AttestationUnavailable, CaUnreadable,
+    CaInvalid, TlsVerificationFailed, TlsFailed, BrokerUnreachable, BadBrokerReply); `reason`
+    the broker's category for a 401 (expired, bad_signature, …), safe to show the task."""
 
     def __init__(
         self,
@@ -131,6 +132,10 @@ class BrokerClient:
         self.node_facts: Callable[[], Awaitable[NodeFacts | None]] | None = None
         self.identity: TokenFacts | None = None  # the token file's, as last read
         self._generation = -1
+        # AWS attestation instead of the token file (--identity-source aws-ecs|aws-ec2).
+        self.attestation = (
+            AwsAttestation(config) if config.identity_source != "token-file" else None
+        )
         if config.broker_socket is not None:
             self._http = HttpClient(Endpoint("broker", 0, socket=config.broker_socket))
             self._path = "/v1/credentials"
@@ -153,6 +158,13 @@ class BrokerClient:
         self.identity = token_facts(token)
         return token
 
+    async def _attestation_token(self) -> str:
+        assert self.attestation is not None
+        try:
+            return await self.attestation.token()
+        except AttestationUnavailable as exc:
+            raise BrokerError(0, "AttestationUnavailable", str(exc)) from None
+
     def _tls(self) -> ssl.SSLContext | None:
         if not self._http.endpoint.tls:
             return None
@@ -173,7 +185,7 @@ class BrokerClient:
         node = await self.node_facts() if self.node_facts is not None else None
         if node is not None and node.to_json():
             body["node"] = node.to_json()
-        token = self._identity_token()
+        token = await self._attestation_token() if self.attestation else self._identity_token()
         tls = self._tls()
         headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
         timeout = self._config.broker_timeout
@@ -206,6 +218,8 @@ class BrokerClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        if self.attestation is not None:
+            await self.attestation.aclose()
 
 
 def token_expiry(token: str) -> datetime | None:

@@ -47,6 +47,42 @@ class SidecarConfig:
         default=Path("/var/run/metaproxy/identity.jwt"),
         metadata=doc("the task's identity token (JWT); re-read when the platform rotates it"),
     )
+    identity_source: Literal["token-file", "aws-ecs", "aws-ec2"] = field(
+        default="token-file",
+        metadata=doc(
+            "how the task proves who it is: the token file, or AWS attestation, a "
+            "GetCallerIdentity signed with the credentials ECS's agent (aws-ecs) or the node's "
+            "IMDS (aws-ec2) gives this container, which never reach the application",
+        ),
+    )
+    aws_attest_audience: str = field(
+        default="",
+        metadata=doc(
+            "the broker's --aws-attest-audience, signed into every attestation", metavar="NAME"
+        ),
+    )
+    aws_attest_sts_endpoint: str = field(
+        default="",
+        metadata=doc(
+            "the broker's STS endpoint for attestations; empty: "
+            "https://sts.REGION.amazonaws.com of --aws-attest-region",
+            metavar="URL",
+        ),
+    )
+    aws_attest_region: str = field(
+        default="us-east-1",
+        metadata=doc("the region attestations are signed for", metavar="REGION"),
+    )
+    aws_credentials_url: str = field(
+        default="",
+        metadata=doc(
+            "where the platform serves this container's own credentials, for attestation: "
+            "aws-ecs, their URL (empty: AWS_CONTAINER_CREDENTIALS_FULL_URI or _RELATIVE_URI at "
+            "169.254.170.2, as the SDKs read them); aws-ec2, the IMDS (empty: "
+            "http://169.254.169.254)",
+            metavar="URL",
+        ),
+    )
     role: str = field(
         default="",
         metadata=doc("the role to ask the broker for; empty: the policy's default role"),
@@ -261,6 +297,16 @@ def _validate_sidecar(config: SidecarConfig) -> None:
         raise ConfigError(
             f"--host-metadata-interface: {interface!r} is not auto, none or an interface name"
         )
+    if config.identity_source != "token-file" and not config.aws_attest_audience:
+        raise ConfigError(
+            f"--identity-source {config.identity_source}: needs --aws-attest-audience"
+        )
+    for flag, given in (
+        ("--aws-attest-sts-endpoint", config.aws_attest_sts_endpoint),
+        ("--aws-credentials-url", config.aws_credentials_url),
+    ):
+        if given and urllib.parse.urlsplit(given).scheme not in ("http", "https"):
+            raise ConfigError(f"{flag}: {given!r} is not an http(s) URL")
     mode = config.authorization_token_mode
     if not (len(mode) in (3, 4) and set(mode) <= set("01234567") and int(mode, 8) & ~0o644 == 0):
         raise ConfigError(

@@ -19,6 +19,8 @@ def describe(error: BrokerError, broker: str) -> str:  # noqa: PLR0911 - one lin
     code = error.code
     if code in ("IdentityTokenUnreadable", "IdentityTokenEmpty"):
         return f"identity token file unusable: {error.message}"
+    if code == "AttestationUnavailable":
+        return f"AWS attestation unusable: {error.message}"
     if code in ("CaUnreadable", "CaInvalid"):
         return f"broker CA bundle unusable: {error.message}"
     if code == "TlsVerificationFailed":

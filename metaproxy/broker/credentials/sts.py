@@ -30,9 +30,9 @@ from xml.etree import ElementTree
 
 import aiohttp
 
-from metaproxy.broker.credentials.sigv4 import SigningCredentials, SigV4Signer
 from metaproxy.errors import PackedPolicyTooLarge, StsUnavailable, UpstreamError
 from metaproxy.models import AssumeRoleSpec, Credentials
+from metaproxy.sigv4 import SigningCredentials, SigV4Signer
 
 if TYPE_CHECKING:
     from botocore.credentials import Credentials as AwsCredentials

@@ -1,7 +1,10 @@
-"""AWS Signature Version 4 for the broker's STS calls.
+"""AWS Signature Version 4 for STS calls: the broker's AssumeRole and the sidecar's attestation.
 
 An AssumeRole is a POST of a form body, signed over the content-type, host and x-amz-date
-headers (and x-amz-security-token when the broker's own credentials are temporary). botocore's
+headers (and x-amz-security-token when the broker's own credentials are temporary). A
+sidecar's attestation (`aws_attestation.py`) is a signed GetCallerIdentity that also signs a
+header naming the broker it is meant for. Here, below both processes, because the sidecar may
+import nothing of the broker. botocore's
 `SigV4Auth` produces the same signature (tests/test_sigv4.py signs random requests with both
 and compares), but it builds a general request object and re-derives the signing key, four
 HMACs, on every call; it was a fifth of the broker's CPU under load. The signing key only
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Protocol
 from urllib.parse import quote, urlsplit
@@ -66,9 +70,10 @@ class SigV4Signer:
         content_type: str,
         credentials: SigningCredentials,
         now: datetime | None = None,
+        extra_headers: Mapping[str, str] | None = None,
     ) -> dict[str, str]:
-        """The headers to send: Content-Type, Host, X-Amz-Date, maybe X-Amz-Security-Token, and
-        Authorization."""
+        """The headers to send: Content-Type, Host, X-Amz-Date, maybe X-Amz-Security-Token,
+        `extra_headers` (signed too), and Authorization."""
         if not credentials.access_key or not credentials.secret_key:
             raise ValueError("credentials without an access key or a secret cannot sign")
         moment = (now or datetime.now(UTC)).astimezone(UTC)
@@ -77,6 +82,8 @@ class SigV4Signer:
         headers = {"content-type": content_type, "host": host_header(url), "x-amz-date": timestamp}
         if credentials.token:
             headers["x-amz-security-token"] = credentials.token
+        for name, value in (extra_headers or {}).items():
+            headers[name.lower()] = value
         names = sorted(headers)
         signed_headers = ";".join(names)
         canonical = "\n".join(
@@ -110,6 +117,7 @@ class SigV4Signer:
         }
         if credentials.token:
             sent["X-Amz-Security-Token"] = credentials.token
+        sent.update(extra_headers or {})
         return sent
 
     def _signing_key(self, secret: str, date: str) -> bytes:
