@@ -113,6 +113,9 @@ async def read_status(reader: asyncio.StreamReader) -> int | None:
     return int(lines[0].split()[1])
 
 
+# 2,000 connects at once: beside a parallel run the kernel's accept backlog overflows, dropped
+# SYNs back off for a minute or more, and the test waits on the host rather than the sidecar.
+@pytest.mark.serial
 async def test_leaked_connections_stay_under_the_cap_and_are_reaped(
     start_sidecar: SidecarFactory,
 ) -> None:
