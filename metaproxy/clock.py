@@ -1,9 +1,15 @@
-"""Time comes in through a small protocol so tests can move it without sleeping."""
+"""Time comes in through a small protocol so tests can move it without sleeping.
+
+A component that waits or measures intervals asks its `Clock` (`monotonic`, `sleep`), never
+`time` or `asyncio` directly: a test then runs it on `LoopClock` under the virtual-time event
+loop (`metaproxy.testing.virtual_time`), where a 30 s cool-down passes in no real time at all.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 
@@ -16,6 +22,10 @@ class Clock(Protocol):
         """Seconds on a clock that never goes backwards."""
         ...
 
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds` on this clock."""
+        ...
+
 
 class SystemClock:
     def now(self) -> datetime:
@@ -23,6 +33,34 @@ class SystemClock:
 
     def monotonic(self) -> float:
         return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class LoopClock:
+    """The running event loop's time: real on a real loop, virtual on a virtual-time loop.
+
+    Wall-clock time starts at `start` (now, by default) and moves with the loop's time, so the
+    two clocks stay in step whatever the loop does with time."""
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._start = start or datetime.now(UTC)
+        self._origin: float | None = None
+
+    def now(self) -> datetime:
+        return self._start + timedelta(seconds=self.monotonic() - self._loop_origin())
+
+    def monotonic(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def _loop_origin(self) -> float:
+        if self._origin is None:
+            self._origin = self.monotonic()
+        return self._origin
 
 
 def iso_z(moment: datetime) -> str:

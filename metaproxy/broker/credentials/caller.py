@@ -167,7 +167,7 @@ class StsCaller:
             # A region that did not answer: the retry goes to another one, if any will take it.
             is_down = isinstance(error, StsUnavailable) and not isinstance(error, StsThrottled)
             failed_region = route.region if is_down else None
-            await asyncio.sleep(
+            await self._clock.sleep(
                 full_jitter_backoff(attempt, base=self._backoff_base, cap=self._backoff_cap)
             )
         raise error

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import time
 from typing import Protocol
 
 from metaproxy.broker.config import BrokerConfig
@@ -167,7 +166,7 @@ class FairScheduler(QueuedSource):
             )
             raise
         self.submitted += 1
-        self._arrivals.count(now=time.monotonic())
+        self._arrivals.count(now=self._clock.monotonic())
         self._scale_up_now()
         if shed is not None and not shed.item.future.done():
             shed.item.future.set_exception(
@@ -202,7 +201,7 @@ class FairScheduler(QueuedSource):
         wanted = wanted_workers(load, self.limits)
         if wanted > self.pool.target:
             self.pool.resize(wanted)
-            self._update_drain_rate(time.monotonic())
+            self._update_drain_rate(self._clock.monotonic())
 
     def _update_drain_rate(self, now: float) -> None:
         """What the queue will drain at: the pool as sized now, within the budget. The observed
@@ -237,17 +236,17 @@ class FairScheduler(QueuedSource):
                     return entry.item
 
     async def _handle(self, job: Job) -> None:
-        started = time.monotonic()
+        started = self._clock.monotonic()
         await settle(job, self.caller, budget_taken=True)
-        now = time.monotonic()
+        now = self._clock.monotonic()
         self._item_seconds.update(now - started, now)
         self._completions.count()
 
     async def _autoscale(self) -> None:
         low_since: float | None = None
         while True:
-            await asyncio.sleep(self._tick)
-            now = time.monotonic()
+            await self._clock.sleep(self._tick)
+            now = self._clock.monotonic()
             load = Load(
                 depth=len(self.queue),
                 arrival_rate=self._arrivals.rate(now),
