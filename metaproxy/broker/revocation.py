@@ -209,7 +209,7 @@ class RevocationView:
 
     async def _resync_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._resync_seconds)
+            await self._clock.sleep(self._resync_seconds)
             try:
                 await self._resync_once()
                 self.last_error = ""
