@@ -1,8 +1,9 @@
 """Time comes in through a small protocol so tests can move it without sleeping.
 
-A component that waits or measures intervals asks its `Clock` (`monotonic`, `sleep`), never
-`time` or `asyncio` directly: a test then runs it on `LoopClock` under the virtual-time event
-loop (`metaproxy.testing.virtual_time`), where a 30 s cool-down passes in no real time at all.
+A component that waits or measures intervals asks its clock (`monotonic`; `sleep`, on a
+`WaitingClock`), never `time` or `asyncio` directly: a test then runs it on `LoopClock` under
+the virtual-time event loop (`metaproxy.testing.clocks`), where a 30 s cool-down passes in no
+real time at all.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ class Clock(Protocol):
     def monotonic(self) -> float:
         """Seconds on a clock that never goes backwards."""
         ...
+
+
+class WaitingClock(Clock, Protocol):
+    """A clock a component also waits on (the scheduler's ticks, retry backoffs, the revocation
+    view's re-reads). Its own protocol, so a component that only reads the time still takes
+    any `Clock`, and a test's clock need not know how to wait."""
 
     async def sleep(self, seconds: float) -> None:
         """Wait `seconds` on this clock."""

@@ -30,7 +30,7 @@ from metaproxy.broker.store.base import (
     RevocationStore,
     StoreUnavailable,
 )
-from metaproxy.clock import Clock
+from metaproxy.clock import WaitingClock
 
 log = logging.getLogger("metaproxy.broker.revocation")
 
@@ -52,7 +52,7 @@ class RevocationView:
     def __init__(
         self,
         store: RevocationStore,
-        clock: Clock,
+        clock: WaitingClock,
         *,
         max_staleness: float,
         resync_seconds: float,

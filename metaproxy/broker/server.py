@@ -51,7 +51,7 @@ from metaproxy.broker.store import FleetStore, open_store
 from metaproxy.broker.store.base import Revocation
 from metaproxy.broker.store.sealing import Sealer
 from metaproxy.broker.tls import CertificateReloader
-from metaproxy.clock import Clock, SystemClock
+from metaproxy.clock import Clock, SystemClock, WaitingClock
 from metaproxy.errors import ConfigError
 from metaproxy.identity.verify import IdentityVerifier
 from metaproxy.policy.store import PolicyStore
@@ -66,7 +66,7 @@ class BrokerServer:
         self,
         config: BrokerConfig,
         *,
-        clock: Clock | None = None,
+        clock: WaitingClock | None = None,
         sts: StsClient | None = None,
         scheduler: Scheduler | None = None,
     ) -> None:

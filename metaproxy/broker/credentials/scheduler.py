@@ -44,7 +44,7 @@ from metaproxy.broker.credentials.jobs import (
 from metaproxy.broker.credentials.source import Fetch, Fetched, Priority, Scope
 from metaproxy.broker.credentials.sts import AssumedRole, StsClient
 from metaproxy.broker.store.base import CacheClaim, StsBudget
-from metaproxy.clock import Clock, SystemClock
+from metaproxy.clock import SystemClock, WaitingClock
 from metaproxy.errors import Overloaded, StsUnavailable
 from metaproxy.models import AssumeRoleSpec
 
@@ -78,7 +78,7 @@ class FairScheduler(QueuedSource):
         self,
         sts: StsClient,
         *,
-        clock: Clock | None = None,
+        clock: WaitingClock | None = None,
         workers_min: int = 2,
         workers_max: int = 64,
         budget_per_second: float = 50.0,
@@ -92,7 +92,7 @@ class FairScheduler(QueuedSource):
         tick_seconds: float = 0.25,
         budget: StsBudget | None = None,
     ) -> None:
-        self._clock: Clock = clock or SystemClock()
+        self._clock: WaitingClock = clock or SystemClock()
         self.caller = StsCaller(
             sts,
             budget_per_second=budget_per_second,
@@ -130,7 +130,7 @@ class FairScheduler(QueuedSource):
         cls,
         config: BrokerConfig,
         sts: StsClient,
-        clock: Clock | None = None,
+        clock: WaitingClock | None = None,
         budget: StsBudget | None = None,
     ) -> FairScheduler:
         return cls(
