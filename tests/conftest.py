@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
@@ -17,6 +18,7 @@ import tests.secret_scan
 import tests.support
 from metaproxy.broker.server import BrokerServer
 from metaproxy.sidecar.process import Sidecar
+from metaproxy.testing.clocks import VirtualTimeLoop
 from metaproxy.testing.redis_server import RedisServer, find_server_binary
 from tests.support import (
     REPO,
@@ -38,6 +40,20 @@ os.environ.update(
     AWS_CONFIG_FILE="/nonexistent/config",
     AWS_SHARED_CREDENTIALS_FILE="/nonexistent/credentials",
 )
+
+
+# -- virtual time ---------------------------------------------------------------------------
+# A test marked `virtual_time` runs on `VirtualTimeLoop`: its sleeps, timeouts and
+# `loop.time()` skip ahead instead of waiting. Every other async test runs on asyncio's own
+# loop, as before; each test gets one factory, so no test id changes.
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if item.get_closest_marker("virtual_time") is not None:
+        return {"virtual_time": VirtualTimeLoop}
+    return {"asyncio": asyncio.new_event_loop}
 
 
 # -- what the secret scan (tests/secret_scan.py) looks for ----------------------------------

@@ -16,20 +16,18 @@ from metaproxy.audit import cli as audit_cli
 from metaproxy.audit.query import QueryFilter, parse_time, query_dir, role_matches
 from metaproxy.audit.record import make_record
 from metaproxy.audit.writer import AuditLog
+from metaproxy.testing.clocks import ManualClock
 
 APP = "arn:aws:iam::123456789012:role/services/app"
 DB = "arn:aws:iam::123456789012:role/db"
 
 
-class SteppedClock:
-    """Wall time the test sets; monotonic time that only moves forward."""
+class SteppedClock(ManualClock):
+    """Wall time the test sets; monotonic time that moves a little at every look."""
 
     def __init__(self, start: datetime) -> None:
-        self.moment = start
+        super().__init__(start)
         self.ticks = 0.0
-
-    def now(self) -> datetime:
-        return self.moment
 
     def monotonic(self) -> float:
         self.ticks += 0.001

@@ -1,11 +1,10 @@
-"""Worker autoscaling (the pure sizing policy, and the pool against the real fault proxy),
-the STS call budget, and the circuit breaker's states."""
+"""Worker autoscaling (the pure sizing policy, and the pool under a burst), the STS call
+budget, and the circuit breaker's states, on virtual time (`metaproxy.testing.clocks`)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -19,25 +18,18 @@ from metaproxy.broker.credentials.autoscale import (
 from metaproxy.broker.credentials.budget import CallWindow, budget_limiter
 from metaproxy.broker.credentials.circuit import CircuitBreaker
 from metaproxy.broker.credentials.scheduler import FairScheduler
-from metaproxy.broker.credentials.sts import AsyncSts
-from metaproxy.models import AssumeRoleSpec
-from metaproxy.testing.faultproxy import FaultProxy
+from metaproxy.broker.credentials.sts import AssumedRole, OnSent
+from metaproxy.clock import LoopClock
+from metaproxy.models import AssumeRoleSpec, Credentials
+from metaproxy.testing.clocks import ManualClock
 from metaproxy.testing.recording import max_calls_in_window
 
 LIMITS = ScaleLimits(workers_min=2, workers_max=64, budget_per_second=500.0)
 
 
-class ManualClock:
-    """Monotonic time that moves only when the test says so."""
-
-    def __init__(self) -> None:
-        self.now_seconds = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now_seconds
-
-    def now(self) -> datetime:
-        return datetime.fromtimestamp(self.now_seconds, UTC)
+# The async tests wait on the event loop's clock only (the pool, the budget, the call window):
+# on virtual time their seconds pass in no real time.
+pytestmark = pytest.mark.virtual_time
 
 
 def state_of(breaker: CircuitBreaker) -> str:
@@ -97,7 +89,7 @@ def test_circuit_opens_after_consecutive_failures_and_probes_after_cool_down() -
         breaker.record_failure()
     assert breaker.state == "open" and not breaker.allow() and breaker.rejects_now()
     assert breaker.retry_after() == pytest.approx(5.0)
-    clock.now_seconds += 5.0
+    clock.advance(5.0)
     assert state_of(breaker) == "half_open" and not breaker.rejects_now()
     assert breaker.allow()  # the probe
     assert not breaker.allow()  # only one at a time
@@ -110,7 +102,7 @@ def test_a_failed_probe_opens_the_circuit_again() -> None:
     clock = ManualClock()
     breaker = CircuitBreaker(clock, failure_threshold=1, cool_down=2.0)
     breaker.record_failure()
-    clock.now_seconds += 2.0
+    clock.advance(2.0)
     assert breaker.allow()
     breaker.record_failure()
     assert breaker.state == "open" and breaker.opened == 2
@@ -125,7 +117,6 @@ def test_throttling_does_not_open_the_circuit() -> None:
     assert breaker.state == "closed"
 
 
-@pytest.mark.serial  # asserts a rate the limiter must reach
 async def test_budget_limiter_never_lets_a_full_window_exceed_the_budget() -> None:
     """Even from a full bucket (STS back after an outage), no 1 s window exceeds the budget."""
     limiter = budget_limiter(40.0)
@@ -139,22 +130,42 @@ async def test_budget_limiter_never_lets_a_full_window_exceed_the_budget() -> No
     assert len(times) >= 80  # and it does not starve either
 
 
-@pytest.fixture
-async def slow_sts(sts_url: str) -> AsyncIterator[FaultProxy]:
-    async with FaultProxy(sts_url) as proxy:
-        proxy.set(latency=0.2)
-        yield proxy
+class LatencySts:
+    """STS in the test's event loop: every call takes `latency` seconds, and is counted when it
+    goes out, as the fault proxy counts it."""
+
+    def __init__(self, latency: float) -> None:
+        self.latency = latency
+        self.sent: list[float] = []
+
+    async def assume_role(
+        self,
+        spec: AssumeRoleSpec,
+        *,
+        signed_with: Credentials | None = None,
+        on_sent: OnSent | None = None,
+    ) -> AssumedRole:
+        loop = asyncio.get_running_loop()
+        if on_sent is not None:
+            on_sent()
+        self.sent.append(loop.time())
+        key = f"ASIA{len(self.sent):016d}"
+        await asyncio.sleep(self.latency)
+        expiry = datetime.now(UTC) + timedelta(seconds=spec.duration_seconds)
+        return AssumedRole(Credentials(key, "secret", "token", expiry), f"{spec.role_arn}/s")
+
+    async def aclose(self) -> None:
+        return None
 
 
-async def test_pool_grows_under_a_burst_within_the_budget_then_shrinks(
-    slow_sts: FaultProxy,
-) -> None:
+async def test_pool_grows_under_a_burst_within_the_budget_then_shrinks() -> None:
     """A burst of 120 cold starts at 200 ms STS latency: the pool grows from its floor to what
     the budget can use, every call stays within budget, and the pool later shrinks again."""
     budget = 40.0
-    sts = AsyncSts(endpoint=slow_sts.url, max_connections=32)
+    sts = LatencySts(0.2)
     scheduler = FairScheduler(
         sts,
+        clock=LoopClock(),
         workers_min=1,
         workers_max=32,
         budget_per_second=budget,
@@ -191,9 +202,8 @@ async def test_pool_grows_under_a_burst_within_the_budget_then_shrinks(
     finally:
         watcher.cancel()
         await scheduler.aclose()
-        await sts.aclose()
-    assert slow_sts.stats()["assume_role_calls"] == 120
-    assert slow_sts.max_rate(1.0) <= budget
+    assert len(sts.sent) == 120
+    assert max_calls_in_window(sts.sent, 1.0) <= budget
 
 
 async def test_call_window_holds_calls_past_its_limit_until_the_oldest_leaves() -> None:

@@ -20,6 +20,7 @@ from metaproxy.broker.credentials.sts import AssumedRole, AsyncSts
 from metaproxy.broker.server import BrokerServer
 from metaproxy.errors import Overloaded
 from metaproxy.models import AssumeRoleSpec, Credentials
+from metaproxy.testing.clocks import ManualClock
 from metaproxy.testing.faultproxy import FaultProxy
 from tests.support import Pki, broker_config, issue
 
@@ -68,7 +69,7 @@ async def test_200_concurrent_identical_cold_requests_make_one_assume_role(
 class FunctionSts:
     """The bottom of a credential stack for unit tests: each fetch is `assume()`."""
 
-    def __init__(self, clock: SteppedClock, assume: Callable[[], Awaitable[AssumedRole]]) -> None:
+    def __init__(self, clock: ManualClock, assume: Callable[[], Awaitable[AssumedRole]]) -> None:
         self._clock = clock
         self._assume = assume
 
@@ -91,23 +92,10 @@ def fetch_of(*key: object) -> Fetch:
     return Fetch(spec, "acme", "task")
 
 
-class SteppedClock:
-    """Wall-clock time that moves only when the test says so."""
-
-    def __init__(self) -> None:
-        self.moment = datetime(2026, 1, 1, tzinfo=UTC)
-
-    def now(self) -> datetime:
-        return self.moment
-
-    def monotonic(self) -> float:
-        return self.moment.timestamp()
-
-
 async def test_cached_answers_keep_at_least_half_their_life_while_sts_is_healthy() -> None:
     """1-hour credentials, asked for every minute for 3 hours: every answer has >= 30 minutes
     left, nobody waits for STS on a warm key, and STS is called about once per half-life."""
-    clock = SteppedClock()
+    clock = ManualClock()
     fetches = 0
 
     async def fetch() -> AssumedRole:
@@ -133,7 +121,7 @@ async def test_cached_answers_keep_at_least_half_their_life_while_sts_is_healthy
 
 async def test_a_failing_background_refresh_keeps_serving_the_cached_set() -> None:
     """STS failing at refresh time: callers keep getting the still-valid cached credentials."""
-    clock = SteppedClock()
+    clock = ManualClock()
     healthy = True
 
     async def fetch() -> AssumedRole:
@@ -163,7 +151,7 @@ async def test_a_refused_fetch_leaves_no_reference_cycle_behind() -> None:
     async def refused() -> AssumedRole:
         raise Overloaded("tenant queue full")
 
-    clock = SteppedClock()
+    clock = ManualClock()
     cache = LocalCache(FunctionSts(clock, refused), clock, refresh_fraction=0.5)
 
     gc.collect()

@@ -19,6 +19,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from metaproxy.testing.clocks import ManualClock
 from metaproxy.testing.emulator import StsEmulator
 from metaproxy.testing.faultproxy import FaultProxy
 from metaproxy.testing.recording import max_calls_in_window
@@ -83,19 +84,6 @@ async def post_assume_role(http: aiohttp.ClientSession, url: str) -> int:
     async with http.post(url + "/", data=ASSUME_ROLE_FORM, headers=STS_AUTH_HEADER) as response:
         await response.read()
         return response.status
-
-
-class SteppedClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.at = 100.0
-
-    def now(self) -> datetime:
-        return datetime.fromtimestamp(self.at, UTC)
-
-    def monotonic(self) -> float:
-        return self.at
 
 
 # -- the emulator --------------------------------------------------------------------------
@@ -353,10 +341,10 @@ def test_max_calls_in_window_uses_half_open_windows() -> None:
 
 async def test_max_rate_over_a_driven_timeline(emulator: StsEmulator) -> None:
     """max_rate reports the densest window of the AssumeRole calls the proxy saw."""
-    clock = SteppedClock()
+    clock = ManualClock(datetime.fromtimestamp(100.0, UTC))
     async with FaultProxy(emulator.url, clock=clock) as proxy, aiohttp.ClientSession() as http:
         for at in (100.0, 100.2, 100.9, 101.1, 101.2, 101.3, 101.4, 103.0):
-            clock.at = at
+            clock.moment = datetime.fromtimestamp(at, UTC)
             assert await post_assume_role(http, proxy.url) == 200
         assert proxy.max_rate(1.0) == 5.0  # 100.9 .. 101.4
         assert proxy.max_rate(2.0) == 3.5  # 7 calls in [100.0, 102.0)

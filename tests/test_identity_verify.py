@@ -22,6 +22,7 @@ from metaproxy.errors import ConfigError, Unauthenticated
 from metaproxy.identity.issue import issue_token
 from metaproxy.identity.keys import generate_keypair, jwk_thumbprint, load_private_key, public_jwk
 from metaproxy.identity.verify import IdentityVerifier
+from metaproxy.testing.clocks import ManualClock
 
 NOW = 1_700_000_000.0
 AUDIENCE = "metaproxy-broker"
@@ -30,17 +31,8 @@ ISSUER_B = "https://platform-b.example"
 K8S_ISSUER = "https://kubernetes.default.svc"
 
 
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, at: float) -> None:
-        self.at = at
-
-    def now(self) -> datetime:
-        return datetime.fromtimestamp(self.at, UTC)
-
-    def monotonic(self) -> float:
-        return self.at
+def clock_at(seconds: float) -> ManualClock:
+    return ManualClock(datetime.fromtimestamp(seconds, UTC))
 
 
 def b64(data: bytes) -> str:
@@ -82,12 +74,12 @@ def keys(tmp_path: Path) -> Keys:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(NOW)
+def clock() -> ManualClock:
+    return clock_at(NOW)
 
 
 @pytest.fixture
-def verifier(keys: Keys, clock: FakeClock) -> IdentityVerifier:
+def verifier(keys: Keys, clock: ManualClock) -> IdentityVerifier:
     return IdentityVerifier(
         [
             TrustedIssuer(ISSUER_A, AUDIENCE, keys.a_jwks),
@@ -123,9 +115,7 @@ def test_keygen_issue_verify_round_trip(
         ttl=600,
         now=NOW,
     )
-    verifier = IdentityVerifier(
-        [TrustedIssuer(ISSUER_A, AUDIENCE, jwks_path)], clock=FakeClock(NOW)
-    )
+    verifier = IdentityVerifier([TrustedIssuer(ISSUER_A, AUDIENCE, jwks_path)], clock=clock_at(NOW))
     identity = verifier.verify(token)
     assert jwt.get_unverified_header(token) == {
         "alg": algorithm,
@@ -143,13 +133,13 @@ def test_keygen_issue_verify_round_trip(
 
 
 def test_expired_within_leeway_is_accepted(
-    verifier: IdentityVerifier, keys: Keys, clock: FakeClock
+    verifier: IdentityVerifier, keys: Keys, clock: ManualClock
 ) -> None:
     """A token that expired less than the leeway ago still verifies (clock skew)."""
     token = sign(keys.a_key, platform_claims(exp=int(NOW) + 60))
-    clock.at = NOW + 60 + 29
+    clock.moment = datetime.fromtimestamp(NOW + 60 + 29, UTC)
     assert verifier.verify(token).task == "task-1"
-    clock.at = NOW + 60 + 31
+    clock.moment = datetime.fromtimestamp(NOW + 60 + 31, UTC)
     with pytest.raises(Unauthenticated, match="expired"):
         verifier.verify(token)
 
@@ -295,7 +285,7 @@ def test_alg_must_match_the_key_type_of_the_kid(keys: Keys) -> None:
     es_key, _ = generate_keypair(es_dir, "identity", "ES256")
     token = sign(es_key, claims, kid=kid)
     verifier = IdentityVerifier(
-        [TrustedIssuer(ISSUER_A, AUDIENCE, keys.a_jwks)], clock=FakeClock(NOW)
+        [TrustedIssuer(ISSUER_A, AUDIENCE, keys.a_jwks)], clock=clock_at(NOW)
     )
     with pytest.raises(Unauthenticated, match="pinned EdDSA"):
         verifier.verify(token)
@@ -349,7 +339,7 @@ def k8s_verifier(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> tuple[IdentityVe
     jwks = tmp_path / "k8s.jwks.json"
     kid = write_rsa_jwks(jwks, rsa_key)
     trust = TrustedIssuer(K8S_ISSUER, AUDIENCE, jwks, "kubernetes")
-    return IdentityVerifier([trust], clock=FakeClock(NOW)), kid
+    return IdentityVerifier([trust], clock=clock_at(NOW)), kid
 
 
 def test_kubernetes_token_verifies_to_kubernetes_identity(
@@ -397,7 +387,7 @@ def test_rs256_key_is_not_trusted_for_platform_issuers(
     """RS256 is pinned to kubernetes issuers; a platform issuer with an RSA key refuses it."""
     jwks = tmp_path / "rsa.jwks.json"
     kid = write_rsa_jwks(jwks, rsa_key)
-    verifier = IdentityVerifier([TrustedIssuer(ISSUER_A, AUDIENCE, jwks)], clock=FakeClock(NOW))
+    verifier = IdentityVerifier([TrustedIssuer(ISSUER_A, AUDIENCE, jwks)], clock=clock_at(NOW))
     token = jwt.encode(platform_claims(), rsa_key, algorithm="RS256", headers={"kid": kid})
     with pytest.raises(Unauthenticated, match="only from kubernetes issuers"):
         verifier.verify(token)
@@ -409,7 +399,7 @@ def test_rs256_key_is_not_trusted_for_platform_issuers(
 def test_jwks_rotation_is_picked_up_without_a_new_verifier(tmp_path: Path) -> None:
     """Replacing the JWKS file makes new keys valid and retired keys invalid, no restart."""
     old_key, jwks = generate_keypair(tmp_path, "rot", "EdDSA")
-    verifier = IdentityVerifier([TrustedIssuer(ISSUER_A, AUDIENCE, jwks)], clock=FakeClock(NOW))
+    verifier = IdentityVerifier([TrustedIssuer(ISSUER_A, AUDIENCE, jwks)], clock=clock_at(NOW))
     old_token = sign(old_key, platform_claims())
     assert verifier.verify(old_token).task == "task-1"
 
@@ -424,7 +414,7 @@ def test_jwks_rotation_is_picked_up_without_a_new_verifier(tmp_path: Path) -> No
 def test_broken_jwks_replacement_keeps_last_good_keys(tmp_path: Path) -> None:
     """A JWKS replaced with garbage is ignored; tokens keep verifying with the previous keys."""
     key, jwks = generate_keypair(tmp_path, "rot", "EdDSA")
-    verifier = IdentityVerifier([TrustedIssuer(ISSUER_A, AUDIENCE, jwks)], clock=FakeClock(NOW))
+    verifier = IdentityVerifier([TrustedIssuer(ISSUER_A, AUDIENCE, jwks)], clock=clock_at(NOW))
     token = sign(key, platform_claims())
     jwks.unlink()
     jwks.write_text('{"keys": "not a list"}')
@@ -437,7 +427,7 @@ def test_token_without_kid_is_refused_when_issuer_has_several_keys(tmp_path: Pat
     _, second = generate_keypair(tmp_path / "two", "k", "ES256")
     both = json.loads(jwks.read_text())["keys"] + json.loads(second.read_text())["keys"]
     jwks.write_text(json.dumps({"keys": both}))
-    verifier = IdentityVerifier([TrustedIssuer(ISSUER_A, AUDIENCE, jwks)], clock=FakeClock(NOW))
+    verifier = IdentityVerifier([TrustedIssuer(ISSUER_A, AUDIENCE, jwks)], clock=clock_at(NOW))
     private, _, alg = load_private_key(key)
     assert verifier.verify(sign(key, platform_claims())).task == "task-1"
     with pytest.raises(Unauthenticated, match="no kid"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,10 +64,13 @@ class Issuance:
     answers: list[tuple[float, float, int]] = field(default_factory=list)  # (sent, took, status)
     count: int = 0
 
-    async def run(self, seconds: float, every: float = 0.1) -> None:
+    async def run(
+        self, seconds: float, every: float = 0.1, until: Callable[[], bool] = lambda: False
+    ) -> None:
+        """For `seconds`, or until `until()` holds."""
         pending = []
         deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not until():
             pending.append(asyncio.create_task(self.one()))
             await asyncio.sleep(every)
         await asyncio.gather(*pending)
@@ -142,7 +145,11 @@ async def test_blackholed_region_fails_over_to_the_next_and_calls_return_when_it
         west.set(mode="pass")
         recovered_at = time.monotonic()
         west_before = calls(west)
-        await steady.run(COOL_DOWN + 2.0)
+        # Until the probe that closes the circuit, at most a cool-down away (waiting the whole
+        # cool-down and more every time cost seconds for nothing), then a second for the calls
+        # sent to us-east-1 before it closed to land.
+        await steady.run(COOL_DOWN + 2.0, until=lambda: calls(west) > west_before)
+        await steady.run(1.0)
         back = [t for t in west.assume_role_timeline()[west_before:] if t >= recovered_at]
         assert back, "calls never returned to the first region"
         assert back[0] - recovered_at < COOL_DOWN + 1.0

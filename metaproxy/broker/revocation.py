@@ -30,7 +30,7 @@ from metaproxy.broker.store.base import (
     RevocationStore,
     StoreUnavailable,
 )
-from metaproxy.clock import Clock
+from metaproxy.clock import WaitingClock
 
 log = logging.getLogger("metaproxy.broker.revocation")
 
@@ -52,7 +52,7 @@ class RevocationView:
     def __init__(
         self,
         store: RevocationStore,
-        clock: Clock,
+        clock: WaitingClock,
         *,
         max_staleness: float,
         resync_seconds: float,
@@ -209,7 +209,7 @@ class RevocationView:
 
     async def _resync_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._resync_seconds)
+            await self._clock.sleep(self._resync_seconds)
             try:
                 await self._resync_once()
                 self.last_error = ""

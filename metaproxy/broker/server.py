@@ -64,7 +64,7 @@ from metaproxy.broker.store import FleetStore, open_store
 from metaproxy.broker.store.base import Revocation
 from metaproxy.broker.store.sealing import Sealer
 from metaproxy.broker.tls import CertificateReloader
-from metaproxy.clock import Clock, SystemClock
+from metaproxy.clock import Clock, SystemClock, WaitingClock
 from metaproxy.errors import ConfigError
 from metaproxy.identity.remote_keys import Fetching
 from metaproxy.identity.verify import IdentityVerifier
@@ -81,7 +81,7 @@ class BrokerServer:
         self,
         config: BrokerConfig,
         *,
-        clock: Clock | None = None,
+        clock: WaitingClock | None = None,
         sts: StsClient | None = None,
         scheduler: Scheduler | None = None,
         on_started: Callable[[], None] | None = None,

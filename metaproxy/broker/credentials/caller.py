@@ -23,7 +23,7 @@ from metaproxy.broker.credentials.regions import RegionRoutes, RegionStats, Rout
 from metaproxy.broker.credentials.sts import AssumedRole, StsClient, StsThrottled
 from metaproxy.broker.store.base import BudgetStats, StsBudget
 from metaproxy.broker.store.memory import LocalBudget
-from metaproxy.clock import Clock
+from metaproxy.clock import WaitingClock
 from metaproxy.errors import MetaproxyError, StsUnavailable, UpstreamError
 from metaproxy.models import AssumeRoleSpec, Credentials
 
@@ -76,7 +76,7 @@ class StsCaller:
         *,
         budget_per_second: float,
         breaker: Callable[[], CircuitBreaker],
-        clock: Clock,
+        clock: WaitingClock,
         max_attempts: int = 4,
         call_timeout: float = 10.0,
         backoff_base: float = 0.1,
@@ -167,7 +167,7 @@ class StsCaller:
             # A region that did not answer: the retry goes to another one, if any will take it.
             is_down = isinstance(error, StsUnavailable) and not isinstance(error, StsThrottled)
             failed_region = route.region if is_down else None
-            await asyncio.sleep(
+            await self._clock.sleep(
                 full_jitter_backoff(attempt, base=self._backoff_base, cap=self._backoff_cap)
             )
         raise error

@@ -17,7 +17,7 @@ from metaproxy.broker.credentials.jobs import (
 )
 from metaproxy.broker.credentials.source import Priority
 from metaproxy.broker.credentials.sts import AssumedRole, StsClient
-from metaproxy.clock import Clock, SystemClock
+from metaproxy.clock import SystemClock, WaitingClock
 from metaproxy.models import AssumeRoleSpec
 
 
@@ -30,7 +30,7 @@ class FixedPoolScheduler(QueuedSource):
         *,
         workers: int = 20,
         budget_per_second: float = 50.0,
-        clock: Clock | None = None,
+        clock: WaitingClock | None = None,
         max_attempts: int = 4,
         call_timeout: float = 10.0,
     ) -> None:

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import time
 from typing import Protocol
 
 from metaproxy.broker.config import BrokerConfig
@@ -45,7 +44,7 @@ from metaproxy.broker.credentials.jobs import (
 from metaproxy.broker.credentials.source import Fetch, Fetched, Priority, Scope
 from metaproxy.broker.credentials.sts import AssumedRole, StsClient
 from metaproxy.broker.store.base import CacheClaim, StsBudget
-from metaproxy.clock import Clock, SystemClock
+from metaproxy.clock import SystemClock, WaitingClock
 from metaproxy.errors import Overloaded, StsUnavailable
 from metaproxy.models import AssumeRoleSpec
 
@@ -79,7 +78,7 @@ class FairScheduler(QueuedSource):
         self,
         sts: StsClient,
         *,
-        clock: Clock | None = None,
+        clock: WaitingClock | None = None,
         workers_min: int = 2,
         workers_max: int = 64,
         budget_per_second: float = 50.0,
@@ -93,7 +92,7 @@ class FairScheduler(QueuedSource):
         tick_seconds: float = 0.25,
         budget: StsBudget | None = None,
     ) -> None:
-        self._clock: Clock = clock or SystemClock()
+        self._clock: WaitingClock = clock or SystemClock()
         self.caller = StsCaller(
             sts,
             budget_per_second=budget_per_second,
@@ -131,7 +130,7 @@ class FairScheduler(QueuedSource):
         cls,
         config: BrokerConfig,
         sts: StsClient,
-        clock: Clock | None = None,
+        clock: WaitingClock | None = None,
         budget: StsBudget | None = None,
     ) -> FairScheduler:
         return cls(
@@ -167,7 +166,7 @@ class FairScheduler(QueuedSource):
             )
             raise
         self.submitted += 1
-        self._arrivals.count(now=time.monotonic())
+        self._arrivals.count(now=self._clock.monotonic())
         self._scale_up_now()
         if shed is not None and not shed.item.future.done():
             shed.item.future.set_exception(
@@ -202,7 +201,7 @@ class FairScheduler(QueuedSource):
         wanted = wanted_workers(load, self.limits)
         if wanted > self.pool.target:
             self.pool.resize(wanted)
-            self._update_drain_rate(time.monotonic())
+            self._update_drain_rate(self._clock.monotonic())
 
     def _update_drain_rate(self, now: float) -> None:
         """What the queue will drain at: the pool as sized now, within the budget. The observed
@@ -237,17 +236,17 @@ class FairScheduler(QueuedSource):
                     return entry.item
 
     async def _handle(self, job: Job) -> None:
-        started = time.monotonic()
+        started = self._clock.monotonic()
         await settle(job, self.caller, budget_taken=True)
-        now = time.monotonic()
+        now = self._clock.monotonic()
         self._item_seconds.update(now - started, now)
         self._completions.count()
 
     async def _autoscale(self) -> None:
         low_since: float | None = None
         while True:
-            await asyncio.sleep(self._tick)
-            now = time.monotonic()
+            await self._clock.sleep(self._tick)
+            now = self._clock.monotonic()
             load = Load(
                 depth=len(self.queue),
                 arrival_rate=self._arrivals.rate(now),
