@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -242,3 +243,12 @@ async def start_sidecar_process(
         ready_file=directory / "sidecar.ready",
         log_file=directory / "sidecar.log",
     )
+
+
+def assert_promtool_passes(promtool: str, path: Path, test: dict[str, Any]) -> None:
+    """Run `promtool test rules` on `test` (a rule test file's content), written to `path`."""
+    path.write_text(json.dumps(test))  # JSON is YAML
+    result = subprocess.run(
+        [promtool, "test", "rules", str(path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

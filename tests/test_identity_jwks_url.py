@@ -5,10 +5,8 @@ kids."""
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -28,7 +26,15 @@ from metaproxy.identity.remote_keys import Fetching
 from metaproxy.identity.verify import IdentityVerifier
 from tests.oidc_issuer import LocalIssuer
 from tests.secret_scan import ISSUED
-from tests.support import Pki, audit_records, broker_config, issue, scrape, value
+from tests.support import (
+    Pki,
+    assert_promtool_passes,
+    audit_records,
+    broker_config,
+    issue,
+    scrape,
+    value,
+)
 
 AUDIENCE = "metaproxy-broker"
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,12 +309,7 @@ def assert_stale_keys_alert_fires(tmp_path: Path, issuer_url: str, scraped_age: 
             }
         ],
     }
-    path = tmp_path / "jwks_alert_test.yaml"
-    path.write_text(json.dumps(test))  # JSON is YAML
-    result = subprocess.run(
-        [promtool, "test", "rules", str(path)], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_promtool_passes(promtool, tmp_path / "jwks_alert_test.yaml", test)
 
 
 async def test_a_refused_document_keeps_the_last_good_keys(issuer: LocalIssuer) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -42,7 +41,7 @@ from metaproxy.clock import SystemClock
 from metaproxy.testing.redis_server import RedisServer
 from tests.conftest import record_broker_secrets
 from tests.fleet_support import Fleet, ask, control, store_key_file
-from tests.support import Pki, audit_records, issue, scrape, value
+from tests.support import Pki, assert_promtool_passes, audit_records, issue, scrape, value
 
 ROOT = Path(__file__).resolve().parents[1]
 INTEGRITY = "metaproxy_broker_revocation_integrity_events_total"
@@ -167,12 +166,7 @@ def assert_alert_fires(tmp_path: Path, event: str, scraped: float) -> None:
             }
         ],
     }
-    path = tmp_path / "integrity_test.yaml"
-    path.write_text(json.dumps(test))  # JSON is YAML
-    result = subprocess.run(
-        [promtool, "test", "rules", str(path)], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_promtool_passes(promtool, tmp_path / "integrity_test.yaml", test)
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,7 @@ the alert fires on the sidecar's own exposition."""
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -19,7 +17,14 @@ from metaproxy.broker.server import BrokerServer
 from metaproxy.clock import iso_z
 from metaproxy.sidecar.identity_token import token_facts
 from metaproxy.sidecar.process import Sidecar
-from tests.support import Pki, broker_config, issue, sidecar_config, wait_ready
+from tests.support import (
+    Pki,
+    assert_promtool_passes,
+    broker_config,
+    issue,
+    sidecar_config,
+    wait_ready,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 REMAINING = "metaproxy_sidecar_identity_remaining_seconds"
@@ -139,9 +144,4 @@ def assert_identity_alert_fires(tmp_path: Path, sample_line: str) -> None:
             }
         ],
     }
-    path = tmp_path / "identity_alert_test.yaml"
-    path.write_text(json.dumps(test))  # JSON is YAML
-    result = subprocess.run(
-        [promtool, "test", "rules", str(path)], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert_promtool_passes(promtool, tmp_path / "identity_alert_test.yaml", test)
