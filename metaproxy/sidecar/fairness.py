@@ -92,8 +92,12 @@ class FairShare:
         else:
             mine = use.decayed(now)
             floor = burst * RESERVE if mine >= rate * DECAY_SECONDS / len(pod.use) else 0.0
-        use.decayed(now)
-        use.amount += 1.0  # what it asked for, served or not
+        # What it asked for, served or not (`_Use.decayed` inlined: this runs on every request).
+        if now > use.updated:
+            use.amount = use.amount * math.exp((use.updated - now) / DECAY_SECONDS) + 1.0
+            use.updated = now
+        else:
+            use.amount += 1.0
         if bucket.tokens - 1.0 >= floor:
             bucket.tokens -= 1.0
             return 0.0
