@@ -90,6 +90,7 @@ class HttpProtocol(asyncio.Protocol):
         self._handler = handler
         self._server = server  # the Server header's value; "" sends none
         self._tracker = tracker
+        tracker.date_line(server)  # this server's Date line is kept from now on (`_write`)
         self._limits = tracker.limits
         self._error_page = error_page
         self._loop = asyncio.get_running_loop()
@@ -403,7 +404,7 @@ class HttpProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
-        date_line = self._tracker.date_line(self._server)
+        date_line = self._tracker.date_lines[self._server]
         if keep_alive and request.method != "HEAD":
             transport.write(response.keep_alive_bytes(date_line, request.extra_head))
             self._answered = self._tracker.last_answer = self._loop.time()
