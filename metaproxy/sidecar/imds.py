@@ -157,11 +157,14 @@ def _kept_answer(state: SidecarState, path: str) -> Response | None:
     document, if it may still be served as it is): a repeated request is one lookup, not a
     walk of the tree."""
     keeper = state.keeper
-    grant = keeper.current()
+    grant = keeper.serving()  # usually there is one to serve: then it is the current one too
+    serving = grant is not None
     if grant is None:
-        return None
+        grant = keeper.current()
+        if grant is None:
+            return None
     kept = state.imds_view(grant).answers.get(path)
-    if kept is None or (kept[1] and keeper.serving() is not grant):
+    if kept is None or (kept[1] and not serving):
         return None
     return kept[0]
 
