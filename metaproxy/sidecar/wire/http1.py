@@ -196,16 +196,16 @@ class HttpProtocol(asyncio.Protocol):
         self.deadline = self._loop.time() + self._limits.header_timeout
 
     def data_received(self, data: bytes) -> None:
-        # Any byte after an idle spell starts the head deadline, even bytes the parser skips
-        # (blank lines before a request line), so they cannot keep a connection alive for free.
-        if self.idle:
-            self._start_head()
         between_messages = not self._in_message
         if between_messages:
             repeat = self._repeat
             if repeat is not None and self._repeated(repeat, data):
-                return
+                return  # whole requests: no head deadline to start
             self._completed = 0
+        # Any byte after an idle spell starts the head deadline, even bytes the parser skips
+        # (blank lines before a request line), so they cannot keep a connection alive for free.
+        if self.idle:
+            self._start_head()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
