@@ -8,7 +8,8 @@ answer the same two requests (the "faces"):
   on every answer;
 - `container`: the container endpoint's secret path (`--container-credentials-path`, no header).
 The servers:
-- the sidecar, credentials cached (the hot path: one lookup, one write of prepared bytes);
+- the sidecar, credentials cached (the hot path: a repeated request recognised by its bytes,
+  the rate limit, the token's check, one lookup, one write of prepared bytes);
 - the stack limit (`bench/stack_limit.py`): uvloop + an asyncio.Protocol + httptools, writing
   for every request exactly the bytes the sidecar sent for it (captured once from the running
   sidecar; Date kept fresh), its own process, pinned as the sidecar is;

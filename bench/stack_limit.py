@@ -4,7 +4,10 @@ nothing else. Every request on a listener gets the same prepared bytes, written 
 `bench/sidecar.py` captures the sidecar's whole answer to the benchmarked request (status line,
 headers, body) and starts this server with it, pinned and loaded as the sidecar is: the sidecar's
 rate over this one's is the share of the stack's limit the sidecar reaches. The parser is fed
-every byte, as the sidecar's is, but keeps no URL or headers: reading them is the sidecar's cost.
+every byte but keeps no URL or headers: reading them is the sidecar's cost. (The sidecar feeds
+its parser a request once per connection and recognises its repeats by their bytes,
+`http1._Repeat`; what that saves it is the parser's callbacks into Python, which this server
+does not have: llhttp's own pass over a request is a small part of either's cost.)
 Each answer is one `transport.write`, as the sidecar's is; uvloop sends it at once when nothing
 is queued, so a pipelined batch costs both servers one send per answer.
 

@@ -201,6 +201,76 @@ async def test_second_request_head_also_has_a_deadline(server: Running) -> None:
     assert "header_timeout" in server.rejects
 
 
+async def read_answers(reader: asyncio.StreamReader, count: int) -> bytes:
+    data = b""
+    while data.count(b"HTTP/1.1 ") < count:
+        data += await asyncio.wait_for(reader.read(65536), 3)
+    return data
+
+
+async def test_a_repeated_request_is_answered_as_often_as_it_is_sent(server: Running) -> None:
+    """The same request sent again, alone and then pipelined four at once, gets an answer each
+    time, and the handler sees every one of them."""
+    request = b"GET /same HTTP/1.1\r\nHost: x\r\nX-Aws-Ec2-Metadata-Token: t\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    for _ in range(3):
+        writer.write(request)
+        await read_answers(reader, 1)
+    writer.write(request * 4)
+    answers = await read_answers(reader, 4)
+    writer.close()
+    assert answers.count(b"ok:/same") == 4
+    assert [seen.path for seen in server.seen] == ["/same"] * 7
+    assert all(seen.headers["x-aws-ec2-metadata-token"] == "t" for seen in server.seen)
+
+
+async def test_a_request_like_the_last_but_not_the_same_is_read_afresh(server: Running) -> None:
+    """After a request, one of the same length with another path, the same request split over
+    two reads, and a mix of the two pipelined are each answered for what they are."""
+    first, other = b"GET /aaaa HTTP/1.1\r\n\r\n", b"GET /bbbb HTTP/1.1\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(first)
+    await read_answers(reader, 1)
+    writer.write(other)
+    assert b"ok:/bbbb" in await read_answers(reader, 1)
+    writer.write(other[:9])
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    writer.write(other[9:])
+    assert b"ok:/bbbb" in await read_answers(reader, 1)
+    writer.write(other + first)
+    mixed = await read_answers(reader, 2)
+    writer.close()
+    assert mixed.index(b"ok:/bbbb") < mixed.index(b"ok:/aaaa")
+    assert [seen.path for seen in server.seen] == ["/aaaa", "/bbbb", "/bbbb", "/bbbb", "/aaaa"]
+
+
+async def test_a_repeated_request_asking_to_close_closes(server: Running) -> None:
+    """A request with `Connection: close`, however often it came before, gets its answer and
+    then the connection closes."""
+    closing = b"GET /c HTTP/1.1\r\nConnection: close\r\n\r\n"
+    for _ in range(2):
+        answer = await exchange(server.port, closing)
+        assert b"Connection: close" in answer
+        assert answer.endswith(b"ok:/c")
+
+
+async def test_after_repeated_requests_a_trickled_head_still_has_its_deadline(
+    server: Running,
+) -> None:
+    """A connection that repeated one request still has to send its next head in time."""
+    request = b"GET / HTTP/1.1\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    for _ in range(3):
+        writer.write(request * 2)
+        await read_answers(reader, 2)
+    writer.write(request[:8])  # and never the rest
+    answer = await asyncio.wait_for(reader.read(), 3)
+    writer.close()
+    assert status_of(answer) == 408
+    assert "header_timeout" in server.rejects
+
+
 async def test_closed_connection_is_freed_without_the_collector(server: Running) -> None:
     """A closed connection's protocol and parser go with its last reference, not at the
     collector's next full pass (which a pod may not see for hours)."""

@@ -38,22 +38,26 @@ def data_plane(state: SidecarState, face: Face, listener: str) -> Handler:
     DNS-rebinding check, then the face's own handler, with every answer counted and timed by
     path class and listener. No framework in between: this is the hot path."""
     handle, metrics, keeper, limiters = face.handle, state.metrics, state.keeper, state.limiters
+    hosts, answered, clock = state.hosts, metrics.answered, time.perf_counter
     rate_limited = metrics.rejected.labels("rate_limited")
-    classes: dict[str, RateClass] = {}  # by request path: an SDK asks the same few paths
+    # By request path (an SDK asks the same few paths): its rate class and that class's limiter.
+    classes: dict[str, tuple[RateClass, FairShare]] = {}
 
     def dispatch(request: Request) -> Response | Awaitable[Response]:
-        started = time.perf_counter()
-        rate_class = classes.get(request.path)
-        if rate_class is None:
+        started = clock()
+        found = classes.get(request.path)
+        if found is None:
             if len(classes) >= MAX_CACHED_PATHS:
                 classes.clear()
-            rate_class = classes[request.path] = face.rate_class(request.path)
+            rate_class = face.rate_class(request.path)
+            share = limiters.get(rate_class.name)
+            if share is None:
+                share = limiters[rate_class.name] = FairShare()
+            found = classes[request.path] = (rate_class, share)
+        rate_class, share = found
         cls = rate_class.name
         grant = keeper.current()
         limits = grant.limits if grant is not None else _DEFAULT_LIMITS
-        share = limiters.get(cls)
-        if share is None:
-            share = limiters[cls] = FairShare()
         wait = share.take(request.connection, rate_class.rate(limits), limits.burst)
         if wait:
             throttled = face.too_many(max(1, round(wait)))
@@ -62,12 +66,14 @@ def data_plane(state: SidecarState, face: Face, listener: str) -> Handler:
             # the sidecar failing it, so the availability and latency SLOs leave it out.
             instrument.count_request(metrics, "throttled", throttled.status, started, listener)
             return _tarpit(throttled)
-        if state.hosts.refuses(request.headers):
+        if hosts.refuses(request.headers):
             instrument.count_request(metrics, cls, 403, started, listener)
             return face.refused
         answer = handle(state, request)
         if isinstance(answer, Response):
-            instrument.count_request(metrics, cls, answer.status, started, listener)
+            count, timing = answered(cls, answer.status, listener)
+            count.value += 1
+            timing.observe(clock() - started)
             return answer
         return instrument.counted(metrics, answer, cls, started, listener)
 

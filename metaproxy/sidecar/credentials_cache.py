@@ -85,6 +85,7 @@ class CredentialKeeper:
         self._client = client
         self._config = config
         self._clock = clock
+        self._monotonic = clock.monotonic  # bound once: read on every request
         self._on_grant = on_grant
         self._grant: Grant | None = None
         self._read_at = float("-inf")  # monotonic time of the last wall-clock reading
@@ -123,7 +124,7 @@ class CredentialKeeper:
 
     def _left(self, grant: Grant) -> float:
         """Seconds until `grant` expires (negative past it)."""
-        now = self._clock.monotonic()
+        now = self._monotonic()
         if now - self._read_at >= WALL_CLOCK_SECONDS:
             self._read_at = now
             self._left_then = grant.credentials.seconds_left(self._clock.now())

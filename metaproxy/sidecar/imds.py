@@ -110,9 +110,13 @@ _TOKEN_NOT_ALLOWED = not_allowed("OPTIONS, PUT")
 _METADATA_NOT_ALLOWED = not_allowed("GET, HEAD")
 
 
+_TTL_LINE = b"X-Aws-Ec2-Metadata-Token-Ttl-Seconds: %d\r\n"
+_UNAUTHORIZED = aws_error(401)
+
+
 def ttl_line(seconds: int) -> bytes:
     """The header EC2 puts on every answer to a request with a token: its remaining TTL."""
-    return b"X-Aws-Ec2-Metadata-Token-Ttl-Seconds: %d\r\n" % seconds
+    return _TTL_LINE % seconds
 
 
 def handle(state: SidecarState, request: Request) -> Response | Awaitable[Response]:
@@ -127,10 +131,10 @@ def handle(state: SidecarState, request: Request) -> Response | Awaitable[Respon
     if token is not None:
         left = None if TOKEN_HEADER in request.duplicate_headers else state.tokens.remaining(token)
         if left is None:
-            return aws_error(401)
-        request.extra_head = ttl_line(left)
+            return _UNAUTHORIZED
+        request.extra_head = _TTL_LINE % left  # `ttl_line`, inlined: every answer has it
     elif state.config.imds_v1 != "allow":
-        return aws_error(401)
+        return _UNAUTHORIZED
     return _kept_answer(state, path) or _metadata(state, path)
 
 
@@ -150,12 +154,17 @@ def _token(request: Request, state: SidecarState) -> Response:
 
 def _kept_answer(state: SidecarState, path: str) -> Response | None:
     """The current view's answer to `path` if it was asked before (and, for a credential
-    document, if it may still be served as it is)."""
-    grant = state.keeper.current()
+    document, if it may still be served as it is): a repeated request is one lookup, not a
+    walk of the tree."""
+    keeper = state.keeper
+    grant = keeper.serving()  # usually there is one to serve: then it is the current one too
+    serving = grant is not None
     if grant is None:
-        return None
+        grant = keeper.current()
+        if grant is None:
+            return None
     kept = state.imds_view(grant).answers.get(path)
-    if kept is None or (kept[1] and state.keeper.serving() is not grant):
+    if kept is None or (kept[1] and not serving):
         return None
     return kept[0]
 

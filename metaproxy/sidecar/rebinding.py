@@ -29,9 +29,20 @@ class HostCheck:
     def __init__(self, allowed: tuple[str, ...]) -> None:
         self.allowed = tuple(h.strip().lower().removesuffix(".") for h in allowed)
         self._seen: dict[str, bool] = {}
+        # The last headers judged, and the verdict: a repeated request comes with the very same
+        # headers object (`http1`'s repeats), and is judged as it was.
+        self._last: tuple[dict[str, str], bool] | None = None
 
     def refuses(self, headers: dict[str, str]) -> bool:
         """True when the request must be refused: a browser's markers, or a Host not ours."""
+        last = self._last
+        if last is not None and last[0] is headers:
+            return last[1]
+        refused = self._judge(headers)
+        self._last = (headers, refused)
+        return refused
+
+    def _judge(self, headers: dict[str, str]) -> bool:
         if has_browser_markers(headers):
             return True
         host = headers.get("host")

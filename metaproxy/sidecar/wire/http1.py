@@ -17,6 +17,12 @@ every connection's deadline, the Date line, the drain) and `flow` (when a connec
 The hot path is a cached answer to the same request, over and over: a response's whole bytes
 (status, Server and Date, its headers, its body) are kept for the current second, request
 paths are decoded once, and no per-request object is made that a kept one can stand in for.
+A client asks the same request again and again (an SDK polling, a tool looping), so a
+connection remembers its last request's bytes once the parser has read them (`_Repeat`): a
+read that holds nothing but those bytes, once or several times pipelined, is those requests
+again, and is answered without feeding the parser — bytes it has already judged, that it would
+judge the same way from the same state (between two messages). The parser's callbacks were
+half of the cost of an answer.
 """
 
 from __future__ import annotations
@@ -48,15 +54,29 @@ class _Reject(Exception):
         self.reason = reason
 
 
+class _Repeat(typing.NamedTuple):
+    """A connection's last request, if a read held nothing else (see the module's docstring):
+    its bytes and what the parser made of them. Only a body-less, kept-alive request."""
+
+    raw: bytes
+    method: str
+    path: str
+    headers: dict[str, str]  # shared by every repeat: read-only for handlers
+    duplicates: frozenset[str]
+
+
+MAX_REPEAT_BYTES = 4096  # a read longer than this is not remembered (a pod holds many connections)
+
+
 class HttpProtocol(asyncio.Protocol):
     """One connection. Requests are answered in order; a pipelined burst is bounded."""
 
     # Slots: one of these per open connection, and a pod may hold hundreds.
     __slots__ = (
-        "_answered", "_body_bytes", "_busy", "_client", "_duplicates", "_error_page", "_flow",
-        "_had_head", "_handler", "_header_bytes", "_headers", "_limits", "_loop", "_parser",
-        "_queue", "_server", "_tracker", "_transport", "_url", "deadline", "number",
-        "reading_body", "reading_head",
+        "_answered", "_body_bytes", "_busy", "_client", "_completed", "_duplicates", "_error_page",
+        "_flow", "_had_head", "_handler", "_header_bytes", "_headers", "_in_message", "_last",
+        "_limits", "_loop", "_parser", "_queue", "_repeat", "_server", "_tracker", "_transport",
+        "_url", "deadline", "number", "reading_body", "reading_head",
     )  # fmt: skip
     _flow: FlowControl  # from connection_made on
 
@@ -70,6 +90,7 @@ class HttpProtocol(asyncio.Protocol):
         self._handler = handler
         self._server = server  # the Server header's value; "" sends none
         self._tracker = tracker
+        tracker.date_line(server)  # this server's Date line is kept from now on (`_write`)
         self._limits = tracker.limits
         self._error_page = error_page
         self._loop = asyncio.get_running_loop()
@@ -86,6 +107,10 @@ class HttpProtocol(asyncio.Protocol):
         # once locked every other container of a pod out of its credentials.
         self.reading_body = False
         self._had_head = False
+        self._in_message = False  # the parser is inside a message (between begin and complete)
+        self._completed = 0  # messages completed by the current read
+        self._last: _Repeat | None = None  # the last message completed, if it may repeat
+        self._repeat: _Repeat | None = None
         self._reset_message()
 
     # -- connection ---------------------------------------------------------------------
@@ -171,6 +196,12 @@ class HttpProtocol(asyncio.Protocol):
         self.deadline = self._loop.time() + self._limits.header_timeout
 
     def data_received(self, data: bytes) -> None:
+        between_messages = not self._in_message
+        if between_messages:
+            repeat = self._repeat
+            if repeat is not None and self._repeated(repeat, data):
+                return  # whole requests: no head deadline to start
+            self._completed = 0
         # Any byte after an idle spell starts the head deadline, even bytes the parser skips
         # (blank lines before a request line), so they cannot keep a connection alive for free.
         if self.idle:
@@ -186,6 +217,50 @@ class HttpProtocol(asyncio.Protocol):
             reject = exc if isinstance(exc, _Reject) else exc.__context__
             self._tracker.on_reject("bad_request")
             self._fail(reject.status if isinstance(reject, _Reject) else 400)
+            return
+        if between_messages and self._completed and not self._in_message:
+            self._remember(data)
+
+    def _repeated(self, repeat: _Repeat, data: bytes) -> bool:
+        """Whether `data` is the connection's last request again, once or more; if so, those
+        requests are taken as the parser would have taken them."""
+        raw = repeat.raw
+        if data != raw:
+            count, rest = divmod(len(data), len(raw))
+            if rest or count < 2 or data != raw * count:
+                return False
+        else:
+            count = 1
+        # A whole head in one read: its deadline is met.
+        self.reading_head = False
+        self._had_head = True
+        self.deadline = float("inf")
+        queue, client, number = self._queue, self._client, self.number
+        for _ in range(count):
+            request = Request(
+                repeat.method, repeat.path, repeat.headers, client, repeat.duplicates, number
+            )
+            queue.append((request, True))
+        if len(queue) >= MAX_PIPELINED and self._transport is not None:
+            self._flow.pause_reading()
+        if self._busy is None:
+            self._drain_queue()
+        return True
+
+    def _remember(self, data: bytes) -> None:
+        """After a read that ended between two messages: if it held nothing but copies of one
+        body-less, kept-alive request, remember that request's bytes (`_repeated`)."""
+        last, count = self._last, self._completed
+        self._repeat = None
+        if last is None or len(data) > MAX_REPEAT_BYTES or self._transport is None:
+            return
+        size, rest = divmod(len(data), count)
+        if rest:
+            return
+        raw = data[:size] if count > 1 else data
+        if count > 1 and data != raw * count:
+            return
+        self._repeat = last._replace(raw=raw)
 
     # -- parser callbacks ---------------------------------------------------------------
 
@@ -197,6 +272,7 @@ class HttpProtocol(asyncio.Protocol):
         self._body_bytes = 0
 
     def on_message_begin(self) -> None:
+        self._in_message = True
         self._reset_message()
         # A pipelined head that starts while an earlier request is being answered has the
         # deadline too (data_received only starts it on an idle connection).
@@ -241,7 +317,10 @@ class HttpProtocol(asyncio.Protocol):
             raise _Reject(413, "body")
 
     def on_message_complete(self) -> None:
-        if self.reading_body:
+        self._in_message = False
+        self._completed += 1
+        had_body = self.reading_body
+        if had_body:
             self.reading_body = False
             self.deadline = float("inf")
         method = self._parser.get_method()
@@ -260,7 +339,24 @@ class HttpProtocol(asyncio.Protocol):
             frozenset(self._duplicates) if self._duplicates else _NO_DUPLICATES,
             self.number,
         )
-        self._queue.append((request, self._parser.should_keep_alive()))
+        keep_alive = self._parser.should_keep_alive()
+        headers = self._headers
+        may_repeat = (
+            keep_alive
+            and not had_body
+            and "content-length" not in headers
+            and "transfer-encoding" not in headers
+        )
+        self._last = (
+            _Repeat(b"", request.method, path, headers, request.duplicate_headers)
+            if may_repeat
+            else None
+        )
+        self._take(request, keep_alive)
+
+    def _take(self, request: Request, keep_alive: bool) -> None:
+        """A whole request read: queue it, answer it if it is next."""
+        self._queue.append((request, keep_alive))
         if len(self._queue) >= MAX_PIPELINED and self._transport is not None:
             self._flow.pause_reading()
         if self._busy is None:
@@ -308,7 +404,7 @@ class HttpProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
-        date_line = self._tracker.date_line(self._server)
+        date_line = self._tracker.date_lines[self._server]
         if keep_alive and request.method != "HEAD":
             transport.write(response.keep_alive_bytes(date_line, request.extra_head))
             self._answered = self._tracker.last_answer = self._loop.time()
