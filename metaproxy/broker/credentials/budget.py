@@ -24,9 +24,10 @@ from aiolimiter import AsyncLimiter
 WINDOW_MARGIN = 0.06
 # A budget slot woken up later than this is not used (a call sent late bunches with the calls
 # on time after it). Late calls add at most this share of a second's rate to any one second at
-# STS: with the fleet budget's margin and burst tolerance, 0.94 + 0.04 + 0.01 of the budget
-# (297 of 300), leaving room for the time between a slot and the call's arrival at STS.
-LATE_SLOT_SECONDS = 0.04
+# STS: with the fleet budget's margin and burst tolerance (store/redis_budget.py), 0.94 + 0.03
+# + 0.02 of the budget (297 of 300), leaving room for the time between a slot and the call's
+# arrival at STS.
+LATE_SLOT_SECONDS = 0.03
 
 
 def budget_limiter(calls_per_second: float) -> AsyncLimiter:
