@@ -21,6 +21,7 @@ import aiohttp
 import boto3
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from metaproxy.aws_attestation import (
     AUDIENCE_HEADER,
@@ -381,6 +382,42 @@ async def test_a_fresh_attestation_is_forwarded_once_and_issued(
     assert status == 200, body
     assert (body["tenant"], body["task"]) == ("acme", stack.role.task_id)
     assert calls_signed_by(stack.proxy, stack.role.access_key) == 1
+
+
+async def attestation_counts(
+    https: aiohttp.ClientSession, broker: BrokerServer
+) -> dict[str, float]:
+    """`result/reason` -> value of metaproxy_broker_aws_attestations_total, as scraped."""
+    async with https.get(broker.admin_url + "/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    return {
+        f"{sample.labels['result']}/{sample.labels['reason']}": sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "metaproxy_broker_aws_attestations_total"
+    }
+
+
+async def test_the_broker_counts_attestations_by_result_and_reason(
+    stack: Stack, https: aiohttp.ClientSession
+) -> None:
+    """One good attestation and one replayed too late: /metrics counts 1 ok and 1 refused as
+    expired, every other reason at 0."""
+    before = await attestation_counts(https, stack.broker)
+    assert before and set(before.values()) == {0.0}
+    late = datetime.now(UTC) - timedelta(seconds=MAX_AGE + 30)
+    answers = [
+        await post(https, stack.broker, token)
+        for token in (signed_by_task_role(stack), signed_by_task_role(stack, now=late))
+    ]
+    assert [status for status, _body in answers] == [200, 401]
+    after = await attestation_counts(https, stack.broker)
+    assert {key: value for key, value in after.items() if value} == {
+        "ok/": 1.0,
+        "refused/expired": 1.0,
+    }
+    assert {"unavailable/", "refused/wrong_audience", "refused/bad_signature"} <= set(after)
 
 
 def altered(token: str, *, body: bytes | None = None, **headers: str) -> str:

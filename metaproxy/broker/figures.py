@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from metaproxy.broker import metrics as m
+from metaproxy.broker.attest.attestor import AttestationStats
 from metaproxy.broker.credentials.circuit import STATE_CODES
 from metaproxy.broker.credentials.fleet import FleetCacheStats
 from metaproxy.broker.credentials.jobs import SchedulerStats
@@ -55,6 +56,7 @@ class BrokerFigures:
     fleet: FleetFigures
     summarised: SummarisedFigures
     key_sets: tuple[KeySetStats, ...] = ()  # issuers whose keys are fetched from a URL
+    attestations: AttestationStats | None = None  # None: AWS attestation is off
 
 
 Sample = tuple[tuple[str, ...], float]  # label values (in the family's label order), value
@@ -126,6 +128,14 @@ def families(figures: BrokerFigures) -> Iterator[Metric]:
         (("control-authentication",), summarised.control_authentication),
         (("refusal",), summarised.refusal),
     )
+    attested = figures.attestations
+    if attested is not None:
+        yield counter(
+            m.AWS_ATTESTATIONS,
+            (("ok", ""), attested.ok),
+            *((("refused", reason), count) for reason, count in attested.refused),
+            (("unavailable", ""), attested.unavailable),
+        )
     shared = fleet.shared_cache
     if shared is not None:
         yield counter(

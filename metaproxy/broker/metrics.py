@@ -248,6 +248,16 @@ AUDIT_SUMMARISED = Family(
     labels=("kind",),
 )
 
+AWS_ATTESTATIONS = Family(
+    "metaproxy_broker_aws_attestations_total",
+    "AWS attestations (signed GetCallerIdentity calls, docs/ecs.md), by result (ok, refused: a "
+    "401 with its reason, unavailable: STS could not answer, a 503); reason is the refusal's "
+    "category (expired, wrong_audience, malformed, invalid_claims, bad_signature, "
+    "unknown_issuer, ...), empty unless refused.",
+    "counter",
+    labels=("result", "reason"),
+)
+
 MOVED: tuple[Family, ...] = (
     REQUESTS,
     REQUEST_SECONDS,
@@ -278,6 +288,7 @@ SCRAPED: tuple[Family, ...] = (
     JWKS_AGE,
     JWKS_FETCH_FAILURES,
     AUDIT_SUMMARISED,
+    AWS_ATTESTATIONS,
 )
 FAMILIES: tuple[Family, ...] = (*MOVED, *SCRAPED)
 

@@ -310,6 +310,7 @@ class BrokerServer:
                 shared_cache=self.fleet_cache.stats() if self.fleet_cache is not None else None,
             ),
             key_sets=self.verifier.key_sets(),
+            attestations=self.attestor.stats() if self.attestor is not None else None,
             summarised=SummarisedFigures(
                 authentication=self.failures.summarised,
                 control_authentication=self.control_failures.summarised,

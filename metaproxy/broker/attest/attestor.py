@@ -6,6 +6,10 @@ attempt, with the STS timeout. STS checks the signature and answers with the sig
 account; the rules (`rules.py`) make that an `Identity`. STS refusing the signature is a 401
 like any bad token; STS unreachable, throttling or failing is a 503, as it is for AssumeRole.
 STS's error text never leaves here, only its error code, checked for shape.
+
+Each attestation is counted by its outcome (`AttestationStats`, read when /metrics is
+scraped): ok, refused by the failed check's `AuthReason` (a fixed set, never anything the token
+says), or unavailable when STS could not answer.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import get_args
 from xml.etree import ElementTree
 
 import aiohttp
@@ -24,7 +30,7 @@ from metaproxy.broker.config import BrokerConfig
 from metaproxy.broker.credentials.regions import region_endpoints
 from metaproxy.broker.credentials.sts import default_endpoint
 from metaproxy.clock import Clock
-from metaproxy.errors import StsUnavailable, Unauthenticated
+from metaproxy.errors import AuthReason, StsUnavailable, Unauthenticated
 from metaproxy.models import Identity
 
 log = logging.getLogger("metaproxy.broker.attest")
@@ -33,6 +39,17 @@ MAX_ANSWER_BYTES = 16 * 1024  # a GetCallerIdentity answer is about 500 bytes
 _CODE = re.compile(r"[A-Za-z][A-Za-z.]{0,63}", re.ASCII)
 # STS's answer when a request is throttled: a 503 to the sidecar, which retries, not a 401.
 _THROTTLING = frozenset({"Throttling", "ThrottlingException", "RequestLimitExceeded"})
+# Every refusal's reason, so each one's counter exists (at 0) from the start.
+REASONS: tuple[str, ...] = get_args(AuthReason)
+
+
+@dataclass(frozen=True, slots=True)
+class AttestationStats:
+    """What one attestor decided, for /metrics."""
+
+    ok: int
+    refused: tuple[tuple[str, int], ...]  # (reason, count) for every `AuthReason`
+    unavailable: int  # STS unreachable, throttling or failing: a 503, not a refusal
 
 
 class AwsAttestor:
@@ -53,6 +70,9 @@ class AwsAttestor:
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=timeout)
         self._http: aiohttp.ClientSession | None = None
         self.forwarded = 0  # calls sent to STS (metrics, tests)
+        self._ok = 0
+        self._unavailable = 0
+        self._refused = dict.fromkeys(REASONS, 0)
 
     @classmethod
     def from_config(cls, config: BrokerConfig, clock: Clock) -> AwsAttestor | None:
@@ -85,9 +105,27 @@ class AwsAttestor:
             await self._http.close()
             self._http = None
 
+    def stats(self) -> AttestationStats:
+        return AttestationStats(self._ok, tuple(self._refused.items()), self._unavailable)
+
     async def attest(self, token: str) -> Identity:
         """The identity STS vouches for, or Unauthenticated (StsUnavailable when STS cannot
-        answer)."""
+        answer); counted either way."""
+        try:
+            identity = await self._attest(token)
+        except Unauthenticated as exc:
+            # Every refusal here names its reason; an unnamed one is counted as a bad claim.
+            reason = exc.reason or "invalid_claims"
+            reason = reason if reason in self._refused else "invalid_claims"
+            self._refused[reason] += 1
+            raise
+        except StsUnavailable:
+            self._unavailable += 1
+            raise
+        self._ok += 1
+        return identity
+
+    async def _attest(self, token: str) -> Identity:
         try:
             call = decode(token)
         except ValueError as exc:
