@@ -140,6 +140,51 @@ def test_explain_kubernetes_identity(capsys: pytest.CaptureFixture[str]) -> None
     assert {"Key": "app", "Value": "billing"} in report["assume_role"]["Tags"]
 
 
+ECS_EXAMPLE = SHIPPED / "examples" / "ecs"
+ATTESTED = ["--issuer", "aws:111122223333", "--tenant", "shop", "--task", "0f1e2d3c4b5a6978"]
+
+
+def test_explain_aws_identity_as_the_brokers_rule_maps_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An attested ECS task (account, the rule's tenant and app, its task ID) gets shop's role
+    for its app; the same names as a platform token match no tenant, an app the role does not
+    list is denied."""
+    explain = ["policy", "explain", str(ECS_EXAMPLE), *ATTESTED]
+    status, out = run(capsys, *explain, "--kind", "aws", "--app", "shop-orders-task")
+    report = json.loads(out)
+    assert (status, report["tenant"], report["role_arn"]) == (
+        0,
+        "shop",
+        "arn:aws:iam::111122223333:role/shop-orders",
+    )
+    call = report["assume_role"]
+    assert (call["RoleSessionName"], call["SourceIdentity"]) == (
+        "shop.0f1e2d3c4b5a6978",
+        "shop.shop-orders-task",
+    )
+    status, out = run(capsys, *explain, "--kind", "platform", "--app", "shop-orders-task")
+    assert (status, json.loads(out)["rule"]) == (3, "no-tenant")
+    status, out = run(
+        capsys, *explain, "--kind", "aws", "--app", "shop-reports-task", "--role", "shop-orders"
+    )
+    assert (status, json.loads(out)["rule"]) == (3, "app-not-allowed")
+
+
+def test_explain_aws_requires_the_account_tenant_and_app(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Without --issuer aws:ACCOUNT (12 digits), --tenant or --app: exit 2, naming all three."""
+    aws = ["policy", "explain", str(ECS_EXAMPLE), "--kind", "aws", "--task", "t"]
+    for missing in (
+        ["--tenant", "shop", "--app", "shop-orders-task"],
+        ["--issuer", "aws:1111", "--tenant", "shop", "--app", "shop-orders-task"],
+        ["--issuer", "aws:111122223333", "--tenant", "shop"],
+    ):
+        assert main([*aws, *missing]) == 2
+        assert "--issuer aws:ACCOUNT (12 digits), --tenant and --app" in capsys.readouterr().err
+
+
 def test_explain_on_an_invalid_directory_is_a_config_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -1,5 +1,9 @@
 """`metaproxy policy check` and `metaproxy policy explain`.
 
+`explain --kind aws` takes the attested identity as the broker's `--aws-attest-rules` left it
+(tenant, app, task, `aws:ACCOUNT`), not an ARN: policies see only those, and the mapping is the
+broker's (a layer above policies), configured by its flags rather than the policy directory.
+
 Only argparse at import time: the policy modules load when a command runs.
 """
 
@@ -7,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +22,8 @@ EXIT_DENIED = 3
 EXIT_USAGE = 2
 PLATFORM_ISSUER = "metaproxy-platform"
 KUBERNETES_ISSUER = "https://kubernetes.default.svc"
+# What the broker names an attested identity's issuer: the account STS answered with.
+AWS_ISSUER = re.compile(r"aws:\d{12}", re.ASCII)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,17 +48,27 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     add_flag(
         explain,
         "--kind",
-        choices=("platform", "kubernetes", "spiffe"),
+        choices=("platform", "kubernetes", "spiffe", "aws"),
         default="platform",
         help="the kind of identity token: the platform's own, a Kubernetes service account's, "
-        "or a SPIFFE JWT-SVID (--issuer spiffe://TRUST_DOMAIN, --app and --task as its path "
-        "names them)",
+        "a SPIFFE JWT-SVID (--issuer spiffe://TRUST_DOMAIN, --app and --task as its path "
+        "names them), or an AWS attestation as the broker's --aws-attest-rules map it "
+        "(--issuer aws:ACCOUNT, --tenant and --app as the matching rule gives them, --task the "
+        "role session's name: the ECS task ID or EC2 instance ID)",
     )
     add_flag(
-        explain, "--tenant", default="", help="the `tenant` claim, which platform tokens must carry"
+        explain,
+        "--tenant",
+        default="",
+        help="the `tenant` claim, which platform tokens must carry (aws: the rule's tenant)",
     )
     add_flag(explain, "--task", required=True, help="the task id (the token's `task` claim)")
-    add_flag(explain, "--app", default="", help="the `app` claim of platform tokens")
+    add_flag(
+        explain,
+        "--app",
+        default="",
+        help="the `app` claim of platform tokens (aws: the rule's app, by default the role name)",
+    )
     add_flag(
         explain,
         "--role",
@@ -72,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--issuer",
         default="",
         help=f"the token's issuer; unset: {PLATFORM_ISSUER} for platform tokens, "
-        f"{KUBERNETES_ISSUER} for kubernetes ones",
+        f"{KUBERNETES_ISSUER} for kubernetes ones; aws:ACCOUNT (required) for aws ones",
     )
     explain.set_defaults(func=_explain)
 
@@ -118,12 +135,19 @@ def _explain(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if args.kind == "aws" and not (AWS_ISSUER.fullmatch(args.issuer) and args.tenant and args.app):
+        print(
+            "metaproxy policy explain: --issuer aws:ACCOUNT (12 digits), --tenant and --app are "
+            "required for an aws identity",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     identity = Identity(
         kind=args.kind,
         issuer=args.issuer or (PLATFORM_ISSUER if args.kind == "platform" else KUBERNETES_ISSUER),
         subject="policy-explain",
         task=args.task,
-        tenant=args.tenant if args.kind == "platform" else "",
+        tenant=args.tenant if args.kind in ("platform", "aws") else "",
         app=args.service_account if args.kind == "kubernetes" else args.app,
         namespace=args.namespace,
         service_account=args.service_account,
