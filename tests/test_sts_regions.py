@@ -26,8 +26,9 @@ from tests.support import Pki, broker_config, issue
 WEST, EAST = "us-west-2", "us-east-1"
 STS_TIMEOUT = 1.0
 # The broker's circuit defaults (FairScheduler): a region's circuit opens after 5 consecutive
-# failures and lets one probe through after a 5 s cool-down.
-COOL_DOWN = 5.0
+# failures and lets one probe through after its cool-down (--sts-circuit-cool-down; 5 s by
+# default, 2 s here: how long it is does not change what the test shows).
+COOL_DOWN = 2.0
 # The open delay: us-west-2's circuit opens when 5 calls in a row have failed. With the calls in
 # flight when it went dark all timing out together, that is one STS timeout if at least 5 were
 # in flight (here: 8 workers, and ~10 calls a second arriving), else ceil(5 / in flight) of them.
@@ -109,7 +110,7 @@ async def test_blackholed_region_fails_over_to_the_next_and_calls_return_when_it
 ) -> None:
     """us-west-2 blackholed mid-issuance: every task still gets credentials; the circuit opens
     within one STS timeout (plus retries), after which calls go straight to us-east-1; after
-    us-west-2 recovers, the next probe (within the 5 s cool-down) closes its circuit and calls
+    us-west-2 recovers, the next probe (within the cool-down) closes its circuit and calls
     go back to it."""
     west, east = proxies[WEST], proxies[EAST]
     config = broker_config(
@@ -121,6 +122,7 @@ async def test_blackholed_region_fails_over_to_the_next_and_calls_return_when_it
         sts_region_endpoints=(f"{WEST}={west.url}", f"{EAST}={east.url}"),
         sts_timeout=STS_TIMEOUT,
         workers_min=WORKERS,
+        sts_circuit_cool_down=COOL_DOWN,
     )
     broker = await BrokerServer.start(config)
     try:
@@ -212,3 +214,10 @@ def test_bad_region_settings_are_refused_naming_the_flag(
     for several regions are refused at start."""
     with pytest.raises(ConfigError, match=message):
         build_config(BrokerConfig, None, environ)
+
+
+@pytest.mark.parametrize("value", ["0", "0.05", "301", "-1"])
+def test_a_circuit_cool_down_out_of_range_is_one_line_naming_the_flag(value: str) -> None:
+    """--sts-circuit-cool-down takes 0.1 to 300 seconds; anything else is refused at start."""
+    with pytest.raises(ConfigError, match="--sts-circuit-cool-down: must"):
+        build_config(BrokerConfig, None, {"METAPROXY_STS_CIRCUIT_COOL_DOWN": value})

@@ -245,6 +245,15 @@ class BrokerConfig:
         default=4,
         metadata=doc("STS attempts per request, retrying throttling with backoff", unit="count"),
     )
+    sts_circuit_cool_down: float = field(
+        default=5.0,
+        metadata=doc(
+            "how long a region's circuit stays open after 5 failed calls in a row before one "
+            "probe call is let through (its success closes the circuit)",
+            unit="seconds",
+            choices="0.1 to 300",
+        ),
+    )
     workers_min: int = field(
         default=2, metadata=doc("floor of the autoscaled STS worker pool", unit="count")
     )
@@ -405,6 +414,8 @@ def _validate_broker(config: BrokerConfig, given: set[str]) -> None:
     check_cluster_arn(config.cluster_arn)
     if not 0 < config.cache_refresh_fraction <= 0.9:
         raise ConfigError("--cache-refresh-fraction: must be above 0 and at most 0.9")
+    if not 0.1 <= config.sts_circuit_cool_down <= 300:
+        raise ConfigError("--sts-circuit-cool-down: must be between 0.1 and 300 seconds")
     if config.workers_min < 1 or config.workers_max < config.workers_min:
         raise ConfigError("--workers-min/--workers-max: need 1 <= workers-min <= workers-max")
     check_attestation(

@@ -143,6 +143,7 @@ class FairScheduler(QueuedSource):
             queue_per_tenant_max=config.queue_per_tenant_max,
             max_attempts=config.sts_max_attempts,
             call_timeout=config.sts_timeout * 2,
+            cool_down=config.sts_circuit_cool_down,
             budget=budget,
         )
 
