@@ -245,6 +245,36 @@ async def start_sidecar_process(
     )
 
 
+ALERT_RULES = REPO / "deploy" / "prometheus" / "alerts.yaml"
+
+
+def require_promtool() -> str:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is missing: `make test` installs it (Debian's prometheus)")
+    return promtool
+
+
+def expected_annotations(alert: str, labels: dict[str, str]) -> dict[str, str]:
+    """The annotations of `alert` in deploy/prometheus/alerts.yaml with `labels` filled in, as
+    promtool renders them."""
+    import yaml
+
+    rule = next(
+        r
+        for group in yaml.safe_load(ALERT_RULES.read_text())["groups"]
+        for r in group["rules"]
+        if r.get("alert") == alert
+    )
+    annotations: dict[str, str] = {}
+    for name, template in rule["annotations"].items():
+        rendered = template
+        for label, value in labels.items():
+            rendered = rendered.replace(f"{{{{ $labels.{label} }}}}", value)
+        annotations[name] = rendered
+    return annotations
+
+
 def assert_promtool_passes(promtool: str, path: Path, test: dict[str, Any]) -> None:
     """Run `promtool test rules` on `test` (a rule test file's content), written to `path`."""
     path.write_text(json.dumps(test))  # JSON is YAML

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import shutil
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -15,7 +14,6 @@ from pathlib import Path
 import aiohttp
 import jwt
 import pytest
-import yaml
 
 from metaproxy.broker.server import BrokerServer
 from metaproxy.config import TrustedIssuer, parse_trust
@@ -27,17 +25,19 @@ from metaproxy.identity.verify import IdentityVerifier
 from tests.oidc_issuer import LocalIssuer
 from tests.secret_scan import ISSUED
 from tests.support import (
+    ALERT_RULES,
     Pki,
     assert_promtool_passes,
     audit_records,
     broker_config,
+    expected_annotations,
     issue,
+    require_promtool,
     scrape,
     value,
 )
 
 AUDIENCE = "metaproxy-broker"
-ROOT = Path(__file__).resolve().parents[1]
 AGE = "metaproxy_broker_jwks_age_seconds"
 FAILURES = "metaproxy_broker_jwks_fetch_failures_total"
 
@@ -265,22 +265,9 @@ async def test_an_issuer_gone_away_keeps_its_keys_and_raises_the_alert(
 def assert_stale_keys_alert_fires(tmp_path: Path, issuer_url: str, scraped_age: float) -> None:
     """promtool, fed the age as the broker exposed it and growing one second a second while
     the issuer stays away, fires MetaproxyIssuerKeysStale for that issuer."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.fail("promtool is missing: `make test` installs it (Debian's prometheus)")
-    rules = ROOT / "deploy" / "prometheus" / "alerts.yaml"
-    rule = next(
-        r
-        for group in yaml.safe_load(rules.read_text())["groups"]
-        for r in group["rules"]
-        if r.get("alert") == "MetaproxyIssuerKeysStale"
-    )
-    annotations = {
-        name: text.replace("{{ $labels.pod }}", "broker-0").replace(
-            "{{ $labels.issuer }}", issuer_url
-        )
-        for name, text in rule["annotations"].items()
-    }
+    promtool, rules = require_promtool(), ALERT_RULES
+    labels = {"pod": "broker-0", "issuer": issuer_url}
+    annotations = expected_annotations("MetaproxyIssuerKeysStale", labels)
     series = f'{AGE}{{pod="broker-0",issuer="{issuer_url}"}}'
     test = {
         "rule_files": [str(rules)],

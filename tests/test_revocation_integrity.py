@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
 
 from metaproxy.broker.revocation import RevocationView
 from metaproxy.broker.server import BrokerServer
@@ -41,9 +39,18 @@ from metaproxy.clock import SystemClock
 from metaproxy.testing.redis_server import RedisServer
 from tests.conftest import record_broker_secrets
 from tests.fleet_support import Fleet, ask, control, store_key_file
-from tests.support import Pki, assert_promtool_passes, audit_records, issue, scrape, value
+from tests.support import (
+    ALERT_RULES,
+    Pki,
+    assert_promtool_passes,
+    audit_records,
+    expected_annotations,
+    issue,
+    require_promtool,
+    scrape,
+    value,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 INTEGRITY = "metaproxy_broker_revocation_integrity_events_total"
 
 
@@ -125,20 +132,9 @@ async def test_a_store_that_loses_everything_lifts_nothing(
 
 def assert_alert_fires(tmp_path: Path, event: str, scraped: float) -> None:
     """promtool, fed the counter as the broker exposed it, fires MetaproxyRevocationIntegrity."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.fail("promtool is missing: `make test` installs it (Debian's prometheus)")
-    rules = ROOT / "deploy" / "prometheus" / "alerts.yaml"
-    rule = next(
-        r
-        for group in yaml.safe_load(rules.read_text())["groups"]
-        for r in group["rules"]
-        if r.get("alert") == "MetaproxyRevocationIntegrity"
-    )
-    annotations = {
-        name: text.replace("{{ $labels.pod }}", "broker-0").replace("{{ $labels.event }}", event)
-        for name, text in rule["annotations"].items()
-    }
+    promtool, rules = require_promtool(), ALERT_RULES
+    labels = {"pod": "broker-0", "event": event}
+    annotations = expected_annotations("MetaproxyRevocationIntegrity", labels)
     series = f'{INTEGRITY}{{pod="broker-0",event="{event}"}}'
     test = {
         "rule_files": [str(rules)],

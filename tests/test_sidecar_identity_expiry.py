@@ -5,28 +5,28 @@ the alert fires on the sidecar's own exposition."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
 
 from metaproxy.broker.server import BrokerServer
 from metaproxy.clock import iso_z
 from metaproxy.sidecar.identity_token import token_facts
 from metaproxy.sidecar.process import Sidecar
 from tests.support import (
+    ALERT_RULES,
     Pki,
     assert_promtool_passes,
     broker_config,
+    expected_annotations,
     issue,
+    require_promtool,
     sidecar_config,
     wait_ready,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 REMAINING = "metaproxy_sidecar_identity_remaining_seconds"
 
 
@@ -99,24 +99,11 @@ async def test_an_expired_identity_turns_readyz_and_serving_off(
 def assert_identity_alert_fires(tmp_path: Path, sample_line: str) -> None:
     """promtool, fed the sample as the sidecar exposed it (with the pod label the scrape adds),
     fires MetaproxySidecarIdentityExpiring naming the task."""
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.fail("promtool is missing: `make test` installs it (Debian's prometheus)")
-    rules = ROOT / "deploy" / "prometheus" / "alerts.yaml"
-    rule = next(
-        r
-        for group in yaml.safe_load(rules.read_text())["groups"]
-        for r in group["rules"]
-        if r.get("alert") == "MetaproxySidecarIdentityExpiring"
-    )
+    promtool, rules = require_promtool(), ALERT_RULES
     selector, value = sample_line.rsplit(" ", 1)
     series = selector.replace("{", '{namespace="acme",pod="app-0",', 1)
-    annotations = {
-        name: text.replace("{{ $labels.namespace }}", "acme")
-        .replace("{{ $labels.pod }}", "app-0")
-        .replace("{{ $labels.task }}", "fading-task")
-        for name, text in rule["annotations"].items()
-    }
+    labels = {"namespace": "acme", "pod": "app-0", "task": "fading-task"}
+    annotations = expected_annotations("MetaproxySidecarIdentityExpiring", labels)
     test = {
         "rule_files": [str(rules)],
         "evaluation_interval": "1m",
