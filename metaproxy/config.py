@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import re
 import types
@@ -46,6 +47,17 @@ ECS_CREDENTIALS_ADDRESS = "169.254.170.2:80"
 CONTAINER_CREDENTIALS_ADDRESS = "169.254.170.23:80"
 IMDS_ADDRESS_V6 = "[fd00:ec2::254]:80"
 CONTAINER_CREDENTIALS_ADDRESS_V6 = "[fd00:ec2::23]:80"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, brackets stripped) is known to be this machine:
+    `localhost` or a loopback address. Any other name is not, whatever it resolves to."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def doc(

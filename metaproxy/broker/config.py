@@ -17,7 +17,6 @@ from metaproxy.broker.config_values import (
     check_attestation,
     check_cluster_arn,
     check_sts_regions,
-    is_loopback,
     socket_permissions,
 )
 from metaproxy.config import (
@@ -26,6 +25,7 @@ from metaproxy.config import (
     TrustedIssuer,
     check_tls_pair,
     doc,
+    is_loopback,
     split_host_port,
 )
 from metaproxy.errors import ConfigError

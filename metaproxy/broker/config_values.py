@@ -5,7 +5,6 @@ runs them at start, and what starts a listener reads the socket's permissions fr
 from __future__ import annotations
 
 import grp
-import ipaddress
 import re
 
 from metaproxy.broker.attest.rules import parse_rule
@@ -42,15 +41,6 @@ def check_cluster_arn(arn: str) -> None:
             f"--cluster-arn: {arn!r} is not an EKS cluster ARN "
             "(arn:aws:eks:REGION:ACCOUNT:cluster/NAME)"
         )
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a name: whatever it resolves to, it is not known to be this host
 
 
 def socket_permissions(mode: str, group: str) -> tuple[int, int | None]:

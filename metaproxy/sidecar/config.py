@@ -8,7 +8,6 @@ share (how a field is documented, parsed and checked).
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import urllib.parse
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from metaproxy.config import (
     ECS_CREDENTIALS_ADDRESS,
     IMDS_ADDRESS,
     doc,
+    is_loopback,
 )
 from metaproxy.errors import ConfigError
 
@@ -280,7 +280,7 @@ def _validate_sidecar(config: SidecarConfig) -> None:
         # Identity tokens and credentials cross this link: in the clear only on this host.
         url = urllib.parse.urlsplit(config.broker_url)
         if not url.hostname or not (
-            url.scheme == "https" or (url.scheme == "http" and _is_loopback(url.hostname))
+            url.scheme == "https" or (url.scheme == "http" and is_loopback(url.hostname))
         ):
             raise ConfigError(
                 f"--broker-url: {config.broker_url!r} must be https://, or http:// to a loopback "
@@ -328,12 +328,3 @@ def container_token_source(config: SidecarConfig) -> bool:
 
 def authorization_token_mode(config: SidecarConfig) -> int:
     return int(config.authorization_token_mode, 8)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
