@@ -15,6 +15,7 @@ import aiohttp
 import jwt
 import pytest
 
+from metaproxy.broker.config import BrokerConfig
 from metaproxy.broker.server import BrokerServer
 from metaproxy.config import TrustedIssuer, parse_trust
 from metaproxy.errors import ConfigError, Unauthenticated
@@ -212,6 +213,23 @@ def url_policy(policies_dir: Path, issuer_url: str) -> None:
     path.write_text(text.replace("\n[[identities]]", rule + "\n[[identities]]", 1))
 
 
+def with_url_issuer(
+    config: BrokerConfig, policies_dir: Path, issuer: LocalIssuer, keys_url: str
+) -> BrokerConfig:
+    """`config` trusting `issuer` by URL (refreshed every 0.2 s), beside the platform issuer,
+    with a tenant policy that claims its tokens."""
+    url_policy(policies_dir, issuer.url)
+    return replace(
+        config,
+        trusted_issuers=(
+            *config.trusted_issuers,
+            TrustedIssuer(issuer.url, AUDIENCE, None, jwks_url=keys_url),
+        ),
+        jwks_ca_file=issuer.ca_file,
+        jwks_refresh_seconds=0.2,
+    )
+
+
 async def test_an_issuer_gone_away_keeps_its_keys_and_raises_the_alert(
     issuer: LocalIssuer,
     tmp_path: Path,
@@ -224,16 +242,11 @@ async def test_an_issuer_gone_away_keeps_its_keys_and_raises_the_alert(
     fetch failures rise on /metrics, and the alert fires on that exposition (promtool)."""
     key = issuer.new_key("first")
     issuer.publish(key)
-    url_policy(policies_dir, issuer.url)
-    config = broker_config(tmp_path, pki, sts_url, policies_dir)
-    config = replace(
-        config,
-        trusted_issuers=(
-            *config.trusted_issuers,
-            TrustedIssuer(issuer.url, AUDIENCE, None, jwks_url=issuer.discovery_url),
-        ),
-        jwks_ca_file=issuer.ca_file,
-        jwks_refresh_seconds=0.2,
+    config = with_url_issuer(
+        broker_config(tmp_path, pki, sts_url, policies_dir),
+        policies_dir,
+        issuer,
+        issuer.discovery_url,
     )
     broker = await BrokerServer.start(config)
     try:
@@ -332,16 +345,8 @@ async def test_a_broker_starts_while_an_issuer_is_unreachable(
     key = issuer.new_key("first")
     issuer.publish(key)
     await issuer.aclose()
-    url_policy(policies_dir, issuer.url)
-    config = broker_config(tmp_path, pki, sts_url, policies_dir)
-    config = replace(
-        config,
-        trusted_issuers=(
-            *config.trusted_issuers,
-            TrustedIssuer(issuer.url, AUDIENCE, None, jwks_url=issuer.jwks_url),
-        ),
-        jwks_ca_file=issuer.ca_file,
-        jwks_refresh_seconds=0.2,
+    config = with_url_issuer(
+        broker_config(tmp_path, pki, sts_url, policies_dir), policies_dir, issuer, issuer.jwks_url
     )
     broker = await BrokerServer.start(config)
     try:
