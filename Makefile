@@ -43,13 +43,16 @@ system-deps:
 		  --no-install-recommends $$missing >/dev/null; \
 	fi
 
-# Two passes: most tests side by side on $(TEST_WORKERS) workers (they mostly wait on servers
-# and child processes, so more workers than the 2 cores CI has pay off: on this 2-core machine,
-# shared, the pass took 278 s on 2 workers, 192 s on 4 and 242 s on 6), then alone the ones
-# marked `serial`, which assert latencies or rates that the other tests' load would skew. The
+# Two passes. First most tests side by side on $(TEST_WORKERS) workers: they mostly wait on
+# servers and child processes, so more workers than the 2 cores CI has pay off, and `worksteal`
+# hands an idle worker half of a busy one's queue, so the long tests do not pile up on one
+# (2-core machine, quiet: 126 s on 4 workers with the default `load`, 97 s on 8 with
+# `worksteal`). Then the ones marked `serial`, which assert latencies or rates that the first
+# pass's load would skew, on two workers: the `heavy` ones (floods, rates at the budget) one
+# after another on one, the others on the other (`--dist loadgroup`, tests/conftest.py). The
 # second pass runs even when the first fails, so one run reports every failure. The client
 # matrix (`clients`) is `make e2e`'s, the image and its pods (`image`) `make image-test`'s.
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 8
 # Each worker imports every test module; with bytecode writing off (PYTHONDONTWRITEBYTECODE, as
 # in our agents' shells) every worker rewrites and compiles all of them on every run: 23 s of
 # CPU for four workers to collect, against 14 s with the bytecode kept (measured).
@@ -57,8 +60,9 @@ PYTEST := env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest -p no:cacheprovider
 
 test: $(STAMP) system-deps $(JS_STAMP)
 	status=0; \
-	$(PYTEST) -n $(TEST_WORKERS) -m "not serial and not clients and not image" || status=$$?; \
-	$(PYTEST) -m "serial and not clients and not image" || status=$$?; \
+	$(PYTEST) -n $(TEST_WORKERS) --dist worksteal -m "not serial and not clients and not image" \
+	  || status=$$?; \
+	$(PYTEST) -n 2 --dist loadgroup -m "serial and not clients and not image" || status=$$?; \
 	exit $$status
 
 lint: $(STAMP)

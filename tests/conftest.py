@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import ssl
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+import tests.manifests
 import tests.secret_scan
 import tests.support
 from metaproxy.broker.server import BrokerServer
@@ -54,6 +56,33 @@ def pytest_asyncio_loop_factories(
     if item.get_closest_marker("virtual_time") is not None:
         return {"virtual_time": VirtualTimeLoop}
     return {"asyncio": asyncio.new_event_loop}
+
+
+# -- the serial pass: two workers, the heavy tests all on one ----------------------------------
+# `make test`'s second pass runs the `serial` tests on two xdist workers with `--dist loadgroup`:
+# those that keep cores busy (`heavy`: floods, rates at the budget) go one after another to one
+# worker, the rest (latency bounds of a fraction of a second or more, mostly waiting on timers)
+# to the other, so no two floods ever meet, and a latency test meets at most one of them.
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        heavy = item.get_closest_marker("heavy") is not None
+        if heavy and item.get_closest_marker("serial") is None:
+            raise pytest.UsageError(f"{item.nodeid}: a heavy test must be serial too")
+        if item.get_closest_marker("serial") is not None:
+            item.add_marker(pytest.mark.xdist_group("serial-heavy" if heavy else "serial-light"))
+
+
+# -- the manifests, rendered once for every xdist worker (tests/manifests.py) ---------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    controller = getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput")
+    if controller and tests.manifests.kustomize_problem() is None:
+        workdir = Path(tempfile.mkdtemp(prefix="metaproxy-manifests-"))
+        config.add_cleanup(lambda: shutil.rmtree(workdir, ignore_errors=True))
+        tests.manifests.render_for_workers(workdir)
 
 
 # -- what the secret scan (tests/secret_scan.py) looks for ----------------------------------

@@ -306,3 +306,46 @@ def render(overlay: str, workdir: Path) -> Rendered:
     """Prepare the overlay in `workdir` (an empty or shared scratch folder) and render it."""
     directory, cluster_key = prepare(overlay, workdir)
     return render_directory(overlay, directory, cluster_key)
+
+
+# Rendering every overlay runs make-secrets.sh's keygen commands and kubectl: about a second
+# of CPU, which every xdist worker paid again to collect test_deploy_manifests. The controller
+# renders once before it starts its workers (`render_for_workers`), and names the folder in
+# this variable, which the workers inherit; they read the renders (`rendered_overlays`).
+SHARED_RENDERS = "METAPROXY_TEST_RENDERED_MANIFESTS"
+_INDEX = "rendered.json"
+
+
+def render_for_workers(workdir: Path) -> None:
+    """Render every overlay into `workdir`, index them there, and name it in the environment
+    the xdist workers will inherit."""
+    index = {}
+    for overlay in OVERLAYS:
+        rendered = render(overlay, workdir)
+        index[overlay] = {
+            "directory": str(rendered.directory),
+            "text": rendered.text,
+            "cluster_key": str(rendered.cluster_key),
+        }
+    (workdir / _INDEX).write_text(json.dumps(index))
+    os.environ[SHARED_RENDERS] = str(workdir)
+
+
+def rendered_overlays(workdir: Path) -> dict[str, Rendered]:
+    """Every overlay, rendered: read from the controller's renders when it made them, else
+    rendered into `workdir` here."""
+    shared = os.environ.get(SHARED_RENDERS)
+    if not shared or not (Path(shared) / _INDEX).is_file():
+        return {overlay: render(overlay, workdir) for overlay in OVERLAYS}
+    index = json.loads((Path(shared) / _INDEX).read_text())
+    return {
+        overlay: Rendered(
+            overlay=overlay,
+            directory=Path(entry["directory"]),
+            text=entry["text"],
+            objects=tuple(d for d in yaml.safe_load_all(entry["text"]) if d is not None),
+            generated=frozenset(generator_names(Path(entry["directory"]))),
+            cluster_key=Path(entry["cluster_key"]),
+        )
+        for overlay, entry in index.items()
+    }

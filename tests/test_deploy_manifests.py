@@ -36,7 +36,7 @@ def render_overlays() -> dict[str, manifests.Rendered]:
         return {}
     workdir = Path(tempfile.mkdtemp(prefix="metaproxy-manifests-"))
     atexit.register(shutil.rmtree, workdir, True)
-    return {overlay: manifests.render(overlay, workdir) for overlay in manifests.OVERLAYS}
+    return manifests.rendered_overlays(workdir)
 
 
 RENDERED = render_overlays()

@@ -27,8 +27,8 @@ WEST, EAST = "us-west-2", "us-east-1"
 STS_TIMEOUT = 1.0
 # The broker's circuit defaults (FairScheduler): a region's circuit opens after 5 consecutive
 # failures and lets one probe through after its cool-down (--sts-circuit-cool-down; 5 s by
-# default, 2 s here: how long it is does not change what the test shows).
-COOL_DOWN = 2.0
+# default, 1 s here: how long it is does not change what the test shows).
+COOL_DOWN = 1.0
 # The open delay: us-west-2's circuit opens when 5 calls in a row have failed. With the calls in
 # flight when it went dark all timing out together, that is one STS timeout if at least 5 were
 # in flight (here: 8 workers, and ~10 calls a second arriving), else ceil(5 / in flight) of them.
