@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 JS_STAMP := tests/js/node_modules/.installed
 
-.PHONY: demo test check lint typecheck bench clean system-deps prometheus-operator
+.PHONY: demo test load-test check lint typecheck bench clean system-deps prometheus-operator
 
 # constraints.txt pins what the type gate and the suite were last green with (its header says
 # how to move on).
@@ -44,26 +44,32 @@ system-deps:
 	fi
 
 # Two passes. First most tests side by side on $(TEST_WORKERS) workers: they mostly wait on
-# servers and child processes, so more workers than the 2 cores CI has pay off, and `worksteal`
-# hands an idle worker half of a busy one's queue, so the long tests do not pile up on one
-# (2-core machine, quiet: 126 s on 4 workers with the default `load`, 97 s on 8 with
-# `worksteal`). Then the ones marked `serial`, which assert latencies or rates that the first
-# pass's load would skew, on two workers: the `heavy` ones (floods, rates at the budget) one
-# after another on one, the others on the other (`--dist loadgroup`, tests/conftest.py). The
-# second pass runs even when the first fails, so one run reports every failure. The client
-# matrix (`clients`) is `make e2e`'s, the image and its pods (`image`) `make image-test`'s.
+# servers and child processes, so more workers than the 2 cores CI has pay off; each worker
+# takes two tests at a time, the `slow` ones first (tests/conftest.py), so the longest do not
+# end the run. Then the ones marked `serial`, which assert latencies or rates that the first
+# pass's load would skew, two at a time (a file's tests on one worker: the README's share its
+# fixed ports). The second pass runs even when the first fails, so one run reports every
+# failure. `make load-test` runs the `load` tests (floods, rates at the STS budget through
+# three replicas), alone and one after another; the client matrix (`clients`) is `make e2e`'s,
+# the image and its pods (`image`) `make image-test`'s. .ci/run runs all four.
 TEST_WORKERS ?= 8
 # Each worker imports every test module; with bytecode writing off (PYTHONDONTWRITEBYTECODE, as
 # in our agents' shells) every worker rewrites and compiles all of them on every run: 23 s of
 # CPU for four workers to collect, against 14 s with the bytecode kept (measured).
 PYTEST := env -u PYTHONDONTWRITEBYTECODE $(BIN)/pytest -p no:cacheprovider
 
+NOT_ELSEWHERE := not load and not clients and not image
+
 test: $(STAMP) system-deps $(JS_STAMP)
 	status=0; \
-	$(PYTEST) -n $(TEST_WORKERS) --dist worksteal -m "not serial and not clients and not image" \
+	$(PYTEST) -n $(TEST_WORKERS) --dist load --maxschedchunk 2 -m "$(NOT_ELSEWHERE) and not serial" \
 	  || status=$$?; \
-	$(PYTEST) -n 2 --dist loadgroup -m "serial and not clients and not image" || status=$$?; \
+	$(PYTEST) -n 2 --dist loadfile -m "$(NOT_ELSEWHERE) and serial" || status=$$?; \
 	exit $$status
+
+# Each a whole machine's worth of load for seconds, judged by rates and latencies: alone.
+load-test: $(STAMP) system-deps
+	$(PYTEST) -m load
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check metaproxy tests bench

@@ -58,20 +58,15 @@ def pytest_asyncio_loop_factories(
     return {"asyncio": asyncio.new_event_loop}
 
 
-# -- the serial pass: two workers, the heavy tests all on one ----------------------------------
-# `make test`'s second pass runs the `serial` tests on two xdist workers with `--dist loadgroup`:
-# those that keep cores busy (`heavy`: floods, rates at the budget) go one after another to one
-# worker, the rest (latency bounds of a fraction of a second or more, mostly waiting on timers)
-# to the other, so no two floods ever meet, and a latency test meets at most one of them.
+# -- the longest tests first ------------------------------------------------------------------
+# make test's first pass hands tests to its workers two at a time, in collection order
+# (`--dist load --maxschedchunk 2`). The tests marked `slow` (5 to 20 s each) go first, one to
+# each worker, the short ones fill in after them; in file order a 20 s test could start in the
+# last seconds, with every other worker idle while it ran.
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        heavy = item.get_closest_marker("heavy") is not None
-        if heavy and item.get_closest_marker("serial") is None:
-            raise pytest.UsageError(f"{item.nodeid}: a heavy test must be serial too")
-        if item.get_closest_marker("serial") is not None:
-            item.add_marker(pytest.mark.xdist_group("serial-heavy" if heavy else "serial-light"))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 # -- the manifests, rendered once for every xdist worker (tests/manifests.py) ---------------

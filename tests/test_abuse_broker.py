@@ -65,6 +65,7 @@ def host_port(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
+@pytest.mark.slow  # started first: see tests/conftest.py
 async def test_flooding_tenant_gets_429_while_another_is_served(
     broker: BrokerServer, http: aiohttp.ClientSession, pki: Pki, tmp_path: Path
 ) -> None:
@@ -289,6 +290,7 @@ async def credentials_from(url: str, pki: Pki, token: str, source: str) -> dict[
 
 
 @pytest.mark.usefixtures("enough_file_descriptors")
+@pytest.mark.slow  # started first: see tests/conftest.py
 async def test_silent_connections_cannot_use_up_the_descriptors_of_a_uvloop_broker(
     tmp_path: Path, pki: Pki, sts_url: str, policies_dir: Path, issued_secrets: set[str]
 ) -> None:

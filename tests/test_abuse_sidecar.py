@@ -113,10 +113,9 @@ async def read_status(reader: asyncio.StreamReader) -> int | None:
     return int(lines[0].split()[1])
 
 
-# Serial: 2,000 clients looping on credentials take a core for a second, and the peak of the
-# sidecar's descriptors is read from /proc while they do.
-@pytest.mark.serial
-@pytest.mark.heavy
+# A load test (`make load-test`, alone): 2,000 clients looping on credentials take a core for a
+# second, and the peak of the sidecar's descriptors is read from /proc while they do.
+@pytest.mark.load
 async def test_leaked_connections_stay_under_the_cap_and_are_reaped(
     start_sidecar: SidecarFactory,
 ) -> None:

@@ -208,6 +208,7 @@ async def _verify(url: str, public: Path, client_factory: Callable[[], Any]) -> 
     return await asyncio.to_thread(verify_fleet_s3, url, public, client_factory)
 
 
+@pytest.mark.slow  # started first: see tests/conftest.py
 async def test_a_deleted_replica_chain_or_tail_fails_fleet_verification(
     tmp_path: Path, bucket: str, client_factory: Callable[[], Any]
 ) -> None:

@@ -40,6 +40,7 @@ async def audit_cli(*argv: str) -> tuple[int, str, str]:
     )
 
 
+@pytest.mark.slow  # started first: see tests/conftest.py
 async def test_audit_segments_ship_to_s3_and_verify_and_answer_queries_there(
     tmp_path: Path,
     pki: Pki,

@@ -93,6 +93,7 @@ def test_untouched_log_verifies_in_milliseconds(audit_dir: tuple[Path, Path]) ->
     assert elapsed < 0.5
 
 
+@pytest.mark.slow  # started first: see tests/conftest.py
 def test_every_single_byte_change_is_detected_at_its_record(audit_dir: tuple[Path, Path]) -> None:
     """Flipping any byte of any segment fails verification and names that byte's line."""
     directory, _ = audit_dir

@@ -198,6 +198,7 @@ async def throttling_proxy(sts_url: str) -> AsyncIterator[FaultProxy]:
         yield proxy
 
 
+@pytest.mark.slow  # started first: see tests/conftest.py
 async def test_half_throttled_sts_stays_in_budget_and_bounds_and_everything_is_served(
     tmp_path: Path, pki: Pki, throttling_proxy: FaultProxy
 ) -> None:

@@ -434,6 +434,7 @@ CNI_POD = {LINK_LOCAL_ANNOTATION: LINK_LOCAL_CNI}
 
 
 @pytest.mark.netns
+@pytest.mark.slow  # started first: see tests/conftest.py
 def test_add_check_del_lifecycle(node: Node) -> None:
     """ADD puts the addresses on lo and the redirect in nat, passing prevResult on; CHECK passes;
     ADD again leaves one jump and one set of rules; DEL removes both, and repeats."""
@@ -698,6 +699,7 @@ def uid_of(pid: int) -> int:
 
 
 @pytest.mark.netns
+@pytest.mark.slow  # started first: see tests/conftest.py
 async def test_each_pod_gets_its_own_credentials_at_169_254_169_254(
     node: Node,
     tmp_path: Path,

@@ -32,6 +32,7 @@ STATE_KEYS = {
 BROKER_KEYS = {"url", "admin_url", "control_url", "instance", "pid"}
 
 
+@pytest.mark.slow  # started first: see tests/conftest.py
 async def test_demo_once_runs_everything_writes_the_state_file_and_runs_again(
     tmp_path: Path,
 ) -> None:
@@ -86,6 +87,7 @@ async def test_demo_once_runs_everything_writes_the_state_file_and_runs_again(
     assert rc == 0, out + err
 
 
+@pytest.mark.slow  # started first: see tests/conftest.py
 async def test_demo_with_two_replicas_shares_a_redis_store_and_spreads_the_sidecars(
     tmp_path: Path,
 ) -> None:
@@ -184,6 +186,7 @@ def _wait_for_line(out_file: Path, text: str, process: subprocess.Popen[bytes]) 
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("replicas", [1, 2])
+@pytest.mark.slow  # started first: see tests/conftest.py
 def test_demo_ctrl_c_drains_every_child_in_order_and_closes_the_audit_log(
     tmp_path: Path, replicas: int
 ) -> None:

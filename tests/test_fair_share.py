@@ -95,8 +95,9 @@ def enough_file_descriptors() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-@pytest.mark.serial  # asserts p99 latency of the SDK's fetches
-@pytest.mark.heavy  # four loopers keep the sidecar's core busy
+# A load test (`make load-test`, alone): four loopers keep the sidecar's core busy while the
+# SDK's p99 is measured.
+@pytest.mark.load
 async def test_same_pod_looper_and_leaks_do_not_starve_an_sdk(
     broker: BrokerServer, pki: Pki, tmp_path: Path, start_sidecar: SidecarFactory
 ) -> None:

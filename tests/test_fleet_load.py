@@ -29,7 +29,11 @@ from metaproxy.testing.faultproxy import FaultProxy
 from metaproxy.testing.recording import max_calls_in_window
 from metaproxy.testing.redis_server import RedisServer
 
-pytestmark = pytest.mark.slow
+# Load tests (`make load-test`): each drives three replicas at the STS budget, or a tenant at
+# seven times its rate, for seconds, and judges rates where the calls arrive. They run alone, one
+# after another: beside other tests a starved replica's calls land late, bunched with the next
+# second's (321 in one second was seen beside the parallel pass).
+pytestmark = pytest.mark.load
 
 BUDGET = 300.0
 # The bound: 2% over the budget at most, in any one second at the proxy.
@@ -60,8 +64,6 @@ def spread(files: FleetFiles, count: int, prefix: str, replicas: int) -> list[tu
     ]
 
 
-@pytest.mark.serial  # asserts a rate one replica must reach
-@pytest.mark.heavy  # three replicas and a load generator at the budget
 async def test_three_replicas_share_one_sts_budget_that_one_replica_alone_can_fill(
     tmp_path: Path, redis_server: RedisServer, fast_sts: str
 ) -> None:
@@ -155,11 +157,6 @@ async def test_a_tenant_flooding_three_replicas_gets_the_rate_it_gets_from_one(
     assert others.statuses() == {200: int(15.0 * FLOOD_SECONDS)}
 
 
-# Serial and heavy: a burst at the budget through three replicas, whose one-second cap is judged
-# where the calls arrive; on a saturated machine a starved replica's calls land late, together
-# with the next second's (321 in one second was seen beside the parallel pass).
-@pytest.mark.serial
-@pytest.mark.heavy
 async def test_a_replica_killed_mid_burst_leaves_no_task_without_credentials(
     tmp_path: Path, redis_server: RedisServer, fast_sts: str
 ) -> None:

@@ -79,6 +79,7 @@ async def stop_process(process: asyncio.subprocess.Process) -> None:
         await process.wait()
 
 
+@pytest.mark.slow  # started first: see tests/conftest.py
 async def test_readyz_turns_ready_only_once_credentials_are_cached(
     tmp_path: Path, pki: Pki, broker_proxy: FaultProxy
 ) -> None:
@@ -222,6 +223,7 @@ async def test_broker_sigterm_completes_in_flight_request_then_exits(
     assert exited < DRAIN_SECONDS + 1.5
 
 
+@pytest.mark.slow  # started first: see tests/conftest.py
 async def test_broker_drain_cut_at_its_cap_still_exits_promptly(
     tmp_path: Path, pki: Pki, sts_url: str, policies_dir: Path
 ) -> None:

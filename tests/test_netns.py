@@ -365,6 +365,7 @@ async def who_am_i(netns: str, sts_url: str, env: dict[str, str]) -> dict[str, A
 
 
 @pytest.mark.netns
+@pytest.mark.slow  # started first: see tests/conftest.py
 async def test_each_tenant_namespace_gets_its_own_role_with_no_configuration(
     tmp_path: Path, pki: Pki, policies_dir: Path
 ) -> None:
@@ -602,6 +603,7 @@ async def boto3_in(netns: str, sts_url: str, env: dict[str, str]) -> dict[str, A
 
 
 @pytest.mark.netns
+@pytest.mark.slow  # started first: see tests/conftest.py
 async def test_ipv6_only_namespace_gets_credentials_at_fd00_ec2(
     tmp_path: Path, pki: Pki, policies_dir: Path
 ) -> None:

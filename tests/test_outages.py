@@ -72,6 +72,7 @@ async def served_credentials(session: aiohttp.ClientSession, sidecar: Sidecar) -
     return str(document["AccessKeyId"])
 
 
+@pytest.mark.slow  # started first: see tests/conftest.py
 async def test_sts_outage_longer_than_a_refresh_keeps_tasks_served_then_recovers_in_budget(
     tmp_path: Path, pki: Pki, proxy: FaultProxy
 ) -> None:
@@ -164,6 +165,7 @@ async def start_broker_process(
     raise AssertionError("broker process did not become ready")
 
 
+@pytest.mark.slow  # started first: see tests/conftest.py
 async def test_broker_killed_and_restarted_sidecars_keep_serving_and_refresh_from_the_new_one(
     tmp_path: Path, pki: Pki, proxy: FaultProxy
 ) -> None:

@@ -70,6 +70,7 @@ def test_every_shipped_and_documented_policy_is_complete(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("file", shipped_files(), ids=lambda file: file.name)
+@pytest.mark.slow  # started first: see tests/conftest.py
 def test_no_prefix_of_a_shipped_policy_loads(file: Path) -> None:
     """Cut at every byte offset, each shipped file is refused as incomplete, never loaded."""
     data = file.read_bytes()

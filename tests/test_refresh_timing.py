@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -65,6 +66,7 @@ class Broker:
     first_ask=st.floats(0.0, 1.0),  # when the sidecar starts, as a share of the duration
     jitters=st.lists(st.floats(1 - JITTER, 1 + JITTER), min_size=1, max_size=8),
 )
+@pytest.mark.slow  # started first: see tests/conftest.py
 def test_no_credential_held_while_the_broker_answers_has_under_15_minutes_left(
     duration: int,
     broker_fraction: float,

@@ -36,6 +36,7 @@ async def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str
 
 
 @pytest.mark.parametrize("broker_after", ["refusing", "gone"])
+@pytest.mark.slow  # started first: see tests/conftest.py
 async def test_an_expired_identity_turns_readyz_and_serving_off(
     tmp_path: Path, pki: Pki, sts_url: str, policies_dir: Path, broker_after: str
 ) -> None:

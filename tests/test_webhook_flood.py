@@ -27,7 +27,7 @@ from metaproxy.demo.processes import Child, start_metaproxy
 from tests.support import REPO, Pki
 from tests.test_webhook import labelled_pod, review
 
-pytestmark = [pytest.mark.serial, pytest.mark.heavy]  # 20,000 connections
+pytestmark = pytest.mark.load  # 20,000 connections: `make load-test`, alone
 
 CONNECTIONS = 20_000
 FLOODERS = 2  # each process holds CONNECTIONS / FLOODERS (see tests/connection_flood.py)
