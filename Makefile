@@ -47,9 +47,8 @@ system-deps:
 # servers and child processes, so more workers than the 2 cores CI has pay off; each worker
 # takes two tests at a time, the `slow` ones first (tests/conftest.py), so the longest do not
 # end the run. Then the ones marked `serial`, which assert latencies or rates that the first
-# pass's load would skew, two at a time (a file's tests on one worker: the README's share its
-# fixed ports). The second pass runs even when the first fails, so one run reports every
-# failure. `make load-test` runs the `load` tests (floods, rates at the STS budget through
+# pass's load would skew, two at a time. The second pass runs even when the first fails, so
+# one run reports every failure. `make load-test` runs the `load` tests (floods, rates at the STS budget through
 # three replicas), alone and one after another; the client matrix (`clients`) is `make e2e`'s,
 # the image and its pods (`image`) `make image-test`'s. .ci/run runs all four.
 TEST_WORKERS ?= 8
@@ -64,7 +63,8 @@ test: $(STAMP) system-deps $(JS_STAMP)
 	status=0; \
 	$(PYTEST) -n $(TEST_WORKERS) --dist load --maxschedchunk 2 -m "$(NOT_ELSEWHERE) and not serial" \
 	  || status=$$?; \
-	$(PYTEST) -n 2 --dist loadfile -m "$(NOT_ELSEWHERE) and serial" || status=$$?; \
+	$(PYTEST) -n 2 --dist load --maxschedchunk 1 -m "$(NOT_ELSEWHERE) and serial" \
+	  || status=$$?; \
 	exit $$status
 
 # Each a whole machine's worth of load for seconds, judged by rates and latencies: alone.

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,15 +85,21 @@ def run_readme(cwd: Path, *, held: int = 0) -> Run:
     return Run(result.returncode, result.stdout, result.stderr, seconds, logs)
 
 
+# The block's ports are fixed, host-wide: two runs at once would take each other's. A test that
+# runs it holds this lock (on any xdist worker, or in another checkout's run on this machine).
+PORTS_LOCK = Path(tempfile.gettempdir()) / "metaproxy-readme-ports.lock"
+
+
 @pytest.fixture
-def clone(tmp_path: Path) -> Path:
-    """What the block needs of a clone: the sample policies."""
+def clone(tmp_path: Path) -> Iterator[Path]:
+    """What the block needs of a clone: the sample policies; and the README's ports to itself."""
     shutil.copytree(REPO / "policies", tmp_path / "policies")
-    return tmp_path
+    with PORTS_LOCK.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield tmp_path
 
 
-# Serial: the block's ports are fixed, host-wide; two runs at once would take each other's.
-@pytest.mark.serial
+@pytest.mark.slow  # started first: see tests/conftest.py
 @pytest.mark.timeout(360)
 def test_running_it_for_real_works_as_written_and_a_second_run_keeps_the_keys(
     clone: Path,
@@ -123,7 +132,6 @@ def test_running_it_for_real_works_as_written_and_a_second_run_keeps_the_keys(
     assert {path: path.read_bytes() for path in keys} == keys
 
 
-@pytest.mark.serial
 @pytest.mark.timeout(120)
 def test_a_taken_port_stops_the_run_within_30_s_printing_the_failing_log_line(
     clone: Path,
@@ -143,7 +151,6 @@ def test_a_taken_port_stops_the_run_within_30_s_printing_the_failing_log_line(
     assert "broker.log" in run.err, run.err
 
 
-@pytest.mark.serial
 @pytest.mark.timeout(120)
 def test_a_broken_policy_stops_the_run_within_30_s_printing_the_problem(clone: Path) -> None:
     """A policy cut short: `metaproxy policy check`, before any server starts, stops the run

@@ -101,6 +101,7 @@ def calls(proxy: FaultProxy) -> int:
 
 
 @pytest.mark.serial  # asserts how long calls wait, to within 0.5 s
+@pytest.mark.slow  # started first: see tests/conftest.py
 async def test_blackholed_region_fails_over_to_the_next_and_calls_return_when_it_recovers(
     tmp_path: Path,
     pki: Pki,
