@@ -293,6 +293,10 @@ async def test_slow_headers_are_cut_at_the_deadline(
         dripping = asyncio.create_task(drip())
         try:
             answer = await asyncio.wait_for(reader.read(), 10)
+        except ConnectionResetError:
+            # Cut as well: a drip that reached the closed socket before this read drew a reset,
+            # which replaces the 408 still unread (seen on a loaded machine).
+            answer = b""
         finally:
             dripping.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionError):
