@@ -175,8 +175,9 @@ class Sidecar:
             )
         urls = {imds.FACE.name: self.imds_urls, container_creds.FACE.name: self.container_urls}
         for face, address in faces:
+            plane = data_plane(state, face, address)
             protocol = http1.protocol_factory(
-                data_plane(state, face, address), self.tracker, face.error_page, face.server
+                plane.handle, self.tracker, face.error_page, face.server, plane.repeats
             )
             try:
                 server = await listen(

@@ -22,7 +22,10 @@ connection remembers its last request's bytes once the parser has read them (`_R
 read that holds nothing but those bytes, once or several times pipelined, is those requests
 again, and is answered without feeding the parser — bytes it has already judged, that it would
 judge the same way from the same state (between two messages). The parser's callbacks were
-half of the cost of an answer.
+half of the cost of an answer. When nothing is owed before them, the copies of one read go to
+the repeat handler once, with their count (`RepeatHandler`: the data plane takes each copy from
+the rate limit and judges them at one instant), and its answer is written once per copy; a
+Request object and a handler call per copy were most of what was left.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import httptools
 
 from metaproxy.sidecar.wire.connections import ConnectionTracker
 from metaproxy.sidecar.wire.flow import FlowControl
-from metaproxy.sidecar.wire.messages import ErrorPage, Handler, Request, Response
+from metaproxy.sidecar.wire.messages import ErrorPage, Handler, RepeatHandler, Request, Response
 
 log = logging.getLogger("metaproxy.sidecar.http")
 
@@ -59,10 +62,9 @@ class _Repeat(typing.NamedTuple):
     its bytes and what the parser made of them. Only a body-less, kept-alive request."""
 
     raw: bytes
-    method: str
-    path: str
-    headers: dict[str, str]  # shared by every repeat: read-only for handlers
-    duplicates: frozenset[str]
+    # What the parser made of it; its headers are shared by every repeat: read-only for
+    # handlers. Handed to the repeat handler as it is (only `extra_head` is the handler's).
+    request: Request
 
 
 MAX_REPEAT_BYTES = 4096  # a read longer than this is not remembered (a pod holds many connections)
@@ -75,8 +77,8 @@ class HttpProtocol(asyncio.Protocol):
     __slots__ = (
         "_answered", "_body_bytes", "_busy", "_client", "_completed", "_duplicates", "_error_page",
         "_flow", "_had_head", "_handler", "_header_bytes", "_headers", "_in_message", "_last",
-        "_limits", "_loop", "_parser", "_queue", "_repeat", "_server", "_tracker", "_transport",
-        "_url", "deadline", "number", "reading_body", "reading_head",
+        "_limits", "_loop", "_parser", "_queue", "_repeat", "_repeats", "_server", "_tracker",
+        "_transport", "_url", "deadline", "number", "reading_body", "reading_head",
     )  # fmt: skip
     _flow: FlowControl  # from connection_made on
 
@@ -86,8 +88,10 @@ class HttpProtocol(asyncio.Protocol):
         tracker: ConnectionTracker,
         error_page: ErrorPage,
         server: str = "EC2ws",
+        repeats: RepeatHandler | None = None,
     ) -> None:
         self._handler = handler
+        self._repeats = repeats  # answers a read of repeats at once (else each is `handler`'s)
         self._server = server  # the Server header's value; "" sends none
         self._tracker = tracker
         tracker.date_line(server)  # this server's Date line is kept from now on (`_write`)
@@ -235,12 +239,27 @@ class HttpProtocol(asyncio.Protocol):
         self.reading_head = False
         self._had_head = True
         self.deadline = float("inf")
-        queue, client, number = self._queue, self._client, self.number
+        request = repeat.request
+        if self._busy is None and not self._queue and self._repeats is not None:
+            # Nothing owed before them: the copies are answered at once, as one.
+            request.extra_head = b""
+            try:
+                result = self._repeats(request, count)
+            except Exception:
+                log.exception("handler failed on %s %s", request.method, request.path[:200])
+                result = self._error_page(500)
+            if isinstance(result, Response):
+                self._write_copies(request, result, count)
+                self._settle()
+                return True
+            if result is not None:
+                self._busy = self._loop.create_task(self._finish(request, result, True, count))
+                return True
+        queue, number = self._queue, self.number
+        method, path, headers = request.method, request.path, request.headers
+        client, duplicates = request.remote, request.duplicate_headers
         for _ in range(count):
-            request = Request(
-                repeat.method, repeat.path, repeat.headers, client, repeat.duplicates, number
-            )
-            queue.append((request, True))
+            queue.append((Request(method, path, headers, client, duplicates, number), True))
         if len(queue) >= MAX_PIPELINED and self._transport is not None:
             self._flow.pause_reading()
         if self._busy is None:
@@ -347,11 +366,7 @@ class HttpProtocol(asyncio.Protocol):
             and "content-length" not in headers
             and "transfer-encoding" not in headers
         )
-        self._last = (
-            _Repeat(b"", request.method, path, headers, request.duplicate_headers)
-            if may_repeat
-            else None
-        )
+        self._last = _Repeat(b"", request) if may_repeat else None
         self._take(request, keep_alive)
 
     def _take(self, request: Request, keep_alive: bool) -> None:
@@ -377,9 +392,15 @@ class HttpProtocol(asyncio.Protocol):
                 continue
             self._busy = self._loop.create_task(self._finish(request, result, keep_alive))
             return
-        if self._transport is not None and not self._flow.reading:
+        self._settle()
+
+    def _settle(self) -> None:
+        """Nothing more owed: read again, and keep the connection alive (or close it, draining)."""
+        if self._transport is None:
+            return
+        if not self._flow.reading:
             self._flow.resume_reading()
-        if self._transport is not None and not self.reading_head and not self.reading_body:
+        if not self.reading_head and not self.reading_body:
             if self._tracker.draining:
                 self._transport.close()
                 self._tracker.note_progress()
@@ -387,7 +408,7 @@ class HttpProtocol(asyncio.Protocol):
             self.deadline = self._loop.time() + self._limits.keepalive_timeout
 
     async def _finish(
-        self, request: Request, pending: Awaitable[Response], keep_alive: bool
+        self, request: Request, pending: Awaitable[Response], keep_alive: bool, copies: int = 1
     ) -> None:
         try:
             response = await pending
@@ -397,8 +418,23 @@ class HttpProtocol(asyncio.Protocol):
             log.exception("handler failed on %s %s", request.method, request.path[:200])
             response = self._error_page(500)
         self._busy = None
-        self._write(request, response, keep_alive)
+        self._write_copies(request, response, copies, keep_alive)
         self._drain_queue()
+
+    def _write_copies(
+        self, request: Request, response: Response, copies: int, keep_alive: bool = True
+    ) -> None:
+        """`response` to each of `copies` of `request`: one write per answer, as ever."""
+        transport = self._transport
+        if copies == 1 or transport is None or not keep_alive or request.method == "HEAD":
+            for _ in range(copies):
+                self._write(request, response, keep_alive)
+            return
+        data = response.keep_alive_bytes(self._tracker.date_lines[self._server], request.extra_head)
+        write = transport.write
+        for _ in range(copies):
+            write(data)
+        self._answered = self._tracker.last_answer = self._loop.time()
 
     def _write(self, request: Request, response: Response, keep_alive: bool) -> None:
         transport = self._transport
@@ -448,12 +484,17 @@ def _path(url: bytes) -> str:
 
 
 def protocol_factory(
-    handler: Handler, tracker: ConnectionTracker, error_page: ErrorPage, server: str = "EC2ws"
+    handler: Handler,
+    tracker: ConnectionTracker,
+    error_page: ErrorPage,
+    server: str = "EC2ws",
+    repeats: RepeatHandler | None = None,
 ) -> Callable[[], HttpProtocol]:
     """What `loop.create_server` (or a connection guard wrapping it) builds per connection;
-    `server` is the Server header's value ("" for none)."""
+    `server` is the Server header's value ("" for none); `repeats` answers a read of copies of
+    one request at once (`RepeatHandler`), else each copy is `handler`'s."""
 
     def factory() -> HttpProtocol:
-        return HttpProtocol(handler, tracker, error_page, server)
+        return HttpProtocol(handler, tracker, error_page, server, repeats)
 
     return factory

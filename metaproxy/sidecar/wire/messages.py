@@ -86,6 +86,9 @@ class Response:
 
 
 Handler = Callable[[Request], "Response | Awaitable[Response]"]
+# `count` copies of one request that arrived together (`http1`'s pipelined repeats), answered
+# as one: the answer each of them gets, or None to have them handled one by one instead.
+RepeatHandler = Callable[[Request, int], "Response | Awaitable[Response] | None"]
 ErrorPage = Callable[[int], Response]
 
 
