@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 from metaproxy.models import SidecarLimits
@@ -21,6 +21,7 @@ from metaproxy.sidecar import diagnosis, instrument
 from metaproxy.sidecar.face import Face, RateClass
 from metaproxy.sidecar.fairness import FairShare
 from metaproxy.sidecar.state import SidecarState
+from metaproxy.sidecar.wire.exposition import HistogramSeries, Series
 from metaproxy.sidecar.wire.messages import REASONS, Handler, RepeatHandler, Request, Response
 
 # A client over its rate gets its refusal (503 + Retry-After, which every SDK retries) this much
@@ -45,21 +46,10 @@ def data_plane(state: SidecarState, face: Face, listener: str) -> DataPlane:
     """The handler behind one face on one listener: the pod's fair share of its rate, the
     DNS-rebinding check, then the face's own handler, with every answer counted and timed by
     path class and listener. No framework in between: this is the hot path."""
-    handle, metrics, keeper, limiters = face.handle, state.metrics, state.keeper, state.limiters
+    handle, metrics, keeper = face.handle, state.metrics, state.keeper
     hosts, answered, clock = state.hosts, metrics.answered, time.perf_counter
     rate_limited = metrics.rejected.labels("rate_limited")
-    # By request path (an SDK asks the same few paths): its rate class and that class's limiter.
-    classes: dict[str, tuple[RateClass, FairShare]] = {}
-
-    def classify(path: str) -> tuple[RateClass, FairShare]:
-        if len(classes) >= MAX_CACHED_PATHS:
-            classes.clear()
-        rate_class = face.rate_class(path)
-        share = limiters.get(rate_class.name)
-        if share is None:
-            share = limiters[rate_class.name] = FairShare()
-        found = classes[path] = (rate_class, share)
-        return found
+    classes, classify = _classifier(face, state.limiters)
 
     def dispatch(request: Request) -> Response | Awaitable[Response]:
         started = clock()
@@ -86,6 +76,10 @@ def data_plane(state: SidecarState, face: Face, listener: str) -> DataPlane:
             return answer
         return instrument.counted(metrics, answer, cls, started, listener)
 
+    # The last answer `repeats` counted, its path class and their series: the same again is
+    # then counted without a lookup (most connections repeat one request, with one answer).
+    last_counted: tuple[Response, str, tuple[Series, HistogramSeries]] | None = None
+
     def repeats(request: Request, copies: int) -> Response | Awaitable[Response] | None:
         """`copies` of `request` that arrived in one read, answered as `dispatch` answers each:
         every copy passes the rate limit (all of them, or none is taken and `http1` hands them
@@ -107,13 +101,38 @@ def data_plane(state: SidecarState, face: Face, listener: str) -> DataPlane:
             return face.refused
         answer = handle(state, request)
         if isinstance(answer, Response):
-            count, timing = answered(cls, answer.status, listener)
+            nonlocal last_counted
+            if last_counted is not None and last_counted[0] is answer and last_counted[1] is cls:
+                count, timing = last_counted[2]
+            else:
+                series = count, timing = answered(cls, answer.status, listener)
+                last_counted = (answer, cls, series)
             count.value += copies
             timing.observe(clock() - started, copies)
             return answer
         return instrument.counted(metrics, answer, cls, started, listener, requests=copies)
 
     return DataPlane(dispatch, repeats)
+
+
+def _classifier(
+    face: Face, limiters: dict[str, FairShare]
+) -> tuple[dict[str, tuple[RateClass, FairShare]], Callable[[str], tuple[RateClass, FairShare]]]:
+    """By request path (an SDK asks the same few paths): its rate class and that class's
+    limiter, kept; and what finds them for a path not kept."""
+    classes: dict[str, tuple[RateClass, FairShare]] = {}
+
+    def classify(path: str) -> tuple[RateClass, FairShare]:
+        if len(classes) >= MAX_CACHED_PATHS:
+            classes.clear()
+        rate_class = face.rate_class(path)
+        share = limiters.get(rate_class.name)
+        if share is None:
+            share = limiters[rate_class.name] = FairShare()
+        found = classes[path] = (rate_class, share)
+        return found
+
+    return classes, classify
 
 
 async def _tarpit(response: Response) -> Response:

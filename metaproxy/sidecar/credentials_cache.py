@@ -133,9 +133,13 @@ class CredentialKeeper:
     def current(self) -> Grant | None:
         """The grant if its credentials have not expired; never anything expired."""
         grant = self._grant
-        if grant is None or self._left(grant) <= 0:
+        if grant is None:
             return None
-        return grant
+        # `_left`, inlined: every request asks.
+        now = self._monotonic()
+        if now - self._read_at >= WALL_CLOCK_SECONDS:
+            return grant if self._left(grant) > 0 else None
+        return grant if self._left_then - (now - self._read_at) > 0 else None
 
     def seconds_left(self) -> float:
         grant = self._grant
@@ -145,9 +149,15 @@ class CredentialKeeper:
     def serving(self) -> Grant | None:
         """The grant if it may be handed out as it is: valid, with 15 minutes or more left."""
         grant = self._grant
-        if grant is None or self._left(grant) < self._config.min_serve_seconds:
+        if grant is None:
             return None
-        return grant
+        # `_left`, inlined: every request for credentials asks.
+        now = self._monotonic()
+        if now - self._read_at >= WALL_CLOCK_SECONDS:
+            left = self._left(grant)
+        else:
+            left = self._left_then - (now - self._read_at)
+        return grant if left >= self._config.min_serve_seconds else None
 
     async def fresh(self, wait: float) -> Grant | None:
         """The grant to serve now. If it is inside the 15-minute window, ask for a refresh and

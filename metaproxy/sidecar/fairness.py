@@ -87,7 +87,8 @@ class FairShare:
             pod = self._pod = _Pod(TokenBucket(rate, burst, burst, now))
         bucket = pod.bucket
         tokens = bucket.tokens + (now - bucket.updated) * rate
-        tokens = min(tokens, burst)
+        if tokens > burst:  # noqa: PLR1730 - min() is a call, and this runs per request
+            tokens = burst
         bucket.rate, bucket.burst, bucket.updated, bucket.tokens = rate, burst, now, tokens
         if now - pod.pruned >= PRUNE_SECONDS:
             self._prune(pod, now)
@@ -100,6 +101,11 @@ class FairShare:
             mine *= _exp((use.updated - now) / DECAY_SECONDS)
             use.amount, use.updated = mine, now
         reserve = burst * RESERVE
+        if tokens - count >= reserve:
+            # Above the reserve even after the last of them: each goes ahead whatever its share
+            # (the loop below, in one step; whole tokens off a float above 1 are exact).
+            bucket.tokens, use.amount = tokens - count, mine + count
+            return 0.0
         share = rate * DECAY_SECONDS / len(pod.use)
         left, asked = tokens, mine
         for _ in range(count):

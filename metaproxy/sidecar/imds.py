@@ -111,6 +111,9 @@ _METADATA_NOT_ALLOWED = not_allowed("GET, HEAD")
 
 
 _TTL_LINE = b"X-Aws-Ec2-Metadata-Token-Ttl-Seconds: %d\r\n"
+# The lines of the last few TTLs: a token's changes once a second, and a pod has a few tokens.
+_TTL_LINES: dict[int, bytes] = {}
+MAX_TTL_LINES = 64
 _UNAUTHORIZED = aws_error(401)
 
 
@@ -132,7 +135,12 @@ def handle(state: SidecarState, request: Request) -> Response | Awaitable[Respon
         left = None if TOKEN_HEADER in request.duplicate_headers else state.tokens.remaining(token)
         if left is None:
             return _UNAUTHORIZED
-        request.extra_head = _TTL_LINE % left  # `ttl_line`, inlined: every answer has it
+        line = _TTL_LINES.get(left)
+        if line is None:  # `ttl_line`, kept: every answer has it, the same for a second
+            if len(_TTL_LINES) >= MAX_TTL_LINES:
+                _TTL_LINES.clear()
+            line = _TTL_LINES[left] = _TTL_LINE % left
+        request.extra_head = line
     elif state.config.imds_v1 != "allow":
         return _UNAUTHORIZED
     return _kept_answer(state, path) or _metadata(state, path)

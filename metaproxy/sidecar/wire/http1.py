@@ -68,6 +68,8 @@ class _Repeat(typing.NamedTuple):
 
 
 MAX_REPEAT_BYTES = 4096  # a read longer than this is not remembered (a pod holds many connections)
+_NO_COPIES = (b"", 0)
+_NEVER = float("inf")
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -75,7 +77,8 @@ class HttpProtocol(asyncio.Protocol):
 
     # Slots: one of these per open connection, and a pod may hold hundreds.
     __slots__ = (
-        "_answered", "_body_bytes", "_busy", "_client", "_completed", "_duplicates", "_error_page",
+        "_answered", "_body_bytes", "_busy", "_client", "_completed", "_copies", "_duplicates",
+        "_error_page",
         "_flow", "_had_head", "_handler", "_header_bytes", "_headers", "_in_message", "_last",
         "_limits", "_loop", "_parser", "_queue", "_repeat", "_repeats", "_server", "_tracker",
         "_transport", "_url", "deadline", "number", "reading_body", "reading_head",
@@ -104,7 +107,7 @@ class HttpProtocol(asyncio.Protocol):
         self.number = 0
         self._queue: deque[tuple[Request, bool]] = deque()
         self._busy: asyncio.Task[None] | None = None
-        self.deadline = float("inf")
+        self.deadline = _NEVER
         self._answered = self._loop.time()  # the last answer written (or the connection made)
         self.reading_head = False
         # An announced body that never arrives must not hold the socket: 64 such connections
@@ -115,6 +118,9 @@ class HttpProtocol(asyncio.Protocol):
         self._completed = 0  # messages completed by the current read
         self._last: _Repeat | None = None  # the last message completed, if it may repeat
         self._repeat: _Repeat | None = None
+        # The last read of several copies of `_repeat` and their count (`_repeated`): the
+        # next read of as many is then one comparison.
+        self._copies = _NO_COPIES
         self._reset_message()
 
     # -- connection ---------------------------------------------------------------------
@@ -225,20 +231,24 @@ class HttpProtocol(asyncio.Protocol):
         if between_messages and self._completed and not self._in_message:
             self._remember(data)
 
-    def _repeated(self, repeat: _Repeat, data: bytes) -> bool:
+    def _repeated(self, repeat: _Repeat, data: bytes) -> bool:  # noqa: PLR0912 - inlined
         """Whether `data` is the connection's last request again, once or more; if so, those
         requests are taken as the parser would have taken them."""
         raw = repeat.raw
-        if data != raw:
+        if data == raw:
+            count = 1
+        elif data == self._copies[0]:
+            count = self._copies[1]  # as many copies as the last read that held several
+        else:
             count, rest = divmod(len(data), len(raw))
             if rest or count < 2 or data != raw * count:
                 return False
-        else:
-            count = 1
+            if len(data) <= MAX_REPEAT_BYTES:
+                self._copies = (data, count)
         # A whole head in one read: its deadline is met.
         self.reading_head = False
         self._had_head = True
-        self.deadline = float("inf")
+        self.deadline = _NEVER
         request = repeat.request
         if self._busy is None and not self._queue and self._repeats is not None:
             # Nothing owed before them: the copies are answered at once, as one.
@@ -249,8 +259,26 @@ class HttpProtocol(asyncio.Protocol):
                 log.exception("handler failed on %s %s", request.method, request.path[:200])
                 result = self._error_page(500)
             if isinstance(result, Response):
-                self._write_copies(request, result, count)
-                self._settle()
+                transport = self._transport
+                if count == 1 or transport is None or request.method == "HEAD":
+                    self._write_copies(request, result, count)
+                    self._settle()
+                    return True
+                # `_write_copies` and `_settle`, inlined for the hot path.
+                date_line, extra = self._tracker.date_lines[self._server], request.extra_head
+                wire = result.wire
+                if wire is not None and wire[0] is date_line and wire[1] == extra:
+                    answer = wire[2]
+                else:
+                    answer = result.keep_alive_bytes(date_line, extra)
+                write = transport.write
+                for _ in range(count):
+                    write(answer)
+                now = self._answered = self._tracker.last_answer = self._loop.time()
+                if self._flow.reading and not self._tracker.draining:
+                    self.deadline = now + self._limits.keepalive_timeout
+                else:
+                    self._settle()
                 return True
             if result is not None:
                 self._busy = self._loop.create_task(self._finish(request, result, True, count))
@@ -280,6 +308,7 @@ class HttpProtocol(asyncio.Protocol):
         if count > 1 and data != raw * count:
             return
         self._repeat = last._replace(raw=raw)
+        self._copies = _NO_COPIES
 
     # -- parser callbacks ---------------------------------------------------------------
 
@@ -321,7 +350,7 @@ class HttpProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self.reading_head = False
         self._had_head = True
-        self.deadline = float("inf")
+        self.deadline = _NEVER
         length = self._headers.get("content-length", "0")
         if not length.isdigit() or int(length) > self._limits.max_body_bytes:
             raise _Reject(413, "body")
@@ -341,7 +370,7 @@ class HttpProtocol(asyncio.Protocol):
         had_body = self.reading_body
         if had_body:
             self.reading_body = False
-            self.deadline = float("inf")
+            self.deadline = _NEVER
         method = self._parser.get_method()
         paths = self._tracker.paths
         path = paths.get(self._url)
