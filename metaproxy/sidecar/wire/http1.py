@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import typing
-from collections import deque
 from collections.abc import Awaitable, Callable
 from urllib.parse import unquote_to_bytes
 
@@ -105,7 +104,9 @@ class HttpProtocol(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._client = ""
         self.number = 0
-        self._queue: deque[tuple[Request, bool]] = deque()
+        # Requests read and not yet answered, a few (reading pauses at MAX_PIPELINED): a list, not
+        # a deque, whose first block is most of a kilobyte in every connection (issue 19).
+        self._queue: list[tuple[Request, bool]] = []
         self._busy: asyncio.Task[None] | None = None
         self.deadline = _NEVER
         self._answered = self._loop.time()  # the last answer written (or the connection made)
@@ -315,7 +316,7 @@ class HttpProtocol(asyncio.Protocol):
     def _reset_message(self) -> None:
         self._url = b""
         self._headers: dict[str, str] = {}
-        self._duplicates: set[str] = set()
+        self._duplicates: set[str] | None = None  # made for the first one: they are rare
         self._header_bytes = 0
         self._body_bytes = 0
 
@@ -344,6 +345,8 @@ class HttpProtocol(asyncio.Protocol):
         except UnicodeDecodeError:
             raise _Reject(400, "header name") from None
         if key in self._headers:
+            if self._duplicates is None:
+                self._duplicates = set()
             self._duplicates.add(key)
         self._headers[key] = text
 
@@ -410,7 +413,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _drain_queue(self) -> None:
         while self._queue and self._transport is not None:
-            request, keep_alive = self._queue.popleft()
+            request, keep_alive = self._queue.pop(0)
             try:
                 result = self._handler(request)
             except Exception:
