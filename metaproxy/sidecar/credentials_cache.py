@@ -85,7 +85,7 @@ class CredentialKeeper:
         self._client = client
         self._config = config
         self._clock = clock
-        self._monotonic = clock.monotonic  # bound once: read on every request
+        self._monotonic = self.monotonic = clock.monotonic  # bound once: read on every request
         self._on_grant = on_grant
         self._grant: Grant | None = None
         self._read_at = float("-inf")  # monotonic time of the last wall-clock reading
@@ -158,6 +158,22 @@ class CredentialKeeper:
         else:
             left = self._left_then - (now - self._read_at)
         return grant if left >= self._config.min_serve_seconds else None
+
+    def serving_until(self) -> tuple[Grant | None, float]:
+        """`serving()`, and until when (`monotonic()`, exclusive) it will return that grant
+        without another look at the wall clock (-inf when it returns none): an answer made
+        from it stands that long (`imds.handle`'s repeats)."""
+        grant = self.serving()
+        if grant is None:
+            return None, -math.inf
+        read_at = self._read_at
+        until = read_at + self._left_then - self._config.min_serve_seconds
+        return grant, min(until, read_at + WALL_CLOCK_SECONDS)
+
+    @property
+    def grant(self) -> Grant | None:
+        """The grant held, whether or not it may still be served."""
+        return self._grant
 
     async def fresh(self, wait: float) -> Grant | None:
         """The grant to serve now. If it is inside the 15-minute window, ask for a refresh and
