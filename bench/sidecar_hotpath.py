@@ -4,12 +4,14 @@ answer costs each, in microseconds, without the machine's noise or a load genera
 `bench/sidecar.py` measures rates over sockets, which the other work on a shared machine skews;
 this measures the same two protocols' Python side alone. A real sidecar (`Sidecar`, its broker
 and an STS emulator as in `bench/sidecar.py`, the credentials fetched) runs in this process on
-uvloop; its connection is built by the same factories its listeners use (connection guard,
-`http1.HttpProtocol`, the face's data-plane handler) and handed a stand-in transport whose
-`write` is a C builtin (`deque.append`, which keeps the last answer). The request is what wrk
-sends (`Host`, the IMDS token on the IMDS face), `--depth` copies per read as the bench pipelines
-them; it is fed `--requests` times through `data_received`, and `time.process_time` over the
-whole loop, divided by the requests, is the cost of one. The stack limit
+uvloop; its connections (`--connections`, 50 as wrk's) are built by the same factories its
+listeners use (connection guard, `http1.HttpProtocol`, the face's data-plane handler), each
+handed a stand-in transport whose `write` is a C builtin (`deque.append`, which keeps the last
+answer). The request is what wrk sends (`Host`, the IMDS token on the IMDS face), `--depth`
+copies per read as the bench pipelines them; reads go to the connections in turn, as wrk's
+arrive, `--requests` requests in all, and `time.process_time` over the whole loop, divided by
+the requests, is the cost of one (taking turns matters: what a connection keeps of its last
+request is then no help to the next). The stack limit
 (`bench/stack_limit.AnswerProtocol`, the sidecar's own answer captured first) is fed the same
 reads the same way. Each figure is the least of `--repeats` runs (the noise only adds).
 
@@ -82,20 +84,25 @@ class Transport:
         self.closed = True
 
 
-def drive(protocol: asyncio.Protocol, data: bytes, reads: int) -> tuple[float, bytes]:
-    """CPU seconds for `reads` reads of `data`, and the last answer written."""
-    transport = Transport()
-    protocol.connection_made(transport)  # type: ignore[arg-type]
-    feed = protocol.data_received
-    feed(data)  # the first read teaches the sidecar the request (`http1._Repeat`)
+def drive(
+    make: Callable[[], asyncio.Protocol], data: bytes, reads: int, connections: int
+) -> tuple[float, bytes]:
+    """CPU seconds for `reads` reads of `data`, taking turns over `connections` connections
+    (as wrk's arrive), and the last answer written."""
+    opened = [(make(), Transport()) for _ in range(connections)]
+    for protocol, transport in opened:
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol.data_received(data)  # the first read teaches the sidecar the request
+    turns = [protocol.data_received for protocol, _ in opened] * (reads // connections + 1)
     started = time.process_time()
-    for _ in range(reads):
+    for feed in turns[:reads]:
         feed(data)
     spent = time.process_time() - started
-    if transport.closed:
-        raise RuntimeError("the connection was closed")
-    protocol.connection_lost(None)
-    return spent, transport.written[-1]
+    for protocol, transport in opened:
+        if transport.closed:
+            raise RuntimeError("a connection was closed")
+        protocol.connection_lost(None)
+    return spent, opened[0][1].written[-1]
 
 
 def request_bytes(path: str, headers: dict[str, str]) -> bytes:
@@ -143,11 +150,11 @@ async def measure(args: argparse.Namespace, config: Any) -> dict[str, Any]:
 
             data = request_bytes(path, headers) * args.depth
             reads = args.requests // args.depth
-            _, answer = drive(sidecar_protocol(), data, 10)
+            _, answer = drive(sidecar_protocol, data, 10, 1)
             if not answer.startswith(b"HTTP/1.1 200 "):
                 raise RuntimeError(f"the sidecar answered {answer[:80]!r}")
             if args.profile == name:
-                profile(sidecar_protocol, data, reads)
+                profile(sidecar_protocol, data, reads, args.connections)
                 continue
             captured = stack_limit.Answer(answer)
 
@@ -156,7 +163,8 @@ async def measure(args: argparse.Namespace, config: Any) -> dict[str, Any]:
 
             figures: dict[str, float] = {}
             for server, make in (("sidecar", sidecar_protocol), ("stack_limit", limit_protocol)):
-                best = min(drive(make(), data, reads)[0] for _ in range(args.repeats))
+                runs = [drive(make, data, reads, args.connections) for _ in range(args.repeats)]
+                best = min(spent for spent, _ in runs)
                 figures[server] = best / (reads * args.depth) * 1e6
             results[name] = {
                 "sidecar_us": round(figures["sidecar"], 3),
@@ -169,16 +177,12 @@ async def measure(args: argparse.Namespace, config: Any) -> dict[str, Any]:
         await sidecar.aclose()
 
 
-def profile(make: Callable[[], asyncio.Protocol], data: bytes, reads: int) -> None:
+def profile(
+    make: Callable[[], asyncio.Protocol], data: bytes, reads: int, connections: int
+) -> None:
     profiler = cProfile.Profile(time.process_time)
-    protocol = make()
-    transport = Transport()
-    protocol.connection_made(transport)  # type: ignore[arg-type]
-    protocol.data_received(data)
-    feed = protocol.data_received
     profiler.enable()
-    for _ in range(reads):
-        feed(data)
+    drive(make, data, reads, connections)
     profiler.disable()
     pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 
@@ -187,6 +191,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200_000)
     parser.add_argument("--depth", type=int, default=4, help="requests per read (pipelined)")
+    parser.add_argument("--connections", type=int, default=50, help="taking turns, as wrk's")
     parser.add_argument("--repeats", type=int, default=5, help="runs per figure; the least wins")
     parser.add_argument("--profile", choices=("imds", "container"))
     args = parser.parse_args()

@@ -96,7 +96,10 @@ def data_plane(state: SidecarState, face: Face, listener: str) -> DataPlane:
         if share.take(request.connection, rate_class.rate(limits), limits.burst, copies):
             return None
         cls = rate_class.name
-        if hosts.refuses(request.headers):
+        refused = request.host_refused
+        if refused is None:
+            refused = request.host_refused = hosts.refuses(request.headers)
+        if refused:
             instrument.count_request(metrics, cls, 403, started, listener, requests=copies)
             return face.refused
         answer = handle(state, request)

@@ -49,6 +49,9 @@ class Request:
     # Request to the repeat handler for every repeat of it on a connection, so a handler may
     # keep there what the answer was made from, and check that instead of making it again.
     kept: tuple[Any, ...] | None = None
+    # The data plane's verdict on its headers (DNS rebinding, `rebinding.HostCheck`), once
+    # judged: they do not change, so a repeated request is judged once (None: not yet).
+    host_refused: bool | None = None
 
 
 @dataclass(slots=True)
