@@ -26,6 +26,10 @@ half of the cost of an answer. When nothing is owed before them, the copies of o
 the repeat handler once, with their count (`RepeatHandler`: the data plane takes each copy from
 the rate limit and judges them at one instant), and its answer is written once per copy; a
 Request object and a handler call per copy were most of what was left.
+
+One module over 400 lines: parsing, the deadlines, the queue and the repeated-request path all
+read and write one connection's state, and the hot path is kept inline in it (a call across
+modules per read is a measurable share of an answer, issue 19).
 """
 
 from __future__ import annotations
