@@ -112,9 +112,6 @@ _METADATA_NOT_ALLOWED = not_allowed("GET, HEAD")
 
 
 _TTL_LINE = b"X-Aws-Ec2-Metadata-Token-Ttl-Seconds: %d\r\n"
-# The lines of the last few TTLs: a token's changes once a second, and a pod has a few tokens.
-_TTL_LINES: dict[int, bytes] = {}
-MAX_TTL_LINES = 64
 _UNAUTHORIZED = aws_error(401)
 
 
@@ -157,12 +154,8 @@ def handle(  # noqa: PLR0911 - one return per refusal
         left, token_until = state.tokens.remaining_until(token)
         if left is None:
             return _UNAUTHORIZED
-        line = _TTL_LINES.get(left)
-        if line is None:  # `ttl_line`, kept: every answer has it, the same for a second
-            if len(_TTL_LINES) >= MAX_TTL_LINES:
-                _TTL_LINES.clear()
-            line = _TTL_LINES[left] = _TTL_LINE % left
-        request.extra_head = line
+        # `ttl_line`, inlined; a repeated request keeps it for the second (`_kept_answer`).
+        request.extra_head = _TTL_LINE % left
     elif state.config.imds_v1 != "allow":
         return _UNAUTHORIZED
     return _kept_answer(state, request, token_until) or _metadata(state, path)
