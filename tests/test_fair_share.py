@@ -81,6 +81,24 @@ def test_heavy_connections_leave_half_the_bucket_to_others() -> None:
     assert others == [0.0] * 20
 
 
+def test_requests_taken_together_fare_as_taken_one_by_one() -> None:
+    """Four requests of one connection taken at once all go ahead exactly when four taken one
+    after another would; when not all would, none is taken, and taking them one by one then
+    fares as it would have: the same answers, step for step, as a share taking them singly."""
+    clock = Clock()
+    singly, together = FairShare(clock), FairShare(clock)
+    rate, burst = 20.0, 50.0
+    for step in range(3_000):  # 3 s in 1 ms steps: a looper, and a light connection
+        clock.now = step / 1000
+        for conn in (1, 2) if step % 100 == 0 else (1,):
+            alone = [singly.take(conn, rate, burst) for _ in range(4)]
+            if together.take(conn, rate, burst, 4) == 0.0:
+                assert alone == [0.0] * 4
+            else:
+                assert [together.take(conn, rate, burst) for _ in range(4)] == alone
+    assert together.take(3, rate, burst) == singly.take(3, rate, burst)
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import pytest
 
-from metaproxy.sidecar.wire.connections import ConnectionTracker
+from metaproxy.sidecar.wire.connections import SWEEP_SECONDS, ConnectionTracker
 from metaproxy.sidecar.wire.http1 import HttpProtocol, protocol_factory
 from metaproxy.sidecar.wire.messages import Request, Response, ServerLimits
 
@@ -224,6 +224,53 @@ async def test_a_repeated_request_is_answered_as_often_as_it_is_sent(server: Run
     assert all(seen.headers["x-aws-ec2-metadata-token"] == "t" for seen in server.seen)
 
 
+async def repeating_server(
+    repeats: Callable[[Request, int], Response | Awaitable[Response] | None],
+) -> tuple[asyncio.Server, ConnectionTracker, int]:
+    tracker = ConnectionTracker(ServerLimits())
+    factory = protocol_factory(
+        lambda request: Response(200, b"one:" + request.path.encode()),
+        tracker,
+        lambda status: Response(status, f"error {status}".encode()),
+        repeats=repeats,
+    )
+    srv = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    return srv, tracker, srv.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize("way", ["at once", "after a wait", "one by one"])
+async def test_copies_of_a_request_read_together_are_answered_together(way: str) -> None:
+    """A read of four copies of the connection's last request goes to the repeat handler once,
+    with the count: its answer (at once, or after a wait) is written four times; when it
+    declines, each copy goes to the handler, in order."""
+    asked: list[tuple[str, int]] = []
+
+    async def later() -> Response:
+        await asyncio.sleep(0.01)
+        return Response(200, b"later")
+
+    def repeats(request: Request, count: int) -> Response | Awaitable[Response] | None:
+        asked.append((request.path, count))
+        if way == "one by one":
+            return None
+        return Response(200, b"all") if way == "at once" else later()
+
+    srv, tracker, port = await repeating_server(repeats)
+    request = b"GET /same HTTP/1.1\r\nHost: x\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    assert (await read_answers(reader, 1)).endswith(b"one:/same")  # the parser's first read
+    writer.write(request * 4)
+    answers = await read_answers(reader, 4)
+    writer.close()
+    srv.close()
+    await tracker.aclose()
+    assert asked == [("/same", 4)]
+    expected = {"at once": b"all", "after a wait": b"later", "one by one": b"one:/same"}[way]
+    assert answers.count(expected) == 4
+    assert answers.count(b"HTTP/1.1 200 OK") == 4
+
+
 async def test_a_request_like_the_last_but_not_the_same_is_read_afresh(server: Running) -> None:
     """After a request, one of the same length with another path, the same request split over
     two reads, and a mix of the two pipelined are each answered for what they are."""
@@ -288,6 +335,32 @@ async def test_closed_connection_is_freed_without_the_collector(server: Running)
     finally:
         gc.enable()
     assert alive == []
+
+
+async def test_the_end_of_a_burst_of_connections_is_told_once() -> None:
+    """Twenty connections open at once, then closed: `after_burst` is called once, within a
+    sweep; a few connections coming and going after that do not call it again."""
+    bursts: list[int] = []
+    tracker = ConnectionTracker(ServerLimits(), after_burst=lambda: bursts.append(1))
+    tracker.start()
+    factory = protocol_factory(lambda request: Response(200, b"ok"), tracker, Response)
+    srv = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
+    await asyncio.sleep(SWEEP_SECONDS * 2)
+    assert bursts == []
+    for _, writer in opened:
+        writer.close()
+    await asyncio.sleep(SWEEP_SECONDS * 3)
+    assert bursts == [1]
+    for _ in range(3):
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        await asyncio.sleep(SWEEP_SECONDS * 1.5)
+        writer.close()
+    await asyncio.sleep(SWEEP_SECONDS * 2)
+    srv.close()
+    await tracker.aclose()
+    assert bursts == [1]
 
 
 async def test_draining_closes_connections_after_their_answer(server: Running) -> None:

@@ -156,6 +156,30 @@ async def test_expired_token_is_401(sidecar: Sidecar) -> None:
     )
 
 
+async def test_a_repeated_request_sees_its_token_count_down_and_expire(sidecar: Sidecar) -> None:
+    """The same request again and again on one kept-alive connection (answered from what the
+    sidecar noted the first time): the TTL header counts the token down second by second, and
+    the moment the token has expired the answer is 401."""
+    token = await token_for(sidecar, ttl="2")
+    host, port = sidecar.imds_url.removeprefix("http://").rsplit(":", 1)
+    request = f"GET {CREDS}{ROLE} HTTP/1.1\r\nHost: {host}\r\n{TOKEN}: {token}\r\n\r\n"
+    reader, writer = await asyncio.open_connection(host, int(port))
+    seen: list[str] = []
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline and "401" not in seen:
+        writer.write(request.encode() * 2)
+        data = b""
+        while data.count(b"HTTP/1.1 ") < 2 or not data.endswith((b"}", b">\n")):
+            data += await asyncio.wait_for(reader.read(65536), 3)
+        for answer in data.split(b"HTTP/1.1 ")[1:]:
+            ttl = re.search(rb"\r\nX-Aws-Ec2-Metadata-Token-Ttl-Seconds: (\d+)\r\n", answer)
+            seen.append(ttl.group(1).decode() if ttl else answer[:3].decode())
+        await asyncio.sleep(0.05)
+    writer.close()
+    distinct = list(dict.fromkeys(seen))
+    assert distinct == ["1", "0", "401"] or distinct == ["2", "1", "0", "401"]
+
+
 async def test_many_concurrent_tokens_all_work(sidecar: Sidecar) -> None:
     """Tokens are stateless: forty minted at once are distinct and each one is accepted."""
     tokens = await asyncio.gather(*(token_for(sidecar) for _ in range(40)))

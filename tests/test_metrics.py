@@ -144,6 +144,44 @@ async def test_sidecar_metrics_follow_traffic(start_sidecar: SidecarFactory) -> 
     assert answered("admin", "200", "admin") >= 1
 
 
+async def test_pipelined_copies_are_each_rate_limited_and_counted(
+    start_sidecar: SidecarFactory,
+) -> None:
+    """Copies of one request pipelined four at a time on one connection, the sidecar's fast
+    path, are each taken from the pod's bucket (50/s, burst 50) and each counted and timed."""
+    sidecar = await start_sidecar("acme", "m-pipelined")
+    before = await scrape(sidecar.admin_url)
+    host, port = sidecar.container_url.removeprefix("http://").rsplit(":", 1)
+    request = (
+        f"GET /v1/credentials HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: {sidecar.state.authorization_token}\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    statuses: list[bytes] = []
+    for copies in [1] + [4] * 25:
+        writer.write(request * copies)
+        data = b""
+        while data.count(b"HTTP/1.1 ") < copies or not data.endswith((b"}", b"\r\n\r\n")):
+            data += await asyncio.wait_for(reader.read(65536), 5)
+        statuses += [answer[:3] for answer in data.split(b"HTTP/1.1 ")[1:]]
+    writer.close()
+    after = await scrape(sidecar.admin_url)
+
+    def grew(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    served, refused = statuses.count(b"200"), statuses.count(b"503")
+    assert served + refused == 101
+    assert served >= 50 and refused >= 1
+    listener = sidecar.state.config.container_listen[0]
+    labels = {"path_class": "container", "listener": listener}
+    assert grew("metaproxy_sidecar_requests_total", status="200", **labels) == served
+    assert grew("metaproxy_sidecar_request_seconds_count", path_class="container") == served
+    throttled = {"path_class": "throttled", "listener": listener}
+    assert grew("metaproxy_sidecar_requests_total", status="503", **throttled) == refused
+    assert grew("metaproxy_sidecar_rejected_total", reason="rate_limited") == refused
+
+
 async def test_broker_counts_sts_throttling(
     tmp_path: Path,
     pki: Pki,

@@ -129,6 +129,26 @@ async def test_rebound_page_gets_403_on_container_credentials(
     assert "SecretAccessKey" not in body
 
 
+async def test_pipelined_repeats_from_a_foreign_host_are_each_refused(
+    start_sidecar: SidecarFactory,
+) -> None:
+    """Copies of a request with a foreign Host, sent again and again on one connection (the
+    repeated-request path), are each refused; the same request with our Host is served."""
+    sidecar = await start_sidecar("acme", "t-rebind-repeat")
+    auth = sidecar.state.authorization_token
+    host, _, port = sidecar.container_url.removeprefix("http://").rpartition(":")
+    for name, status in (("evil.example", b"403"), ("169.254.170.2", b"200")):
+        request = f"GET /v1/credentials HTTP/1.1\r\nHost: {name}\r\nAuthorization: {auth}\r\n\r\n"
+        reader, writer = await asyncio.open_connection(host, int(port))
+        for copies in (1, 4, 4):
+            writer.write(request.encode() * copies)
+            data = b""
+            while data.count(b"HTTP/1.1 ") < copies or not data.endswith(b"}"):
+                data += await asyncio.wait_for(reader.read(65536), 3)
+            assert [answer[:3] for answer in data.split(b"HTTP/1.1 ")[1:]] == [status] * copies
+        writer.close()
+
+
 async def test_allow_listed_name_is_served(start_sidecar: SidecarFactory) -> None:
     """A name the operator allow-listed (`--allowed-hosts`) is served like an IP."""
     sidecar = await start_sidecar("acme", "t-named", allowed_hosts=("Metadata.Internal.",))

@@ -92,6 +92,42 @@ async def test_revoked_task_is_cut_off_within_the_check_interval(
     assert denied and all(r["status"] == 403 and "revoked" in r["reason"] for r in denied)
 
 
+async def statuses_of_copies(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> list[bytes]:
+    """Two copies of `request` pipelined on a kept-alive connection: their statuses."""
+    writer.write(request * 2)
+    data = b""
+    while data.count(b"HTTP/1.1 ") < 2 or not data.endswith(b"}"):
+        data += await asyncio.wait_for(reader.read(65536), 3)
+    return [answer[:3] for answer in data.split(b"HTTP/1.1 ")[1:]]
+
+
+async def test_a_connection_repeating_its_request_is_cut_off_too(
+    broker: BrokerServer, start_sidecar: SidecarFactory, pki: Pki
+) -> None:
+    """A client repeating the same request on one connection (answered from what the sidecar
+    noted about it) gets 503 as soon as the revocation reaches the sidecar, like a new one."""
+    revoked = await start_sidecar("acme", "rev-repeat", revocation_check_seconds=1.0)
+    host, port = revoked.container_url.removeprefix("http://").rsplit(":", 1)
+    request = (
+        f"GET /v1/credentials HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: {revoked.state.authorization_token}\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    for _ in range(3):
+        assert await statuses_of_copies(reader, writer, request) == [b"200"] * 2
+    rc, _, err = await revoke(broker, pki, "--tenant", "acme", "--task", "rev-repeat")
+    assert rc == 0, err
+    revoked_at = time.monotonic()
+    while (statuses := await statuses_of_copies(reader, writer, request)) != [b"503"] * 2:
+        assert statuses == [b"200"] * 2
+        assert time.monotonic() - revoked_at < 3.0, "revoked sidecar still serving"
+        await asyncio.sleep(0.1)
+    assert await container_status(revoked) == 503
+    writer.close()
+
+
 async def test_a_task_revocation_spares_the_same_task_name_in_another_tenant(
     broker: BrokerServer, https: aiohttp.ClientSession, pki: Pki
 ) -> None:

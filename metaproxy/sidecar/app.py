@@ -13,14 +13,16 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 from metaproxy.models import SidecarLimits
 from metaproxy.sidecar import diagnosis, instrument
 from metaproxy.sidecar.face import Face, RateClass
 from metaproxy.sidecar.fairness import FairShare
 from metaproxy.sidecar.state import SidecarState
-from metaproxy.sidecar.wire.messages import REASONS, Handler, Request, Response
+from metaproxy.sidecar.wire.exposition import HistogramSeries, Series
+from metaproxy.sidecar.wire.messages import REASONS, Handler, RepeatHandler, Request, Response
 
 # A client over its rate gets its refusal (503 + Retry-After, which every SDK retries) this much
 # later. A looping client waits for each answer before it sends again, so this caps what one
@@ -33,28 +35,25 @@ _DEFAULT_LIMITS = SidecarLimits()
 MAX_CACHED_PATHS = 256
 
 
-def data_plane(state: SidecarState, face: Face, listener: str) -> Handler:
+class DataPlane(NamedTuple):
+    """One face's handlers on one listener, for `http1.protocol_factory`."""
+
+    handle: Handler  # one request
+    repeats: RepeatHandler  # copies of one request that arrived together
+
+
+def data_plane(state: SidecarState, face: Face, listener: str) -> DataPlane:
     """The handler behind one face on one listener: the pod's fair share of its rate, the
     DNS-rebinding check, then the face's own handler, with every answer counted and timed by
     path class and listener. No framework in between: this is the hot path."""
-    handle, metrics, keeper, limiters = face.handle, state.metrics, state.keeper, state.limiters
+    handle, metrics, keeper = face.handle, state.metrics, state.keeper
     hosts, answered, clock = state.hosts, metrics.answered, time.perf_counter
     rate_limited = metrics.rejected.labels("rate_limited")
-    # By request path (an SDK asks the same few paths): its rate class and that class's limiter.
-    classes: dict[str, tuple[RateClass, FairShare]] = {}
+    classes, classify = _classifier(face, state.limiters)
 
     def dispatch(request: Request) -> Response | Awaitable[Response]:
         started = clock()
-        found = classes.get(request.path)
-        if found is None:
-            if len(classes) >= MAX_CACHED_PATHS:
-                classes.clear()
-            rate_class = face.rate_class(request.path)
-            share = limiters.get(rate_class.name)
-            if share is None:
-                share = limiters[rate_class.name] = FairShare()
-            found = classes[request.path] = (rate_class, share)
-        rate_class, share = found
+        rate_class, share = classes.get(request.path) or classify(request.path)
         cls = rate_class.name
         grant = keeper.current()
         limits = grant.limits if grant is not None else _DEFAULT_LIMITS
@@ -77,7 +76,66 @@ def data_plane(state: SidecarState, face: Face, listener: str) -> Handler:
             return answer
         return instrument.counted(metrics, answer, cls, started, listener)
 
-    return dispatch
+    # The last answer `repeats` counted, its path class and their series: the same again is
+    # then counted without a lookup (most connections repeat one request, with one answer).
+    last_counted: tuple[Response, str, tuple[Series, HistogramSeries]] | None = None
+
+    def repeats(request: Request, copies: int) -> Response | Awaitable[Response] | None:
+        """`copies` of `request` that arrived in one read, answered as `dispatch` answers each:
+        every copy passes the rate limit (all of them, or none is taken and `http1` hands them
+        to `dispatch` one by one, which refuses those over it), and the checks after it judge
+        them at one instant, where they judge them all alike (the same token, the same Host,
+        the same credentials): so one answer is each copy's. Each is counted, and timed as
+        long as all of them took."""
+        if copies == 1:
+            return dispatch(request)  # a lone request refused counts in its demand: refuse it here
+        started = clock()
+        rate_class, share = classes.get(request.path) or classify(request.path)
+        grant = keeper.current()
+        limits = grant.limits if grant is not None else _DEFAULT_LIMITS
+        if share.take(request.connection, rate_class.rate(limits), limits.burst, copies):
+            return None
+        cls = rate_class.name
+        refused = request.host_refused
+        if refused is None:
+            refused = request.host_refused = hosts.refuses(request.headers)
+        if refused:
+            instrument.count_request(metrics, cls, 403, started, listener, requests=copies)
+            return face.refused
+        answer = handle(state, request)
+        if isinstance(answer, Response):
+            nonlocal last_counted
+            if last_counted is not None and last_counted[0] is answer and last_counted[1] is cls:
+                count, timing = last_counted[2]
+            else:
+                series = count, timing = answered(cls, answer.status, listener)
+                last_counted = (answer, cls, series)
+            count.value += copies
+            timing.observe(clock() - started, copies)
+            return answer
+        return instrument.counted(metrics, answer, cls, started, listener, requests=copies)
+
+    return DataPlane(dispatch, repeats)
+
+
+def _classifier(
+    face: Face, limiters: dict[str, FairShare]
+) -> tuple[dict[str, tuple[RateClass, FairShare]], Callable[[str], tuple[RateClass, FairShare]]]:
+    """By request path (an SDK asks the same few paths): its rate class and that class's
+    limiter, kept; and what finds them for a path not kept."""
+    classes: dict[str, tuple[RateClass, FairShare]] = {}
+
+    def classify(path: str) -> tuple[RateClass, FairShare]:
+        if len(classes) >= MAX_CACHED_PATHS:
+            classes.clear()
+        rate_class = face.rate_class(path)
+        share = limiters.get(rate_class.name)
+        if share is None:
+            share = limiters[rate_class.name] = FairShare()
+        found = classes[path] = (rate_class, share)
+        return found
+
+    return classes, classify
 
 
 async def _tarpit(response: Response) -> Response:

@@ -17,8 +17,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _root(config: SidecarConfig) -> Sidecar:
-    from metaproxy.sidecar.heap import release_free_heap
+    from metaproxy.sidecar.heap import release_free_heap, trim_free_heap
     from metaproxy.sidecar.process import Sidecar
 
-    # A process-wide step, so here and not in the root (the tests run many in one process).
-    return Sidecar(config, on_started=release_free_heap)
+    # Process-wide steps, so here and not in the root (the tests run many in one process).
+    return Sidecar(config, on_started=release_free_heap, after_burst=trim_free_heap)

@@ -129,6 +129,19 @@ _UNAUTHORIZED = json_error(401, "AccessDenied", "Authorization header missing or
 
 
 def handle(state: SidecarState, request: Request) -> Response | Awaitable[Response]:
+    kept = request.kept
+    if kept is not None:
+        # Answered before with the document of a grant that could be served: the same while
+        # that grant is held, its document kept, and its serving stands as it stood.
+        grant, document, serve_until = kept
+        answer: Response = document
+        if (
+            state.keeper.grant is grant
+            and state.container_document.value is answer
+            and state.keeper.monotonic() < serve_until
+        ):
+            return answer
+        request.kept = None
     path = request.path
     if path == CREDENTIALS_PATH:
         supplied = request.headers.get("authorization", "").encode("latin-1", "replace")
@@ -145,10 +158,12 @@ def handle(state: SidecarState, request: Request) -> Response | Awaitable[Respon
         return _NOT_ALLOWED
     if not authorized:
         return _UNAUTHORIZED
-    grant = state.keeper.serving()
+    grant, serve_until = state.keeper.serving_until()
     if grant is None:  # none yet, or inside the 15-minute window: wait briefly for fresh ones
         return _after_refresh(state)
-    return state.container_document(grant)
+    document = state.container_document(grant)
+    request.kept = (grant, document, serve_until)
+    return document
 
 
 async def _after_refresh(state: SidecarState) -> Response:

@@ -85,7 +85,7 @@ class CredentialKeeper:
         self._client = client
         self._config = config
         self._clock = clock
-        self._monotonic = clock.monotonic  # bound once: read on every request
+        self._monotonic = self.monotonic = clock.monotonic  # bound once: read on every request
         self._on_grant = on_grant
         self._grant: Grant | None = None
         self._read_at = float("-inf")  # monotonic time of the last wall-clock reading
@@ -133,9 +133,13 @@ class CredentialKeeper:
     def current(self) -> Grant | None:
         """The grant if its credentials have not expired; never anything expired."""
         grant = self._grant
-        if grant is None or self._left(grant) <= 0:
+        if grant is None:
             return None
-        return grant
+        # `_left`, inlined: every request asks.
+        now = self._monotonic()
+        if now - self._read_at >= WALL_CLOCK_SECONDS:
+            return grant if self._left(grant) > 0 else None
+        return grant if self._left_then - (now - self._read_at) > 0 else None
 
     def seconds_left(self) -> float:
         grant = self._grant
@@ -145,9 +149,31 @@ class CredentialKeeper:
     def serving(self) -> Grant | None:
         """The grant if it may be handed out as it is: valid, with 15 minutes or more left."""
         grant = self._grant
-        if grant is None or self._left(grant) < self._config.min_serve_seconds:
+        if grant is None:
             return None
-        return grant
+        # `_left`, inlined: every request for credentials asks.
+        now = self._monotonic()
+        if now - self._read_at >= WALL_CLOCK_SECONDS:
+            left = self._left(grant)
+        else:
+            left = self._left_then - (now - self._read_at)
+        return grant if left >= self._config.min_serve_seconds else None
+
+    def serving_until(self) -> tuple[Grant | None, float]:
+        """`serving()`, and until when (`monotonic()`, exclusive) it will return that grant
+        without another look at the wall clock (-inf when it returns none): an answer made
+        from it stands that long (`imds.handle`'s repeats)."""
+        grant = self.serving()
+        if grant is None:
+            return None, -math.inf
+        read_at = self._read_at
+        until = read_at + self._left_then - self._config.min_serve_seconds
+        return grant, min(until, read_at + WALL_CLOCK_SECONDS)
+
+    @property
+    def grant(self) -> Grant | None:
+        """The grant held, whether or not it may still be served."""
+        return self._grant
 
     async def fresh(self, wait: float) -> Grant | None:
         """The grant to serve now. If it is inside the 15-minute window, ask for a refresh and

@@ -74,7 +74,11 @@ class FairShare:
         self._monotonic = monotonic
         self._pod: _Pod | None = None
 
-    def take(self, connection: int, rate: float, burst: float) -> float:
+    def take(self, connection: int, rate: float, burst: float, count: int = 1) -> float:
+        """0.0 when `count` requests of `connection` that arrived together all go ahead, each
+        taken as if alone; else the first refused one's Retry-After, and none of them taken. A
+        lone request refused counts in its connection's demand; of `count` > 1 none does: the
+        caller then takes them one by one (`app.data_plane`'s pipelined repeats)."""
         # Every request of the pod comes through here: the bucket's and the connection's
         # figures are read into locals once and written back once.
         now = self._monotonic()
@@ -83,30 +87,42 @@ class FairShare:
             pod = self._pod = _Pod(TokenBucket(rate, burst, burst, now))
         bucket = pod.bucket
         tokens = bucket.tokens + (now - bucket.updated) * rate
-        tokens = min(tokens, burst)
-        bucket.rate, bucket.burst, bucket.updated = rate, burst, now
+        if tokens > burst:  # noqa: PLR1730 - min() is a call, and this runs per request
+            tokens = burst
+        bucket.rate, bucket.burst, bucket.updated, bucket.tokens = rate, burst, now, tokens
         if now - pod.pruned >= PRUNE_SECONDS:
             self._prune(pod, now)
         use = pod.use.get(connection)
         if use is None:
             use = pod.use[connection] = _Use(0.0, now)
-        # What it asked for before this request, decayed to now (`_Use.decayed`, inlined).
+        # What it asked for before these requests, decayed to now (`_Use.decayed`, inlined).
         mine = use.amount
         if now > use.updated:
             mine *= _exp((use.updated - now) / DECAY_SECONDS)
-            use.updated = now
-        use.amount = mine + 1.0  # what it asked for, served or not
-        if tokens - 1.0 >= burst * RESERVE:
-            floor = 0.0  # above the reserve every connection may take: no share to work out
-        else:
-            floor = burst * RESERVE if mine >= rate * DECAY_SECONDS / len(pod.use) else 0.0
-        if tokens - 1.0 >= floor:
-            bucket.tokens = tokens - 1.0
+            use.amount, use.updated = mine, now
+        reserve = burst * RESERVE
+        if tokens - count >= reserve:
+            # Above the reserve even after the last of them: each goes ahead whatever its share
+            # (the loop below, in one step; whole tokens off a float above 1 are exact).
+            bucket.tokens, use.amount = tokens - count, mine + count
             return 0.0
-        bucket.tokens = tokens
+        share = rate * DECAY_SECONDS / len(pod.use)
+        left, asked = tokens, mine
+        for _ in range(count):
+            # Above the reserve every connection may take: no share to work out.
+            floor = reserve if left - 1.0 < reserve and asked >= share else 0.0
+            if left - 1.0 < floor:
+                break
+            left -= 1.0
+            asked += 1.0  # what it asked for, served or not
+        else:
+            bucket.tokens, use.amount = left, asked
+            return 0.0
+        if count == 1:
+            use.amount = mine + 1.0
         if rate <= 0:
             return 60.0
-        return max(1.0, (floor + 1.0 - tokens) / rate)
+        return max(1.0, (floor + 1.0 - left) / rate)
 
     @staticmethod
     def _prune(pod: _Pod, now: float) -> None:

@@ -24,6 +24,7 @@ view or is 404. While the task stops, `lifecycle` adds EC2's termination notices
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Awaitable
 from operator import attrgetter
@@ -119,7 +120,25 @@ def ttl_line(seconds: int) -> bytes:
     return _TTL_LINE % seconds
 
 
-def handle(state: SidecarState, request: Request) -> Response | Awaitable[Response]:
+def handle(  # noqa: PLR0911 - one return per refusal
+    state: SidecarState, request: Request
+) -> Response | Awaitable[Response]:
+    kept = request.kept
+    if kept is not None:
+        # This request was answered from the view before (`_kept_answer`): the same answer
+        # while the grant, its view, the token's countdown second and the credentials' serving
+        # stand as they stood then.
+        grant, view, token_until, serve_until, answer, line = kept
+        kept_answer: Response = answer
+        if (
+            state.keeper.grant is grant
+            and state.imds_view.value is view
+            and state.tokens.monotonic() < token_until
+            and state.keeper.monotonic() < serve_until
+        ):
+            request.extra_head = line
+            return kept_answer
+        request.kept = None
     path = request.path
     if path == TOKEN_PATH:
         return _token(request, state)
@@ -128,14 +147,18 @@ def handle(state: SidecarState, request: Request) -> Response | Awaitable[Respon
     if request.method not in ("GET", "HEAD"):
         return _METADATA_NOT_ALLOWED
     token = request.headers.get(TOKEN_HEADER)
+    token_until = math.inf
     if token is not None:
-        left = None if TOKEN_HEADER in request.duplicate_headers else state.tokens.remaining(token)
+        if TOKEN_HEADER in request.duplicate_headers:
+            return _UNAUTHORIZED
+        left, token_until = state.tokens.remaining_until(token)
         if left is None:
             return _UNAUTHORIZED
-        request.extra_head = _TTL_LINE % left  # `ttl_line`, inlined: every answer has it
+        # `ttl_line`, inlined; a repeated request keeps it for the second (`_kept_answer`).
+        request.extra_head = _TTL_LINE % left
     elif state.config.imds_v1 != "allow":
         return _UNAUTHORIZED
-    return _kept_answer(state, path) or _metadata(state, path)
+    return _kept_answer(state, request, token_until) or _metadata(state, path)
 
 
 def _token(request: Request, state: SidecarState) -> Response:
@@ -152,20 +175,24 @@ def _token(request: Request, state: SidecarState) -> Response:
     )
 
 
-def _kept_answer(state: SidecarState, path: str) -> Response | None:
-    """The current view's answer to `path` if it was asked before (and, for a credential
-    document, if it may still be served as it is): a repeated request is one lookup, not a
-    walk of the tree."""
+def _kept_answer(state: SidecarState, request: Request, token_until: float) -> Response | None:
+    """The current view's answer to the request's path if it was asked before (and, for a
+    credential document, if it may still be served as it is): a repeated request is one
+    lookup, not a walk of the tree. Noted on the request (`handle`) with how long it stands."""
     keeper = state.keeper
-    grant = keeper.serving()  # usually there is one to serve: then it is the current one too
+    # Usually there is one to serve: then it is the current one too.
+    grant, serve_until = keeper.serving_until()
     serving = grant is not None
     if grant is None:
         grant = keeper.current()
         if grant is None:
             return None
-    kept = state.imds_view(grant).answers.get(path)
+    view = state.imds_view(grant)
+    kept = view.answers.get(request.path)
     if kept is None or (kept[1] and not serving):
         return None
+    if serving:
+        request.kept = (grant, view, token_until, serve_until, kept[0], request.extra_head)
     return kept[0]
 
 

@@ -78,11 +78,14 @@ class Sidecar:
         clock: Clock | None = None,
         *,
         on_started: Callable[[], None] | None = None,
+        after_burst: Callable[[], None] | None = None,
     ) -> None:
-        """`on_started` is called once, when the first credentials are in."""
+        """`on_started` is called once, when the first credentials are in; `after_burst` each
+        time a burst of task connections has ended (`ConnectionTracker.after_burst`)."""
         self.config = config
         self._clock = clock or SystemClock()
         self._on_started = on_started
+        self._after_burst = after_burst
         self._parts = contextlib.AsyncExitStack()
         self._listeners: list[asyncio.Server] = []  # the data plane's
         self.imds_urls: list[str] = []
@@ -148,7 +151,10 @@ class Sidecar:
             max_headers=config.max_headers,
             max_body_bytes=config.max_body_bytes,
         )
-        self.tracker = await started(parts, ConnectionTracker(limits, on_reject=count_rejection))
+        self.tracker = await started(
+            parts,
+            ConnectionTracker(limits, on_reject=count_rejection, after_burst=self._after_burst),
+        )
         await self._listen_to_tasks(parts)
         log.info(
             "sidecar serving IMDS on %s, container credentials on %s",
@@ -175,8 +181,9 @@ class Sidecar:
             )
         urls = {imds.FACE.name: self.imds_urls, container_creds.FACE.name: self.container_urls}
         for face, address in faces:
+            plane = data_plane(state, face, address)
             protocol = http1.protocol_factory(
-                data_plane(state, face, address), self.tracker, face.error_page, face.server
+                plane.handle, self.tracker, face.error_page, face.server, plane.repeats
             )
             try:
                 server = await listen(

@@ -45,6 +45,11 @@ class PerGrant(Generic[T]):
             self._grant = grant
         return value
 
+    @property
+    def value(self) -> T | None:
+        """What was rendered last (None after `invalidate`), without rendering."""
+        return self._value
+
     def invalidate(self) -> None:
         """Render again on the next call: something besides the grant changed (the task began
         to stop, so the view gains EC2's termination notices)."""

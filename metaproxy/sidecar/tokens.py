@@ -19,6 +19,7 @@ import binascii
 import errno
 import hashlib
 import hmac
+import math
 import os
 import re
 import stat
@@ -80,6 +81,19 @@ class TokenAuthority:
             self._verified.pop(token, None)
             return None
         return int(left_ms // 1000)
+
+    def remaining_until(self, token: str) -> tuple[int | None, float]:
+        """`remaining(token)`, and until when (`monotonic()`, exclusive) it stays that: the
+        next whole second of the token's countdown, or its expiry."""
+        left = self.remaining(token)
+        if left is None:
+            return None, -math.inf
+        # A microsecond short of the exact instant: a float a hair past it must not stand.
+        return left, (self._verified[token] - left * 1000) / 1000 - 1e-6
+
+    @property
+    def monotonic(self) -> Callable[[], float]:
+        return self._monotonic
 
     def valid(self, token: str) -> bool:
         return self.remaining(token) is not None

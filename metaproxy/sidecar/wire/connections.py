@@ -22,6 +22,7 @@ from typing import Protocol
 from metaproxy.sidecar.wire.messages import ServerLimits, http_date
 
 SWEEP_SECONDS = 0.25  # how late a deadline may be enforced
+BURST_CONNECTIONS = 16  # open at once, at least: a burst, after which `after_burst` is called
 
 
 class Tracked(Protocol):
@@ -54,6 +55,10 @@ class ConnectionTracker:
     accepted: int = 0  # connections so far; each one's number identifies it
     last_answer: float = float("-inf")  # loop time of the last answer written on any connection
     paths: dict[bytes, str] = field(default_factory=dict)  # request target → decoded path
+    # Called once the connections of a burst (BURST_CONNECTIONS or more open at once, seen by
+    # the sweeper) are down to a quarter: the sidecar hands their freed memory back.
+    after_burst: Callable[[], None] | None = None
+    _peak: int = 0  # the most connections the sweeper saw open since the last burst ended
     _quiet: asyncio.Event | None = None
     _sweeper: asyncio.Task[None] | None = None
 
@@ -130,6 +135,15 @@ class ConnectionTracker:
             if conn.idle:
                 conn.close()
 
+    def _follow_bursts(self) -> None:
+        count = len(self.connections)
+        if count > self._peak:
+            self._peak = count
+        elif self._peak >= BURST_CONNECTIONS and count <= self._peak // 4:
+            self._peak = count
+            if self.after_burst is not None:
+                self.after_burst()
+
     async def _sweep(self) -> None:
         # One timer for all connections instead of one per request: a deadline is a float
         # set on the hot path, and this loop enforces it within SWEEP_SECONDS.
@@ -137,6 +151,7 @@ class ConnectionTracker:
         while True:
             await asyncio.sleep(SWEEP_SECONDS)
             self._refresh_date()
+            self._follow_bursts()
             now = loop.time()
             for conn in [c for c in self.connections if c.deadline < now]:
                 conn.time_out()

@@ -74,9 +74,10 @@ class HistogramSeries:
         self.sum = 0.0
         self.created = time.time()
 
-    def observe(self, value: float) -> None:
-        self.sum += value
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bound >= value
+    def observe(self, value: float, count: int = 1) -> None:
+        """`count` observations of `value` (requests answered together, timed together)."""
+        self.sum += value * count
+        self.counts[bisect.bisect_left(self.bounds, value)] += count  # the first bound >= value
 
 
 S = TypeVar("S", Series, HistogramSeries)

@@ -22,7 +22,14 @@ connection remembers its last request's bytes once the parser has read them (`_R
 read that holds nothing but those bytes, once or several times pipelined, is those requests
 again, and is answered without feeding the parser — bytes it has already judged, that it would
 judge the same way from the same state (between two messages). The parser's callbacks were
-half of the cost of an answer.
+half of the cost of an answer. When nothing is owed before them, the copies of one read go to
+the repeat handler once, with their count (`RepeatHandler`: the data plane takes each copy from
+the rate limit and judges them at one instant), and its answer is written once per copy; a
+Request object and a handler call per copy were most of what was left.
+
+One module over 400 lines: parsing, the deadlines, the queue and the repeated-request path all
+read and write one connection's state, and the hot path is kept inline in it (a call across
+modules per read is a measurable share of an answer, issue 19).
 """
 
 from __future__ import annotations
@@ -30,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import typing
-from collections import deque
 from collections.abc import Awaitable, Callable
 from urllib.parse import unquote_to_bytes
 
@@ -38,7 +44,7 @@ import httptools
 
 from metaproxy.sidecar.wire.connections import ConnectionTracker
 from metaproxy.sidecar.wire.flow import FlowControl
-from metaproxy.sidecar.wire.messages import ErrorPage, Handler, Request, Response
+from metaproxy.sidecar.wire.messages import ErrorPage, Handler, RepeatHandler, Request, Response
 
 log = logging.getLogger("metaproxy.sidecar.http")
 
@@ -59,13 +65,14 @@ class _Repeat(typing.NamedTuple):
     its bytes and what the parser made of them. Only a body-less, kept-alive request."""
 
     raw: bytes
-    method: str
-    path: str
-    headers: dict[str, str]  # shared by every repeat: read-only for handlers
-    duplicates: frozenset[str]
+    # What the parser made of it; its headers are shared by every repeat: read-only for
+    # handlers. Handed to the repeat handler as it is (only `extra_head` is the handler's).
+    request: Request
 
 
 MAX_REPEAT_BYTES = 4096  # a read longer than this is not remembered (a pod holds many connections)
+_NO_COPIES = (b"", 0)
+_NEVER = float("inf")
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -73,10 +80,11 @@ class HttpProtocol(asyncio.Protocol):
 
     # Slots: one of these per open connection, and a pod may hold hundreds.
     __slots__ = (
-        "_answered", "_body_bytes", "_busy", "_client", "_completed", "_duplicates", "_error_page",
+        "_answered", "_body_bytes", "_busy", "_client", "_completed", "_copies", "_duplicates",
+        "_error_page",
         "_flow", "_had_head", "_handler", "_header_bytes", "_headers", "_in_message", "_last",
-        "_limits", "_loop", "_parser", "_queue", "_repeat", "_server", "_tracker", "_transport",
-        "_url", "deadline", "number", "reading_body", "reading_head",
+        "_limits", "_loop", "_parser", "_queue", "_repeat", "_repeats", "_server", "_tracker",
+        "_transport", "_url", "deadline", "number", "reading_body", "reading_head",
     )  # fmt: skip
     _flow: FlowControl  # from connection_made on
 
@@ -86,8 +94,10 @@ class HttpProtocol(asyncio.Protocol):
         tracker: ConnectionTracker,
         error_page: ErrorPage,
         server: str = "EC2ws",
+        repeats: RepeatHandler | None = None,
     ) -> None:
         self._handler = handler
+        self._repeats = repeats  # answers a read of repeats at once (else each is `handler`'s)
         self._server = server  # the Server header's value; "" sends none
         self._tracker = tracker
         tracker.date_line(server)  # this server's Date line is kept from now on (`_write`)
@@ -98,9 +108,11 @@ class HttpProtocol(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._client = ""
         self.number = 0
-        self._queue: deque[tuple[Request, bool]] = deque()
+        # Requests read and not yet answered, a few (reading pauses at MAX_PIPELINED): a list, not
+        # a deque, whose first block is most of a kilobyte in every connection (issue 19).
+        self._queue: list[tuple[Request, bool]] = []
         self._busy: asyncio.Task[None] | None = None
-        self.deadline = float("inf")
+        self.deadline = _NEVER
         self._answered = self._loop.time()  # the last answer written (or the connection made)
         self.reading_head = False
         # An announced body that never arrives must not hold the socket: 64 such connections
@@ -111,6 +123,9 @@ class HttpProtocol(asyncio.Protocol):
         self._completed = 0  # messages completed by the current read
         self._last: _Repeat | None = None  # the last message completed, if it may repeat
         self._repeat: _Repeat | None = None
+        # The last read of several copies of `_repeat` and their count (`_repeated`): the
+        # next read of as many is then one comparison.
+        self._copies = _NO_COPIES
         self._reset_message()
 
     # -- connection ---------------------------------------------------------------------
@@ -221,26 +236,63 @@ class HttpProtocol(asyncio.Protocol):
         if between_messages and self._completed and not self._in_message:
             self._remember(data)
 
-    def _repeated(self, repeat: _Repeat, data: bytes) -> bool:
+    def _repeated(self, repeat: _Repeat, data: bytes) -> bool:  # noqa: PLR0912 - inlined
         """Whether `data` is the connection's last request again, once or more; if so, those
         requests are taken as the parser would have taken them."""
         raw = repeat.raw
-        if data != raw:
+        if data == raw:
+            count = 1
+        elif data == self._copies[0]:
+            count = self._copies[1]  # as many copies as the last read that held several
+        else:
             count, rest = divmod(len(data), len(raw))
             if rest or count < 2 or data != raw * count:
                 return False
-        else:
-            count = 1
+            if len(data) <= MAX_REPEAT_BYTES:
+                self._copies = (data, count)
         # A whole head in one read: its deadline is met.
         self.reading_head = False
         self._had_head = True
-        self.deadline = float("inf")
-        queue, client, number = self._queue, self._client, self.number
+        self.deadline = _NEVER
+        request = repeat.request
+        if self._busy is None and not self._queue and self._repeats is not None:
+            # Nothing owed before them: the copies are answered at once, as one.
+            request.extra_head = b""
+            try:
+                result = self._repeats(request, count)
+            except Exception:
+                log.exception("handler failed on %s %s", request.method, request.path[:200])
+                result = self._error_page(500)
+            if isinstance(result, Response):
+                transport = self._transport
+                if count == 1 or transport is None or request.method == "HEAD":
+                    self._write_copies(request, result, count)
+                    self._settle()
+                    return True
+                # `_write_copies` and `_settle`, inlined for the hot path.
+                date_line, extra = self._tracker.date_lines[self._server], request.extra_head
+                wire = result.wire
+                if wire is not None and wire[0] is date_line and wire[1] == extra:
+                    answer = wire[2]
+                else:
+                    answer = result.keep_alive_bytes(date_line, extra)
+                write = transport.write
+                for _ in range(count):
+                    write(answer)
+                now = self._answered = self._tracker.last_answer = self._loop.time()
+                if self._flow.reading and not self._tracker.draining:
+                    self.deadline = now + self._limits.keepalive_timeout
+                else:
+                    self._settle()
+                return True
+            if result is not None:
+                self._busy = self._loop.create_task(self._finish(request, result, True, count))
+                return True
+        queue, number = self._queue, self.number
+        method, path, headers = request.method, request.path, request.headers
+        client, duplicates = request.remote, request.duplicate_headers
         for _ in range(count):
-            request = Request(
-                repeat.method, repeat.path, repeat.headers, client, repeat.duplicates, number
-            )
-            queue.append((request, True))
+            queue.append((Request(method, path, headers, client, duplicates, number), True))
         if len(queue) >= MAX_PIPELINED and self._transport is not None:
             self._flow.pause_reading()
         if self._busy is None:
@@ -261,13 +313,14 @@ class HttpProtocol(asyncio.Protocol):
         if count > 1 and data != raw * count:
             return
         self._repeat = last._replace(raw=raw)
+        self._copies = _NO_COPIES
 
     # -- parser callbacks ---------------------------------------------------------------
 
     def _reset_message(self) -> None:
         self._url = b""
         self._headers: dict[str, str] = {}
-        self._duplicates: set[str] = set()
+        self._duplicates: set[str] | None = None  # made for the first one: they are rare
         self._header_bytes = 0
         self._body_bytes = 0
 
@@ -296,13 +349,15 @@ class HttpProtocol(asyncio.Protocol):
         except UnicodeDecodeError:
             raise _Reject(400, "header name") from None
         if key in self._headers:
+            if self._duplicates is None:
+                self._duplicates = set()
             self._duplicates.add(key)
         self._headers[key] = text
 
     def on_headers_complete(self) -> None:
         self.reading_head = False
         self._had_head = True
-        self.deadline = float("inf")
+        self.deadline = _NEVER
         length = self._headers.get("content-length", "0")
         if not length.isdigit() or int(length) > self._limits.max_body_bytes:
             raise _Reject(413, "body")
@@ -322,7 +377,7 @@ class HttpProtocol(asyncio.Protocol):
         had_body = self.reading_body
         if had_body:
             self.reading_body = False
-            self.deadline = float("inf")
+            self.deadline = _NEVER
         method = self._parser.get_method()
         paths = self._tracker.paths
         path = paths.get(self._url)
@@ -347,11 +402,7 @@ class HttpProtocol(asyncio.Protocol):
             and "content-length" not in headers
             and "transfer-encoding" not in headers
         )
-        self._last = (
-            _Repeat(b"", request.method, path, headers, request.duplicate_headers)
-            if may_repeat
-            else None
-        )
+        self._last = _Repeat(b"", request) if may_repeat else None
         self._take(request, keep_alive)
 
     def _take(self, request: Request, keep_alive: bool) -> None:
@@ -366,7 +417,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _drain_queue(self) -> None:
         while self._queue and self._transport is not None:
-            request, keep_alive = self._queue.popleft()
+            request, keep_alive = self._queue.pop(0)
             try:
                 result = self._handler(request)
             except Exception:
@@ -377,9 +428,15 @@ class HttpProtocol(asyncio.Protocol):
                 continue
             self._busy = self._loop.create_task(self._finish(request, result, keep_alive))
             return
-        if self._transport is not None and not self._flow.reading:
+        self._settle()
+
+    def _settle(self) -> None:
+        """Nothing more owed: read again, and keep the connection alive (or close it, draining)."""
+        if self._transport is None:
+            return
+        if not self._flow.reading:
             self._flow.resume_reading()
-        if self._transport is not None and not self.reading_head and not self.reading_body:
+        if not self.reading_head and not self.reading_body:
             if self._tracker.draining:
                 self._transport.close()
                 self._tracker.note_progress()
@@ -387,7 +444,7 @@ class HttpProtocol(asyncio.Protocol):
             self.deadline = self._loop.time() + self._limits.keepalive_timeout
 
     async def _finish(
-        self, request: Request, pending: Awaitable[Response], keep_alive: bool
+        self, request: Request, pending: Awaitable[Response], keep_alive: bool, copies: int = 1
     ) -> None:
         try:
             response = await pending
@@ -397,8 +454,23 @@ class HttpProtocol(asyncio.Protocol):
             log.exception("handler failed on %s %s", request.method, request.path[:200])
             response = self._error_page(500)
         self._busy = None
-        self._write(request, response, keep_alive)
+        self._write_copies(request, response, copies, keep_alive)
         self._drain_queue()
+
+    def _write_copies(
+        self, request: Request, response: Response, copies: int, keep_alive: bool = True
+    ) -> None:
+        """`response` to each of `copies` of `request`: one write per answer, as ever."""
+        transport = self._transport
+        if copies == 1 or transport is None or not keep_alive or request.method == "HEAD":
+            for _ in range(copies):
+                self._write(request, response, keep_alive)
+            return
+        data = response.keep_alive_bytes(self._tracker.date_lines[self._server], request.extra_head)
+        write = transport.write
+        for _ in range(copies):
+            write(data)
+        self._answered = self._tracker.last_answer = self._loop.time()
 
     def _write(self, request: Request, response: Response, keep_alive: bool) -> None:
         transport = self._transport
@@ -448,12 +520,17 @@ def _path(url: bytes) -> str:
 
 
 def protocol_factory(
-    handler: Handler, tracker: ConnectionTracker, error_page: ErrorPage, server: str = "EC2ws"
+    handler: Handler,
+    tracker: ConnectionTracker,
+    error_page: ErrorPage,
+    server: str = "EC2ws",
+    repeats: RepeatHandler | None = None,
 ) -> Callable[[], HttpProtocol]:
     """What `loop.create_server` (or a connection guard wrapping it) builds per connection;
-    `server` is the Server header's value ("" for none)."""
+    `server` is the Server header's value ("" for none); `repeats` answers a read of copies of
+    one request at once (`RepeatHandler`), else each copy is `handler`'s."""
 
     def factory() -> HttpProtocol:
-        return HttpProtocol(handler, tracker, error_page, server)
+        return HttpProtocol(handler, tracker, error_page, server, repeats)
 
     return factory

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 REASONS = {
     200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
@@ -44,6 +45,13 @@ class Request:
     # Header lines the answer to this request carries besides the response's own, set by the
     # handler: IMDS sends the token's remaining TTL on every answer to a request that has one.
     extra_head: bytes = b""
+    # The handler's own note on this request, which lives as long as it: `http1` hands the same
+    # Request to the repeat handler for every repeat of it on a connection, so a handler may
+    # keep there what the answer was made from, and check that instead of making it again.
+    kept: tuple[Any, ...] | None = None
+    # The data plane's verdict on its headers (DNS rebinding, `rebinding.HostCheck`), once
+    # judged: they do not change, so a repeated request is judged once (None: not yet).
+    host_refused: bool | None = None
 
 
 @dataclass(slots=True)
@@ -86,6 +94,9 @@ class Response:
 
 
 Handler = Callable[[Request], "Response | Awaitable[Response]"]
+# `count` copies of one request that arrived together (`http1`'s pipelined repeats), answered
+# as one: the answer each of them gets, or None to have them handled one by one instead.
+RepeatHandler = Callable[[Request, int], "Response | Awaitable[Response] | None"]
 ErrorPage = Callable[[int], Response]
 
 
