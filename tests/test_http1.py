@@ -9,7 +9,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from metaproxy.sidecar.wire.connections import SWEEP_SECONDS, ConnectionTracker
+from metaproxy.sidecar.wire.connections import (
+    BURST_CONNECTIONS,
+    SWEEP_SECONDS,
+    ConnectionTracker,
+)
 from metaproxy.sidecar.wire.http1 import HttpProtocol, protocol_factory
 from metaproxy.sidecar.wire.messages import Request, Response, ServerLimits
 
@@ -338,15 +342,15 @@ async def test_closed_connection_is_freed_without_the_collector(server: Running)
 
 
 async def test_the_end_of_a_burst_of_connections_is_told_once() -> None:
-    """Twenty connections open at once, then closed: `after_burst` is called once, within a
-    sweep; a few connections coming and going after that do not call it again."""
+    """A burst's worth of connections open at once, then closed: `after_burst` is called once,
+    within a sweep; a few connections coming and going after that do not call it again."""
     bursts: list[int] = []
     tracker = ConnectionTracker(ServerLimits(), after_burst=lambda: bursts.append(1))
     tracker.start()
     factory = protocol_factory(lambda request: Response(200, b"ok"), tracker, Response)
     srv = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
     port = srv.sockets[0].getsockname()[1]
-    opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
+    opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(BURST_CONNECTIONS)]
     await asyncio.sleep(SWEEP_SECONDS * 2)
     assert bursts == []
     for _, writer in opened:
