@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import aiohttp
 import pytest
@@ -23,6 +23,9 @@ from metaproxy.config import TrustedIssuer
 from metaproxy.demo.local import AUDIENCE, ISSUER, LocalKeys, make_local_keys
 from metaproxy.demo.processes import Child
 from metaproxy.sidecar.config import SidecarConfig
+
+if TYPE_CHECKING:
+    from metaproxy.sidecar.process import Sidecar
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -246,6 +249,17 @@ async def start_sidecar_process(
 
 
 ALERT_RULES = REPO / "deploy" / "prometheus" / "alerts.yaml"
+
+
+def container_request(sidecar: Sidecar) -> tuple[str, int, bytes]:
+    """The host and port of an in-process sidecar's container endpoint, and a kept-alive GET of
+    its credentials with the task's token, as bytes to write (and repeat) on a raw connection."""
+    host, port = sidecar.container_url.removeprefix("http://").rsplit(":", 1)
+    request = (
+        f"GET /v1/credentials HTTP/1.1\r\nHost: {host}\r\n"
+        f"Authorization: {sidecar.state.authorization_token}\r\n\r\n"
+    ).encode()
+    return host, int(port), request
 
 
 def require_promtool() -> str:

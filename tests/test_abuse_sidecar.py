@@ -21,7 +21,7 @@ from metaproxy.net.connguard import fd_budget
 from metaproxy.sidecar.guards import SIDECAR_FD_RESERVE
 from metaproxy.sidecar.process import Sidecar
 from tests.conftest import SidecarFactory
-from tests.support import Pki, issue, start_sidecar_process, wait_ready
+from tests.support import Pki, container_request, issue, start_sidecar_process, wait_ready
 
 ABUSER = "127.0.0.2"  # all of 127/8 is loopback on Linux: the abuser gets its own address
 VICTIM = "127.0.0.1"
@@ -123,11 +123,7 @@ async def test_leaked_connections_stay_under_the_cap_and_are_reaped(
     reaps them within the idle timeout, and a neighbour still gets its credentials."""
     sidecar = await start_sidecar("acme", "t-leak", keepalive_timeout=1.0, header_timeout=1.0)
     guard = sidecar.guard
-    host, port = host_port(sidecar.container_url)
-    request = (
-        f"GET /v1/credentials HTTP/1.1\r\nHost: {host}\r\n"
-        f"Authorization: {sidecar.state.authorization_token}\r\n\r\n"
-    ).encode()
+    host, port, request = container_request(sidecar)
     statuses: dict[int | None, int] = {}
     stop_looping = asyncio.Event()
     writers: list[asyncio.StreamWriter] = []

@@ -12,7 +12,7 @@ import pytest
 from metaproxy.broker.server import BrokerServer
 from metaproxy.testing.faultproxy import FaultProxy
 from tests.conftest import SidecarFactory
-from tests.support import Pki, broker_config, issue, scrape, value
+from tests.support import Pki, broker_config, container_request, issue, scrape, value
 
 
 async def ask(https: aiohttp.ClientSession, broker: BrokerServer, token: str) -> int:
@@ -151,12 +151,8 @@ async def test_pipelined_copies_are_each_rate_limited_and_counted(
     path, are each taken from the pod's bucket (50/s, burst 50) and each counted and timed."""
     sidecar = await start_sidecar("acme", "m-pipelined")
     before = await scrape(sidecar.admin_url)
-    host, port = sidecar.container_url.removeprefix("http://").rsplit(":", 1)
-    request = (
-        f"GET /v1/credentials HTTP/1.1\r\nHost: {host}\r\n"
-        f"Authorization: {sidecar.state.authorization_token}\r\n\r\n"
-    ).encode()
-    reader, writer = await asyncio.open_connection(host, int(port))
+    host, port, request = container_request(sidecar)
+    reader, writer = await asyncio.open_connection(host, port)
     statuses: list[bytes] = []
     for copies in [1] + [4] * 25:
         writer.write(request * copies)

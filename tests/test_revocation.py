@@ -23,6 +23,7 @@ from tests.support import (
     Pki,
     audit_records,
     broker_config,
+    container_request,
     control_token_file,
     issue,
     run_command,
@@ -109,12 +110,8 @@ async def test_a_connection_repeating_its_request_is_cut_off_too(
     """A client repeating the same request on one connection (answered from what the sidecar
     noted about it) gets 503 as soon as the revocation reaches the sidecar, like a new one."""
     revoked = await start_sidecar("acme", "rev-repeat", revocation_check_seconds=1.0)
-    host, port = revoked.container_url.removeprefix("http://").rsplit(":", 1)
-    request = (
-        f"GET /v1/credentials HTTP/1.1\r\nHost: {host}\r\n"
-        f"Authorization: {revoked.state.authorization_token}\r\n\r\n"
-    ).encode()
-    reader, writer = await asyncio.open_connection(host, int(port))
+    host, port, request = container_request(revoked)
+    reader, writer = await asyncio.open_connection(host, port)
     for _ in range(3):
         assert await statuses_of_copies(reader, writer, request) == [b"200"] * 2
     rc, _, err = await revoke(broker, pki, "--tenant", "acme", "--task", "rev-repeat")
