@@ -47,10 +47,13 @@ system-deps:
 # servers and child processes, so more workers than the 2 cores CI has pay off; each worker
 # takes two tests at a time, the `slow` ones first (tests/conftest.py), so the longest do not
 # end the run. Then the ones marked `serial`, which assert latencies or rates that the first
-# pass's load would skew, two at a time. The second pass runs even when the first fails, so
-# one run reports every failure. `make load-test` runs the `load` tests (floods, rates at the STS budget through
-# three replicas), alone and one after another; the client matrix (`clients`) is `make e2e`'s,
-# the image and its pods (`image`) `make image-test`'s. .ci/run runs all four.
+# pass's load would skew, three at a time (they mostly wait on timers). The second pass runs
+# even when the first fails, so one run reports every failure. On a fresh clone, with no
+# bytecode yet, the package is compiled and one collection writes pytest's rewritten test
+# modules first, rather than every worker doing both at once (about 15 s of the first pass).
+# `make load-test` runs the `load` tests (floods, rates at the STS budget through three
+# replicas), alone and one after another; the client matrix (`clients`) is `make e2e`'s, the
+# image and its pods (`image`) `make image-test`'s. .ci/run runs all four.
 TEST_WORKERS ?= 8
 # Each worker imports every test module; with bytecode writing off (PYTHONDONTWRITEBYTECODE, as
 # in our agents' shells) every worker rewrites and compiles all of them on every run: 23 s of
@@ -61,9 +64,11 @@ NOT_ELSEWHERE := not load and not clients and not image
 
 test: $(STAMP) system-deps $(JS_STAMP)
 	status=0; \
+	test -d tests/__pycache__ || { $(BIN)/python -m compileall -q -j 0 metaproxy bench \
+	  && $(PYTEST) --collect-only -q >/dev/null; }; \
 	$(PYTEST) -n $(TEST_WORKERS) --dist load --maxschedchunk 2 -m "$(NOT_ELSEWHERE) and not serial" \
 	  || status=$$?; \
-	$(PYTEST) -n 2 --dist load --maxschedchunk 1 -m "$(NOT_ELSEWHERE) and serial" \
+	$(PYTEST) -n 3 --dist load --maxschedchunk 1 -m "$(NOT_ELSEWHERE) and serial" \
 	  || status=$$?; \
 	exit $$status
 
